@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine with only Python 3.11:
+#   make run   - set up .venv if missing, run the embedded default until Ctrl-C
+#   make test  - set up .venv if missing, run the whole test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench check clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/vbatt run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-enable $(ARGS)
+
+check: $(STAMP)
+	$(VENV)/bin/vbatt check $(or $(CONFIG),runtime/default.yaml)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,44 @@
+"""The virtual battery's aggregates (DESIGN.md §1), computed at the end of every cycle."""
+
+from __future__ import annotations
+
+from numba import njit
+
+__all__ = ["aggregate", "AGG_ORDER"]
+
+# Order of the `out` vector; the scan binds it to the aggregate arrays.
+AGG_ORDER = ("demand_w", "forecast_w", "battery_w", "available_discharge_w", "available_charge_w",
+             "energy_wh", "soc", "shed_w", "bus_w", "nodes_online", "nodes_tripped")
+
+
+@njit(nogil=True, cache=True)
+def aggregate(online, trip, demand_w, forecast_w, battery_w, shed_w, bus_w, lo_w, hi_w, soc, capacity_wh, out):
+    """Reads node inputs, outputs and limits; writes `out` in AGG_ORDER. Offline nodes count only as offline."""
+    dem = fc = bat = dis = chg = energy = cap = shed = bus = 0.0
+    n_on = n_trip = 0
+    for i in range(online.shape[0]):
+        if trip[i] != 0:
+            n_trip += 1
+        bat += battery_w[i]
+        bus += bus_w[i]
+        shed += shed_w[i]
+        if online[i] == 0:
+            continue
+        n_on += 1
+        dem += demand_w[i]
+        fc += forecast_w[i]
+        dis += max(hi_w[i], 0.0)
+        chg += max(-lo_w[i], 0.0)
+        energy += capacity_wh[i] * soc[i]
+        cap += capacity_wh[i]
+    out[0] = dem
+    out[1] = fc
+    out[2] = bat
+    out[3] = dis
+    out[4] = chg
+    out[5] = energy
+    out[6] = energy / cap if cap > 0.0 else 0.0
+    out[7] = shed
+    out[8] = bus
+    out[9] = n_on
+    out[10] = n_trip

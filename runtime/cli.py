@@ -1,0 +1,145 @@
+"""The `vbatt` command. Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+
+from rich.console import Console
+
+from .config import ConfigError, default_config_path, load_config
+
+__all__ = ["main", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+# Modules that add a subcommand: each has `add_command(subparsers)` setting `func`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+err = Console(stderr=True, highlight=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 too; say it our way
+        self.print_usage(sys.stderr)
+        err.print(f"[bold red]usage error:[/] {message}")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _load(path: str | None):
+    p = path or str(default_config_path())
+    return load_config(p), p
+
+
+def _report_config_error(exc: ConfigError) -> int:
+    err.print(f"[bold red]configuration error[/] ({len(exc.problems)} problem{'s' * (len(exc.problems) > 1)}):")
+    for line in exc.problems:
+        err.print(f"  {line}", markup=False)
+    return EXIT_USAGE
+
+
+def cmd_check(args) -> int:
+    try:
+        (cfg, fleet), path = _load(args.config)
+        from .plan import build_programs, image_spec, partition
+
+        programs = build_programs(cfg, len(fleet))
+        spec = image_spec(cfg, fleet, programs, partition(cfg, fleet))
+    except ConfigError as exc:
+        return _report_config_error(exc)
+    size = spec.regions()[1]
+    print(f"{path}: ok: {len(fleet):,} nodes, cycle {cfg.cycle.cycle_ms:g} ms, "
+          f"programs {' -> '.join(p.id for p in programs)}, image {size / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .snapshot import run_stats, snapshot, write_json
+    from .supervisor import Supervisor
+
+    try:
+        (cfg, fleet), path = _load(args.config)
+        sup = Supervisor(cfg, fleet, max_cycles=args.cycles, duration_s=args.duration,
+                         log_level=logging.INFO if args.verbose else logging.WARNING)
+    except ConfigError as exc:
+        return _report_config_error(exc)
+    out = Console(highlight=False)
+    live_view = out.is_terminal and not args.quiet
+    sup.install_signals()
+    img = sup.start()
+    reason = "?"
+    try:
+        if live_view:
+            from rich.live import Live
+
+            from .live import render
+
+            with Live(render(img, cfg.cycle.cycle_ms, path), console=out, refresh_per_second=4,
+                      transient=False) as live:
+                reason = sup.wait(on_tick=lambda: live.update(render(img, cfg.cycle.cycle_ms, path)))
+        else:
+            reason = sup.wait()
+    finally:
+        sup.stop()
+        failed = sup.scan_failed or reason.startswith("scan process failed")
+        stats = run_stats(img, cfg.cycle.cycle_ms)
+        if args.stats_json:
+            write_json(args.stats_json, stats)
+        if args.snapshot:
+            write_json(args.snapshot, snapshot(img, img.read_last_cycle()))
+        sup.close()
+    w = stats["wake_us"]["run"]
+    summary = (f"vbatt: {reason}: {stats['cycles']:,} cycles, {stats['overruns']} overruns, "
+               f"wake latency p50 {w['p50']:.1f} µs p99 {w['p99']:.1f} µs max {w['max']:.1f} µs, "
+               f"exec p99 {stats['exec_us']['run']['p99']:.1f} µs")
+    (err if failed else out).print(summary, markup=False)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vbatt", description="PLC-style runtime that turns battery-backed devices into one virtual battery.")
+    p.add_argument("--version", action="version", version=f"vbatt {__import__('vbatt').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    r = sub.add_parser("run", help="run the controller (default: the embedded simulated fleet)",
+                       description="Run the scan, the drivers and the servers until Ctrl-C, SIGTERM, "
+                                   "--cycles or --duration.")
+    r.add_argument("config", nargs="?", help="plant YAML (default: the config shipped inside the package)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--cycles", type=int, metavar="N", help="stop after N cycles")
+    g.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    r.add_argument("--stats-json", metavar="FILE", help="write cycle statistics as JSON on exit")
+    r.add_argument("--snapshot", metavar="FILE", help="write the final process image as JSON on exit")
+    r.add_argument("-q", "--quiet", action="store_true", help="no live view")
+    r.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="validate a config and exit", description="Validate a plant YAML; "
+                       "print every problem with file, line and key path.")
+    c.add_argument("config", help="plant YAML")
+    c.set_defaults(func=cmd_check)
+
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).add_command(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cycles", None) is not None and args.cycles < 1:
+        err.print("[bold red]usage error:[/] --cycles must be >= 1")
+        return EXIT_USAGE
+    if getattr(args, "duration", None) is not None and args.duration <= 0:
+        err.print("[bold red]usage error:[/] --duration must be > 0")
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""What a control program is to the scan: a numba kernel bound once to image arrays.
+
+A program declares the memory it keeps (per node or scalar arrays, placed in the
+shared image so that it survives in one place and can be inspected), validates
+its parameters with a pydantic model, and `bind()`s its kernel to the arrays
+once. The scan then calls the bound step every cycle: no lookup, no allocation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from .seqblock import ArraySpec
+
+if TYPE_CHECKING:
+    from .image import ProcessImage
+
+__all__ = ["Program", "NoParams", "Ctx", "CTX_SPEC"]
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ctx:
+    """Indices into the cycle context array (float64) every kernel may take."""
+
+    NOW_S = 0  # CLOCK_MONOTONIC time of this cycle's release, s
+    DT_S = 1  # time since the previous cycle, s (the period on the first)
+    CYCLE = 2  # cycle number, from 1
+    PERIOD_S = 3  # configured period, s
+    N = 8
+
+
+CTX_SPEC = ArraySpec("scan.ctx", "f8", (Ctx.N,))
+
+
+class Program:
+    """Base class. Subclasses set `id`, `Params`, and implement `bind()`.
+
+    `reads`/`writes` name the image fields the kernel touches (documentation and
+    the check that user programs only name fields that exist).
+    """
+
+    id: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: BaseModel, n_nodes: int):
+        self.params = params
+        self.n = n_nodes
+
+    def memory(self) -> list[ArraySpec]:
+        """Arrays this program keeps between cycles; names are local to the program."""
+        return []
+
+    def memory_specs(self) -> list[ArraySpec]:
+        return [ArraySpec(f"{self.id}.{s.name}", s.dtype, s.shape) for s in self.memory()]
+
+    def mem(self, img: "ProcessImage", name: str) -> np.ndarray:
+        return img.mem[f"{self.id}.{name}"]
+
+    def init(self, img: "ProcessImage") -> None:
+        """Set initial memory (called once before the first cycle; memory starts zeroed)."""
+
+    def bind(self, img: "ProcessImage", ctx: np.ndarray) -> Callable[[], None]:
+        raise NotImplementedError

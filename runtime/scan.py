@@ -1,0 +1,235 @@
+"""The fixed-cycle scan: latch -> programs -> aggregates -> publish, at absolute deadlines.
+
+Overrun policy (written down, as neither model codebase does): a cycle that ends
+after the next deadline has missed the slots it ran into. Those slots are
+skipped and counted in OVERRUNS; the next cycle is released at the next future
+slot of the original grid, so there is never a burst of catch-up cycles and the
+grid never drifts. After `watchdog_overruns` consecutive overrunning cycles the
+watchdog latches: the scan goes to STOP, outputs hold the safe allocation, and
+an alarm is raised until an operator sets RUN again.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import numpy as np
+from numba import njit
+
+from vbatt.programs.aggregates import AGG_ORDER, aggregate
+from vbatt.programs.safe import safe_allocation, zero_power
+
+from .clock import Clock
+from .config import Config
+from .image import DRIVER_INPUTS, Ctl, Mode, Op, ProcessImage, ScanState
+from .program import Ctx, Program
+from .seqblock import TornRead
+from .stats import Stats
+
+__all__ = ["ScanEngine"]
+
+log = logging.getLogger(__name__)
+
+
+@njit(nogil=True, cache=True)
+def derive_online(now_ns, stale_ns, updated_ns, fault, online):
+    """A node is online when its driver reports no fault and its data is fresh."""
+    for i in range(online.shape[0]):
+        u = updated_ns[i]
+        online[i] = 1 if (fault[i] == 0 and u > 0 and now_ns - u <= stale_ns) else 0
+
+
+class ScanEngine:
+    def __init__(self, img: ProcessImage, programs: list[Program], cfg: Config, clock: Clock):
+        self.img = img
+        self.clock = clock
+        self.ctl = img.ctl
+        self.period_ns = int(round(cfg.cycle.cycle_ms * 1e6))
+        self.spin_ns = int(round(cfg.cycle.spin_us * 1e3))
+        self.watchdog_k = cfg.cycle.watchdog_overruns
+        self.stale_ns = int(round(cfg.plant.stale_ms * 1e6))
+        self.start_timeout_ns = int(cfg.cycle.start_timeout_s * 1e9)
+        self.stats = Stats(img.mem)
+        self.ctx = img.mem["scan.ctx"]
+        self.ctx[Ctx.PERIOD_S] = self.period_ns / 1e9
+        self.programs = programs
+        for p in programs:
+            p.init(img)
+        self.steps = [(p.id, p.bind(img, self.ctx)) for p in programs]
+        self._bind_fixed(cfg.cycle.safe_state)
+        self._latchers = [self._latcher(k) for k in range(len(img.inputs))]
+        self.consecutive_overruns = 0
+        self.last_release_ns = -1
+        self.last_due_ns = -1
+        self._fault_logged = False
+
+    # -- binding (once) --------------------------------------------------------------
+    def _bind_fixed(self, safe_state: str) -> None:
+        n = self.img.node
+        if safe_state == "own_battery":
+            args = (n["online"], n["trip"], n["demand_w"], n["max_discharge_w"],
+                    n["battery_w"], n["served_w"], n["shed_w"], n["bus_w"], n["lo_w"], n["hi_w"])
+            self._safe = lambda: safe_allocation(*args)
+        else:
+            args = (n["online"], n["demand_w"], n["battery_w"], n["served_w"], n["shed_w"], n["bus_w"],
+                    n["lo_w"], n["hi_w"])
+            self._safe = lambda: zero_power(*args)
+        self._agg_out = np.zeros(len(AGG_ORDER))
+        agg_args = (n["online"], n["trip"], n["demand_w"], n["forecast_w"], n["battery_w"], n["shed_w"],
+                    n["bus_w"], n["lo_w"], n["hi_w"], n["soc"], n["capacity_wh"], self._agg_out)
+        targets = [self.img.agg[name] for name in AGG_ORDER]
+        out = self._agg_out
+        a = self.img.agg
+
+        def _aggregate() -> None:
+            aggregate(*agg_args)
+            for i, t in enumerate(targets):
+                t[0] = out[i]
+            a["main_w"][0] = a["bus_w"][0]
+            a["deficit_w"][0] = a["forecast_w"][0] - a["main_limit_w"][0]
+
+        self._aggregate = _aggregate
+        self._online_args = (n["updated_ns"], n["fault"], n["online"])
+
+    def _latcher(self, k: int):
+        a, b = self.img.spec.partitions[k]
+        pairs = [(f.name, self.img.node[f.name][a:b]) for f in DRIVER_INPUTS]
+
+        def copy(src):
+            for name, dst in pairs:
+                dst[:] = src[name]
+
+        block = self.img.inputs[k]
+        return block, copy
+
+    # -- commands (between cycles) -------------------------------------------------------
+    def _apply(self, op: int, node: int, value: float, arg: int) -> None:
+        n, ctl = self.img.node, self.ctl
+        if op == Op.SET_MODE:
+            ctl[Ctl.MODE] = Mode.RUN if int(value) == Mode.RUN else Mode.STOP
+            if ctl[Ctl.MODE] == Mode.RUN and ctl[Ctl.WATCHDOG]:
+                ctl[Ctl.WATCHDOG] = 0
+                self.consecutive_overruns = 0
+                log.warning("watchdog reset by operator: RUN")
+        elif op == Op.RESET_TRIP and 0 <= node < self.img.spec.n_nodes:
+            n["trip"][node] = 0
+        elif op == Op.SET_PRIORITY and 0 <= node < self.img.spec.n_nodes:
+            n["priority"][node] = int(value)
+        elif op == Op.SET_MAIN_LIMIT and value >= 0:
+            self.img.agg["main_limit_w"][0] = value
+        elif op == Op.ACK_ALARM:
+            pass  # alarm state lives with the health program; it reads acknowledgements from memory
+        else:
+            log.warning("command refused at the scan: op=%d node=%d value=%r", op, node, value)
+
+    # -- one scan --------------------------------------------------------------------------
+    def latch(self, now_ns: int) -> None:
+        for block, copy in self._latchers:
+            if block.seq:
+                try:
+                    block.read(copy)
+                except TornRead:
+                    self.ctl[Ctl.TORN_READS] += 1  # keep the old values; freshness marks them stale
+        derive_online(now_ns, self.stale_ns, *self._online_args)
+
+    def cycle(self, now_ns: int) -> None:
+        ctl, ctx = self.ctl, self.ctx
+        self.img.commands.drain(self._apply)
+        self.latch(now_ns)
+        ctx[Ctx.NOW_S] = now_ns * 1e-9
+        ctx[Ctx.DT_S] = (now_ns - self.last_release_ns) * 1e-9 if self.last_release_ns >= 0 else ctx[Ctx.PERIOD_S]
+        ctx[Ctx.CYCLE] = ctl[Ctl.CYCLES] + 1
+        safe = ctl[Ctl.MODE] != Mode.RUN or ctl[Ctl.WATCHDOG] != 0
+        if not safe:
+            try:
+                for _pid, step in self.steps:
+                    step()
+            except Exception:
+                ctl[Ctl.PROGRAM_FAULTS] += 1
+                if not self._fault_logged:
+                    log.exception("program failed: outputs hold the safe allocation (logged once)")
+                    self._fault_logged = True
+                safe = True
+        if safe:
+            self._safe()
+        ctl[Ctl.SAFE_STATE] = 1 if safe else 0
+        self._aggregate()
+        ctl[Ctl.CYCLES] += 1
+        self.img.cycle[0] = ctl[Ctl.CYCLES]
+        self.img.time_ns[0] = now_ns
+        self.img.publish()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def wait_for_inputs(self) -> list[int]:
+        """Hold the first cycle until every driver has published once (or the start timeout)."""
+        self.ctl[Ctl.STATE] = ScanState.WAITING
+        give_up = self.clock.now_ns() + self.start_timeout_ns
+        while True:
+            missing = [k for k, b in enumerate(self.img.inputs) if b.seq == 0]
+            if not missing or self.ctl[Ctl.STOP_REQ] or self.clock.now_ns() >= give_up:
+                return missing
+            self.clock.sleep_until(self.clock.now_ns() + 1_000_000)
+
+    def run(self, max_cycles: int | None = None) -> None:
+        clock, ctl, period = self.clock, self.ctl, self.period_ns
+        spin = self.spin_ns
+        ctl[Ctl.STATE] = ScanState.RUNNING
+        ctl[Ctl.STARTED_NS] = clock.now_ns()
+        gc_was = gc.isenabled()
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        try:
+            due = clock.now_ns() + period
+            done = 0
+            while not ctl[Ctl.STOP_REQ] and (max_cycles is None or done < max_cycles):
+                if spin:
+                    clock.sleep_until(due - spin)
+                    while clock.now_ns() < due:
+                        pass
+                else:
+                    clock.sleep_until(due)
+                t0 = clock.now_ns()
+                self.cycle(t0)
+                t1 = clock.now_ns()
+                jitter = (abs((t0 - self.last_release_ns) - (due - self.last_due_ns))
+                          if self.last_release_ns >= 0 else -1)
+                self.stats.record(t1 - t0, t0 - due, jitter)
+                self.last_release_ns, self.last_due_ns = t0, due
+                done += 1
+                due += period
+                if t1 > due:
+                    missed = (t1 - due) // period + 1
+                    due += missed * period
+                    ctl[Ctl.OVERRUNS] += missed
+                    self.consecutive_overruns += 1
+                    if self.consecutive_overruns >= self.watchdog_k and not ctl[Ctl.WATCHDOG]:
+                        self.trip_watchdog()
+                else:
+                    self.consecutive_overruns = 0
+        finally:
+            if gc_was:
+                gc.enable()
+            gc.unfreeze()
+
+    def trip_watchdog(self) -> None:
+        self.ctl[Ctl.WATCHDOG] = 1
+        self.ctl[Ctl.MODE] = Mode.STOP
+        log.error("ALARM watchdog: %d consecutive overruns; outputs held in the safe state until RUN",
+                  self.consecutive_overruns)
+
+    def shutdown(self) -> None:
+        """Leave the outputs in the safe state for the drivers to send.
+
+        This publish is not a cycle: the buffer of the last cycle stays readable
+        for the final snapshot (`ProcessImage.read_last_cycle`).
+        """
+        self.ctl[Ctl.LAST_SEQ] = self.img.pub.seq
+        self.ctl[Ctl.MODE] = Mode.STOP
+        self.latch(self.clock.now_ns())
+        self._safe()
+        self.ctl[Ctl.SAFE_STATE] = 1
+        self._aggregate()
+        self.img.publish()
+        self.ctl[Ctl.STATE] = ScanState.DONE

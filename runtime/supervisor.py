@@ -1,0 +1,154 @@
+"""`vbatt run`: create the image, start the scan and the driver processes, watch, stop cleanly.
+
+Stop order: ask the scan to finish (it publishes the safe state), give the
+drivers a moment to send it, stop them, then write statistics and the snapshot
+and unlink the shared memory. A driver process that dies is restarted with
+backoff; its nodes go stale (offline) meanwhile. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .config import Config, Fleet
+from .image import Ctl, Mode, ProcessImage, ScanState
+from .plan import build_programs, image_spec, partition
+from .processes import io_main, scan_main
+
+__all__ = ["Supervisor", "RunResult"]
+
+log = logging.getLogger("vbatt.run")
+_CTX = mp.get_context("spawn")
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    reason: str = ""
+    restarts: dict[int, int] = field(default_factory=dict)
+
+
+class _Child:
+    def __init__(self, name: str, target, args):
+        self.name, self.target, self.args = name, target, args
+        self.proc: mp.Process | None = None
+        self.restarts = 0
+        self.next_start = 0.0
+
+    def start(self) -> None:
+        self.proc = _CTX.Process(target=self.target, args=self.args, name=self.name, daemon=False)
+        self.proc.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        p = self.proc
+        if p is None:
+            return
+        p.join(timeout)
+        if p.is_alive():
+            p.terminate()
+            p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, fleet: Fleet, *, max_cycles: int | None = None,
+                 duration_s: float | None = None, log_level: int = logging.WARNING):
+        self.cfg, self.fleet = cfg, fleet
+        self.max_cycles, self.duration_s = max_cycles, duration_s
+        self.level = log_level
+        self.programs = build_programs(cfg, len(fleet))
+        self.parts = partition(cfg, fleet)
+        self.spec = image_spec(cfg, fleet, self.programs, self.parts)
+        self.img: ProcessImage | None = None
+        self.scan: _Child | None = None
+        self.drivers: list[_Child] = []
+        self._stop_requested = False
+        self.services: list[_Child] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> ProcessImage:
+        img = self.img = ProcessImage.create(self.spec)
+        img.node["priority"][:] = self.fleet.values["priority"]
+        img.agg["main_limit_w"][0] = self.cfg.plant.main_limit_w
+        img.ctl[Ctl.MODE] = Mode.RUN
+        for k, (_a, _b, kind) in enumerate(self.parts):
+            child = _Child(f"vbatt-io{k}-{kind}", io_main,
+                           (img.name, self.spec, self.cfg, self.fleet, k, kind, self.level))
+            child.start()
+            self.drivers.append(child)
+        self.scan = _Child("vbatt-scan", scan_main, (img.name, self.spec, self.cfg, self.max_cycles, self.level))
+        self.scan.start()
+        return img
+
+    def request_stop(self, *_args) -> None:
+        self._stop_requested = True
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+
+    def poll(self) -> str | None:
+        """One supervision step; returns why the run ends, or None to go on."""
+        assert self.img is not None and self.scan is not None
+        if self._stop_requested:
+            return "stop requested"
+        if not self.scan.alive():
+            state = int(self.img.ctl[Ctl.STATE])
+            return "cycles done" if state == ScanState.DONE else f"scan process failed (exit {self.scan.proc.exitcode})"
+        now = time.monotonic()
+        for child in self.drivers:
+            if child.alive() or self.img.ctl[Ctl.IO_STOP]:
+                continue
+            if child.next_start == 0.0:
+                child.restarts += 1
+                child.next_start = now + min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                log.error("%s died (exit %s): restart in %.1f s", child.name, child.proc.exitcode,
+                          child.next_start - now)
+            elif now >= child.next_start:
+                child.next_start = 0.0
+                child.start()
+        return None
+
+    def wait(self, on_tick=None, tick_s: float = 0.25) -> str:
+        started = time.monotonic()
+        while True:
+            reason = self.poll()
+            if reason is None and self.duration_s is not None and time.monotonic() - started >= self.duration_s:
+                reason = "duration reached"
+            if reason:
+                return reason
+            if on_tick:
+                on_tick()
+            time.sleep(min(tick_s, 0.05) if self.max_cycles else tick_s)
+
+    def stop(self) -> None:
+        """Safe state out, every child gone. Safe to call twice."""
+        img = self.img
+        if img is None:
+            return
+        img.ctl[Ctl.STOP_REQ] = 1
+        if self.scan:
+            self.scan.stop(timeout=10.0)
+        # let the drivers send the safe state the scan published last
+        time.sleep(max(0.05, 2 * self.cfg.drivers.sim.period_ms / 1e3))
+        img.ctl[Ctl.IO_STOP] = 1
+        for child in self.drivers + self.services:
+            child.stop(timeout=5.0)
+
+    def close(self) -> None:
+        if self.img is not None:
+            self.img.close()
+            self.img = None
+
+    @property
+    def scan_failed(self) -> bool:
+        return self.img is not None and int(self.img.ctl[Ctl.STATE]) == ScanState.FAILED
