@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
-__all__ = ["aggregate", "AGG_ORDER"]
+__all__ = ["aggregate", "AGG_ORDER", "bind_aggregates"]
 
 # Order of the `out` vector; the scan binds it to the aggregate arrays.
 AGG_ORDER = ("demand_w", "forecast_w", "battery_w", "available_discharge_w", "available_charge_w",
@@ -42,3 +43,23 @@ def aggregate(online, trip, demand_w, forecast_w, battery_w, shed_w, bus_w, lo_w
     out[8] = bus
     out[9] = n_on
     out[10] = n_trip
+
+
+def bind_aggregates(img):
+    """The end-of-cycle aggregate step, bound once to the image."""
+    n, a = img.node, img.agg
+    out = np.zeros(len(AGG_ORDER))
+    args = (n["online"], n["trip"], n["demand_w"], n["forecast_w"], n["battery_w"], n["shed_w"],
+            n["bus_w"], n["lo_w"], n["hi_w"], n["soc"], n["capacity_wh"], out)
+    targets = [a[name] for name in AGG_ORDER]
+    main_w, bus_w, deficit_w, forecast_w, main_limit_w = (a[k] for k in ("main_w", "bus_w", "deficit_w",
+                                                                          "forecast_w", "main_limit_w"))
+
+    def step() -> None:
+        aggregate(*args)
+        for i, t in enumerate(targets):
+            t[0] = out[i]
+        main_w[0] = bus_w[0]
+        deficit_w[0] = forecast_w[0] - main_limit_w[0]
+
+    return step

@@ -19,7 +19,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # Modules that add a subcommand: each has `add_command(subparsers)` setting `func`.
 COMMAND_MODULES: tuple[str, ...] = ()
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +66,7 @@ def cmd_run(args) -> int:
                          log_level=logging.INFO if args.verbose else logging.WARNING)
     except ConfigError as exc:
         return _report_config_error(exc)
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
     live_view = out.is_terminal and not args.quiet
     sup.install_signals()
     img = sup.start()

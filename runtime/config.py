@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from vbatt.drivers.modbus_config import ModbusDriverConfig, ModbusNodeConfig
+from vbatt.drivers.opcua_client_config import OpcuaClientDriverConfig, OpcuaNodeConfig
+from vbatt.opcua_models.config import OpcuaServerConfig
+
+from .configbase import NodeId, NonNeg, Priority, Strict
 from .yamlsrc import ConfigError, Located, format_path, load_yaml, load_yaml_file
 
 __all__ = [
@@ -31,14 +36,8 @@ __all__ = [
 ]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Soc = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Temp = Annotated[float, Field(ge=-60, le=200, allow_inf_nan=False)]
-Priority = Annotated[int, Field(ge=0, le=1000)]
 
 
 # -- demand profiles (simulated nodes) -----------------------------------------
@@ -99,7 +98,7 @@ class SimPhysics(Strict):
 class NodeConfig(Strict):
     """One node. For a simulated node the values are its physics and initial state."""
 
-    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    id: NodeId
     driver: Literal["sim"] = "sim"
     priority: Priority = 0
     demand_w: NonNeg = 0.0
@@ -198,6 +197,26 @@ class SimDriverConfig(Strict):
 
 class DriversConfig(Strict):
     sim: SimDriverConfig = SimDriverConfig()
+    modbus: ModbusDriverConfig = ModbusDriverConfig()
+    opcua: OpcuaClientDriverConfig = OpcuaClientDriverConfig()
+
+
+def _node_kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return "template" if "template" in v else str(v.get("driver", "sim"))
+    return "template" if isinstance(v, TemplateConfig) else v.driver
+
+
+NodeEntry = Annotated[
+    Union[
+        Annotated[NodeConfig, Tag("sim")],
+        Annotated[TemplateConfig, Tag("template")],
+        Annotated[ModbusNodeConfig, Tag("modbus")],
+        Annotated[OpcuaNodeConfig, Tag("opcua")],
+    ],
+    Discriminator(_node_kind, custom_error_type="invalid_driver",
+                  custom_error_message="unknown driver (expected sim, modbus or opcua, or a 'template')"),
+]
 
 
 class ProgramEntry(Strict):
@@ -213,8 +232,8 @@ class Config(Strict):
     cycle: CycleConfig = CycleConfig()
     plant: PlantConfig = PlantConfig()
     drivers: DriversConfig = DriversConfig()
-    nodes: Annotated[list[Annotated[Union[NodeConfig, TemplateConfig], Field(union_mode="left_to_right")]],
-                     Field(min_length=1)]
+    opcua: OpcuaServerConfig = OpcuaServerConfig()
+    nodes: Annotated[list[NodeEntry], Field(min_length=1)]
     programs: list[Any] = ["safe_allocation"]  # replaced by validated ProgramEntry objects
     source: Annotated[str, Field(exclude=True)] = "<string>"
 
@@ -234,6 +253,9 @@ class Fleet:
         return len(self.ids)
 
 
+_IDEAL = SimPhysics()
+
+
 def build_fleet(cfg: Config, located: Located | None = None) -> Fleet:
     ids: list[str] = []
     cols: dict[str, list] = {k: [] for k in RANGED}
@@ -242,13 +264,13 @@ def build_fleet(cfg: Config, located: Located | None = None) -> Fleet:
     problems: list[str] = []
     for k, entry in enumerate(cfg.nodes):
         loc = located.where(("nodes", k)) if located else cfg.source
-        if isinstance(entry, NodeConfig):
+        if not isinstance(entry, TemplateConfig):
             batch_ids = [entry.id]
-            for f in RANGED:
-                cols[f].append(getattr(entry, f))
+            for f in RANGED:  # nodes of other drivers report these themselves
+                cols[f].append(getattr(entry, f, NodeConfig.model_fields[f].default))
             drivers.append(entry.driver)
-            profiles.append(entry.demand_profile)
-            physics.append(entry.physics)
+            profiles.append(getattr(entry, "demand_profile", None))
+            physics.append(getattr(entry, "physics", _IDEAL))
         else:
             t = entry.template
             rng = np.random.default_rng(t.seed)
@@ -282,6 +304,9 @@ def _errors(exc: ValidationError, located: Located, prefix: tuple = ()) -> list[
     out = []
     for err in exc.errors(include_url=False):
         loc = prefix + tuple(p for p in err["loc"] if not _is_union_tag(p))
+        raw = prefix + tuple(err["loc"])
+        if len(raw) > 2 and raw[0] == "nodes" and isinstance(raw[1], int) and raw[2] in _NODE_TAGS:
+            loc = raw[:2] + tuple(p for p in raw[3:] if not _is_union_tag(p))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"
@@ -293,9 +318,12 @@ def _errors(exc: ValidationError, located: Located, prefix: tuple = ()) -> list[
     return out
 
 
+_NODE_TAGS = ("sim", "template", "modbus", "opcua")
+
+
 def _is_union_tag(p) -> bool:
-    return isinstance(p, str) and (p in ("NodeConfig", "TemplateConfig") or p.startswith("function-")
-                                   or p.startswith("tuple[") or p in ("int", "float", "sine", "step", "csv"))
+    return isinstance(p, str) and (p.startswith("function-") or p.startswith("tuple[")
+                                   or p in ("int", "float", "sine", "step", "csv"))
 
 
 def _parse_programs(raw: Any, located: Located) -> tuple[list[ProgramEntry], list[str]]:

@@ -69,3 +69,7 @@ class Program:
 
     def bind(self, img: "ProcessImage", ctx: np.ndarray) -> Callable[[], None]:
         raise NotImplementedError
+
+    def on_command(self, img: "ProcessImage", op: int, node: int, value: float, arg: int) -> None:
+        """An operator command, applied between cycles after the scan's own handling
+        (e.g. Op.RESET_TRIP has already cleared `trip[node]`; a program resets its memory)."""

@@ -14,10 +14,9 @@ from __future__ import annotations
 import gc
 import logging
 
-import numpy as np
 from numba import njit
 
-from vbatt.programs.aggregates import AGG_ORDER, aggregate
+from vbatt.programs.aggregates import bind_aggregates
 from vbatt.programs.safe import safe_allocation, zero_power
 
 from .clock import Clock
@@ -75,21 +74,7 @@ class ScanEngine:
             args = (n["online"], n["demand_w"], n["battery_w"], n["served_w"], n["shed_w"], n["bus_w"],
                     n["lo_w"], n["hi_w"])
             self._safe = lambda: zero_power(*args)
-        self._agg_out = np.zeros(len(AGG_ORDER))
-        agg_args = (n["online"], n["trip"], n["demand_w"], n["forecast_w"], n["battery_w"], n["shed_w"],
-                    n["bus_w"], n["lo_w"], n["hi_w"], n["soc"], n["capacity_wh"], self._agg_out)
-        targets = [self.img.agg[name] for name in AGG_ORDER]
-        out = self._agg_out
-        a = self.img.agg
-
-        def _aggregate() -> None:
-            aggregate(*agg_args)
-            for i, t in enumerate(targets):
-                t[0] = out[i]
-            a["main_w"][0] = a["bus_w"][0]
-            a["deficit_w"][0] = a["forecast_w"][0] - a["main_limit_w"][0]
-
-        self._aggregate = _aggregate
+        self._aggregate = bind_aggregates(self.img)
         self._online_args = (n["updated_ns"], n["fault"], n["online"])
 
     def _latcher(self, k: int):
@@ -119,9 +104,12 @@ class ScanEngine:
         elif op == Op.SET_MAIN_LIMIT and value >= 0:
             self.img.agg["main_limit_w"][0] = value
         elif op == Op.ACK_ALARM:
-            pass  # alarm state lives with the health program; it reads acknowledgements from memory
+            pass  # alarm state belongs to the programs (on_command below)
         else:
             log.warning("command refused at the scan: op=%d node=%d value=%r", op, node, value)
+            return
+        for p in self.programs:
+            p.on_command(self.img, op, node, value, arg)
 
     # -- one scan --------------------------------------------------------------------------
     def latch(self, now_ns: int) -> None:

@@ -18,6 +18,7 @@ from .config import Config, Fleet
 from .image import Ctl, Mode, ProcessImage, ScanState
 from .plan import build_programs, image_spec, partition
 from .processes import io_main, scan_main
+from .services import plan_services
 
 __all__ = ["Supervisor", "RunResult"]
 
@@ -80,6 +81,10 @@ class Supervisor:
         img.node["priority"][:] = self.fleet.values["priority"]
         img.agg["main_limit_w"][0] = self.cfg.plant.main_limit_w
         img.ctl[Ctl.MODE] = Mode.RUN
+        services = plan_services(self.cfg, self.fleet, img.name, self.spec)
+        for svc in services:
+            if svc.before_drivers:
+                self._start_service(svc)
         for k, (_a, _b, kind) in enumerate(self.parts):
             child = _Child(f"vbatt-io{k}-{kind}", io_main,
                            (img.name, self.spec, self.cfg, self.fleet, k, kind, self.level))
@@ -87,7 +92,15 @@ class Supervisor:
             self.drivers.append(child)
         self.scan = _Child("vbatt-scan", scan_main, (img.name, self.spec, self.cfg, self.max_cycles, self.level))
         self.scan.start()
+        for svc in services:
+            if not svc.before_drivers:
+                self._start_service(svc)
         return img
+
+    def _start_service(self, svc) -> None:
+        child = _Child(svc.name, svc.target, svc.args)
+        child.start()
+        self.services.append(child)
 
     def request_stop(self, *_args) -> None:
         self._stop_requested = True
@@ -105,7 +118,7 @@ class Supervisor:
             state = int(self.img.ctl[Ctl.STATE])
             return "cycles done" if state == ScanState.DONE else f"scan process failed (exit {self.scan.proc.exitcode})"
         now = time.monotonic()
-        for child in self.drivers:
+        for child in self.drivers + self.services:
             if child.alive() or self.img.ctl[Ctl.IO_STOP]:
                 continue
             if child.next_start == 0.0:

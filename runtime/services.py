@@ -1,0 +1,32 @@
+"""Processes a run starts beside the scan and the drivers: an embedded node fleet, the OPC UA server.
+
+Each entry of SERVICE_FACTORIES is "module:function"; the function takes
+(cfg, fleet, image_name, image_spec) and returns the ServiceSpecs to start for
+that config (an empty list when the config does not ask for the service).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["ServiceSpec", "SERVICE_FACTORIES", "plan_services"]
+
+SERVICE_FACTORIES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    target: Callable  # a module-level function (started in a spawned process)
+    args: tuple
+    before_drivers: bool = False  # e.g. node agents must listen before the controller polls them
+
+
+def plan_services(cfg, fleet, image_name: str, spec) -> list[ServiceSpec]:
+    out: list[ServiceSpec] = []
+    for ref in SERVICE_FACTORIES:
+        module, _, fn = ref.partition(":")
+        out += getattr(importlib.import_module(module), fn)(cfg, fleet, image_name, spec)
+    return out
