@@ -64,6 +64,9 @@ NODE_INPUTS: tuple[Field, ...] = (
     Field("updated_ns", "i8", "ns", _I, "CLOCK_MONOTONIC time of the last fresh data"),
     Field("fault", "u4", "", _I, "driver fault code; 0 = none (see drivers.faults)"),
     Field("online", "u1", "", _I, "fresh data within the staleness bound (set at latch)"),
+    Field("io_requests", "u8", "", _I, "requests the driver sent to this node"),
+    Field("io_errors", "u8", "", _I, "requests that failed"),
+    Field("io_latency_ms", "f8", "ms", _I, "round-trip time of the last request"),
 )
 
 NODE_SETTINGS: tuple[Field, ...] = (
