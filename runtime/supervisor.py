@@ -132,10 +132,13 @@ class Supervisor:
         return None
 
     def wait(self, on_tick=None, tick_s: float = 0.25) -> str:
-        started = time.monotonic()
+        started = None  # --duration counts from the first cycle, not from compiling
         while True:
             reason = self.poll()
-            if reason is None and self.duration_s is not None and time.monotonic() - started >= self.duration_s:
+            if started is None and self.img.ctl[Ctl.STATE] == ScanState.RUNNING:
+                started = time.monotonic()
+            if (reason is None and self.duration_s is not None and started is not None
+                    and time.monotonic() - started >= self.duration_s):
                 reason = "duration reached"
             if reason:
                 return reason
