@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 __all__ = ["driver_class", "known_drivers", "BUILTIN"]
 
 BUILTIN: dict[str, str] = {
+    "opcua": "vbatt.drivers.opcua_client:OpcuaClientDriver",
     "sim": "vbatt.drivers.sim:SimDriver",
 }
 
