@@ -11,7 +11,7 @@ import numpy as np
 
 from .fields import AGGREGATES, NODE_FIELDS
 from .image import Ctl, ProcessImage
-from .stats import summarize
+from .stats import histogram, summarize
 
 __all__ = ["snapshot", "run_stats", "write_json"]
 
@@ -52,6 +52,7 @@ def run_stats(img: ProcessImage, period_ms: float) -> dict:
         "realtime": {"sched_fifo_priority": int(c[Ctl.RT_FIFO]), "mlockall": bool(c[Ctl.RT_MLOCK]),
                      "timer_slack_1ns": bool(c[Ctl.RT_SLACK])},
         **summarize(img.mem),
+        "histogram": histogram(img.mem),
     }
 
 

@@ -16,7 +16,7 @@ from numba import njit
 
 from .seqblock import ArraySpec
 
-__all__ = ["METRICS", "stats_specs", "record", "Stats", "summarize"]
+__all__ = ["METRICS", "stats_specs", "record", "Stats", "summarize", "histogram"]
 
 METRICS = ("exec_ns", "wake_ns", "jitter_ns")  # work time, release latency, |period - nominal|
 PER_OCTAVE = 64
@@ -114,4 +114,15 @@ def summarize(mem: dict[str, np.ndarray]) -> dict:
                 win[label] = round(float(np.percentile(samples, q, method="higher")) / 1e3, 3)
             win["max"] = round(float(samples.max()) / 1e3, 3)
         out[key] = {"run": run, "window": win}
+    return out
+
+
+def histogram(mem: dict[str, np.ndarray]) -> dict[str, list[list[float]]]:
+    """Non-empty buckets over the run per metric: [[upper edge in µs, count], ...]."""
+    hist = mem["stats.hist"].copy()
+    out = {}
+    for m, name in enumerate(METRICS):
+        idx = np.nonzero(hist[m])[0]
+        out[name.replace("_ns", "_us")] = [[round((2.0 ** ((i + 1) / PER_OCTAVE) - 1.0) / 1e3, 4), int(hist[m, i])]
+                                           for i in idx]
     return out
