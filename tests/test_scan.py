@@ -192,3 +192,36 @@ def test_real_clock_slow_program_counts_overruns(plant):
     assert int(img.ctl[Ctl.OVERRUNS]) >= 2 * 3  # at least two slots missed per slow cycle
     assert img.ctl[Ctl.WATCHDOG] == 1 and slow.calls == 3
     assert img.read_published()[0]["node.battery_w"].tolist() == [100.0, 50.0]
+
+
+def test_the_cycle_allocates_no_arrays():
+    """After the first cycles, a cycle creates no array: peak traced memory stays far below one array."""
+    import tracemalloc
+
+    n = 20000
+    cfg, fleet = load_config_text(
+        f"nodes:\n  - template: {{count: {n}, id: 'n{{i}}', demand_w: [1, 9], max_discharge_w: 5}}\n", "big.yaml")
+    progs = build_programs(cfg, n)
+    img = ProcessImage.create(image_spec(cfg, fleet, progs, partition(cfg, fleet)))
+    try:
+        img.ctl[Ctl.MODE] = Mode.RUN
+        clock = FakeClock(record=False)
+        a = img.inputs[0].begin()
+        a["demand_w"][:] = 3.0
+        a["max_discharge_w"][:] = 5.0
+        a["updated_ns"][:] = clock.now_ns() + 10**12
+        img.inputs[0].commit()
+        eng = ScanEngine(img, progs, cfg, clock)
+        eng.run(max_cycles=3)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        eng.run(max_cycles=200)
+        current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        one_array = n * 8
+        assert peak - before < one_array // 4, f"a cycle allocated {peak - before} B"
+        assert current - before < 4096
+        assert img.read_published()[0]["node.battery_w"][0] == 3.0
+    finally:
+        img.close()
