@@ -49,12 +49,73 @@ class Located:
 def format_path(path: Path_) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and not (part.isprintable() and part.strip() == part and part):
+            out += f"[{part!r}]"  # a key with a newline must not split the one-line error
+        else:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
+
+
+# Limits that turn hostile or broken documents into errors instead of a crash or a hang:
+# PyYAML composes and this module builds recursively, and aliases can expand a small
+# text exponentially ("billion laughs") or into a cycle.
+MAX_DEPTH = 64
+MAX_VALUES = 2_000_000
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Nesting depth from the event stream (the parser itself does not recurse)."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError([f"{source}:{ev.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep"])
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_graph(root: yaml.Node, source: str) -> None:
+    """Expanded size and depth, with aliases followed, by one iterative walk of the node graph."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, post = stack.pop()
+        k = id(node)
+        where = f"{source}:{node.start_mark.line + 1}"
+        if post:
+            kids = _children(node)
+            size[k] = 1 + sum(size[id(c)] for c in kids)
+            depth[k] = 1 + max((depth[id(c)] for c in kids), default=0)
+            if depth[k] > MAX_DEPTH:
+                raise ConfigError([f"{where}: aliases nest the document more than {MAX_DEPTH} levels deep"])
+            if size[k] > MAX_VALUES:
+                raise ConfigError([f"{where}: aliases expand the document to more than {MAX_VALUES} values"])
+            continue
+        if k in size:
+            continue
+        if k in depth:  # entered, not finished: an alias to one of its own ancestors
+            raise ConfigError([f"{where}: recursive alias (a value that contains itself)"])
+        depth[k] = 0
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node))
 
 
 def _build(node: yaml.Node, path: Path_, lines: dict, problems: list[str], source: str) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+        # `!!set {a, b}`, `!!omap [...]`, `!foo {}` would otherwise be silently read as plain data
+        problems.append(f"{source}:{node.start_mark.line + 1}: {format_path(path)}: tag {node.tag} "
+                        f"is not supported (expected a plain mapping or list)")
+        return None
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:
@@ -72,21 +133,36 @@ def _build(node: yaml.Node, path: Path_, lines: dict, problems: list[str], sourc
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, path + (i,), lines, problems, source) for i, item in enumerate(node.value)]
-    return _LOADER.construct_object(node, deep=True)
+    try:
+        return _LOADER.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # e.g. `!!int abc`, `!foo x`
+        problems.append(f"{source}:{node.start_mark.line + 1}: {format_path(path)}: cannot read value "
+                        f"{node.value!r} tagged {node.tag}: {_one_line(getattr(exc, 'problem', None) or exc)}")
+        return None
 
 
 _LOADER = yaml.SafeLoader("")
 
 
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split())
+
+
 def load_yaml(text: str, source: str = "<string>") -> Located:
     try:
+        _check_depth(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it has a position, not a mark
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(text, str) else 1
+        ch = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        raise ConfigError([f"{source}:{line}: not valid YAML: character U+{ch:04X} is not allowed ({exc.reason})"]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        what = getattr(exc, "problem", None) or getattr(exc, "context", None) or exc
+        raise ConfigError([f"{source}:{mark.line + 1 if mark else 1}: not valid YAML: {_one_line(what)}"]) from None
     if root is None:
         raise ConfigError([f"{source}: the file is empty (expected a mapping with a 'nodes' list)"])
+    _check_graph(root, source)
     lines: dict[Path_, int] = {}
     problems: list[str] = []
     data = _build(root, (), lines, problems, source)
