@@ -13,6 +13,7 @@ __all__ = ["driver_class", "known_drivers", "BUILTIN"]
 BUILTIN: dict[str, str] = {
     "opcua": "vbatt.drivers.opcua_client:OpcuaClientDriver",
     "sim": "vbatt.drivers.sim:SimDriver",
+    "modbus": "vbatt.drivers.modbus:ModbusDriver",
 }
 
 
