@@ -17,7 +17,9 @@ __all__ = ["main", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 # Modules that add a subcommand: each has `add_command(subparsers)` setting `func`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "vbatt.cli_modbus",
+)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -77,15 +79,17 @@ def cmd_run(args) -> int:
 
             from .live import render
 
-            with Live(render(img, cfg.cycle.cycle_ms, path), console=out, refresh_per_second=4,
-                      transient=False) as live:
-                reason = sup.wait(on_tick=lambda: live.update(render(img, cfg.cycle.cycle_ms, path)))
+            def view():
+                return render(img, cfg.cycle.cycle_ms, path, sup.phase_names)
+
+            with Live(view(), console=out, refresh_per_second=4, transient=False) as live:
+                reason = sup.wait(on_tick=lambda: live.update(view()))
         else:
             reason = sup.wait()
     finally:
         sup.stop()
         failed = sup.scan_failed or reason.startswith("scan process failed")
-        stats = run_stats(img, cfg.cycle.cycle_ms)
+        stats = run_stats(img, cfg.cycle.cycle_ms, sup.phase_names)
         if args.stats_json:
             write_json(args.stats_json, stats)
         if args.snapshot:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from .fields import AGGREGATES, NODE_FIELDS, NODE_INPUTS
 from .seqblock import ALIGN, ArraySpec, Layout, SeqBlock
@@ -150,6 +151,22 @@ class ImageSpec:
         return out, pos
 
 
+@njit(nogil=True, cache=True)
+def _pending(head, tail):
+    for p in range(head.shape[0]):
+        if head[p] != tail[p]:
+            return True
+    return False
+
+
+@njit(nogil=True, cache=True)
+def gather(src, dst, src_off, dst_off, nbytes):
+    """Copy byte ranges src[src_off[f]:+nbytes[f]] -> dst[dst_off[f]:+nbytes[f]] for every field f."""
+    for f in range(src_off.shape[0]):
+        s, d, n = src_off[f], dst_off[f], nbytes[f]
+        dst[d:d + n] = src[s:s + n]
+
+
 class CommandRing:
     """One single-producer ring per producer; the scan is the only consumer."""
 
@@ -177,6 +194,8 @@ class CommandRing:
         """Scan side: `apply(op, node, value, arg)` for every pending command."""
         n = 0
         head, tail = self.a["head"], self.a["tail"]
+        if not _pending(head, tail):
+            return 0
         for p in range(len(head)):
             t = int(tail[p])
             while t < int(head[p]):
@@ -231,6 +250,20 @@ class ProcessImage:
         self.segment.close()
 
     # -- scan side -------------------------------------------------------------
+    def latch_plan(self, k: int) -> tuple:
+        """Byte offsets to copy input block k into the work arrays with one `gather` call."""
+        a, b = self.spec.partitions[k]
+        src_lay, work = self.spec.input_layout(k), self.spec.work_layout()
+        src_off, dst_off, nbytes = [], [], []
+        for f in DRIVER_INPUTS:
+            off, spec = src_lay.offsets[f.name]
+            woff, _ = work.offsets["node." + f.name]
+            item = np.dtype(spec.dtype).itemsize
+            src_off.append(off)
+            dst_off.append(woff + a * item)
+            nbytes.append((b - a) * item)
+        return (self._work_raw, np.array(src_off, np.int64), np.array(dst_off, np.int64), np.array(nbytes, np.int64))
+
     def publish(self) -> None:
         """Copy the work arrays to the published block (one memmove)."""
         self.pub.publish_raw(self._work_raw)

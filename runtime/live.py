@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from rich.columns import Columns
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from .image import Ctl, Mode, ProcessImage, ScanState
-from .stats import summarize
+from .stats import phases, summarize
 
 __all__ = ["render"]
 
@@ -19,7 +20,7 @@ def _w(x: float) -> str:
     return f"{x / 1e3:,.1f} kW" if abs(x) >= 1e4 else f"{x:,.0f} W"
 
 
-def render(img: ProcessImage, period_ms: float, title: str = "vbatt") -> Group:
+def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_names: list[str] = ()) -> Group:
     c = img.ctl
     mode = "RUN" if c[Ctl.MODE] == Mode.RUN else "STOP"
     flags = []
@@ -40,6 +41,12 @@ def render(img: ProcessImage, period_ms: float, title: str = "vbatt") -> Group:
         r, w = s[key]["run"], s[key]["window"]
         t.add_row(label, *(f"{r.get(q, 0):,.1f}" for q in ("p50", "p99", "p99.9", "max")),
                   f"{w.get('p99', 0):,.1f}", f"{w.get('max', 0):,.1f}")
+    ph = Table(title="phases (µs)", title_justify="left", expand=False)
+    ph.add_column("phase")
+    for col in ("last", "mean", "max"):
+        ph.add_column(col, justify="right")
+    for name, v in phases(img.mem, list(phase_names)).items():
+        ph.add_row(name, f"{v['last']:,.1f}", f"{v['mean']:,.1f}", f"{v['max']:,.1f}")
     a = {k: float(v[0]) for k, v in img.agg.items()}
     g = Table(title="virtual battery", title_justify="left", show_header=False, expand=False)
     g.add_column()
@@ -52,4 +59,4 @@ def render(img: ProcessImage, period_ms: float, title: str = "vbatt") -> Group:
     g.add_row("battery", _w(a["battery_w"]), "shed", _w(a["shed_w"]))
     g.add_row("SoC", f"{a['soc'] * 100:.1f} %", "energy", f"{a['energy_wh'] / 1e3:,.2f} kWh")
     g.add_row("can discharge", _w(a["available_discharge_w"]), "can charge", _w(a["available_charge_w"]))
-    return Group(head, t, g)
+    return Group(head, Columns([t, ph]), g)

@@ -38,7 +38,7 @@ def partition(cfg: Config, fleet: Fleet) -> list[tuple[int, int, str]]:
 
 
 def image_spec(cfg: Config, fleet: Fleet, programs: list[Program], parts: list[tuple[int, int, str]]) -> ImageSpec:
-    memory = [CTX_SPEC, *stats_specs(cfg.cycle.stats_window)]
+    memory = [CTX_SPEC, *stats_specs(cfg.cycle.stats_window, len(programs) + 2)]
     seen: set[str] = set()
     for p in programs:
         if p.id in seen:

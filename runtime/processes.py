@@ -48,6 +48,8 @@ def warm_up(cfg: Config) -> None:
         img.node["capacity_wh"][:] = 1.0
         img.node["updated_ns"][:] = 1
         img.ctl[Ctl.MODE] = Mode.RUN
+        img.inputs[0].begin()
+        img.inputs[0].commit()  # so that the latch runs (and compiles) too
         eng = ScanEngine(img, programs, cfg, FakeClock())
         eng.cycle(2)
         eng.stats.record(1, 1, 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 
+import numpy as np
 from numba import njit
 
 from vbatt.programs.aggregates import bind_aggregates
@@ -21,10 +22,10 @@ from vbatt.programs.safe import safe_allocation, zero_power
 
 from .clock import Clock
 from .config import Config
-from .image import DRIVER_INPUTS, Ctl, Mode, Op, ProcessImage, ScanState
+from .image import Ctl, Mode, Op, ProcessImage, ScanState, gather
 from .program import Ctx, Program
 from .seqblock import TornRead
-from .stats import Stats
+from .stats import Stats, phase_names
 
 __all__ = ["ScanEngine"]
 
@@ -58,6 +59,8 @@ class ScanEngine:
         self.steps = [(p.id, p.bind(img, self.ctx)) for p in programs]
         self._bind_fixed(cfg.cycle.safe_state)
         self._latchers = [self._latcher(k) for k in range(len(img.inputs))]
+        self._stamps = np.zeros(len(self.steps) + 3, dtype=np.int64)  # phase boundaries of one cycle
+        self.phase_names = phase_names([p.id for p in programs])
         self.consecutive_overruns = 0
         self.last_release_ns = -1
         self.last_due_ns = -1
@@ -78,15 +81,7 @@ class ScanEngine:
         self._online_args = (n["updated_ns"], n["fault"], n["online"])
 
     def _latcher(self, k: int):
-        a, b = self.img.spec.partitions[k]
-        pairs = [(f.name, self.img.node[f.name][a:b]) for f in DRIVER_INPUTS]
-
-        def copy(src):
-            for name, dst in pairs:
-                dst[:] = src[name]
-
-        block = self.img.inputs[k]
-        return block, copy
+        return self.img.inputs[k], self.img.latch_plan(k)
 
     # -- commands (between cycles) -------------------------------------------------------
     def _apply(self, op: int, node: int, value: float, arg: int) -> None:
@@ -113,26 +108,31 @@ class ScanEngine:
 
     # -- one scan --------------------------------------------------------------------------
     def latch(self, now_ns: int) -> None:
-        for block, copy in self._latchers:
+        for block, plan in self._latchers:
             if block.seq:
                 try:
-                    block.read(copy)
+                    block.read_into(gather, plan)
                 except TornRead:
                     self.ctl[Ctl.TORN_READS] += 1  # keep the old values; freshness marks them stale
         derive_online(now_ns, self.stale_ns, *self._online_args)
 
     def cycle(self, now_ns: int) -> None:
-        ctl, ctx = self.ctl, self.ctx
+        ctl, ctx, stamps, now = self.ctl, self.ctx, self._stamps, self.clock.now_ns
+        stamps[0] = now_ns
         self.img.commands.drain(self._apply)
         self.latch(now_ns)
+        stamps[1] = now()
         ctx[Ctx.NOW_S] = now_ns * 1e-9
         ctx[Ctx.DT_S] = (now_ns - self.last_release_ns) * 1e-9 if self.last_release_ns >= 0 else ctx[Ctx.PERIOD_S]
         ctx[Ctx.CYCLE] = ctl[Ctl.CYCLES] + 1
         safe = ctl[Ctl.MODE] != Mode.RUN or ctl[Ctl.WATCHDOG] != 0
         if not safe:
             try:
+                k = 2
                 for _pid, step in self.steps:
                     step()
+                    stamps[k] = now()
+                    k += 1
             except Exception:
                 ctl[Ctl.PROGRAM_FAULTS] += 1
                 if not self._fault_logged:
@@ -141,12 +141,15 @@ class ScanEngine:
                 safe = True
         if safe:
             self._safe()
+            stamps[2:-1] = now()  # in the safe state the programs took no time
         ctl[Ctl.SAFE_STATE] = 1 if safe else 0
         self._aggregate()
         ctl[Ctl.CYCLES] += 1
         self.img.cycle[0] = ctl[Ctl.CYCLES]
         self.img.time_ns[0] = now_ns
         self.img.publish()
+        stamps[-1] = now()
+        self.stats.record_phases(stamps)
 
     # -- the loop -----------------------------------------------------------------------------
     def wait_for_inputs(self) -> list[int]:

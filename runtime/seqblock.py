@@ -115,6 +115,15 @@ class SeqBlock:
                 return s
         raise TornRead(f"writer overtook the reader {retries} times")
 
+    def read_into(self, fn, args: tuple, retries: int = 16) -> int:
+        """Call `fn(raw_bytes_of_the_newest_buffer, *args)`; same guarantee as `read`."""
+        for _ in range(retries):
+            s = int(self._ctl[0])
+            fn(self._raw[s & 1], *args)
+            if int(self._ctl[1]) < s + 2:
+                return s
+        raise TornRead(f"writer overtook the reader {retries} times")
+
     def read_raw(self, dst: np.ndarray, retries: int = 16) -> int:
         for _ in range(retries):
             s = int(self._ctl[0])

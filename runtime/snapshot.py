@@ -11,7 +11,7 @@ import numpy as np
 
 from .fields import AGGREGATES, NODE_FIELDS
 from .image import Ctl, ProcessImage
-from .stats import histogram, summarize
+from .stats import histogram, phases, summarize
 
 __all__ = ["snapshot", "run_stats", "write_json"]
 
@@ -39,7 +39,7 @@ def snapshot(img: ProcessImage, views: dict[str, np.ndarray] | None = None) -> d
     return {"cycle": int(v["cycle"][0]), "aggregate": agg, "nodes": nodes}
 
 
-def run_stats(img: ProcessImage, period_ms: float) -> dict:
+def run_stats(img: ProcessImage, period_ms: float, phase_names: list[str]) -> dict:
     c = img.ctl
     return {
         "cycles": int(c[Ctl.CYCLES]),
@@ -52,6 +52,7 @@ def run_stats(img: ProcessImage, period_ms: float) -> dict:
         "realtime": {"sched_fifo_priority": int(c[Ctl.RT_FIFO]), "mlockall": bool(c[Ctl.RT_MLOCK]),
                      "timer_slack_1ns": bool(c[Ctl.RT_SLACK])},
         **summarize(img.mem),
+        "phases_us": phases(img.mem, phase_names),
         "histogram": histogram(img.mem),
     }
 

@@ -16,16 +16,21 @@ from numba import njit
 
 from .seqblock import ArraySpec
 
-__all__ = ["METRICS", "stats_specs", "record", "Stats", "summarize", "histogram"]
+__all__ = ["METRICS", "stats_specs", "record", "Stats", "summarize", "histogram", "phases", "phase_names"]
 
 METRICS = ("exec_ns", "wake_ns", "jitter_ns")  # work time, release latency, |period - nominal|
 PER_OCTAVE = 64
 NBINS = 40 * PER_OCTAVE  # up to 2**40 ns (18 min): no sample is dropped
 
 
-def stats_specs(window: int) -> list[ArraySpec]:
+def stats_specs(window: int, phases: int = 2) -> list[ArraySpec]:
+    """`phases`: timed phases of a cycle (latch, each program, aggregate + publish)."""
     m = len(METRICS)
     return [
+        ArraySpec("stats.phase_last", "i8", (phases,)),
+        ArraySpec("stats.phase_max", "i8", (phases,)),
+        ArraySpec("stats.phase_sum", "i8", (phases,)),
+        ArraySpec("stats.phase_count", "i8", (1,)),
         ArraySpec("stats.hist", "i8", (m, NBINS)),
         ArraySpec("stats.ring", "i8", (m, window)),
         ArraySpec("stats.count", "i8", (m,)),
@@ -62,6 +67,22 @@ def record(hist, ring, count, maxv, total, last, exec_ns, wake_ns, jitter_ns):
             maxv[m] = v
 
 
+@njit(nogil=True, cache=True)
+def record_phases(stamps, last, maxv, total, count):
+    """stamps[k] .. stamps[k+1] is phase k."""
+    for k in range(last.shape[0]):
+        d = stamps[k + 1] - stamps[k]
+        last[k] = d
+        total[k] += d
+        if d > maxv[k]:
+            maxv[k] = d
+    count[0] += 1
+
+
+def phase_names(program_ids: list[str]) -> list[str]:
+    return ["latch", *program_ids, "aggregate+publish"]
+
+
 class Stats:
     """The statistics arrays of an image, bound for recording and for reading."""
 
@@ -72,12 +93,20 @@ class Stats:
         self.max = mem["stats.max"]
         self.sum = mem["stats.sum"]
         self.last = mem["stats.last"]
+        self.phase_last = mem["stats.phase_last"]
+        self.phase_max = mem["stats.phase_max"]
+        self.phase_sum = mem["stats.phase_sum"]
+        self.phase_count = mem["stats.phase_count"]
+
+    def record_phases(self, stamps: np.ndarray) -> None:
+        record_phases(stamps, self.phase_last, self.phase_max, self.phase_sum, self.phase_count)
 
     def record(self, exec_ns: int, wake_ns: int, jitter_ns: int) -> None:
         record(self.hist, self.ring, self.count, self.max, self.sum, self.last, exec_ns, wake_ns, jitter_ns)
 
     def reset(self) -> None:
-        for a in (self.hist, self.ring, self.count, self.max, self.sum, self.last):
+        for a in (self.hist, self.ring, self.count, self.max, self.sum, self.last,
+                  self.phase_last, self.phase_max, self.phase_sum, self.phase_count):
             a[...] = 0
 
 
@@ -126,3 +155,12 @@ def histogram(mem: dict[str, np.ndarray]) -> dict[str, list[list[float]]]:
         out[name.replace("_ns", "_us")] = [[round((2.0 ** ((i + 1) / PER_OCTAVE) - 1.0) / 1e3, 4), int(hist[m, i])]
                                            for i in idx]
     return out
+
+
+def phases(mem: dict[str, np.ndarray], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per phase: last, mean and max execution time in µs."""
+    n = max(int(mem["stats.phase_count"][0]), 1)
+    return {name: {"last": round(int(mem["stats.phase_last"][k]) / 1e3, 3),
+                   "mean": round(int(mem["stats.phase_sum"][k]) / n / 1e3, 3),
+                   "max": round(int(mem["stats.phase_max"][k]) / 1e3, 3)}
+            for k, name in enumerate(names)}

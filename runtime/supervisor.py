@@ -19,6 +19,7 @@ from .image import Ctl, Mode, ProcessImage, ScanState
 from .plan import build_programs, image_spec, partition
 from .processes import io_main, scan_main
 from .services import plan_services
+from .stats import phase_names
 
 __all__ = ["Supervisor", "RunResult"]
 
@@ -69,6 +70,7 @@ class Supervisor:
         self.programs = build_programs(cfg, len(fleet))
         self.parts = partition(cfg, fleet)
         self.spec = image_spec(cfg, fleet, self.programs, self.parts)
+        self.phase_names = phase_names([p.id for p in self.programs])
         self.img: ProcessImage | None = None
         self.scan: _Child | None = None
         self.drivers: list[_Child] = []
