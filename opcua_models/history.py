@@ -1,0 +1,149 @@
+"""History of the aggregate values: SQLite, written in batches, readable with HistoryRead.
+
+asyncua's stock SQLite backend commits once per sample and names tables after
+numeric NodeIds; this one keys rows by the vocabulary name (``soc``,
+``demand_w``...), buffers samples in memory and commits one transaction per
+`flush_s`. Reads see the buffer too, so a HistoryRead right after a change is
+complete. `load_series()` reads the same file without a server, e.g. for the
+forecast to start from the recorded demand after a restart.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from asyncua import ua
+from asyncua.server.history import HistoryStorageInterface
+
+__all__ = ["BatchHistory", "load_series", "HISTORY_FILE"]
+
+HISTORY_FILE = "history.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (name TEXT NOT NULL, t_ns INTEGER NOT NULL, value REAL);
+CREATE INDEX IF NOT EXISTS samples_name_t ON samples (name, t_ns);
+"""
+
+
+def _ns(t: datetime) -> int:
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return int(t.timestamp() * 1e9)
+
+
+def _dt(t_ns: int) -> datetime:
+    return datetime.fromtimestamp(t_ns / 1e9, tz=timezone.utc)
+
+
+class BatchHistory(HistoryStorageInterface):
+    """`names`: NodeId -> stored name; `scale`: stored name -> factor applied to values on read."""
+
+    def __init__(self, path: Path, names: dict[ua.NodeId, str], scale: dict[str, float] | None = None,
+                 retention_s: float = 30 * 86400.0, max_response: int = 10000):
+        super().__init__(max_response)
+        self.path = Path(path)
+        self.names = names
+        self.scale = scale or {}
+        self.retention_ns = int(retention_s * 1e9)
+        self.pending: list[tuple[str, int, float]] = []
+        self.db: sqlite3.Connection | None = None
+        self.flushes = 0
+
+    async def init(self) -> None:
+        self.open()
+
+    def open(self) -> None:
+        if self.db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+
+    # -- writing (the server's updater) -------------------------------------------------------
+    def append(self, name: str, t_ns: int, value: float) -> None:
+        self.pending.append((name, t_ns, value))
+
+    def flush(self) -> int:
+        """One transaction for everything buffered; returns the number of rows written."""
+        if not self.pending:
+            return 0
+        self.open()
+        rows, self.pending = self.pending, []
+        with self.db:
+            self.db.executemany("INSERT INTO samples (name, t_ns, value) VALUES (?, ?, ?)", rows)
+            if self.flushes % 100 == 0:
+                self.db.execute("DELETE FROM samples WHERE t_ns < ?", (time.time_ns() - self.retention_ns,))
+        self.flushes += 1
+        return len(rows)
+
+    # -- HistoryStorageInterface ------------------------------------------------------------------
+    async def new_historized_node(self, node_id, period, count=0) -> None:
+        pass  # the updater appends historized values itself; no subscription needed
+
+    async def save_node_value(self, node_id, datavalue) -> None:
+        name = self.names.get(node_id)
+        if name is not None and datavalue.Value is not None and datavalue.SourceTimestamp is not None:
+            self.append(name, _ns(datavalue.SourceTimestamp), float(datavalue.Value.Value))
+
+    async def read_node_history(self, node_id, start, end, nb_values):
+        name = self.names.get(node_id)
+        if name is None:
+            return [], None
+        lo = _ns(start) if start and start > datetime(1601, 1, 2, tzinfo=timezone.utc) else 0
+        hi = _ns(end) if end and end > datetime(1601, 1, 2, tzinfo=timezone.utc) else 2**62
+        reverse = lo > hi  # Part 11: start after end = newest first
+        a, b = (hi, lo) if reverse else (lo, hi)
+        self.open()
+        rows = self.db.execute("SELECT t_ns, value FROM samples WHERE name = ? AND t_ns BETWEEN ? AND ? "
+                               "ORDER BY t_ns", (name, a, b)).fetchall()
+        rows += [(t, v) for n, t, v in self.pending if n == name and a <= t <= b]
+        rows.sort(reverse=reverse)
+        limit = nb_values if nb_values else self.max_history_data_response_size
+        cont = None
+        if len(rows) > limit:
+            cont = _dt(rows[limit][0])
+            rows = rows[:limit]
+        k = self.scale.get(name, 1.0)
+        out = [ua.DataValue(ua.Variant(v * k if v is not None else None, ua.VariantType.Double),
+                            SourceTimestamp=_dt(t), ServerTimestamp=_dt(t)) for t, v in rows]
+        return out, cont
+
+    async def new_historized_event(self, source_id, evtypes, period, count=0) -> None:
+        raise NotImplementedError("event history is not kept")
+
+    async def save_event(self, event) -> None:
+        pass
+
+    async def read_event_history(self, source_id, start, end, nb_values, evfilter):
+        return [], None
+
+    async def stop(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.flush()
+            self.db.close()
+            self.db = None
+
+
+def load_series(path: str | Path, name: str, since_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(unix time s, values) of one recorded aggregate, oldest first; empty when there is no history."""
+    p = Path(path)
+    if not p.exists():
+        return np.empty(0), np.empty(0)
+    con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    try:
+        lo = int(since_s * 1e9) if since_s is not None else 0
+        rows = con.execute("SELECT t_ns, value FROM samples WHERE name = ? AND t_ns >= ? ORDER BY t_ns",
+                           (name, lo)).fetchall()
+    finally:
+        con.close()
+    if not rows:
+        return np.empty(0), np.empty(0)
+    arr = np.asarray(rows, dtype=np.float64)
+    return arr[:, 0] / 1e9, arr[:, 1]

@@ -1,0 +1,204 @@
+"""The OPC UA information model, derived from the field table (`vbatt.fields`).
+
+Nothing here spells a field's type, unit or range: `node_vars()` and
+`aggregate_vars()` read them from `fields.py`, and the NodeSet2 XML
+(`vbatt.NodeSet2.xml`, written by `nodeset.py`) and the server's instances are
+both built from these definitions, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asyncua import ua
+
+from vbatt.fields import AGGREGATES, NODE_FIELDS, Field
+
+__all__ = [
+    "NS_URI",
+    "VarDef",
+    "MethodDef",
+    "ArgDef",
+    "node_vars",
+    "aggregate_vars",
+    "scan_vars",
+    "METHODS",
+    "HISTORIZED",
+    "TYPE_IDS",
+    "decl_ids",
+    "VB_ID",
+    "RESERVED_IDS",
+    "eu_information",
+]
+
+NS_URI = "http://vbatt.org/UA/VirtualBattery/"
+VB_ID = "VirtualBattery"  # string NodeId of the one virtual battery instance
+RESERVED_IDS = (VB_ID,)
+
+# CLOCK_MONOTONIC nanoseconds mean nothing off the host; the SourceTimestamp carries freshness.
+HIDDEN_NODE_FIELDS = ("updated_ns",)
+WRITABLE = {("node", "priority"), ("agg", "main_limit_w")}
+HISTORIZED = ("demand_w", "forecast_w", "soc", "battery_w", "shed_w", "main_w")
+
+# numpy dtype code -> (DataType NodeId, VariantType)
+_DTYPES = {
+    "f8": (ua.ObjectIds.Double, ua.VariantType.Double),
+    "f4": (ua.ObjectIds.Float, ua.VariantType.Float),
+    "i8": (ua.ObjectIds.Int64, ua.VariantType.Int64),
+    "i4": (ua.ObjectIds.Int32, ua.VariantType.Int32),
+    "u8": (ua.ObjectIds.UInt64, ua.VariantType.UInt64),
+    "u4": (ua.ObjectIds.UInt32, ua.VariantType.UInt32),
+    "u1": (ua.ObjectIds.Boolean, ua.VariantType.Boolean),  # the only u1 fields are flags
+}
+
+# SI unit of the field table -> (UNECE common code, display name, description)
+_UNITS = {
+    "V": ("VLT", "V", "volt"),
+    "A": ("AMP", "A", "ampere"),
+    "degC": ("CEL", "°C", "degree Celsius"),
+    "W": ("WTT", "W", "watt"),
+    "Wh": ("WHR", "Wh", "watt hour"),
+    "ms": ("C26", "ms", "millisecond"),
+    "us": ("B98", "µs", "microsecond"),
+    "ns": ("C47", "ns", "nanosecond"),
+    "%": ("P1", "%", "percent"),
+}
+UNECE_NS = "http://www.opcfoundation.org/UA/units/un/cefact"
+
+
+def eu_information(unit: str) -> ua.EUInformation:
+    code, disp, desc = _UNITS[unit]
+    unit_id = 0
+    for ch in code:  # OPC UA Part 8: the UNECE code packed into an Int32
+        unit_id = (unit_id << 8) | ord(ch)
+    return ua.EUInformation(NamespaceUri=UNECE_NS, UnitId=unit_id,
+                            DisplayName=ua.LocalizedText(disp, "en"), Description=ua.LocalizedText(desc, "en"))
+
+
+@dataclass(frozen=True)
+class VarDef:
+    """One OPC UA variable: browse name, type, unit, range, and where its value comes from."""
+
+    name: str
+    datatype: int  # ns=0 DataType id
+    vtype: ua.VariantType
+    doc: str
+    unit: str | None = None  # key of _UNITS, None = no EngineeringUnits
+    lo: float | None = None  # EURange, in the shown unit
+    hi: float | None = None
+    scale: float = 1.0  # shown value = image value * scale (soc is shown in %)
+    writable: bool = False
+    historized: bool = False
+    field: Field | None = None
+
+    @property
+    def type_definition(self) -> int:
+        if self.unit is not None and self.lo is not None and self.hi is not None:
+            return ua.ObjectIds.AnalogItemType  # EURange is mandatory there
+        if self.unit is not None:
+            return ua.ObjectIds.BaseAnalogType
+        return ua.ObjectIds.BaseDataVariableType
+
+
+def _from_field(f: Field, scope: str) -> VarDef:
+    dt, vt = _DTYPES[f.dtype]
+    scale, unit, lo, hi = 1.0, (f.unit or None), f.lo, f.hi
+    if f.unit == "1":  # ratios: DESIGN.md §1 says SCADA shows soc as %
+        scale, unit = 100.0, "%"
+        lo, hi = (0.0 if lo is None else lo * 100), (100.0 if hi is None else hi * 100)
+    if unit is None or vt == ua.VariantType.Boolean:
+        lo = hi = None
+        unit = None
+    return VarDef(f.name, dt, vt, f.doc, unit, lo, hi, scale, (scope, f.name) in WRITABLE,
+                  scope == "agg" and f.name in HISTORIZED, f)
+
+
+def node_vars() -> tuple[VarDef, ...]:
+    return tuple(_from_field(f, "node") for f in NODE_FIELDS if f.name not in HIDDEN_NODE_FIELDS)
+
+
+def aggregate_vars() -> tuple[VarDef, ...]:
+    return tuple(_from_field(f, "agg") for f in AGGREGATES)
+
+
+_D, _I, _B, _S = (ua.ObjectIds.Double, ua.VariantType.Double), (ua.ObjectIds.Int64, ua.VariantType.Int64), \
+    (ua.ObjectIds.Boolean, ua.VariantType.Boolean), (ua.ObjectIds.String, ua.VariantType.String)
+
+
+def scan_vars() -> tuple[VarDef, ...]:
+    """The scan's status words (image `Ctl`) and cycle statistics (`stats.summarize`, sliding window)."""
+    out = [
+        VarDef("mode", *_S, "RUN or STOP"),
+        VarDef("state", *_S, "INIT, WAITING, RUNNING, DONE or FAILED"),
+        VarDef("cycles", *_I, "cycles run"),
+        VarDef("overruns", *_I, "missed cycle slots, counted"),
+        VarDef("watchdog", *_B, "latched after consecutive overruns: outputs safe until RUN"),
+        VarDef("safe_state", *_B, "outputs hold the safe allocation"),
+        VarDef("program_faults", *_I, "program exceptions (each forced the safe allocation)"),
+        VarDef("torn_reads", *_I, "input reads retried past their limit"),
+        VarDef("cycle_ms", *_D, "configured scan period", "ms"),
+    ]
+    for metric, what in (("exec", "execution time"), ("wake", "wake latency"), ("jitter", "period jitter")):
+        for q in ("p50", "p99", "max"):
+            out.append(VarDef(f"{metric}_{q}_us", *_D, f"{what} {q} over the statistics window", "us"))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ArgDef:
+    name: str
+    datatype: int
+    doc: str
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    name: str
+    doc: str
+    args: tuple[ArgDef, ...]
+
+
+_NODE_ARG = ArgDef("node_id", ua.ObjectIds.String, "id of the node, as in the config")
+METHODS: tuple[MethodDef, ...] = (
+    MethodDef("ResetTrip", "clear the latched protection trips of a node", (_NODE_ARG,)),
+    MethodDef("SetPriority", "set a node's priority (0 = most critical)",
+              (_NODE_ARG, ArgDef("priority", ua.ObjectIds.Int64, "0..1000"))),
+    MethodDef("SetMainSupplyLimit", "set the main supply capacity",
+              (ArgDef("main_limit_w", ua.ObjectIds.Double, "W, >= 0"),)),
+    MethodDef("SetMode", "RUN or STOP the control programs (STOP holds the safe allocation)",
+              (ArgDef("mode", ua.ObjectIds.String, "RUN or STOP"),)),
+    MethodDef("AcknowledgeAlarm", "acknowledge active alarms of a node (bits 0 = all)",
+              (_NODE_ARG, ArgDef("alarm_bits", ua.ObjectIds.UInt32, "alarm bits; 0 = all"))),
+)
+
+TYPE_IDS = {"VirtualBatteryType": 1, "BatteryNodeType": 2, "ScanStatusType": 3}
+
+
+def decl_ids() -> dict[tuple[str, ...], int]:
+    """Numeric ids (model namespace) of every instance declaration, in a fixed order.
+
+    Keys: (type, var), (type, var, "EngineeringUnits"|"EURange"), (type, "Scan"),
+    (type, "Nodes"), (type, method), (type, method, "InputArguments").
+    """
+    ids: dict[tuple[str, ...], int] = {}
+    nxt = 1000
+
+    def take(key: tuple[str, ...]) -> None:
+        nonlocal nxt
+        ids[key] = nxt
+        nxt += 1
+
+    for tname, vars_ in (("BatteryNodeType", node_vars()), ("VirtualBatteryType", aggregate_vars()),
+                         ("ScanStatusType", scan_vars())):
+        for v in vars_:
+            take((tname, v.name))
+            if v.unit is not None:
+                take((tname, v.name, "EngineeringUnits"))
+            if v.lo is not None:
+                take((tname, v.name, "EURange"))
+    take(("VirtualBatteryType", "Scan"))
+    take(("VirtualBatteryType", "Nodes"))
+    for m in METHODS:
+        take(("VirtualBatteryType", m.name))
+        take(("VirtualBatteryType", m.name, "InputArguments"))
+    return ids
