@@ -22,6 +22,7 @@ change with the reason; requests/errors/latency are counted per node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -36,7 +37,7 @@ from vbatt.fields import node_field
 from . import sunspec as ss
 from .base import Driver, IoContext
 from .faults import Fault
-from .modbus_config import Endpoint, modbus_endpoints
+from .modbus_config import Endpoint, modbus_endpoints, rendezvous_path
 
 __all__ = ["ModbusDriver", "DeviceLink", "Poller", "DeviceError"]
 
@@ -92,6 +93,8 @@ class DeviceLink:
 
     async def connect(self) -> None:
         self.close()
+        if self.ep.port == 0:
+            raise DeviceError(Fault.NO_DATA, "waiting for the embedded fleet to report its ports")
         kw = dict(port=self.ep.port, timeout=self.timeout_s, retries=0, reconnect_delay=0,
                   trace_packet=self._trace, name=self.ep.id)
         if self.sslctx is not None:
@@ -246,6 +249,7 @@ class Poller:
         self.wbuf = np.zeros((n, M.size), np.uint16)  # the instruction to send, encoded
         self.have_instruction = False
         self._logged = [int(Fault.NO_DATA)] * n
+        self.t0 = time.monotonic()
 
     # -- the instruction ------------------------------------------------------------------------------
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
@@ -262,8 +266,11 @@ class Poller:
         self.comm_fault[i] = int(exc.fault)
         self.reason[i] = exc.reason
         if self._logged[i] != int(exc.fault):
+            # a device that never answered yet during start-up (its agent may still be starting): quietly
+            quiet = self._logged[i] == Fault.NO_DATA and time.monotonic() - self.t0 < 5.0 \
+                and exc.fault in (Fault.CONNECTION, Fault.NO_DATA)
             self._logged[i] = int(exc.fault)
-            log.warning("node %s (%s:%d unit %d): %s: %s", self.eps[i].id, self.eps[i].host, self.eps[i].port,
+            (log.info if quiet else log.warning)("node %s (%s:%d unit %d): %s: %s", self.eps[i].id, self.eps[i].host, self.eps[i].port,
                         self.eps[i].unit_id, exc.fault.name, exc.reason)
 
     def _ok(self, i: int) -> None:
@@ -422,6 +429,30 @@ def contexts_for(endpoints: list[Endpoint]) -> tuple[list[ssl.SSLContext | None]
     return out, bad
 
 
+def _embedded_ports(p: Poller, path, seen_mtime: int) -> int:
+    """Take the ports the embedded fleet reported (again after it restarted); returns the file's mtime."""
+    try:
+        mtime = path.stat().st_mtime_ns
+        if mtime == seen_mtime:
+            return seen_mtime
+        ports = [int(x) for x in path.read_text().split()]
+    except (OSError, ValueError):
+        return seen_mtime
+    for i, link in enumerate(p.links):
+        k = link.ep.embedded
+        if k < 0:
+            continue
+        if k >= len(ports):
+            log.error("embedded fleet reported %d ports; node %s is number %d", len(ports), link.ep.id, k)
+            continue
+        port = ports[k]
+        if link.ep.port != port:
+            link.close()
+            link.ep = dataclasses.replace(link.ep, port=port)
+            p.eps[i] = link.ep
+    return mtime
+
+
 class ModbusDriver(Driver):
     kind = "modbus"
 
@@ -457,10 +488,14 @@ class ModbusDriver(Driver):
         period = d.publish_ms / 1e3
         loop = asyncio.get_running_loop()
         due = loop.time()
+        rendezvous = rendezvous_path(io.img.name) if any(e.embedded >= 0 and e.port == 0 for e in eps) else None
+        seen_mtime = 0
         try:
             while not io.stopping():
                 due += period
                 await asyncio.sleep(max(0.0, due - loop.time()))
+                if rendezvous is not None:
+                    seen_mtime = _embedded_ports(p, rendezvous, seen_mtime)
                 cycle = io.read_outputs()
                 if cycle and cycle != last_cycle:
                     p.set_instruction(cycle, io.outputs)

@@ -11,14 +11,16 @@ Two kinds of Modbus nodes:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from vbatt.configbase import NodeId, Priority, Strict
 
-__all__ = ["ModbusNodeConfig", "ModbusDriverConfig", "EmbeddedFleetConfig", "TlsFiles", "Endpoint",
+__all__ = ["rendezvous_path", "ModbusNodeConfig", "ModbusDriverConfig", "EmbeddedFleetConfig", "TlsFiles", "Endpoint",
            "modbus_endpoints", "embedded_indices"]
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -51,7 +53,9 @@ class EmbeddedFleetConfig(Strict):
     """Where the embedded fleet serves the template nodes that say `driver: modbus`."""
 
     host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"
-    base_port: Port = 15020
+    # 0: any free ports, told to the driver through a rendezvous file (concurrent runs never clash);
+    # else node k of the embedded fleet listens on base_port + k
+    base_port: Annotated[int, Field(ge=0, le=65535)] = 0
     tick_ms: Ms = 100.0  # physics and register refresh period of the agents
     tls: TlsFiles | None = None  # the agents' server side; None: plaintext on loopback
 
@@ -96,7 +100,7 @@ class Endpoint:
     tls: TlsFiles | None
     plaintext: bool
     sunspec_base: int | None = None
-    embedded: bool = False
+    embedded: int = -1  # position in the embedded fleet (its port order); -1: a device of its own
 
 
 def embedded_indices(cfg, fleet) -> list[int]:
@@ -117,12 +121,12 @@ def modbus_endpoints(cfg, fleet) -> dict[int, Endpoint]:
     out: dict[int, Endpoint] = {}
     ef = d.embedded_fleet
     emb = embedded_indices(cfg, fleet)
-    if emb and ef.base_port + len(emb) - 1 > 65535:
+    if emb and ef.base_port and ef.base_port + len(emb) - 1 > 65535:
         raise ValueError(f"drivers.modbus.embedded_fleet.base_port {ef.base_port} + {len(emb)} nodes runs past "
                          f"port 65535 (expected base_port <= {65536 - len(emb)})")
     for k, i in enumerate(emb):
-        out[i] = Endpoint(fleet.ids[i], ef.host, ef.base_port + k, 1, d.tls if ef.tls else None,
-                          ef.tls is None, 40000, True)
+        out[i] = Endpoint(fleet.ids[i], ef.host, ef.base_port + k if ef.base_port else 0, 1, d.tls if ef.tls else None,
+                          ef.tls is None, 40000, k)
     i = 0
     used = {(e.host, e.port): e.id for e in out.values()}
     for entry in cfg.nodes:
@@ -136,10 +140,15 @@ def modbus_endpoints(cfg, fleet) -> dict[int, Endpoint]:
             key = (entry.host, entry.port)
             if key in used and (entry.host in ("127.0.0.1", "localhost")) and used[key] != entry.id:
                 other = used[key]
-                if any(e.id == other and e.embedded for e in out.values()):
+                if any(e.id == other and e.embedded >= 0 for e in out.values()):
                     raise ValueError(f"node {entry.id}: port {entry.port} is also used by the embedded fleet "
                                      f"(node {other}); move drivers.modbus.embedded_fleet.base_port")
             used[key] = entry.id
             out[i] = Endpoint(entry.id, entry.host, entry.port, entry.unit_id, tls, plain, entry.sunspec_base)
         i += 1
     return out
+
+
+def rendezvous_path(image_name: str) -> Path:
+    """Where the embedded fleet of run `image_name` writes its ports (one per line, node order)."""
+    return Path(tempfile.gettempdir()) / f"{image_name.strip('/')}.fleet-ports"

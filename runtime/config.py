@@ -127,7 +127,7 @@ class TemplateBody(Strict):
     id: Annotated[str, Field(min_length=1)]
     start: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
-    driver: Literal["sim"] = "sim"
+    driver: Literal["sim", "modbus"] = "sim"  # modbus: served by the embedded fleet, polled over Modbus
     priority: _range(int) = 0
     demand_w: _range(float) = 0.0
     demand_profile: Profile | None = None

@@ -13,7 +13,9 @@ from typing import Callable
 
 __all__ = ["ServiceSpec", "SERVICE_FACTORIES", "plan_services"]
 
-SERVICE_FACTORIES: tuple[str, ...] = ()
+SERVICE_FACTORIES: tuple[str, ...] = (
+    "vbatt.drivers.fleet:embedded_fleet_services",
+)
 
 
 @dataclass(frozen=True)
