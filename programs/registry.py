@@ -12,6 +12,11 @@ __all__ = ["program_class", "known_programs", "BUILTIN"]
 
 BUILTIN: dict[str, str] = {
     "safe_allocation": "vbatt.programs.safe:SafeAllocation",
+    "forecast": "vbatt.programs.forecast:Forecast",
+    "protection": "vbatt.programs.protection:Protection",
+    "allocation": "vbatt.programs.allocation:Allocation",
+    "health": "vbatt.programs.health:Health",
+    "user": "vbatt.programs.user:UserPrograms",
 }
 
 

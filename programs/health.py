@@ -1,0 +1,217 @@
+"""Health monitoring (DESIGN.md §3 step 5): alarms per node, their states, and limit narrowing.
+
+Reads: every node input (voltage_v, current_a, temperature_c, soc, capacity_wh,
+demand_w, max_discharge_w, max_charge_w, link_max_w, online) and alarm.
+Writes: alarm (the bits of `codes.ALARM_CODES` it owns: all but the
+allocator's SAFE_ALLOCATION and LOAD_SHED), and its memory:
+
+* `health.acked` (u4 per node): the active alarm bits an operator acknowledged
+  (Op.ACK_ALARM with arg = bits; node -1 = every node). A bit that clears loses
+  its acknowledgement, so a returning condition is unacknowledged again. State
+  of a code: cleared (bit off in `alarm`), active (on, not acked), acknowledged.
+* `health.derate` (f8 per node, 1 = none): the limit factor of the configured
+  `derate` table (alarm name -> factor); the allocator multiplies the node's
+  limits by it on the next cycle: the "redistribution" of load away from a
+  node in trouble.
+* `health.resistance_ohm`, `health.resistance0_ohm`: the internal resistance
+  estimate -dV/dI (from consecutive samples whose current differs by at least
+  `resistance_min_delta_a`), smoothed, and its baseline learnt from the first
+  `resistance_learn_n` estimates; RESISTANCE_DRIFT when it drifts by more than
+  `resistance_drift` of the baseline.
+
+Threshold alarms clear only when the value is back inside the limit by the
+deadband (hysteresis). Rates: temperature rise from a first-order filtered
+derivative (`rate_tau_s`). Stale data (offline) raises STALE_DATA and freezes
+the node's other alarms; NaN or out-of-range inputs (field ranges of
+`fields.py`) raise BAD_DATA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import numpy as np
+from numba import njit
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vbatt.fields import node_field
+from vbatt.program import Ctx, Program
+from vbatt.seqblock import ArraySpec
+
+from .alloc_kernel import ALLOC_ALARMS
+from .codes import ALARM_CODES, Alarm, by_name
+
+__all__ = ["Health", "HealthParams", "health_step", "CHECKED_FIELDS"]
+
+# Inputs whose range the BAD_DATA alarm checks (ranges come from the field table).
+CHECKED_FIELDS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w",
+                  "max_discharge_w", "max_charge_w", "link_max_w")
+
+_VH, _VL, _IH = int(Alarm.VOLTAGE_HIGH), int(Alarm.VOLTAGE_LOW), int(Alarm.CURRENT_HIGH)
+_TH, _TL, _TR = int(Alarm.TEMPERATURE_HIGH), int(Alarm.TEMPERATURE_LOW), int(Alarm.TEMPERATURE_RISE)
+_SL, _SH, _RD = int(Alarm.SOC_LOW), int(Alarm.SOC_HIGH), int(Alarm.RESISTANCE_DRIFT)
+_STALE, _BAD = int(Alarm.STALE_DATA), int(Alarm.BAD_DATA)
+_OWN = 0xFFFFFFFF & ~ALLOC_ALARMS
+
+Opt = float | None
+
+
+class HealthParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    voltage_high_v: Opt = None
+    voltage_low_v: Opt = None
+    current_high_a: Opt = None
+    temperature_high_c: Opt = 45.0
+    temperature_low_c: Opt = 0.0
+    soc_low: Opt = 0.15
+    soc_high: Opt = None
+    temperature_rise_c_per_s: Opt = 0.05
+    rate_tau_s: Annotated[float, Field(gt=0)] = 10.0
+    resistance_min_delta_a: Annotated[float, Field(gt=0)] = 2.0
+    resistance_learn_n: Annotated[int, Field(ge=1)] = 50
+    resistance_drift: Opt = 0.5
+    deadband_v: Annotated[float, Field(ge=0)] = 0.5
+    deadband_a: Annotated[float, Field(ge=0)] = 1.0
+    deadband_c: Annotated[float, Field(ge=0)] = 1.0
+    deadband_soc: Annotated[float, Field(ge=0)] = 0.01
+    derate: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+
+    @field_validator("derate")
+    @classmethod
+    def _names(cls, v: dict[str, float]) -> dict[str, float]:
+        for name in v:
+            try:
+                by_name(ALARM_CODES, name)
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
+        return v
+
+
+@njit(nogil=True, cache=True)
+def _thr(active, bit, value, limit, deadband, above):
+    """Threshold with hysteresis: set beyond the limit, cleared only back inside by the deadband."""
+    if not (limit == limit) or abs(limit) == math.inf:
+        return 0
+    if above:
+        if value > limit:
+            return bit
+        return bit if (active & bit) and value > limit - deadband else 0
+    if value < limit:
+        return bit
+    return bit if (active & bit) and value < limit + deadband else 0
+
+
+@njit(nogil=True, cache=True)
+def health_step(dt, online, volt, cur, temp, soc, checked, check_lo, check_hi, alarm, acked, derate,
+                t_prev, t_rate, v_prev, i_prev, r_est, r0, n_est, has_prev,
+                v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di, r_learn, r_drift,
+                db_v, db_a, db_c, db_s, derate_bits, derate_factor):
+    k_rate = 1.0 - math.exp(-dt / rate_tau) if dt > 0.0 else 0.0
+    for i in range(online.shape[0]):
+        old = alarm[i]
+        keep = old & ~_OWN  # the allocator's bits
+        if online[i] == 0:
+            a = (old & _OWN & ~_STALE) | _STALE | keep  # frozen: no fresh data to judge
+            has_prev[i] = 0
+        else:
+            a = 0
+            bad = False
+            for f in range(len(checked)):
+                x = checked[f][i]
+                if not (x >= check_lo[f] and x <= check_hi[f]):
+                    bad = True
+            if bad:
+                a |= _BAD
+            v = volt[i]
+            c = abs(cur[i])
+            t = temp[i]
+            s = soc[i]
+            a |= _thr(old, _VH, v, v_hi, db_v, True) | _thr(old, _VL, v, v_lo, db_v, False)
+            a |= _thr(old, _IH, c, i_hi, db_a, True)
+            a |= _thr(old, _TH, t, t_hi, db_c, True) | _thr(old, _TL, t, t_lo, db_c, False)
+            a |= _thr(old, _SL, s, s_lo, db_s, False) | _thr(old, _SH, s, s_hi, db_s, True)
+            if has_prev[i] and dt > 0.0 and t == t:
+                t_rate[i] += k_rate * ((t - t_prev[i]) / dt - t_rate[i])
+                di = cur[i] - i_prev[i]
+                if abs(di) >= r_min_di:
+                    est = -(v - v_prev[i]) / di
+                    if est >= 0.0 and est < math.inf:
+                        n = n_est[i]
+                        r_est[i] = est if n == 0 else r_est[i] + 0.1 * (est - r_est[i])
+                        if n < r_learn:
+                            r0[i] = r_est[i]
+                            n_est[i] = n + 1
+            a |= _thr(old, _TR, t_rate[i], rise, rise * 0.2, True)
+            if n_est[i] >= r_learn and r0[i] > 0.0 and r_drift == r_drift:
+                dev = abs(r_est[i] - r0[i]) / r0[i]
+                if dev > r_drift or ((old & _RD) and dev > 0.8 * r_drift):
+                    a |= _RD
+            if t == t:
+                t_prev[i] = t
+            v_prev[i] = v
+            i_prev[i] = cur[i]
+            has_prev[i] = 1
+            a = (a & _OWN) | keep
+        alarm[i] = a
+        acked[i] &= a  # a cleared bit loses its acknowledgement
+        f = 1.0
+        for j in range(derate_bits.shape[0]):
+            if a & derate_bits[j]:
+                f = min(f, derate_factor[j])
+        derate[i] = f
+
+
+def _opt(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+class Health(Program):
+    id = "health"
+    Params = HealthParams
+    reads = ("online", "voltage_v", "current_a", "temperature_c", "soc", *CHECKED_FIELDS, "alarm")
+    writes = ("alarm",)
+
+    def memory(self) -> list[ArraySpec]:
+        n = self.n
+        f8 = [ArraySpec(k, "f8", (n,)) for k in ("derate", "t_prev_c", "t_rate_c_per_s", "v_prev_v",
+                                                  "i_prev_a", "resistance_ohm", "resistance0_ohm")]
+        return [ArraySpec("acked", "u4", (n,)), *f8, ArraySpec("n_est", "i8", (n,)),
+                ArraySpec("has_prev", "u1", (n,))]
+
+    def init(self, img) -> None:
+        self.mem(img, "derate")[:] = 1.0
+
+    def on_command(self, img, op, node, value, arg) -> None:
+        from vbatt.image import Op
+
+        if op != Op.ACK_ALARM:
+            return
+        acked, alarm = self.mem(img, "acked"), img.node["alarm"]
+        if node == -1:
+            acked |= alarm & np.uint32(arg & 0xFFFFFFFF)
+        elif 0 <= node < self.n:
+            acked[node] |= alarm[node] & np.uint32(arg & 0xFFFFFFFF)
+
+    def bind(self, img, ctx):
+        p: HealthParams = self.params
+        nd = img.node
+        checked = tuple(nd[f] for f in CHECKED_FIELDS)
+        lo = np.array([node_field(f).lo for f in CHECKED_FIELDS], dtype=np.float64)
+        hi = np.array([node_field(f).hi for f in CHECKED_FIELDS], dtype=np.float64)
+        bits = np.array([by_name(ALARM_CODES, k).mask for k in p.derate], dtype=np.uint32)
+        factors = np.array(list(p.derate.values()), dtype=np.float64)
+        m = lambda k: self.mem(img, k)  # noqa: E731
+        arrays = (nd["online"], nd["voltage_v"], nd["current_a"], nd["temperature_c"], nd["soc"], checked, lo, hi,
+                  nd["alarm"], m("acked"), m("derate"), m("t_prev_c"), m("t_rate_c_per_s"), m("v_prev_v"),
+                  m("i_prev_a"), m("resistance_ohm"), m("resistance0_ohm"), m("n_est"), m("has_prev"))
+        par = (_opt(p.voltage_high_v), _opt(p.voltage_low_v), _opt(p.current_high_a), _opt(p.temperature_high_c),
+               _opt(p.temperature_low_c), _opt(p.soc_low), _opt(p.soc_high), _opt(p.temperature_rise_c_per_s),
+               p.rate_tau_s, p.resistance_min_delta_a, p.resistance_learn_n, _opt(p.resistance_drift),
+               p.deadband_v, p.deadband_a, p.deadband_c, p.deadband_soc, bits, factors)
+        dt = Ctx.DT_S
+
+        def step() -> None:
+            health_step(ctx[dt], *arrays, *par)
+
+        return step
