@@ -30,7 +30,7 @@ from .base import Driver, IoContext
 from .faults import Fault
 from .opcua_client_config import OpcuaNodeConfig, parse_node_id
 
-__all__ = ["OpcuaClientDriver", "fault_of", "TICK_S"]
+__all__ = ["OpcuaClientDriver", "UntrustedServer", "fault_of", "TICK_S"]
 
 log = logging.getLogger("vbatt.drivers.opcua")
 
@@ -54,8 +54,14 @@ _INT_RANGE = {
 _FLOATS = (ua.VariantType.Float, ua.VariantType.Double)
 
 
+class UntrustedServer(Exception):
+    """The server presents another certificate than the pinned one, or offers no matching endpoint."""
+
+
 def fault_of(exc: BaseException) -> Fault:
     """The most specific fault code for an exception out of a connection."""
+    if isinstance(exc, UntrustedServer):
+        return Fault.TLS
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return Fault.TIMEOUT
     if isinstance(exc, ua.UaStatusCodeError):
@@ -232,6 +238,7 @@ class OpcuaClientDriver(Driver):
         client.name = client.description = "vbatt"
         sec = ncfg.security
         if sec != "none":
+            await _check_server_certificate(srv.endpoint, sec, dcfg.request_timeout_ms / 1e3)
             uri = _certificate_uri(sec.certificate)
             if uri:  # servers check that the application URI is the certificate's
                 client.application_uri = uri
@@ -515,3 +522,25 @@ def _certificate_uri(path: str) -> str | None:
         return None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     return uris[0] if uris else None
+
+
+async def _check_server_certificate(endpoint: str, sec, timeout_s: float) -> None:
+    """Ask the server (over the unsecured discovery channel) which certificate it has, before trusting it.
+
+    Without this an impostor's key only shows as a handshake that never answers
+    (a TIMEOUT); with it the fault says what is wrong.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    data = open(sec.server_certificate, "rb").read()
+    pinned = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+              else x509.load_der_x509_certificate(data)).public_bytes(Encoding.DER)
+    endpoints = await Client(endpoint, timeout=timeout_s).connect_and_get_server_endpoints()
+    policy_uri = getattr(security_policies, f"SecurityPolicy{sec.policy}").URI
+    mode = getattr(ua.MessageSecurityMode, sec.mode)
+    offered = [e for e in endpoints if e.SecurityPolicyUri == policy_uri and e.SecurityMode == mode]
+    if not offered:
+        raise UntrustedServer(f"the server offers no {sec.policy} {sec.mode} endpoint")
+    if not any((e.ServerCertificate or b"")[:len(pinned)] == pinned for e in offered):
+        raise UntrustedServer(f"the server's certificate is not the trusted one ({sec.server_certificate})")

@@ -5,7 +5,7 @@ Each rack has its own variables with vendor-style names and units (SoC in %,
 power limits in kW) under the namespace ``urn:vbatt:demo-device``:
 
     ns=2;s=<rack>.SoC  .Voltage  .Current  .Temperature  .Load  .MaxDischargeKW
-    .MaxChargeKW  .CapacityWh  .LinkMaxW                     (read by vbatt)
+    .MaxChargeKW  .CapacityWh  .LinkMaxW  .Model (a String)   (read by vbatt)
     ns=2;s=<rack>.BatterySetpointW (Double)  .ServedW (Float)  .ShedW (Int32)   (written by vbatt)
 
 Run it:  python examples/opcua_demo_server.py --port 4841
@@ -43,6 +43,7 @@ VARIABLES = (
     ("MaxChargeKW", 0.8, ua.VariantType.Double, False),
     ("CapacityWh", 2000, ua.VariantType.UInt32, False),
     ("LinkMaxW", 1500.0, ua.VariantType.Double, False),
+    ("Model", "DemoRack 48V", ua.VariantType.String, False),
     ("BatterySetpointW", 0.0, ua.VariantType.Double, True),
     ("ServedW", 0.0, ua.VariantType.Float, True),
     ("ShedW", 0, ua.VariantType.Int32, True),
@@ -118,11 +119,11 @@ async def _commands(server: Server, idx: int) -> None:
             if "set" in cmd:
                 vtype = await server.get_node(nid).read_data_type_as_variant_type()
                 value = cmd["value"]
-                if isinstance(value, str):  # "nan", "inf" travel as strings in JSON
-                    value = float(value)
-                elif vtype not in (ua.VariantType.Double, ua.VariantType.Float) and "type" not in cmd:
-                    value = int(value)
                 vtype = getattr(ua.VariantType, cmd.get("type", vtype.name))
+                if vtype in (ua.VariantType.Double, ua.VariantType.Float):
+                    value = float(value)  # "nan", "inf" travel as strings in JSON
+                elif vtype != ua.VariantType.String:
+                    value = int(value)
                 await server.write_attribute_value(nid, ua.DataValue(ua.Variant(value, vtype)))
                 reply = {"ok": True}
             elif "status" in cmd:
