@@ -80,6 +80,7 @@ class DeviceLink:
         self.sslctx = sslctx
         self.client: AsyncModbusTcpClient | None = None
         self.rx_bytes = 0  # bytes received since the last request was sent (garbage detection)
+        self.rx_unit = -1  # unit id in the first reply frame since then
         self.replies = 0  # good replies on this connection (a TLS peer that hangs up at once rejected us)
         self.layout: tuple[int, int, bool] | None = None  # (802 header addr, block count, vendor present)
         self.ident: dict[str, str] = {}
@@ -87,7 +88,10 @@ class DeviceLink:
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if sending:
             self.rx_bytes = 0
+            self.rx_unit = -1
         else:
+            if self.rx_bytes == 0 and len(data) >= 7 and self.sslctx is None and data[2:4] == b"\0\0":
+                self.rx_unit = data[6]  # MBAP unit id of the reply (the TLS framing has no MBAP)
             self.rx_bytes += len(data)
         return data
 
@@ -146,9 +150,9 @@ class DeviceLink:
             r = await asyncio.wait_for(coro, self.timeout_s * 1.5)
         except (asyncio.TimeoutError, ModbusIOException) as exc:
             msg = str(exc)
-            got = self.rx_bytes
+            got, unit = self.rx_bytes, self.rx_unit
             self.close()  # a late reply must not be taken for the next request's
-            if "device id" in msg:
+            if "device id" in msg or (got and unit >= 0 and unit != self.ep.unit_id):
                 raise DeviceError(Fault.WRONG_UNIT, f"reply from another unit id than {self.ep.unit_id}") from None
             if got:
                 raise DeviceError(Fault.GARBLED, f"{got} bytes received but no valid reply (short or garbled "
@@ -188,9 +192,9 @@ class DeviceLink:
             try:
                 regs = await self.call("read_holding_registers", address=b, count=2)
             except DeviceError as exc:
-                if exc.fault != Fault.EXCEPTION_REPLY:
-                    raise
-                seen.append(f"{b}: exception reply")
+                if exc.fault != Fault.EXCEPTION_REPLY or "0x02" not in exc.reason:
+                    raise  # only "illegal address" means "not here"; a failing device is a failing device
+                seen.append(f"{b}: illegal address")
                 continue
             if tuple(regs) == ss.SUNS:
                 base = b
@@ -248,6 +252,7 @@ class Poller:
         self.acked_seq = np.zeros(n, np.uint64)
         self.wbuf = np.zeros((n, M.size), np.uint16)  # the instruction to send, encoded
         self.have_instruction = False
+        self.fresh = np.zeros(n, bool)  # a reply arrived since the last decode (bad values count once each)
         self._logged = [int(Fault.NO_DATA)] * n
         self.t0 = time.monotonic()
 
@@ -274,7 +279,7 @@ class Poller:
                         self.eps[i].unit_id, exc.fault.name, exc.reason)
 
     def _ok(self, i: int) -> None:
-        if self._logged[i] != 0:
+        if self._logged[i] not in (0, Fault.BAD_VALUE):  # bad values are judged (and logged) by decode
             (log.info if self._logged[i] == Fault.NO_DATA else log.warning)(
                 "node %s: data again (was %s)", self.eps[i].id, Fault(self._logged[i]).name)
             self._logged[i] = 0
@@ -308,6 +313,7 @@ class Poller:
         if vendor:
             self.acked_seq[i] = int(ss.get_int(self.rows[i:i + 1], _VP["AckSeq"], M.base)[0])
         self.got_ns[i] = self.clock_ns()
+        self.fresh[i] = True
         self._ok(i)
 
     async def device_task(self, i: int, stop: asyncio.Event) -> None:
@@ -380,9 +386,14 @@ class Poller:
                       ((v > fld.hi) if fld.hi is not None else False)
             for i in np.flatnonzero(bad & ok):
                 fault[i] = int(Fault.BAD_VALUE)
-                reasons[i] = f"{name} = {v[i]!r} (expected a number in [{fld.lo:g}, {fld.hi:g}] {fld.unit})"
+                reasons[i] = f"{name} = {float(v[i])!r} (expected a number in [{fld.lo:g}, {fld.hi:g}] {fld.unit})"
                 ok[i] = False
             out[name] = np.where(bad, 0.0, v)
+        self.errors += (fault == Fault.BAD_VALUE) & self.fresh
+        self.fresh[:] = False
+        for i in np.flatnonzero((fault == 0) & (np.asarray(self._logged) == Fault.BAD_VALUE)):
+            log.warning("node %s: values valid again", self.eps[i].id)
+            self._logged[i] = 0
         for i in np.flatnonzero(fault != 0):
             if fault[i] == Fault.BAD_VALUE and self._logged[i] != int(Fault.BAD_VALUE):
                 self._logged[i] = int(Fault.BAD_VALUE)

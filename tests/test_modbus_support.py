@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 
@@ -15,6 +16,8 @@ from vbatt.drivers.backends.sim import SimBackend
 from vbatt.drivers.modbus import Poller
 from vbatt.drivers.modbus_config import Endpoint
 from vbatt.drivers.node_agent import AgentSet, AgentSpec
+
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its per-frame debug dumps drown the failures
 
 M = ss.NODE_MAP
 V = ss.VENDOR_ID
@@ -123,7 +126,7 @@ async def raw_server(reply):
                 if out:
                     writer.write(out)
                     await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
