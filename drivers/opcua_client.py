@@ -237,7 +237,7 @@ class OpcuaClientDriver(Driver):
         client.session_timeout = dcfg.session_timeout_ms
         client.name = client.description = "vbatt"
         sec = ncfg.security
-        if sec != "none":
+        if sec is not None:
             await _check_server_certificate(srv.endpoint, sec, dcfg.request_timeout_ms / 1e3)
             uri = _certificate_uri(sec.certificate)
             if uri:  # servers check that the application URI is the certificate's

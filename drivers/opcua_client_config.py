@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BeforeValidator, Field, create_model, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from vbatt.configbase import NodeId, Priority, Strict
 from vbatt.fields import NODE_INPUTS, NODE_OUTPUTS
@@ -121,6 +121,15 @@ class OpcuaSecurity(Strict):
     server_certificate: CertFile
 
 
+def _security(v: Any) -> Any:
+    if v == "none":
+        return None
+    if not isinstance(v, dict) and not isinstance(v, OpcuaSecurity):
+        raise ValueError("expected 'none' or a mapping {policy, mode, certificate, private_key, "
+                         "server_certificate}")
+    return v
+
+
 class OpcuaNodeConfig(Strict):
     """A node whose fields are variables of an external OPC UA server."""
 
@@ -129,12 +138,19 @@ class OpcuaNodeConfig(Strict):
     priority: Priority = 0
     endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^/:\s]+(:\d{1,5})?(/.*)?$")] = "opc.tcp://127.0.0.1:4840"
     # Explicit on purpose: `none` sends everything in clear text and must be a visible choice.
-    security: Union[Literal["none"], OpcuaSecurity]
+    security: Annotated[Optional[OpcuaSecurity], BeforeValidator(_security)]  # None: `security: none`
     username: Optional[Annotated[str, Field(min_length=1)]] = None
     password_env: Optional[str] = None  # environment variable holding the password (never the YAML)
     inputs: OpcuaInputs  # type: ignore[valid-type]
     outputs: OpcuaOutputs = OpcuaOutputs()  # type: ignore[valid-type]
     constants: OpcuaConstants = OpcuaConstants()  # type: ignore[valid-type]
+
+    @field_validator("username")
+    @classmethod
+    def _not_in_clear(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and "security" in info.data and info.data["security"] is None:
+            raise ValueError("a password must not travel over security: none (configure security)")
+        return v
 
     @field_validator("password_env")
     @classmethod
@@ -154,14 +170,11 @@ class OpcuaNodeConfig(Strict):
             raise ValueError(f"{', '.join(both)}: given both in inputs and in constants (choose one)")
         if (self.username is None) != (self.password_env is None):
             raise ValueError("username and password_env go together (user authentication needs both)")
-        if self.username is not None and self.security == "none":
-            raise ValueError("a password must not travel over security: none (configure security)")
         return self
 
     def connection_key(self) -> tuple:
         """Nodes with equal keys share one client connection."""
-        return (self.endpoint, self.security if self.security == "none" else self.security.model_dump_json(),
-                self.username)
+        return (self.endpoint, self.security and self.security.model_dump_json(), self.username)
 
 
 class OpcuaClientDriverConfig(Strict):
