@@ -150,15 +150,16 @@ class DeviceLink:
             r = await asyncio.wait_for(coro, self.timeout_s * 1.5)
         except (asyncio.TimeoutError, ModbusIOException) as exc:
             msg = str(exc)
-            got, unit = self.rx_bytes, self.rx_unit
+            got, unit, dropped = self.rx_bytes, self.rx_unit, not c.connected
             self.close()  # a late reply must not be taken for the next request's
             if "device id" in msg or (got and unit >= 0 and unit != self.ep.unit_id):
                 raise DeviceError(Fault.WRONG_UNIT, f"reply from another unit id than {self.ep.unit_id}") from None
             if got:
                 raise DeviceError(Fault.GARBLED, f"{got} bytes received but no valid reply (short or garbled "
                                                  f"frame)") from None
-            if self.replies == 0 and self.sslctx is not None and not self.connected and "closed" in msg.lower():
-                raise DeviceError(Fault.TLS, "the peer closed the TLS session (our certificate rejected?)") from None
+            if self.replies == 0 and self.sslctx is not None and dropped:
+                raise DeviceError(Fault.TLS, "the peer closed the TLS session before any reply (our certificate "
+                                             "rejected?)") from None
             raise DeviceError(Fault.TIMEOUT, f"no reply within {self.timeout_s * 1e3:.0f} ms") from None
         except (ConnectionException, ConnectionError, OSError) as exc:
             self.close()
