@@ -161,7 +161,7 @@ def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[s
 
     objects = aspace[ua.NodeId(ua.ObjectIds.ObjectsFolder)]
     vb = b.obj(S(VB_ID), VB_ID, b.types["VirtualBatteryType"], "the virtual battery",
-               notifier=ua.EventNotifier.SubscribeToEvents)
+               notifier=1 << ua.EventNotifier.SubscribeToEvents)
     b.link(objects, _ORG, vb)
     inst.vb = vb.nodeid
     for v in aggregate_vars():

@@ -98,10 +98,10 @@ class Alarms:
                                         self._acknowledge)
         server = self.aspace[ua.NodeId(ua.ObjectIds.Server)]
         server.attributes[_A.EventNotifier] = AttributeValue(ua.DataValue(
-            ua.Variant(ua.EventNotifier.SubscribeToEvents, ua.VariantType.Byte)))
+            ua.Variant(1 << ua.EventNotifier.SubscribeToEvents, ua.VariantType.Byte)))
 
     # -- from the image --------------------------------------------------------------------------
-    async def update(self, trip: np.ndarray, alarm: np.ndarray, watchdog: bool) -> int:
+    async def update(self, trip: np.ndarray, alarm: np.ndarray) -> int:
         """Raise and clear conditions from the published bits; returns the number of events sent."""
         sent = 0
         for kind, new, last, table in (("trip", trip, self.last_trip, self.trip_codes),
@@ -113,10 +113,14 @@ class Alarms:
                     if (was ^ now) & m:
                         sent += await self._set(kind, i, c, bool(now & m))
             last[:] = new
-        if watchdog != self.last_watchdog:
-            sent += await self._set("watchdog", -1, _WATCHDOG, watchdog)
-            self.last_watchdog = watchdog
         return sent
+
+    async def watchdog(self, tripped: bool) -> int:
+        """The scan's watchdog (a control word, not a published field): checked every tick."""
+        if tripped == self.last_watchdog:
+            return 0
+        self.last_watchdog = tripped
+        return await self._set("watchdog", -1, _WATCHDOG, tripped)
 
     def _condition(self, kind: str, i: int, code: _Code) -> Condition:
         key = (kind, i, code.bit)

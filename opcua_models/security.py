@@ -127,9 +127,10 @@ def cert_paths(state: Path) -> tuple[Path, Path]:
 
 
 def make_certificate(common_name: str, app_uri: str, *, server: bool, days: int = 3650,
-                     hostnames: tuple[str, ...] = ("localhost",)) -> tuple[bytes, bytes]:
+                     hostnames: tuple[str, ...] | None = None) -> tuple[bytes, bytes]:
     """A self-signed application instance certificate (DER) and its key (PEM), as OPC UA Part 6 wants."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    hostnames = hostnames or tuple(dict.fromkeys(("localhost", socket.gethostname())))
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vbatt")])
     now = dt.datetime.now(dt.timezone.utc)

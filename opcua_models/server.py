@@ -185,6 +185,8 @@ class VbattOpcuaServer:
         """One tick: copy the published image, write what changed; returns values written."""
         self.ticks += 1
         written = await self._update_scan()
+        if self.alarms is not None:
+            await self.alarms.watchdog(bool(self.img.ctl[Ctl.WATCHDOG]))
         nxt = 1 - self._cur
         try:
             seq = self.img.pub.read_raw(self._bufs[nxt])
@@ -228,7 +230,7 @@ class VbattOpcuaServer:
         if self.history is not None:
             await self._historize(new)
         if self.alarms is not None:
-            await self.alarms.update(new["node.trip"], new["node.alarm"], bool(self.img.ctl[Ctl.WATCHDOG]))
+            await self.alarms.update(new["node.trip"], new["node.alarm"])
         self.updates += written
         return written
 

@@ -1,0 +1,135 @@
+"""Shared set-up of the OPC UA tests (no tests here): state dir, users, certificates, image, server, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from asyncua import Client, ua
+from asyncua.crypto.security_policies import (SecurityPolicyAes128Sha256RsaOaep, SecurityPolicyAes256Sha256RsaPss,
+                                              SecurityPolicyBasic256Sha256)
+
+from vbatt.image import ImageSpec, ProcessImage
+from vbatt.opcua_models.config import OpcuaServerConfig
+from vbatt.opcua_models.model import NS_URI
+from vbatt.opcua_models.security import TrustList, UserStore, make_certificate
+from vbatt.stats import stats_specs
+
+OPERATOR = ("op", "operator-pass-1")
+VIEWER = ("view", "viewer-pass-1")
+CLIENT_URI = "urn:vbatt:test:client"
+POLICIES = {"Basic256Sha256": SecurityPolicyBasic256Sha256, "Aes128Sha256RsaOaep": SecurityPolicyAes128Sha256RsaOaep,
+            "Aes256Sha256RsaPss": SecurityPolicyAes256Sha256RsaPss}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Pki:
+    state: Path
+    cert: Path  # trusted client certificate (DER)
+    key: Path
+    untrusted_cert: Path
+    untrusted_key: Path
+
+
+def make_state(root: Path) -> Pki:
+    """A state dir with an operator, a viewer and one trusted client certificate (one untrusted too)."""
+    state = root / "state"
+    users = UserStore(state / "users.json")
+    users.add(*OPERATOR[:1], "operator", OPERATOR[1])
+    users.add(*VIEWER[:1], "viewer", VIEWER[1])
+    der, pem = make_certificate("test client", CLIENT_URI, server=False)
+    (root / "client.der").write_bytes(der)
+    (root / "client.pem").write_bytes(pem)
+    TrustList(state).add(der, "test-client")
+    der2, pem2 = make_certificate("stranger", CLIENT_URI, server=False)
+    (root / "stranger.der").write_bytes(der2)
+    (root / "stranger.pem").write_bytes(pem2)
+    return Pki(state, root / "client.der", root / "client.pem", root / "stranger.der", root / "stranger.pem")
+
+
+def make_image(n: int = 4, ids: list[str] | None = None) -> tuple[ProcessImage, list[str]]:
+    ids = ids or [f"rack-{i}" for i in range(n)]
+    spec = ImageSpec(n_nodes=len(ids), partitions=((0, len(ids)),), memory=tuple(stats_specs(100)),
+                     node_ids=tuple(ids))
+    img = ProcessImage.create(spec)
+    return img, ids
+
+
+def fill(img: ProcessImage, k: float = 1.0) -> None:
+    """Distinct values everywhere, then one 'scan cycle' (publish)."""
+    n = img.spec.n_nodes
+    for name, arr in img.node.items():
+        if arr.dtype.kind == "f":
+            arr[:] = [k * (10 * i + len(name)) for i in range(n)]
+    img.node["soc"][:] = [0.1 * (i + 1) * k % 1.0 for i in range(n)]
+    img.node["online"][:] = 1
+    img.node["priority"][:] = list(range(n))
+    img.node["io_requests"][:] = [100 + i for i in range(n)]
+    for name, arr in img.agg.items():
+        arr[0] = k * len(name)
+    img.agg["soc"][0] = 0.25 * k
+    img.time_ns[0] = time.monotonic_ns()
+    img.cycle[0] += 1
+    img.publish()
+
+
+def server_config(pki: Pki, **kw) -> OpcuaServerConfig:
+    return OpcuaServerConfig(enabled=True, port=free_port(), state_dir=str(pki.state),
+                             history={"sample_ms": 10, "flush_s": 0.05}, **kw)
+
+
+def client(endpoint: str, pki: Pki, user: tuple[str, str] | None = OPERATOR, *, policy: str = "Basic256Sha256",
+           untrusted: bool = False) -> Client:
+    c = Client(endpoint, timeout=10)
+    c.application_uri = CLIENT_URI
+    c.session_timeout = 60_000
+    cert, key = (pki.untrusted_cert, pki.untrusted_key) if untrusted else (pki.cert, pki.key)
+    c._pending_security = (POLICIES[policy], str(cert), str(key))  # applied in connect()
+    if user:
+        c.set_user(user[0])
+        c.set_password(user[1])
+    return c
+
+
+@contextlib.asynccontextmanager
+async def connected(endpoint: str, pki: Pki, user=OPERATOR, **kw):
+    c = client(endpoint, pki, user, **kw)
+    pol, cert, key = c._pending_security
+    await c.set_security(pol, cert, key, mode=ua.MessageSecurityMode.SignAndEncrypt)
+    await c.connect()
+    try:
+        c.vbatt_ns = await c.get_namespace_index(NS_URI)
+        yield c
+    finally:
+        with contextlib.suppress(Exception):
+            await c.disconnect()
+
+
+def nid(c: Client, s: str) -> ua.NodeId:
+    return ua.NodeId(s, c.vbatt_ns)
+
+
+def drain(img: ProcessImage) -> list[tuple[int, int, float, int]]:
+    got: list[tuple[int, int, float, int]] = []
+    img.commands.drain(lambda *a: got.append(a))
+    return got
+
+
+async def wait_for(pred, timeout: float = 5.0, step: float = 0.02):
+    t = time.monotonic() + timeout
+    while time.monotonic() < t:
+        v = pred()
+        if v:
+            return v
+        await asyncio.sleep(step)
+    return pred()
