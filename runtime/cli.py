@@ -19,6 +19,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # Modules that add a subcommand: each has `add_command(subparsers)` setting `func`.
 COMMAND_MODULES: tuple[str, ...] = (
     "vbatt.cli_modbus",
+    "vbatt.cli_opcua",
 )
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)

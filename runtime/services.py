@@ -15,6 +15,7 @@ __all__ = ["ServiceSpec", "SERVICE_FACTORIES", "plan_services"]
 
 SERVICE_FACTORIES: tuple[str, ...] = (
     "vbatt.drivers.fleet:embedded_fleet_services",
+    "vbatt.opcua_models.service:opcua_services",
 )
 
 
