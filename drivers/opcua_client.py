@@ -469,7 +469,7 @@ class OpcuaClientDriver(Driver):
     def _refresh(self, srv: _Server, stamp: bool) -> None:
         """Each node's fault from its connection and items; stamp fresh ones; publish."""
         st = self.io.staging
-        now = time.monotonic_ns()
+        now = self.io.clock.now_ns()  # the scan judges freshness on this clock
         worst: dict[int, int] = {i: int(srv.fault) for i in srv.nodes}
         if srv.fault == Fault.NONE:
             for it in srv.inputs:

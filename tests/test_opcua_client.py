@@ -8,6 +8,7 @@ shared-memory image, once directly through an `IoContext`, once inside
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -94,9 +95,31 @@ class DemoServer:
 
 @pytest.fixture
 def server():
+    """A device of the test's own, for tests that stop it."""
     srv = DemoServer(free_port())
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def device():
+    """One device shared by the module (starting one takes seconds); each test takes racks of its own."""
+    srv = DemoServer(free_port(), "--racks", "32")
+    yield srv
+    srv.stop()
+
+
+_RACKS = itertools.count(1)
+
+
+@pytest.fixture
+def rack(device) -> str:
+    return f"rack-{next(_RACKS)}"
+
+
+@pytest.fixture
+def rack2(device) -> str:
+    return f"rack-{next(_RACKS)}"
 
 
 def node_yaml(nid: str, port: int, rack: str = "rack-1", security: str = "none", extra: str = "") -> str:
@@ -218,8 +241,8 @@ def wait_until(fn, what: str, timeout: float = WAIT_S):
 
 
 # -- inputs -------------------------------------------------------------------------
-def test_inputs_arrive_scaled_and_stay_fresh_without_changes(server, harness):
-    h = harness(plant_yaml(node_yaml("r1", server.port)))
+def test_inputs_arrive_scaled_and_stay_fresh_without_changes(device, rack, rack2, harness):
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
     inp = h.wait(lambda d: d["fault"][0] == 0 and d["updated_ns"][0] > 0, "node r1 healthy")
     assert inp["soc"][0] == pytest.approx(0.80)  # 80 % on the server
     assert inp["voltage_v"][0] == pytest.approx(51.2)
@@ -236,67 +259,67 @@ def test_inputs_arrive_scaled_and_stay_fresh_without_changes(server, harness):
     assert later["fault"][0] == 0
 
 
-def test_a_change_on_the_server_arrives(server, harness):
-    h = harness(plant_yaml(node_yaml("r1", server.port)))
+def test_a_change_on_the_server_arrives(device, rack, rack2, harness):
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
     h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
-    server.set("rack-1.SoC", 55.5)
-    server.set("rack-1.Load", 1234.0)
+    device.set(f"{rack}.SoC", 55.5)
+    device.set(f"{rack}.Load", 1234.0)
     inp = h.wait(lambda d: abs(d["soc"][0] - 0.555) < 1e-9, "soc 55.5 %")
     inp = h.wait(lambda d: d["demand_w"][0] == 1234.0, "demand 1234 W")
     assert inp["fault"][0] == 0
 
 
 # -- outputs ------------------------------------------------------------------------
-def test_outputs_are_written_back_in_the_server_types(server, harness):
-    h = harness(plant_yaml(node_yaml("r1", server.port)))
+def test_outputs_are_written_back_in_the_server_types(device, rack, rack2, harness):
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
     h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
     h.command(1, battery_w=-321.5, served_w=100.25, shed_w=42.4)
-    wait_until(lambda: server.get("rack-1.BatterySetpointW") == -321.5, "battery_w written")
-    assert server.get("rack-1.ServedW") == pytest.approx(100.25)  # Float
-    assert server.get("rack-1.ShedW") == 42  # Int32: rounded
+    wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == -321.5, "battery_w written")
+    assert device.get(f"{rack}.ServedW") == pytest.approx(100.25)  # Float
+    assert device.get(f"{rack}.ShedW") == 42  # Int32: rounded
     h.command(2, battery_w=250.0, served_w=100.25, shed_w=42.4)
-    wait_until(lambda: server.get("rack-1.BatterySetpointW") == 250.0, "the next instruction")
+    wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == 250.0, "the next instruction")
     inp = h.inputs()
     assert inp["fault"][0] == 0 and inp["io_latency_ms"][0] > 0
 
 
-def test_outputs_wait_for_a_new_cycle(server, harness):
-    h = harness(plant_yaml(node_yaml("r1", server.port)))
+def test_outputs_wait_for_a_new_cycle(device, rack, rack2, harness):
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
     h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
     h.command(5, battery_w=10.0)
-    wait_until(lambda: server.get("rack-1.BatterySetpointW") == 10.0, "cycle 5 written")
-    server.set("rack-1.BatterySetpointW", 777.0)  # someone else writes; our cycle is unchanged
+    wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == 10.0, "cycle 5 written")
+    device.set(f"{rack}.BatterySetpointW", 777.0)  # someone else writes; our cycle is unchanged
     h.command(5, battery_w=11.0)  # same cycle number: not a new instruction
     time.sleep(0.5)
-    assert server.get("rack-1.BatterySetpointW") == 777.0
+    assert device.get(f"{rack}.BatterySetpointW") == 777.0
     h.command(6, battery_w=11.0)
-    wait_until(lambda: server.get("rack-1.BatterySetpointW") == 11.0, "cycle 6 written")
+    wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == 11.0, "cycle 6 written")
 
 
-def test_the_last_instruction_is_sent_on_stop(server, harness):
-    h = harness(plant_yaml(node_yaml("r1", server.port)))
+def test_the_last_instruction_is_sent_on_stop(device, rack, rack2, harness):
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
     h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
     h.command(1, battery_w=300.0)
-    wait_until(lambda: server.get("rack-1.BatterySetpointW") == 300.0, "cycle 1 written")
+    wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == 300.0, "cycle 1 written")
     h.command(2, battery_w=0.0)  # the safe state, published right before the stop
     h.io.request_stop()
     h.thread.join(15)
     assert not h.thread.is_alive()
-    assert server.get("rack-1.BatterySetpointW") == 0.0
+    assert device.get(f"{rack}.BatterySetpointW") == 0.0
 
 
 # -- bad values -----------------------------------------------------------------------
 @pytest.mark.parametrize("name, action", [
-    ("rack-1.Voltage", lambda s: s.status("rack-1.Voltage", "BadSensorFailure")),
-    ("rack-1.Voltage", lambda s: s.set("rack-1.Voltage", "nan")),
-    ("rack-1.Voltage", lambda s: s.set("rack-1.Voltage", "inf")),
-    ("rack-1.SoC", lambda s: s.set("rack-1.SoC", 180.0)),  # 1.8 after scaling: outside 0..1
+    ("Voltage", lambda s, r: s.status(f"{r}.Voltage", "BadSensorFailure")),
+    ("Voltage", lambda s, r: s.set(f"{r}.Voltage", "nan")),
+    ("Voltage", lambda s, r: s.set(f"{r}.Voltage", "inf")),
+    ("SoC", lambda s, r: s.set(f"{r}.SoC", 180.0)),  # 1.8 after scaling: outside 0..1
 ], ids=["bad-status", "nan", "inf", "out-of-range"])
-def test_a_bad_value_faults_only_its_node_and_heals(server, harness, name, action):
-    h = harness(plant_yaml(node_yaml("r1", server.port), node_yaml("r2", server.port, rack="rack-2")))
+def test_a_bad_value_faults_only_its_node_and_heals(device, rack, rack2, harness, name, action):
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack), node_yaml("r2", device.port, rack=rack2)))
     h.wait(lambda d: (d["fault"] == 0).all(), "both nodes healthy")
     voltage = h.inputs()["voltage_v"][0]
-    action(server)
+    action(device, rack)
     inp = h.wait(lambda d: d["fault"][0] == Fault.BAD_VALUE, "BAD_VALUE on r1")
     assert inp["voltage_v"][0] == voltage  # the refused value never reaches the image
     assert math.isfinite(inp["soc"][0]) and inp["soc"][0] <= 1.0
@@ -304,21 +327,21 @@ def test_a_bad_value_faults_only_its_node_and_heals(server, harness, name, actio
     stamped = int(inp["updated_ns"][0])
     time.sleep(0.4)  # a faulted node is not stamped fresh
     assert int(h.inputs()["updated_ns"][0]) == stamped
-    server.set(name, 50.0)
+    device.set(f"{rack}.{name}", 50.0)
     h.wait(lambda d: d["fault"][0] == 0, "r1 healthy again")
     assert h.thread.is_alive()
 
 
-def test_a_value_of_the_wrong_type_is_bad_value(server, harness):
-    wrong = node_yaml("r2", server.port, rack="rack-2").replace("rack-2.Voltage", "rack-2.Model")  # a String
-    h = harness(plant_yaml(node_yaml("r1", server.port), wrong))
+def test_a_value_of_the_wrong_type_is_bad_value(device, rack, rack2, harness):
+    wrong = node_yaml("r2", device.port, rack=rack2).replace(f"{rack2}.Voltage", f"{rack2}.Model")  # a String
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack), wrong))
     inp = h.wait(lambda d: d["fault"][0] == 0 and d["fault"][1] == Fault.BAD_VALUE, "r1 ok, r2 BAD_VALUE")
     assert inp["voltage_v"][1] == 0.0 and inp["updated_ns"][1] == 0
 
 
-def test_an_unknown_node_id_faults_that_node_only(server, harness):
-    bad = node_yaml("r2", server.port, rack="rack-2").replace("rack-2.Voltage", "rack-2.NoSuchVariable")
-    h = harness(plant_yaml(node_yaml("r1", server.port), bad))
+def test_an_unknown_node_id_faults_that_node_only(device, rack, rack2, harness):
+    bad = node_yaml("r2", device.port, rack=rack2).replace(f"{rack2}.Voltage", f"{rack2}.NoSuchVariable")
+    h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack), bad))
     inp = h.wait(lambda d: d["fault"][0] == 0 and d["fault"][1] == Fault.BAD_VALUE, "r1 ok, r2 BAD_VALUE")
     assert inp["soc"][1] == pytest.approx(0.8)  # its other variables still arrive
 
@@ -340,14 +363,14 @@ def test_server_down_faults_connection_and_reconnects(server, harness):
     wait_until(lambda: server.get("rack-1.BatterySetpointW") == 123.0, "write after reconnect")
 
 
-def test_publishes_at_once_and_a_dead_server_does_not_delay_a_live_one(server, harness):
+def test_publishes_at_once_and_a_dead_server_does_not_delay_a_live_one(device, rack, rack2, harness):
     dead = free_port()  # nobody listens
     hole = socket.socket()  # accepts TCP, never answers: the worst kind of server
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
     try:
         h = harness(plant_yaml(node_yaml("gone", dead), node_yaml("mute", hole.getsockname()[1]),
-                               node_yaml("r1", server.port)))
+                               node_yaml("r1", device.port, rack=rack)))
         first = h.wait(lambda d: True, "the first publish", timeout=2.0)
         assert set(first["fault"].tolist()) <= {Fault.NO_DATA, Fault.CONNECTION, Fault.NONE}
         inp = h.wait(lambda d: d["fault"][2] == 0, "the live server's node healthy", timeout=3.0)
@@ -407,9 +430,8 @@ def _secure(pki, who: str = "client") -> str:
             f"server_certificate: '{pki['server'][0]}'}}")
 
 
-@pytest.fixture
-def secure_server(pki, monkeypatch):
-    monkeypatch.setenv("DEMO_PW", "s3cret-pw")
+@pytest.fixture(scope="module")
+def secure_server(pki):
     cert, key = pki["server"]
     srv = DemoServer(free_port(), "--cert", str(cert), "--key", str(key), "--trust", str(pki["client"][0]),
                      "--user", "operator", "--password-env", "DEMO_PW", env={"DEMO_PW": "s3cret-pw"})
