@@ -46,11 +46,14 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from .fields import AGGREGATES, NODE_FIELDS
+
+if TYPE_CHECKING:
+    from .image import ProcessImage
 
 __all__ = [
     "MAGIC",
@@ -65,6 +68,10 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "decide_restart",
     "apply_restart",
+    "RETAINED_NODE_FIELDS",
+    "RETAINED_AGGREGATES",
+    "retained_views",
+    "layout_of",
 ]
 
 MAGIC = b"VBRETAIN"
@@ -392,6 +399,34 @@ def decide_restart(state: RetainState | Loaded | None, node_ids: Sequence[str],
     if any(n.startswith("node.") for n in restore):
         reasons.append(f"{len(pairs)} of {len(node_ids)} configured nodes matched by id")
     return Restart("cold", tuple(reasons), tuple(restore), node_map, seq=state.seq)
+
+
+# -- what of the process image is retentive --------------------------------------------------
+RETAINED_NODE_FIELDS: tuple[str, ...] = ("trip", "alarm", "priority")  # latched trips, alarms, operator priority
+RETAINED_AGGREGATES: tuple[str, ...] = ("main_limit_w",)  # operator setting
+_NOT_RETAINED_MEMORY = ("scan.ctx", "stats.")  # per-run: cycle context and run statistics
+
+
+def retained_views(img: "ProcessImage") -> dict[str, np.ndarray]:
+    """Live views of everything retentive in `img`, by the names `decide_restart` uses.
+
+    Node fields as "node.<field>", aggregates as "agg.<name>", the RUN/STOP mode as
+    "ctl.mode" and every program memory array (forecast state, energy counters, ...)
+    under its own name. Save from these between two cycles (the scan owns them);
+    restore into them before the first cycle.
+    """
+    from .image import Ctl  # only here: the storage format above stays free of the image
+
+    out = {f"node.{f}": img.node[f] for f in RETAINED_NODE_FIELDS}
+    out.update({f"agg.{a}": img.agg[a] for a in RETAINED_AGGREGATES})
+    out["ctl.mode"] = img.ctl[Ctl.MODE:Ctl.MODE + 1]
+    out.update({k: v for k, v in img.mem.items() if not k.startswith(_NOT_RETAINED_MEMORY)})
+    return out
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape), the `layout` argument of `decide_restart`."""
+    return {k: (v.dtype.str, tuple(v.shape)) for k, v in arrays.items()}
 
 
 def apply_restart(restart: Restart, state: RetainState | None, targets: Mapping[str, np.ndarray]) -> list[str]:

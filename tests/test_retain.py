@@ -309,3 +309,57 @@ def test_fallback_problems_appear_in_the_restart_log_line(tmp_path):
     r = decide_restart(loaded, IDS, layout_of(arrays()))
     assert isinstance(loaded, Loaded) and r.kind == "warm" and r.seq == 1
     assert "truncated" in r.describe() and "from save #1" in r.describe()
+
+
+# -- with the real shared-memory process image ----------------------------------------
+def test_latched_trip_and_settings_survive_a_restart_through_the_process_image(tmp_path):
+    from vbatt.image import Ctl, ImageSpec, Mode, ProcessImage
+    from vbatt.retain import layout_of, retained_views
+    from vbatt.seqblock import ArraySpec
+
+    def spec(ids, mem=(ArraySpec("forecast.level", "f8", (3,)),)):
+        return ImageSpec(n_nodes=len(ids), partitions=((0, len(ids)),), node_ids=tuple(ids),
+                         memory=(ArraySpec("scan.ctx", "f8", (8,)), ArraySpec("stats.count", "i8", (3,)), *mem))
+
+    before = ProcessImage.create(spec(IDS))
+    try:
+        v = retained_views(before)
+        assert "scan.ctx" not in v and "stats.count" not in v and "forecast.level" in v
+        before.node["trip"][1] = 0b101  # latched overcurrent + thermal on B
+        before.node["priority"][:] = [0, 3, 1]
+        before.agg["main_limit_w"][0] = 12_000.0
+        before.ctl[Ctl.MODE] = Mode.RUN
+        before.mem["forecast.level"][:] = [10.0, 20.0, 30.0]
+        RetainStore(tmp_path).save(v, meta())
+    finally:
+        before.close()
+
+    # warm: same nodes, same programs
+    after = ProcessImage.create(spec(IDS))
+    try:
+        views = retained_views(after)
+        loaded = RetainStore(tmp_path).load()
+        r = decide_restart(loaded, IDS, layout_of(views))
+        assert r.kind == "warm"
+        apply_restart(r, loaded.state, views)
+        assert after.node["trip"].tolist() == [0, 0b101, 0]
+        assert after.node["priority"].tolist() == [0, 3, 1]
+        assert after.agg["main_limit_w"][0] == 12_000.0 and after.ctl[Ctl.MODE] == Mode.RUN
+        assert after.mem["forecast.level"].tolist() == [10.0, 20.0, 30.0]
+    finally:
+        after.close()
+
+    # cold: a node added -> settings only, by id
+    ids2 = ["A", "B", "C", "D"]
+    cold = ProcessImage.create(spec(ids2, mem=(ArraySpec("forecast.level", "f8", (4,)),)))
+    try:
+        views = retained_views(cold)
+        loaded = RetainStore(tmp_path).load()
+        r = decide_restart(loaded, ids2, layout_of(views))
+        assert r.kind == "cold" and "forecast.level saved as <f8[3], now <f8[4]" in r.describe()
+        apply_restart(r, loaded.state, views)
+        assert cold.node["priority"].tolist() == [0, 3, 1, 0]
+        assert cold.agg["main_limit_w"][0] == 12_000.0
+        assert not cold.node["trip"].any() and not cold.mem["forecast.level"].any()
+    finally:
+        cold.close()
