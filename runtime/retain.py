@@ -38,6 +38,7 @@ the caller's arrays (e.g. the process image views).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -217,6 +218,9 @@ class Loaded:
 class RetainStore:
     """`<dir>/<name>` and `<dir>/<name>.prev`, written by one process at a time.
 
+    Saves are serialised by an flock on `<name>.lock`; sequence numbers assume one
+    store object writes (a second writer could repeat a number, never tear a file).
+
     `now_ns` stamps each save (wall clock by default, injectable for tests);
     `durable=False` skips fsync (tests and benchmarks on tmpfs only: without it a
     power cut can lose the newest save, never both copies).
@@ -228,6 +232,7 @@ class RetainStore:
         self.current = self.dir / name
         self.previous = self.dir / (name + ".prev")
         self.tmp = self.dir / (name + ".tmp")
+        self.lock = self.dir / (name + ".lock")
         self.now_ns = now_ns
         self.durable = durable
         self.max_bytes = max_bytes
@@ -272,6 +277,19 @@ class RetainStore:
         seq = self._seq + 1
         data = encode(arrays, meta, seq, int(self.now_ns()))
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A second writer (an old controller not yet dead) must not interleave with this
+        # one on the shared temp file; the kernel drops the lock when a holder dies.
+        lock = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._write(data)
+        finally:
+            os.close(lock)
+        self._seq = seq
+        self._current_good = True
+        return seq
+
+    def _write(self, data: bytes) -> None:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
@@ -282,7 +300,10 @@ class RetainStore:
         finally:
             os.close(fd)
         if self._current_good:
-            os.replace(self.current, self.previous)
+            try:
+                os.replace(self.current, self.previous)
+            except FileNotFoundError:  # removed behind our back: .prev stays the older good copy
+                pass
         os.replace(self.tmp, self.current)
         if self.durable:
             dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -290,9 +311,6 @@ class RetainStore:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        self._seq = seq
-        self._current_good = True
-        return seq
 
 
 # -- warm or cold -------------------------------------------------------------------------

@@ -78,3 +78,25 @@ def test_kill_9_at_random_instants_always_leaves_a_whole_written_state(tmp_path)
     print(f"rounds={rounds} mid_write={mid_write} fallbacks={fallbacks} last_tag={last_tag}")
     assert mid_write > 0, "no kill landed during a save; the test did not exercise the write path"
     assert last_tag > rounds // 2, "the writer made almost no progress; kills came before any save"
+
+
+def _saver(directory: str, base: int, count: int) -> None:
+    store = RetainStore(directory)
+    for k in range(count):
+        store.save(*state_for(base + k))
+
+
+def test_two_writers_at_once_never_tear_a_file(tmp_path):
+    # An old controller still saving while its successor starts: the lock keeps the files whole.
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_saver, args=(str(tmp_path), base, 40)) for base in (1000, 2000)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for name in ("state.bin", "state.bin.prev"):
+        st = decode((tmp_path / name).read_bytes())
+        want, meta = state_for(st.meta["tag"])
+        assert st.meta == meta and all(np.array_equal(st.arrays[k], v) for k, v in want.items())
+    assert RetainStore(tmp_path).load().state.meta["tag"] in (1039, 2039)
