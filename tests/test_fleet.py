@@ -1,0 +1,116 @@
+"""`vbatt fleet` and the embedded fleet of `vbatt run` (the default run goes over real Modbus)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from test_modbus_support import V, free_port, point
+from vbatt.config import ConfigError, default_config_path, load_config, load_config_text
+from vbatt.drivers import sunspec as ss
+from vbatt.drivers.modbus_config import embedded_indices, modbus_endpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vbatt(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "vbatt.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 120), **kw)
+
+
+def test_vbatt_fleet_serves_n_agents_on_consecutive_ports(tmp_path):
+    base = free_port()
+    for _ in range(20):  # want 5 free consecutive ports
+        if all(_free(base + k) for k in range(5)):
+            break
+        base = free_port()
+    ready = tmp_path / "ready"
+    p = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", "--nodes", "5", "--base-port", str(base),
+                          "--ready-file", str(ready)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), p.communicate(timeout=5)
+        ports = [int(x) for x in ready.read_text().split()]
+        assert ports == [base + k for k in range(5)]
+        c = ModbusTcpClient("127.0.0.1", port=ports[3], timeout=2)
+        assert c.connect()
+        assert c.read_holding_registers(40000, count=2, device_id=1).registers == [0x5375, 0x6E53]
+        common = c.read_holding_registers(40004, count=66, device_id=1).registers
+        assert ss.decode_string(common[48:64]) == "node-00003"
+        vend = c.read_holding_registers(40136, count=40, device_id=1).registers
+        assert 200 - 60 - 100 <= point(vend, 40136, V, "DemandW") <= 450 + 60 + 100  # template range + sine
+        c.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=10)
+    assert p.returncode == 0
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_fleet_usage_errors():
+    r = vbatt("fleet")
+    assert r.returncode == 2 and "either CONFIG or --nodes" in r.stderr
+    r = vbatt("fleet", "--nodes", "10", "--base-port", "65530")
+    assert r.returncode == 2 and "--base-port must be in [1, 65526]" in r.stderr
+
+
+def test_embedded_fleet_config_is_a_few_lines_and_validated():
+    cfg, fleet = load_config(default_config_path())
+    idx = embedded_indices(cfg, fleet)
+    assert len(idx) == 100 and fleet.drivers[idx[0]] == "modbus"
+    eps = modbus_endpoints(cfg, fleet)
+    assert all(eps[i].port == 0 and eps[i].embedded == k for k, i in enumerate(idx))  # free ports, rendezvous
+    with pytest.raises(ConfigError, match="drivers.modbus: .*either .tls. .* or .plaintext: true., not both"):
+        load_config_text("drivers: {modbus: {plaintext: true, tls: {ca: a, cert: b, key: c}}}\nnodes: [{id: a}]\n")
+    with pytest.raises(ConfigError, match="template.driver"):
+        load_config_text("nodes: [{template: {count: 2, id: 'n{i}', driver: opcua}}]\n")
+    cfg, fleet = load_config_text("drivers: {modbus: {plaintext: true, embedded_fleet: {base_port: 65500}}}\n"
+                                  "nodes: [{template: {count: 100, id: 'n{i}', driver: modbus}}]\n")
+    with pytest.raises(ValueError, match="runs past port 65535"):
+        modbus_endpoints(cfg, fleet)
+
+
+@pytest.mark.slow
+def test_run_with_an_embedded_fleet_over_modbus(tmp_path):
+    plant = tmp_path / "plant.yaml"
+    plant.write_text("""
+cycle: {cycle_ms: 10, realtime: false}
+plant: {main_limit_w: 0, stale_ms: 500}
+drivers:
+  modbus: {poll_ms: 100, plaintext: true, embedded_fleet: {tick_ms: 50}}
+nodes:
+  - {id: local, demand_w: 100, max_discharge_w: 0, capacity_wh: 100, soc: 0.5, link_max_w: 500}
+  - template: {count: 12, id: "srv-{i:02d}", driver: modbus, demand_w: 50, max_discharge_w: 200,
+               capacity_wh: 1000, soc: 0.9, link_max_w: 500}
+programs: [allocation]
+""")
+    snap = tmp_path / "snap.json"
+    r = vbatt("run", str(plant), "--duration", "5", "--snapshot", str(snap), "-q")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(snap.read_text())
+    nodes = {n["id"]: n for n in s["nodes"]}
+    srv = [n for k, n in nodes.items() if k.startswith("srv-")]
+    assert all(n["online"] == 1 and n["fault"] == 0 and n["io_requests"] >= 10 for n in srv)
+    # the sim node has no battery of its own: the Modbus nodes cover its 100 W over the bus
+    assert nodes["local"]["bus_w"] == pytest.approx(100.0, abs=1.0)
+    assert sum(n["bus_w"] for n in srv) == pytest.approx(-100.0, abs=1.0)
