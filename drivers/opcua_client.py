@@ -13,6 +13,7 @@ retried with exponential backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies
 
 from vbatt.fields import node_field
+from vbatt.seqblock import TornRead
 
 from .base import Driver, IoContext
 from .faults import Fault
@@ -190,7 +192,10 @@ class OpcuaClientDriver(Driver):
         tasks = [asyncio.create_task(self._serve(s), name=f"opcua {s.name}") for s in self.servers]
         try:
             while not io.stopping():
-                io.read_outputs()
+                try:
+                    io.read_outputs()
+                except TornRead:  # the scan overtook us many times: the next tick reads again
+                    pass
                 await asyncio.sleep(TICK_S)
             self.stopping.set()
             # each connection sends the last instruction (the safe state) and says goodbye
@@ -260,7 +265,7 @@ class OpcuaClientDriver(Driver):
         """NodeIds given by namespace URI get this server's index; outputs learn their data type."""
         ns_array: list[str] | None = None
         for item in srv.inputs + srv.outputs:
-            item.seen, item.bad = False, ""
+            item.seen, item.bad, item.vtype = False, "", None
             nid = parse_node_id(item.text)
             if getattr(nid, "ServerIndex", None):
                 item.bad = "srv= (a NodeId on another server) is not supported"
@@ -292,6 +297,7 @@ class OpcuaClientDriver(Driver):
                     else ua.VariantType.Double
                 if vt not in _FLOATS and vt not in _INT_RANGE:
                     it.bad = f"not a numeric variable ({vt.name})"
+                    continue
                 it.vtype = vt
         for it in srv.inputs + srv.outputs:
             if it.bad:
@@ -362,13 +368,14 @@ class OpcuaClientDriver(Driver):
     async def _write(self, srv: _Server, final: bool = False) -> None:
         io = self.io
         if final:
-            io.read_outputs()
+            with contextlib.suppress(TornRead):
+                io.read_outputs()
         if not srv.outputs or io.output_cycle in (0, srv.written_cycle):
             return
         items, values = [], []
         for it in srv.outputs:
-            if it.bad and it.vtype is None:
-                continue  # unknown NodeId or type: nothing to write to
+            if it.vtype is None:
+                continue  # unknown NodeId or not a number: nothing to write to
             value = (float(io.outputs[it.name][it.node]) - it.offset) / it.scale
             if not math.isfinite(value):
                 continue
@@ -452,7 +459,10 @@ class OpcuaClientDriver(Driver):
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 it.bad = f"not a number: {type(raw).__name__}"
             else:
-                x = raw * it.scale + it.offset
+                try:
+                    x = float(raw) * it.scale + it.offset
+                except OverflowError:  # an integer beyond any float
+                    x = math.inf
                 if not math.isfinite(x):
                     it.bad = f"not finite: {raw!r}"
                 elif not (it.lo <= x <= it.hi):

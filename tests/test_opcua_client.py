@@ -296,6 +296,26 @@ def test_outputs_wait_for_a_new_cycle(device, rack, rack2, harness):
     wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == 11.0, "cycle 6 written")
 
 
+def test_an_output_that_is_not_a_number_faults_the_node_and_the_rest_is_written(device, rack, harness):
+    text = node_yaml("r1", device.port, rack=rack).replace(f"{rack}.BatterySetpointW", f"{rack}.Model")
+    h = harness(plant_yaml(text))
+    h.wait(lambda d: d["fault"][0] == Fault.BAD_VALUE, "BAD_VALUE for the String output")
+    h.command(1, battery_w=5.0, served_w=66.0)
+    wait_until(lambda: device.get(f"{rack}.ServedW") == 66.0, "served_w written")
+    assert device.get(f"{rack}.Model") == "DemoRack 48V"
+    assert h.inputs()["fault"][0] == Fault.BAD_VALUE and h.thread.is_alive()
+
+
+def test_a_refused_write_is_an_exception_reply(device, rack, harness):
+    text = node_yaml("r1", device.port, rack=rack).replace(f"{rack}.BatterySetpointW", f"{rack}.LinkMaxW")
+    h = harness(plant_yaml(text))  # LinkMaxW is read-only on the device
+    h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
+    h.command(1, battery_w=5.0)
+    inp = h.wait(lambda d: d["fault"][0] == Fault.EXCEPTION_REPLY, "EXCEPTION_REPLY")
+    assert inp["io_errors"][0] > 0
+    assert device.get(f"{rack}.LinkMaxW") == 1500.0
+
+
 def test_the_last_instruction_is_sent_on_stop(device, rack, rack2, harness):
     h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
     h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
