@@ -99,6 +99,16 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["vbatt"] = machine_facts()
 
 
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Drop the per-round timings from the JSON: results.json is committed, and for a
+    microsecond benchmark they are megabytes nobody reads (the report uses the stats;
+    latency samples go to extra_info). VBATT_BENCH_KEEP_DATA=1 keeps them."""
+    if os.environ.get("VBATT_BENCH_KEEP_DATA") == "1":
+        return
+    for b in output_json.get("benchmarks", []):
+        (b.get("stats") or {}).pop("data", None)
+
+
 def attach_latency(extra_info: dict, metric: str, samples_us, max_samples: int = LATENCY_SAMPLES_MAX) -> None:
     """Store latency samples (µs) under `<metric>_us` by the convention above.
 

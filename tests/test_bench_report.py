@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("matplotlib")  # the `bench` extra; `make test` installs it
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.report import build_report, main, solver_pairs  # noqa: E402
@@ -127,6 +128,7 @@ def test_end_to_end_real_benchmark_run_then_report(tmp_path):
     data = json.loads(res.read_text())
     assert data["machine_info"]["vbatt"]["versions"]["numpy"]  # conftest's machine facts were recorded
     assert {b["extra_info"]["n"] for b in data["benchmarks"]} == {1_000, 100_000}
+    assert all("data" not in b["stats"] for b in data["benchmarks"])  # per-round timings stripped
     out = tmp_path / "REPORT.md"
     subprocess.run([sys.executable, "-m", "benchmarks.report", "--results", str(res), "--out", str(out),
                     "--no-baseline"], cwd=ROOT, check=True, timeout=120, capture_output=True)

@@ -113,6 +113,44 @@ KEYS = sorted({
     "ambient_c", "thermal_resistance_k_per_w", "thermal_capacity_j_per_k", "safe_allocation",
     "host", "port", "unit", "endpoint", "security", "enabled",
 })
+
+
+def _model_keys() -> set[str]:
+    """Every key the config models know, so that generated documents get past 'unknown key'."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from vbatt import config as c
+
+    keys: set[str] = set()
+    seen: set[type] = set()
+
+    def walk(t) -> None:
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if t not in seen:
+                seen.add(t)
+                for name, f in t.model_fields.items():
+                    keys.add(name)
+                    walk(f.annotation)
+            return
+        for a in typing.get_args(t):
+            walk(a)
+
+    for m in (c.Config, c.NodeConfig, c.TemplateConfig, c.ModbusNodeConfig, c.OpcuaNodeConfig):
+        walk(m)
+    return keys
+
+
+def _program_params() -> dict[str, list[str]]:
+    from vbatt.programs.registry import known_programs, program_class
+
+    # `user` imports the modules its steps name (a config is trusted like code): never fuzz that.
+    return {p: sorted(program_class(p).Params.model_fields) for p in known_programs() if p != "user"}
+
+
+KEYS = sorted(set(KEYS) | _model_keys())
+PROGRAMS = _program_params()
 WORDS = ["sim", "modbus", "opcua", "can", "sine", "step", "csv", "own_battery", "zero", "safe_allocation",
          "n{i}", "rack-{i:04d}", "{i}{i}", "{j}", "{i!r}", "{", "}", "A", "B", "", " ", "\t", "a b",
          "/nonexistent.csv", "yes", "no", "on", "null", "~", ".inf", "-.inf", ".nan", "0x1F", "0o17", "1_000",
@@ -128,10 +166,25 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=5)), max_leaves=25)
 node = st.dictionaries(st.sampled_from(KEYS), values, max_size=8)
 template = st.fixed_dictionaries({"template": st.dictionaries(st.sampled_from(KEYS), values, max_size=8)})
+
+@st.composite
+def program_list(draw) -> list:
+    out = []
+    for pid in draw(st.lists(st.sampled_from(sorted(PROGRAMS) + ["nope"]), max_size=5)):
+        fields = PROGRAMS.get(pid, [])
+        if not fields or draw(st.booleans()):
+            out.append(pid)
+        else:
+            params = draw(st.dictionaries(st.one_of(st.sampled_from(fields), keys), values, max_size=6))
+            out.append({pid: params})
+    return out
+
+
 document = st.fixed_dictionaries(
     {"nodes": st.lists(st.one_of(node, template, values), max_size=4)},
-    optional={k: st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=4))
-              for k in ("cycle", "plant", "drivers", "opcua", "programs")},
+    optional={**{k: st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=4))
+                 for k in ("cycle", "plant", "drivers", "opcua")},
+              "programs": st.one_of(program_list(), values)},
 )
 
 
