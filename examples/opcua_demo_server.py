@@ -14,6 +14,7 @@ Secure:  ... --cert server.der --key server-key.pem --trust client.der [--user o
 Tests drive it through stdin, one JSON object per line, answered on stdout:
     {"set": "<rack>.SoC", "value": 55.0}       {"status": "<rack>.SoC", "code": "BadSensorFailure"}
     {"get": "<rack>.BatterySetpointW"}  -> {"value": ...}
+    {"set_all": "SoC", "value": 50.0}          (a Double variable of every rack)
 It prints ``READY <port>`` once it listens.
 """
 
@@ -102,10 +103,10 @@ async def serve(args) -> None:
                 await var.set_writable()
     async with server:
         print(f"READY {args.port}", flush=True)
-        await _commands(server, idx)
+        await _commands(server, idx, args.racks)
 
 
-async def _commands(server: Server, idx: int) -> None:
+async def _commands(server: Server, idx: int, racks: int) -> None:
     """Until stdin closes: apply one JSON command per line."""
     loop = asyncio.get_running_loop()
     while True:
@@ -114,6 +115,13 @@ async def _commands(server: Server, idx: int) -> None:
             return
         try:
             cmd = json.loads(line)
+            if "set_all" in cmd:  # one variable of every rack at once (benchmarks)
+                name, value = cmd["set_all"], float(cmd["value"])
+                for r in range(racks):
+                    nid = ua.NodeId(f"rack-{r + 1}.{name}", idx)
+                    await server.write_attribute_value(nid, ua.DataValue(ua.Variant(value, ua.VariantType.Double)))
+                print(json.dumps({"ok": True}), flush=True)
+                continue
             key = cmd.get("set") or cmd.get("status") or cmd.get("get")
             nid = ua.NodeId(key, idx)
             if "set" in cmd:
