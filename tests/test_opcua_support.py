@@ -16,7 +16,7 @@ from asyncua.crypto.security_policies import (SecurityPolicyAes128Sha256RsaOaep,
 from vbatt.image import ImageSpec, ProcessImage
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.opcua_models.model import NS_URI
-from vbatt.opcua_models.security import TrustList, UserStore, make_certificate
+from vbatt.opcua_models.security import TrustList, UserStore, cert_paths, make_certificate
 from vbatt.stats import stats_specs
 
 OPERATOR = ("op", "operator-pass-1")
@@ -41,17 +41,32 @@ class Pki:
     untrusted_key: Path
 
 
+_KEYS: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _cert(name: str, uri: str, server: bool = False) -> tuple[bytes, bytes]:
+    """RSA key generation dominates set-up time: one key per role per test process."""
+    if name not in _KEYS:
+        _KEYS[name] = make_certificate(name, uri, server=server)
+    return _KEYS[name]
+
+
 def make_state(root: Path) -> Pki:
     """A state dir with an operator, a viewer and one trusted client certificate (one untrusted too)."""
     state = root / "state"
     users = UserStore(state / "users.json")
     users.add(*OPERATOR[:1], "operator", OPERATOR[1])
     users.add(*VIEWER[:1], "viewer", VIEWER[1])
-    der, pem = make_certificate("test client", CLIENT_URI, server=False)
+    sder, spem = _cert("test server", OpcuaServerConfig().application_uri, server=True)
+    own_cert, own_key = cert_paths(state)
+    own_cert.parent.mkdir(parents=True, exist_ok=True)
+    own_cert.write_bytes(sder)
+    own_key.write_bytes(spem)
+    der, pem = _cert("test client", CLIENT_URI)
     (root / "client.der").write_bytes(der)
     (root / "client.pem").write_bytes(pem)
     TrustList(state).add(der, "test-client")
-    der2, pem2 = make_certificate("stranger", CLIENT_URI, server=False)
+    der2, pem2 = _cert("stranger", CLIENT_URI)
     (root / "stranger.der").write_bytes(der2)
     (root / "stranger.pem").write_bytes(pem2)
     return Pki(state, root / "client.der", root / "client.pem", root / "stranger.der", root / "stranger.pem")
