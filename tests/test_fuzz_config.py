@@ -45,6 +45,15 @@ FUZZ = settings(max_examples=int(os.environ.get("VBATT_FUZZ_EXAMPLES", "200")), 
                                        HealthCheck.data_too_large])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _at_repo_root():
+    # Shipped configs name files relative to the repository (examples/user_program.py).
+    old = os.getcwd()
+    os.chdir(ROOT)
+    yield
+    os.chdir(old)
+
+
 class Hang(Exception):
     pass
 
