@@ -136,7 +136,8 @@ class OpcuaNodeConfig(Strict):
     id: NodeId
     driver: Literal["opcua"]
     priority: Priority = 0
-    endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^/:\s]+(:\d{1,5})?(/.*)?$")] = "opc.tcp://127.0.0.1:4840"
+    # No default: 4840 on this host is vbatt's own server, never the device's.
+    endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^/:\s]+(:\d{1,5})?(/.*)?$")]
     # Explicit on purpose: `none` sends everything in clear text and must be a visible choice.
     security: Annotated[Optional[OpcuaSecurity], BeforeValidator(_security)]  # None: `security: none`
     username: Optional[Annotated[str, Field(min_length=1)]] = None

@@ -12,6 +12,7 @@ from asyncua import ua
 from conftest import REPO, VBATT, read_json, run_vbatt
 from test_opcua_client import DemoServer, free_port, node_yaml, plant_yaml, wait_until
 
+from vbatt.cli import main as cli_main
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.opcua_client import UntrustedServer, fault_of
 
@@ -102,26 +103,32 @@ GOOD_NODE = """  - id: r1
     ('    inputs:\n', '    username: op\n    password_env: HOME\n    inputs:\n', 5, "nodes[0].username",
      "must not travel over security: none"),
 ])
-def test_config_errors_name_file_line_and_key(write_config, old, new, line, path, words):
+def test_config_errors_name_file_line_and_key(write_config, capsys, old, new, line, path, words):
     assert old in GOOD_NODE
     p = write_config("nodes:\n" + GOOD_NODE.replace(old, new))
+    assert cli_main(["check", str(p)]) == 2  # in-process: the exit code `vbatt check` returns
+    err = capsys.readouterr().err
+    assert f"{p}:{line + 1}: {path}" in err, err
+    assert words in err
+
+
+def test_vbatt_check_process_exits_2_with_the_location(write_config):
+    p = write_config("nodes:\n" + GOOD_NODE.replace("      soc: {", "      sox: {"))
     r = run_vbatt("check", str(p))
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"{p}:{line + 1}: {path}" in r.stderr, r.stderr
-    assert words in r.stderr
+    assert f"{p}:7: nodes[0].inputs.sox: unknown key" in r.stderr, r.stderr
 
 
-def test_driver_section_errors(write_config):
+def test_driver_section_errors(write_config, capsys):
     p = write_config("drivers:\n  opcua:\n    publishing_intervall_ms: 10\nnodes:\n" + GOOD_NODE)
-    r = run_vbatt("check", str(p))
-    assert r.returncode == 2
-    assert f"{p}:3: drivers.opcua.publishing_intervall_ms: unknown key" in r.stderr
+    assert cli_main(["check", str(p)]) == 2
+    assert f"{p}:3: drivers.opcua.publishing_intervall_ms: unknown key" in capsys.readouterr().err
     p = write_config("drivers:\n  opcua:\n    reconnect_min_ms: 5000\n    reconnect_max_ms: 100\nnodes:\n"
                      + GOOD_NODE)
-    r = run_vbatt("check", str(p))
-    assert r.returncode == 2
+    assert cli_main(["check", str(p)]) == 2
+    err = capsys.readouterr().err
     assert f"{p}:2: drivers.opcua: Value error, reconnect_min_ms (5000) must be <= reconnect_max_ms (100)" \
-        in r.stderr, r.stderr
+        in err, err
 
 
 # -- exception -> fault code -------------------------------------------------------------------
