@@ -187,6 +187,11 @@ class OpcuaClientDriver(Driver):
         self.dcfg = dcfg
         self.servers = self._plan(io)
         self.stopping = asyncio.Event()
+        quiet_ms = dcfg.publishing_interval_ms * (dcfg.keepalive_count or 1)
+        if quiet_ms >= self.cfg.plant.stale_ms:
+            log.error("drivers.opcua: a keep-alive only every %g ms but plant.stale_ms is %g: unchanged nodes "
+                      "will flap offline (lower publishing_interval_ms or keepalive_count)",
+                      quiet_ms, self.cfg.plant.stale_ms)
         io.staging["fault"][:] = Fault.NO_DATA
         io.publish()  # the scan waits for every driver's first publish: no network before it
         tasks = [asyncio.create_task(self._serve(s), name=f"opcua {s.name}") for s in self.servers]
