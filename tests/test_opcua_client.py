@@ -269,6 +269,19 @@ def test_a_change_on_the_server_arrives(device, rack, rack2, harness):
     assert inp["fault"][0] == 0
 
 
+def test_scale_and_offset_apply_both_ways(device, rack, harness):
+    text = (node_yaml("r1", device.port, rack=rack)
+            .replace(f'"ns=2;s={rack}.Temperature"', f'{{node_id: "ns=2;s={rack}.Temperature", offset: -273.15}}')
+            .replace(f'"ns=2;s={rack}.BatterySetpointW"',
+                     f'{{node_id: "ns=2;s={rack}.BatterySetpointW", scale: 1000, offset: 10}}'))
+    device.set(f"{rack}.Temperature", 300.0)  # the device reports kelvin
+    h = harness(plant_yaml(text))
+    inp = h.wait(lambda d: d["fault"][0] == 0, "node r1 healthy")
+    assert inp["temperature_c"][0] == pytest.approx(26.85, abs=1e-4)  # a Float variable
+    h.command(1, battery_w=2510.0)  # (2510 W - 10) / 1000 = 2.5 kW on the device
+    wait_until(lambda: device.get(f"{rack}.BatterySetpointW") == pytest.approx(2.5), "kW written")
+
+
 # -- outputs ------------------------------------------------------------------------
 def test_outputs_are_written_back_in_the_server_types(device, rack, rack2, harness):
     h = harness(plant_yaml(node_yaml("r1", device.port, rack=rack)))
