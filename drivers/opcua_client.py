@@ -46,7 +46,8 @@ _ITEM_CODES = {ua.StatusCodes.BadNodeIdUnknown, ua.StatusCodes.BadNodeIdInvalid,
                ua.StatusCodes.BadAttributeIdInvalid, ua.StatusCodes.BadTypeMismatch,
                ua.StatusCodes.BadOutOfRange, ua.StatusCodes.BadNotReadable, ua.StatusCodes.BadNotWritable}
 
-# Writable numeric types and their limits; anything else is written as Double.
+# Integer types an output may have, with their limits (values are rounded and clamped);
+# Float and Double take the value as it is, any other type is not written.
 _INT_RANGE = {
     ua.VariantType.SByte: (-2**7, 2**7 - 1), ua.VariantType.Byte: (0, 2**8 - 1),
     ua.VariantType.Int16: (-2**15, 2**15 - 1), ua.VariantType.UInt16: (0, 2**16 - 1),
