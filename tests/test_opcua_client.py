@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, read_json, run_vbatt
+from conftest import REPO
 
 from vbatt.config import load_config
 from vbatt.drivers.base import IoContext
