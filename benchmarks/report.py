@@ -46,7 +46,8 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("programs: compute time against N", "bench_programs.py"),
     ("allocator against HiGHS", "solver-pairs"),
     ("Modbus polling", "bench_modbus.py"),
-    ("OPC UA updates", "bench_opcua.py"),
+    ("OPC UA server updates", "bench_opcua.py"),
+    ("OPC UA client driver", "bench_opcua_client.py"),
     ("startup", r"re:startup"),
     ("retentive state", "bench_retain.py"),
 )
@@ -197,37 +198,55 @@ def _plt():
     return plt
 
 
-def plot_latency(metric: str, entries: list[tuple[str, dict]], path: Path) -> bool:
-    """Histogram per benchmark (step lines, log axes): from `_hist_us` buckets or raw samples."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    drawn = 0
-    for label, m in entries:
-        if m["hist"]:
-            edges = [float(e) for e, _ in m["hist"]]
-            counts = [int(c) for _, c in m["hist"]]
-        elif m["samples"]:
-            import numpy as np
+def _buckets(m: dict):
+    """(upper edges, counts) of one latency metric, from its histogram or its raw samples."""
+    import numpy as np
 
-            s = np.asarray(m["samples"], dtype=float)
-            lo, hi = max(s.min(), 1e-3), max(s.max(), 1e-3) * 1.0001
-            bins = np.geomspace(lo, hi if hi > lo else lo * 2, 60)
-            c, e = np.histogram(np.clip(s, lo, None), bins=bins)
-            edges, counts = list(e[1:]), list(c)
-        else:
-            continue
-        ax.step(edges, counts, where="pre", label=label)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+    if m["hist"]:
+        return (np.array([float(e) for e, _ in m["hist"]]), np.array([int(c) for _, c in m["hist"]], dtype=float))
+    if m["samples"]:
+        s = np.sort(np.asarray(m["samples"], dtype=float))
+        edges, counts = np.unique(s, return_counts=True)
+        return edges, counts.astype(float)
+    return None
+
+
+def plot_latency(metric: str, entries: list[tuple[str, dict]], path: Path) -> bool:
+    """Left: histogram re-binned to 8 bins per octave (fraction of samples, so runs of
+    different length compare); right: exceedance P(latency > x), where the tail shows."""
+    import numpy as np
+
+    data = [(label, b) for label, m in entries if (b := _buckets(m)) is not None and b[1].sum() > 0]
+    if not data:
         return False
+    lo = max(min(float(b[0].min()) for _, b in data), 1e-3) / 1.1
+    hi = max(float(b[0].max()) for _, b in data) * 1.1
+    grid = np.geomspace(lo, hi, max(2, int(math.ceil(math.log2(hi / lo) * 8)) + 1))
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, (edges, counts) in data:
+        total = counts.sum()
+        binned = np.zeros(len(grid) - 1)
+        idx = np.clip(np.searchsorted(grid, edges, side="left") - 1, 0, len(binned) - 1)
+        np.add.at(binned, idx, counts)
+        ax.stairs(binned / total, grid, label=label)
+        order = np.argsort(edges)
+        e, c = edges[order], counts[order]
+        exceed = 1.0 - np.cumsum(c) / total
+        keep = exceed > 0
+        ax2.step(np.r_[e[0], e[keep]], np.r_[1.0, exceed[keep]], where="post", label=label)
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"{metric} (µs, bucket upper edge)")
-    ax.set_ylabel("count")
+    ax.set_xlabel(f"{metric} (µs)")
+    ax.set_ylabel("fraction of samples")
     ax.set_title(f"{metric}: histogram")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel(f"{metric} (µs)")
+    ax2.set_ylabel("P(latency > x)")
+    ax2.set_title(f"{metric}: tail")
+    for a in (ax, ax2):
+        a.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("matplotlib")  # the `bench` extra; `make test` installs it
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.report import build_report, main, solver_pairs  # noqa: E402
+from benchmarks.report import EXPECTED, build_report, main, solver_pairs  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -77,15 +77,15 @@ def test_report_has_machine_tables_latency_scaling_and_solver_ratio(tmp_path):
     assert "| 100 | 10.0 µs | 1.00 ms | 100× |" in text
     assert "| 10,000 | 1.00 ms | 200 ms | 200× |" in text
     # coverage: OPC UA and startup did not run
-    assert "| OPC UA updates | bench_opcua.py" in text and "**missing**" in text
-    assert "Missing: OPC UA updates, startup, retentive state." in text
+    assert "| OPC UA server updates | bench_opcua.py" in text and "**missing**" in text
+    assert "Missing: OPC UA server updates, OPC UA client driver, startup, retentive state." in text
 
 
 def test_empty_results_still_give_a_report_that_says_what_is_missing(tmp_path):
     text = build_report(results([]), tmp_path / "R.md", tmp_path / "plots", ROOT / "benchmarks")
     assert "No benchmark attached latency samples" in text and "No benchmark set" in text
     assert "No paired solver benchmarks" in text
-    assert text.count("**missing**") == 7
+    assert text.count("**missing**") == len(EXPECTED)
     assert not list((tmp_path / "plots").glob("*.png"))
 
 
