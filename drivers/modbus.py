@@ -146,8 +146,9 @@ class DeviceLink:
         if c is None or not c.connected:
             raise DeviceError(Fault.CONNECTION, "not connected")
         try:
-            coro = getattr(c, fn)(device_id=self.ep.unit_id, **kw)  # raises at once on a dropped connection
-            r = await asyncio.wait_for(coro, self.timeout_s * 1.5)
+            # raises at once on a dropped connection; pymodbus times out itself after timeout_s (retries=0),
+            # so no wait_for here: it would cost a task per request
+            r = await getattr(c, fn)(device_id=self.ep.unit_id, **kw)
         except (asyncio.TimeoutError, ModbusIOException) as exc:
             msg = str(exc)
             got, unit, dropped = self.rx_bytes, self.rx_unit, not c.connected

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -56,6 +58,10 @@ _P = {name: M.at(V, name) for name in ("DemandW", "ForecastW", "LinkMaxW", "MaxD
 _B = {name: M.at(802, name) for name in ("WHRtg", "WChaRteMax", "WDisChaRteMax", "SoC", "SoH", "Hb", "V", "A", "W",
                                          "State", "ChaSt", "LocRemCtl", "Evt1", "EvtVnd1")}
 SEQ_REG = _P["Seq"].addr
+_INSTR = struct.Struct(">IIffff")  # Seq, LeaseMs, BatW, BusW, SrvW, ShedW: the 12 instruction registers
+_STATUS = struct.Struct(">HHIIfI")  # Mode, Alm, AckSeq, LeaseLeftMs, AppliedW, Expiries: 10 registers from Mode
+assert _INSTR.size // 2 == _P["ShedW"].addr + 2 - _P["Seq"].addr
+assert _STATUS.size // 2 == _P["Expiries"].addr + 2 - _P["Mode"].addr
 INSTR_FIRST, INSTR_END = _P["Seq"].addr, _P["ShedW"].addr + 2  # the controller writes [first, end)
 # registers the agent refreshes every tick: 802 body .. vendor status, minus the points others may write
 _DYN = (M.body(802), _P["Seq"].addr)
@@ -164,12 +170,11 @@ class AgentSet:
             return None  # reads, and writes that do not carry a sequence number, need nothing
         if not (address <= INSTR_FIRST and address + count >= INSTR_END):
             return ExcCodes.ILLEGAL_VALUE  # half an instruction is no instruction
-        merged = np.zeros((1, M.size), np.uint16)
-        merged[0, address - M.base:address - M.base + count] = values
-        get = lambda name: float(ss.get(merged, _P[name], M.base)[0])  # noqa: E731
-        seq, lease = int(ss.get_int(merged, _P["Seq"], M.base)[0]), int(ss.get_int(merged, _P["LeaseMs"], M.base)[0])
-        cmd = {"battery_w": get("BatW"), "bus_w": get("BusW"), "served_w": get("SrvW"), "shed_w": get("ShedW")}
-        if not all(np.isfinite(v) for v in cmd.values()) or not (0 < lease <= LEASE_MAX_MS):
+        # plain struct, not numpy: this runs inside every instruction request (thousands per second)
+        off = INSTR_FIRST - address
+        seq, lease, *ws = _INSTR.unpack(struct.pack(">12H", *values[off:off + 12]))
+        cmd = dict(zip(("battery_w", "bus_w", "served_w", "shed_w"), ws))
+        if not all(math.isfinite(v) for v in ws) or not (0 < lease <= LEASE_MAX_MS):
             self.alarm[i] |= ss.Alarm.BAD_INSTRUCTION
             log.warning("node %s: refused instruction seq %d (lease %d ms, %s): NaN or lease out of (0, %d]",
                         self.specs[i].id, seq, lease, cmd, LEASE_MAX_MS)
@@ -190,10 +195,12 @@ class AgentSet:
 
     def _status_into(self, i: int, regs: list[int], start: int) -> None:
         """Write node i's status points into its live registers (ack visible at once)."""
-        row = self.rows[i:i + 1]
-        self._encode_status(row, slice(i, i + 1), self.clock_ns())
-        a, b = _P["Mode"].addr, _P["Seq"].addr
-        regs[a - start:b - start] = row[0, a - M.base:b - M.base].tolist()
+        controlled = self.mode[i] == ss.Mode.CONTROLLED
+        left = max(0, int(self.deadline_ns[i] - self.clock_ns()) // 1_000_000) if controlled else 0
+        raw = _STATUS.pack(int(self.mode[i]), int(self.alarm[i]) & 0xFFFF, int(self.seq[i]) & 0xFFFFFFFF,
+                           min(left, 0xFFFFFFFE), float(self.applied_w[i]), int(self.expiries[i]) & 0xFFFFFFFF)
+        a = _P["Mode"].addr - start
+        regs[a:a + _STATUS.size // 2] = struct.unpack(f">{_STATUS.size // 2}H", raw)
 
     # -- the tick: lease, backend, registers ---------------------------------------------------------
     def decide(self, now_ns: int) -> np.ndarray:
