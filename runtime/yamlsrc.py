@@ -135,7 +135,9 @@ def _build(node: yaml.Node, path: Path_, lines: dict, problems: list[str], sourc
         return [_build(item, path + (i,), lines, problems, source) for i, item in enumerate(node.value)]
     try:
         return _LOADER.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # e.g. `!!int abc`, `!foo x`
+    # SafeConstructor lets through whatever int()/float()/date() raise on bad text
+    # (`!!int abc`: ValueError, `!!int ''`: IndexError); any of them is this value's error.
+    except Exception as exc:  # noqa: BLE001
         problems.append(f"{source}:{node.start_mark.line + 1}: {format_path(path)}: cannot read value "
                         f"{node.value!r} tagged {node.tag}: {_one_line(getattr(exc, 'problem', None) or exc)}")
         return None
