@@ -15,7 +15,7 @@ class Fault(enum.IntEnum):
     NO_DATA = 1  # never heard from
     TIMEOUT = 2  # no reply within the timeout
     CONNECTION = 3  # refused, reset, unreachable
-    EXCEPTION_REPLY = 4  # the device answered with a Modbus exception
+    EXCEPTION_REPLY = 4  # the device refused a request (Modbus exception reply, OPC UA Bad status on a write)
     GARBLED = 5  # short or malformed frame
     BAD_VALUE = 6  # NaN or out-of-range register value
     NO_SUNSPEC = 7  # 'SunS' marker missing or model chain broken

@@ -25,6 +25,7 @@ __all__ = ["Supervisor", "RunResult"]
 
 log = logging.getLogger("vbatt.run")
 _CTX = mp.get_context("spawn")
+STOP_GRACE_S = 0.3
 
 
 @dataclass
@@ -156,8 +157,9 @@ class Supervisor:
         img.ctl[Ctl.STOP_REQ] = 1
         if self.scan:
             self.scan.stop(timeout=10.0)
-        # let the drivers send the safe state the scan published last
-        time.sleep(max(0.05, 2 * self.cfg.drivers.sim.period_ms / 1e3))
+        # Let the drivers pick up the safe state the scan published last; each driver also
+        # sends its last instruction when it sees IO_STOP, before it returns.
+        time.sleep(STOP_GRACE_S)
         img.ctl[Ctl.IO_STOP] = 1
         for child in self.drivers + self.services:
             child.stop(timeout=5.0)
