@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import struct
 import time
 
 import numpy as np
@@ -37,7 +38,7 @@ from vbatt.fields import node_field
 from . import sunspec as ss
 from .base import Driver, IoContext
 from .faults import Fault
-from .modbus_config import Endpoint, modbus_endpoints, rendezvous_path
+from .modbus_config import MAP_INPUTS, MAP_OUTPUTS, Endpoint, modbus_endpoints, rendezvous_path
 
 __all__ = ["ModbusDriver", "DeviceLink", "Poller", "DeviceError"]
 
@@ -230,6 +231,36 @@ class DeviceLink:
         return self.layout
 
 
+_FMT = {"uint16": ">H", "int16": ">h", "uint32": ">I", "int32": ">i", "float32": ">f"}
+
+
+def _blocks(regs: dict) -> list[tuple[int, int]]:
+    """(address, count) reads covering the mapped inputs, merged while a read stays <= 125 registers."""
+    spans = sorted((r.address, r.address + r.regs) for name, r in regs.items() if name in MAP_INPUTS)
+    out: list[tuple[int, int]] = []
+    for a, e in spans:
+        if out and e - out[-1][0] <= 125:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], e) - out[-1][0])
+        else:
+            out.append((a, e - a))
+    return out
+
+
+def _unpack(reg, words: dict[int, int]) -> float:
+    raw = b"".join(words[reg.address + k].to_bytes(2, "big") for k in range(reg.regs))
+    return struct.unpack(_FMT[reg.type], raw)[0] * reg.scale + reg.offset
+
+
+def _pack(reg, value: float) -> list[int]:
+    raw_value = (value - reg.offset) / reg.scale
+    if reg.type != "float32":
+        lo, hi = {"uint16": (0, 0xFFFF), "int16": (-0x8000, 0x7FFF), "uint32": (0, 0xFFFFFFFF),
+                  "int32": (-0x80000000, 0x7FFFFFFF)}[reg.type]
+        raw_value = int(min(max(round(raw_value), lo), hi))
+    raw = struct.pack(_FMT[reg.type], raw_value)
+    return [int.from_bytes(raw[k:k + 2], "big") for k in range(0, len(raw), 2)]
+
+
 class Poller:
     """The driver's work for a set of endpoints, independent of the process image (tests use it directly)."""
 
@@ -255,6 +286,10 @@ class Poller:
         self.wbuf = np.zeros((n, M.size), np.uint16)  # the instruction to send, encoded
         self.have_instruction = False
         self.fresh = np.zeros(n, bool)  # a reply arrived since the last decode (bad values count once each)
+        # nodes with an explicit register map: their values, decoded per reply
+        self.mapped = np.array([ep.registers is not None for ep in endpoints], bool)
+        self.mapped_vals = {k: np.full(n, np.nan) for k in FIELDS}
+        self._outputs: dict[str, np.ndarray] = {}
         self._logged = [int(Fault.NO_DATA)] * n
         self.t0 = time.monotonic()
 
@@ -267,6 +302,7 @@ class Poller:
             ss.put(w, _VP[pt], M.base, np.nan_to_num(outputs[name]))
         self.have_instruction = True
         self._seq = seq
+        self._outputs = {k: np.nan_to_num(v).copy() for k, v in outputs.items()}
 
     # -- per device ---------------------------------------------------------------------------------------
     def _fail(self, i: int, exc: DeviceError) -> None:
@@ -288,11 +324,40 @@ class Poller:
         self.comm_fault[i] = 0
         self.reason[i] = ""
 
+    async def _poll_mapped(self, i: int, link: DeviceLink) -> None:
+        regs = link.ep.registers
+        t = time.perf_counter()
+        words: dict[int, int] = {}
+        for a, count in _blocks(regs):
+            self.requests[i] += 1
+            got = await link.call("read_holding_registers", address=a, count=count)
+            words.update(zip(range(a, a + count), got))
+        if self.have_instruction:
+            for name in MAP_OUTPUTS:
+                if name in regs:
+                    self.requests[i] += 1
+                    await link.call("write_registers", address=regs[name].address,
+                                    values=_pack(regs[name], float(self._outputs[name][i])))
+            self.sent_seq[i] = self._seq
+        self.latency_ms[i] = (time.perf_counter() - t) * 1e3
+        for name in FIELDS:
+            reg = regs.get(name)
+            if reg is not None:
+                self.mapped_vals[name][i] = _unpack(reg, words)
+            else:  # not mapped: what a node without that measurement honestly offers
+                self.mapped_vals[name][i] = DEFAULT_TEMPERATURE_C if name == "temperature_c" else 0.0
+        self.got_ns[i] = self.clock_ns()
+        self.fresh[i] = True
+        self._ok(i)
+
     async def poll_once(self, i: int) -> None:
         link = self.links[i]
         if not link.connected:
             link.layout = None
             await link.connect()
+        if link.ep.registers is not None:
+            await self._poll_mapped(i, link)
+            return
         if link.layout is None:
             self.requests[i] += 1
             await link.discover()
@@ -377,6 +442,9 @@ class Poller:
             "demand_w": np.where(vend, f("DemandW"), 0.0),
             "link_max_w": np.where(vend, f("LinkMaxW"), 0.0),
         }
+        if self.mapped.any():
+            for k in FIELDS:
+                out[k] = np.where(self.mapped, self.mapped_vals[k], out[k])
         fault = self.comm_fault.copy()
         reasons = list(self.reason)
         ok = fault == 0

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from vbatt.configbase import NodeId, Priority, Strict
 
-__all__ = ["rendezvous_path", "ModbusNodeConfig", "ModbusDriverConfig", "EmbeddedFleetConfig", "TlsFiles", "Endpoint",
+__all__ = ["rendezvous_path", "Register", "MAP_INPUTS", "MAP_OUTPUTS", "ModbusNodeConfig", "ModbusDriverConfig", "EmbeddedFleetConfig", "TlsFiles", "Endpoint",
            "modbus_endpoints", "embedded_indices"]
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -35,6 +35,25 @@ class TlsFiles(Strict):
     key: str
 
 
+REG_TYPES = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "float32": 2}
+MAP_INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
+              "max_charge_w", "link_max_w")
+MAP_OUTPUTS = ("battery_w", "bus_w", "served_w", "shed_w")
+
+
+class Register(Strict):
+    """One value in an explicit map: SI value = raw x scale (+ offset); big-endian words."""
+
+    address: Annotated[int, Field(ge=0, le=65535)]
+    type: Literal["uint16", "int16", "uint32", "int32", "float32"] = "uint16"
+    scale: Annotated[float, Field(allow_inf_nan=False)] = 1.0
+    offset: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+
+    @property
+    def regs(self) -> int:
+        return REG_TYPES[self.type]
+
+
 class ModbusNodeConfig(Strict):
     """A node reached over Modbus TCP (a `vbatt node` agent or any SunSpec device)."""
 
@@ -47,6 +66,30 @@ class ModbusNodeConfig(Strict):
     sunspec_base: Literal[0, 40000, 50000] | None = None  # None: search 40000, 0, 50000 for 'SunS'
     tls: TlsFiles | None = None  # overrides drivers.modbus.tls for this node
     plaintext: bool | None = None  # overrides drivers.modbus.plaintext for this node
+    # a device without SunSpec: field name -> holding register (inputs are read, outputs written)
+    registers: dict[str, Register] | None = None
+
+    @model_validator(mode="after")
+    def _map(self) -> "ModbusNodeConfig":
+        if self.registers is None:
+            return self
+        if self.sunspec_base is not None:
+            raise ValueError("give either 'registers' (an explicit map) or 'sunspec_base', not both")
+        unknown = sorted(set(self.registers) - set(MAP_INPUTS) - set(MAP_OUTPUTS))
+        if unknown:
+            raise ValueError(f"registers: unknown field(s) {unknown} (expected inputs {list(MAP_INPUTS)} "
+                             f"or outputs {list(MAP_OUTPUTS)})")
+        if "soc" not in self.registers:
+            raise ValueError("registers: 'soc' is required (a node without a state of charge cannot be allocated)")
+        spans = sorted((r.address, r.address + r.regs, name) for name, r in self.registers.items())
+        for (a0, e0, n0), (a1, _e1, n1) in zip(spans, spans[1:]):
+            if a1 < e0:
+                raise ValueError(f"registers: {n1} at {a1} overlaps {n0} ({a0}..{e0 - 1})")
+        inputs = [s for s in spans if s[2] in MAP_INPUTS]
+        if inputs and inputs[-1][1] - inputs[0][0] > 125 * 8:
+            raise ValueError(f"registers: inputs span {inputs[0][0]}..{inputs[-1][1] - 1}; keep them within "
+                             f"1000 registers (8 reads)")
+        return self
 
 
 class EmbeddedFleetConfig(Strict):
@@ -101,6 +144,7 @@ class Endpoint:
     plaintext: bool
     sunspec_base: int | None = None
     embedded: int = -1  # position in the embedded fleet (its port order); -1: a device of its own
+    registers: dict | None = None  # explicit map (field -> Register) instead of SunSpec discovery
 
 
 def embedded_indices(cfg, fleet) -> list[int]:
@@ -144,7 +188,8 @@ def modbus_endpoints(cfg, fleet) -> dict[int, Endpoint]:
                     raise ValueError(f"node {entry.id}: port {entry.port} is also used by the embedded fleet "
                                      f"(node {other}); move drivers.modbus.embedded_fleet.base_port")
             used[key] = entry.id
-            out[i] = Endpoint(entry.id, entry.host, entry.port, entry.unit_id, tls, plain, entry.sunspec_base)
+            out[i] = Endpoint(entry.id, entry.host, entry.port, entry.unit_id, tls, plain, entry.sunspec_base,
+                              registers=entry.registers)
         i += 1
     return out
 
