@@ -82,6 +82,9 @@ class DeviceLink:
         self.client: AsyncModbusTcpClient | None = None
         self.rx_bytes = 0  # bytes received since the last request was sent (garbage detection)
         self.rx_unit = -1  # unit id in the first reply frame since then
+        self.rx_late = False
+        self.tx_tid = b""
+        self.keep_layout = False  # reconnecting after a timeout: the device is the same, skip discovery
         self.replies = 0  # good replies on this connection (a TLS peer that hangs up at once rejected us)
         self.layout: tuple[int, int, bool] | None = None  # (802 header addr, block count, vendor present)
         self.ident: dict[str, str] = {}
@@ -90,9 +93,12 @@ class DeviceLink:
         if sending:
             self.rx_bytes = 0
             self.rx_unit = -1
+            self.rx_late = False
+            self.tx_tid = data[:2] if self.sslctx is None else b""
         else:
             if self.rx_bytes == 0 and len(data) >= 7 and self.sslctx is None and data[2:4] == b"\0\0":
                 self.rx_unit = data[6]  # MBAP unit id of the reply (the TLS framing has no MBAP)
+                self.rx_late = data[:2] != self.tx_tid  # a well-formed reply to an earlier request
             self.rx_bytes += len(data)
         return data
 
@@ -152,8 +158,12 @@ class DeviceLink:
             r = await getattr(c, fn)(device_id=self.ep.unit_id, **kw)
         except (asyncio.TimeoutError, ModbusIOException) as exc:
             msg = str(exc)
-            got, unit, dropped = self.rx_bytes, self.rx_unit, not c.connected
+            got, unit, dropped, late = self.rx_bytes, self.rx_unit, not c.connected, self.rx_late
             self.close()  # a late reply must not be taken for the next request's
+            self.keep_layout = self.layout is not None
+            if late:
+                raise DeviceError(Fault.TIMEOUT, f"no reply within {self.timeout_s * 1e3:.0f} ms (a late reply "
+                                                 f"to an earlier request came instead)") from None
             if "device id" in msg or (got and unit >= 0 and unit != self.ep.unit_id):
                 raise DeviceError(Fault.WRONG_UNIT, f"reply from another unit id than {self.ep.unit_id}") from None
             if got:
@@ -353,7 +363,9 @@ class Poller:
     async def poll_once(self, i: int) -> None:
         link = self.links[i]
         if not link.connected:
-            link.layout = None
+            if not link.keep_layout:
+                link.layout = None
+            link.keep_layout = False
             await link.connect()
         if link.ep.registers is not None:
             await self._poll_mapped(i, link)
