@@ -130,7 +130,7 @@ class Alarms:
         source = self.vb if i < 0 else self.node_objects[i]
         sname = VB_ID if i < 0 else self.node_ids[i]
         nid = ua.NodeId(f"{sname}.{kind}" if kind == "watchdog" else f"{sname}.{kind}.{code.name}", self.ns)
-        ev = copy.deepcopy(self.templates[kind])
+        ev = copy.copy(self.templates[kind])  # fields are replaced, never mutated: a shallow copy is enough
         ev.emitting_node = ua.NodeId(ua.ObjectIds.Server)
         ev.EventType = ua.NodeId(_TYPES[kind])
         ev.SourceNode = source

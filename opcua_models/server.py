@@ -236,14 +236,13 @@ class VbattOpcuaServer:
 
     @staticmethod
     async def _write(avs, idx, vals, vt, src, now, online) -> int:
+        make, notify = fastpath.data_value, fastpath.notify
         for k, (i, val) in enumerate(zip(idx, vals)):
-            sc = _GOOD if online is None or online[k] else _UNCERTAIN
-            dv = ua.DataValue(ua.Variant(val, vt), StatusCode=sc, SourceTimestamp=src, ServerTimestamp=now)
+            dv = make(val, vt, _GOOD if online is None or online[k] else _UNCERTAIN, src, now)
             av = avs[i]
             av.value = dv
             if av.datachange_callbacks:
-                for h, cb in list(av.datachange_callbacks.items()):
-                    await cb(h, dv)
+                await notify(av.datachange_callbacks, dv)
         return len(idx)
 
     async def _historize(self, views) -> None:
