@@ -7,6 +7,7 @@ keys are errors. Node keys are the DESIGN.md field names.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -41,6 +42,9 @@ Temp = Annotated[float, Field(ge=-60, le=200, allow_inf_nan=False)]
 
 
 # -- demand profiles (simulated nodes) -----------------------------------------
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
 class SineProfile(Strict):
     kind: Literal["sine"]
     amplitude_w: NonNeg
@@ -66,7 +70,11 @@ class CsvProfile(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, v: str) -> str:
-        if not Path(v).is_file():
+        try:
+            ok = Path(v).is_file()
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"no such file: {v} (expected a CSV trace, one value per line)")
         return v
 
@@ -144,10 +152,12 @@ class TemplateBody(Strict):
     def _has_index(cls, v: str) -> str:
         try:
             a, b = v.format(i=0), v.format(i=1)
-        except (KeyError, IndexError, ValueError) as exc:
+        except Exception as exc:  # str.format raises any of KeyError, TypeError, AttributeError ...
             raise ValueError(f"must be a format string using only {{i}}, e.g. 'rack-{{i:04d}}' ({exc})") from None
         if a == b:
             raise ValueError("must contain {i} so that every node gets its own id, e.g. 'rack-{i:04d}'")
+        if not _ID.match(a):
+            raise ValueError(f"gives ids like {a!r}: an id is 1-64 of the characters A-Z a-z 0-9 _ . : -")
         return v
 
     @model_validator(mode="after")
@@ -365,6 +375,17 @@ def validate(located: Located) -> tuple[Config, Fleet]:
     if not isinstance(data, dict):
         raise ConfigError([f"{located.source}:1: expected a mapping with a 'nodes' list at the top level"])
     problems: list[str] = []
+    nodes = data.get("nodes")
+    if isinstance(nodes, list):
+        for i, item in enumerate(nodes):
+            if not isinstance(item, dict):
+                problems.append(f"{located.where(('nodes', i))}: nodes[{i}]: expected a node (a mapping with "
+                                f"an 'id') or a 'template', got {item!r}")
+    if "source" in data:
+        problems.append(f"{located.where(('source',))}: source: unknown key (check the spelling; "
+                        f"see docs/configuration.md)")
+    if problems:
+        raise ConfigError(problems)
     programs, prog_problems = _parse_programs(data.get("programs", ["safe_allocation"]), located)
     problems += prog_problems
     body = {k: v for k, v in data.items() if k != "programs"}

@@ -163,7 +163,7 @@ def load_yaml(text: str, source: str = "<string>") -> Located:
         what = getattr(exc, "problem", None) or getattr(exc, "context", None) or exc
         raise ConfigError([f"{source}:{mark.line + 1 if mark else 1}: not valid YAML: {_one_line(what)}"]) from None
     if root is None:
-        raise ConfigError([f"{source}: the file is empty (expected a mapping with a 'nodes' list)"])
+        raise ConfigError([f"{source}:1: the file is empty (expected a mapping with a 'nodes' list)"])
     _check_graph(root, source)
     lines: dict[Path_, int] = {}
     problems: list[str] = []

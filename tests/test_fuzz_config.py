@@ -7,9 +7,7 @@ oracle: the result is a (Config, Fleet), or a ConfigError whose every problem is
 one line starting with the source and a line number inside the document. Any
 other exception, or an input that takes longer than HANG_S, fails the test.
 
-Crashes found in code this file does not own are pinned as strict xfail
-reproducers at the bottom (they start passing when fixed, and then the mark must
-go); the generators keep exploring past them via `_known_crash`.
+The crashes this fuzzer found are pinned as ordinary cases in tests/test_config.py.
 """
 
 from __future__ import annotations
@@ -34,8 +32,6 @@ SHIPPED = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")
            for p in [ROOT / "runtime" / "default.yaml", *sorted((ROOT / "examples").glob("*.yaml"))]}
 SOURCE = "fuzz/plant.yaml"
 HANG_S = 20  # far above the slowest legitimate load here (~1 s for a 10^6-node template)
-# The one problem without a line number: an empty document (tests/test_config.py pins that text).
-NO_LINE_OK = (f"{SOURCE}: the file is empty",)
 YAML_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what YAML counts as a new line
 PROBLEM = re.compile(rf"^{re.escape(SOURCE)}:(\d+): \S")
 
@@ -72,18 +68,6 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def _known_crash(exc: BaseException) -> bool:
-    """Crashes in runtime/config.py reported to its owner and pinned by the xfail tests below."""
-    frames = {f.name for f in traceback.extract_tb(exc.__traceback__)}
-    if isinstance(exc, (TypeError, AttributeError)) and "_has_index" in frames:
-        return True  # template id '{i[0]}' / '{i.x}': str.format errors not caught
-    if isinstance(exc, AttributeError) and "_node_kind" in frames:
-        return True  # a node entry that is not a mapping (`- ` left empty, `- 1`): `.driver` of None
-    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG and "_exists" in frames:
-        return True  # csv profile path longer than NAME_MAX: Path.is_file() raises
-    return False
-
-
 def check(text: str) -> None:
     """The oracle."""
     try:
@@ -94,15 +78,11 @@ def check(text: str) -> None:
         n_lines = len(YAML_BREAK.split(text))
         for p in exc.problems:
             assert isinstance(p, str) and "\n" not in p, f"problem is not one line: {p!r}"
-            if p.startswith(NO_LINE_OK):
-                continue
             m = PROBLEM.match(p)
             assert m, f"problem does not start with '{SOURCE}:LINE: ': {p!r}"
             assert 1 <= int(m.group(1)) <= n_lines, f"line {m.group(1)} outside 1..{n_lines}: {p!r}"
         return
     except Exception as exc:
-        if _known_crash(exc):
-            assume(False)
         raise AssertionError(f"{type(exc).__name__} instead of ConfigError for:\n{text}") from exc
     cfg, fleet = got
     assert isinstance(cfg, Config) and isinstance(fleet, Fleet)
@@ -342,32 +322,3 @@ def test_hostile_documents_are_refused_with_a_line(name):
 
 
 # -- crashes in runtime/config.py (owned by the lead), reported with these reproducers --------
-KNOWN = {
-    "template_id_index": ("nodes:\n  - template: {count: 2, id: 'n{i[0]}'}\n", TypeError),
-    "template_id_attribute": ("nodes:\n  - template: {count: 2, id: 'n{i.real.x}'}\n", AttributeError),
-    "empty_node_entry": ("nodes:\n  - {id: A}\n  -\n", AttributeError),
-    "scalar_node_entry": ("nodes: [1]\n", AttributeError),
-    "csv_path_too_long": ("nodes:\n  - {id: A, demand_profile: {kind: csv, path: '" + "a" * 300 + "'}}\n", OSError),
-}
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN))
-@pytest.mark.xfail(strict=True, reason="crash in runtime/config.py, reported to the lead (issue 6 fuzzing)")
-def test_known_config_crashes_become_config_errors(name):
-    text, _ = KNOWN[name]
-    with pytest.raises(ConfigError):
-        load_config_text(text, SOURCE)
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN))
-def test_known_crash_reproducers_still_reproduce_as_described(name):
-    # Keeps _known_crash honest: it must recognise exactly these crashes, not swallow others.
-    text, kind = KNOWN[name]
-    try:
-        load_config_text(text, SOURCE)
-    except ConfigError:
-        pytest.skip("fixed in runtime/config.py: remove it from KNOWN and _known_crash")
-    except Exception as exc:
-        assert isinstance(exc, kind) and _known_crash(exc)
-    else:
-        pytest.fail("loaded without error")
