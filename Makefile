@@ -23,8 +23,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
+# The whole benchmark suite, then benchmarks/REPORT.md with tables and plots (kept in git, so that
+# a change that makes anything slower shows in review). The report is written even if a benchmark fails.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks --benchmark-enable $(ARGS)
+	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-json=benchmarks/results.json $(ARGS); \
+	status=$$?; $(PY) -m benchmarks.report || status=1; exit $$status
 
 check: $(STAMP)
 	$(VENV)/bin/vbatt check $(or $(CONFIG),runtime/default.yaml)
