@@ -66,13 +66,15 @@ def cmd_run(args) -> int:
     try:
         (cfg, fleet), path = _load(args.config)
         sup = Supervisor(cfg, fleet, max_cycles=args.cycles, duration_s=args.duration,
-                         log_level=logging.INFO if args.verbose else logging.WARNING)
+                         log_level=logging.INFO if args.verbose else logging.WARNING, cold=args.cold)
     except ConfigError as exc:
         return _report_config_error(exc)
     out = Console(highlight=False, soft_wrap=True)
     live_view = out.is_terminal and not args.quiet
     sup.install_signals()
     img = sup.start()
+    if sup.restart_line:
+        out.print(f"vbatt: {sup.restart_line}", markup=False)
     reason = "?"
     try:
         if live_view:
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     r.add_argument("--stats-json", metavar="FILE", help="write cycle statistics as JSON on exit")
     r.add_argument("--snapshot", metavar="FILE", help="write the final process image as JSON on exit")
+    r.add_argument("--cold", action="store_true",
+                   help="cold restart: restore operator settings only, not trips, alarms and program state")
     r.add_argument("-q", "--quiet", action="store_true", help="no live view")
     r.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     r.set_defaults(func=cmd_run)

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, fie
 from vbatt.drivers.modbus_config import ModbusDriverConfig, ModbusNodeConfig
 from vbatt.drivers.opcua_client_config import OpcuaClientDriverConfig, OpcuaNodeConfig
 from vbatt.opcua_models.config import OpcuaServerConfig
+from vbatt.retainer import RetainConfig
 
 from .configbase import NodeId, NonNeg, Priority, Strict
 from .yamlsrc import ConfigError, Located, format_path, load_yaml, load_yaml_file
@@ -243,6 +244,7 @@ class Config(Strict):
     plant: PlantConfig = PlantConfig()
     drivers: DriversConfig = DriversConfig()
     opcua: OpcuaServerConfig = OpcuaServerConfig()
+    retain: RetainConfig = RetainConfig()
     nodes: Annotated[list[NodeEntry], Field(min_length=1)]
     programs: list[Any] = ["safe_allocation"]  # replaced by validated ProgramEntry objects
     source: Annotated[str, Field(exclude=True)] = "<string>"

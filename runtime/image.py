@@ -51,6 +51,7 @@ class Ctl:
     RT_FIFO = 14  # SCHED_FIFO priority granted to the scan (0 = not granted)
     RT_MLOCK = 15  # 1 = mlockall granted
     RT_SLACK = 16  # 1 = timer slack set to 1 ns
+    WARM = 17  # 1 = warm restart: program memory was restored, programs must not re-initialise it
     N = 32
 
 

@@ -54,8 +54,9 @@ class ScanEngine:
         self.ctx = img.mem["scan.ctx"]
         self.ctx[Ctx.PERIOD_S] = self.period_ns / 1e9
         self.programs = programs
-        for p in programs:
-            p.init(img)
+        if not img.ctl[Ctl.WARM]:
+            for p in programs:
+                p.init(img)
         self.steps = [(p.id, p.bind(img, self.ctx)) for p in programs]
         self._bind_fixed(cfg.cycle.safe_state)
         self._latchers = [self._latcher(k) for k in range(len(img.inputs))]

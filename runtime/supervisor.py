@@ -18,6 +18,7 @@ from .config import Config, Fleet
 from .image import Ctl, Mode, ProcessImage, ScanState
 from .plan import build_programs, image_spec, partition
 from .processes import io_main, scan_main
+from .retainer import Retainer
 from .services import plan_services
 from .stats import phase_names
 
@@ -64,7 +65,7 @@ class _Child:
 
 class Supervisor:
     def __init__(self, cfg: Config, fleet: Fleet, *, max_cycles: int | None = None,
-                 duration_s: float | None = None, log_level: int = logging.WARNING):
+                 duration_s: float | None = None, log_level: int = logging.WARNING, cold: bool = False):
         self.cfg, self.fleet = cfg, fleet
         self.max_cycles, self.duration_s = max_cycles, duration_s
         self.level = log_level
@@ -77,6 +78,9 @@ class Supervisor:
         self.drivers: list[_Child] = []
         self._stop_requested = False
         self.services: list[_Child] = []
+        self.cold = cold
+        self.retainer: Retainer | None = None
+        self.restart_line = ""
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> ProcessImage:
@@ -84,6 +88,9 @@ class Supervisor:
         img.node["priority"][:] = self.fleet.values["priority"]
         img.agg["main_limit_w"][0] = self.cfg.plant.main_limit_w
         img.ctl[Ctl.MODE] = Mode.RUN
+        if self.cfg.retain.enabled:
+            self.retainer = Retainer(self.cfg.retain, img, cold=self.cold)
+            self.restart_line = self.retainer.restore()
         services = plan_services(self.cfg, self.fleet, img.name, self.spec)
         for svc in services:
             if svc.before_drivers:
@@ -95,6 +102,8 @@ class Supervisor:
             self.drivers.append(child)
         self.scan = _Child("vbatt-scan", scan_main, (img.name, self.spec, self.cfg, self.max_cycles, self.level))
         self.scan.start()
+        if self.retainer:
+            self.retainer.start()
         for svc in services:
             if not svc.before_drivers:
                 self._start_service(svc)
@@ -154,6 +163,9 @@ class Supervisor:
         img = self.img
         if img is None:
             return
+        if self.retainer:
+            self.retainer.stop()
+            self.retainer = None
         img.ctl[Ctl.STOP_REQ] = 1
         if self.scan:
             self.scan.stop(timeout=10.0)
