@@ -18,10 +18,9 @@ from vbatt.image import Ctl, Mode, Op
 from vbatt.opcua_models.history import HISTORY_FILE, load_series
 from vbatt.opcua_models.model import NS_URI, node_vars
 from vbatt.opcua_models.nodeset import nodeset_path, nodeset_xml
-from vbatt.opcua_models.server import VbattOpcuaServer
 
 from test_opcua_support import OPERATOR, VIEWER, connected, drain, fill, make_image, make_state, nid, \
-    server_config, wait_for
+    start_server, wait_for
 
 
 @contextlib.asynccontextmanager
@@ -29,8 +28,7 @@ async def served(tmp_path, n: int = 4, **cfg_kw):
     pki = make_state(tmp_path)
     img, ids = make_image(n)
     fill(img)
-    srv = VbattOpcuaServer(server_config(pki, **cfg_kw), img, ids, cycle_ms=10)
-    await srv.start()
+    srv = await start_server(pki, img, ids, **cfg_kw)
     try:
         yield srv, img, pki, ids
     finally:
@@ -274,8 +272,7 @@ def test_commands_reach_a_real_scan_between_cycles(tmp_path):
             clock = FakeClock()
             eng = ScanEngine(img, programs, cfg, clock)
             eng.cycle(clock.now_ns())
-            srv = VbattOpcuaServer(server_config(pki), img, fleet.ids, cycle_ms=cfg.cycle.cycle_ms)
-            await srv.start()
+            srv = await start_server(pki, img, fleet.ids, cycle_ms=cfg.cycle.cycle_ms)
             try:
                 async with connected(srv.endpoint, pki, OPERATOR) as c:
                     await _call(c, "SetPriority", S("b"), ua.Variant(5, ua.VariantType.Int64))

@@ -103,6 +103,22 @@ def server_config(pki: Pki, **kw) -> OpcuaServerConfig:
                              history={"sample_ms": 10, "flush_s": 0.05}, **kw)
 
 
+async def start_server(pki: Pki, img, ids, *, cycle_ms: float = 10.0, **cfg_kw):
+    """Start a VbattOpcuaServer on a free port; a port taken by someone else meanwhile is retried."""
+    from vbatt.opcua_models.server import VbattOpcuaServer
+
+    for attempt in range(5):
+        srv = VbattOpcuaServer(server_config(pki, **cfg_kw), img, ids, cycle_ms=cycle_ms)
+        try:
+            await srv.start()
+            return srv
+        except OSError:
+            with contextlib.suppress(Exception):
+                await srv.stop()
+            if attempt == 4:
+                raise
+
+
 def client(endpoint: str, pki: Pki, user: tuple[str, str] | None = OPERATOR, *, policy: str = "Basic256Sha256",
            untrusted: bool = False) -> Client:
     c = Client(endpoint, timeout=10)
