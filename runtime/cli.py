@@ -106,6 +106,30 @@ def cmd_run(args) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def cmd_reload(args) -> int:
+    from .reload import running_supervisors, send
+
+    try:
+        load_config(args.config)  # errors with file:line here, before bothering the controller
+    except ConfigError as exc:
+        return _report_config_error(exc)
+    pids = [args.pid] if args.pid else running_supervisors()
+    if len(pids) != 1:
+        err.print(f"[bold red]error:[/] {'no running controller found' if not pids else f'several controllers run ({pids})'}"
+                  f"; name one with --pid")
+        return EXIT_FAIL
+    try:
+        answer = send(pids[0], args.config)
+    except ProcessLookupError:
+        err.print(f"[bold red]error:[/] no process {pids[0]}: is the controller running?")
+        return EXIT_FAIL
+    (Console(highlight=False, soft_wrap=True) if answer["ok"] else err).print(
+        f"vbatt reload: {answer['message']}", markup=False)
+    if answer["ok"]:
+        return EXIT_OK
+    return EXIT_FAIL if answer["message"].startswith(("no answer", "the scan")) else EXIT_USAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vbatt", description="PLC-style runtime that turns battery-backed devices into one virtual battery.")
     p.add_argument("--version", action="version", version=f"vbatt {__import__('vbatt').__version__}")
@@ -131,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "print every problem with file, line and key path.")
     c.add_argument("config", help="plant YAML")
     c.set_defaults(func=cmd_check)
+
+    rl = sub.add_parser("reload", help="apply changed parameters and priorities to a running controller",
+                        description="Validate CONFIG and apply it to the running `vbatt run` between two cycles: "
+                                    "node priorities, plant.main_limit_w and program parameters. A change that "
+                                    "needs a restart (node list, cycle, drivers, program list) is refused whole.")
+    rl.add_argument("config", help="the new plant YAML")
+    rl.add_argument("--pid", type=int, help="process id of the `vbatt run` to change (default: the only one)")
+    rl.set_defaults(func=cmd_reload)
 
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_command(sub)

@@ -52,6 +52,7 @@ class Ctl:
     RT_MLOCK = 15  # 1 = mlockall granted
     RT_SLACK = 16  # 1 = timer slack set to 1 ns
     WARM = 17  # 1 = warm restart: program memory was restored, programs must not re-initialise it
+    RELOADED = 18  # number of the last program reload applied (-n: reload n failed, old programs kept)
     N = 32
 
 
@@ -76,6 +77,7 @@ class Op:
     SET_PRIORITY = 3  # node, value
     SET_MAIN_LIMIT = 4  # value (W)
     ACK_ALARM = 5  # node, arg: alarm bits
+    RELOAD_PROGRAMS = 6  # arg: reload number (vbatt.reload); rebind programs with new parameters
 
 
 @dataclass(frozen=True)

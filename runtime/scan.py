@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 
 import numpy as np
 from numba import njit
@@ -66,6 +67,7 @@ class ScanEngine:
         self.last_release_ns = -1
         self.last_due_ns = -1
         self._fault_logged = False
+        self._reload = 0
 
     # -- binding (once) --------------------------------------------------------------
     def _bind_fixed(self, safe_state: str) -> None:
@@ -101,11 +103,39 @@ class ScanEngine:
             self.img.agg["main_limit_w"][0] = value
         elif op == Op.ACK_ALARM:
             pass  # alarm state belongs to the programs (on_command below)
+        elif op == Op.RELOAD_PROGRAMS:
+            self._reload = arg  # done after this cycle is published, in its slack
+            return
         else:
             log.warning("command refused at the scan: op=%d node=%d value=%r", op, node, value)
             return
         for p in self.programs:
             p.on_command(self.img, op, node, value, arg)
+
+    def _rebind(self, n: int) -> None:
+        """New parameters, same memory: build the programs again and bind them to the same arrays."""
+        from vbatt.programs.registry import program_class
+
+        from .reload import programs_path
+
+        self._reload = 0
+        pid = int(self.img.name[len("vbatt-"):].split("-")[0])
+        try:
+            path = programs_path(pid, n)
+            with open(path, "rb") as fh:
+                entries = pickle.load(fh)
+            path.unlink(missing_ok=True)
+            programs = [program_class(e.id)(e.params, self.img.spec.n_nodes) for e in entries]
+            if [p.id for p in programs] != [p.id for p in self.programs]:
+                raise ValueError("program list differs")
+            steps = [(p.id, p.bind(self.img, self.ctx)) for p in programs]
+        except Exception:
+            log.exception("program reload %d failed: the running programs stay", n)
+            self.ctl[Ctl.RELOADED] = -n
+            return
+        self.programs, self.steps = programs, steps
+        self.ctl[Ctl.RELOADED] = n
+        log.warning("program parameters reloaded (reload %d)", n)
 
     # -- one scan --------------------------------------------------------------------------
     def latch(self, now_ns: int) -> None:
@@ -151,6 +181,8 @@ class ScanEngine:
         self.img.publish()
         stamps[-1] = now()
         self.stats.record_phases(stamps)
+        if self._reload:
+            self._rebind(self._reload)
 
     # -- the loop -----------------------------------------------------------------------------
     def wait_for_inputs(self) -> list[int]:

@@ -8,14 +8,16 @@ backoff; its nodes go stale (offline) meanwhile. Nothing is left behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 
-from .config import Config, Fleet
-from .image import Ctl, Mode, ProcessImage, ScanState
+from .config import Config, ConfigError, Fleet
+from .image import Ctl, Mode, Op, ProcessImage, ScanState
 from .plan import build_programs, image_spec, partition
 from .processes import io_main, scan_main
 from .retainer import Retainer
@@ -77,6 +79,8 @@ class Supervisor:
         self.scan: _Child | None = None
         self.drivers: list[_Child] = []
         self._stop_requested = False
+        self._reload_requested = False
+        self._reloads = 0
         self.services: list[_Child] = []
         self.cold = cold
         self.retainer: Retainer | None = None
@@ -117,15 +121,77 @@ class Supervisor:
     def request_stop(self, *_args) -> None:
         self._stop_requested = True
 
+    def request_reload(self, *_args) -> None:
+        self._reload_requested = True
+
     def install_signals(self) -> None:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    # -- online change (vbatt reload) ----------------------------------------------------------
+    def reload(self, config_path: str) -> dict:
+        """Apply a new config between cycles, or refuse it whole; returns the answer."""
+        from .config import load_config
+        from .reload import RELOAD_PRODUCER, diff, write_programs
+
+        img = self.img
+        try:
+            new_cfg, new_fleet = load_config(config_path)
+        except ConfigError as exc:
+            return {"ok": False, "message": "invalid config, nothing changed:\n" + "\n".join(exc.problems)}
+
+        def memory_of(cfg):
+            return [s for p in build_programs(cfg, len(self.fleet)) for s in p.memory_specs()]
+
+        plan = diff(self.cfg, self.fleet, new_cfg, new_fleet, memory_of)
+        if plan.refused:
+            return {"ok": False, "message": "refused, nothing changed: " + "; ".join(plan.refused)}
+        if not plan.commands and not plan.programs_changed:
+            return {"ok": True, "message": "no change"}
+        ticket = 0
+        for op, node, value in plan.commands:
+            ticket = img.commands.push(RELOAD_PRODUCER, op, node, value)
+        if plan.programs_changed:
+            self._reloads += 1
+            write_programs(os.getpid(), self._reloads, new_cfg)
+            ticket = img.commands.push(RELOAD_PRODUCER, Op.RELOAD_PROGRAMS, arg=self._reloads)
+        deadline = time.monotonic() + 10
+        while img.commands.applied(RELOAD_PRODUCER) < ticket or (
+                plan.programs_changed and abs(int(img.ctl[Ctl.RELOADED])) != self._reloads):
+            if time.monotonic() > deadline or not self.scan.alive():
+                return {"ok": False, "message": "the scan did not apply the change in time"}
+            time.sleep(0.01)
+        if plan.programs_changed and int(img.ctl[Ctl.RELOADED]) < 0:
+            return {"ok": False, "message": "the scan could not rebind the programs; the running ones stay"}
+        self.cfg, self.fleet = new_cfg, new_fleet
+        return {"ok": True, "message": f"applied between two cycles (cycle {int(img.ctl[Ctl.CYCLES])}): "
+                                       + ", ".join(plan.summary)}
+
+    def _serve_reload(self) -> None:
+        from .reload import request_path, result_path
+
+        self._reload_requested = False
+        req = request_path(os.getpid())
+        try:
+            path = json.loads(req.read_text())["config"]
+            req.unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("SIGHUP without a readable reload request (%s)", exc)
+            return
+        answer = self.reload(path)
+        (log.warning if answer["ok"] else log.error)("reload %s: %s", path, answer["message"])
+        tmp = result_path(os.getpid()).with_suffix(".tmp")
+        tmp.write_text(json.dumps(answer))
+        os.replace(tmp, result_path(os.getpid()))
 
     def poll(self) -> str | None:
         """One supervision step; returns why the run ends, or None to go on."""
         assert self.img is not None and self.scan is not None
         if self._stop_requested:
             return "stop requested"
+        if self._reload_requested:
+            self._serve_reload()
         if not self.scan.alive():
             state = int(self.img.ctl[Ctl.STATE])
             return "cycles done" if state == ScanState.DONE else f"scan process failed (exit {self.scan.proc.exitcode})"
