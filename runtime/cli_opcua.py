@@ -146,7 +146,10 @@ def add_command(sub) -> None:
     _common(c)
     c.set_defaults(func=cmd_cert)
 
-    t = sub.add_parser("opcua-trust", help="trust a client certificate (DER or PEM)")
+    t = sub.add_parser("opcua-trust", help="trust a client certificate (DER or PEM)",
+                       description="Add a client certificate (or the CA that issued client certificates) to the "
+                                   "server's trust list.")
+    t.add_argument("action", choices=("add",))
     t.add_argument("cert", help="certificate file")
     _common(t)
     t.set_defaults(func=cmd_trust)
