@@ -235,3 +235,69 @@ def test_updates_and_latency(benchmark, n_nodes, n_clients):
         res = benchmark.pedantic(lambda: asyncio.run(_scenario(n_nodes, n_clients, Path(d))), rounds=1, iterations=1)
     benchmark.extra_info.update({k: v for k, v in res.items() if k != "clients_out"})
     print("\n" + json.dumps(res))
+
+
+SCAN_CONFIG = """
+cycle: {{cycle_ms: 10}}
+plant: {{main_limit_w: 100000}}
+nodes:
+  - template:
+      count: 1000
+      id: "rack-{{i:04d}}"
+      demand_w: [200, 400]
+      demand_profile: {{kind: sine, amplitude_w: 50, period_s: 10, noise_w: 5}}
+      max_discharge_w: 500
+      max_charge_w: 300
+      capacity_wh: 1000
+      link_max_w: 500
+opcua:
+  enabled: {enabled}
+  port: {port}
+  state_dir: {state}
+"""
+
+
+def _run_scan(tmp: Path, enabled: bool, pki) -> dict:
+    from test_opcua_support import free_port
+
+    port = free_port()
+    cfg = tmp / f"plant-{enabled}.yaml"
+    cfg.write_text(SCAN_CONFIG.format(enabled=str(enabled).lower(), port=port, state=pki.state))
+    stats = tmp / f"stats-{enabled}.json"
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "--duration", "20", "-q",
+                             "--stats-json", str(stats)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = None
+    if enabled:  # a client subscribed to every node variable keeps the server busy meanwhile
+        from vbatt.opcua_models.model import node_vars
+
+        time.sleep(12)
+        use_node = (NODE_DIR / "node_modules" / "node-opcua-client").is_dir()
+        if use_node:
+            (NODE_DIR / "bench_client.js").write_text(NODE_CLIENT.replace("rack-${i}", "rack-${String(i).padStart(4, '0')}"))
+        cmd = ["node", str(NODE_DIR / "bench_client.js")] if use_node else [sys.executable, "-c", CLIENT]
+        client = subprocess.Popen([*cmd, f"opc.tcp://127.0.0.1:{port}/", str(pki.cert), str(pki.key), *OPERATOR,
+                                   "1000", "5", ",".join(v.name for v in node_vars()), str(tmp / "pki")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.wait(120)
+    if client:
+        client.kill()
+        client.wait()
+    return json.loads(stats.read_text())
+
+
+def test_scan_wake_latency_with_and_without_the_opcua_server(benchmark):
+    """Same 1,000-node run, OPC UA off vs on with a client subscribed to every variable."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        pki = make_state(tmp)
+        res = {}
+
+        def both():
+            for enabled in (False, True):
+                s = _run_scan(tmp, enabled, pki)
+                res["opcua_on" if enabled else "opcua_off"] = {
+                    "wake_p50_us": s["wake_us"]["run"]["p50"], "wake_p99_us": s["wake_us"]["run"]["p99"],
+                    "wake_max_us": s["wake_us"]["run"]["max"], "overruns": s["overruns"], "cycles": s["cycles"]}
+        benchmark.pedantic(both, rounds=1, iterations=1)
+    benchmark.extra_info.update(res)
+    print("\n" + json.dumps(res))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from asyncua import ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
+from .fastpath import data_value
 from .model import METHODS, TYPE_IDS, VB_ID, VarDef, aggregate_vars, decl_ids, node_vars, scan_vars
 
 __all__ = ["Instances", "build_instances"]
@@ -26,6 +27,9 @@ _HC = ua.NodeId(ua.ObjectIds.HasComponent)
 _HP = ua.NodeId(ua.ObjectIds.HasProperty)
 _HTD = ua.NodeId(ua.ObjectIds.HasTypeDefinition)
 _ORG = ua.NodeId(ua.ObjectIds.Organizes)
+_NULL = ua.NodeId()
+_WAITING = ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData)
+_new = object.__new__
 
 
 @dataclass
@@ -54,16 +58,18 @@ class _Builder:
         self.decl = {k: ua.NodeId(v, ns) for k, v in decl_ids().items()}
         self.types = {k: ua.NodeId(v, ns) for k, v in TYPE_IDS.items()}
         self._shared: dict[tuple, dict] = {}
+        self._typedefs: dict[ua.NodeId, ua.ReferenceDescription] = {}
 
     def ref(self, src: NodeData, rtype: ua.NodeId, target: NodeData, forward: bool = True) -> None:
-        d = ua.ReferenceDescription()
+        # every field is set here: skip the constructor's five default NodeId/name objects
+        d = _new(ua.ReferenceDescription)
         d.ReferenceTypeId = rtype
         d.IsForward = forward
         d.NodeId = target.nodeid
         d.BrowseName = target.attributes[_A.BrowseName].value.Value.Value
         d.DisplayName = target.attributes[_A.DisplayName].value.Value.Value
         d.NodeClass = target.attributes[_A.NodeClass].value.Value.Value
-        d.TypeDefinition = getattr(target, "_typedef", ua.NodeId())
+        d.TypeDefinition = getattr(target, "_typedef", _NULL)
         src.references.append(d)
 
     def link(self, parent: NodeData, rtype: ua.NodeId, child: NodeData) -> None:
@@ -71,14 +77,16 @@ class _Builder:
         self.ref(child, rtype, parent, False)
 
     def typedef(self, nd: NodeData, tid: ua.NodeId) -> None:
-        d = ua.ReferenceDescription()
-        d.ReferenceTypeId, d.IsForward, d.NodeId = _HTD, True, tid
-        d.NodeClass = ua.NodeClass.ObjectType if nd.attributes[_A.NodeClass].value.Value.Value == \
-            ua.NodeClass.Object else ua.NodeClass.VariableType
-        tnode = self.aspace.get(tid)
-        if tnode is not None:
-            d.BrowseName = tnode.attributes[_A.BrowseName].value.Value.Value
-            d.DisplayName = tnode.attributes[_A.DisplayName].value.Value.Value
+        d = self._typedefs.get(tid)
+        if d is None:  # one reference object per type, shared (references are never mutated)
+            d = self._typedefs[tid] = ua.ReferenceDescription()
+            d.ReferenceTypeId, d.IsForward, d.NodeId = _HTD, True, tid
+            d.NodeClass = ua.NodeClass.ObjectType if nd.attributes[_A.NodeClass].value.Value.Value == \
+                ua.NodeClass.Object else ua.NodeClass.VariableType
+            tnode = self.aspace.get(tid)
+            if tnode is not None:
+                d.BrowseName = tnode.attributes[_A.BrowseName].value.Value.Value
+                d.DisplayName = tnode.attributes[_A.DisplayName].value.Value.Value
         nd.references.append(d)
         nd._typedef = tid  # type: ignore[attr-defined]
 
@@ -136,8 +144,7 @@ class _Builder:
                 _A.Historizing: _dv(v.historized, ua.VariantType.Boolean),
             }
         nd = self.new(nid, self._common(("var", tname, v.name), make))
-        nd.attributes[_A.Value] = AttributeValue(ua.DataValue(ua.Variant(initial, v.vtype),
-                                                              StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData)))
+        nd.attributes[_A.Value] = AttributeValue(data_value(initial, v.vtype, _WAITING, None, None))
         self.typedef(nd, ua.NodeId(v.type_definition))
         for prop in ("EngineeringUnits", "EURange"):
             pid = self.decl.get((tname, v.name, prop))
