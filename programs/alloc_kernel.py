@@ -5,7 +5,8 @@ Stages, each the exact optimum of its own problem given the earlier stages:
 1. Limits. A node is usable when online, not tripped and its data finite and in
    range; others get the safe allocation (own battery, no bus) or nothing.
    lo_i/hi_i = protection's narrowed limits (or -max_charge_w/max_discharge_w),
-   times the health derate; lo_i <= 0 <= hi_i. link L_i = link_max_w.
+   times the health derate; lo_i = 0 at soc >= soc_max, hi_i = 0 at soc <= soc_min,
+   both 0 without capacity; lo_i <= 0 <= hi_i. link L_i = link_max_w.
 2. Shedding, lexicographic by priority class (0 first). Served load r_i of a
    usable node is feasible iff r_i <= hi_i + L_i and the bus balances:
    sum_i max(r_i - hi_i, -L_i) <= main_limit_w. Serving r_i costs
@@ -171,6 +172,13 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
             if f >= 0.0 and f <= 1.0:
                 l *= f
                 h *= f
+        # The reserve and the top are the allocator's own rule too (not only protection's): a full
+        # battery is not charged, one at its reserve not discharged, a node without capacity is
+        # no battery at all.
+        if sc >= soc_max or capacity_wh[i] <= 0.0:
+            l = 0.0
+        if sc <= soc_min or capacity_wh[i] <= 0.0:
+            h = 0.0
         lo[i] = min(l, 0.0)
         hi[i] = max(h, 0.0)
         use[i] = 1

@@ -13,7 +13,8 @@ every condition that does not hold (empty list = optimal):
 * main supply first: main_w = min(main_limit_w, sum min(r_i - lo_i, L_i));
 * balance: b_i = clamp(lam * w_i, box_i) for one lam (water-filling KKT).
 
-Limits come from max_charge_w/max_discharge_w (or protection's lo_w/hi_w).
+Limits come from max_charge_w/max_discharge_w (or protection's lo_w/hi_w), with the
+allocator's own SoC rule (no charge at soc_max, no discharge at soc_min, none without capacity).
 No ramp and no hysteresis: those are stateful (the check is of one solve).
 """
 
@@ -57,6 +58,9 @@ def kkt_violations(inp: dict, out: dict, main_limit_w: float, soc_min: float = 0
         lo = np.maximum(lo, inp["lo_w"])
     if inp.get("hi_w") is not None:
         hi = np.minimum(hi, inp["hi_w"])
+    soc0, cap0 = np.asarray(inp["soc"], float), np.asarray(inp["capacity_wh"], float)
+    lo = np.where((soc0 >= soc_max) | (cap0 <= 0), 0.0, lo)
+    hi = np.where((soc0 <= soc_min) | (cap0 <= 0), 0.0, hi)
     lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     link = np.asarray(inp["link_max_w"], float)
     soc, cap_wh = np.asarray(inp["soc"], float), np.asarray(inp["capacity_wh"], float)

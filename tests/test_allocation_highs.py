@@ -88,6 +88,9 @@ def highs_allocation(inst: dict, anchor: dict) -> dict:
                    sp.hstack([sp.csr_matrix((1, 2 * n)), sp.csr_matrix(np.ones((1, n))), sp.csr_matrix([[-1.0]])])])
     rlo = np.zeros(n + 1)
     rhi = np.zeros(n + 1)
+    soc, capw = inst["soc"], inst["capacity_wh"]
+    c = np.where((soc >= 1.0) | (capw <= 0), 0.0, c)  # the allocator's SoC rule (soc_min 0.1, soc_max 1)
+    g = np.where((soc <= 0.1) | (capw <= 0), 0.0, g)
     col_lo = np.concatenate([np.zeros(n), -c, -L, [0.0]])
     col_hi = np.concatenate([d, g, L, [big_m]])
     totals = []

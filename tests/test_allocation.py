@@ -1,0 +1,184 @@
+"""Allocation: the DESIGN.md §2 examples, edge cases, and hypothesis properties (KKT in O(N))."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from vbatt.programs.alloc_kkt import kkt_violations
+from vbatt.programs.codes import Alarm
+from vbatt.programs.allocation import AllocationParams, solve
+
+
+def run(main=0.0, **cols):
+    n = len(cols["demand_w"])
+    full = {"max_discharge_w": [0.0] * n, "max_charge_w": [0.0] * n, "link_max_w": [1e6] * n, "soc": [0.8] * n,
+            "capacity_wh": [1000.0] * n, "priority": [0] * n, **cols}
+    inp = {k: np.asarray(v, float) for k, v in full.items()}
+    inp["priority"] = inp["priority"].astype(np.int64)
+    extra = {k: cols.pop(k) for k in ("online", "trip") if k in cols}
+    out = solve(inp["demand_w"], inp["max_discharge_w"], inp["max_charge_w"], inp["link_max_w"], inp["soc"],
+                inp["capacity_wh"], inp["priority"], main, **extra)
+    return inp, out
+
+
+def test_seed_example_exact():
+    _, o = run(0.0, demand_w=[200, 50], max_discharge_w=[100, 150], max_charge_w=[100, 100],
+               link_max_w=[1000, 1000])
+    assert o["battery_w"].tolist() == [100.0, 150.0]
+    assert o["bus_w"].tolist() == [100.0, -100.0]
+    assert o["shed_w"].tolist() == [0.0, 0.0]
+    assert o["main_w"] == 0.0
+
+
+def test_shortage_sheds_the_low_priority_node_and_serves_the_critical_one():
+    inp, o = run(50.0, demand_w=[200, 200], max_discharge_w=[100, 50], max_charge_w=[100, 100], priority=[0, 2])
+    assert o["served_w"].tolist() == [200.0, 0.0]
+    assert o["shed_w"].tolist() == [0.0, 200.0]
+    assert o["battery_w"].tolist() == [100.0, 50.0]
+    assert o["main_w"] == 50.0
+    assert o["alarm"][1] & Alarm.LOAD_SHED and not o["alarm"][0] & Alarm.LOAD_SHED
+    assert kkt_violations(inp, o, 50.0) == []
+
+
+def test_cut_class_is_shed_pro_rata_to_demand():
+    inp, o = run(0.0, demand_w=[100, 300, 50], max_discharge_w=[100, 100, 0], priority=[1, 1, 0])
+    # 200 W of battery: class 0 (50 W) first, the other 150 W split 1:3 over class 1's 400 W
+    assert o["served_w"] == pytest.approx([37.5, 112.5, 50.0])
+    assert kkt_violations(inp, o, 0.0) == []
+
+
+def test_balancing_equal_time_to_empty():
+    inp, o = run(0.0, demand_w=[600, 150, 500], max_discharge_w=[2000] * 3, max_charge_w=[1000] * 3,
+                 capacity_wh=[1000, 2000, 4000], soc=[0.6, 0.6, 0.35])
+    assert o["battery_w"] == pytest.approx([250.0, 500.0, 500.0], abs=1e-9)
+    e = inp["capacity_wh"] * (inp["soc"] - 0.1)
+    assert np.ptp(e / o["battery_w"]) == pytest.approx(0.0, abs=1e-12)  # hours to empty, all equal
+
+
+def test_spare_main_charges_the_emptiest_batteries_most():
+    inp, o = run(1000.0, demand_w=[100, 100], max_discharge_w=[500, 500], max_charge_w=[1000, 1000],
+                 soc=[0.2, 0.6])
+    # 800 W spare; rooms 800 Wh and 400 Wh -> charge 2:1, both full at the same time
+    assert o["battery_w"] == pytest.approx([-800 * 2 / 3, -800 / 3])
+    assert o["main_w"] == pytest.approx(1000.0)
+    assert kkt_violations(inp, o, 1000.0) == []
+
+
+def test_main_supply_covers_everything_batteries_idle_when_full():
+    inp, o = run(1e6, demand_w=[100, 200], max_discharge_w=[500, 500], max_charge_w=[100, 100], soc=[1.0, 1.0])
+    assert o["battery_w"] == pytest.approx([0.0, 0.0])
+    assert o["bus_w"] == pytest.approx([100.0, 200.0])
+    assert o["main_w"] == pytest.approx(300.0)
+
+
+def test_one_node():
+    inp, o = run(0.0, demand_w=[300], max_discharge_w=[200])
+    assert o["served_w"].tolist() == [200.0] and o["shed_w"].tolist() == [100.0]
+    assert kkt_violations(inp, o, 0.0) == []
+
+
+def test_all_nodes_tripped_give_and_take_nothing():
+    _, o = run(500.0, demand_w=[100, 100], max_discharge_w=[100, 100], trip=[1, 4])
+    assert o["battery_w"].tolist() == [0.0, 0.0] and o["bus_w"].tolist() == [0.0, 0.0]
+    assert o["shed_w"].tolist() == [100.0, 100.0]
+    assert o["main_w"] == 0.0
+
+
+def test_zero_capacity_and_zero_demand():
+    inp, o = run(0.0, demand_w=[0, 0, 100], max_discharge_w=[100, 100, 100], capacity_wh=[0, 1000, 0])
+    # nodes without capacity are no battery: node 1 serves node 2 over the bus
+    assert o["battery_w"].tolist() == [0.0, 100.0, 0.0]
+    assert o["bus_w"].tolist() == [0.0, -100.0, 100.0]
+    assert kkt_violations(inp, o, 0.0) == []
+    _, z = run(0.0, demand_w=[0, 0], max_discharge_w=[100, 100])
+    assert np.all(z["battery_w"] == 0) and np.all(z["shed_w"] == 0)
+
+
+def test_reserve_and_full_batteries():
+    inp, o = run(1000.0, demand_w=[100, 100], max_discharge_w=[500, 500], max_charge_w=[300, 300], soc=[1.0, 0.05])
+    assert o["battery_w"].tolist() == [0.0, -300.0]  # the full one is not charged
+    inp, o = run(0.0, demand_w=[100, 100], max_discharge_w=[500, 500], soc=[0.5, 0.05])
+    assert o["battery_w"].tolist() == [200.0, 0.0]  # the one at its reserve is not discharged
+
+
+def test_link_limited_island_serves_itself_not_the_others():
+    # node 1 is an island (link 10 W): it can help node 0 by at most 10 W, but covers its own load
+    inp, o = run(0.0, demand_w=[200, 100], max_discharge_w=[50, 500], link_max_w=[1000, 10], priority=[0, 1])
+    assert o["served_w"].tolist() == [60.0, 100.0]
+    assert o["bus_w"].tolist() == [10.0, -10.0]
+    assert kkt_violations(inp, o, 0.0) == []
+
+
+def test_nan_input_gives_the_safe_allocation_for_that_node_and_an_alarm():
+    _, o = run(0.0, demand_w=[200, 50], max_discharge_w=[100, np.nan], max_charge_w=[100, 100])
+    assert o["alarm"][1] & Alarm.SAFE_ALLOCATION
+    assert o["bus_w"].tolist() == [0.0, 0.0]  # node 1 takes no part; node 0 is on its own
+    assert o["battery_w"][0] == 100.0 and o["shed_w"][0] == 100.0
+    assert np.all(np.isfinite(o["battery_w"]))
+
+
+def test_nan_main_limit_gives_the_safe_allocation_everywhere():
+    _, o = run(np.nan, demand_w=[200, 50], max_discharge_w=[100, 150])
+    assert o["battery_w"].tolist() == [100.0, 50.0] and o["bus_w"].tolist() == [0.0, 0.0]
+    assert np.all(o["alarm"] & Alarm.SAFE_ALLOCATION)
+    assert o["main_w"] == 0.0
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="soc_max"):
+        AllocationParams(soc_min=0.5, soc_max=0.2)
+    with pytest.raises(ValueError):
+        AllocationParams(ramp_w_per_s=-1)
+    with pytest.raises(ValueError):
+        AllocationParams(bogus=1)
+
+
+# -- properties ---------------------------------------------------------------------------------
+def arrays(n, lo, hi):
+    return hnp.arrays(np.float64, n, elements=st.floats(lo, hi, allow_nan=False, allow_infinity=False))
+
+
+@st.composite
+def instances(draw):
+    n = draw(st.integers(1, 25))
+    return {
+        "demand_w": draw(arrays(n, 0, 1000)),
+        "max_discharge_w": draw(arrays(n, 0, 800)),
+        "max_charge_w": draw(arrays(n, 0, 800)),
+        "link_max_w": draw(arrays(n, 0, 1000)),
+        "soc": draw(arrays(n, 0, 1)),
+        "capacity_wh": draw(arrays(n, 0, 5000)),
+        "priority": draw(hnp.arrays(np.int64, n, elements=st.integers(0, 3))),
+        "main_limit_w": draw(st.floats(0, 20000)),
+    }
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_property_optimal_and_conserving(inst):
+    o = solve(inst["demand_w"], inst["max_discharge_w"], inst["max_charge_w"], inst["link_max_w"], inst["soc"],
+              inst["capacity_wh"], inst["priority"], inst["main_limit_w"])
+    tol = 1e-6 * (1 + inst["demand_w"].sum() + inst["max_discharge_w"].sum())
+    for k in ("battery_w", "served_w", "shed_w", "bus_w"):
+        assert np.all(np.isfinite(o[k])), f"NaN/inf in {k}"
+    assert np.allclose(o["served_w"], o["battery_w"] + o["bus_w"], atol=1e-9, rtol=0)
+    assert abs(o["bus_w"].sum() - o["main_w"]) <= tol
+    assert np.all(o["battery_w"] <= inst["max_discharge_w"] + 1e-9)
+    assert np.all(o["battery_w"] >= -inst["max_charge_w"] - 1e-9)
+    assert np.all(np.abs(o["bus_w"]) <= inst["link_max_w"] + 1e-9)
+    assert 0 <= o["main_w"] <= inst["main_limit_w"] + tol
+    assert kkt_violations(inst, o, inst["main_limit_w"], tol=max(1e-6, tol)) == []
+    # priority order: a node of a less critical class runs only on its own island while a more
+    # critical node is shed beyond what its link allows
+    hi = np.where((inst["soc"] <= 0.1) | (inst["capacity_wh"] <= 0), 0.0, inst["max_discharge_w"])
+    cap = np.minimum(inst["demand_w"], hi + inst["link_max_w"])
+    short = o["served_w"] < cap - tol
+    if short.any():
+        p = inst["priority"][short].min()
+        free = np.maximum(0, hi - inst["link_max_w"])
+        less = inst["priority"] > p
+        assert np.all(o["served_w"][less] <= free[less] + tol)
