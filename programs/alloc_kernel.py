@@ -29,10 +29,12 @@ Stages, each the exact optimum of its own problem given the earlier stages:
    capacity_wh * max(0, soc - soc_min) when discharging (batteries empty
    together) and free room capacity_wh * max(0, soc_max - soc) when charging
    (batteries fill together: the fullest-in-time first get the least).
-   Ramp: each b_i stays within prev_i +- ramp * dt when the total allows;
-   when it does not, the ramp windows are used fully and only the rest moves
-   beyond them (minimum ramp violation, then balance). No previous setpoint on
-   the first cycle: no ramp limit then.
+   Ramp: each b_i stays within prev_i +- ramp * dt. The main supply is the
+   slack for it (between the least the links need and main-first's most), so
+   a change of main supply or load moves the batteries at the ramp; only when
+   the load could not be served otherwise are the ramp windows used fully and
+   the rest moves beyond them (minimum ramp violation, then balance). No
+   previous setpoint on the first cycle: no ramp limit then.
    bus_i = r_i - b_i, so served = battery + bus and sum bus = main_w exactly.
 """
 
@@ -243,7 +245,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
                 holds = True
             else:
                 timer_s[i] += dt_s
-                if timer_s[i] >= hold_s:
+                if timer_s[i] >= hold_s - 1e-9:
                     held = s_opt
                     timer_s[i] = 0.0
                     s = s_opt
@@ -259,14 +261,16 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         k = e
     # -- 3. main supply first -----------------------------------------------------------------
     up = 0.0
+    low = 0.0
     tot_r = 0.0
     for i in range(n):
         if use[i]:
             r = served_w[i]
             up += min(r - lo[i], link_w[i])
+            low += max(r - hi[i], -link_w[i])
             tot_r += r
-    main_w = min(big_m, max(up, 0.0))
-    p_bat = tot_r - main_w
+    main_max = min(big_m, max(up, 0.0))
+    main_min = min(max(low, 0.0), main_max)
     # -- 4. balance the batteries (with the ramp) ---------------------------------------------
     ramp_on = ramp_w_per_s > 0.0 and state[ST_STARTED] != 0.0
     step = ramp_w_per_s * dt_s
@@ -276,7 +280,6 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         if use[i] == 0:
             blo[i] = 0.0
             bhi[i] = 0.0
-            w[i] = 0.0
             continue
         r = served_w[i]
         bl = max(lo[i], r - link_w[i])
@@ -291,7 +294,17 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         else:
             sl += bl
             sh += bh
-        if p_bat >= 0.0:
+    p_bat = tot_r - main_max
+    if ramp_on:
+        # The main supply is the slack that keeps the batteries inside their ramp windows: it gives
+        # up "main first" as far as the ramp needs (and the links and its limit allow).
+        p_bat = min(max(p_bat, sl), sh)
+        p_bat = min(max(p_bat, tot_r - main_max), tot_r - main_min)
+    main_w = tot_r - p_bat
+    for i in range(n):
+        if use[i] == 0:
+            w[i] = 0.0
+        elif p_bat >= 0.0:
             w[i] = max(capacity_wh[i] * max(0.0, soc[i] - soc_min), WEIGHT_FLOOR_WH)
         else:
             w[i] = max(capacity_wh[i] * max(0.0, soc_max - soc[i]), WEIGHT_FLOOR_WH)

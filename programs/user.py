@@ -24,6 +24,7 @@ a configuration error with its file:line.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -54,7 +55,8 @@ def load_function(ref: str):
         path = Path(target).resolve()
         if not path.is_file():
             raise ValueError(f"function {ref!r}: no such file {target} (relative paths start at {Path.cwd()})")
-        mod_name = f"vbatt_user_{path.stem}_{abs(hash(str(path))):x}"
+        # A stable name (numba's cache records the module by name, in every process)
+        mod_name = f"vbatt_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
         module = sys.modules.get(mod_name)
         if module is None:
             spec = importlib.util.spec_from_file_location(mod_name, path)
