@@ -492,6 +492,18 @@ class Poller:
         staging["io_errors"][:] = self.errors
         staging["io_latency_ms"][:] = self.latency_ms
 
+    async def flush(self, timeout_s: float) -> None:
+        """One more poll of every connected node (sends the newest instruction); gives up after timeout_s."""
+        async def one(i: int) -> None:
+            try:
+                await self.poll_once(i)
+            except DeviceError:
+                pass
+
+        live = [i for i, link in enumerate(self.links) if link.connected and link.layout is not None]
+        if live:
+            await asyncio.wait([asyncio.create_task(one(i)) for i in live], timeout=timeout_s)
+
     async def close(self) -> None:
         for link in self.links:
             link.close()
@@ -600,4 +612,9 @@ class ModbusDriver(Driver):
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # the scan's last outputs are the safe state: hand them to every reachable node, briefly
+            cycle = io.read_outputs()
+            if cycle and cycle != last_cycle:
+                p.set_instruction(cycle, io.outputs)
+                await p.flush(timeout_s=min(1.0, 2 * d.timeout_ms / 1e3))
             await p.close()
