@@ -10,6 +10,9 @@ time: alpha = 1 - exp(-dt / level_tau_s), beta likewise. The trend is in W/s.
 Seasonal variant (`season_s` set): an additive profile of `season_bins` bins
 per node, learnt from the de-trended residual; it is added to the forecast only
 after one whole season has been seen (before that there is no history for it).
+With a season, give the level a slow time constant and the trend a very long
+one: the profile then carries the shape (a fast level and trend chase the
+seasonal swings and the forecast overshoots).
 Offline nodes and NaN demand keep their last state and forecast.
 """
 
