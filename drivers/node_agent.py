@@ -249,7 +249,7 @@ class AgentSet:
                           ("WDisChaRteMax", "max_discharge_w"), ("SoC", "soc"), ("V", "voltage_v"),
                           ("A", "current_a"), ("W", "power_w")):
             ss.put(r, _B[name], M.base, o[key])
-        ss.put(r, _B["SoH"], M.base, np.ones(self.n))  # the backends do not estimate health: 100 %
+        ss.put(r, _B["SoH"], M.base, np.full(self.n, 100.0))  # % (the backends do not estimate health)
         hb = ((now_ns - self.t0_ns) // 1_000_000_000) & 0xFFFF
         ss.put_int(r, _B["Hb"], M.base, np.full(self.n, hb))
         # ChaSt (802 enum): 3 = DISCHARGING, 4 = CHARGING, 6 = HOLDING; State 2 = CONNECTED

@@ -114,7 +114,7 @@ COMMON = Model(1, "common", 66, (
 
 # Scale factors of model 802, fixed by this map (a reader takes them from the registers anyway).
 SF_802 = {"AHRtg_SF": 0, "WHRtg_SF": 0, "WChaDisChaMax_SF": 0, "DisChaRte_SF": 0, "SoC_SF": -2, "DoD_SF": -2,
-          "SoH_SF": -2, "V_SF": -2, "CellV_SF": -3, "A_SF": -1, "AMax_SF": -1, "W_SF": 0}
+          "SoH_SF": -2, "V_SF": -1, "CellV_SF": -3, "A_SF": -1, "AMax_SF": -1, "W_SF": 0}
 
 BATTERY = Model(802, "battery", 62, (
     Point("AHRtg", 0, "uint16"),

@@ -63,6 +63,7 @@ def test_a_sunspec_reader_walks_the_models_and_reads_the_battery():
                 assert bat[1] * 10.0 ** sf(51) == 1000  # WHRtg
                 assert bat[3] * 10.0 ** sf(52) == 150  # WDisChaRteMax
                 assert bat[32] * 10.0 ** sf(57) == pytest.approx(48.0)  # V (ideal battery: 48 V)
+                assert bat[11] * 10.0 ** sf(56) == pytest.approx(100.0)  # SoH %
                 vend = await read(c, 40136, 40)
                 assert point(vend, 40136, V, "DemandW") == 50.0
                 assert point(vend, 40136, V, "Mode", True) == ss.Mode.WAITING
