@@ -97,7 +97,18 @@ async def notify(callbacks: dict, dv: ua.DataValue) -> None:
         mv.old_dvalue, mv.current_dvalue = mv.current_dvalue, dv
         ev = _new(_Notification)
         ev.ClientHandle, ev.Value = mdata.client_handle, dv
-        await svc.isub.enqueue_datachange_event(mid, ev, mdata.queue_size)
+        # InternalSubscription._enqueue_event, without two coroutine layers per item
+        isub = svc.isub
+        queue = isub._triggered_datachanges
+        items = queue.get(mid)
+        if items is None:
+            queue[mid] = [ev]
+            await isub._trigger_publish()
+        else:
+            size = mdata.queue_size
+            if size and len(items) >= size:
+                items.pop(0)
+            items.append(ev)
 
 
 # -- 4. encoding -------------------------------------------------------------------------------------------
