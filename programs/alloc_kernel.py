@@ -188,13 +188,33 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
     if whole_safe:
         return 0.0
     # -- 2. shedding by priority class --------------------------------------------------------
-    _sorted_by(priority, order, tmp)
     slack = big_m
+    need_all = 0.0
+    holding = False
     for i in range(n):
         if use[i]:
             slack += min(hi[i], link_w[i])
+            d = demand_w[i]
+            cp = min(d, hi[i] + link_w[i])
+            f0 = min(cp, max(0.0, hi[i] - link_w[i]))
+            cap[i] = cp
+            fa[i] = f0
+            need_all += cp - f0
+            if d - cp < min(held_w[i], d) - 1e-9 * (1.0 + d):
+                holding = True
+    # Fast path (the usual case): everything servable is served and no shed is being held, so the
+    # class walk (random access through `order`) would change nothing.
+    fast = (not holding) and need_all <= slack + 1e-12 * (1.0 + abs(slack))
+    if fast:
+        for i in range(n):
+            if use[i]:
+                served_w[i] = cap[i]
+                held_w[i] = demand_w[i] - cap[i]
+                timer_s[i] = 0.0
+    else:
+        _sorted_by(priority, order, tmp)
     blocked = False  # a more critical class holds shed (restore hysteresis)
-    k = 0
+    k = n if fast else 0
     while k < n:
         p = priority[order[k]]
         e = k
