@@ -413,7 +413,8 @@ class Poller:
                 delay = self.backoff[0]
                 due += self.poll_s
             except DeviceError as exc:
-                self.errors[i] += 1
+                if exc.fault != Fault.NO_DATA:  # waiting for the embedded fleet's ports is no request failing
+                    self.errors[i] += 1
                 self._fail(i, exc)
                 if not self.links[i].connected:  # reconnect with backoff
                     due = loop.time() + delay
