@@ -100,7 +100,7 @@ def _instance(n: int):
                 capacity_wh=rng.uniform(300, 900, n), priority=np.zeros(n, np.int64), main_limit_w=0.3 * d.sum())
 
 
-def _highs_max_served(inst) -> float:
+def _highs_max_served(inst) -> tuple[float, str]:
     """HiGHS: the LP max sum r s.t. r = b + u, boxes, links, sum u <= main_limit (x = [r, b, u])."""
     import highspy
     import scipy.sparse as sp
@@ -124,7 +124,7 @@ def _highs_max_served(inst) -> float:
     lp.sense_ = highspy.ObjSense.kMaximize
     h.passModel(lp)
     h.run()
-    return float(h.getInfo().objective_function_value)
+    return float(h.getInfo().objective_function_value), h.modelStatusToString(h.getModelStatus())
 
 
 RESULTS: dict[int, dict[str, float]] = {}
@@ -137,10 +137,12 @@ def test_allocator_vs_highs(benchmark, n):
                               "priority")]
     solve(*args, inst["main_limit_w"])
     t = time.perf_counter()
-    served = _highs_max_served(inst)
+    served, status = _highs_max_served(inst)
     t_highs = time.perf_counter() - t
     out = benchmark(solve, *args, inst["main_limit_w"])
-    assert out["served_w"].sum() == pytest.approx(served, rel=1e-9, abs=1e-6)
+    benchmark.extra_info["highs_status"] = status
+    if status == "Optimal":
+        assert out["served_w"].sum() == pytest.approx(served, rel=1e-9, abs=1e-6)
     ts = []
     for _ in range(5):
         t = time.perf_counter()
@@ -149,7 +151,8 @@ def test_allocator_vs_highs(benchmark, n):
     ours = min(ts)
     RESULTS[n] = {"ours_s": ours, "highs_s": t_highs, "ratio": t_highs / ours}
     benchmark.extra_info.update(RESULTS[n])
-    print(f"\nN={n}: allocator {ours * 1e3:.3f} ms, HiGHS LP {t_highs * 1e3:.1f} ms, ratio {t_highs / ours:,.0f}x")
+    print(f"\nN={n}: allocator {ours * 1e3:.3f} ms, HiGHS LP {t_highs * 1e3:.1f} ms ({status}), "
+          f"ratio {t_highs / ours:,.0f}x")
 
 
 def test_warm_cache_startup(benchmark):
