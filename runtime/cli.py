@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import logging
+import os
 import sys
-import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -71,6 +73,12 @@ def cmd_run(args) -> int:
         return _report_config_error(exc)
     out = Console(highlight=False, soft_wrap=True)
     live_view = out.is_terminal and not args.quiet
+    tail = None
+    if live_view:
+        tail = _LogTail(Path(args.log))
+        # fd 2 goes to the log file (children inherit it, logging writes there); sys.stderr and
+        # the console keep the terminal for what a person must see (e.g. a first-start password)
+        sys.stderr = err.file = tail.redirect_stderr()
     sup.install_signals()
     img = sup.start()
     if sup.restart_line:
@@ -83,7 +91,7 @@ def cmd_run(args) -> int:
             from .live import render
 
             def view():
-                return render(img, cfg.cycle.cycle_ms, path, sup.phase_names)
+                return render(img, cfg.cycle.cycle_ms, path, sup.phase_names, tail.recent(), str(tail.path))
 
             with Live(view(), console=out, refresh_per_second=4, transient=False) as live:
                 reason = sup.wait(on_tick=lambda: live.update(view()))
@@ -103,7 +111,42 @@ def cmd_run(args) -> int:
                f"wake latency p50 {w['p50']:.1f} µs p99 {w['p99']:.1f} µs max {w['max']:.1f} µs, "
                f"exec p99 {stats['exec_us']['run']['p99']:.1f} µs")
     (err if failed else out).print(summary, markup=False)
+    if tail is not None:
+        out.print(f"vbatt: log in {tail.path}", markup=False)
     return EXIT_FAIL if failed else EXIT_OK
+
+
+class _LogTail:
+    """While the live view runs, fd 2 (this process's and every child's) goes to a log file;
+    the view shows its newest warnings."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.pos = 0
+        self.lines: collections.deque[str] = collections.deque(maxlen=5)
+
+    def redirect_stderr(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = os.dup(2)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.pos = os.fstat(fd).st_size
+        os.dup2(fd, 2)
+        os.close(fd)
+        return os.fdopen(keep, "w", buffering=1)
+
+    def recent(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.pos)
+                chunk = fh.read(1 << 20)
+        except OSError:
+            return list(self.lines)
+        cut = chunk.rfind(b"\n") + 1
+        self.pos += cut
+        for line in chunk[:cut].decode("utf-8", "replace").splitlines():
+            if any(w in line for w in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")):
+                self.lines.append(line[:200])
+        return list(self.lines)
 
 
 def cmd_reload(args) -> int:
@@ -147,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--snapshot", metavar="FILE", help="write the final process image as JSON on exit")
     r.add_argument("--cold", action="store_true",
                    help="cold restart: restore operator settings only, not trips, alarms and program state")
-    r.add_argument("-q", "--quiet", action="store_true", help="no live view")
+    r.add_argument("-q", "--quiet", action="store_true", help="no live view: logs stay on stderr")
+    r.add_argument("--log", metavar="FILE", default="var/log/vbatt.log",
+                   help="with the live view, where the logs of every process go (default: %(default)s)")
     r.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     r.set_defaults(func=cmd_run)
 

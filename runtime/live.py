@@ -20,7 +20,8 @@ def _w(x: float) -> str:
     return f"{x / 1e3:,.1f} kW" if abs(x) >= 1e4 else f"{x:,.0f} W"
 
 
-def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_names: list[str] = ()) -> Group:
+def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_names: list[str] = (),
+           warnings: list[str] = (), log_path: str = "") -> Group:
     c = img.ctl
     mode = "RUN" if c[Ctl.MODE] == Mode.RUN else "STOP"
     flags = []
@@ -59,4 +60,9 @@ def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_name
     g.add_row("battery", _w(a["battery_w"]), "shed", _w(a["shed_w"]))
     g.add_row("SoC", f"{a['soc'] * 100:.1f} %", "energy", f"{a['energy_wh'] / 1e3:,.2f} kWh")
     g.add_row("can discharge", _w(a["available_discharge_w"]), "can charge", _w(a["available_charge_w"]))
-    return Group(head, Columns([t, ph]), g)
+    parts = [head, Columns([t, ph]), g]
+    if log_path:
+        parts.append(Text(f"latest warnings ({log_path}):" if warnings else f"log: {log_path}", style="dim"))
+        parts += [Text(w, style="yellow", overflow="ellipsis", no_wrap=True) for w in warnings]
+    parts.append(Text("Ctrl-C stops: outputs to the safe state, statistics written.", style="dim"))
+    return Group(*parts)

@@ -74,8 +74,9 @@ class Retainer:
         self.restored = apply_restart(restart, loaded.state, self._live)
         self.img.ctl[Ctl.WARM] = 1 if restart.kind == "warm" else 0
         self.kind = restart.kind
-        line = restart.describe()
-        (log.warning if restart.kind == "none" and loaded.problems else log.info)(line)
+        first = restart.kind == "none" and all(p.reason == "missing" for p in loaded.problems)
+        line = f"first start: no retained state yet in {self.cfg.dir}" if first else restart.describe()
+        (log.warning if restart.kind == "none" and not first else log.info)(line)
         return line
 
     # -- while running ----------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_operator_settings_survive_a_restart(tmp_path):
         _settle(img, t)
 
     first, seen = _run(text, act=operate)
-    assert first.restart_line.startswith("cold start from safe defaults: nothing restored")
+    assert first.restart_line == f"first start: no retained state yet in {tmp_path}"
     assert seen == {"priority": [5, 2], "main_limit_w": 777.0, "mode": Mode.RUN}
     assert (tmp_path / "state.bin").exists()
 
