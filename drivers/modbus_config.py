@@ -113,6 +113,7 @@ class ModbusDriverConfig(Strict):
     plaintext: bool = False  # Modbus TCP without TLS: only when said so
     tls: TlsFiles | None = None
     embedded_fleet: EmbeddedFleetConfig = EmbeddedFleetConfig()
+    processes: Annotated[int, Field(ge=1, le=64)] = 1  # split the Modbus nodes over this many I/O processes
 
     @model_validator(mode="after")
     def _check(self) -> "ModbusDriverConfig":

@@ -184,7 +184,9 @@ class AgentSet:
         for k, v in cmd.items():
             self.cmd[k][i] = v
         if self.mode[i] == ss.Mode.AUTONOMOUS:
-            log.warning("node %s: instruction seq %d received: controlled again", self.specs[i].id, seq)
+            # one agent: a warning; a fleet says it per node at INFO (the expiry summary is the warning)
+            (log.warning if len(self.specs) == 1 else log.info)(
+                "node %s: instruction seq %d received: controlled again", self.specs[i].id, seq)
         self.seq[i], self.lease_ms[i] = seq, lease
         self.deadline_ns[i] = now + lease * 1_000_000
         self.mode[i] = ss.Mode.CONTROLLED
@@ -206,9 +208,14 @@ class AgentSet:
     def decide(self, now_ns: int) -> np.ndarray:
         """The battery power every node applies now; moves expired leases to autonomous."""
         expired = (self.mode == ss.Mode.CONTROLLED) & (now_ns > self.deadline_ns)
-        for i in np.flatnonzero(expired):
-            log.warning("node %s: lease of instruction %d (%d ms) ran out without renewal: autonomous "
-                        "(own battery for own load, no export)", self.specs[i].id, self.seq[i], self.lease_ms[i])
+        idx = np.flatnonzero(expired)
+        for i in idx:
+            (log.warning if len(idx) <= 3 else log.info)(
+                "node %s: lease of instruction %d (%d ms) ran out without renewal: autonomous "
+                "(own battery for own load, no export)", self.specs[i].id, self.seq[i], self.lease_ms[i])
+        if len(idx) > 3:
+            log.warning("%d nodes (%s, ...): lease ran out without renewal: autonomous (own battery for own "
+                        "load, no export)", len(idx), ", ".join(self.specs[i].id for i in idx[:3]))
         self.mode[expired] = ss.Mode.AUTONOMOUS
         self.alarm[expired] |= ss.Alarm.LEASE_EXPIRED
         self.expiries[expired] += 1

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from vbatt.drivers.modbus_config import ModbusDriverConfig, ModbusNodeConfig
+from vbatt.drivers.modbus_config import ModbusDriverConfig, ModbusNodeConfig, modbus_endpoints
 from vbatt.drivers.opcua_client_config import OpcuaClientDriverConfig, OpcuaNodeConfig
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.retainer import RetainConfig
@@ -399,7 +399,12 @@ def validate(located: Located) -> tuple[Config, Fleet]:
     if problems:
         raise ConfigError(problems)
     cfg = cfg.model_copy(update={"programs": programs, "source": located.source})
-    return cfg, build_fleet(cfg, located)
+    fleet = build_fleet(cfg, located)
+    try:
+        modbus_endpoints(cfg, fleet)  # port clashes and overflows, here rather than at driver start
+    except ValueError as exc:
+        raise ConfigError([f"{located.where(('drivers', 'modbus'))}: drivers.modbus: {exc}"]) from None
+    return cfg, fleet
 
 
 def load_config(path: str | Path) -> tuple[Config, Fleet]:

@@ -30,7 +30,7 @@ def partition(cfg: Config, fleet: Fleet) -> list[tuple[int, int, str]]:
         raise ConfigError([f"{cfg.source}: unknown driver(s) {unknown} (expected one of {known_drivers()})"])
     out: list[tuple[int, int, str]] = []
     for a, b, kind in runs:
-        procs = cfg.drivers.sim.processes if kind == "sim" else 1
+        procs = getattr(getattr(cfg.drivers, kind, None), "processes", 1)
         procs = max(1, min(procs, b - a))
         step = -(-(b - a) // procs)
         out += [(s, min(s + step, b), kind) for s in range(a, b, step)]
