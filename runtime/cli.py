@@ -22,6 +22,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 COMMAND_MODULES: tuple[str, ...] = (
     "vbatt.cli_modbus",
     "vbatt.cli_opcua",
+    "vbatt.cli_soak",
 )
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
