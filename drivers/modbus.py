@@ -172,6 +172,8 @@ class DeviceLink:
             if self.replies == 0 and self.sslctx is not None and dropped:
                 raise DeviceError(Fault.TLS, "the peer closed the TLS session before any reply (our certificate "
                                              "rejected?)") from None
+            if dropped:  # the peer closed while our request was in flight: no timeout, a lost connection
+                raise DeviceError(Fault.CONNECTION, "connection closed by the device before it replied") from None
             raise DeviceError(Fault.TIMEOUT, f"no reply within {self.timeout_s * 1e3:.0f} ms") from None
         except (ConnectionException, ConnectionError, OSError) as exc:
             self.close()
@@ -559,6 +561,13 @@ def _embedded_ports(p: Poller, path, seen_mtime: int) -> int:
     return mtime
 
 
+def _quiet_decode_errors(loop, ctx: dict) -> None:
+    if isinstance(ctx.get("exception"), ModbusException):
+        log.debug("pymodbus: %s (%s)", ctx.get("message"), ctx.get("exception"))
+        return
+    loop.default_exception_handler(ctx)
+
+
 class ModbusDriver(Driver):
     kind = "modbus"
 
@@ -568,6 +577,9 @@ class ModbusDriver(Driver):
 
     async def _main(self, io: IoContext) -> None:
         d = self.cfg.drivers.modbus
+        # pymodbus raises out of data_received on a garbled frame; asyncio then logs a traceback and
+        # closes the transport. The request fails and is reported as GARBLED: no traceback in the log.
+        asyncio.get_running_loop().set_exception_handler(_quiet_decode_errors)
         try:
             every = modbus_endpoints(self.cfg, self.fleet)
         except ValueError as exc:
