@@ -84,10 +84,10 @@ def test_embedded_fleet_config_is_a_few_lines_and_validated():
         load_config_text("drivers: {modbus: {plaintext: true, tls: {ca: a, cert: b, key: c}}}\nnodes: [{id: a}]\n")
     with pytest.raises(ConfigError, match="template.driver"):
         load_config_text("nodes: [{template: {count: 2, id: 'n{i}', driver: opcua}}]\n")
-    cfg, fleet = load_config_text("drivers: {modbus: {plaintext: true, embedded_fleet: {base_port: 65500}}}\n"
-                                  "nodes: [{template: {count: 100, id: 'n{i}', driver: modbus}}]\n")
-    with pytest.raises(ValueError, match="runs past port 65535"):
-        modbus_endpoints(cfg, fleet)
+    # a port range past 65535 is a config error at `vbatt check`, with its line, not a driver failure later
+    with pytest.raises(ConfigError, match=r"^plant.yaml:1: drivers.modbus: .*runs past port 65535"):
+        load_config_text("drivers: {modbus: {plaintext: true, embedded_fleet: {base_port: 65500}}}\n"
+                         "nodes: [{template: {count: 100, id: 'n{i}', driver: modbus}}]\n", "plant.yaml")
 
 
 @pytest.mark.slow
