@@ -104,10 +104,18 @@ def _thr(active, bit, value, limit, deadband, above):
 
 @njit(nogil=True, cache=True)
 def health_step(dt, online, volt, cur, temp, soc, checked, check_lo, check_hi, alarm, acked, derate,
-                t_prev, t_rate, v_prev, i_prev, r_est, r0, n_est, has_prev,
+                t_prev, t_rate, v_prev, i_prev, r_est, r0, n_est, has_prev, bad_in,
                 v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di, r_learn, r_drift,
                 db_v, db_a, db_c, db_s, derate_bits, derate_factor):
     k_rate = 1.0 - math.exp(-dt / rate_tau) if dt > 0.0 else 0.0
+    # Range check field by field: a contiguous sweep per field vectorises; indexing the
+    # tuple of fields inside the node loop did not (it cost most of this kernel's time).
+    bad_in[:] = 0
+    for f in range(len(checked)):
+        x, lo_f, hi_f = checked[f], check_lo[f], check_hi[f]
+        for i in range(online.shape[0]):
+            if not (x[i] >= lo_f and x[i] <= hi_f):
+                bad_in[i] = 1
     for i in range(online.shape[0]):
         old = alarm[i]
         keep = old & ~_OWN  # the allocator's bits
@@ -115,14 +123,7 @@ def health_step(dt, online, volt, cur, temp, soc, checked, check_lo, check_hi, a
             a = (old & _OWN & ~_STALE) | _STALE | keep  # frozen: no fresh data to judge
             has_prev[i] = 0
         else:
-            a = 0
-            bad = False
-            for f in range(len(checked)):
-                x = checked[f][i]
-                if not (x >= check_lo[f] and x <= check_hi[f]):
-                    bad = True
-            if bad:
-                a |= _BAD
+            a = _BAD if bad_in[i] else 0
             v = volt[i]
             c = abs(cur[i])
             t = temp[i]
@@ -177,7 +178,7 @@ class Health(Program):
         f8 = [ArraySpec(k, "f8", (n,)) for k in ("derate", "t_prev_c", "t_rate_c_per_s", "v_prev_v",
                                                   "i_prev_a", "resistance_ohm", "resistance0_ohm")]
         return [ArraySpec("acked", "u4", (n,)), *f8, ArraySpec("n_est", "i8", (n,)),
-                ArraySpec("has_prev", "u1", (n,))]
+                ArraySpec("has_prev", "u1", (n,)), ArraySpec("bad", "u1", (n,))]
 
     def init(self, img) -> None:
         self.mem(img, "derate")[:] = 1.0
@@ -204,7 +205,7 @@ class Health(Program):
         m = lambda k: self.mem(img, k)  # noqa: E731
         arrays = (nd["online"], nd["voltage_v"], nd["current_a"], nd["temperature_c"], nd["soc"], checked, lo, hi,
                   nd["alarm"], m("acked"), m("derate"), m("t_prev_c"), m("t_rate_c_per_s"), m("v_prev_v"),
-                  m("i_prev_a"), m("resistance_ohm"), m("resistance0_ohm"), m("n_est"), m("has_prev"))
+                  m("i_prev_a"), m("resistance_ohm"), m("resistance0_ohm"), m("n_est"), m("has_prev"), m("bad"))
         par = (_opt(p.voltage_high_v), _opt(p.voltage_low_v), _opt(p.current_high_a), _opt(p.temperature_high_c),
                _opt(p.temperature_low_c), _opt(p.soc_low), _opt(p.soc_high), _opt(p.temperature_rise_c_per_s),
                p.rate_tau_s, p.resistance_min_delta_a, p.resistance_learn_n, _opt(p.resistance_drift),
