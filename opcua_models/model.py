@@ -169,6 +169,9 @@ METHODS: tuple[MethodDef, ...] = (
               (ArgDef("mode", ua.ObjectIds.String, "RUN or STOP"),)),
     MethodDef("AcknowledgeAlarm", "acknowledge active alarms of a node (bits 0 = all)",
               (_NODE_ARG, ArgDef("alarm_bits", ua.ObjectIds.UInt32, "alarm bits; 0 = all"))),
+    MethodDef("Reload", "apply a changed plant config between two cycles (as `vbatt reload`): priorities, "
+              "main supply limit, program parameters; a change that needs a restart is refused whole",
+              (ArgDef("config_path", ua.ObjectIds.String, "path of the plant YAML on the controller"),)),
 )
 
 TYPE_IDS = {"VirtualBatteryType": 1, "BatteryNodeType": 2, "ScanStatusType": 3}

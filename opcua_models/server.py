@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import math
+import os
 import time
 from datetime import datetime, timezone
 
@@ -147,7 +148,7 @@ class VbattOpcuaServer:
         server.iserver.attribute_service = _OperatorWrites(aspace, self)
         handlers = {"ResetTrip": self._m_reset_trip, "SetPriority": self._m_set_priority,
                     "SetMainSupplyLimit": self._m_set_main_limit, "SetMode": self._m_set_mode,
-                    "AcknowledgeAlarm": self._m_ack}
+                    "AcknowledgeAlarm": self._m_ack, "Reload": self._m_reload}
         for name, nid in self.inst.methods.items():
             aspace.add_method_callback(nid, self._guard(handlers[name]))
         if cfg.history.enabled:
@@ -388,6 +389,21 @@ class VbattOpcuaServer:
         if m is None:
             raise Bad(ua.StatusCodes.BadOutOfRange, f"mode {mode.Value!r}: expected RUN or STOP")
         self._push(Op.SET_MODE, value=float(m))
+        return []
+
+    async def _m_reload(self, path):
+        """Same protocol as `vbatt reload`: the supervisor (our parent) validates, diffs and applies."""
+        from vbatt.reload import send
+
+        if not isinstance(path, ua.Variant) or path.VariantType != ua.VariantType.String or not path.Value:
+            raise Bad(ua.StatusCodes.BadTypeMismatch, "config_path: expected a String")
+        if not os.path.isfile(path.Value):
+            raise Bad(ua.StatusCodes.BadInvalidArgument, f"config_path {path.Value!r}: no such file on the controller")
+        answer = await asyncio.get_running_loop().run_in_executor(None, send, os.getppid(), path.Value)
+        if not answer["ok"]:
+            raise Bad(ua.StatusCodes.BadInvalidState if "refused" in answer["message"]
+                      else ua.StatusCodes.BadConfigurationError, answer["message"])
+        log.warning("reload through OPC UA: %s", answer["message"])
         return []
 
     async def _m_ack(self, node_id, bits):

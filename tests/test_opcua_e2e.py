@@ -161,6 +161,26 @@ def test_vbatt_run_serves_opcua_to_asyncua_and_node_opcua(tmp_path, node_opcua):
                     await asyncio.sleep(0.1)
                 assert await limit.read_value() == 1234.0  # applied by the real scan, published, served
 
+                # online change through OPC UA: the same protocol as `vbatt reload`
+                changed = tmp_path / "changed.yaml"
+                changed.write_text(cfg.read_text().replace("main_limit_w: 500", "main_limit_w: 777"))
+                await vb.call_method(nid(c, "VirtualBattery.Reload"), ua.Variant(str(changed), ua.VariantType.String))
+                t = time.monotonic() + 5
+                while await limit.read_value() != 777.0 and time.monotonic() < t:
+                    await asyncio.sleep(0.1)
+                assert await limit.read_value() == 777.0
+                grown = tmp_path / "grown.yaml"
+                grown.write_text(cfg.read_text().replace("opcua:", "  - {id: c, demand_w: 5}\nopcua:"))
+                with pytest.raises(ua.UaStatusCodeError) as refused:
+                    await vb.call_method(nid(c, "VirtualBattery.Reload"), ua.Variant(str(grown), ua.VariantType.String))
+                assert refused.value.code == ua.StatusCodes.BadInvalidState
+                broken = tmp_path / "broken.yaml"
+                broken.write_text(cfg.read_text().replace("soc: 0.4", "soc: 4"))
+                with pytest.raises(ua.UaStatusCodeError) as invalid:
+                    await vb.call_method(nid(c, "VirtualBattery.Reload"), ua.Variant(str(broken), ua.VariantType.String))
+                assert invalid.value.code == ua.StatusCodes.BadConfigurationError
+                assert await limit.read_value() == 777.0  # the refused changes changed nothing
+
         asyncio.run(asyncio.wait_for(asyncua_client(), 30))
 
         script = node_opcua / "vbatt_interop.js"
