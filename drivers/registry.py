@@ -5,8 +5,7 @@ Third-party drivers register under the entry-point group ``vbatt.drivers``.
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
+from vbatt.plugins import Registry
 
 __all__ = ["driver_class", "known_drivers", "BUILTIN"]
 
@@ -16,18 +15,6 @@ BUILTIN: dict[str, str] = {
     "modbus": "vbatt.drivers.modbus:ModbusDriver",
 }
 
-
-def _all() -> dict[str, str]:
-    found = dict(BUILTIN)
-    for ep in entry_points(group="vbatt.drivers"):
-        found.setdefault(ep.name, ep.value)
-    return found
-
-
-def known_drivers() -> list[str]:
-    return sorted(_all())
-
-
-def driver_class(kind: str):
-    module, _, name = _all()[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+_REGISTRY = Registry("vbatt.drivers", BUILTIN)
+known_drivers = _REGISTRY.names
+driver_class = _REGISTRY.load

@@ -5,8 +5,7 @@ Third-party programs register under the entry-point group ``vbatt.programs``.
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
+from vbatt.plugins import Registry
 
 __all__ = ["program_class", "known_programs", "BUILTIN"]
 
@@ -19,19 +18,6 @@ BUILTIN: dict[str, str] = {
     "user": "vbatt.programs.user:UserPrograms",
 }
 
-
-def _all() -> dict[str, str]:
-    found = dict(BUILTIN)
-    for ep in entry_points(group="vbatt.programs"):
-        found.setdefault(ep.name, ep.value)
-    return found
-
-
-def known_programs() -> list[str]:
-    return sorted(_all())
-
-
-def program_class(pid: str):
-    target = _all()[pid]
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+_REGISTRY = Registry("vbatt.programs", BUILTIN)
+known_programs = _REGISTRY.names
+program_class = _REGISTRY.load
