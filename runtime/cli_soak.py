@@ -25,8 +25,9 @@ def render(rep: dict, console) -> None:
         ("faults injected / detected", f"{rep['faults_injected']} / {rep['faults_detected']}",
          "all detected" if rep["faults_injected"] == rep["faults_detected"] else "[red]NOT all detected[/]"),
     ]
-    for k in ("instructions_lost", "latched_trips_lost", "unhandled_exceptions", "operator_resets_failed",
-              "faults_not_recovered", "leftover_processes", "leftover_shm_segments"):
+    from .soak import MUST_BE_ZERO
+
+    for k in MUST_BE_ZERO:
         v = rep[k]
         rows.append((k.replace("_", " ") + " (must be 0)", str(v), "[green]ok[/]" if v == 0 else "[red]FAIL[/]"))
     rows += [

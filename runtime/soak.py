@@ -57,7 +57,8 @@ NODE_KINDS = ("agent_kill", "silent", "garble", "slow")
 # faults that cut the instruction path; under "slow" and "overtemp_trip" instructions must still arrive
 LINK_KINDS = ("agent_kill", "silent", "garble")
 KINDS = NODE_KINDS + ("opcua_vanish", "overtemp_trip", "controller_kill9")
-MUST_BE_ZERO = ("instructions_lost", "latched_trips_lost", "unhandled_exceptions", "operator_resets_failed",
+MUST_BE_ZERO = ("instructions_lost", "latched_trips_lost", "warm_restarts_failed", "unhandled_exceptions",
+                "operator_resets_failed",
                 "faults_not_recovered", "leftover_processes", "leftover_shm_segments")
 _ACK = ss.NODE_MAP.at(ss.VENDOR_ID, "AckSeq").addr
 _EXPIRIES = ss.NODE_MAP.at(ss.VENDOR_ID, "Expiries").addr
@@ -98,7 +99,7 @@ class FaultRecord:
     codes: dict[str, int] = field(default_factory=dict)
     recovered: dict[str, float] = field(default_factory=dict)
     note: str = ""
-    ok: bool = True  # kind-specific verdict (controller_kill9: came back warm)
+    ok: bool = True  # kind-specific verdict (controller_kill9: the new incarnation logged its restart)
 
     @property
     def is_detected(self) -> bool:
@@ -148,6 +149,7 @@ class Soak:
         self.lease_expiries_healthy = 0
         self.latched_trips_lost: list[str] = []
         self.resets_failed: list[str] = []
+        self.warm_failed: list[str] = []
         self.soak_errors: list[str] = []
         self.rss_start_kib = 0
         self.rss_end_kib = 0
@@ -501,8 +503,12 @@ programs:
         kill.detected["controller"] = t_back
         self.ctl_quiet_since = t_back + self.o.settle_s
         text = self.controller.log_path.read_text(errors="replace")[log_before:]
-        kill.ok = "warm restart" in text
-        kill.note += next((ln.strip() for ln in text.splitlines() if "restart" in ln or "cold start" in ln), "no restart line")
+        line = next((ln.strip() for ln in text.splitlines() if ln.startswith("vbatt: ") and
+                     ("restart" in ln or "cold start" in ln)), "")
+        kill.ok = bool(line)  # the new incarnation ran and said how it restarted
+        if not line.startswith("vbatt: warm restart"):
+            self.warm_failed.append(f"after {kill.variant}: {line or 'no restart line in the log'}")
+        kill.note += line or "no restart line"
         kill.note += f" (cycles before the kill: {int(seen['cycles'])})"
         self._end(kill)
         kill.recovered["controller"] = t_back
@@ -711,6 +717,7 @@ programs:
         figures = {
             "instructions_lost": len(self.instructions_lost),
             "latched_trips_lost": len(self.latched_trips_lost),
+            "warm_restarts_failed": len(self.warm_failed),
             "unhandled_exceptions": unhandled,
             "operator_resets_failed": len(self.resets_failed),
             "faults_not_recovered": sum(v["not_recovered"] for v in per_kind.values()),
@@ -740,7 +747,9 @@ programs:
             "memory_rss_mib": {"start": _r(self.rss_start_kib / 1024, 1), "end": _r(self.rss_end_kib / 1024, 1)},
             "tracebacks": tb,
             "soak_errors": self.soak_errors[:20],
+            "incarnations": [{"n": k, **{x: _r(v[x], 1) for x in v}} for k, v in sorted(seen.items())],
             "details": {"instructions_lost": self.instructions_lost[:50], "latched_trips_lost": self.latched_trips_lost,
+                        "warm_restarts_failed": self.warm_failed,
                         "resets_failed": self.resets_failed, "leftover_pids": self.leftover,
                         "leftover_shm": self.leftover_shm},
             "faults": [{"id": f.id, "kind": f.kind, "targets": f.targets, "variant": f.variant,
