@@ -342,6 +342,10 @@ class Restart:
 
 
 def _bad_values(name: str, a: np.ndarray) -> str | None:
+    # Only declared fields have a meaning to check; NaN in a program's memory is that
+    # program's own convention (e.g. "no previous setpoint yet"), never a reason to go cold.
+    if not name.startswith(("node.", "agg.", "ctl.")):
+        return None
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         return f"{name} holds NaN or infinity"
     rng = _RANGES.get(name)

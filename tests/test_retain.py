@@ -291,13 +291,17 @@ def test_other_kind_or_too_old_state_is_not_used():
 def test_out_of_range_or_nan_values_are_never_restored():
     bad = arrays()
     bad["node.priority"] = np.array([0, 5000, 1])  # priority range is 0..1000 (fields.py)
-    bad["forecast.level"] = np.array([0.0, np.nan, 1.0])
+    bad["forecast.level"] = np.array([0.0, np.nan, 1.0])  # a program's own "not set" marker: its business
     st = decode(encode(bad, meta(), 1, 0))
     r = decide_restart(st, IDS, layout_of(bad))
     assert r.kind == "cold"
     assert "node.priority outside its valid range [0, 1000]" in r.describe()
-    assert "forecast.level holds NaN" in r.describe()
+    assert "forecast.level" not in r.describe()
     assert "node.priority" not in r.restore and "agg.main_limit_w" in r.restore
+    nan_limit = arrays()
+    nan_limit["agg.main_limit_w"] = np.array([np.nan])  # a declared field must be a real value
+    r = decide_restart(decode(encode(nan_limit, meta(), 1, 0)), IDS, layout_of(nan_limit))
+    assert "agg.main_limit_w holds NaN or infinity" in r.describe() and "agg.main_limit_w" not in r.restore
 
 
 def test_fallback_problems_appear_in_the_restart_log_line(tmp_path):
