@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 
 __all__ = ["add_command", "render"]
@@ -67,6 +69,12 @@ def cmd_soak(args) -> int:
     logging.getLogger("vbatt.soak").setLevel(logging.INFO if args.verbose else logging.WARNING)
     for noisy in ("asyncua", "pymodbus"):  # their reconnect chatter is expected while faults are injected
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    def interrupted(*_args) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the same orderly path as Ctrl-C
+
+    # Ctrl-C and SIGTERM both end the soak through its clean-up (even if started with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         rep = run_soak(opts)
     except KeyboardInterrupt:

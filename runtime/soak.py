@@ -779,4 +779,8 @@ def run_soak(opts: SoakOptions) -> dict:
         for proc in [soak.controller, *soak.agents, *soak.clients]:  # Ctrl-C or a failure in set-up
             if proc is not None:
                 proc.kill_leftovers()
+        for pid in soak.controller_pids:  # a controller SIGKILLed here leaves its image segment
+            for seg in SHM_DIR.glob(f"{PREFIX}{pid}-*"):
+                if not group_pids(pid):
+                    seg.unlink(missing_ok=True)
         soak.cleanup()
