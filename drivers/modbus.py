@@ -432,6 +432,8 @@ class Poller:
         r, base = self.rows, M.base
         sf = {k: ss.get_int(r, p, base).astype(np.int64) for k, p in _SF.items()}
         scale = {k: np.where(v >= 0x8000, v - 0x10000, v).astype(np.float64) for k, v in sf.items()}
+        for s in scale.values():  # sunssf is -10..10; 0x8000 = not implemented: no usable value, not 10**-32768 = 0
+            s[(s < -10) | (s > 10)] = np.nan
 
         def b802(name: str, sf_name: str, unit_scale: float = 1.0) -> np.ndarray:
             p = M.at(802, name)

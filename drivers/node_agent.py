@@ -166,10 +166,13 @@ class AgentSet:
     # -- the instruction, applied inside the write request --------------------------------------
     async def _action(self, i: int, fc: int, start: int, address: int, count: int, regs: list[int],
                       values) -> ExcCodes | None:
-        if values is None or not (address <= SEQ_REG < address + count):
-            return None  # reads, and writes that do not carry a sequence number, need nothing
+        if values is None or address + count <= INSTR_FIRST or address >= INSTR_END:
+            return None  # reads, and writes outside the instruction block, need nothing
+        if fc not in (6, 16, 23):
+            return ExcCodes.ILLEGAL_FUNCTION  # coils written over the instruction registers
         if not (address <= INSTR_FIRST and address + count >= INSTR_END):
-            return ExcCodes.ILLEGAL_VALUE  # half an instruction is no instruction
+            # half an instruction is no instruction; a part without Seq would sit there unapplied
+            return ExcCodes.ILLEGAL_VALUE
         # plain struct, not numpy: this runs inside every instruction request (thousands per second)
         off = INSTR_FIRST - address
         seq, lease, *ws = _INSTR.unpack(struct.pack(">12H", *values[off:off + 12]))
