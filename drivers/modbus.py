@@ -70,6 +70,7 @@ class DeviceError(Exception):
 
 
 _GATEWAY = (0x0A, 0x0B)  # gateway path unavailable / target failed to respond: nobody at that unit id
+_FC = {"read_holding_registers": 3, "write_registers": 16, "readwrite_registers": 23}  # what a reply must carry
 
 
 class DeviceLink:
@@ -84,6 +85,7 @@ class DeviceLink:
         self.rx_unit = -1  # unit id in the first reply frame since then
         self.rx_late = False
         self.tx_tid = b""
+        self.rx_tid = b""
         self.keep_layout = False  # reconnecting after a timeout: the device is the same, skip discovery
         self.replies = 0  # good replies on this connection (a TLS peer that hangs up at once rejected us)
         self.layout: tuple[int, int, bool] | None = None  # (802 header addr, block count, vendor present)
@@ -99,6 +101,7 @@ class DeviceLink:
             if self.rx_bytes == 0 and len(data) >= 7 and self.sslctx is None and data[2:4] == b"\0\0":
                 self.rx_unit = data[6]  # MBAP unit id of the reply (the TLS framing has no MBAP)
                 self.rx_late = data[:2] != self.tx_tid  # a well-formed reply to an earlier request
+                self.rx_tid = data[:2]
             self.rx_bytes += len(data)
         return data
 
@@ -184,12 +187,23 @@ class DeviceLink:
         except ModbusException as exc:
             self.close()
             raise DeviceError(Fault.GARBLED, f"bad reply ({exc})") from None
+        if self.rx_late:
+            # pymodbus takes a reply with transaction id 0 as the answer to any request; ours start at 1
+            self.close()
+            raise DeviceError(Fault.GARBLED, f"reply with transaction id 0x{self.rx_tid.hex()} to request "
+                                             f"0x{self.tx_tid.hex()}")
         if r.isError():
             code = getattr(r, "exception_code", 0)
             if code in _GATEWAY:
                 raise DeviceError(Fault.WRONG_UNIT, f"no device at unit id {self.ep.unit_id} "
                                                     f"(exception 0x{code:02X})")
             raise DeviceError(Fault.EXCEPTION_REPLY, f"exception reply 0x{code:02X} to {fn}")
+        fc = _FC.get(fn)
+        if fc is not None and getattr(r, "function_code", fc) != fc:
+            # pymodbus matches replies by transaction id only: an FC4 (input registers) frame would pass as FC3
+            self.close()
+            raise DeviceError(Fault.GARBLED, f"reply with function code {r.function_code} to {fn} "
+                                             f"(expected {fc})")
         regs = list(getattr(r, "registers", []))
         want = kw.get("count", kw.get("read_count"))
         if want is not None and len(regs) != want:
