@@ -613,6 +613,13 @@ programs:
             self.rng.shuffle(self._bag)
         return self._bag.pop()
 
+    def _can_inject(self, kind: str) -> bool:
+        if kind == "opcua_vanish":
+            return True
+        if kind == "agent_kill":
+            return any(all(self._healthy(n) for n in grp) for grp in self.groups)
+        return any(self._healthy(n) for n in self.ids)
+
     async def _quiesce(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while any(not t.done() for t in self._faulting) and time.monotonic() < deadline:
@@ -646,6 +653,11 @@ programs:
                     next_fault = time.monotonic() + 1.0
                 elif now >= next_fault and (next_kill is None or now < next_kill - 6.0):
                     kind = self._next_kind()
+                    if not self._can_inject(kind):  # no healthy target now: keep the kind, try again soon
+                        self._bag.append(kind)
+                        next_fault = now + 0.3
+                        await asyncio.sleep(0.05)
+                        continue
                     coro = {"agent_kill": self._agent_kill, "opcua_vanish": self._opcua_vanish}.get(kind)
                     t = self._spawn(coro() if coro else self._proxy_fault(kind))
                     self._faulting.add(t)
