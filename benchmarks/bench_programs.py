@@ -156,6 +156,9 @@ def _highs_timed(inst) -> tuple[float, str, float]:
     """HiGHS on the instance in a capped child process: (objective, status, seconds)."""
     import multiprocessing as mp
 
+    import highspy  # noqa: F401  imported here, so that the child times the solve only
+    import scipy.sparse  # noqa: F401
+
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     t = time.perf_counter()
