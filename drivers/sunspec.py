@@ -297,7 +297,8 @@ def get(rows: np.ndarray, p: Placed, start: int) -> np.ndarray:
     c = p.addr - start
     if pt.type == "float32":
         pair = np.ascontiguousarray(rows[:, c:c + 2], dtype=">u2")
-        return pair.view(">f4").reshape(-1).astype(np.float64) / pt.scale
+        with np.errstate(invalid="ignore"):  # a signalling NaN from the wire is just NaN here
+            return pair.view(">f4").reshape(-1).astype(np.float64) / pt.scale
     if pt.type in ("uint16", "enum16", "bitfield16"):
         raw = rows[:, c].astype(np.float64)
         raw[rows[:, c] == NOT_IMPL["uint16"]] = np.nan
