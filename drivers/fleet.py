@@ -20,7 +20,7 @@ import numpy as np
 
 from .backends.sim import SimBackend
 from .modbus_config import embedded_indices, rendezvous_path
-from .node_agent import AgentSet, AgentSpec, serve_agents
+from .node_agent import AgentSet, AgentSpec, serve_until_signalled
 
 __all__ = ["sub_fleet", "build_fleet_agents", "fleet_main", "embedded_fleet_services", "demo_config_text"]
 
@@ -71,15 +71,8 @@ def fleet_main(cfg, fleet, base_port: int | None = None, ready_file: str | None 
             tmp.write_text("".join(f"{p}\n" for p in a.ports))
             os.replace(tmp, ready_file)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_agents(agents, stop, ready)
-
     try:
-        asyncio.run(main())
+        asyncio.run(serve_until_signalled(agents, ready))
     finally:
         if ready_file:
             Path(ready_file).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
 import ssl
 import struct
 import time
@@ -413,6 +414,15 @@ def build_agent(cfg: NodeAgentConfig) -> AgentSet:
     return AgentSet(backend, [spec], tick_ms=cfg.tick_ms)
 
 
+async def serve_until_signalled(agents: AgentSet, on_ready=None) -> None:
+    """Serve until SIGINT or SIGTERM (the `vbatt node` and `vbatt fleet` processes)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve_agents(agents, stop, on_ready)
+
+
 async def serve_agents(agents: AgentSet, stop: asyncio.Event, on_ready=None) -> None:
     await agents.start()
     if on_ready:
@@ -426,8 +436,6 @@ async def serve_agents(agents: AgentSet, stop: asyncio.Event, on_ready=None) -> 
 
 def run_node(cfg: NodeAgentConfig, ready_file: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
-    import signal
-
     agents = build_agent(cfg)
 
     def ready(a: AgentSet) -> None:
@@ -436,11 +444,4 @@ def run_node(cfg: NodeAgentConfig, ready_file: str | None = None) -> None:
         if ready_file:
             Path(ready_file).write_text(f"{a.ports[0]}\n")
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_agents(agents, stop, ready)
-
-    asyncio.run(main())
+    asyncio.run(serve_until_signalled(agents, ready))

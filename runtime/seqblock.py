@@ -57,6 +57,10 @@ class Layout:
         return out
 
 
+def _copy_out(raw: np.ndarray, dst: np.ndarray) -> None:
+    dst[...] = raw
+
+
 class SeqBlock:
     """A group of arrays published together through a double-buffered seqlock.
 
@@ -102,21 +106,12 @@ class SeqBlock:
         self._ctl[0] = s + 1
 
     # -- reader side -------------------------------------------------------
-    def read(self, copy, retries: int = 16) -> int:
-        """Call `copy(arrays)` on the newest whole buffer; returns its sequence.
-
-        `copy` must only copy out of the arrays it is given: if the writer
-        overwrote them meanwhile the copy is discarded and done again.
-        """
-        for _ in range(retries):
-            s = int(self._ctl[0])
-            copy(self.buffers[s & 1])
-            if int(self._ctl[1]) < s + 2:
-                return s
-        raise TornRead(f"writer overtook the reader {retries} times")
-
     def read_into(self, fn, args: tuple, retries: int = 16) -> int:
-        """Call `fn(raw_bytes_of_the_newest_buffer, *args)`; same guarantee as `read`."""
+        """Call `fn(raw_bytes_of_the_newest_whole_buffer, *args)`; returns its sequence.
+
+        `fn` must only copy out of the buffer it is given: if the writer overwrote it
+        meanwhile the copy is discarded and done again (TornRead after `retries`).
+        """
         for _ in range(retries):
             s = int(self._ctl[0])
             fn(self._raw[s & 1], *args)
@@ -124,10 +119,10 @@ class SeqBlock:
                 return s
         raise TornRead(f"writer overtook the reader {retries} times")
 
+    def read(self, copy, retries: int = 16) -> int:
+        """Call `copy(arrays)` on the named arrays of the newest whole buffer; returns its sequence."""
+        return self.read_into(lambda raw: copy(self.buffers[0 if raw is self._raw[0] else 1]), (), retries)
+
     def read_raw(self, dst: np.ndarray, retries: int = 16) -> int:
-        for _ in range(retries):
-            s = int(self._ctl[0])
-            dst[:] = self._raw[s & 1]
-            if int(self._ctl[1]) < s + 2:
-                return s
-        raise TornRead(f"writer overtook the reader {retries} times")
+        """Copy the newest whole buffer's bytes into `dst` (one memmove)."""
+        return self.read_into(_copy_out, (dst,), retries)
