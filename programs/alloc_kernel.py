@@ -122,69 +122,70 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
     big_m = main_limit_w
     whole_safe = not _fine(big_m)
     # -- 1. limits and the nodes that cannot take part -----------------------------------------
+    # One branch-free pass for every node (it vectorises: ~2 ns a node where the branchy version
+    # with early exits cost ~11), then a fix-up loop over the rare nodes that cannot take part.
+    n_out = 0
     for i in range(n):
-        a = alarm[i] & ~ALLOC_ALARMS
         d = demand_w[i]
         g = max_dis_w[i]
-        use[i] = 0
-        if online[i] == 0:
+        c = max_chg_w[i]
+        sc = soc[i]
+        lk = link_w[i]
+        cw = capacity_wh[i]
+        ok = ((online[i] != 0) & (trip[i] == 0) & (d >= 0.0) & (d < math.inf) & (g >= 0.0) & (g < math.inf)
+              & (c >= 0.0) & (c < math.inf) & (lk >= 0.0) & (lk < math.inf) & (cw >= 0.0) & (cw < math.inf)
+              & (sc >= 0.0) & (sc <= 1.0))
+        use[i] = ok
+        n_out += not ok
+        alarm[i] = alarm[i] & ~ALLOC_ALARMS
+        l = -c
+        h = g
+        if narrowed:
+            pl = lo_w[i]
+            ph = hi_w[i]
+            l = max(l, pl) if pl == pl else l
+            h = min(h, ph) if ph == ph else h
+        if use_derate:
+            f = derate[i]
+            f = f if (f >= 0.0) & (f <= 1.0) else 1.0
+            l *= f
+            h *= f
+        # The reserve and the top are the allocator's own rule too (not only protection's): a full
+        # battery is not charged, one at its reserve not discharged, a node without capacity is
+        # no battery at all.
+        l = 0.0 if (sc >= soc_max) | (cw <= 0.0) else l
+        h = 0.0 if (sc <= soc_min) | (cw <= 0.0) else h
+        lo[i] = min(l, 0.0)
+        hi[i] = max(h, 0.0)
+    if whole_safe or n_out > 0:
+        for i in range(n):
+            if use[i] and not whole_safe:
+                continue
+            use[i] = 0
+            lo[i] = 0.0
+            hi[i] = 0.0
+            d = demand_w[i]
+            g = max_dis_w[i]
             battery_w[i] = 0.0
             bus_w[i] = 0.0
             served_w[i] = 0.0
             shed_w[i] = 0.0
             lo_w[i] = 0.0
             hi_w[i] = 0.0
-            alarm[i] = a
-            continue
-        if trip[i] != 0:  # a tripped node gives and takes nothing
-            battery_w[i] = 0.0
-            bus_w[i] = 0.0
-            served_w[i] = 0.0
-            shed_w[i] = d if _fine(d) else 0.0
-            lo_w[i] = 0.0
-            hi_w[i] = 0.0
-            alarm[i] = a | (_SHED if shed_w[i] > 0.0 else 0)
-            continue
-        c = max_chg_w[i]
-        sc = soc[i]
-        good = (_fine(d) and _fine(g) and _fine(c) and _fine(link_w[i]) and _fine(capacity_wh[i])
-                and sc >= 0.0 and sc <= 1.0)
-        if whole_safe or not good:  # DESIGN §2: the safe allocation, and an alarm
-            ok = _fine(d) and _fine(g)
-            b = min(d, g) if ok else 0.0
-            battery_w[i] = b
-            bus_w[i] = 0.0
-            served_w[i] = b
-            shed_w[i] = d - b if _fine(d) else 0.0
-            lo_w[i] = 0.0
-            hi_w[i] = g if ok else 0.0
-            alarm[i] = a | _SAFE | (_SHED if shed_w[i] > 0.0 else 0)
-            continue
-        l = -c
-        h = g
-        if narrowed:
-            pl = lo_w[i]
-            ph = hi_w[i]
-            if pl == pl:
-                l = max(l, pl)
-            if ph == ph:
-                h = min(h, ph)
-        if use_derate:
-            f = derate[i]
-            if f >= 0.0 and f <= 1.0:
-                l *= f
-                h *= f
-        # The reserve and the top are the allocator's own rule too (not only protection's): a full
-        # battery is not charged, one at its reserve not discharged, a node without capacity is
-        # no battery at all.
-        if sc >= soc_max or capacity_wh[i] <= 0.0:
-            l = 0.0
-        if sc <= soc_min or capacity_wh[i] <= 0.0:
-            h = 0.0
-        lo[i] = min(l, 0.0)
-        hi[i] = max(h, 0.0)
-        use[i] = 1
-        alarm[i] = a
+            if online[i] == 0:
+                continue
+            if trip[i] != 0:  # a tripped node gives and takes nothing
+                shed_w[i] = d if _fine(d) else 0.0
+            else:  # DESIGN §2: the safe allocation, and an alarm
+                ok = _fine(d) and _fine(g)
+                b = min(d, g) if ok else 0.0
+                battery_w[i] = b
+                served_w[i] = b
+                shed_w[i] = d - b if _fine(d) else 0.0
+                hi_w[i] = g if ok else 0.0
+                alarm[i] |= _SAFE
+            if shed_w[i] > 0.0:
+                alarm[i] |= _SHED
     if whole_safe:
         return 0.0
     # -- 2. shedding by priority class --------------------------------------------------------

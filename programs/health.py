@@ -88,79 +88,91 @@ class HealthParams(BaseModel):
         return v
 
 
-@njit(nogil=True, cache=True)
-def _thr(active, bit, value, limit, deadband, above):
-    """Threshold with hysteresis: set beyond the limit, cleared only back inside by the deadband."""
-    if not (limit == limit) or abs(limit) == math.inf:
-        return 0
+@njit(nogil=True, cache=True, inline="always")
+def _thr(on, active, bit, value, limit, deadband, above):
+    """Threshold with hysteresis: set beyond the limit, cleared only back inside by the deadband.
+
+    Branch-free (selects, not jumps): `on` says whether the limit is configured (finite)."""
+    held = (active & bit) != 0
     if above:
-        if value > limit:
-            return bit
-        return bit if (active & bit) and value > limit - deadband else 0
-    if value < limit:
-        return bit
-    return bit if (active & bit) and value < limit + deadband else 0
+        hit = (value > limit) | (held & (value > limit - deadband))
+    else:
+        hit = (value < limit) | (held & (value < limit + deadband))
+    return bit if on & hit else 0
 
 
-@njit(nogil=True, cache=True)
+# error_model="numpy": a division by zero gives inf/NaN (selected away below) instead of a branch to
+# raise; with the per-node work written as selects the loop runs at ~2 ns a node rather than ~13.
+@njit(nogil=True, cache=True, error_model="numpy")
 def health_step(dt, online, volt, cur, temp, soc, checked, check_lo, check_hi, alarm, acked, derate,
                 t_prev, t_rate, v_prev, i_prev, r_est, r0, n_est, has_prev, bad_in,
                 v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di, r_learn, r_drift,
                 db_v, db_a, db_c, db_s, derate_bits, derate_factor):
     k_rate = 1.0 - math.exp(-dt / rate_tau) if dt > 0.0 else 0.0
+    step_ok = dt > 0.0
+    on_vh, on_vl, on_ih = abs(v_hi) < math.inf, abs(v_lo) < math.inf, abs(i_hi) < math.inf
+    on_th, on_tl = abs(t_hi) < math.inf, abs(t_lo) < math.inf
+    on_sl, on_sh, on_tr = abs(s_lo) < math.inf, abs(s_hi) < math.inf, abs(rise) < math.inf
+    on_rd = r_drift == r_drift
     # Range check field by field: a contiguous sweep per field vectorises; indexing the
     # tuple of fields inside the node loop did not (it cost most of this kernel's time).
     bad_in[:] = 0
     for f in range(len(checked)):
         x, lo_f, hi_f = checked[f], check_lo[f], check_hi[f]
         for i in range(online.shape[0]):
-            if not (x[i] >= lo_f and x[i] <= hi_f):
-                bad_in[i] = 1
+            bad_in[i] |= not ((x[i] >= lo_f) & (x[i] <= hi_f))
     for i in range(online.shape[0]):
         old = alarm[i]
         keep = old & ~_OWN  # the allocator's bits
-        if online[i] == 0:
-            a = (old & _OWN & ~_STALE) | _STALE | keep  # frozen: no fresh data to judge
-            has_prev[i] = 0
-        else:
-            a = _BAD if bad_in[i] else 0
-            v = volt[i]
-            c = abs(cur[i])
-            t = temp[i]
-            s = soc[i]
-            a |= _thr(old, _VH, v, v_hi, db_v, True) | _thr(old, _VL, v, v_lo, db_v, False)
-            a |= _thr(old, _IH, c, i_hi, db_a, True)
-            a |= _thr(old, _TH, t, t_hi, db_c, True) | _thr(old, _TL, t, t_lo, db_c, False)
-            a |= _thr(old, _SL, s, s_lo, db_s, False) | _thr(old, _SH, s, s_hi, db_s, True)
-            if has_prev[i] and dt > 0.0 and t == t:
-                t_rate[i] += k_rate * ((t - t_prev[i]) / dt - t_rate[i])
-                di = cur[i] - i_prev[i]
-                if abs(di) >= r_min_di:
-                    est = -(v - v_prev[i]) / di
-                    if est >= 0.0 and est < math.inf:
-                        n = n_est[i]
-                        r_est[i] = est if n == 0 else r_est[i] + 0.1 * (est - r_est[i])
-                        if n < r_learn:
-                            r0[i] = r_est[i]
-                            n_est[i] = n + 1
-            a |= _thr(old, _TR, t_rate[i], rise, rise * 0.2, True)
-            if n_est[i] >= r_learn and r0[i] > 0.0 and r_drift == r_drift:
-                dev = abs(r_est[i] - r0[i]) / r0[i]
-                if dev > r_drift or ((old & _RD) and dev > 0.8 * r_drift):
-                    a |= _RD
-            if t == t:
-                t_prev[i] = t
-            v_prev[i] = v
-            i_prev[i] = cur[i]
-            has_prev[i] = 1
-            a = (a & _OWN) | keep
+        live = online[i] != 0
+        v = volt[i]
+        ci = cur[i]
+        c = abs(ci)
+        t = temp[i]
+        s = soc[i]
+        a = _BAD if bad_in[i] else 0
+        a |= _thr(on_vh, old, _VH, v, v_hi, db_v, True) | _thr(on_vl, old, _VL, v, v_lo, db_v, False)
+        a |= _thr(on_ih, old, _IH, c, i_hi, db_a, True)
+        a |= _thr(on_th, old, _TH, t, t_hi, db_c, True) | _thr(on_tl, old, _TL, t, t_lo, db_c, False)
+        a |= _thr(on_sl, old, _SL, s, s_lo, db_s, False) | _thr(on_sh, old, _SH, s, s_hi, db_s, True)
+        # Rate and resistance learn only from two consecutive live samples.
+        upd = live & (has_prev[i] != 0) & step_ok & (t == t)
+        tr_old = t_rate[i]
+        tr = tr_old + k_rate * ((t - t_prev[i]) / dt - tr_old)
+        tr = tr if upd else tr_old
+        t_rate[i] = tr
+        di = ci - i_prev[i]
+        est = -(v - v_prev[i]) / di
+        n = n_est[i]
+        re_old = r_est[i]
+        take = upd & (abs(di) >= r_min_di) & (est >= 0.0) & (est < math.inf)
+        re = est if n == 0 else re_old + 0.1 * (est - re_old)
+        re = re if take else re_old
+        r_est[i] = re
+        learn = take & (n < r_learn)
+        r0[i] = re if learn else r0[i]
+        n += learn
+        n_est[i] = n
+        a |= _thr(on_tr, old, _TR, tr, rise, rise * 0.2, True)
+        base = r0[i]
+        dev = abs(re - base) / base
+        drift = on_rd & (n >= r_learn) & (base > 0.0) & ((dev > r_drift) | (((old & _RD) != 0) & (dev > 0.8 * r_drift)))
+        a |= _RD if drift else 0
+        t_prev[i] = t if live & (t == t) else t_prev[i]
+        v_prev[i] = v if live else v_prev[i]
+        i_prev[i] = ci if live else i_prev[i]
+        has_prev[i] = live
+        # Offline: STALE_DATA, the other alarms frozen (no fresh data to judge).
+        a = ((a & _OWN) | keep) if live else ((old & _OWN & ~_STALE) | _STALE | keep)
         alarm[i] = a
         acked[i] &= a  # a cleared bit loses its acknowledgement
-        f = 1.0
-        for j in range(derate_bits.shape[0]):
-            if a & derate_bits[j]:
-                f = min(f, derate_factor[j])
-        derate[i] = f
+    # The derate table in passes of its own: an inner loop over it in the node loop (even an
+    # empty one) kept the node loop from vectorising and tripled its time.
+    derate[:] = 1.0
+    for j in range(derate_bits.shape[0]):
+        bit, fac = derate_bits[j], derate_factor[j]
+        for i in range(online.shape[0]):
+            derate[i] = min(derate[i], fac) if alarm[i] & bit else derate[i]
 
 
 def _opt(x: float | None) -> float:
