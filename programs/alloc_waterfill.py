@@ -24,7 +24,7 @@ import math
 
 from numba import njit
 
-__all__ = ["waterfill", "waterfill_subset"]
+__all__ = ["waterfill", "waterfill_lam", "waterfill_subset"]
 
 _MAX_ITER = 200
 
@@ -59,27 +59,15 @@ def _next_breakpoint(w, lo, hi, n, after, before, upward):
 
 
 @njit(nogil=True, cache=True)
-def waterfill(w, lo, hi, n, target, out, lam0):
-    """Solve over the first n entries; writes out[:n], returns lam.
+def waterfill_lam(w, lo, hi, n, target, lam0, slo, shi, sw):
+    """lam of the problem over the first n entries, given slo = sum lo, shi = sum hi, sw = sum w
+    (the caller usually has them from a pass of its own); x_i = min(hi_i, max(lo_i, lam w_i)).
 
-    Needs lo_i <= hi_i. A target outside [sum lo, sum hi] gives every node the
-    nearer bound (returns -inf / +inf). lam0 is a start value (e.g. the previous
-    cycle's lam; NaN = none).
-    """
-    slo = 0.0
-    shi = 0.0
-    sw = 0.0
-    for i in range(n):
-        slo += lo[i]
-        shi += hi[i]
-        sw += w[i]
+    Needs lo_i <= hi_i. A target outside [slo, shi] gives -inf / +inf (every node at the nearer
+    bound). lam0 is a start value (e.g. the previous cycle's lam; NaN = none)."""
     if target <= slo:
-        for i in range(n):
-            out[i] = lo[i]
         return -math.inf
     if target >= shi:
-        for i in range(n):
-            out[i] = hi[i]
         return math.inf
     tol = 1e-12 * (1.0 + abs(slo) + abs(shi))
     lam = lam0 if math.isfinite(lam0) else (target / sw if sw > 0.0 else 0.0)
@@ -106,8 +94,29 @@ def waterfill(w, lo, hi, n, target, out, lam0):
                 if not math.isfinite(cand):
                     break
         lam = cand
+    return lam
+
+
+@njit(nogil=True, cache=True)
+def waterfill(w, lo, hi, n, target, out, lam0):
+    """Solve over the first n entries; writes out[:n], returns lam (see waterfill_lam)."""
+    slo = 0.0
+    shi = 0.0
+    sw = 0.0
     for i in range(n):
-        out[i] = min(hi[i], max(lo[i], lam * w[i]))
+        slo += lo[i]
+        shi += hi[i]
+        sw += w[i]
+    lam = waterfill_lam(w, lo, hi, n, target, lam0, slo, shi, sw)
+    if lam == -math.inf:
+        for i in range(n):
+            out[i] = lo[i]
+    elif lam == math.inf:
+        for i in range(n):
+            out[i] = hi[i]
+    else:
+        for i in range(n):
+            out[i] = min(hi[i], max(lo[i], lam * w[i]))
     return lam
 
 

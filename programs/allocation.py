@@ -50,7 +50,7 @@ class AllocationParams(BaseModel):
 class Workspace:
     """Per-node scratch and memory arrays of the kernel (scratch is not in the image)."""
 
-    SCRATCH_F = ("lo", "hi", "cap", "fa", "x", "w", "blo", "bhi", "s_w", "s_lo", "s_hi", "s_x")
+    SCRATCH_F = ("cap", "fa", "x", "w", "blo", "bhi", "s_w", "s_lo", "s_hi", "s_x")
 
     def __init__(self, n: int):
         self.use = np.zeros(n, np.uint8)
@@ -60,7 +60,7 @@ class Workspace:
 
     def scratch(self) -> tuple:
         f = self.f
-        return (self.use, f["lo"], f["hi"], f["cap"], f["fa"], f["x"], f["w"], f["blo"], f["bhi"], self.sidx,
+        return (self.use, f["cap"], f["fa"], f["x"], f["w"], f["blo"], f["bhi"], self.sidx,
                 f["s_w"], f["s_lo"], f["s_hi"], f["s_x"], self.tmp)
 
 
