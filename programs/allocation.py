@@ -26,7 +26,7 @@ from vbatt.seqblock import ArraySpec
 
 from .alloc_kernel import ST_N, allocate
 
-__all__ = ["Allocation", "AllocationParams", "solve", "Workspace"]
+__all__ = ["Allocation", "AllocationParams", "solve", "solver", "Workspace"]
 
 
 class AllocationParams(BaseModel):
@@ -112,13 +112,14 @@ class Allocation(Program):
         return step
 
 
-def solve(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh, priority=None,
-          main_limit_w: float = 0.0, *, online=None, trip=None, lo_w=None, hi_w=None,
-          params: AllocationParams | None = None) -> dict[str, np.ndarray | float]:
-    """One allocation from scratch (no memory, no ramp): for tests, tools and benchmarks.
+def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh, priority=None,
+           main_limit_w: float = 0.0, *, online=None, trip=None, lo_w=None, hi_w=None,
+           params: AllocationParams | None = None):
+    """An allocation from scratch (no memory, no ramp) on arrays prepared once: returns `run`,
+    which solves the instance again on every call (as a cycle does: nothing allocated) and returns
+    the outputs and main_w. For tests, tools and benchmarks (timing the solve, not the set-up).
 
-    lo_w/hi_w, when given, are protection's narrowed limits. Returns the outputs and main_w.
-    """
+    lo_w/hi_w, when given, are protection's narrowed limits."""
     d = np.asarray(demand_w, dtype=np.float64)
     n = d.shape[0]
     f = lambda a, v=0.0: np.full(n, v) if a is None else np.asarray(a, dtype=np.float64).copy()  # noqa: E731
@@ -127,17 +128,31 @@ def solve(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh,
     on = np.ones(n, np.uint8) if online is None else np.asarray(online, dtype=np.uint8)
     tr = np.zeros(n, np.uint32) if trip is None else np.asarray(trip, dtype=np.uint32)
     narrowed = lo_w is not None or hi_w is not None
-    lo = f(lo_w, -np.inf)
-    hi = f(hi_w, np.inf)
+    lo0, hi0 = f(lo_w, -np.inf), f(hi_w, np.inf)
+    lo, hi = lo0.copy(), hi0.copy()  # the kernel writes the limits it used into them
     out = {k: np.zeros(n) for k in ("battery_w", "served_w", "shed_w", "bus_w")}
     alarm = np.zeros(n, np.uint32)
-    order = np.argsort(prio, kind="stable").astype(np.int64)
-    state = np.full(ST_N, np.nan)
-    state[0] = 0.0
-    ws = Workspace(n)
-    main_w = allocate(on, tr, d, f(max_discharge_w), f(max_charge_w), f(link_max_w), f(soc), f(capacity_wh), prio,
-                      narrowed, np.ones(n), False, float(main_limit_w), 0.0,
-                      p.soc_min, p.soc_max, 0.0, 0.0, 0.0,
-                      order, np.zeros(n), np.zeros(n), state,
-                      out["battery_w"], out["served_w"], out["shed_w"], out["bus_w"], lo, hi, alarm, *ws.scratch())
-    return {**out, "lo_w": lo, "hi_w": hi, "alarm": alarm, "main_w": main_w}
+    order0 = np.argsort(prio, kind="stable").astype(np.int64)
+    order, held, timer, state = order0.copy(), np.zeros(n), np.zeros(n), np.zeros(ST_N)
+    head = (on, tr, d, f(max_discharge_w), f(max_charge_w), f(link_max_w), f(soc), f(capacity_wh), prio,
+            narrowed, np.ones(n), False, float(main_limit_w), 0.0, p.soc_min, p.soc_max, 0.0, 0.0, 0.0,
+            order, held, timer, state, out["battery_w"], out["served_w"], out["shed_w"], out["bus_w"], lo, hi,
+            alarm, *Workspace(n).scratch())
+
+    def run() -> dict[str, np.ndarray | float]:
+        lo[:] = lo0
+        hi[:] = hi0
+        order[:] = order0
+        held[:] = 0.0
+        timer[:] = 0.0
+        state[:] = np.nan  # no warm start: lam from scratch
+        state[0] = 0.0
+        main_w = allocate(*head)
+        return {**out, "lo_w": lo, "hi_w": hi, "alarm": alarm, "main_w": main_w}
+
+    return run
+
+
+def solve(*args, **kwargs) -> dict[str, np.ndarray | float]:
+    """One allocation from scratch (see `solver`): for tests and tools."""
+    return solver(*args, **kwargs)()
