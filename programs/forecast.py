@@ -14,11 +14,23 @@ With a season, give the level a slow time constant and the trend a very long
 one: the profile then carries the shape (a fast level and trend chase the
 seasonal swings and the forecast overshoots).
 Offline nodes and NaN demand keep their last state and forecast.
+
+Seasons follow the wall clock (Ctx.WALL_S), so that a daily profile stays on the
+time of day across restarts. After a cold start, the forecast starts from the
+aggregate demand the OPC UA server recorded (its history file, when the server
+and its history are on): the recent slope of the aggregate gives each node a
+starting trend, and with a season, a recorded whole season gives the starting
+profile; each node takes the share of its first demand sample in the recorded
+aggregate level. Without a usable history (missing, too old, too short) it
+starts from nothing, as before; the log says which.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -28,7 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from vbatt.program import Ctx, Program
 from vbatt.seqblock import ArraySpec
 
-__all__ = ["Forecast", "ForecastParams", "holt_step", "forecast_mae"]
+__all__ = ["Forecast", "ForecastParams", "holt_step", "forecast_mae", "seed_from_history", "PRIOR_N"]
+
+log = logging.getLogger("vbatt.forecast")
 
 Pos = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -43,16 +57,24 @@ class ForecastParams(BaseModel):
     season_tau_s: Pos = 3600.0  # how fast the seasonal profile follows change
 
 
+# Indices of the prior (from the recorded aggregate); NaN = none.
+PRIOR_LEVEL, PRIOR_TREND, PRIOR_SEASON, PRIOR_N = 0, 1, 2, 3
+
+
 @njit(nogil=True, cache=True)
-def holt_step(now_s, dt, online, demand_w, forecast_w, level, trend, ready, season, t0,
+def holt_step(now_s, dt, online, demand_w, forecast_w, level, trend, ready, season, t0, prior_season, prior,
               horizon_s, level_tau_s, trend_tau_s, season_s, season_tau_s):
-    """One forecast pass. `season` has shape (n, bins) (bins = 0: not seasonal); t0[0] = first time seen."""
+    """One forecast pass. now_s: wall-clock time (the seasons' phase). `season` has shape (n, bins)
+    (bins = 0: not seasonal); t0[0] = first time seen. prior[PRIOR_*]: the recorded aggregate's
+    level and trend, and 1 when `prior_season` holds its seasonal profile (NaN: no prior)."""
     if t0[0] != t0[0]:
         t0[0] = now_s
     a = 1.0 - math.exp(-dt / level_tau_s) if dt > 0.0 else 0.0
     b = 1.0 - math.exp(-dt / trend_tau_s) if dt > 0.0 else 0.0
     bins = season.shape[1]
-    use_season = bins > 0 and now_s - t0[0] >= season_s
+    seeded = prior[PRIOR_SEASON] == 1.0
+    use_season = bins > 0 and (seeded or now_s - t0[0] >= season_s)
+    agg = prior[PRIOR_LEVEL]
     j_now = 0
     j_ahead = 0
     g = 0.0
@@ -66,10 +88,25 @@ def holt_step(now_s, dt, online, demand_w, forecast_w, level, trend, ready, seas
         if online[i] == 0 or not (y == y) or abs(y) == math.inf:
             continue
         if ready[i] == 0:
-            level[i] = y
+            lv = y
             trend[i] = 0.0
             ready[i] = 1
-            forecast_w[i] = y
+            # With a prior: this node's share of the recorded aggregate at this time of day.
+            base = agg + (prior_season[j_now] if bins > 0 and seeded else 0.0)
+            if base > 0.0 and base < math.inf:
+                share = y / base
+                tr = prior[PRIOR_TREND]
+                if tr == tr:
+                    trend[i] = tr * share
+                if bins > 0 and seeded:
+                    for j in range(bins):
+                        season[i, j] = prior_season[j] * share
+                    lv = y - season[i, j_now]
+            level[i] = lv
+            f = lv + trend[i] * horizon_s
+            if use_season:
+                f += season[i, j_ahead]
+            forecast_w[i] = f
             continue
         s_now = season[i, j_now] if bins > 0 else 0.0
         prev = level[i]
@@ -96,21 +133,45 @@ class Forecast(Program):
 
     def memory(self) -> list[ArraySpec]:
         n = self.n
+        bins = max(self._bins(), 1)
         return [ArraySpec("level_w", "f8", (n,)), ArraySpec("trend_w_per_s", "f8", (n,)),
-                ArraySpec("ready", "u1", (n,)), ArraySpec("season_w", "f8", (n, max(self._bins(), 1))),
-                ArraySpec("t0_s", "f8", (1,))]
+                ArraySpec("ready", "u1", (n,)), ArraySpec("season_w", "f8", (n, bins)),
+                ArraySpec("t0_s", "f8", (1,)), ArraySpec("prior_season_w", "f8", (bins,)),
+                ArraySpec("prior", "f8", (PRIOR_N,))]
+
+    history_path: Path | None = None
+
+    def configure(self, cfg) -> None:
+        """The OPC UA server's history file, when it records the aggregates."""
+        o = cfg.opcua
+        if o.enabled and o.history.enabled:
+            from vbatt.opcua_models.config import state_dir
+            from vbatt.opcua_models.history import HISTORY_FILE
+
+            self.history_path = state_dir(o) / HISTORY_FILE
 
     def init(self, img) -> None:
         self.mem(img, "t0_s")[0] = np.nan
+        prior, season = self.mem(img, "prior"), self.mem(img, "prior_season_w")
+        prior[:] = np.nan
+        season[:] = 0.0
+        if self.history_path is None:
+            return
+        try:
+            line = seed_from_history(self.history_path, self.params, time.time(), prior, season[: self._bins()])
+        except Exception as exc:  # a damaged history file must not stop the controller
+            line = f"recorded history unusable ({type(exc).__name__}: {exc})"
+        log.info("forecast: %s", line)
 
     def bind(self, img, ctx):
         p: ForecastParams = self.params
         nd = img.node
         season = self.mem(img, "season_w")[:, : self._bins()]
         arrays = (nd["online"], nd["demand_w"], nd["forecast_w"], self.mem(img, "level_w"),
-                  self.mem(img, "trend_w_per_s"), self.mem(img, "ready"), season, self.mem(img, "t0_s"))
+                  self.mem(img, "trend_w_per_s"), self.mem(img, "ready"), season, self.mem(img, "t0_s"),
+                  self.mem(img, "prior_season_w"), self.mem(img, "prior"))
         par = (p.horizon_s, p.level_tau_s, p.trend_tau_s, p.season_s or 1.0, p.season_tau_s)
-        now, dt = Ctx.NOW_S, Ctx.DT_S
+        now, dt = Ctx.WALL_S, Ctx.DT_S
 
         def step() -> None:
             holt_step(ctx[now], ctx[dt], *arrays, *par)
@@ -130,8 +191,9 @@ def forecast_mae(demand: np.ndarray, dt_s: float, params: ForecastParams) -> tup
     fc = np.zeros(n)
     online = np.ones(n, np.uint8)
     preds = np.zeros((steps, n))
+    no_prior = np.full(PRIOR_N, np.nan)
     for t in range(steps):
-        holt_step(t * dt_s, dt_s, online, demand[t], fc, level, trend, ready, season, t0,
+        holt_step(t * dt_s, dt_s, online, demand[t], fc, level, trend, ready, season, t0, np.zeros(1), no_prior,
                   params.horizon_s, params.level_tau_s, params.trend_tau_s, params.season_s or 1.0,
                   params.season_tau_s)
         preds[t] = fc
@@ -140,3 +202,46 @@ def forecast_mae(demand: np.ndarray, dt_s: float, params: ForecastParams) -> tup
     err_p = np.abs(demand[start:steps - h] - demand[start + h:]).mean()
     return float(err_f), float(err_p)
 
+
+
+def seed_from_history(path: Path, p: ForecastParams, now_s: float, prior: np.ndarray,
+                      prior_season: np.ndarray) -> str:
+    """Fill `prior` (and `prior_season`, bins of the season) from the recorded aggregate demand;
+    returns what was used, for the log. Only recent history counts: a trend older than a few of its
+    time constants, or a profile from less than one whole season, says nothing about now."""
+    from vbatt.opcua_models.history import load_series
+
+    span = max(p.season_s or 0.0, 3.0 * p.trend_tau_s)
+    t, y = load_series(path, "demand_w", since_s=now_s - 7.0 * span)
+    ok = np.isfinite(y)
+    t, y = t[ok], y[ok]
+    if t.size < 2:
+        return f"no recorded demand in {path}: starting from the first samples"
+    age = now_s - t[-1]
+    if age > 3.0 * p.trend_tau_s and not p.season_s:
+        return f"recorded demand is {age:.0f} s old: starting from the first samples"
+    recent = t >= t[-1] - 3.0 * p.trend_tau_s
+    used = []
+    if age <= 3.0 * p.trend_tau_s and recent.sum() >= 2 and np.ptp(t[recent]) > 0:
+        prior[PRIOR_TREND] = np.polyfit(t[recent] - t[-1], y[recent], 1)[0]
+        prior[PRIOR_LEVEL] = y[recent][-1]
+        used.append(f"trend {prior[PRIOR_TREND]:+.1f} W/s of the aggregate over its last {np.ptp(t[recent]):.0f} s")
+    if p.season_s:
+        bins = prior_season.shape[0]
+        full = t >= now_s - 7.0 * p.season_s
+        tf, yf = t[full], y[full]
+        j = (((tf % p.season_s) / p.season_s) * bins).astype(np.int64) % bins
+        count = np.bincount(j, minlength=bins)
+        if tf.size and np.ptp(tf) >= 0.9 * p.season_s and np.all(count > 0):
+            mean = yf.mean()
+            prior_season[:] = np.bincount(j, weights=yf - mean, minlength=bins) / count
+            prior[PRIOR_SEASON] = 1.0
+            prior[PRIOR_LEVEL] = mean  # the level without the season: the kernel adds the bin of now
+            used.append(f"seasonal profile from {np.ptp(tf) / 3600:.1f} h of recorded demand")
+        else:
+            used.append(f"no seasonal profile (the record covers {np.ptp(tf) / 3600 if tf.size else 0:.1f} h "
+                        f"and {int(np.sum(count > 0))}/{bins} bins of a {p.season_s / 3600:.1f} h season)")
+    if not prior[PRIOR_LEVEL] > 0.0:
+        prior[:] = np.nan
+        return "recorded demand unusable (no positive level): starting from the first samples"
+    return f"started from {path}: " + "; ".join(used)

@@ -14,7 +14,10 @@ __all__ = ["build_programs", "partition", "image_spec"]
 
 
 def build_programs(cfg: Config, n_nodes: int) -> list[Program]:
-    return [program_class(e.id)(e.params, n_nodes) for e in cfg.programs]
+    progs = [program_class(e.id)(e.params, n_nodes) for e in cfg.programs]
+    for p in progs:
+        p.configure(cfg)
+    return progs
 
 
 def partition(cfg: Config, fleet: Fleet) -> list[tuple[int, int, str]]:

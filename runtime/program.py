@@ -32,6 +32,7 @@ class Ctx:
     DT_S = 1  # time since the previous cycle, s (the period on the first)
     CYCLE = 2  # cycle number, from 1
     PERIOD_S = 3  # configured period, s
+    WALL_S = 4  # wall-clock (Unix) time of this cycle's release, s: CLOCK_MONOTONIC + an offset taken at start
     N = 8
 
 
@@ -64,8 +65,12 @@ class Program:
     def mem(self, img: "ProcessImage", name: str) -> np.ndarray:
         return img.mem[f"{self.id}.{name}"]
 
+    def configure(self, cfg) -> None:
+        """Take what the program needs from the rest of the configuration (called once, at build)."""
+
     def init(self, img: "ProcessImage") -> None:
-        """Set initial memory (called once before the first cycle; memory starts zeroed)."""
+        """Set initial memory (called once before the first cycle unless a warm restart restored it;
+        memory starts zeroed)."""
 
     def bind(self, img: "ProcessImage", ctx: np.ndarray) -> Callable[[], None]:
         raise NotImplementedError

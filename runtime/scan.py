@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import pickle
+import time
 
 import numpy as np
 from numba import njit
@@ -62,6 +63,9 @@ class ScanEngine:
         self.stats = Stats(img.mem)
         self.ctx = img.mem["scan.ctx"]
         self.ctx[Ctx.PERIOD_S] = self.period_ns / 1e9
+        # One offset for the whole run: the wall time programs see moves with the monotonic clock
+        # (no jumps when NTP steps the system clock), and an injected clock moves it too.
+        self.wall_offset_s = time.time() - clock.now_ns() * 1e-9
         self.programs = programs
         if not img.ctl[Ctl.WARM]:
             for p in programs:
@@ -171,6 +175,7 @@ class ScanEngine:
         self.latch(now_ns)
         stamps[1] = now()
         ctx[Ctx.NOW_S] = now_ns * 1e-9
+        ctx[Ctx.WALL_S] = now_ns * 1e-9 + self.wall_offset_s
         ctx[Ctx.DT_S] = (now_ns - self.last_release_ns) * 1e-9 if self.last_release_ns >= 0 else ctx[Ctx.PERIOD_S]
         ctx[Ctx.CYCLE] = ctl[Ctl.CYCLES] + 1
         safe = ctl[Ctl.MODE] != Mode.RUN or ctl[Ctl.WATCHDOG] != 0

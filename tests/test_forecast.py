@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 
-from vbatt.programs.forecast import ForecastParams, forecast_mae, holt_step
+from vbatt.programs.forecast import PRIOR_N, ForecastParams, forecast_mae, holt_step
 
 
 def run(demand, dt=0.1, online=None, **kw):
@@ -20,7 +21,8 @@ def run(demand, dt=0.1, online=None, **kw):
     out = np.zeros((steps, n))
     for t in range(steps):
         on = np.ones(n, np.uint8) if online is None else online[t]
-        holt_step(t * dt, dt, on, demand[t], fc, level, trend, ready, season, t0, p.horizon_s, p.level_tau_s,
+        holt_step(t * dt, dt, on, demand[t], fc, level, trend, ready, season, t0, np.zeros(1), np.full(PRIOR_N, np.nan),
+                  p.horizon_s, p.level_tau_s,
                   p.trend_tau_s, p.season_s or 1.0, p.season_tau_s)
         out[t] = fc
     return out
@@ -75,3 +77,107 @@ def test_beats_persistence_on_the_simulated_noisy_profile():
         demand_at(k * dt, kind, base, p1, p2, p3, p4, np.zeros(1), y[k])
     fc, pers = forecast_mae(y, dt, ForecastParams(horizon_s=1.0, level_tau_s=0.5, trend_tau_s=20.0))
     assert fc < pers
+
+
+# -- starting from the OPC UA server's recorded history after a cold start ---------------------------
+HIST_FLEET = """
+plant: {{main_limit_w: 1000}}
+opcua: {{enabled: true, state_dir: "{state}"}}
+nodes:
+  - template: {{count: 4, id: "n{{i}}", demand_w: 100, max_discharge_w: 500, max_charge_w: 300,
+                capacity_wh: 1000, link_max_w: 500}}
+programs:
+  - forecast: {{horizon_s: 600, level_tau_s: 1800, trend_tau_s: 1.0e6, season_s: 86400, season_bins: 24}}
+"""
+DAY = 86400.0
+
+
+def _record_day(path, now_s, days=2.0, step_s=60.0):
+    """A real history file as the server writes it: aggregate demand 400 W + 200 W by day (06-18 h)."""
+    from vbatt.opcua_models.history import BatchHistory
+
+    h = BatchHistory(path, {})
+    h.open()
+    for t in np.arange(now_s - days * DAY, now_s, step_s):
+        h.append("demand_w", int(t * 1e9), 400.0 + (200.0 if 6 <= (t % DAY) / 3600 < 18 else 0.0))
+    h.flush()
+    h.close()
+
+
+def step(eng, wall_s, dt_s=0.01):
+    """The forecast program as the scan runs it, at a chosen wall-clock time."""
+    from vbatt.program import Ctx
+
+    eng.ctx[Ctx.WALL_S], eng.ctx[Ctx.DT_S] = wall_s, dt_s
+    dict(eng.steps)["forecast"]()
+
+
+def _engine(tmp_path):
+    from vbatt.clock import FakeClock
+    from vbatt.config import load_config_text
+    from vbatt.image import Ctl, Mode, ProcessImage
+    from vbatt.plan import build_programs, image_spec
+    from vbatt.scan import ScanEngine
+
+    cfg, fleet = load_config_text(HIST_FLEET.format(state=tmp_path))
+    progs = build_programs(cfg, 4)
+    img = ProcessImage.create(image_spec(cfg, fleet, progs, [(0, 4, "sim")]))
+    for k, v in fleet.values.items():
+        img.node[k][:] = v
+    img.node["online"][:] = 1
+    img.node["demand_w"][:] = [100.0, 50.0, 150.0, 100.0]  # 400 W at night
+    img.ctl[Ctl.MODE] = Mode.RUN
+    eng = ScanEngine(img, progs, cfg, FakeClock())
+    return img, eng, progs[0]
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["history", "no-history"])
+def test_a_cold_start_takes_the_season_from_the_recorded_history(tmp_path, recorded):
+    from vbatt.opcua_models.history import HISTORY_FILE
+
+    if recorded:  # the two days up to now (init() reads the record behind the real wall clock)
+        _record_day(tmp_path / HISTORY_FILE, time.time())
+    # the cycles run at 05:30 today: 10 minutes ahead is still night; at 05:55 it is day
+    wall = math.floor(time.time() / DAY) * DAY + 5.5 * 3600
+    img, eng, fc = _engine(tmp_path)
+    try:
+        assert fc.history_path == tmp_path / HISTORY_FILE
+        step(eng, wall)
+        f = img.node["forecast_w"].copy()
+        assert np.all(np.isfinite(f))
+        step(eng, wall + 25 * 60)  # 05:55: 10 minutes ahead is 06:05, in the day bin
+        ahead = img.node["forecast_w"]
+        if recorded:
+            # the profile (bin - mean of 500 W) goes to each node by its share of the recorded 400 W at
+            # night; 10 minutes ahead of 05:55 the day's +200 W is expected before it is seen
+            y = np.array([100.0, 50.0, 150.0, 100.0])
+            prof = img.mem["forecast.prior_season_w"]
+            assert prof[5] == pytest.approx(-100.0, abs=1.0) and prof[6] == pytest.approx(100.0, abs=1.0)
+            assert f == pytest.approx(y, abs=1.0)
+            assert ahead == pytest.approx(y + 200.0 * y / 400.0, abs=1.0)
+        else:
+            assert np.all(np.isnan(img.mem["forecast.prior"]))
+            assert f == pytest.approx([100.0, 50.0, 150.0, 100.0])
+            assert ahead == pytest.approx([100.0, 50.0, 150.0, 100.0])  # nothing learnt yet: persistence
+    finally:
+        img.close()
+
+
+def test_a_short_or_damaged_history_starts_from_nothing(tmp_path):
+    from vbatt.opcua_models.history import HISTORY_FILE
+
+    now = time.time()
+    _record_day(tmp_path / HISTORY_FILE, now, days=0.25)  # 6 h of a 24 h season: not a profile
+    img, eng, _ = _engine(tmp_path)
+    try:
+        assert img.mem["forecast.prior"][2] != 1.0
+    finally:
+        img.close()
+    (tmp_path / HISTORY_FILE).write_bytes(b"this is not sqlite" * 100)
+    img, eng, _ = _engine(tmp_path)
+    try:
+        assert np.all(np.isnan(img.mem["forecast.prior"]))
+        step(eng, now)
+        assert img.node["forecast_w"] == pytest.approx([100.0, 50.0, 150.0, 100.0])
+    finally:
+        img.close()
