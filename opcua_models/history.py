@@ -15,13 +15,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from asyncua import ua
 from asyncua.server.history import HistoryStorageInterface
 
-__all__ = ["BatchHistory", "load_series", "HISTORY_FILE"]
+from .history_file import HISTORY_FILE, load_series  # noqa: F401  (re-exported)
 
-HISTORY_FILE = "history.sqlite"
+__all__ = ["BatchHistory", "load_series", "HISTORY_FILE"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (name TEXT NOT NULL, t_ns INTEGER NOT NULL, value REAL);
 CREATE INDEX IF NOT EXISTS samples_name_t ON samples (name, t_ns);
@@ -129,21 +128,3 @@ class BatchHistory(HistoryStorageInterface):
             self.flush()
             self.db.close()
             self.db = None
-
-
-def load_series(path: str | Path, name: str, since_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(unix time s, values) of one recorded aggregate, oldest first; empty when there is no history."""
-    p = Path(path)
-    if not p.exists():
-        return np.empty(0), np.empty(0)
-    con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
-    try:
-        lo = int(since_s * 1e9) if since_s is not None else 0
-        rows = con.execute("SELECT t_ns, value FROM samples WHERE name = ? AND t_ns >= ? ORDER BY t_ns",
-                           (name, lo)).fetchall()
-    finally:
-        con.close()
-    if not rows:
-        return np.empty(0), np.empty(0)
-    arr = np.asarray(rows, dtype=np.float64)
-    return arr[:, 0] / 1e9, arr[:, 1]

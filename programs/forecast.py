@@ -146,7 +146,7 @@ class Forecast(Program):
         o = cfg.opcua
         if o.enabled and o.history.enabled:
             from vbatt.opcua_models.config import state_dir
-            from vbatt.opcua_models.history import HISTORY_FILE
+            from vbatt.opcua_models.history_file import HISTORY_FILE
 
             self.history_path = state_dir(o) / HISTORY_FILE
 
@@ -209,7 +209,7 @@ def seed_from_history(path: Path, p: ForecastParams, now_s: float, prior: np.nda
     """Fill `prior` (and `prior_season`, bins of the season) from the recorded aggregate demand;
     returns what was used, for the log. Only recent history counts: a trend older than a few of its
     time constants, or a profile from less than one whole season, says nothing about now."""
-    from vbatt.opcua_models.history import load_series
+    from vbatt.opcua_models.history_file import load_series
 
     span = max(p.season_s or 0.0, 3.0 * p.trend_tau_s)
     t, y = load_series(path, "demand_w", since_s=now_s - 7.0 * span)
