@@ -13,10 +13,12 @@ from .stats import stats_specs
 __all__ = ["build_programs", "partition", "image_spec"]
 
 
-def build_programs(cfg: Config, n_nodes: int) -> list[Program]:
+def build_programs(cfg: Config, n_nodes: int, *, configure: bool = True) -> list[Program]:
+    """configure=False: programs on their own (a scratch image, e.g. the compile warm-up)."""
     progs = [program_class(e.id)(e.params, n_nodes) for e in cfg.programs]
-    for p in progs:
-        p.configure(cfg)
+    if configure:
+        for p in progs:
+            p.configure(cfg)
     return progs
 
 

@@ -34,7 +34,7 @@ def warm_up(cfg: Config) -> None:
     from .plan import build_programs, image_spec
     from .scan import ScanEngine
 
-    programs = build_programs(cfg, 1)
+    programs = build_programs(cfg, 1, configure=False)
     spec = image_spec(cfg, Fleet(["warm-up"], {}, ["sim"], [None], [None]), programs, [(0, 1, "sim")])
     img = ProcessImage.create(spec)
     try:

@@ -181,3 +181,27 @@ def test_a_short_or_damaged_history_starts_from_nothing(tmp_path):
         assert img.node["forecast_w"] == pytest.approx([100.0, 50.0, 150.0, 100.0])
     finally:
         img.close()
+
+
+@pytest.mark.parametrize("span_s,seeded", [(120.0, True), (10.0, False)])
+def test_a_cold_start_takes_the_trend_of_a_recent_record(tmp_path, span_s, seeded):
+    """Without a season: the aggregate's recent slope, split by share; a record shorter than two
+    trend time constants (e.g. the start-up of the last run) is not used."""
+    from vbatt.opcua_models.history import BatchHistory, HISTORY_FILE
+    from vbatt.programs.forecast import PRIOR_LEVEL, PRIOR_TREND, ForecastParams, seed_from_history
+
+    now = time.time()
+    h = BatchHistory(tmp_path / HISTORY_FILE, {})
+    h.open()
+    for t in np.arange(now - span_s, now, 1.0):
+        h.append("demand_w", int(t * 1e9), 400.0 + 2.0 * (t - now))  # +2 W/s, 400 W now
+    h.flush()
+    h.close()
+    prior, season = np.full(3, np.nan), np.zeros(0)
+    line = seed_from_history(tmp_path / HISTORY_FILE, ForecastParams(trend_tau_s=20.0), now, prior, season)
+    if seeded:
+        assert prior[PRIOR_TREND] == pytest.approx(2.0, rel=1e-6)
+        assert prior[PRIOR_LEVEL] == pytest.approx(400.0 - 2.0, abs=1e-6)  # the last sample, 1 s ago
+        assert "trend +2.0 W/s" in line
+    else:
+        assert np.all(np.isnan(prior)) and "less than 40 s" in line
