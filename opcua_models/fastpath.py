@@ -176,47 +176,17 @@ def write_values(avs: list, idx: list, vals: list, vt: ua.VariantType, status: l
     if pack is not None:  # mask: value, source and server timestamps (a Good status is not encoded)
         head, tail = _MASK_TYPE(0x0D, _VT_CODE[vt]), _ts(source) + _ts(server)
     code = good.value
-    sinks, u32 = _sinks, _U32
     for k, i in enumerate(idx):
         val = vals[k]
         ok = status is None or status[k]
-        v = _new(_Variant)
-        v.Value, v.VariantType, v.Dimensions, v.is_array = val, vt, None, False
-        dv = _new(_DataValue)
-        dv.Encoding, dv.Value, dv.StatusCode = 0, v, good if ok else bad
-        dv.SourceTimestamp, dv.ServerTimestamp, dv.SourcePicoseconds, dv.ServerPicoseconds = source, server, None, None
+        dv = data_value(val, vt, good if ok else bad, source, server)
         av = avs[i]
         av.value = dv
         cbs = av.datachange_callbacks
         if not cbs:
             continue
-        if pack is None or not ok or code:
-            deliver(cbs, dv, pending, None if pack is None else wire(dv))
-            continue
-        entry = sinks.get(id(cbs))
-        if entry is None or entry[0] is not cbs or entry[1] != _generation[0] or entry[3]:
-            deliver(cbs, dv, pending, head + pack(val) + tail)
-            continue
-        # deliver(), inlined for the common case (every sink plain, a Good value): ~1/4 of the time
-        w = head + pack(val) + tail
-        for mdata, mv, mid, isub, flt, plain, handle, cb in entry[2]:
-            if mdata.mode is _DISABLED:
-                continue
-            if not plain or mdata.filter is not flt:
-                pending.setdefault(None, []).append((handle, cb, dv))
-                continue
-            mv.old_dvalue, mv.current_dvalue = mv.current_dvalue, dv
-            ev = u32(mdata.client_handle) + w
-            queue = isub._triggered_datachanges
-            items = queue.get(mid)
-            if items is None:
-                queue[mid] = [ev]
-                pending[isub] = True
-            else:
-                size = mdata.queue_size
-                if size and len(items) >= size:
-                    items.pop(0)
-                items.append(ev)
+        # A Good scalar: its notification bytes from the head and tail made once for the field.
+        deliver(cbs, dv, pending, head + pack(val) + tail if pack is not None and ok and not code else None)
 
 
 async def flush(pending: dict) -> None:
