@@ -22,7 +22,7 @@ from .backends.sim import SimBackend
 from .modbus_config import embedded_indices, rendezvous_path
 from .node_agent import AgentSet, AgentSpec, serve_until_signalled
 
-__all__ = ["sub_fleet", "build_fleet_agents", "fleet_main", "embedded_fleet_services", "demo_config_text"]
+__all__ = ["sub_fleet", "build_fleet_agents", "fleet_main", "embedded_fleet_services", "demo_config_text", "demo_nodes_yaml"]
 
 log = logging.getLogger("vbatt.fleet")
 
@@ -88,6 +88,27 @@ def embedded_fleet_services(cfg, fleet, image_name: str, spec) -> list:
     return [ServiceSpec("vbatt-fleet", fleet_main, (cfg, fleet, None, ready), before_drivers=True)]
 
 
+def demo_nodes_yaml(count: int, id_pattern: str, soc: tuple[float, float] = (0.4, 1.0), **keys) -> str:
+    """The `nodes:` section of `count` demo nodes (servers with battery backup units, over Modbus);
+    `keys` (e.g. start, seed) go into the template as they are."""
+    extra = "".join(f"      {k}: {v}\n" for k, v in keys.items())
+    return f"""nodes:
+  - template:
+      count: {count}
+      id: "{id_pattern}"
+{extra}      driver: modbus
+      priority: [1, 3]
+      demand_w: [200, 450]
+      demand_profile: {{kind: sine, amplitude_w: 60, period_s: 120, noise_w: 15}}
+      max_discharge_w: [400, 800]
+      max_charge_w: [200, 400]
+      capacity_wh: [300, 900]
+      soc: [{soc[0]}, {soc[1]}]
+      temperature_c: [24, 32]
+      link_max_w: [500, 1000]
+"""
+
+
 def demo_config_text(nodes: int, base_port: int, tick_ms: float = 100.0) -> str:
     """The plant config `vbatt fleet --nodes N` serves: N servers with battery backup units."""
     return f"""
@@ -95,18 +116,4 @@ drivers:
   modbus:
     plaintext: true
     embedded_fleet: {{base_port: {base_port}, tick_ms: {tick_ms}}}
-nodes:
-  - template:
-      count: {nodes}
-      id: "node-{{i:05d}}"
-      driver: modbus
-      priority: [1, 3]
-      demand_w: [200, 450]
-      demand_profile: {{kind: sine, amplitude_w: 60, period_s: 120, noise_w: 15}}
-      max_discharge_w: [400, 800]
-      max_charge_w: [200, 400]
-      capacity_wh: [300, 900]
-      soc: [0.4, 1.0]
-      temperature_c: [24, 32]
-      link_max_w: [500, 1000]
-"""
+""" + demo_nodes_yaml(nodes, "node-{i:05d}")

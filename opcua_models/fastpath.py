@@ -15,9 +15,9 @@ status is left out of a DataValue, as its encoding mask allows; 4 bytes fewer):
    `data_value()` builds them with the type the model already knows.
 3. `MonitoredItemService.datachange_callback` builds a default notification
    (with its own default DataValue and Variant) and compares old and new values;
-   `notify()` is only called for a changed value or status, so it enqueues the
-   notification directly for items without a deadband (items with a deadband or
-   a status-only trigger take the stock path).
+   `write_values()`/`deliver()` are only called for a changed value or status, so
+   they queue the notification directly, already encoded, for items without a
+   deadband (items with a deadband or a status-only trigger take the stock path).
 4. The generic dataclass encoder walks type hints per field; the encoder of
    `MonitoredItemNotification` is replaced by one for scalar DataValues
    (any other content falls back to the stock encoder).
@@ -35,7 +35,7 @@ from asyncua.server import monitored_item_service as _mis
 from asyncua.ua import ua_binary as _ub
 from asyncua.ua.uatypes import datetime_to_win_epoch
 
-__all__ = ["install", "uninstall", "installed", "data_value", "deliver", "write_values", "flush", "notify", "wire", "encode_notification"]
+__all__ = ["install", "uninstall", "installed", "data_value", "deliver", "write_values", "flush", "wire", "encode_notification"]
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), _dt.datetime)
 _stock_set = _mis.MonitoredItemValues.set_current_datavalue
@@ -196,13 +196,6 @@ async def flush(pending: dict) -> None:
     for isub in pending:
         await isub._trigger_publish()
     pending.clear()
-
-
-async def notify(callbacks: dict, dv: ua.DataValue) -> None:
-    """Deliver one changed value to every monitored item registered on one attribute."""
-    pending: dict = {}
-    deliver(callbacks, dv, pending)
-    await flush(pending)
 
 
 # -- 4. encoding -------------------------------------------------------------------------------------------

@@ -217,18 +217,21 @@ def seed_from_history(path: Path, p: ForecastParams, now_s: float, prior: np.nda
     t, y = t[ok], y[ok]
     if t.size < 2:
         return f"no recorded demand in {path}: starting from the first samples"
+    window, need = 3.0 * p.trend_tau_s, 2.0 * p.trend_tau_s
     age = now_s - t[-1]
-    if age > 3.0 * p.trend_tau_s and not p.season_s:
-        return f"recorded demand is {age:.0f} s old: starting from the first samples"
-    if not p.season_s and np.ptp(t[t >= t[-1] - 3.0 * p.trend_tau_s]) < 2.0 * p.trend_tau_s:
-        return f"recorded demand covers less than {2.0 * p.trend_tau_s:.0f} s: starting from the first samples"
-    recent = t >= t[-1] - 3.0 * p.trend_tau_s
-    used = []
+    recent = t >= t[-1] - window
+    covered = np.ptp(t[recent])
     # A slope from less than two time constants is noise (or the start-up of the last run).
-    if age <= 3.0 * p.trend_tau_s and recent.sum() >= 3 and np.ptp(t[recent]) >= 2.0 * p.trend_tau_s:
+    trend_ok = age <= window and recent.sum() >= 3 and covered >= need
+    if not trend_ok and not p.season_s:
+        if age > window:
+            return f"recorded demand is {age:.0f} s old: starting from the first samples"
+        return f"recorded demand covers less than {need:.0f} s: starting from the first samples"
+    used = []
+    if trend_ok:
         prior[PRIOR_TREND] = np.polyfit(t[recent] - t[-1], y[recent], 1)[0]
         prior[PRIOR_LEVEL] = y[recent][-1]
-        used.append(f"trend {prior[PRIOR_TREND]:+.1f} W/s of the aggregate over its last {np.ptp(t[recent]):.0f} s")
+        used.append(f"trend {prior[PRIOR_TREND]:+.1f} W/s of the aggregate over its last {covered:.0f} s")
     if p.season_s:
         bins = prior_season.shape[0]
         full = t >= now_s - 7.0 * p.season_s

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vbatt.drivers import sunspec as ss
+from vbatt.drivers.fleet import demo_nodes_yaml
 from vbatt.programs.codes import Trip
 
 from .shm import PREFIX, SHM_DIR
@@ -166,27 +167,11 @@ class Soak:
     def _group_config(self, k: int) -> Path:
         grp = self.groups[k]
         start = self.ids.index(grp[0])
-        text = f"""drivers:
+        text = """drivers:
   modbus:
     plaintext: true
-    embedded_fleet: {{tick_ms: 100}}
-nodes:
-  - template:
-      count: {len(grp)}
-      id: "soak-{{i:03d}}"
-      start: {start}
-      seed: {self.seed + k}
-      driver: modbus
-      priority: [1, 3]
-      demand_w: [200, 450]
-      demand_profile: {{kind: sine, amplitude_w: 60, period_s: 120, noise_w: 15}}
-      max_discharge_w: [400, 800]
-      max_charge_w: [200, 400]
-      capacity_wh: [300, 900]
-      soc: [0.5, 1.0]
-      temperature_c: [24, 32]
-      link_max_w: [500, 1000]
-"""
+    embedded_fleet: {tick_ms: 100}
+""" + demo_nodes_yaml(len(grp), "soak-{i:03d}", soc=(0.5, 1.0), start=start, seed=self.seed + k)
         p = self.work / "agents" / f"group-{k}.yaml"
         p.write_text(text)
         return p

@@ -48,6 +48,14 @@ def _frames(buf: bytearray) -> list[bytes]:
     return out
 
 
+async def _framed(reader: asyncio.StreamReader):
+    """The whole frames of each chunk read, until the peer closes (a chunk may hold none)."""
+    buf = bytearray()
+    while data := await reader.read(4096):
+        buf += data
+        yield _frames(buf)
+
+
 class NodeProxy:
     """Listens on 127.0.0.1:`port` (0 = a free one) and forwards to 127.0.0.1:`upstream_port`."""
 
@@ -126,13 +134,8 @@ class NodeProxy:
                 self._tasks.discard(task)
 
     async def _requests(self, reader: asyncio.StreamReader, uw: asyncio.StreamWriter, reads: dict) -> None:
-        buf = bytearray()
-        while True:
-            data = await reader.read(4096)
-            if not data:
-                return
-            buf += data
-            for f in _frames(buf):
+        async for frames in _framed(reader):
+            for f in frames:
                 tid = _MBAP.unpack_from(f)[0]
                 fc = f[7]
                 if fc in (3, 23) and len(f) >= 10:
@@ -143,13 +146,8 @@ class NodeProxy:
             await uw.drain()
 
     async def _replies(self, ur: asyncio.StreamReader, writer: asyncio.StreamWriter, reads: dict) -> None:
-        buf = bytearray()
-        while True:
-            data = await ur.read(4096)
-            if not data:
-                return
-            buf += data
-            for f in _frames(buf):
+        async for frames in _framed(ur):
+            for f in frames:
                 self.replies += 1
                 mode = self.mode
                 if mode == "silent":

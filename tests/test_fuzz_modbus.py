@@ -26,6 +26,7 @@ Longer runs: VBATT_FUZZ_EXAMPLES=5000 (layers 1 and 2) and VBATT_FUZZ_NET_EXAMPL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient
 
-from test_modbus_support import M, V, endpoint, fleet_of, poller, raw_server, serving
+from test_modbus_support import M, V, endpoint, fleet_of, poller, raw_server, read_request, serving
 from vbatt.drivers import sunspec as ss
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus import BLOCK_END, BLOCK_START, FIELDS, DeviceError, DeviceLink
@@ -416,6 +417,20 @@ def _state(agents) -> tuple:
             tuple(agents.regs[i][INSTR_FIRST - M.base:INSTR_END - M.base]))
 
 
+@contextlib.asynccontextmanager
+async def instructed(agents):
+    """A client of the first agent that has sent it a first instruction, so that "changes nothing"
+    has something to keep."""
+    c = AsyncModbusTcpClient("127.0.0.1", port=agents.ports[0], timeout=2, retries=0, reconnect_delay=0)
+    assert await c.connect()
+    try:
+        assert not (await c.write_registers(INSTR_FIRST, _instr(7, 1000, (1.0, 2.0, 3.0, 4.0)),
+                                            device_id=1)).isError()
+        yield c
+    finally:
+        c.close()
+
+
 @FUZZ
 @given(writes())
 def test_agent_applies_good_instructions_and_refuses_the_rest(req):
@@ -424,44 +439,36 @@ def test_agent_applies_good_instructions_and_refuses_the_rest(req):
     event(f"FC{fc} {'valid instruction' if want else 'refused or elsewhere'}")
 
     async def body():
-        async with serving() as agents:
-            c = AsyncModbusTcpClient("127.0.0.1", port=agents.ports[0], timeout=2, retries=0, reconnect_delay=0)
-            assert await c.connect()
-            try:
-                # a first instruction, so "changes nothing" has something to keep
-                assert not (await c.write_registers(INSTR_FIRST, _instr(7, 1000, (1.0, 2.0, 3.0, 4.0)),
-                                                    device_id=1)).isError()
-                before = _state(agents)
-                if fc == 16:
-                    r = await c.write_registers(address, values, device_id=1)
-                elif fc == 23:
-                    r = await c.readwrite_registers(read_address=M.base, read_count=2, write_address=address,
-                                                    values=values, device_id=1)
-                elif fc == 6:
-                    r = await c.write_register(address, values[0], device_id=1)
-                else:
-                    r = await c.write_coils(address, values, device_id=1)
-                after = _state(agents)
-                n = (address % 16 + len(values) + 15) // 16 if fc == 15 else len(values)
-                touches = address < INSTR_END and address + n > INSTR_FIRST
-                if want is None:
-                    # 802's own writable points (CtrlHb, AlmRst, SetOp, SetInvState) may take a write
-                    assert r.isError() or not touches, f"FC{fc} at {address} with {values} was accepted"
-                    assert after == before, f"FC{fc} at {address} with {values} changed the agent"
-                else:
-                    assert not r.isError(), f"a valid instruction refused: {r}"
-                    seq, lease, ws = want
-                    assert after[0] == seq and after[1] == lease and after[2] == ss.Mode.CONTROLLED
-                    got = dict(zip(("battery_w", "bus_w", "served_w", "shed_w"), ws))
-                    assert after[5] == tuple(got[k] for k in sorted(got))
-                # it keeps serving: the marker reads and the next good instruction is taken
-                r = await c.read_holding_registers(M.base, count=2, device_id=1)
-                assert not r.isError() and tuple(r.registers) == ss.SUNS
-                assert not (await c.write_registers(INSTR_FIRST, _instr(9, 500, (5.0, 0.0, 0.0, 0.0)),
-                                                    device_id=1)).isError()
-                assert agents.seq[0] == 9 and agents.cmd["battery_w"][0] == 5.0
-            finally:
-                c.close()
+        async with serving() as agents, instructed(agents) as c:
+            before = _state(agents)
+            if fc == 16:
+                r = await c.write_registers(address, values, device_id=1)
+            elif fc == 23:
+                r = await c.readwrite_registers(read_address=M.base, read_count=2, write_address=address,
+                                                values=values, device_id=1)
+            elif fc == 6:
+                r = await c.write_register(address, values[0], device_id=1)
+            else:
+                r = await c.write_coils(address, values, device_id=1)
+            after = _state(agents)
+            n = (address % 16 + len(values) + 15) // 16 if fc == 15 else len(values)
+            touches = address < INSTR_END and address + n > INSTR_FIRST
+            if want is None:
+                # 802's own writable points (CtrlHb, AlmRst, SetOp, SetInvState) may take a write
+                assert r.isError() or not touches, f"FC{fc} at {address} with {values} was accepted"
+                assert after == before, f"FC{fc} at {address} with {values} changed the agent"
+            else:
+                assert not r.isError(), f"a valid instruction refused: {r}"
+                seq, lease, ws = want
+                assert after[0] == seq and after[1] == lease and after[2] == ss.Mode.CONTROLLED
+                got = dict(zip(("battery_w", "bus_w", "served_w", "shed_w"), ws))
+                assert after[5] == tuple(got[k] for k in sorted(got))
+            # it keeps serving: the marker reads and the next good instruction is taken
+            r = await c.read_holding_registers(M.base, count=2, device_id=1)
+            assert not r.isError() and tuple(r.registers) == ss.SUNS
+            assert not (await c.write_registers(INSTR_FIRST, _instr(9, 500, (5.0, 0.0, 0.0, 0.0)),
+                                                device_id=1)).isError()
+            assert agents.seq[0] == 9 and agents.cmd["battery_w"][0] == 5.0
 
     asyncio.run(asyncio.wait_for(body(), HANG_S))
 
@@ -471,23 +478,16 @@ def test_a_write_into_the_instruction_block_without_seq_is_refused():
     FC16 of BatW alone, FC15 coils over the block) was acknowledged and stored but never applied, so a
     controller believed an instruction the node did not follow."""
     async def body():
-        async with serving() as agents:
-            c = AsyncModbusTcpClient("127.0.0.1", port=agents.ports[0], timeout=2, retries=0, reconnect_delay=0)
-            assert await c.connect()
-            try:
-                assert not (await c.write_registers(INSTR_FIRST, _instr(7, 1000, (1.0, 2.0, 3.0, 4.0)),
-                                                    device_id=1)).isError()
-                before = _state(agents)
-                r = await c.write_register(INSTR_FIRST + 1, 0, device_id=1)
-                assert r.isError() and r.exception_code == 3
-                bat = M.at(V, "BatW").addr
-                r = await c.write_registers(bat, _instr(0, 0, (99.0, 0, 0, 0))[4:6], device_id=1)
-                assert r.isError() and r.exception_code == 3
-                r = await c.write_coils(INSTR_FIRST, [True] * 180, device_id=1)  # 12 registers of bits
-                assert r.isError() and r.exception_code == 1
-                assert _state(agents) == before
-            finally:
-                c.close()
+        async with serving() as agents, instructed(agents) as c:
+            before = _state(agents)
+            r = await c.write_register(INSTR_FIRST + 1, 0, device_id=1)
+            assert r.isError() and r.exception_code == 3
+            bat = M.at(V, "BatW").addr
+            r = await c.write_registers(bat, _instr(0, 0, (99.0, 0, 0, 0))[4:6], device_id=1)
+            assert r.isError() and r.exception_code == 3
+            r = await c.write_coils(INSTR_FIRST, [True] * 180, device_id=1)  # 12 registers of bits
+            assert r.isError() and r.exception_code == 1
+            assert _state(agents) == before
 
     asyncio.run(body())
 
@@ -588,9 +588,7 @@ class Hostile:
         self.writers.add(writer)
         try:
             while True:
-                head = await reader.readexactly(7)
-                body = await reader.readexactly(struct.unpack(">H", head[4:6])[0] - 1)
-                out = self.answer(head + body)
+                out = self.answer(await read_request(reader))
                 if out == "close":
                     break
                 if out:

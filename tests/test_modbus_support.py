@@ -112,6 +112,12 @@ def point(regs: list[int], start: int, model: int, name: str, as_int: bool = Fal
 
 
 # -- raw servers that misbehave on purpose ------------------------------------------------------------
+async def read_request(reader) -> bytes:
+    """One whole Modbus TCP frame (MBAP header and PDU) from `reader`."""
+    head = await reader.readexactly(7)
+    return head + await reader.readexactly(struct.unpack(">H", head[4:6])[0] - 1)
+
+
 @contextlib.asynccontextmanager
 async def raw_server(reply):
     """A TCP server on 127.0.0.1:0; `reply(request_bytes) -> bytes | None` (None: stay silent)."""
@@ -119,10 +125,7 @@ async def raw_server(reply):
     async def handle(reader, writer):
         try:
             while True:
-                head = await reader.readexactly(7)
-                tid, _proto, length, _unit = struct.unpack(">HHHB", head)
-                body = await reader.readexactly(length - 1)
-                out = reply(head + body)
+                out = reply(await read_request(reader))
                 if out:
                     writer.write(out)
                     await writer.drain()
