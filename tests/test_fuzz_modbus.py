@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient
 
-from test_modbus_support import M, V, endpoint, fleet_of, poller, raw_server, read_request, serving
+from test_modbus_support import M, V, answer_requests, endpoint, fleet_of, poller, raw_server, serving
 from vbatt.drivers import sunspec as ss
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus import BLOCK_END, BLOCK_START, FIELDS, DeviceError, DeviceLink
@@ -587,18 +587,9 @@ class Hostile:
     async def handle(self, reader, writer) -> None:
         self.writers.add(writer)
         try:
-            while True:
-                out = self.answer(await read_request(reader))
-                if out == "close":
-                    break
-                if out:
-                    writer.write(out)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
+            await answer_requests(reader, writer, self.answer)
         finally:
             self.writers.discard(writer)
-            writer.close()
 
 
 class Devices:
@@ -786,6 +777,17 @@ def test_driver_against_a_hostile_device(devices, h):
     assert inp["io_errors"][0] == 0
 
 
+@contextlib.asynccontextmanager
+async def linked(port: int):
+    """The driver's connection to a device on 127.0.0.1:port (1 s timeout, no TLS)."""
+    link = DeviceLink(endpoint(port), 1.0, None)
+    await link.connect()
+    try:
+        yield link
+    finally:
+        link.close()
+
+
 @pytest.mark.parametrize("fc", [4, 23])
 def test_a_reply_with_another_function_code_is_garbled(fc):
     """Found by this fuzzer: pymodbus matches a reply to its request by transaction id only, so an FC4
@@ -798,14 +800,9 @@ def test_a_reply_with_another_function_code_is_garbled(fc):
         return ok[:7] + bytes([fc]) + ok[8:]
 
     async def body():
-        async with raw_server(reply) as port:
-            link = DeviceLink(endpoint(port), 1.0, None)
-            await link.connect()
-            try:
-                with pytest.raises(DeviceError) as exc:
-                    await link.discover()
-            finally:
-                link.close()
+        async with raw_server(reply) as port, linked(port) as link:
+            with pytest.raises(DeviceError) as exc:
+                await link.discover()
             assert exc.value.fault == Fault.GARBLED
             assert f"reply with function code {fc} to read_holding_registers (expected 3)" in exc.value.reason
 
@@ -821,14 +818,9 @@ def test_a_reply_with_transaction_id_zero_is_not_taken_for_the_answer():
         return b"\0\0" + _memory_server_reply(mem)(req)[2:]
 
     async def body():
-        async with raw_server(reply) as port:
-            link = DeviceLink(endpoint(port), 1.0, None)
-            await link.connect()
-            try:
-                with pytest.raises(DeviceError) as exc:
-                    await link.call("read_holding_registers", address=40000, count=2)
-            finally:
-                link.close()
+        async with raw_server(reply) as port, linked(port) as link:
+            with pytest.raises(DeviceError) as exc:
+                await link.call("read_holding_registers", address=40000, count=2)
             assert exc.value.fault == Fault.GARBLED
             assert exc.value.reason == "reply with transaction id 0x0000 to request 0x0001"
 

@@ -118,23 +118,27 @@ async def read_request(reader) -> bytes:
     return head + await reader.readexactly(struct.unpack(">H", head[4:6])[0] - 1)
 
 
+async def answer_requests(reader, writer, reply) -> None:
+    """Serve one connection: `reply(request_bytes)` gives the bytes to send back, None to stay
+    silent, or "close" to hang up; until the peer goes."""
+    try:
+        while True:
+            out = reply(await read_request(reader))
+            if out == "close":
+                break
+            if out:
+                writer.write(out)
+                await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()
+
+
 @contextlib.asynccontextmanager
 async def raw_server(reply):
-    """A TCP server on 127.0.0.1:0; `reply(request_bytes) -> bytes | None` (None: stay silent)."""
-
-    async def handle(reader, writer):
-        try:
-            while True:
-                out = reply(await read_request(reader))
-                if out:
-                    writer.write(out)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    """A TCP server on 127.0.0.1:0 answering with `reply` (see answer_requests)."""
+    srv = await asyncio.start_server(lambda r, w: answer_requests(r, w, reply), "127.0.0.1", 0)
     try:
         yield srv.sockets[0].getsockname()[1]
     finally:
