@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vbatt.config import load_config_text
+from vbatt.config.plant import load_config_text
 from vbatt.drivers.base import IoContext
-from vbatt.drivers.opcua_client import OpcuaClientDriver
-from vbatt.image import ImageSpec, ProcessImage
+from vbatt.drivers.opcua.driver import OpcuaClientDriver
+from vbatt.kernel.image import ImageSpec, ProcessImage
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "opcua_demo_server.py"
 PUBLISH_MS = 20

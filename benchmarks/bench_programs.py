@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vbatt.clock import FakeClock
-from vbatt.config import load_config_text
-from vbatt.image import Ctl, Mode, ProcessImage
-from vbatt.plan import build_programs, image_spec
-from vbatt.programs.aggregates import bind_aggregates
+from vbatt.kernel.clock import FakeClock
+from vbatt.config.plant import load_config_text
+from vbatt.kernel.image import Ctl, Mode, ProcessImage
+from vbatt.config.plan import build_programs, image_spec
+from vbatt.kernel.aggregates import bind_aggregates
 from vbatt.programs.allocation import solver
 from vbatt.programs.forecast import ForecastParams, forecast_mae
-from vbatt.scan import ScanEngine
+from vbatt.kernel.scan import ScanEngine
 
 SIZES = [100, 1_000, 10_000, 100_000]
 REPO = Path(__file__).resolve().parents[1]
@@ -202,8 +202,8 @@ def test_allocator_vs_highs(benchmark, n):
 
 def test_warm_cache_startup(benchmark):
     """Import vbatt and compile-or-load every program kernel (warm numba cache), in a fresh process."""
-    code = ("import time; t=time.perf_counter(); from vbatt.config import load_config, default_config_path; "
-            "from vbatt.processes import warm_up; cfg,_=load_config(default_config_path()); warm_up(cfg); "
+    code = ("import time; t=time.perf_counter(); from vbatt.config.plant import load_config, default_config_path; "
+            "from vbatt.supervise.processes import warm_up; cfg,_=load_config(default_config_path()); warm_up(cfg); "
             "print(time.perf_counter()-t)")
     run = lambda: float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
                                        check=True, cwd=REPO).stdout.strip().splitlines()[-1])
@@ -215,7 +215,7 @@ def test_warm_cache_startup(benchmark):
 
 def test_forecast_mae_vs_persistence(benchmark):
     """MAE at 1 s ahead on the default fleet's simulated profile (sine 60 W / 120 s + 15 W noise, 10 ms)."""
-    from vbatt.drivers.sim_physics import demand_at
+    from vbatt.drivers.sim.physics import demand_at
 
     np.random.seed(0)  # noqa: NPY002
     n, dt, steps = 100, 0.01, 24_000

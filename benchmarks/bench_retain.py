@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vbatt.retain import RetainStore
+from vbatt.retain.store import RetainStore
 
 
 def state(n: int) -> tuple[dict[str, np.ndarray], dict]:

@@ -22,7 +22,7 @@ Conventions (plain `benchmark.extra_info` keys, so a bench needs nothing from he
     turns more into a histogram plus exact percentiles);
   - or a summary dict ``{"count", "p50", "p99", "p99.9", "max", "mean"}``;
   - and/or a histogram under ``<metric>_hist_us``: ``[[upper_edge_us, count], ...]``
-    (the form `vbatt.stats.histogram` produces).
+    (the form `vbatt.kernel.stats.histogram` produces).
   Every such metric gets a row in the latency table and a histogram plot.
 """
 

@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from vbatt.clock import Clock, MonotonicClock
-from vbatt.fields import NODE_OUTPUTS
-from vbatt.image import DRIVER_INPUTS, Ctl, ProcessImage
+from vbatt.kernel.clock import Clock, MonotonicClock
+from vbatt.kernel.fields import NODE_OUTPUTS
+from vbatt.kernel.image import DRIVER_INPUTS, Ctl, ProcessImage
 
 __all__ = ["IoContext", "Driver", "OUTPUT_NAMES"]
 

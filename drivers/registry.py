@@ -10,9 +10,9 @@ from vbatt.plugins import Registry
 __all__ = ["driver_class", "known_drivers", "BUILTIN"]
 
 BUILTIN: dict[str, str] = {
-    "opcua": "vbatt.drivers.opcua_client:OpcuaClientDriver",
-    "sim": "vbatt.drivers.sim:SimDriver",
-    "modbus": "vbatt.drivers.modbus:ModbusDriver",
+    "opcua": "vbatt.drivers.opcua.driver:OpcuaClientDriver",
+    "sim": "vbatt.drivers.sim.driver:SimDriver",
+    "modbus": "vbatt.drivers.modbus.driver:ModbusDriver",
 }
 
 _REGISTRY = Registry("vbatt.drivers", BUILTIN)

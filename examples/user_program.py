@@ -10,7 +10,7 @@ from numba import njit
 
 @njit(nogil=True, cache=True)
 def keep_reserve_when_hot(temperature_c, soc, hi_w, cool_timer_s, ctx, hot_c, soc_floor, cool_s):
-    dt = ctx[1]  # vbatt.program.Ctx.DT_S
+    dt = ctx[1]  # vbatt.kernel.program.Ctx.DT_S
     for i in range(soc.shape[0]):
         if temperature_c[i] > hot_c:
             cool_timer_s[i] = 0.0

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from asyncua import ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
-from .fastpath import data_value
-from .model import METHODS, TYPE_IDS, VB_ID, VarDef, aggregate_vars, decl_ids, node_vars, scan_vars
+from vbatt.opcua_models.fastpath import data_value
+from vbatt.opcua_models.model import METHODS, TYPE_IDS, VB_ID, VarDef, aggregate_vars, decl_ids, node_vars, scan_vars
 
 __all__ = ["Instances", "build_instances"]
 

@@ -26,7 +26,7 @@ from asyncua.common import events
 from asyncua.common.node import Node
 from asyncua.server.address_space import AttributeValue, NodeData
 
-from .model import VB_ID
+from vbatt.opcua_models.model import VB_ID
 
 __all__ = ["Alarms", "Condition", "code_tables"]
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from vbatt.configbase import Strict
+from vbatt.config.base import Strict
 
 __all__ = ["OpcuaServerConfig", "HistoryConfig", "SECURITY_POLICIES", "DEFAULT_POLICIES", "state_dir"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from asyncua import ua
 from asyncua.server.history import HistoryStorageInterface
 
-from .history_file import HISTORY_FILE, load_series  # noqa: F401  (re-exported)
+from vbatt.programs.recorded import HISTORY_FILE, load_series  # noqa: F401  (re-exported)
 
 __all__ = ["BatchHistory", "load_series", "HISTORY_FILE"]
 _SCHEMA = """

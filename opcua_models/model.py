@@ -1,4 +1,4 @@
-"""The OPC UA information model, derived from the field table (`vbatt.fields`).
+"""The OPC UA information model, derived from the field table (`vbatt.kernel.fields`).
 
 Nothing here spells a field's type, unit or range: `node_vars()` and
 `aggregate_vars()` read them from `fields.py`, and the NodeSet2 XML
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from asyncua import ua
 
-from vbatt.fields import AGGREGATES, NODE_FIELDS, Field
+from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS, Field
 
 __all__ = [
     "NS_URI",

@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from asyncua import ua
 
-from .model import (METHODS, NS_URI, TYPE_IDS, VarDef, aggregate_vars, decl_ids, eu_information, node_vars,
+from vbatt.opcua_models.model import (METHODS, NS_URI, TYPE_IDS, VarDef, aggregate_vars, decl_ids, eu_information, node_vars,
                     scan_vars)
 
 __all__ = ["nodeset_xml", "NODESET_FILE", "nodeset_path", "main"]

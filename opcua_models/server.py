@@ -21,18 +21,18 @@ import numpy as np
 from asyncua import Server, ua
 from asyncua.server.address_space import AttributeService
 
-from vbatt.image import Ctl, Mode, Op, ProcessImage, ScanState
-from vbatt.seqblock import TornRead
-from vbatt.stats import summarize
+from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage, ScanState
+from vbatt.kernel.seqblock import TornRead
+from vbatt.kernel.stats import summarize
 
-from . import fastpath
-from .addrspace import Instances, build_instances
-from .alarms import Alarms
-from .config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
-from .history import HISTORY_FILE, BatchHistory
-from .model import NS_URI, aggregate_vars, node_vars, scan_vars
-from .nodeset import nodeset_path
-from .security import RoleRuleset, TrustList, UserStore, VbattUserManager, cert_paths, ensure_server_certificate
+from vbatt.opcua_models import fastpath
+from vbatt.opcua_models.addrspace import Instances, build_instances
+from vbatt.opcua_models.alarms import Alarms
+from vbatt.opcua_models.config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
+from vbatt.opcua_models.history import HISTORY_FILE, BatchHistory
+from vbatt.opcua_models.model import NS_URI, aggregate_vars, node_vars, scan_vars
+from vbatt.opcua_models.nodeset import nodeset_path
+from vbatt.opcua_models.security import RoleRuleset, TrustList, UserStore, VbattUserManager, cert_paths, ensure_server_certificate
 
 __all__ = ["VbattOpcuaServer", "PRODUCER", "Bad"]
 
@@ -348,7 +348,7 @@ class VbattOpcuaServer:
 
     @staticmethod
     def _priority(var) -> int:
-        from vbatt.fields import node_field
+        from vbatt.kernel.fields import node_field
 
         f = node_field("priority")
         if not isinstance(var, ua.Variant) or var.VariantType not in _INT_TYPES or isinstance(var.Value, bool):
@@ -359,7 +359,7 @@ class VbattOpcuaServer:
 
     @staticmethod
     def _watts(var, exact: bool = False) -> float:
-        from vbatt.fields import aggregate_field
+        from vbatt.kernel.fields import aggregate_field
 
         f = aggregate_field("main_limit_w")
         ok = (ua.VariantType.Double,) if exact else (ua.VariantType.Double, ua.VariantType.Float)
@@ -406,7 +406,7 @@ class VbattOpcuaServer:
 
     async def _m_reload(self, path):
         """Same protocol as `vbatt reload`: the supervisor (our parent) validates, diffs and applies."""
-        from vbatt.reload import send
+        from vbatt.supervise.reload import send
 
         if not isinstance(path, ua.Variant) or path.VariantType != ua.VariantType.String or not path.Value:
             raise Bad(ua.StatusCodes.BadTypeMismatch, "config_path: expected a String")

@@ -1,4 +1,4 @@
-"""The OPC UA server as a process of `vbatt run` (runtime/services.py SERVICE_FACTORIES).
+"""The OPC UA server as a process of `vbatt run` (runtime/supervise/services.py SERVICE_FACTORIES).
 
 `opcua_services` runs in the supervisor before any child starts, so first-start
 work that talks to the terminal happens there, once and readable: the server
@@ -14,10 +14,10 @@ import secrets
 import signal
 import sys
 
-from vbatt.services import ServiceSpec
+from vbatt.plugins import ServiceSpec
 
-from .config import OpcuaServerConfig, state_dir
-from .security import TrustList, UserStore, ensure_server_certificate
+from vbatt.opcua_models.config import OpcuaServerConfig, state_dir
+from vbatt.opcua_models.security import TrustList, UserStore, ensure_server_certificate
 
 __all__ = ["opcua_services", "server_main", "first_start"]
 
@@ -56,10 +56,10 @@ def opcua_services(cfg, fleet, image_name: str, spec) -> list[ServiceSpec]:
 
 def server_main(image_name: str, spec, ocfg: OpcuaServerConfig, node_ids: tuple[str, ...], cycle_ms: float,
                 level: int) -> None:
-    from vbatt.image import ProcessImage
-    from vbatt.rt import set_parent_death_signal
+    from vbatt.kernel.image import ProcessImage
+    from vbatt.kernel.rt import set_parent_death_signal
 
-    from .server import VbattOpcuaServer
+    from vbatt.opcua_models.server import VbattOpcuaServer
 
     set_parent_death_signal(signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

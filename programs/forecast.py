@@ -37,8 +37,8 @@ import numpy as np
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
-from vbatt.program import Ctx, Program
-from vbatt.seqblock import ArraySpec
+from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.seqblock import ArraySpec
 
 __all__ = ["Forecast", "ForecastParams", "holt_step", "forecast_mae", "seed_from_history", "PRIOR_N"]
 
@@ -145,10 +145,9 @@ class Forecast(Program):
         """The OPC UA server's history file, when it records the aggregates."""
         o = cfg.opcua
         if o.enabled and o.history.enabled:
-            from vbatt.opcua_models.config import state_dir
-            from vbatt.opcua_models.history_file import HISTORY_FILE
+            from vbatt.programs.recorded import HISTORY_FILE
 
-            self.history_path = state_dir(o) / HISTORY_FILE
+            self.history_path = Path(o.state_dir).expanduser() / HISTORY_FILE
 
     def init(self, img) -> None:
         self.mem(img, "t0_s")[0] = np.nan
@@ -209,7 +208,7 @@ def seed_from_history(path: Path, p: ForecastParams, now_s: float, prior: np.nda
     """Fill `prior` (and `prior_season`, bins of the season) from the recorded aggregate demand;
     returns what was used, for the log. Only recent history counts: a trend older than a few of its
     time constants, or a profile from less than one whole season, says nothing about now."""
-    from vbatt.opcua_models.history_file import load_series
+    from vbatt.programs.recorded import load_series
 
     span = max(p.season_s or 0.0, 3.0 * p.trend_tau_s)
     t, y = load_series(path, "demand_w", since_s=now_s - 7.0 * span)

@@ -35,12 +35,12 @@ import numpy as np
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vbatt.fields import node_field
-from vbatt.program import Ctx, Program
-from vbatt.seqblock import ArraySpec
+from vbatt.kernel.fields import node_field
+from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.seqblock import ArraySpec
 
-from .alloc_kernel import ALLOC_ALARMS
-from .codes import ALARM_CODES, Alarm, by_name
+from vbatt.programs.allocation.kernel import ALLOC_ALARMS
+from vbatt.programs.codes import ALARM_CODES, Alarm, by_name
 
 __all__ = ["Health", "HealthParams", "health_step", "CHECKED_FIELDS"]
 
@@ -196,7 +196,7 @@ class Health(Program):
         self.mem(img, "derate")[:] = 1.0
 
     def on_command(self, img, op, node, value, arg) -> None:
-        from vbatt.image import Op
+        from vbatt.kernel.image import Op
 
         if op != Op.ACK_ALARM:
             return

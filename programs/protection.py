@@ -31,10 +31,10 @@ from typing import Annotated, Literal
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vbatt.program import Ctx, Program
-from vbatt.seqblock import ArraySpec
+from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.seqblock import ArraySpec
 
-from .codes import Trip
+from vbatt.programs.codes import Trip
 
 __all__ = ["Protection", "ProtectionParams", "protect", "IEC_CURVES", "iec_operate_time_s"]
 
@@ -183,7 +183,7 @@ class Protection(Program):
         return [ArraySpec(k, "f8", (self.n,)) for k in ("theta", "t_over_s", "t_under_s", "t_clear_s")]
 
     def on_command(self, img, op, node, value, arg) -> None:
-        from vbatt.image import Op
+        from vbatt.kernel.image import Op
 
         if op == Op.RESET_TRIP and 0 <= node < self.n:  # the scan cleared trip[node]; clear our memory
             for k in ("theta", "t_over_s", "t_under_s", "t_clear_s"):

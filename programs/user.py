@@ -36,9 +36,9 @@ from numba import njit
 from numba.core.registry import CPUDispatcher
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vbatt.fields import AGGREGATES, NODE_FIELDS
-from vbatt.program import Program
-from vbatt.seqblock import ArraySpec
+from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS
+from vbatt.kernel.program import Program
+from vbatt.kernel.seqblock import ArraySpec
 
 __all__ = ["UserPrograms", "UserParams", "UserStep", "load_function"]
 

@@ -1,11 +1,14 @@
-"""Name -> "module:Class" registries, imported only when used, extensible by entry points."""
+"""Extension points: name -> "module:Class" registries (imported only when used, extensible by entry
+points), and the spec of a service a plugin asks the supervisor to start."""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Callable
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "ServiceSpec"]
 
 
 class Registry:
@@ -26,3 +29,13 @@ class Registry:
         """The class registered as `name`; KeyError when there is none."""
         module, _, attr = self.targets()[name].partition(":")
         return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A process the supervisor starts beside the scan and the drivers (see vbatt.supervise.services)."""
+
+    name: str
+    target: Callable  # a module-level function (started in a spawned process)
+    args: tuple
+    before_drivers: bool = False  # e.g. node agents must listen before the controller polls them

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vbatt.programs.alloc_kkt import kkt_violations
+from vbatt.programs.allocation.kkt import kkt_violations
 from vbatt.programs.codes import Alarm
 from vbatt.programs.allocation import AllocationParams, solve
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from vbatt.programs.alloc_kernel import WEIGHT_FLOOR_WH
-from vbatt.programs.alloc_kkt import kkt_violations
+from vbatt.programs.allocation.kernel import WEIGHT_FLOOR_WH
+from vbatt.programs.allocation.kkt import kkt_violations
 from vbatt.programs.allocation import solve
 
 DEBUG = False

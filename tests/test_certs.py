@@ -13,10 +13,10 @@ import pytest
 from cryptography import x509
 
 from test_modbus_support import endpoint, poll_for, poller, serving
-from vbatt.certs import client_context, create_ca, issue, make_fleet_certs, server_context
+from vbatt.drivers.certs import client_context, create_ca, issue, make_fleet_certs, server_context
 from vbatt.drivers.faults import Fault
-from vbatt.drivers.modbus import contexts_for
-from vbatt.drivers.modbus_config import TlsFiles
+from vbatt.drivers.modbus.driver import contexts_for
+from vbatt.drivers.modbus.config import TlsFiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,12 +96,12 @@ def test_missing_certificate_files_and_missing_security_are_tls_faults(pki, tmp_
 
 def test_vbatt_certs_command(tmp_path):
     d = tmp_path / "pki"
-    r = subprocess.run([sys.executable, "-m", "vbatt.cli", "certs", str(d), "--fleet", "3"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "vbatt.cli.main", "certs", str(d), "--fleet", "3"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in d.iterdir())
     assert names == sorted(["ca.pem", "ca.key", "controller.pem", "controller.key"]
                            + [f"node-{i}.{e}" for i in range(3) for e in ("pem", "key")])
-    again = subprocess.run([sys.executable, "-m", "vbatt.cli", "certs", str(d)], cwd=REPO, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "vbatt.cli.main", "certs", str(d)], cwd=REPO, capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 1 and "--force" in again.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vbatt.config import ConfigError, load_config_text
+from vbatt.config.plant import ConfigError, load_config_text
 from conftest import run_vbatt
 
 GOOD = """\

@@ -65,7 +65,7 @@ def test_seasonal_variant_beats_plain_holt_on_a_daily_shape():
 
 
 def test_beats_persistence_on_the_simulated_noisy_profile():
-    from vbatt.drivers.sim_physics import demand_at
+    from vbatt.drivers.sim.physics import demand_at
 
     np.random.seed(0)  # noqa: NPY002 (numba's generator)
     n, dt, steps = 50, 0.01, 6000
@@ -106,18 +106,18 @@ def _record_day(path, now_s, days=2.0, step_s=60.0):
 
 def step(eng, wall_s, dt_s=0.01):
     """The forecast program as the scan runs it, at a chosen wall-clock time."""
-    from vbatt.program import Ctx
+    from vbatt.kernel.program import Ctx
 
     eng.ctx[Ctx.WALL_S], eng.ctx[Ctx.DT_S] = wall_s, dt_s
     dict(eng.steps)["forecast"]()
 
 
 def _engine(tmp_path):
-    from vbatt.clock import FakeClock
-    from vbatt.config import load_config_text
-    from vbatt.image import Ctl, Mode, ProcessImage
-    from vbatt.plan import build_programs, image_spec
-    from vbatt.scan import ScanEngine
+    from vbatt.kernel.clock import FakeClock
+    from vbatt.config.plant import load_config_text
+    from vbatt.kernel.image import Ctl, Mode, ProcessImage
+    from vbatt.config.plan import build_programs, image_spec
+    from vbatt.kernel.scan import ScanEngine
 
     cfg, fleet = load_config_text(HIST_FLEET.format(state=tmp_path))
     progs = build_programs(cfg, 4)

@@ -2,7 +2,7 @@
 
 Three layers, each fed by hypothesis:
 
-1. the pure decoders of drivers/sunspec.py and drivers/modbus.py: point decoding (`get`, `get_int`,
+1. the pure decoders of drivers/modbus/sunspec.py and drivers/modbus/driver.py: point decoding (`get`, `get_int`,
    `decode_string`), the vectorised decode + validation of the poller (scale factors taken from the
    registers), and the SunSpec discovery walking a model chain (served from a register image by a real
    TCP server on 127.0.0.1). Inputs start from blocks the real encoder produced and are mutated: words
@@ -41,11 +41,11 @@ from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient
 
 from test_modbus_support import M, V, answer_requests, endpoint, fleet_of, poller, raw_server, serving
-from vbatt.drivers import sunspec as ss
+from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.faults import Fault
-from vbatt.drivers.modbus import BLOCK_END, BLOCK_START, FIELDS, DeviceError, DeviceLink
-from vbatt.drivers.node_agent import INSTR_END, INSTR_FIRST, LEASE_MAX_MS
-from vbatt.fields import node_field
+from vbatt.drivers.modbus.driver import BLOCK_END, BLOCK_START, FIELDS, DeviceError, DeviceLink
+from vbatt.drivers.node.agent import INSTR_END, INSTR_FIRST, LEASE_MAX_MS
+from vbatt.kernel.fields import node_field
 
 N_EXAMPLES = int(os.environ.get("VBATT_FUZZ_EXAMPLES", "200"))
 N_NET = int(os.environ.get("VBATT_FUZZ_NET_EXAMPLES", "30"))
@@ -605,8 +605,8 @@ class Devices:
         self.bad_port = self.server.sockets[0].getsockname()[1]
 
     async def _start_agent(self):
-        from vbatt.drivers.backends.sim import SimBackend
-        from vbatt.drivers.node_agent import AgentSet, AgentSpec
+        from vbatt.drivers.node.backends.sim import SimBackend
+        from vbatt.drivers.node.agent import AgentSet, AgentSpec
 
         fleet = fleet_of()
         a = AgentSet(SimBackend(fleet, 0, 1), [AgentSpec("good", "127.0.0.1", 0)])
@@ -656,10 +656,10 @@ class DriverRun:
     """The real ModbusDriver polling [good, bad] through an IoContext on a ProcessImage, in a thread."""
 
     def __init__(self, good_port: int, bad_port: int):
-        from vbatt.config import load_config_text
+        from vbatt.config.plant import load_config_text
         from vbatt.drivers.base import IoContext
-        from vbatt.drivers.modbus import ModbusDriver
-        from vbatt.image import ImageSpec, ProcessImage
+        from vbatt.drivers.modbus.driver import ModbusDriver
+        from vbatt.kernel.image import ImageSpec, ProcessImage
 
         cfg, fleet = load_config_text(
             "plant: {stale_ms: 1000}\n"

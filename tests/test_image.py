@@ -7,9 +7,9 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from vbatt.image import Ctl, ImageSpec, ProcessImage
-from vbatt.seqblock import ArraySpec, Layout, SeqBlock, TornRead
-from vbatt.shm import SHM_DIR, remove_stale_segments
+from vbatt.kernel.image import Ctl, ImageSpec, ProcessImage
+from vbatt.kernel.seqblock import ArraySpec, Layout, SeqBlock, TornRead
+from vbatt.kernel.shm import SHM_DIR, remove_stale_segments
 
 CTX = mp.get_context("spawn")
 

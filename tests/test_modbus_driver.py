@@ -1,4 +1,4 @@
-"""The controller side (drivers/modbus.py) against real agents and misbehaving servers on 127.0.0.1.
+"""The controller side (drivers/modbus/driver.py) against real agents and misbehaving servers on 127.0.0.1.
 
 Every bad input marks only its own node faulty, with a specific Fault and reason; the good
 node polled alongside keeps its data and its poll rate.
@@ -14,8 +14,8 @@ import pytest
 
 from test_modbus_support import (M, V, endpoint, fleet_of, free_port, mbap, poll_for, poller, raw_server,
                                  registers_reply, request_range, serving, staging)
-from vbatt.drivers import sunspec as ss
-from vbatt.drivers.backends.sim import SimBackend
+from vbatt.drivers.modbus import sunspec as ss
+from vbatt.drivers.node.backends.sim import SimBackend
 from vbatt.drivers.faults import Fault
 
 
@@ -78,7 +78,7 @@ def _memory(rows: np.ndarray):
 
 def _rows_with(**points) -> np.ndarray:
     fleet = fleet_of()
-    from vbatt.drivers.node_agent import AgentSet, AgentSpec
+    from vbatt.drivers.node.agent import AgentSet, AgentSpec
 
     a = AgentSet(SimBackend(fleet, 0, 1), [AgentSpec("A", "127.0.0.1", 0)])
     rows = a.rows[:1].copy()
@@ -184,7 +184,7 @@ def test_a_node_that_dies_goes_faulty_and_rejoins_after_restart():
             await asyncio.sleep(0.3)
             assert p.decode()[1].tolist() == [0, Fault.CONNECTION]
             # B comes back on the same port
-            from vbatt.drivers.node_agent import AgentSet, AgentSpec
+            from vbatt.drivers.node.agent import AgentSet, AgentSpec
 
             again = AgentSet(SimBackend(fleet, 1, 2), [AgentSpec("B", "127.0.0.1", port)])
             await again.start()

@@ -11,8 +11,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from test_modbus_support import poll_for, poller
-from vbatt.config import ConfigError, load_config_text
-from vbatt.drivers.modbus_config import modbus_endpoints
+from vbatt.config.plant import ConfigError, load_config_text
+from vbatt.drivers.modbus.config import modbus_endpoints
 
 PLANT = """
 drivers: {{modbus: {{plaintext: true}}}}

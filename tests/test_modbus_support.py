@@ -10,12 +10,12 @@ import struct
 
 import numpy as np
 
-from vbatt.config import load_config_text
-from vbatt.drivers import sunspec as ss
-from vbatt.drivers.backends.sim import SimBackend
-from vbatt.drivers.modbus import Poller
-from vbatt.drivers.modbus_config import Endpoint
-from vbatt.drivers.node_agent import AgentSet, AgentSpec
+from vbatt.config.plant import load_config_text
+from vbatt.drivers.modbus import sunspec as ss
+from vbatt.drivers.node.backends.sim import SimBackend
+from vbatt.drivers.modbus.driver import Poller
+from vbatt.drivers.modbus.config import Endpoint
+from vbatt.drivers.node.agent import AgentSet, AgentSpec
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its per-frame debug dumps drown the failures
 
@@ -85,7 +85,7 @@ async def poll_for(p: Poller, seconds: float) -> None:
 
 
 def staging(n: int) -> dict[str, np.ndarray]:
-    from vbatt.image import DRIVER_INPUTS
+    from vbatt.kernel.image import DRIVER_INPUTS
 
     return {f.name: np.zeros(n, f.dtype) for f in DRIVER_INPUTS}
 

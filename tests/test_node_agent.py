@@ -16,9 +16,9 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from test_modbus_support import M, V, FakeNs, fleet_of, instruction_words, point, serving
-from vbatt.drivers import sunspec as ss
-from vbatt.drivers.backends.sysfs import SysfsBackend
-from vbatt.drivers.node_agent import AgentSet, AgentSpec
+from vbatt.drivers.modbus import sunspec as ss
+from vbatt.drivers.node.backends.sysfs import SysfsBackend
+from vbatt.drivers.node.agent import AgentSet, AgentSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_sysfs_backend_reads_a_power_supply_directory(tmp_path):
 
     run(body())
     with pytest.raises(Exception, match="type is 'Mains'"):
-        from vbatt.drivers.backends.sysfs import read_power_supply
+        from vbatt.drivers.node.backends.sysfs import read_power_supply
 
         read_power_supply(_power_supply(tmp_path / "AC", type="Mains"))
 
@@ -206,7 +206,7 @@ def test_vbatt_node_command_serves_and_stops_on_sigterm(tmp_path):
     cfg = tmp_path / "node.yaml"
     cfg.write_text("id: rack-7\nport: 0\nplaintext: true\ntick_ms: 50\n"
                    "backend: {kind: sim, demand_w: 120, max_discharge_w: 300, capacity_wh: 500, soc: 0.9}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "node", str(cfg), "--ready-file", str(ready)],
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "node", str(cfg), "--ready-file", str(ready)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -241,7 +241,7 @@ def test_vbatt_node_command_serves_and_stops_on_sigterm(tmp_path):
 def test_vbatt_node_bad_config_exit_2_with_the_reason(tmp_path, text, expect):
     cfg = tmp_path / "node.yaml"
     cfg.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "vbatt.cli", "node", str(cfg)], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "vbatt.cli.main", "node", str(cfg)], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2
     assert expect in r.stderr

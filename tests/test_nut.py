@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from test_modbus_support import V, endpoint, free_port, poll_for, poller, serving
-from vbatt.drivers.backends.nut import NutBackend
+from vbatt.drivers.node.backends.nut import NutBackend
 from vbatt.drivers.faults import Fault
 
 UPSD = Path("/lib/nut/upsd")

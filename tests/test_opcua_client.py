@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from vbatt.config import load_config
+from vbatt.config.plant import load_config
 from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
-from vbatt.drivers.opcua_client import OpcuaClientDriver
-from vbatt.image import ImageSpec, ProcessImage
+from vbatt.drivers.opcua.driver import OpcuaClientDriver
+from vbatt.kernel.image import ImageSpec, ProcessImage
 
 pytestmark = pytest.mark.timeout(90)
 

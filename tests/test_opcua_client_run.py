@@ -12,9 +12,9 @@ from asyncua import ua
 from conftest import REPO, VBATT, read_json, run_vbatt
 from test_opcua_client import DemoServer, free_port, node_yaml, plant_yaml, wait_until
 
-from vbatt.cli import main as cli_main
+from vbatt.cli.main import main as cli_main
 from vbatt.drivers.faults import Fault
-from vbatt.drivers.opcua_client import UntrustedServer, fault_of
+from vbatt.drivers.opcua.driver import UntrustedServer, fault_of
 
 pytestmark = pytest.mark.timeout(120)
 

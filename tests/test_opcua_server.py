@@ -13,8 +13,8 @@ from asyncua import ua
 from asyncua.common.events import get_filter_from_event_type
 from asyncua.ua.uaerrors import UaStatusCodeError
 
-from vbatt.fields import NODE_FIELDS
-from vbatt.image import Ctl, Mode, Op
+from vbatt.kernel.fields import NODE_FIELDS
+from vbatt.kernel.image import Ctl, Mode, Op
 from vbatt.opcua_models.history import HISTORY_FILE, load_series
 from vbatt.opcua_models.model import NS_URI, node_vars
 from vbatt.opcua_models.nodeset import nodeset_path, nodeset_xml
@@ -252,11 +252,11 @@ def test_out_of_range_nan_and_wrong_type_are_refused_and_change_nothing(tmp_path
 
 
 def test_commands_reach_a_real_scan_between_cycles(tmp_path):
-    from vbatt.clock import FakeClock
-    from vbatt.config import load_config_text
-    from vbatt.image import ProcessImage
-    from vbatt.plan import build_programs, image_spec, partition
-    from vbatt.scan import ScanEngine
+    from vbatt.kernel.clock import FakeClock
+    from vbatt.config.plant import load_config_text
+    from vbatt.kernel.image import ProcessImage
+    from vbatt.config.plan import build_programs, image_spec, partition
+    from vbatt.kernel.scan import ScanEngine
 
     cfg, fleet = load_config_text("plant: {main_limit_w: 100}\nnodes:\n"
                                   "  - {id: a, demand_w: 50, capacity_wh: 100, max_discharge_w: 50}\n"

@@ -13,11 +13,11 @@ from asyncua import Client, ua
 from asyncua.crypto.security_policies import (SecurityPolicyAes128Sha256RsaOaep, SecurityPolicyAes256Sha256RsaPss,
                                               SecurityPolicyBasic256Sha256)
 
-from vbatt.image import ImageSpec, ProcessImage
+from vbatt.kernel.image import ImageSpec, ProcessImage
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.opcua_models.model import NS_URI
 from vbatt.opcua_models.security import TrustList, UserStore, cert_paths, make_certificate
-from vbatt.stats import stats_specs
+from vbatt.kernel.stats import stats_specs
 
 OPERATOR = ("op", "operator-pass-1")
 VIEWER = ("view", "viewer-pass-1")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vbatt.clock import FakeClock
-from vbatt.config import ConfigError, load_config_text
-from vbatt.drivers.sim import SimFleet
-from vbatt.image import Ctl, Mode, Op, ProcessImage
-from vbatt.plan import build_programs, image_spec
+from vbatt.kernel.clock import FakeClock
+from vbatt.config.plant import ConfigError, load_config_text
+from vbatt.drivers.sim.driver import SimFleet
+from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage
+from vbatt.config.plan import build_programs, image_spec
 from vbatt.programs.codes import Alarm
-from vbatt.scan import ScanEngine
+from vbatt.kernel.scan import ScanEngine
 
 from conftest import REPO, read_json, run_vbatt
 
@@ -165,7 +165,7 @@ def test_trip_in_the_pipeline_and_operator_reset(plant):
 
 
 def test_conservation_over_a_simulated_run_of_the_default_fleet(plant):
-    from vbatt.config import default_config_path
+    from vbatt.config.plant import default_config_path
 
     p = plant(default_config_path().read_text())
     p.cycle(300, physics=True)

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from vbatt.clock import FakeClock
-from vbatt.retain import (
+from vbatt.kernel.clock import FakeClock
+from vbatt.retain.store import (
     FORMAT_VERSION,
     MAGIC,
     Loaded,
@@ -317,9 +317,9 @@ def test_fallback_problems_appear_in_the_restart_log_line(tmp_path):
 
 # -- with the real shared-memory process image ----------------------------------------
 def test_latched_trip_and_settings_survive_a_restart_through_the_process_image(tmp_path):
-    from vbatt.image import Ctl, ImageSpec, Mode, ProcessImage
-    from vbatt.retain import layout_of, retained_views
-    from vbatt.seqblock import ArraySpec
+    from vbatt.kernel.image import Ctl, ImageSpec, Mode, ProcessImage
+    from vbatt.retain.store import layout_of, retained_views
+    from vbatt.kernel.seqblock import ArraySpec
 
     def spec(ids, mem=(ArraySpec("forecast.level", "f8", (3,)),)):
         return ImageSpec(n_nodes=len(ids), partitions=((0, len(ids)),), node_ids=tuple(ids),

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from vbatt.retain import RetainStore, decode
+from vbatt.retain.store import RetainStore, decode
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from vbatt.config import load_config_text
-from vbatt.image import Ctl, Mode, Op, ScanState
-from vbatt.supervisor import Supervisor
+from vbatt.config.plant import load_config_text
+from vbatt.kernel.image import Ctl, Mode, Op, ScanState
+from vbatt.supervise.supervisor import Supervisor
 
 PLANT = """\
 cycle: {cycle_ms: 10}

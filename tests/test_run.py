@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vbatt.fields import AGGREGATES, NODE_FIELDS
-from vbatt.shm import SHM_DIR
+from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS
+from vbatt.kernel.shm import SHM_DIR
 from conftest import REPO, VBATT, read_json, run_vbatt
 
 SEED = REPO / "examples" / "seed.yaml"

@@ -7,12 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from vbatt.clock import FakeClock, MonotonicClock
-from vbatt.config import load_config_text
-from vbatt.image import Ctl, Mode, Op, ProcessImage
-from vbatt.plan import build_programs, image_spec, partition
-from vbatt.program import Program
-from vbatt.scan import ScanEngine
+from vbatt.kernel.clock import FakeClock, MonotonicClock
+from vbatt.config.plant import load_config_text
+from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage
+from vbatt.config.plan import build_programs, image_spec, partition
+from vbatt.kernel.program import Program
+from vbatt.kernel.scan import ScanEngine
 
 P = 10_000_000  # 10 ms in ns
 

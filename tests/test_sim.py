@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from vbatt.config import load_config_text
-from vbatt.drivers.sim import SimFleet
+from vbatt.config.plant import load_config_text
+from vbatt.drivers.sim.driver import SimFleet
 
 
 def fleet_of(node_yaml: str, count: int = 1) -> SimFleet:

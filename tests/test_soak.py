@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from vbatt.drivers.node_agent import NodeAgentConfig, build_agent
-from vbatt.soak import KINDS, MUST_BE_ZERO
-from vbatt.soak_proxy import TMPC_ADDR, NodeProxy
+from vbatt.drivers.node.agent import NodeAgentConfig, build_agent
+from vbatt.soak.harness import KINDS, MUST_BE_ZERO
+from vbatt.soak.proxy import TMPC_ADDR, NodeProxy
 
 from conftest import read_json, run_vbatt
 

@@ -8,11 +8,11 @@ import threading
 
 import numpy as np
 
-from vbatt.config import default_config_path, load_config
-from vbatt.image import ProcessImage
-from vbatt.plan import build_programs, image_spec, partition
+from vbatt.config.plant import default_config_path, load_config
+from vbatt.kernel.image import ProcessImage
+from vbatt.config.plan import build_programs, image_spec, partition
 from vbatt.programs.codes import Trip
-from vbatt.retainer import RetainConfig, Retainer
+from vbatt.retain.retainer import RetainConfig, Retainer
 
 
 def test_warm_restart_keeps_a_latched_trip_with_the_allocation_program_configured(tmp_path):
@@ -72,8 +72,8 @@ def test_a_connection_the_device_closes_is_a_connection_fault_not_a_timeout():
     """docs/modbus.md: CONNECTION = refused, reset, unreachable; TIMEOUT = accepted, no reply. A peer that
     closes the connection was reported as TIMEOUT (soak: every agent SIGKILL showed up as TIMEOUT)."""
     from vbatt.drivers.faults import Fault
-    from vbatt.drivers.modbus import DeviceError, DeviceLink
-    from vbatt.drivers.modbus_config import Endpoint
+    from vbatt.drivers.modbus.driver import DeviceError, DeviceLink
+    from vbatt.drivers.modbus.config import Endpoint
 
     srv, t = _closing_server()
     port = srv.getsockname()[1]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vbatt.drivers import sunspec as ss
-from vbatt.fields import node_field
+from vbatt.drivers.modbus import sunspec as ss
+from vbatt.kernel.fields import node_field
 
 # Point name -> (offset in the model body, registers), transcribed from the SunSpec model
-# definitions (model_1.json: L = 66; model_802.json: L = 62), independent of drivers/sunspec.py.
+# definitions (model_1.json: L = 66; model_802.json: L = 62), independent of drivers/modbus/sunspec.py.
 SPEC_1 = {"Mn": (0, 16), "Md": (16, 16), "Opt": (32, 8), "Vr": (40, 8), "SN": (48, 16), "DA": (64, 1), "Pad": (65, 1)}
 SPEC_802 = {
     "AHRtg": 0, "WHRtg": 1, "WChaRteMax": 2, "WDisChaRteMax": 3, "DisChaRte": 4, "SoCMax": 5, "SoCMin": 6,

@@ -1,0 +1,1 @@
+"""Modbus TCP / SunSpec: the driver, its configuration, the register map and codec."""

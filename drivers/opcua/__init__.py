@@ -1,0 +1,1 @@
+"""OPC UA client driver: nodes that are OPC UA servers."""

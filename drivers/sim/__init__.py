@@ -1,0 +1,1 @@
+"""Simulated nodes: battery physics and demand profiles, in-process."""

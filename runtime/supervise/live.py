@@ -1,0 +1,68 @@
+"""The live terminal view of a run: refreshes in place, never scrolls."""
+
+from __future__ import annotations
+
+from rich.columns import Columns
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from vbatt.kernel.image import Ctl, Mode, ProcessImage, ScanState
+from vbatt.kernel.stats import phases, summarize
+
+__all__ = ["render"]
+
+_STATE = {ScanState.INIT: "starting", ScanState.WAITING: "waiting for inputs", ScanState.RUNNING: "running",
+          ScanState.DONE: "done", ScanState.FAILED: "FAILED"}
+
+
+def _w(x: float) -> str:
+    return f"{x / 1e3:,.1f} kW" if abs(x) >= 1e4 else f"{x:,.0f} W"
+
+
+def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_names: list[str] = (),
+           warnings: list[str] = (), log_path: str = "") -> Group:
+    c = img.ctl
+    mode = "RUN" if c[Ctl.MODE] == Mode.RUN else "STOP"
+    flags = []
+    if c[Ctl.WATCHDOG]:
+        flags.append("[bold red]WATCHDOG[/]")
+    if c[Ctl.SAFE_STATE]:
+        flags.append("[yellow]safe state[/]")
+    head = Text.from_markup(
+        f"[bold]{title}[/]  {_STATE.get(int(c[Ctl.STATE]), '?')}  mode [bold]{mode}[/]  "
+        f"cycle {int(c[Ctl.CYCLES]):,} @ {period_ms:g} ms  overruns {int(c[Ctl.OVERRUNS]):,}  "
+        f"FIFO {int(c[Ctl.RT_FIFO]) or 'no'}  mlock {'yes' if c[Ctl.RT_MLOCK] else 'no'}  " + " ".join(flags))
+    s = summarize(img.mem)
+    t = Table(title="cycle timing (µs)", title_justify="left", expand=False)
+    t.add_column("metric")
+    for col in ("p50", "p99", "p99.9", "max", "window p99", "window max"):
+        t.add_column(col, justify="right")
+    for key, label in (("exec_us", "execution"), ("wake_us", "wake latency"), ("jitter_us", "period jitter")):
+        r, w = s[key]["run"], s[key]["window"]
+        t.add_row(label, *(f"{r.get(q, 0):,.1f}" for q in ("p50", "p99", "p99.9", "max")),
+                  f"{w.get('p99', 0):,.1f}", f"{w.get('max', 0):,.1f}")
+    ph = Table(title="phases (µs)", title_justify="left", expand=False)
+    ph.add_column("phase")
+    for col in ("last", "mean", "max"):
+        ph.add_column(col, justify="right")
+    for name, v in phases(img.mem, list(phase_names)).items():
+        ph.add_row(name, f"{v['last']:,.1f}", f"{v['mean']:,.1f}", f"{v['max']:,.1f}")
+    a = {k: float(v[0]) for k, v in img.agg.items()}
+    g = Table(title="virtual battery", title_justify="left", show_header=False, expand=False)
+    g.add_column()
+    g.add_column(justify="right")
+    g.add_column()
+    g.add_column(justify="right")
+    g.add_row("nodes online", f"{a['nodes_online']:,.0f} / {img.spec.n_nodes:,}", "tripped", f"{a['nodes_tripped']:,.0f}")
+    g.add_row("demand", _w(a["demand_w"]), "forecast", _w(a["forecast_w"]))
+    g.add_row("main supply", f"{_w(a['main_w'])} of {_w(a['main_limit_w'])}", "deficit", _w(a["deficit_w"]))
+    g.add_row("battery", _w(a["battery_w"]), "shed", _w(a["shed_w"]))
+    g.add_row("SoC", f"{a['soc'] * 100:.1f} %", "energy", f"{a['energy_wh'] / 1e3:,.2f} kWh")
+    g.add_row("can discharge", _w(a["available_discharge_w"]), "can charge", _w(a["available_charge_w"]))
+    parts = [head, Columns([t, ph]), g]
+    if log_path:
+        parts.append(Text(f"latest warnings ({log_path}):" if warnings else f"log: {log_path}", style="dim"))
+        parts += [Text(w, style="yellow", overflow="ellipsis", no_wrap=True) for w in warnings]
+    parts.append(Text("Ctrl-C stops: outputs to the safe state, statistics written.", style="dim"))
+    return Group(*parts)
