@@ -52,7 +52,7 @@ def _start_fleets(n: int, tmp: Path) -> tuple[list[subprocess.Popen], list[int]]
     for k, start in enumerate(range(0, n, PER_FLEET)):
         count = min(PER_FLEET, n - start)
         ready = tmp / f"fleet{k}.ready"
-        procs.append(subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "fleet", "--nodes", str(count),
+        procs.append(subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", "--nodes", str(count),
                                        "--base-port", str(base + start), "--tick-ms", "500",
                                        "--ready-file", str(ready)], cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -269,7 +269,7 @@ def _run_scan(tmp: Path, enabled: bool, pki) -> dict:
     cfg = tmp / f"plant-{enabled}.yaml"
     cfg.write_text(SCAN_CONFIG.format(enabled=str(enabled).lower(), port=port, state=pki.state))
     stats = tmp / f"stats-{enabled}.json"
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "run", str(cfg), "--duration", "20", "-q",
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "--duration", "20", "-q",
                              "--stats-json", str(stats)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = None
     if enabled:  # a client subscribed to every node variable keeps the server busy meanwhile

@@ -75,7 +75,7 @@ def _run_latency(tmp_path: Path, period_ms: float, busy: bool) -> dict:
         "nodes:\n  - template: {count: 100, id: 'n{i}', demand_w: [100, 300], max_discharge_w: 500,"
         " capacity_wh: 1000, soc: [0.2, 0.9]}\n")
     stats = tmp_path / "stats.json"
-    subprocess.run([sys.executable, "-m", "vbatt.cli.main", "run", str(cfg), "-q", "--cycles", str(CYCLES),
+    subprocess.run([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "-q", "--cycles", str(CYCLES),
                     "--stats-json", str(stats)], check=True, timeout=CYCLES * period_ms / 1e3 + 120)
     return json.loads(stats.read_text())
 

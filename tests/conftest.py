@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VBATT = [sys.executable, "-m", "vbatt.cli.main"]
+VBATT = [sys.executable, "-m", "vbatt.cli"]
 
 
 def run_vbatt(*args: str, timeout: float = 120, check: bool = False, **kw) -> subprocess.CompletedProcess:

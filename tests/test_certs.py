@@ -96,12 +96,12 @@ def test_missing_certificate_files_and_missing_security_are_tls_faults(pki, tmp_
 
 def test_vbatt_certs_command(tmp_path):
     d = tmp_path / "pki"
-    r = subprocess.run([sys.executable, "-m", "vbatt.cli.main", "certs", str(d), "--fleet", "3"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "vbatt.cli", "certs", str(d), "--fleet", "3"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in d.iterdir())
     assert names == sorted(["ca.pem", "ca.key", "controller.pem", "controller.key"]
                            + [f"node-{i}.{e}" for i in range(3) for e in ("pem", "key")])
-    again = subprocess.run([sys.executable, "-m", "vbatt.cli.main", "certs", str(d)], cwd=REPO, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "vbatt.cli", "certs", str(d)], cwd=REPO, capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 1 and "--force" in again.stderr

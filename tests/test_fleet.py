@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def vbatt(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "vbatt.cli.main", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vbatt.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=kw.pop("timeout", 120), **kw)
 
 
@@ -32,7 +32,7 @@ def test_vbatt_fleet_serves_n_agents_on_consecutive_ports(tmp_path):
             break
         base = free_port()
     ready = tmp_path / "ready"
-    p = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "fleet", "--nodes", "5", "--base-port", str(base),
+    p = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", "--nodes", "5", "--base-port", str(base),
                           "--ready-file", str(ready)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:

@@ -30,7 +30,7 @@ def start_node(tmp: Path, nid: str, demand: float, dis: float, port: int = 0) ->
     cfg, ready = tmp / f"{nid}.yaml", tmp / f"{nid}.ready"
     ready.unlink(missing_ok=True)
     cfg.write_text(NODE.format(id=nid, port=port, demand=demand, dis=dis))
-    p = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "node", str(cfg), "--ready-file", str(ready)],
+    p = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "node", str(cfg), "--ready-file", str(ready)],
                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -78,7 +78,7 @@ nodes:
 programs: [allocation]
 """)
         snap = tmp_path / "snap.json"
-        run = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "run", str(plant), "--duration", "40",
+        run = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(plant), "--duration", "40",
                                 "--snapshot", str(snap), "-q"], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         c = ModbusTcpClient("127.0.0.1", port=pc, timeout=2, retries=1)

@@ -206,7 +206,7 @@ def test_vbatt_node_command_serves_and_stops_on_sigterm(tmp_path):
     cfg = tmp_path / "node.yaml"
     cfg.write_text("id: rack-7\nport: 0\nplaintext: true\ntick_ms: 50\n"
                    "backend: {kind: sim, demand_w: 120, max_discharge_w: 300, capacity_wh: 500, soc: 0.9}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "node", str(cfg), "--ready-file", str(ready)],
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "node", str(cfg), "--ready-file", str(ready)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -241,7 +241,7 @@ def test_vbatt_node_command_serves_and_stops_on_sigterm(tmp_path):
 def test_vbatt_node_bad_config_exit_2_with_the_reason(tmp_path, text, expect):
     cfg = tmp_path / "node.yaml"
     cfg.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "vbatt.cli.main", "node", str(cfg)], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "vbatt.cli", "node", str(cfg)], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2
     assert expect in r.stderr

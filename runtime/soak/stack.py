@@ -20,7 +20,7 @@ __all__ = ["Proc", "group_pids", "group_rss_kib", "tracebacks_in", "cli", "run_c
 
 def cli(*args: str) -> list[str]:
     """argv of a `vbatt` command run with this interpreter (no reliance on PATH)."""
-    return [sys.executable, "-m", "vbatt.cli.main", *args]
+    return [sys.executable, "-m", "vbatt.cli", *args]
 
 
 def run_cli(args: list[str], *, stdin: str | None = None, timeout_s: float = 60.0, cwd: Path | None = None) -> str:

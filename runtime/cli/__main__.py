@@ -1,0 +1,5 @@
+"""`python -m vbatt.cli`: the vbatt command."""
+
+from vbatt.cli.main import main
+
+raise SystemExit(main())
