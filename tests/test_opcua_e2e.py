@@ -131,7 +131,7 @@ def test_vbatt_run_serves_opcua_to_asyncua_and_node_opcua(tmp_path, node_opcua):
     cfg.write_text(CONFIG.format(port=port, state=state))
     err = open(tmp_path / "stderr.txt", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "--duration", "25", "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "-q"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         _wait_port(port, proc, 40)
