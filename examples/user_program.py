@@ -2,15 +2,16 @@
 
 A node hotter than `hot_c` may discharge only while its SoC is above `soc_floor`;
 once it has been cool again for `cool_s` seconds the normal limits return.
-Runs after `protection` (which sets lo_w/hi_w) and before `allocation`.
+Narrows hi_w, so it runs before `allocation` (which uses the narrowed limits).
 """
 
 from numba import njit
 
 
 @njit(nogil=True, cache=True)
-def keep_reserve_when_hot(temperature_c, soc, hi_w, cool_timer_s, ctx, hot_c, soc_floor, cool_s):
-    dt = ctx[1]  # vbatt.kernel.program.Ctx.DT_S
+def keep_reserve_when_hot(temperature_c, soc, hi_w, cool_timer_s, dt_s, hot_c, soc_floor, cool_s):
+    # Every parameter is bound by its name (docs/programs.md): node fields, memory, params, context.
+    dt = dt_s[0]
     for i in range(soc.shape[0]):
         if temperature_c[i] > hot_c:
             cool_timer_s[i] = 0.0

@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
-from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.program import Program
 from vbatt.kernel.seqblock import ArraySpec
 
 __all__ = ["Forecast", "ForecastParams", "holt_step", "forecast_mae", "seed_from_history", "PRIOR_N"]
@@ -122,10 +122,18 @@ def holt_step(now_s, dt, online, demand_w, forecast_w, level, trend, ready, seas
         forecast_w[i] = f
 
 
+@njit(nogil=True, cache=True)
+def forecast_step(wall_s, dt_s, online, demand_w, forecast_w, level_w, trend_w_per_s, ready, season, t0_s,
+                  prior_season_w, prior, horizon_s, level_tau_s, trend_tau_s, season_s, season_tau_s):
+    """The program's kernel, bound by name (holt_step is the algorithm, also replayed offline)."""
+    holt_step(wall_s[0], dt_s[0], online, demand_w, forecast_w, level_w, trend_w_per_s, ready, season, t0_s,
+              prior_season_w, prior, horizon_s, level_tau_s, trend_tau_s, season_s, season_tau_s)
+
+
 class Forecast(Program):
     id = "forecast"
     Params = ForecastParams
-    reads = ("online", "demand_w")
+    kernel = forecast_step
     writes = ("forecast_w",)
 
     def _bins(self) -> int:
@@ -162,20 +170,13 @@ class Forecast(Program):
             line = f"recorded history unusable ({type(exc).__name__}: {exc})"
         log.info("forecast: %s", line)
 
-    def bind(self, img, ctx):
+    def bindings(self, img) -> dict:
+        return {"season": self.mem(img, "season_w")[:, : self._bins()]}
+
+    def kernel_params(self) -> dict:
         p: ForecastParams = self.params
-        nd = img.node
-        season = self.mem(img, "season_w")[:, : self._bins()]
-        arrays = (nd["online"], nd["demand_w"], nd["forecast_w"], self.mem(img, "level_w"),
-                  self.mem(img, "trend_w_per_s"), self.mem(img, "ready"), season, self.mem(img, "t0_s"),
-                  self.mem(img, "prior_season_w"), self.mem(img, "prior"))
-        par = (p.horizon_s, p.level_tau_s, p.trend_tau_s, p.season_s or 1.0, p.season_tau_s)
-        now, dt = Ctx.WALL_S, Ctx.DT_S
-
-        def step() -> None:
-            holt_step(ctx[now], ctx[dt], *arrays, *par)
-
-        return step
+        return dict(horizon_s=p.horizon_s, level_tau_s=p.level_tau_s, trend_tau_s=p.trend_tau_s,
+                    season_s=p.season_s or 1.0, season_tau_s=p.season_tau_s)
 
 
 def forecast_mae(demand: np.ndarray, dt_s: float, params: ForecastParams) -> tuple[float, float]:

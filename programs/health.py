@@ -9,10 +9,11 @@ allocator's SAFE_ALLOCATION and LOAD_SHED), and its memory:
   (Op.ACK_ALARM with arg = bits; node -1 = every node). A bit that clears loses
   its acknowledgement, so a returning condition is unacknowledged again. State
   of a code: cleared (bit off in `alarm`), active (on, not acked), acknowledged.
-* `health.derate` (f8 per node, 1 = none): the limit factor of the configured
-  `derate` table (alarm name -> factor); the allocator multiplies the node's
-  limits by it on the next cycle: the "redistribution" of load away from a
-  node in trouble.
+* the node field `derate` (1 = none): the limit factor of the configured
+  `derate` table (alarm name -> factor); health narrows the node's lo_w/hi_w
+  by it in the same cycle (so it runs before allocation): the
+  "redistribution" of load away from a node in trouble. A field, not memory,
+  so SCADA sees it.
 * `health.resistance_ohm`, `health.resistance0_ohm`: the internal resistance
   estimate -dV/dI (from consecutive samples whose current differs by at least
   `resistance_min_delta_a`), smoothed, and its baseline learnt from the first
@@ -36,7 +37,7 @@ from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vbatt.kernel.fields import node_field
-from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.program import Program, readonly
 from vbatt.kernel.seqblock import ArraySpec
 
 from vbatt.programs.allocation.kernel import ALLOC_ALARMS
@@ -179,21 +180,56 @@ def _opt(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
+@njit(nogil=True, cache=True)
+def health_alarms(dt_s, online, voltage_v, current_a, temperature_c, soc, checked, check_lo, check_hi, alarm,
+                  acked, derate, t_prev_c, t_rate_c_per_s, v_prev_v, i_prev_a, resistance_ohm, resistance0_ohm,
+                  n_est, has_prev, bad, v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di,
+                  r_learn, r_drift, db_v, db_a, db_c, db_s, derate_bits, derate_factor):
+    """The kernel without a derate table: alarms only, the limits untouched."""
+    health_step(dt_s[0], online, voltage_v, current_a, temperature_c, soc, checked, check_lo, check_hi, alarm,
+                acked, derate, t_prev_c, t_rate_c_per_s, v_prev_v, i_prev_a, resistance_ohm, resistance0_ohm,
+                n_est, has_prev, bad, v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di,
+                r_learn, r_drift, db_v, db_a, db_c, db_s, derate_bits, derate_factor)
+
+
+@njit(nogil=True, cache=True)
+def health_kernel(dt_s, online, voltage_v, current_a, temperature_c, soc, checked, check_lo, check_hi, alarm,
+                  acked, derate, t_prev_c, t_rate_c_per_s, v_prev_v, i_prev_a, resistance_ohm, resistance0_ohm,
+                  n_est, has_prev, bad, v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di,
+                  r_learn, r_drift, db_v, db_a, db_c, db_s, derate_bits, derate_factor, lo_w, hi_w):
+    """The program's kernel, bound by name: the alarms (health_step), then the limits narrowed by the
+    derate factor."""
+    health_step(dt_s[0], online, voltage_v, current_a, temperature_c, soc, checked, check_lo, check_hi, alarm,
+                acked, derate, t_prev_c, t_rate_c_per_s, v_prev_v, i_prev_a, resistance_ohm, resistance0_ohm,
+                n_est, has_prev, bad, v_hi, v_lo, i_hi, t_hi, t_lo, s_lo, s_hi, rise, rate_tau, r_min_di,
+                r_learn, r_drift, db_v, db_a, db_c, db_s, derate_bits, derate_factor)
+    for i in range(lo_w.shape[0]):
+        f = derate[i]
+        lo_w[i] *= f
+        hi_w[i] *= f
+
+
 class Health(Program):
     id = "health"
     Params = HealthParams
-    reads = ("online", "voltage_v", "current_a", "temperature_c", "soc", *CHECKED_FIELDS, "alarm")
-    writes = ("alarm",)
+    kernel = health_kernel
+    writes = ("alarm", "derate", "lo_w", "hi_w")
+
+    def __init__(self, params, n_nodes: int):
+        super().__init__(params, n_nodes)
+        if not params.derate:  # nothing to narrow: the limits stay read-only, and any place in the order is fine
+            self.kernel = health_alarms
+            self.writes = ("alarm", "derate")
 
     def memory(self) -> list[ArraySpec]:
         n = self.n
-        f8 = [ArraySpec(k, "f8", (n,)) for k in ("derate", "t_prev_c", "t_rate_c_per_s", "v_prev_v",
+        f8 = [ArraySpec(k, "f8", (n,)) for k in ("t_prev_c", "t_rate_c_per_s", "v_prev_v",
                                                   "i_prev_a", "resistance_ohm", "resistance0_ohm")]
         return [ArraySpec("acked", "u4", (n,)), *f8, ArraySpec("n_est", "i8", (n,)),
                 ArraySpec("has_prev", "u1", (n,)), ArraySpec("bad", "u1", (n,))]
 
     def init(self, img) -> None:
-        self.mem(img, "derate")[:] = 1.0
+        img.node["derate"][:] = 1.0
 
     def on_command(self, img, op, node, value, arg) -> None:
         from vbatt.kernel.image import Op
@@ -206,25 +242,20 @@ class Health(Program):
         elif 0 <= node < self.n:
             acked[node] |= alarm[node] & np.uint32(arg & 0xFFFFFFFF)
 
-    def bind(self, img, ctx):
+    def bindings(self, img) -> dict:
         p: HealthParams = self.params
         nd = img.node
-        checked = tuple(nd[f] for f in CHECKED_FIELDS)
-        lo = np.array([node_field(f).lo for f in CHECKED_FIELDS], dtype=np.float64)
-        hi = np.array([node_field(f).hi for f in CHECKED_FIELDS], dtype=np.float64)
-        bits = np.array([by_name(ALARM_CODES, k).mask for k in p.derate], dtype=np.uint32)
-        factors = np.array(list(p.derate.values()), dtype=np.float64)
-        m = lambda k: self.mem(img, k)  # noqa: E731
-        arrays = (nd["online"], nd["voltage_v"], nd["current_a"], nd["temperature_c"], nd["soc"], checked, lo, hi,
-                  nd["alarm"], m("acked"), m("derate"), m("t_prev_c"), m("t_rate_c_per_s"), m("v_prev_v"),
-                  m("i_prev_a"), m("resistance_ohm"), m("resistance0_ohm"), m("n_est"), m("has_prev"), m("bad"))
-        par = (_opt(p.voltage_high_v), _opt(p.voltage_low_v), _opt(p.current_high_a), _opt(p.temperature_high_c),
-               _opt(p.temperature_low_c), _opt(p.soc_low), _opt(p.soc_high), _opt(p.temperature_rise_c_per_s),
-               p.rate_tau_s, p.resistance_min_delta_a, p.resistance_learn_n, _opt(p.resistance_drift),
-               p.deadband_v, p.deadband_a, p.deadband_c, p.deadband_soc, bits, factors)
-        dt = Ctx.DT_S
+        return dict(checked=tuple(readonly(nd[f]) for f in CHECKED_FIELDS),
+                    check_lo=np.array([node_field(f).lo for f in CHECKED_FIELDS], dtype=np.float64),
+                    check_hi=np.array([node_field(f).hi for f in CHECKED_FIELDS], dtype=np.float64),
+                    derate_bits=np.array([by_name(ALARM_CODES, k).mask for k in p.derate], dtype=np.uint32),
+                    derate_factor=np.array(list(p.derate.values()), dtype=np.float64))
 
-        def step() -> None:
-            health_step(ctx[dt], *arrays, *par)
-
-        return step
+    def kernel_params(self) -> dict:
+        p: HealthParams = self.params
+        return dict(v_hi=_opt(p.voltage_high_v), v_lo=_opt(p.voltage_low_v), i_hi=_opt(p.current_high_a),
+                    t_hi=_opt(p.temperature_high_c), t_lo=_opt(p.temperature_low_c), s_lo=_opt(p.soc_low),
+                    s_hi=_opt(p.soc_high), rise=_opt(p.temperature_rise_c_per_s), rate_tau=p.rate_tau_s,
+                    r_min_di=p.resistance_min_delta_a, r_learn=p.resistance_learn_n,
+                    r_drift=_opt(p.resistance_drift), db_v=p.deadband_v, db_a=p.deadband_a, db_c=p.deadband_c,
+                    db_s=p.deadband_soc)

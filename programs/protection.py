@@ -31,7 +31,7 @@ from typing import Annotated, Literal
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.program import Program
 from vbatt.kernel.seqblock import ArraySpec
 
 from vbatt.programs.codes import Trip
@@ -101,11 +101,19 @@ class ProtectionParams(BaseModel):
 
 
 @njit(nogil=True, cache=True)
-def protect(dt, online, voltage_v, current_a, temperature_c, soc, max_dis_w, max_chg_w, trip, lo_w, hi_w,
-            theta, t_over, t_under, t_clear,
-            soc_min, soc_max, pickup, k, alpha, tms, reset_s, inst, t_start, t_zero, t_trip,
-            v_over, v_under, v_delay, auto_reset, hyst_c, hyst_v):
-    """One protection pass; limits that are 0 or inf mean 'off' (see Protection.bind)."""
+def protect(dt_s, online, voltage_v, current_a, temperature_c, soc, max_discharge_w, max_charge_w, trip, lo_w, hi_w,
+            theta, t_over_s, t_under_s, t_clear_s,
+            soc_min, soc_max, pickup_a, curve_k, curve_alpha, tms, reset_s, inst_a, t_start_c, t_zero_c, t_trip_c,
+            v_over_v, v_under_v, v_delay_s, auto_reset_s, hyst_c, hyst_v):
+    """One protection pass; limits that are 0 or inf mean 'off' (see Protection.kernel_params).
+
+    Narrows lo_w/hi_w (they arrive holding the device limits or a narrower earlier program's)."""
+    dt = dt_s[0]
+    pickup, k, alpha, inst = pickup_a, curve_k, curve_alpha, inst_a
+    t_start, t_zero, t_trip = t_start_c, t_zero_c, t_trip_c
+    v_over, v_under, v_delay, auto_reset = v_over_v, v_under_v, v_delay_s, auto_reset_s
+    t_over, t_under, t_clear = t_over_s, t_under_s, t_clear_s
+    max_dis_w, max_chg_w = max_discharge_w, max_charge_w
     for i in range(online.shape[0]):
         if online[i] == 0:
             lo_w[i] = 0.0
@@ -169,14 +177,14 @@ def protect(dt, online, voltage_v, current_a, temperature_c, soc, max_dis_w, max
             hi = 0.0
         if s >= soc_max:
             lo = 0.0
-        lo_w[i] = lo
-        hi_w[i] = hi
+        lo_w[i] = max(lo_w[i], lo)
+        hi_w[i] = min(hi_w[i], hi)
 
 
 class Protection(Program):
     id = "protection"
     Params = ProtectionParams
-    reads = ("online", "voltage_v", "current_a", "temperature_c", "soc", "max_discharge_w", "max_charge_w", "trip")
+    kernel = protect
     writes = ("lo_w", "hi_w", "trip")
 
     def memory(self) -> list[ArraySpec]:
@@ -189,26 +197,14 @@ class Protection(Program):
             for k in ("theta", "t_over_s", "t_under_s", "t_clear_s"):
                 self.mem(img, k)[node] = 0.0
 
-    def kernel_args(self) -> tuple:
+    def kernel_params(self) -> dict:
         p: ProtectionParams = self.params
         k, alpha = IEC_CURVES[p.oc_curve]
         inf = math.inf
-        return (p.soc_min, p.soc_max, p.oc_pickup_a or 0.0, k, alpha, p.oc_tms, p.oc_reset_s,
-                p.oc_instantaneous_a or 0.0, p.derate_start_c, p.derate_zero_c,
-                inf if p.trip_temperature_c is None else p.trip_temperature_c,
-                p.over_voltage_v or inf, p.under_voltage_v or -inf, p.voltage_delay_s,
-                p.auto_reset_s or 0.0, p.reset_hysteresis_c, p.reset_hysteresis_v)
-
-    def bind(self, img, ctx):
-        nd = img.node
-        arrays = (nd["online"], nd["voltage_v"], nd["current_a"], nd["temperature_c"], nd["soc"],
-                  nd["max_discharge_w"], nd["max_charge_w"], nd["trip"], nd["lo_w"], nd["hi_w"],
-                  *(self.mem(img, k) for k in ("theta", "t_over_s", "t_under_s", "t_clear_s")))
-        par = self.kernel_args()
-        dt = Ctx.DT_S
-
-        def step() -> None:
-            protect(ctx[dt], *arrays, *par)
-
-        return step
-
+        return dict(soc_min=p.soc_min, soc_max=p.soc_max, pickup_a=p.oc_pickup_a or 0.0, curve_k=k,
+                    curve_alpha=alpha, tms=p.oc_tms, reset_s=p.oc_reset_s, inst_a=p.oc_instantaneous_a or 0.0,
+                    t_start_c=p.derate_start_c, t_zero_c=p.derate_zero_c,
+                    t_trip_c=inf if p.trip_temperature_c is None else p.trip_temperature_c,
+                    v_over_v=p.over_voltage_v or inf, v_under_v=p.under_voltage_v or -inf,
+                    v_delay_s=p.voltage_delay_s, auto_reset_s=p.auto_reset_s or 0.0,
+                    hyst_c=p.reset_hysteresis_c, hyst_v=p.reset_hysteresis_v)

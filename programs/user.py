@@ -1,25 +1,27 @@
-"""User programs: a user's own njit functions over named image fields, from the YAML program list.
+"""User programs: a user's own njit functions, bound by their parameter names, from the YAML program list.
 
     programs:
       - forecast
       - protection
       - user:
           steps:
-            - function: examples/user_program.py:keep_reserve   # file.py:name or package.module:name
-              args: [soc, hi_w, mem.hold_s, ctx]                 # what the function receives, in order
-              params: {soc_floor: 0.3, hold_s: 5.0}              # then these numbers, in this order
-              memory: {hold_s: f8}                               # per-node arrays kept between cycles
+            - function: examples/user_program.py:keep_reserve_when_hot   # file.py:name or package.module:name
+              params: {soc_floor: 0.3, hot_c: 35, cool_s: 60}            # numbers, bound by name (any order)
+              memory: {cool_timer_s: f8}                                   # per-node arrays kept between cycles
+              writes: [hi_w]                                               # the image fields it may change
+      - health
       - allocation
 
-`args` names: any node field (`fields.py`, e.g. `soc`, `hi_w`: the whole
-per-node array), `agg.<name>` for an aggregate (a shape-(1,) array),
-`mem.<name>` for the step's own memory, `ctx` for the cycle context
-(`ctx[1]` = dt in s, see `program.Ctx`). The function must be compiled with
-`numba.njit` (plain functions are compiled here with nogil and cache) and must
-not allocate if it is to keep the cycle allocation-free. A relative file path
-is taken from the working directory. Everything is checked at load time: an
-unknown field, a missing file or function, or a wrong number of parameters is
-a configuration error with its file:line.
+Every parameter of the function is bound by its name, as for the built-in programs
+(`vbatt.kernel.program`): a node field of the field table (`soc`, `hi_w`, ...: the whole per-node
+array), `agg_<aggregate>` (a shape-(1,) array), a memory name, a `params` name, or a context value
+(`dt_s`, `now_s`, `wall_s`, `cycle`, `period_s`: shape-(1,) arrays, read as `dt_s[0]`). Image fields
+are read-only unless listed in `writes` (a store into one does not compile). The function must be
+compiled with `numba.njit` (plain functions are compiled here with nogil and cache) and must not
+allocate if it is to keep the cycle allocation-free. A relative file path is taken from the working
+directory. Everything is checked at load time: an unknown or ambiguous name, a parameter the function
+does not take, a function parameter nothing binds, a write to something that is not a field, a missing
+file or function: each is a configuration error with its file:line.
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Literal
 
+import numpy as np
 from numba import njit
 from numba.core.registry import CPUDispatcher
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS
-from vbatt.kernel.program import Program
+from vbatt.kernel.program import BindError, Program, bind_kernel, kernel_names
 from vbatt.kernel.seqblock import ArraySpec
 
 __all__ = ["UserPrograms", "UserParams", "UserStep", "load_function"]
@@ -85,29 +88,38 @@ def load_function(ref: str):
 class UserStep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     function: Annotated[str, Field(min_length=3)]
-    args: list[str] = []
     params: dict[str, float] = {}
     memory: dict[str, Literal["f8", "i8", "u1", "u4"]] = {}
+    writes: list[str] = []
 
     @model_validator(mode="after")
     def _check(self) -> "UserStep":
-        for a in self.args:
-            kind, _, rest = a.partition(".")
-            ok = (a in _NODE or a == "ctx" or (kind == "agg" and rest in _AGG)
-                  or (kind == "mem" and rest in self.memory))
-            if not ok:
-                raise ValueError(f"args: unknown name {a!r} (expected a node field such as 'soc', "
-                                 f"'agg.<aggregate>', 'mem.<one of {sorted(self.memory)}>' or 'ctx')")
         fn = load_function(self.function)
-        py = getattr(fn, "py_func", fn)
-        want = len(self.args) + len(self.params)
         try:
-            sig = inspect.signature(py)
+            names = kernel_names(fn)
         except (TypeError, ValueError):
-            return self
-        if len(sig.parameters) != want:
-            raise ValueError(f"function {self.function!r} takes {len(sig.parameters)} parameters "
-                             f"({', '.join(sig.parameters)}) but args + params give {want}")
+            raise ValueError(f"function {self.function!r}: its parameters cannot be read") from None
+        taken = set(names)
+        extra = [k for k in self.params if k not in taken]
+        if extra:
+            raise ValueError(f"params {extra} are not parameters of {self.function!r} "
+                             f"(it takes: {', '.join(names)})")
+        for w in self.writes:
+            if w not in taken:
+                raise ValueError(f"writes: {w!r} is not a parameter of {self.function!r} "
+                                 f"(it takes: {', '.join(names)})")
+        for k in self.memory:
+            if k not in taken:
+                raise ValueError(f"memory: {k!r} is not a parameter of {self.function!r} "
+                                 f"(it takes: {', '.join(names)})")
+        # The binding itself, against the field table (no image yet): unknown, ambiguous, bad writes.
+        shape = SimpleNamespace(node={k: np.zeros(1) for k in _NODE}, agg={k: np.zeros(1) for k in _AGG})
+        memory = {k: np.zeros(1) for k in self.memory}
+        try:
+            bind_kernel(fn, where=f"function {self.function!r}", img=shape, ctx=np.zeros(8), memory=memory,
+                        params=dict(self.params), writes=tuple(self.writes))
+        except BindError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -126,22 +138,18 @@ class UserPrograms(Program):
         return [ArraySpec(f"{k}.{name}", dt, (self.n,))
                 for k, step in enumerate(self.params.steps) for name, dt in step.memory.items()]
 
+    def __init__(self, params, n_nodes: int):
+        super().__init__(params, n_nodes)
+        self.writes = tuple(dict.fromkeys(w for st in params.steps for w in st.writes))
+
     def bind(self, img, ctx):
         calls = []
         for k, step in enumerate(self.params.steps):
             fn = load_function(step.function)
-            args = []
-            for a in step.args:
-                kind, _, rest = a.partition(".")
-                if a == "ctx":
-                    args.append(ctx)
-                elif kind == "agg" and rest in _AGG:
-                    args.append(img.agg[rest])
-                elif kind == "mem":
-                    args.append(self.mem(img, f"{k}.{rest}"))
-                else:
-                    args.append(img.node[a])
-            calls.append((fn, (*args, *step.params.values())))
+            memory = {name: self.mem(img, f"{k}.{name}") for name in step.memory}
+            args = bind_kernel(fn, where=f"user step {k} ({step.function})", img=img, ctx=ctx, memory=memory,
+                               params=dict(step.params), writes=tuple(step.writes))
+            calls.append((fn, args))
         if len(calls) == 1:
             fn, args = calls[0]
             return lambda: fn(*args)

@@ -181,15 +181,22 @@ def test_conservation_over_a_simulated_run_of_the_default_fleet(plant):
 
 def test_health_derate_moves_load_away_from_a_hot_node(plant):
     text = (TWO.replace("soc: 0.8, link_max_w: 1000}\n  - {id: B", "soc: 0.8, temperature_c: 50, link_max_w: 1000}\n  - {id: B")
-            + "programs: [protection: {derate_start_c: 60, derate_zero_c: 70, trip_temperature_c: 80}, allocation,"
-              " {health: {temperature_high_c: 45, derate: {TEMPERATURE_HIGH: 0.2}}}]")
+            + "programs: [protection: {derate_start_c: 60, derate_zero_c: 70, trip_temperature_c: 80},"
+              " {health: {temperature_high_c: 45, derate: {TEMPERATURE_HIGH: 0.2}}}, allocation]")
     p = plant(text)
-    p.cycle()
+    p.cycle()  # health runs before allocation: the derate narrows the limits in the same cycle
     assert p.n["alarm"][0] & Alarm.TEMPERATURE_HIGH
-    first = p.n["battery_w"].copy()
-    p.cycle()
+    assert p.n["derate"][0] == pytest.approx(0.2) and p.n["derate"][1] == 1.0
     assert p.n["hi_w"][0] == pytest.approx(0.2 * 300)
-    assert p.n["battery_w"][0] < first[0] and p.n["battery_w"].sum() == pytest.approx(300.0)
+    assert p.n["battery_w"][0] == pytest.approx(0.2 * 300) and p.n["battery_w"].sum() == pytest.approx(300.0)
+
+
+def test_a_program_that_narrows_the_limits_after_the_allocation_is_a_config_error():
+    text = TWO + "programs:\n  - allocation\n  - health: {derate: {TEMPERATURE_HIGH: 0.2}}\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(text, "plant.yaml")
+    assert "plant.yaml:8" in str(exc.value.problems) and "before 'allocation'" in str(exc.value.problems)
+    load_config_text(TWO + "programs:\n  - allocation\n  - health\n", "plant.yaml")  # no derate: no narrowing
 
 
 def test_alarm_acknowledge_and_clear(plant):
@@ -214,21 +221,69 @@ def test_bad_program_parameters_are_config_errors_with_a_line():
     assert "TEMP_HI" in str(exc.value.problems) and "TEMPERATURE_HIGH" in str(exc.value.problems)
 
 
-def test_user_program_errors_name_the_problem(tmp_path):
-    bad = TWO + """programs:
+USER_FN = """
+from numba import njit
+
+@njit
+def narrow(soc, {out}, cool_s, dt_s, soc_floor):
+    for i in range(soc.shape[0]):
+        cool_s[i] += dt_s[0]
+        if soc[i] <= soc_floor:
+            {out}[i] = 0.0
+"""
+
+
+def _user(tmp_path, out="hi_w", extra="", step_keys="params: {soc_floor: 0.3}\n          memory: {cool_s: f8}\n          writes: [hi_w]"):
+    f = tmp_path / f"fn_{out}.py"
+    f.write_text(USER_FN.format(out=out))
+    return TWO + f"""programs:
   - user:
       steps:
-        - function: examples/user_program.py:keep_reserve_when_hot
-          args: [temperature_c, soc, hi_watts, ctx]
+        - function: {f}:narrow
+          {step_keys}{extra}
+  - allocation
 """
-    with pytest.raises(ConfigError) as exc:
-        load_config_text(bad, "plant.yaml")
-    assert "hi_watts" in str(exc.value.problems)
-    missing = bad.replace("examples/user_program.py", str(tmp_path / "nope.py")).replace("hi_watts", "hi_w")
-    with pytest.raises(ConfigError) as exc:
-        load_config_text(missing, "plant.yaml")
-    assert "no such file" in str(exc.value.problems)
-    arity = bad.replace("hi_watts", "hi_w")
-    with pytest.raises(ConfigError) as exc:
-        load_config_text(arity, "plant.yaml")
-    assert "takes 8 parameters" in str(exc.value.problems)
+
+
+def test_user_program_binds_by_name_in_any_order(plant, tmp_path):
+    """params by name (not YAML order); the narrowing counts because the limits are reset and narrowed."""
+    p = plant(_user(tmp_path).replace("params: {soc_floor: 0.3}", "params: {soc_floor: 0.9}"))
+    p.cycle()
+    assert np.all(p.n["hi_w"] == 0.0) and np.all(p.n["battery_w"] <= 1e-9)  # soc 0.8 <= 0.9: no discharge
+    assert p.img.mem["user.0.cool_s"][0] == pytest.approx(PERIOD_NS * 1e-9)
+
+
+def test_user_program_errors_name_the_problem(tmp_path):
+    def problems(text):
+        with pytest.raises(ConfigError) as exc:
+            load_config_text(text, "plant.yaml")
+        return str(exc.value.problems)
+
+    got = problems(_user(tmp_path, out="hi_watts", step_keys="params: {soc_floor: 0.3}\n          memory: {cool_s: f8}"))
+    assert "plant.yaml:9" in got and "'hi_watts' names nothing" in got  # a misspelt field
+    got = problems(_user(tmp_path).replace("soc_floor: 0.3", "soc_floor: 0.3, hot_c: 1"))
+    assert "['hot_c'] are not parameters" in got
+    got = problems(_user(tmp_path).replace("params: {soc_floor: 0.3}", "params: {}"))
+    assert "'soc_floor' names nothing" in got  # a parameter nothing binds
+    got = problems(_user(tmp_path).replace("writes: [hi_w]", "writes: [hi_w, cool_s]"))
+    assert "writes 'cool_s', which is not a field" in got
+    got = problems(_user(tmp_path).replace("memory: {cool_s: f8}", "memory: {cool_s: f8, soc: f8}"))
+    assert "'soc' is ambiguous: it names a memory and a node field" in got
+    got = problems(_user(tmp_path).replace("narrow", "nope", 1))
+    assert "has no 'nope'" in got or "nope" in got
+    got = problems(_user(tmp_path).replace("  - allocation\n", "").replace("programs:\n", "programs:\n  - allocation\n"))
+    assert "before 'allocation'" in got  # it narrows hi_w after the allocation used it
+
+
+def test_an_undeclared_write_does_not_compile(plant, tmp_path, caplog):
+    """hi_w not in `writes`: the kernel receives it read-only, numba refuses the store, and the scan
+    holds the safe allocation (a program fault) instead of running a program that writes what it
+    did not declare."""
+    from vbatt.kernel.image import Ctl
+
+    p = plant(_user(tmp_path).replace("\n          writes: [hi_w]", ""))
+    with caplog.at_level("ERROR"):
+        p.cycle()
+    assert p.img.ctl[Ctl.PROGRAM_FAULTS] == 1
+    assert "readonly array" in caplog.text and "hi_w[i] = 0.0" in caplog.text
+    assert np.all(p.n["bus_w"] == 0.0)  # the safe allocation: every node on its own battery

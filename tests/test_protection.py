@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from vbatt.kernel.program import bind_kernel
 from vbatt.programs.codes import Trip, active_trips
 from vbatt.programs.protection import IEC_CURVES, Protection, ProtectionParams, iec_operate_time_s, protect
 
@@ -28,8 +29,14 @@ class Rig:
         self.mem = [np.zeros(n) for _ in range(4)]
 
     def step(self, dt=DT):
-        protect(dt, self.online, self.voltage_v, self.current_a, self.temperature_c, self.soc, self.max_dis,
-                self.max_chg, self.trip, self.lo, self.hi, *self.mem, *self.p.kernel_args())
+        # as the scan does: the limits start every cycle from the device limits, protection narrows them
+        self.lo[:] = -self.max_chg
+        self.hi[:] = self.max_dis
+        names = dict(dt_s=np.array([dt]), online=self.online, voltage_v=self.voltage_v, current_a=self.current_a,
+                     temperature_c=self.temperature_c, soc=self.soc, max_discharge_w=self.max_dis,
+                     max_charge_w=self.max_chg, trip=self.trip, lo_w=self.lo, hi_w=self.hi,
+                     **dict(zip(("theta", "t_over_s", "t_under_s", "t_clear_s"), self.mem)))
+        protect(*bind_kernel(protect, where="test", img=None, ctx=None, own=names, params=self.p.kernel_params()))
 
     def cycles_to_trip(self, limit=100_000):
         for k in range(1, limit + 1):

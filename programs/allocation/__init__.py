@@ -1,10 +1,10 @@
 """The optimal allocation program (DESIGN.md §2); the kernel is in `alloc_kernel`.
 
-Reads: online, trip, demand_w, max_discharge_w, max_charge_w, link_max_w, soc,
-capacity_wh, priority, lo_w/hi_w (when protection runs before it), the health
-derate (when health is configured), battery_w (last setpoint, for the ramp) and
-the aggregate main_limit_w. Writes: battery_w, served_w, shed_w, bus_w, lo_w,
-hi_w, the alarm bits SAFE_ALLOCATION and LOAD_SHED, and the aggregate main_w.
+Bound by name (kernel `allocation_step`): reads online, trip, demand_w, max_discharge_w,
+max_charge_w, link_max_w, soc, capacity_wh, priority, lo_w/hi_w (the device limits as narrowed by the
+programs before it: protection, health's derate, a user's), battery_w (last setpoint, for the ramp)
+and the aggregate main_limit_w. Writes: battery_w, served_w, shed_w, bus_w, lo_w, hi_w (the limits it
+used), the alarm bits SAFE_ALLOCATION and LOAD_SHED, and the aggregate main_w.
 
 First cycle: there is no previous setpoint, so the ramp limit starts from the
 first allocation rather than from zero (a virtual battery that must pick up a
@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
+from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.program import Program
 from vbatt.kernel.seqblock import ArraySpec
 
 from vbatt.programs.allocation.kernel import ST_N, allocate
@@ -64,12 +65,28 @@ class Workspace:
                 f["s_w"], f["s_lo"], f["s_hi"], f["s_x"], self.tmp)
 
 
+@njit(nogil=True, cache=True)
+def allocation_step(online, trip, demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh,
+                    priority, agg_main_limit_w, agg_main_w, dt_s, soc_min, soc_max, ramp_w_per_s,
+                    restore_hold_s, restore_margin, order, held_w, timer_s, state,
+                    battery_w, served_w, shed_w, bus_w, lo_w, hi_w, alarm, scratch):
+    """The program's kernel, bound by name. lo_w/hi_w arrive narrowed by the programs before it
+    (from the device limits the scan set at the latch); the kernel never goes beyond the device
+    limits whatever they say."""
+    use, cap, fa, x, w, blo, bhi, sidx, s_w, s_lo, s_hi, s_x, tmp = scratch
+    agg_main_w[0] = allocate(online, trip, demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh,
+                             priority, True, lo_w, False, agg_main_limit_w[0], dt_s[0],
+                             soc_min, soc_max, ramp_w_per_s, restore_hold_s, restore_margin,
+                             order, held_w, timer_s, state, battery_w, served_w, shed_w, bus_w, lo_w, hi_w, alarm,
+                             use, cap, fa, x, w, blo, bhi, sidx, s_w, s_lo, s_hi, s_x, tmp)
+
+
 class Allocation(Program):
     id = "allocation"
     Params = AllocationParams
-    reads = ("online", "trip", "demand_w", "max_discharge_w", "max_charge_w", "link_max_w", "soc",
-             "capacity_wh", "priority", "lo_w", "hi_w", "battery_w")
-    writes = ("battery_w", "served_w", "shed_w", "bus_w", "lo_w", "hi_w", "alarm")
+    kernel = allocation_step
+    allocates = True
+    writes = ("battery_w", "served_w", "shed_w", "bus_w", "lo_w", "hi_w", "alarm", "agg_main_w")
 
     def memory(self) -> list[ArraySpec]:
         n = self.n
@@ -87,29 +104,9 @@ class Allocation(Program):
         if op == Op.SET_PRIORITY:  # re-sort outside the cycle (the kernel would otherwise do it)
             self.mem(img, "order")[:] = np.argsort(img.node["priority"], kind="stable")
 
-    def bind(self, img, ctx):
-        p: AllocationParams = self.params
-        nd, agg = img.node, img.agg
-        narrowed = any(k.startswith("protection.") for k in img.mem)
-        derate = img.mem.get("health.derate")
-        use_derate = derate is not None
-        if derate is None:
-            derate = np.ones(self.n)
-        ws = Workspace(self.n)
-        self._ws = ws
-        mem = [self.mem(img, k) for k in ("order", "held_w", "timer_s", "state")]
-        head = (nd["online"], nd["trip"], nd["demand_w"], nd["max_discharge_w"], nd["max_charge_w"],
-                nd["link_max_w"], nd["soc"], nd["capacity_wh"], nd["priority"], narrowed, derate, use_derate)
-        par = (p.soc_min, p.soc_max, p.ramp_w_per_s, p.restore_hold_s, p.restore_margin)
-        tail = (*mem, nd["battery_w"], nd["served_w"], nd["shed_w"], nd["bus_w"], nd["lo_w"], nd["hi_w"],
-                nd["alarm"], *ws.scratch())
-        main_limit, main_w = agg["main_limit_w"], agg["main_w"]
-        dt = Ctx.DT_S
-
-        def step() -> None:
-            main_w[0] = allocate(*head, main_limit[0], ctx[dt], *par, *tail)
-
-        return step
+    def bindings(self, img) -> dict:
+        self._ws = Workspace(self.n)
+        return {"scratch": self._ws.scratch()}
 
 
 def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh, priority=None,

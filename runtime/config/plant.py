@@ -273,11 +273,13 @@ def _is_union_tag(p) -> bool:
 
 
 def _parse_programs(raw: Any, located: Located) -> tuple[list[ProgramEntry], list[str]]:
+    from vbatt.kernel.program import LIMIT_FIELDS
     from vbatt.programs.registry import program_class, known_programs
 
     if not isinstance(raw, list) or not raw:
         return [], [f"{located.where(('programs',))}: programs: expected a non-empty list of program ids"]
     entries, problems = [], []
+    allocator = None
     for i, item in enumerate(raw):
         path = ("programs", i)
         if isinstance(item, str):
@@ -303,6 +305,15 @@ def _parse_programs(raw: Any, located: Located) -> tuple[list[ProgramEntry], lis
             entries.append(ProgramEntry(id=pid, params=cls.Params.model_validate(params)))
         except ValidationError as exc:
             problems.extend(_errors(exc, located, path))
+            continue
+        # The limits are narrowed before the allocating program uses them, in the same cycle.
+        writes = set(cls(entries[-1].params, 0).writes)
+        if allocator is not None and writes & set(LIMIT_FIELDS):
+            problems.append(f"{located.where(path)}: {format_path(path)}: {pid!r} narrows "
+                            f"{'/'.join(sorted(writes & set(LIMIT_FIELDS)))} but is listed after {allocator!r}, "
+                            f"which allocates from them: list it before {allocator!r}")
+        if getattr(cls, "allocates", False) and allocator is None:
+            allocator = pid
     return entries, problems
 
 

@@ -86,6 +86,7 @@ NODE_STATE: tuple[Field, ...] = (
     Field("hi_w", "f8", "W", _T, "highest battery_w allowed after protection (>= 0: discharge)"),
     Field("trip", "u4", "", _T, "latched protection trip reason bits; 0 = none"),
     Field("alarm", "u4", "", _T, "active health alarm bits; 0 = none"),
+    Field("derate", "f8", "1", _T, "limit factor from health alarms (health's derate table); 1 = none"),
 )
 
 NODE_FIELDS: tuple[Field, ...] = NODE_INPUTS + NODE_SETTINGS + NODE_OUTPUTS + NODE_STATE

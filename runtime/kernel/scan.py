@@ -45,6 +45,14 @@ def derive_online(now_ns, stale_ns, updated_ns, fault, online):
         online[i] = 1 if (fault[i] == 0 and u > 0 and now_ns - u <= stale_ns) else 0
 
 
+@njit(nogil=True, cache=True)
+def device_limits(max_charge_w, max_discharge_w, lo_w, hi_w):
+    """Every cycle the limits start from what the device allows now; programs only narrow them."""
+    for i in range(lo_w.shape[0]):
+        lo_w[i] = -max_charge_w[i]
+        hi_w[i] = max_discharge_w[i]
+
+
 LARGE_BLOCK_BYTES = 64 * 1024
 
 
@@ -102,6 +110,7 @@ class ScanEngine:
             self._safe = lambda: zero_power(*args)
         self._aggregate = bind_aggregates(self.img)
         self._online_args = (n["updated_ns"], n["fault"], n["online"])
+        self._limit_args = (n["max_charge_w"], n["max_discharge_w"], n["lo_w"], n["hi_w"])
 
     def _latcher(self, k: int):
         """How input block k is copied in: one numba call while it is small (call overhead
@@ -168,6 +177,7 @@ class ScanEngine:
                 except TornRead:
                     self.ctl[Ctl.TORN_READS] += 1  # keep the old values; freshness marks them stale
         derive_online(now_ns, self.stale_ns, *self._online_args)
+        device_limits(*self._limit_args)
 
     def cycle(self, now_ns: int) -> None:
         ctl, ctx, stamps, now = self.ctl, self.ctx, self._stamps, self.clock.now_ns
