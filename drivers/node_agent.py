@@ -1,4 +1,4 @@
-"""`vbatt node CONFIG`: the agent on a battery-backed device (DESIGN.md §5).
+"""`vbatt node CONFIG`: the agent on a battery-backed device (docs/design.md §5).
 
 It serves the node's SunSpec map (drivers/sunspec.py) over Modbus TCP (or
 Modbus/TCP Security), refreshes it from a battery backend every tick, and
