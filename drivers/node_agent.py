@@ -380,6 +380,13 @@ def load_node_config(path: str | Path) -> NodeAgentConfig:
         raise ConfigError([f"{located.source}: say how to secure the link: either 'tls: {{ca, cert, key}}' "
                            f"(Modbus/TCP Security) or 'plaintext: true' (got "
                            f"{'both' if cfg.plaintext else 'neither'})"])
+    if cfg.tls is not None:  # unreadable TLS files are a config error (exit 2), found before serving
+        from vbatt.certs import server_context
+
+        try:
+            server_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError([f"{located.where(('tls',))}: tls: {exc}"]) from None
     return cfg
 
 

@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import run_vbatt
 from vbatt.config import load_config
@@ -143,3 +145,63 @@ def test_unreadable_path_says_what_is_expected(tmp_path):
         read_text_file(tmp_path / "missing.yaml", "a UTF-8 text YAML file")
     assert info.value.problems == [f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory; "
                                    f"expected a UTF-8 text YAML file"]
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(
+    st.binary(max_size=300),
+    st.binary(max_size=200).map(lambda b: GOOD.encode() + b),  # a good start, a broken end
+    st.text(max_size=100).map(lambda t: (GOOD + t).encode(st_encoding(t))),
+))
+def test_any_bytes_load_or_give_one_line_problems(tmp_path, data):
+    """Whatever the bytes, loading gives a fleet or ConfigError problems that are single lines
+    starting with the file name: never a UnicodeDecodeError or another exception."""
+    p = tmp_path / "fuzz.yaml"
+    p.write_bytes(data)
+    try:
+        load_config(p)
+    except ConfigError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert problem.startswith(str(p)) and "\n" not in problem, problem
+
+
+def st_encoding(text: str) -> str:
+    """An encoding other than UTF-8 where the text allows one (so the bytes are not UTF-8)."""
+    try:
+        text.encode("latin-1")
+        return "latin-1"
+    except UnicodeEncodeError:
+        return "utf-16"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from vbatt.certs import make_fleet_certs
+
+    d = tmp_path_factory.mktemp("pki")
+    make_fleet_certs(d, 1)
+    return d
+
+
+@pytest.mark.parametrize("case", ["binary_ca", "png_cert", "key_of_another", "missing_key"])
+def test_node_agent_tls_files_that_are_not_pem(tmp_path, pki, case):
+    ca, cert, key = pki / "ca.pem", pki / "node-0.pem", pki / "node-0.key"
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(_random_binary() if case == "binary_ca" else PNG)
+    ca, cert, key, says = {
+        "binary_ca": (junk, cert, key, f"{junk}: not a CA certificate"),
+        "png_cert": (ca, junk, key, f"{junk} with key {key}: not a certificate and its private key"),
+        "key_of_another": (ca, cert, pki / "controller.key", f"{cert} with key {pki / 'controller.key'}: "
+                                                              f"not a certificate and its private key"),
+        "missing_key": (ca, cert, tmp_path / "none.key", f"TLS file not found: {tmp_path / 'none.key'}"),
+    }[case]
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"id: n1\nport: 0\ntls: {{ca: '{ca}', cert: '{cert}', key: '{key}'}}\n"
+                   "backend: {kind: sim, demand_w: 10, max_discharge_w: 10, max_charge_w: 10, capacity_wh: 10}\n")
+    r = run_vbatt("node", str(cfg), timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"configuration error: {cfg}:3: tls: "), r.stderr
+    assert says in lines[0], r.stderr
