@@ -109,8 +109,17 @@ def _ctx(purpose, ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLC
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose == "server" else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the server demands the client's certificate too
-    ctx.load_verify_locations(cafile=str(ca))
-    ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    # ssl's own errors ("[X509: NO_CERTIFICATE_OR_CRL_FOUND] ...") do not say which file is wrong
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except (ssl.SSLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{ca}: not a CA certificate ({getattr(exc, 'reason', None) or exc}); "
+                         f"expected a PEM file") from None
+    try:
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except ssl.SSLError as exc:
+        raise ValueError(f"{cert} with key {key}: not a certificate and its private key "
+                         f"({exc.reason or exc}); expected PEM files") from None
     return ctx
 
 

@@ -103,7 +103,7 @@ class VarDef:
 def _from_field(f: Field, scope: str) -> VarDef:
     dt, vt = _DTYPES[f.dtype]
     scale, unit, lo, hi = 1.0, (f.unit or None), f.lo, f.hi
-    if f.unit == "1":  # ratios: DESIGN.md §1 says SCADA shows soc as %
+    if f.unit == "1":  # ratios: docs/design.md §1 says SCADA shows soc as %
         scale, unit = 100.0, "%"
         lo, hi = (0.0 if lo is None else lo * 100), (100.0 if hi is None else hi * 100)
     if unit is None or vt == ua.VariantType.Boolean:

@@ -1,4 +1,4 @@
-"""Demand forecast (DESIGN.md §3 step 2): Holt's linear smoothing per node, seasonal where history allows.
+"""Demand forecast (docs/design.md §3 step 2): Holt's linear smoothing per node, seasonal where history allows.
 
 Reads: online, demand_w. Writes: forecast_w (the node's demand predicted
 `horizon_s` ahead). The aggregate forecast is the sum over online nodes (the

@@ -1,4 +1,4 @@
-"""Health monitoring (DESIGN.md §3 step 5): alarms per node, their states, and limit narrowing.
+"""Health monitoring (docs/design.md §3 step 5): alarms per node, their states, and limit narrowing.
 
 Reads: every node input (voltage_v, current_a, temperature_c, soc, capacity_wh,
 demand_w, max_discharge_w, max_charge_w, link_max_w, online) and alarm.

@@ -1,4 +1,4 @@
-"""Protection (DESIGN.md §3 step 3): overcurrent, thermal, SoC reserve, voltage; latched trips.
+"""Protection (docs/design.md §3 step 3): overcurrent, thermal, SoC reserve, voltage; latched trips.
 
 Reads: online, voltage_v, current_a, temperature_c, soc, max_discharge_w,
 max_charge_w, trip. Writes: lo_w, hi_w (each node's narrowed limits, which the

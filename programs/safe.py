@@ -1,4 +1,4 @@
-"""The safe allocation of DESIGN.md §2: every node on its own battery, no bus transfer.
+"""The safe allocation of docs/design.md §2.6: every node on its own battery, no bus transfer.
 
 Used as the fallback whenever data is missing or a program fails, by the
 watchdog, in STOP, and (until the optimal allocator runs) as the default program.

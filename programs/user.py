@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS
 from vbatt.kernel.program import BindError, Program, bind_kernel, kernel_names
 from vbatt.kernel.seqblock import ArraySpec
+from vbatt.config.textfile import text_problem
 
 __all__ = ["UserPrograms", "UserParams", "UserStep", "load_function"]
 
@@ -58,6 +59,12 @@ def load_function(ref: str):
         path = Path(target).resolve()
         if not path.is_file():
             raise ValueError(f"function {ref!r}: no such file {target} (relative paths start at {Path.cwd()})")
+        try:
+            problem = text_problem(path.read_bytes(), target, "a UTF-8 Python source file")
+        except OSError as exc:
+            problem = f"{target}: cannot read: {exc.strerror or exc}"
+        if problem:  # Python's own SyntaxError for these names neither the file nor the cause
+            raise ValueError(f"function {ref!r}: {problem}")
         # A stable name (numba's cache records the module by name, in every process)
         mod_name = f"vbatt_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
         module = sys.modules.get(mod_name)

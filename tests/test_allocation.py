@@ -1,4 +1,4 @@
-"""Allocation: the DESIGN.md §2 examples, edge cases, and hypothesis properties (KKT in O(N))."""
+"""Allocation: the docs/design.md §2 examples, edge cases, and hypothesis properties (KKT in O(N))."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The allocator against HiGHS (a general LP/QP solver) on randomised instances, to 1e-6 W.
 
-HiGHS solves the lexicographic problem of DESIGN.md §2 from its plain
+HiGHS solves the lexicographic problem of docs/design.md §2 from its plain
 constraints (served = battery + bus, boxes, links, sum bus = main <= limit):
 one LP per priority class (maximise that class's served load with the more
 critical classes held at their optimum), the QP of the class that is cut (shed

@@ -19,7 +19,7 @@ TOPS = {"runtime": "vbatt", "drivers": "vbatt.drivers", "programs": "vbatt.progr
         "opcua_models": "vbatt.opcua_models"}
 
 # room -> rooms it may import (a room is a module prefix; the longest matching prefix names it)
-LEAF_CONFIG = {"vbatt.config.base", "vbatt.config.yamlsrc"}
+LEAF_CONFIG = {"vbatt.config.base", "vbatt.config.yamlsrc", "vbatt.config.textfile"}
 ALLOWED: dict[str, set[str]] = {
     "vbatt.kernel": set(),
     "vbatt.plugins": set(),
@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
                            "vbatt.supervise.reload"} | LEAF_CONFIG,
     "vbatt.retain": {"vbatt.kernel"} | LEAF_CONFIG,
     "vbatt.config.base": set(),
-    "vbatt.config.yamlsrc": set(),
+    "vbatt.config.yamlsrc": {"vbatt.config.textfile"},
+    "vbatt.config.textfile": {"vbatt.config.yamlsrc"},
     "vbatt.config": {"vbatt.kernel", "vbatt.plugins", "vbatt.retain", "vbatt.programs.registry",
                      "vbatt.drivers.registry", "vbatt.drivers.sim.config", "vbatt.opcua_models.config",
                      "vbatt.drivers.modbus.config", "vbatt.drivers.opcua.config"},

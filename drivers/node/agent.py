@@ -1,4 +1,4 @@
-"""`vbatt node CONFIG`: the agent on a battery-backed device (DESIGN.md §5).
+"""`vbatt node CONFIG`: the agent on a battery-backed device (docs/design.md §5).
 
 It serves the node's SunSpec map (drivers/modbus/sunspec.py) over Modbus TCP (or
 Modbus/TCP Security), refreshes it from a battery backend every tick, and
@@ -380,6 +380,13 @@ def load_node_config(path: str | Path) -> NodeAgentConfig:
         raise ConfigError([f"{located.source}: say how to secure the link: either 'tls: {{ca, cert, key}}' "
                            f"(Modbus/TCP Security) or 'plaintext: true' (got "
                            f"{'both' if cfg.plaintext else 'neither'})"])
+    if cfg.tls is not None:  # unreadable TLS files are a config error (exit 2), found before serving
+        from vbatt.drivers.certs import server_context
+
+        try:
+            server_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError([f"{located.where(('tls',))}: tls: {exc}"]) from None
     return cfg
 
 

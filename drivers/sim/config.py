@@ -55,6 +55,13 @@ class CsvProfile(Strict):
             raise ValueError(f"no such file: {v} (expected a CSV trace, one value per line)")
         return v
 
+    @model_validator(mode="after")
+    def _readable(self) -> "CsvProfile":
+        from vbatt.drivers.sim.trace import read_trace  # a broken trace fails `vbatt check`, not the simulator later
+
+        read_trace(self.path, self.column)
+        return self
+
 
 Profile = Annotated[Union[SineProfile, StepProfile, CsvProfile], Field(discriminator="kind")]
 

@@ -5,29 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from vbatt.drivers.sim.config import CsvProfile, SineProfile, StepProfile
+from vbatt.drivers.sim.trace import read_trace
 
 from vbatt.drivers.base import Driver, IoContext
 from vbatt.drivers.sim.physics import PROFILE_CONST, PROFILE_CSV, PROFILE_SINE, PROFILE_STEP, demand_at, step_physics
 
 __all__ = ["SimDriver", "SimFleet", "read_trace"]
-
-
-def read_trace(path: str, column: int = 0) -> np.ndarray:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            cell = line.split(",")[column].strip()
-            try:
-                rows.append(float(cell))
-            except ValueError:
-                if rows:  # only a header may be non-numeric
-                    raise ValueError(f"{path}: not a number: {cell!r}") from None
-    if not rows:
-        raise ValueError(f"{path}: no samples")
-    return np.asarray(rows, dtype=np.float64)
 
 
 class SimFleet:

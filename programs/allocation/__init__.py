@@ -1,4 +1,4 @@
-"""The optimal allocation program (DESIGN.md §2); the kernel is in `alloc_kernel`.
+"""The optimal allocation program (docs/design.md §2); the kernel is in `alloc_kernel`.
 
 Bound by name (kernel `allocation_step`): reads online, trip, demand_w, max_discharge_w,
 max_charge_w, link_max_w, soc, capacity_wh, priority, lo_w/hi_w (the device limits as narrowed by the
@@ -9,7 +9,7 @@ used), the alarm bits SAFE_ALLOCATION and LOAD_SHED, and the aggregate main_w.
 First cycle: there is no previous setpoint, so the ramp limit starts from the
 first allocation rather than from zero (a virtual battery that must pick up a
 load at start-up must not be held back by a ramp from an arbitrary 0 W; the
-seed example of DESIGN.md §2 is exact in one cycle). After that every setpoint
+seed example of docs/design.md §2 is exact in one cycle). After that every setpoint
 moves at most `ramp_w_per_s` per second unless the load could not be served
 otherwise (serving load outranks smoothness).
 """

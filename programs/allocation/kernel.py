@@ -1,4 +1,4 @@
-"""The allocation kernel of DESIGN.md §2, exact, in O(N) per cycle (plus rare re-sorts).
+"""The allocation kernel of docs/design.md §2, exact, in O(N) per cycle (plus rare re-sorts).
 
 Stages, each the exact optimum of its own problem given the earlier stages:
 
@@ -197,7 +197,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
                 continue
             if trip[i] != 0:  # a tripped node gives and takes nothing
                 shed_w[i] = d if _fine(d) else 0.0
-            else:  # DESIGN §2: the safe allocation, and an alarm
+            else:  # docs/design.md §2.6: the safe allocation, and an alarm
                 ok = _fine(d) and _fine(g)
                 b = min(d, g) if ok else 0.0
                 battery_w[i] = b

@@ -1,4 +1,4 @@
-"""O(N) optimality check of an allocation against DESIGN.md §2 (for tests and diagnostics).
+"""O(N) optimality check of an allocation against docs/design.md §2 (for tests and diagnostics).
 
 Given the inputs of `allocation.solve` and its outputs, `kkt_violations` lists
 every condition that does not hold (empty list = optimal):

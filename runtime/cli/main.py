@@ -41,7 +41,11 @@ def _load(path: str | None):
 
 
 def _report_config_error(exc: ConfigError) -> int:
-    err.print(f"[bold red]configuration error[/] ({len(exc.problems)} problem{'s' * (len(exc.problems) > 1)}):")
+    if len(exc.problems) == 1:  # one line: a script or a log reader gets the whole reason from one line
+        err.print("[bold red]configuration error:[/] ", end="")
+        err.print(exc.problems[0], markup=False)
+        return EXIT_USAGE
+    err.print(f"[bold red]configuration error[/] ({len(exc.problems)} problems):")
     for line in exc.problems:
         err.print(f"  {line}", markup=False)
     return EXIT_USAGE

@@ -2,7 +2,7 @@
 
 `load_config(path)` returns a `Config` or raises `ConfigError` listing every
 problem as ``file:line: key.path: what is wrong (what is expected)``. Unknown
-keys are errors. Node keys are the DESIGN.md field names.
+keys are errors. Node keys are the docs/design.md field names.
 """
 
 from __future__ import annotations

@@ -174,9 +174,6 @@ def load_yaml(text: str, source: str = "<string>") -> Located:
 
 
 def load_yaml_file(path: str | Path) -> Located:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
-    return load_yaml(text, str(p))
+    from vbatt.config.textfile import read_text_file  # it raises this module's ConfigError
+
+    return load_yaml(read_text_file(path, "a UTF-8 text YAML file"), str(Path(path)))

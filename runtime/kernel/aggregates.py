@@ -1,4 +1,4 @@
-"""The virtual battery's aggregates (DESIGN.md §1), computed at the end of every cycle."""
+"""The virtual battery's aggregates (docs/design.md §1), computed at the end of every cycle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one declaration of every process-image field (DESIGN.md §1).
+"""The one declaration of every process-image field (docs/design.md §1).
 
 YAML keys, image arrays, JSON snapshots, OPC UA variables and register maps are
 all derived from these tables; nothing else spells a field's type, unit or sign.

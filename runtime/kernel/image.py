@@ -1,6 +1,6 @@
 """The process image: every field of every node as preallocated arrays in shared memory.
 
-Struct of arrays, named by the DESIGN.md vocabulary (`fields.py`). Three parts:
+Struct of arrays, named by the docs/design.md vocabulary (`fields.py`). Three parts:
 
 * **input blocks**, one per driver process (its own node range): drivers publish
   measurements there through a double-buffered seqlock (`SeqBlock`);

@@ -1,4 +1,4 @@
-"""Snapshots of the image as JSON, keyed by the DESIGN.md names, and run statistics."""
+"""Snapshots of the image as JSON, keyed by the docs/design.md names, and run statistics."""
 
 from __future__ import annotations
 
