@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine with only Python 3.11:
 #   make run   - set up .venv if missing, run the embedded default until Ctrl-C
 #   make test  - set up .venv if missing, run the whole test suite
+#   make fuzz  - the property tests with many more examples (~7 minutes), exploring afresh
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench check clean
+.PHONY: run test fuzz bench check clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer (set PYTHON=...)"; exit 1; }
@@ -23,6 +24,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The hypothesis properties under the "fuzz" profile (tests/conftest.py): FUZZ_EXAMPLES per property
+# (slow network properties take a share of it), no example database, so every run explores afresh as a
+# fresh clone does. Run it before resolving anything a property test found.
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz VBATT_FUZZ_PROFILE_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_allocation.py tests/test_fuzz_config.py tests/test_fuzz_modbus.py $(ARGS)
 
 # The whole benchmark suite, then benchmarks/REPORT.md with tables and plots (kept in git, so that
 # a change that makes anything slower shows in review). The report is written even if a benchmark fails.

@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real `vbatt` command, write configs into tmp_path."""
+"""Shared test helpers: run the real `vbatt` command, write configs into tmp_path; hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -9,8 +9,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hypothesis profiles. The default run (`make test`) uses each test's own quick count; `make fuzz`
+# (HYPOTHESIS_PROFILE=fuzz) explores afresh with FUZZ_EXAMPLES per property (scaled down by a test for
+# its slow examples, see `examples`). No example database in the fuzz run: every run starts clean, as a
+# fresh clone does.
+FUZZ_EXAMPLES = int(os.environ.get("VBATT_FUZZ_PROFILE_EXAMPLES", "5000"))
+settings.register_profile("fuzz", max_examples=FUZZ_EXAMPLES, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def examples(quick: int, fuzz_share: float = 1.0) -> int:
+    """max_examples of a property: `quick` normally, under the fuzz profile its max_examples times
+    `fuzz_share` (a property whose examples take seconds asks for a share), never fewer than quick."""
+    if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz":
+        return max(quick, int(settings.default.max_examples * fuzz_share))
+    return quick
 VBATT = [sys.executable, "-m", "vbatt.cli"]
 
 

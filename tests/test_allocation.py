@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vbatt.programs.allocation.kkt import kkt_violations
+from conftest import examples
+from vbatt.programs.allocation.kernel import RES_W
+from vbatt.programs.allocation.kkt import at_resolution, clamp_multiplier_ok, kkt_violations
+from vbatt.programs.allocation.waterfill import waterfill
 from vbatt.programs.codes import Alarm
 from vbatt.programs.allocation import AllocationParams, solve
 
@@ -157,8 +160,48 @@ def instances(draw):
     }
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _ex(n, **cols):
+    """An explicit instance of `instances()`: n nodes, zeros unless given (scalars repeat)."""
+    inst = {k: np.zeros(n) for k in ("demand_w", "max_discharge_w", "max_charge_w", "link_max_w", "soc",
+                                     "capacity_wh")}
+    for k, v in cols.items():
+        if k != "main_limit_w":
+            inst[k] = np.broadcast_to(np.asarray(v, float), (n,)).copy()
+    inst["priority"] = np.zeros(n, np.int64)
+    inst["main_limit_w"] = float(cols["main_limit_w"])
+    return inst
+
+
+# Found by hypothesis in clean clones (issue #10). A demand of 1e-255 W was a water-fill weight: the Newton
+# step on its slope landed ~1e255 away, bisection could not come back within its step budget, the class
+# was not cut to its budget and the six link-limited nodes were told to import 36 W from a 25 W feed.
+TINY_DEMAND_OVERLOAD = _ex(9, demand_w=[74, 1000, 21, 14, 56, 133, 1.15e-255, 1.15e-255, 1.15e-255],
+                           max_discharge_w=[55] + [0] * 8, link_max_w=6, soc=[1] + [0] * 8,
+                           capacity_wh=[1] + [0] * 8, main_limit_w=25)
+# The same cause: 6.5e-161 W of demand left 19 W of the feed unused while class 0 was shed.
+TINY_DEMAND_UNUSED_BUDGET = _ex(18, demand_w=[7, 0, 0, 0, 6.513683619856015e-161] + [0] + [7] * 12,
+                                max_discharge_w=[8] + [1] * 17, link_max_w=1, soc=1, capacity_wh=1,
+                                main_limit_w=1)
+# "class 0: shed is not pro rata to demand within the link limits" (18 nodes, links 1 W, main 1 W): the
+# allocation was exact; the checker sorted node 0 (4e-3 W above its bound, the tolerance here) as on its
+# bound and took that bound for the multiplier. clamp_multiplier_ok now intersects the per-node intervals.
+SHED_PRO_RATA_CHECK = _ex(18, demand_w=[62, 0.25] + [0] * 16, max_discharge_w=220, link_max_w=1, main_limit_w=1)
+# The same checker artefact in the battery split, with capacities of 5e-324 Wh (now no battery at all).
+SPLIT_SUBNORMAL_CAPACITY = _ex(18, max_discharge_w=1, max_charge_w=1, link_max_w=1,
+                               capacity_wh=[1.0] + [5e-324] * 17, main_limit_w=1)
+SPLIT_SUBNORMAL_CAPACITY_2 = _ex(18, demand_w=[1] * 9 + [2] + [1] * 8,
+                                 max_discharge_w=[2, 2, 2, 2, 0, 0] + [2] * 12, link_max_w=1,
+                                 soc=[1, 1, 0, 1, 1, 1, 0, 0, 0] + [1] * 9,
+                                 capacity_wh=[0, 2.2250738585e-313, 1, 0] + [1] * 14, main_limit_w=1)
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances())
+@example(TINY_DEMAND_OVERLOAD)
+@example(TINY_DEMAND_UNUSED_BUDGET)
+@example(SHED_PRO_RATA_CHECK)
+@example(SPLIT_SUBNORMAL_CAPACITY)
+@example(SPLIT_SUBNORMAL_CAPACITY_2)
 def test_property_optimal_and_conserving(inst):
     o = solve(inst["demand_w"], inst["max_discharge_w"], inst["max_charge_w"], inst["link_max_w"], inst["soc"],
               inst["capacity_wh"], inst["priority"], inst["main_limit_w"])
@@ -174,6 +217,7 @@ def test_property_optimal_and_conserving(inst):
     assert kkt_violations(inst, o, inst["main_limit_w"], tol=max(1e-6, tol)) == []
     # priority order: a node of a less critical class runs only on its own island while a more
     # critical node is shed beyond what its link allows
+    inst = at_resolution(inst)
     hi = np.where((inst["soc"] <= 0.1) | (inst["capacity_wh"] <= 0), 0.0, inst["max_discharge_w"])
     cap = np.minimum(inst["demand_w"], hi + inst["link_max_w"])
     short = o["served_w"] < cap - tol
@@ -182,3 +226,50 @@ def test_property_optimal_and_conserving(inst):
         free = np.maximum(0, hi - inst["link_max_w"])
         less = inst["priority"] > p
         assert np.all(o["served_w"][less] <= free[less] + tol)
+
+
+def test_the_tiny_demand_instance_balances_the_bus_exactly():
+    o = solve(*(TINY_DEMAND_OVERLOAD[k] for k in ("demand_w", "max_discharge_w", "max_charge_w", "link_max_w",
+                                                   "soc", "capacity_wh", "priority")), 25.0)
+    # node 0's battery (55 W) covers its own 50 W and 5 W of the others; the feed gives 25 W; the three
+    # nanowatt-free demands (below RES_W) are zero
+    assert o["main_w"] == 25.0
+    assert o["bus_w"].sum() == pytest.approx(25.0, abs=1e-12)
+    assert o["bus_w"].tolist() == [-5.0, 6.0, 6.0, 6.0, 6.0, 6.0, 0.0, 0.0, 0.0]
+    assert o["served_w"][6:].tolist() == [0.0] * 3 and o["shed_w"][6:].tolist() == [0.0] * 3
+
+
+def test_values_below_the_resolution_are_zero_and_the_rest_is_exact():
+    base = dict(demand_w=[200, 50, 0], max_discharge_w=[100, 150, 0], max_charge_w=[100, 100, 0],
+                link_max_w=[1000, 1000, 1000])
+    _, exact = run(0.0, **base)
+    tiny = {k: [*v[:2], RES_W / 2] for k, v in base.items()}
+    _, o = run(RES_W / 2, **tiny)
+    for k in ("battery_w", "served_w", "shed_w", "bus_w"):
+        assert o[k].tolist() == exact[k].tolist(), k
+    assert o["main_w"] == 0.0
+    # at the resolution itself a value counts
+    _, at = run(0.0, demand_w=[RES_W, 0], max_discharge_w=[0, 1], link_max_w=[1, 1])
+    assert at["served_w"][0] == RES_W and at["bus_w"].tolist() == [RES_W, -RES_W]
+
+
+@pytest.mark.parametrize("tiny", [1e-300, 5e-324, 1e-12])
+def test_waterfill_is_exact_with_weights_of_any_magnitude(tiny):
+    # a slope made only of tiny weights sends a Newton step ~1/tiny away; it must come back in its budget
+    w = np.array([74.0, 1000, 21, 14, 56, 133, tiny, tiny, tiny])
+    lo = np.array([13.0, 994, 15, 8, 50, 127, 0, 0, 0])
+    hi = np.array([25.0, 1000, 21, 14, 56, 133, tiny, tiny, tiny])
+    out = np.zeros(9)
+    waterfill(w, lo, hi, 9, 1218.0, out, np.nan)
+    assert out.sum() == pytest.approx(1218.0, rel=1e-12)
+    ok, lam = clamp_multiplier_ok(out, w, lo, hi, 1e-9)
+    assert ok and lam == pytest.approx(24 / 74)  # node 0 is the one between its bounds: 24 = lam * 74
+
+
+def test_the_optimality_check_rejects_a_split_that_is_not_one_multiplier():
+    w, lo, hi = np.array([1.0, 1.0, 2.0]), np.zeros(3), np.full(3, 10.0)
+    assert clamp_multiplier_ok([1.0, 1.0, 2.0], w, lo, hi, 1e-9)[0]
+    assert not clamp_multiplier_ok([1.0, 1.5, 2.0], w, lo, hi, 1e-9)[0]
+    assert not clamp_multiplier_ok([1.0, 1.0, 11.0], w, lo, hi, 1e-9)[0]  # outside its box
+    assert clamp_multiplier_ok([10.0, 10.0, 10.0], w, lo, hi, 1e-9)[0]  # all at the top: lam >= 10
+    assert not clamp_multiplier_ok([10.0, 10.0, 5.0], w, lo, hi, 1e-9)[0]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import run_vbatt
 from vbatt.config import load_config
 from vbatt.config.textfile import read_text_file
-from vbatt.yamlsrc import ConfigError
+from vbatt.config.yamlsrc import ConfigError
 
 GOOD = "nodes:\n  - {id: a, demand_w: 100, max_discharge_w: 200, capacity_wh: 500}\n"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"

@@ -25,7 +25,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from vbatt.config.plant import Config, ConfigError, Fleet, load_config_text
+from conftest import examples
+from vbatt.config.plant import RANGED, Config, ConfigError, Fleet, load_config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")
@@ -35,8 +36,10 @@ HANG_S = 20  # far above the slowest legitimate load here (~1 s for a 10^6-node 
 YAML_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what YAML counts as a new line
 PROBLEM = re.compile(rf"^{re.escape(SOURCE)}:(\d+): \S")
 
-# More examples for a long exploratory run: VBATT_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_config.py
-FUZZ = settings(max_examples=int(os.environ.get("VBATT_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
+# More examples for a long exploratory run: `make fuzz` (HYPOTHESIS_PROFILE=fuzz, see conftest.py), or
+# VBATT_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_config.py
+FUZZ = settings(max_examples=int(os.environ.get("VBATT_FUZZ_EXAMPLES", examples(200, fuzz_share=0.2))),
+                deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                        HealthCheck.data_too_large])
 
@@ -261,9 +264,36 @@ def mutated_structure(draw):
 
 # -- the tests -----------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_shipped_configs_load(name):
+def test_shipped_configs_load_as_written(name):
+    """Each shipped config loads to what its text says, read here independently of the loader: the node
+    ids in order (templates expanded), every value given for a node (a [low, high] range: inside it),
+    the plant settings and the programs with their parameters, in order."""
+    import numpy as np
+
+    doc = yaml.safe_load(SHIPPED[name])
     cfg, fleet = load_config_text(SHIPPED[name], SOURCE)
-    assert len(fleet) >= 1
+    want_ids, k = [], 0
+    for entry in doc["nodes"]:
+        t = entry.get("template")
+        body, count = (t, t["count"]) if t else (entry, 1)
+        want_ids += [t["id"].format(i=t.get("start", 0) + i) for i in range(count)] if t else [entry["id"]]
+        for f in RANGED:
+            v = body.get(f)
+            got = fleet.values[f][k:k + count]
+            if isinstance(v, list):
+                assert np.all((got >= v[0]) & (got <= v[1])), (name, want_ids[-1], f, v)
+            elif isinstance(v, (int, float)):
+                assert np.all(got == v), (name, want_ids[-1], f, v, got[:3])
+        k += count
+    assert fleet.ids == want_ids
+    for key, v in (doc.get("plant") or {}).items():
+        assert getattr(cfg.plant, key) == v, (name, key)
+    progs = [(p, {}) if isinstance(p, str) else next(iter(p.items())) for p in doc.get("programs", [])]
+    assert [e.id for e in cfg.programs] == ([pid for pid, _ in progs] or ["safe_allocation"])
+    for e, (_, params) in zip(cfg.programs, progs):
+        got = e.params.model_dump(mode="json")
+        for key, v in (params or {}).items():
+            assert got[key] == v, (name, e.id, key, got[key], v)
 
 
 @FUZZ

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from vbatt.drivers.modbus import sunspec as ss
-from vbatt.kernel.fields import node_field
+from vbatt.drivers.modbus.driver import FIELDS
+from vbatt.kernel.fields import Kind, node_field
 
 # Point name -> (offset in the model body, registers), transcribed from the SunSpec model
 # definitions (model_1.json: L = 66; model_802.json: L = 62), independent of drivers/modbus/sunspec.py.
@@ -42,10 +43,19 @@ def test_layout_is_the_standard_one():
         assert m.at(802, name).point.type == typ, name
 
 
-def test_points_with_fields_use_the_field_table():
-    for p in ss.NODE_MAP.points.values():
-        if p.point.field:
-            node_field(p.point.field)  # raises on an unknown name
+def test_points_carry_exactly_the_fields_the_drivers_exchange():
+    pts = [p for p in ss.NODE_MAP.points.values() if p.point.field]
+    read = {p.point.field for p in pts if not p.point.writable}
+    written = {p.point.field for p in pts if p.point.writable}
+    assert read == set(FIELDS)  # every field the poller decodes has a point, and no point feeds another one
+    assert written == {"battery_w", "bus_w", "served_w", "shed_w"}  # the instruction, nothing else
+    for p in pts:  # the device offers inputs and is told outputs, never the other way round
+        assert node_field(p.point.field).kind == (Kind.OUTPUT if p.point.writable else Kind.INPUT), p.point.name
+    # the offer travels exactly (float32, SI units) in the vendor model, except what 802 alone carries
+    vendor = {p.point.field for p in pts if p.model == ss.VENDOR_ID and p.point.type == "float32"}
+    assert set(FIELDS) - vendor == {"voltage_v", "current_a"}
+    # SoC is a fraction in the image and a percentage on the wire
+    assert node_field("soc").unit == "1" and ss.NODE_MAP.at(802, "SoC").point.scale == 100.0
 
 
 def test_static_rows_marker_headers_and_end_model():

@@ -2,8 +2,10 @@
 
 Stages, each the exact optimum of its own problem given the earlier stages:
 
-1. Limits. A node is usable when online, not tripped and its data finite and in
-   range; others get the safe allocation (own battery, no bus) or nothing.
+1. Limits. Every power and energy input whose magnitude is below the physical
+   resolution (RES_W, RES_WH) is zero from here on (see there). A node is usable
+   when online, not tripped and its data finite and in range; others get the safe
+   allocation (own battery, no bus) or nothing.
    lo_i/hi_i = protection's narrowed limits (or -max_charge_w/max_discharge_w),
    times the health derate; lo_i = 0 at soc >= soc_max, hi_i = 0 at soc <= soc_min,
    both 0 without capacity; lo_i <= 0 <= hi_i. link L_i = link_max_w.
@@ -47,7 +49,8 @@ from numba import njit
 from vbatt.programs.allocation.waterfill import waterfill_lam, waterfill_subset
 from vbatt.programs.codes import Alarm
 
-__all__ = ["allocate", "ALLOC_ALARMS", "WEIGHT_FLOOR_WH", "ST_STARTED", "ST_LAM_DIS", "ST_LAM_CHG", "ST_N"]
+__all__ = ["allocate", "ALLOC_ALARMS", "WEIGHT_FLOOR_WH", "RES_W", "RES_WH", "ST_STARTED", "ST_LAM_DIS",
+           "ST_LAM_CHG", "ST_N"]
 
 # Alarm bits this program owns (sets and clears every cycle); health owns the rest.
 ALLOC_ALARMS = int(Alarm.SAFE_ALLOCATION) | int(Alarm.LOAD_SHED)
@@ -56,6 +59,17 @@ _SHED = int(Alarm.LOAD_SHED)
 # A battery with no usable energy keeps a tiny weight so that a total it must
 # deliver (when nothing else can) is still split by the same rule.
 WEIGHT_FLOOR_WH = 1e-6
+# The physical resolution: a power or energy whose magnitude is below it is zero (a nanowatt is far
+# below any meter or converter; no device can be told to move it). Without it, values such as
+# 1e-255 W reach the water-fill as weights (w_i = d_i) and slopes so small that a Newton step lands
+# ~1e255 away: the exact lam is then out of reach in the iteration budget, and an allocation that
+# breaks the bus balance followed. Every input the kernel reads goes through `_res` (the limit pass
+# and every later read of the same input), so all paths (scan, solve, benchmarks) see the same zero.
+RES_W = 1e-9
+RES_WH = 1e-9
+# A water-fill's sum off its target by more than this (relative) did not converge: the safety nets
+# below then close the gap inside the bounds. Converged ones are within 1e-12 (alloc_waterfill).
+NET_REL = 1e-9
 
 # Indices into the scalar state memory.
 ST_STARTED, ST_LAM_DIS, ST_LAM_CHG, ST_N = 0, 1, 2, 4
@@ -102,6 +116,12 @@ def _sorted_by(priority, order, tmp):
             order[j] = src[j]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _res(x, res):
+    """x, or 0 when |x| < res (NaN and inf pass: they are caught as bad data)."""
+    return 0.0 if abs(x) < res else x
+
+
 @njit(nogil=True, cache=True)
 def _fine(x):
     return x >= 0.0 and x < math.inf  # NaN fails both
@@ -125,7 +145,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
     passes over the nodes plus two or three of the water-fill: at 100,000 nodes the arrays no
     longer fit the cache and each pass costs its memory traffic, so stages share passes."""
     n = online.shape[0]
-    big_m = main_limit_w
+    big_m = _res(main_limit_w, RES_W)
     whole_safe = not _fine(big_m)
     # -- 1. limits, and the sums of stages 2 and 3 for the fast path, in one pass ------------------
     # Branch-free (selects, not jumps: ~2 ns a node where the branchy version with early exits
@@ -139,12 +159,12 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
     low = 0.0
     tot_r = 0.0
     for i in range(n):
-        d = demand_w[i]
-        g = max_dis_w[i]
-        c = max_chg_w[i]
+        d = _res(demand_w[i], RES_W)
+        g = _res(max_dis_w[i], RES_W)
+        c = _res(max_chg_w[i], RES_W)
         sc = soc[i]
-        lk = link_w[i]
-        cw = capacity_wh[i]
+        lk = _res(link_w[i], RES_W)
+        cw = _res(capacity_wh[i], RES_WH)
         ok = ((online[i] != 0) & (trip[i] == 0) & (d >= 0.0) & (d < math.inf) & (g >= 0.0) & (g < math.inf)
               & (c >= 0.0) & (c < math.inf) & (lk >= 0.0) & (lk < math.inf) & (cw >= 0.0) & (cw < math.inf)
               & (sc >= 0.0) & (sc <= 1.0))
@@ -154,15 +174,15 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         l = -c
         h = g
         if narrowed:
-            pl = lo_w[i]
-            ph = hi_w[i]
+            pl = _res(lo_w[i], RES_W)
+            ph = _res(hi_w[i], RES_W)
             l = max(l, pl) if pl == pl else l
             h = min(h, ph) if ph == ph else h
         if use_derate:
             f = derate[i]
             f = f if (f >= 0.0) & (f <= 1.0) else 1.0
-            l *= f
-            h *= f
+            l = _res(l * f, RES_W)
+            h = _res(h * f, RES_W)
         # The reserve and the top are the allocator's own rule too (not only protection's): a full
         # battery is not charged, one at its reserve not discharged, a node without capacity is
         # no battery at all.
@@ -185,8 +205,8 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
             if use[i] and not whole_safe:
                 continue
             use[i] = 0
-            d = demand_w[i]
-            g = max_dis_w[i]
+            d = _res(demand_w[i], RES_W)
+            g = _res(max_dis_w[i], RES_W)
             battery_w[i] = 0.0
             bus_w[i] = 0.0
             served_w[i] = 0.0
@@ -228,9 +248,10 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
                 e += 1
                 if use[i] == 0:
                     continue
-                d = demand_w[i]
-                cp = min(d, hi_w[i] + link_w[i])
-                f0 = min(cp, max(0.0, hi_w[i] - link_w[i]))
+                d = _res(demand_w[i], RES_W)
+                lk = _res(link_w[i], RES_W)
+                cp = min(d, hi_w[i] + lk)
+                f0 = min(cp, max(0.0, hi_w[i] - lk))
                 cap[i] = cp
                 fa[i] = f0
                 need += cp - f0
@@ -239,22 +260,36 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
             if need <= slack + 1e-12 * (1.0 + abs(slack)):
                 for j in range(nc):
                     i = sidx[j]
-                    x[i] = demand_w[i] - cap[i]  # only the forced shed (link-limited)
+                    x[i] = _res(demand_w[i], RES_W) - cap[i]  # only the forced shed (link-limited)
             else:
                 total = -max(slack, 0.0)
                 for j in range(nc):
                     i = sidx[j]
-                    d = demand_w[i]
+                    d = _res(demand_w[i], RES_W)
                     total += d - fa[i]
                     blo[i] = d - cap[i]
                     bhi[i] = d - fa[i]
                     w[i] = d
                 waterfill_subset(sidx, nc, w, blo, bhi, total, x, s_w, s_lo, s_hi, s_x)
+                # Safety net: the class must cost exactly the budget left. sum blo < total <= sum bhi
+                # here, so what the water-fill missed (only if it ran out of steps: a converged one
+                # is within 1e-12, far inside the threshold) fits inside the bounds.
+                sx = 0.0
+                for j in range(nc):
+                    sx += x[sidx[j]]
+                gap = total - sx
+                if abs(gap) > NET_REL * (1.0 + abs(total)):
+                    for j in range(nc):
+                        i = sidx[j]
+                        v = x[i]
+                        nv = min(bhi[i], v + gap) if gap > 0.0 else max(blo[i], v + gap)
+                        gap -= nv - v
+                        x[i] = nv
             cost = 0.0
             holds = False
             for j in range(nc):
                 i = sidx[j]
-                d = demand_w[i]
+                d = _res(demand_w[i], RES_W)
                 s_opt = x[i]
                 held = min(held_w[i], d)
                 eps = 1e-9 * (1.0 + d)
@@ -289,8 +324,9 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         for i in range(n):
             if use[i]:
                 r = served_w[i]
-                up += min(r - lo_w[i], link_w[i])
-                low += max(r - hi_w[i], -link_w[i])
+                lk = _res(link_w[i], RES_W)
+                up += min(r - lo_w[i], lk)
+                low += max(r - hi_w[i], -lk)
                 tot_r += r
     main_max = min(big_m, max(up, 0.0))
     main_min = min(max(low, 0.0), main_max)
@@ -310,10 +346,11 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
             continue
         r = served_w[i]
         if fast:
-            held_w[i] = demand_w[i] - r
+            held_w[i] = _res(demand_w[i], RES_W) - r
             timer_s[i] = 0.0
-        bh = min(hi_w[i], r + link_w[i])
-        bl = min(max(lo_w[i], r - link_w[i]), bh)
+        lk = _res(link_w[i], RES_W)
+        bh = min(hi_w[i], r + lk)
+        bl = min(max(lo_w[i], r - lk), bh)
         blo[i] = bl
         bhi[i] = bh
         prev = battery_w[i]
@@ -323,7 +360,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         else:
             sl += bl
             sh += bh
-        room = capacity_wh[i] * max(0.0, soc[i] - soc_min if dis else soc_max - soc[i])
+        room = _res(capacity_wh[i], RES_WH) * max(0.0, soc[i] - soc_min if dis else soc_max - soc[i])
         wi = max(room, WEIGHT_FLOOR_WH)
         w[i] = wi
         sw += wi
@@ -339,7 +376,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
             sw = 0.0
             for i in range(n):
                 if use[i]:
-                    room = capacity_wh[i] * max(0.0, soc[i] - soc_min if dis else soc_max - soc[i])
+                    room = _res(capacity_wh[i], RES_WH) * max(0.0, soc[i] - soc_min if dis else soc_max - soc[i])
                     w[i] = max(room, WEIGHT_FLOOR_WH)
                     sw += w[i]
         # Narrow to the ramp windows where the total allows it; otherwise use them fully.
@@ -369,6 +406,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
     state[si] = lam
     state[ST_STARTED] = 1.0
     # -- outputs ------------------------------------------------------------------------------
+    sb = 0.0
     for i in range(n):
         if use[i] == 0:
             continue
@@ -376,10 +414,23 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         bh = bhi[i]
         b = min(bh, max(bl, lam * w[i])) if abs(lam) < math.inf else (bh if lam > 0.0 else bl)
         r = served_w[i]
-        d = demand_w[i]
+        d = _res(demand_w[i], RES_W)
         battery_w[i] = b
         bus_w[i] = r - b
         shed_w[i] = d - r
+        sb += b
         if d - r > 1e-9 * (1.0 + d):
             alarm[i] |= _SHED
+    # Safety net: the bus must carry exactly main_w. An exact water-fill leaves sb = p_bat to 1e-12,
+    # and then this changes nothing; only one that ran out of steps is moved, inside the boxes.
+    gap = p_bat - sb
+    if abs(gap) > NET_REL * (1.0 + abs(slo) + abs(shi)):
+        for i in range(n):
+            if use[i] == 0:
+                continue
+            b = battery_w[i]
+            nb = min(bhi[i], b + gap) if gap > 0.0 else max(blo[i], b + gap)
+            gap -= nb - b
+            battery_w[i] = nb
+            bus_w[i] = served_w[i] - nb
     return main_w

@@ -15,40 +15,60 @@ every condition that does not hold (empty list = optimal):
 
 Limits come from max_charge_w/max_discharge_w (or protection's lo_w/hi_w), with the
 allocator's own SoC rule (no charge at soc_max, no discharge at soc_min, none without capacity).
-No ramp and no hysteresis: those are stateful (the check is of one solve).
+No ramp and no hysteresis: those are stateful (the check is of one solve). The inputs are
+taken at the kernel's resolution (`at_resolution`): below RES_W / RES_WH a value is zero.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from vbatt.programs.allocation.kernel import WEIGHT_FLOOR_WH
+from vbatt.programs.allocation.kernel import RES_W, RES_WH, WEIGHT_FLOOR_WH
 
-__all__ = ["kkt_violations", "clamp_multiplier_ok"]
+__all__ = ["kkt_violations", "clamp_multiplier_ok", "at_resolution"]
+
+_POWER = ("demand_w", "max_charge_w", "max_discharge_w", "link_max_w", "lo_w", "hi_w", "main_limit_w")
+
+
+def at_resolution(inp: dict) -> dict:
+    """The instance as the kernel sees it: powers below RES_W and energies below RES_WH are zero."""
+    out = dict(inp)
+    for k, v in inp.items():
+        res = RES_W if k in _POWER else RES_WH if k == "capacity_wh" else None
+        if res is not None and v is not None:
+            a = np.asarray(v, float)
+            out[k] = np.where(np.abs(a) < res, 0.0, a) if a.ndim else (0.0 if abs(a) < res else float(a))
+    return out
 
 
 def clamp_multiplier_ok(x, w, lo, hi, tol: float) -> tuple[bool, float]:
-    """Is x_i = clamp(lam * w_i, lo_i, hi_i) for one lam (within tol W)? O(N)."""
+    """Is x_i = clamp(lam * w_i, lo_i, hi_i) for one lam (within tol W)? O(N).
+
+    clamp(lam * w_i, lo_i, hi_i) is monotone in lam, so the lam that put x_i within tol of it form
+    an interval [a_i, b_i] (w_i > 0); one lam fits all iff max a_i <= min b_i. (Sorting nodes into
+    free / at a bound by tol first is not the same: a free node within tol of a bound would be
+    read as sitting on it, and its bound as a multiplier bound the exact answer need not meet.)"""
     x, w, lo, hi = (np.asarray(a, dtype=np.float64) for a in (x, w, lo, hi))
-    live = (w > 0) & (hi - lo > tol)
-    free = live & (x > lo + tol) & (x < hi - tol)
-    if free.any():
-        k = np.flatnonzero(free)[np.argmax(w[free])]
-        lam = x[k] / w[k]
-    else:
-        at_hi = live & (x >= hi - tol)
-        at_lo = live & (x <= lo + tol)
-        lower = np.max(hi[at_hi] / w[at_hi]) if at_hi.any() else -np.inf
-        upper = np.min(lo[at_lo] / w[at_lo]) if at_lo.any() else np.inf
-        if lower > upper + 1e-9 * (1 + abs(lower)):
-            return False, np.nan
-        lam = lower if np.isfinite(lower) else (upper if np.isfinite(upper) else 0.0)
-    want = np.where(w > 0, np.clip(lam * w, lo, hi), np.clip(0.0, lo, hi))
-    return bool(np.all(np.abs(x - want) <= tol)), float(lam)
+    if x.size == 0:
+        return True, 0.0
+    pos = w > 0
+    # reachable at all: within tol of the box, and a node without weight at clamp(0)
+    ok = np.all(np.abs(x - np.clip(x, lo, hi)) <= tol)
+    ok &= np.all(np.abs(x[~pos] - np.clip(0.0, lo[~pos], hi[~pos])) <= tol)
+    with np.errstate(over="ignore"):
+        a = np.where(x[pos] - tol > lo[pos], (x[pos] - tol) / w[pos], -np.inf)
+        b = np.where(x[pos] + tol < hi[pos], (x[pos] + tol) / w[pos], np.inf)
+    lower = np.max(a, initial=-np.inf)
+    upper = np.min(b, initial=np.inf)
+    ok &= lower <= upper
+    lam = lower if np.isfinite(lower) else (upper if np.isfinite(upper) else 0.0)
+    return bool(ok), float(lam)
 
 
 def kkt_violations(inp: dict, out: dict, main_limit_w: float, soc_min: float = 0.1, soc_max: float = 1.0,
                    tol: float = 1e-6) -> list[str]:
+    inp = at_resolution(inp)
+    main_limit_w = at_resolution({"main_limit_w": main_limit_w})["main_limit_w"]
     d = np.asarray(inp["demand_w"], float)
     n = d.shape[0]
     prio = np.asarray(inp.get("priority", np.zeros(n)), np.int64)

@@ -9,7 +9,10 @@ piecewise linear, so lam is found by safeguarded Newton steps on phi
 narrows a bracket around lam, and a Newton step that lands on the right linear
 piece gives lam exactly (to rounding), not an approximation. Outside the
 bracket the step falls back to the nearest breakpoint or bisection, so it
-always terminates.
+always terminates. The bisection halves the exponent while the bracket spans
+orders of magnitude (`_split`), so that a Newton step that overshot by 1e250
+(a slope of a few tiny weights) costs ~10 steps back, not ~850: from any finite
+bracket lam is pinned in well under _MAX_ITER steps.
 
 Why not the textbook variable fixing or breakpoint sorting: on this 2-core
 machine the branchy active-set bookkeeping costs ~20x a plain pass (branch
@@ -39,6 +42,23 @@ def _phi(w, lo, hi, lam, n):
         f += x
         s += w[i] if (v > lo[i]) and (v < hi[i]) else 0.0
     return f, s
+
+
+@njit(nogil=True, cache=True)
+def _split(a, b):
+    """A point strictly inside (a, b): 0 when they differ in sign, the geometric mean when they span
+    more than a factor 4 (an endpoint 0 counts as the smallest normal number of the other's sign),
+    else the midpoint."""
+    if a < 0.0 < b:
+        return 0.0
+    ma = abs(a) if a != 0.0 else 2.2250738585072014e-308
+    mb = abs(b) if b != 0.0 else 2.2250738585072014e-308
+    if max(ma, mb) > 4.0 * min(ma, mb):
+        g = math.sqrt(ma) * math.sqrt(mb)  # no overflow for ma * mb
+        c = g if (a + b) > 0.0 else -g
+        if a < c < b:
+            return c
+    return 0.5 * (a + b)
 
 
 @njit(nogil=True, cache=True)
@@ -88,7 +108,7 @@ def waterfill_lam(w, lo, hi, n, target, lam0, slo, shi, sw):
         cand = lam + r / s if s > 0.0 else math.nan
         if not (lam_lo < cand < lam_hi):
             if closed:
-                cand = 0.5 * (lam_lo + lam_hi)
+                cand = _split(lam_lo, lam_hi)
             else:  # flat piece on an open side: step to the next breakpoint
                 cand = _next_breakpoint(w, lo, hi, n, lam_lo, lam_hi, r > 0.0)
                 if not math.isfinite(cand):
