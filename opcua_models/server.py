@@ -25,7 +25,7 @@ from vbatt.image import Ctl, Mode, Op, ProcessImage, ScanState
 from vbatt.seqblock import TornRead
 from vbatt.stats import summarize
 
-from . import fastpath
+from . import fastpath, sessions
 from .addrspace import Instances, build_instances
 from .alarms import Alarms
 from .config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
@@ -170,6 +170,7 @@ class VbattOpcuaServer:
                              self.inst.vb, self._push_ack)
         await self.alarms.init()
         fastpath.install()
+        sessions.install(server.iserver)  # each request runs as the session its token names
         await server.start()
         await self.update()
         log.info("OPC UA server listening on %s (%s)", self.endpoint, ", ".join(cfg.security))

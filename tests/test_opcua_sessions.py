@@ -1,0 +1,178 @@
+"""Several sessions on one secure channel (OPC UA Part 4, 5.7.2.1): each request runs as its own session.
+
+Real server on 127.0.0.1, SignAndEncrypt. The asyncua client opens a second
+session on its channel and chooses the session of each request by the
+AuthenticationToken it sends, as the standard has it; node-opcua (an independent
+implementation) does the same with two ClientSessions on one OPCUAClient, against
+`vbatt run` with a real scan, so that what a refused request did not change can be
+read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from asyncua import ua
+from asyncua.ua.ua_binary import struct_from_binary
+from asyncua.ua.uaerrors import UaStatusCodeError
+
+from vbatt.image import Op
+from vbatt.opcua_models.security import TrustList, UserStore, cert_paths, make_certificate
+from vbatt.opcua_models.sessions import ChannelProcessor
+
+from test_opcua_e2e import CONFIG, _wait_port, node_opcua  # noqa: F401 - node_opcua is a fixture
+from test_opcua_support import OPERATOR, VIEWER, connected, drain, fill, free_port, make_image, make_state, nid, \
+    start_server
+
+D = lambda x: ua.Variant(x, ua.VariantType.Double)  # noqa: E731
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path):
+    pki = make_state(tmp_path)
+    img, ids = make_image(4)
+    fill(img)
+    srv = await start_server(pki, img, ids)
+    try:
+        yield srv, img, pki
+    finally:
+        await srv.stop()
+        img.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def token(c):
+    return c.uaclient.session.authentication_token
+
+
+def use(c, tok) -> None:
+    """Send the next requests of this channel in the session `tok` names."""
+    c.uaclient.session.restore_authentication_token(tok)
+
+
+async def open_session(c, user) -> ua.NodeId:
+    """Another session on c's secure channel (the channel is not reopened); returns its token."""
+    await c.create_session()
+    await c.activate_session(*user)
+    return token(c)
+
+
+async def close_session(c, tok) -> None:
+    """CloseSession for one session only (asyncua's own close_session would consider the client done)."""
+    use(c, tok)
+    req = ua.CloseSessionRequest()
+    req.DeleteSubscriptions = True
+    data = await c.uaclient._send_request(req)
+    struct_from_binary(ua.CloseSessionResponse, data).ResponseHeader.ServiceResult.check()
+
+
+async def status(coro) -> int:
+    try:
+        await coro
+    except UaStatusCodeError as exc:
+        return exc.code
+    return ua.StatusCodes.Good
+
+
+def test_each_request_runs_as_the_session_its_token_names(tmp_path):
+    async def body():
+        async with served(tmp_path) as (srv, img, pki):
+            async with connected(srv.endpoint, pki, VIEWER) as c:
+                viewer = token(c)
+                operator = await open_session(c, OPERATOR)
+                assert viewer != operator
+                vb, limit = c.get_node(nid(c, "VirtualBattery")), c.get_node(nid(c, "VirtualBattery.main_limit_w"))
+                method = nid(c, "VirtualBattery.SetMainSupplyLimit")
+                soc = c.get_node(nid(c, "VirtualBattery.soc"))
+
+                async def as_viewer_refused():
+                    use(c, viewer)
+                    assert await status(vb.call_method(method, D(1500.0))) == ua.StatusCodes.BadUserAccessDenied
+                    assert await status(limit.write_value(ua.DataValue(D(1600.0)))) == \
+                        ua.StatusCodes.BadUserAccessDenied
+                    assert await soc.read_value() == pytest.approx(25.0)  # but it reads
+                    assert drain(img) == []  # and nothing reached the scan
+
+                # the viewer session was opened first, the operator session last: interleaved,
+                # each request keeps the role of its own session
+                await as_viewer_refused()
+                use(c, operator)
+                await vb.call_method(method, D(1500.0))
+                await limit.write_value(ua.DataValue(D(1600.0)))
+                assert drain(img) == [(Op.SET_MAIN_LIMIT, -1, 1500.0, 0), (Op.SET_MAIN_LIMIT, -1, 1600.0, 0)]
+                await as_viewer_refused()
+
+                # closing the viewer session leaves the operator session working
+                await close_session(c, viewer)
+                use(c, operator)
+                assert await soc.read_value() == pytest.approx(25.0)
+                await vb.call_method(method, D(1700.0))
+                assert drain(img) == [(Op.SET_MAIN_LIMIT, -1, 1700.0, 0)]
+                use(c, viewer)
+                assert await status(soc.read_value()) == ua.StatusCodes.BadSessionIdInvalid
+
+                # and the other way round
+                viewer = await open_session(c, VIEWER)
+                await close_session(c, operator)
+                use(c, viewer)
+                assert await soc.read_value() == pytest.approx(25.0)
+                assert await status(vb.call_method(method, D(1800.0))) == ua.StatusCodes.BadUserAccessDenied
+                use(c, operator)
+                assert await status(soc.read_value()) == ua.StatusCodes.BadSessionIdInvalid
+                assert await status(vb.call_method(method, D(1800.0))) == ua.StatusCodes.BadSessionIdInvalid
+                assert drain(img) == []
+                use(c, viewer)
+    run(body())
+
+
+def test_a_session_of_another_channel_is_refused(tmp_path):
+    """The server checks that the token names a session of the channel the request came on."""
+    async def body():
+        async with served(tmp_path) as (srv, img, pki):
+            async with connected(srv.endpoint, pki, OPERATOR) as op, connected(srv.endpoint, pki, VIEWER) as v:
+                mine = token(v)
+                use(v, token(op))  # the operator's token, on the viewer's channel
+                vb = v.get_node(nid(v, "VirtualBattery"))
+                got = await status(vb.call_method(nid(v, "VirtualBattery.SetMainSupplyLimit"), D(1500.0)))
+                assert got == ua.StatusCodes.BadSessionIdInvalid
+                assert await status(v.get_node(nid(v, "VirtualBattery.soc")).read_value()) == \
+                    ua.StatusCodes.BadSessionIdInvalid
+                assert drain(img) == []
+                use(v, mine)
+                assert await v.get_node(nid(v, "VirtualBattery.soc")).read_value() == pytest.approx(25.0)
+                await op.get_node(nid(op, "VirtualBattery")).call_method(
+                    nid(op, "VirtualBattery.SetMainSupplyLimit"), D(1500.0))  # the operator's own channel
+                assert drain(img) == [(Op.SET_MAIN_LIMIT, -1, 1500.0, 0)]
+    run(body())
+
+
+def test_sessions_per_channel_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(ChannelProcessor, "max_sessions", 2)
+
+    async def body():
+        async with served(tmp_path) as (srv, img, pki):
+            async with connected(srv.endpoint, pki, VIEWER) as c:
+                first = token(c)
+                second = await open_session(c, OPERATOR)
+                with pytest.raises(UaStatusCodeError) as e:
+                    await c.create_session()
+                assert e.value.code == ua.StatusCodes.BadTooManySessions
+                await close_session(c, second)  # a closed session frees its place
+                use(c, first)
+                third = await open_session(c, OPERATOR)
+                assert await c.get_node(nid(c, "VirtualBattery.soc")).read_value() == pytest.approx(25.0)
+                use(c, first)
+                assert await c.get_node(nid(c, "VirtualBattery.soc")).read_value() == pytest.approx(25.0)
+                assert third not in (first, second)
+    run(body())
