@@ -176,3 +176,71 @@ def test_sessions_per_channel_are_bounded(tmp_path, monkeypatch):
                 assert await c.get_node(nid(c, "VirtualBattery.soc")).read_value() == pytest.approx(25.0)
                 assert third not in (first, second)
     run(body())
+
+
+NODE_SCRIPT = Path(__file__).with_name("opcua_two_sessions.js")
+
+
+@pytest.mark.slow
+def test_node_opcua_viewer_and_operator_sessions_on_one_channel(tmp_path, node_opcua):  # noqa: F811
+    """`vbatt run` (real scan) and node-opcua: a viewer and an operator session on one SignAndEncrypt channel."""
+    port = free_port()
+    state = tmp_path / "state"
+    users = UserStore(state / "users.json")
+    users.add(VIEWER[0], "viewer", VIEWER[1])
+    users.add(OPERATOR[0], "operator", OPERATOR[1])
+    der, pem = make_certificate("sessions client", "urn:vbatt:test:client", server=False)
+    (tmp_path / "client.der").write_bytes(der)
+    (tmp_path / "client.pem").write_bytes(pem)
+    TrustList(state).add(der, "sessions-client")
+    cfg = tmp_path / "plant.yaml"
+    cfg.write_text(CONFIG.format(port=port, state=state))
+    err = open(tmp_path / "stderr.txt", "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "--duration", "600", "-q"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+    try:
+        _wait_port(port, proc, 120)
+        script = node_opcua / NODE_SCRIPT.name
+        shutil.copy(NODE_SCRIPT, script)  # beside node_modules, where require() finds node-opcua
+        pkidir = tmp_path / "node-pki"
+        (pkidir / "trusted" / "certs").mkdir(parents=True)
+        shutil.copy(cert_paths(state)[0], pkidir / "trusted" / "certs" / "vbatt-server.der")
+        r = subprocess.run(["node", str(script), f"opc.tcp://127.0.0.1:{port}/", str(tmp_path / "client.der"),
+                            str(tmp_path / "client.pem"), *VIEWER, *OPERATOR,
+                            "http://vbatt.org/UA/VirtualBattery/", str(pkidir)],
+                           cwd=node_opcua, capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        assert lines, (r.stdout[-2000:], r.stderr[-2000:])
+        out = json.loads(lines[-1])
+        assert "error" not in out, out
+        assert out["distinctSessions"] and out["oneChannel"], out
+        # the operator session: Good, and the scan applies it
+        assert out["limit0"] is True, out
+        assert (out["opCall"], out["opCallApplied"]) == ("Good", True), out
+        # the viewer session on the same channel, opened first: refused, and nothing changed
+        assert out["viewerCall"] == "BadUserAccessDenied", out
+        assert out["viewerWrite"] == "BadUserAccessDenied", out
+        assert out["viewerSetPriority"] == "BadUserAccessDenied", out
+        assert (out["opSetPriority"], out["barrier"]) == ("Good", True), out
+        assert out["limitAfterViewer"] == 4321.0, out
+        assert out["viewerSoc"] == "Good" and out["bothDeliver"], out
+        # closing the viewer session leaves the operator session working (reads, calls, publishing)
+        assert out["opReadAfterViewerClosed"] == "Good", out
+        assert (out["opCallAfterViewerClosed"], out["opCallAfterViewerClosedApplied"]) == ("Good", True), out
+        assert out["opDeliversAfterViewerClosed"], out
+        # and closing the operator session leaves a viewer session working, still as a viewer
+        assert out["viewerReadAfterOpClosed"] == "Good", out
+        assert out["viewerDeliversAfterOpClosed"], out
+        assert out["viewerCallAfterOpClosed"] == "BadUserAccessDenied", out
+        assert out["limitEnd"] == 4400.0, out
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        err.close()
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
