@@ -131,7 +131,7 @@ class ChannelProcessor(UaProcessor):
         lane = self._new_lane()
         try:
             result = await lane._process_message(typeid, requesthdr, seqhdr, body)
-        except BaseException:
+        except Exception:
             # Refused after the session was registered (e.g. an untrusted certificate): unregister it.
             if lane.session is not None:
                 await lane.session.close_session(True)

@@ -178,6 +178,21 @@ def test_sessions_per_channel_are_bounded(tmp_path, monkeypatch):
     run(body())
 
 
+@pytest.mark.parametrize("case", ["untrusted_certificate", "wrong_password"])
+def test_a_refused_session_is_not_kept(tmp_path, case):
+    """A session refused at CreateSession (certificate) or ActivateSession (user) leaves no session behind."""
+    async def body():
+        async with served(tmp_path) as (srv, img, pki):
+            user = (OPERATOR[0], "not-the-password") if case == "wrong_password" else OPERATOR
+            with pytest.raises(Exception) as e:
+                async with connected(srv.endpoint, pki, user, untrusted=case == "untrusted_certificate"):
+                    pass
+            assert "BadCertificateUntrusted" in repr(e.value) or "BadUserAccessDenied" in repr(e.value), repr(e.value)
+            registry = srv.server.iserver._external_sessions  # sessions a client could still activate
+            assert await wait_for(lambda: not registry, 30), registry
+    run(body())
+
+
 class Values:
     def __init__(self, got: list):
         self.got = got
