@@ -25,7 +25,7 @@ from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage, ScanState
 from vbatt.kernel.seqblock import TornRead
 from vbatt.kernel.stats import summarize
 
-from vbatt.opcua_models import fastpath
+from vbatt.opcua_models import fastpath, sessions
 from vbatt.opcua_models.addrspace import Instances, build_instances
 from vbatt.opcua_models.alarms import Alarms
 from vbatt.opcua_models.config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
@@ -170,6 +170,7 @@ class VbattOpcuaServer:
                              self.inst.vb, self._push_ack)
         await self.alarms.init()
         fastpath.install()
+        sessions.install(server.iserver)  # each request runs as the session its token names
         await server.start()
         await self.update()
         log.info("OPC UA server listening on %s (%s)", self.endpoint, ", ".join(cfg.security))
