@@ -20,7 +20,7 @@ from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.retain.retainer import RetainConfig
 
 from vbatt.config.base import NodeId, Strict, field_default, field_keys
-from vbatt.kernel.fields import Scope, fields
+from vbatt.kernel.fields import Field as TableField, Role, Scope, fields
 from vbatt.drivers.sim.config import ID_PATTERN as _ID, CsvProfile, Profile, SimPhysics
 from vbatt.config.yamlsrc import ConfigError, Located, format_path, load_yaml, load_yaml_file
 
@@ -33,6 +33,8 @@ __all__ = [
     "PlantConfig",
     "ProgramEntry",
     "Fleet",
+    "SETTINGS",
+    "setting_values",
     "load_config",
     "load_config_text",
     "default_config_path",
@@ -241,6 +243,18 @@ def build_fleet(cfg: Config, located: Located | None = None) -> Fleet:
         raise ConfigError(problems)
     values = {f: np.asarray(cols[f], dtype=_DTYPES[f]) for f in RANGED}
     return Fleet(ids, values, drivers, profiles, physics)
+
+
+SETTINGS = fields(role=Role.SETTING, configured=True)  # what a config sets in the image (and reload changes)
+
+
+def setting_values(cfg: Config, fleet: Fleet) -> dict[TableField, np.ndarray]:
+    """The configured operator settings: per node from the fleet, per plant from `plant:`, as image arrays."""
+    out = {}
+    for f in SETTINGS:
+        v = fleet.values[f.name] if f.scope is Scope.NODE else np.asarray([getattr(cfg.plant, f.yaml)])
+        out[f] = v.astype(f.np_dtype)
+    return out
 
 
 def _errors(exc: ValidationError, located: Located, prefix: tuple = ()) -> list[str]:

@@ -92,6 +92,8 @@ class Field:
             raise ValueError(f"field {self.name}: an operator-settable field needs its command, and only it")
         if self.yaml is not None and (self.lo is None or self.hi is None or self.default is None):
             raise ValueError(f"field {self.name}: a YAML key needs a range and a default")
+        if self.historized and self.scope is not Scope.AGGREGATE:
+            raise ValueError(f"field {self.name}: the OPC UA history keeps aggregates only")
         if self.scope is Scope.NODE and self.yaml not in (None, self.name):
             raise ValueError(f"field {self.name}: node keys are the field names (docs/configuration.md)")
 
