@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from asyncua import ua
 
-from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS, Field
+from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS, Field, Scope, fields
 
 __all__ = [
     "NS_URI",
@@ -37,8 +37,9 @@ RESERVED_IDS = (VB_ID,)
 
 # CLOCK_MONOTONIC nanoseconds mean nothing off the host; the SourceTimestamp carries freshness.
 HIDDEN_NODE_FIELDS = ("updated_ns",)
-WRITABLE = {("node", "priority"), ("agg", "main_limit_w")}
-HISTORIZED = ("demand_w", "forecast_w", "soc", "battery_w", "shed_w", "main_w")
+# Writable: the operator settings of the field table; historized: its historized aggregates.
+WRITABLE = {(f.scope.value, f.name) for f in fields(operator_settable=True)}
+HISTORIZED = tuple(f.name for f in fields(Scope.AGGREGATE, historized=True))
 
 # numpy dtype code -> (DataType NodeId, VariantType)
 _DTYPES = {
@@ -109,8 +110,7 @@ def _from_field(f: Field, scope: str) -> VarDef:
     if unit is None or vt == ua.VariantType.Boolean:
         lo = hi = None
         unit = None
-    return VarDef(f.name, dt, vt, f.doc, unit, lo, hi, scale, (scope, f.name) in WRITABLE,
-                  scope == "agg" and f.name in HISTORIZED, f)
+    return VarDef(f.name, dt, vt, f.doc, unit, lo, hi, scale, f.operator_settable, f.historized, f)
 
 
 def node_vars() -> tuple[VarDef, ...]:

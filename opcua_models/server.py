@@ -21,6 +21,7 @@ import numpy as np
 from asyncua import Server, ua
 from asyncua.server.address_space import AttributeService
 
+from vbatt.kernel.fields import Field, aggregate_field, node_field
 from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage, ScanState
 from vbatt.kernel.seqblock import TornRead
 from vbatt.kernel.stats import summarize
@@ -328,12 +329,8 @@ class VbattOpcuaServer:
                 raise Bad(ua.StatusCodes.BadWriteNotSupported, "no index range on scalars")
             scope, name, node = target
             var = wv.Value.Value if wv.Value is not None else None
-            if scope == "node" and name == "priority":
-                self._push(Op.SET_PRIORITY, node=node, value=float(self._priority(var)))
-            elif scope == "agg" and name == "main_limit_w":
-                self._push(Op.SET_MAIN_LIMIT, value=self._watts(var, exact=True))
-            else:  # pragma: no cover - WRITABLE in model.py and this switch go together
-                raise Bad(ua.StatusCodes.BadNotWritable, name)
+            f = node_field(name) if scope == "node" else aggregate_field(name)  # writable = operator_settable
+            self._push(getattr(Op, f.command), node=node, value=float(self._setting(f, var, exact=True)))
         except Bad as exc:
             log.warning("write to %s refused: %s", wv.NodeId.to_string(), exc)
             return ua.StatusCode(exc.code)
@@ -348,27 +345,20 @@ class VbattOpcuaServer:
         return i
 
     @staticmethod
-    def _priority(var) -> int:
-        from vbatt.kernel.fields import node_field
-
-        f = node_field("priority")
-        if not isinstance(var, ua.Variant) or var.VariantType not in _INT_TYPES or isinstance(var.Value, bool):
-            raise Bad(ua.StatusCodes.BadTypeMismatch, "priority: expected an integer")
-        if not (f.lo <= var.Value <= f.hi):
-            raise Bad(ua.StatusCodes.BadOutOfRange, f"priority {var.Value}: expected {f.lo:g}..{f.hi:g}")
-        return int(var.Value)
-
-    @staticmethod
-    def _watts(var, exact: bool = False) -> float:
-        from vbatt.kernel.fields import aggregate_field
-
-        f = aggregate_field("main_limit_w")
+    def _setting(f: Field, var, exact: bool = False) -> int | float:
+        """The value of an operator setting, checked against its field: type and range (table)."""
+        if f.np_dtype.kind in "iu":
+            if not isinstance(var, ua.Variant) or var.VariantType not in _INT_TYPES or isinstance(var.Value, bool):
+                raise Bad(ua.StatusCodes.BadTypeMismatch, f"{f.name}: expected an integer")
+            if not (f.lo <= var.Value <= f.hi):
+                raise Bad(ua.StatusCodes.BadOutOfRange, f"{f.name} {var.Value}: expected {f.lo:g}..{f.hi:g}")
+            return int(var.Value)
         ok = (ua.VariantType.Double,) if exact else (ua.VariantType.Double, ua.VariantType.Float)
         if not isinstance(var, ua.Variant) or var.VariantType not in ok:
-            raise Bad(ua.StatusCodes.BadTypeMismatch, "main_limit_w: expected a Double (W)")
+            raise Bad(ua.StatusCodes.BadTypeMismatch, f"{f.name}: expected a Double ({f.unit})")
         x = float(var.Value)
         if not math.isfinite(x) or not (f.lo <= x <= f.hi):
-            raise Bad(ua.StatusCodes.BadOutOfRange, f"main_limit_w {x!r}: expected {f.lo:g}..{f.hi:g} W")
+            raise Bad(ua.StatusCodes.BadOutOfRange, f"{f.name} {x!r}: expected {f.lo:g}..{f.hi:g} {f.unit}")
         return x
 
     def _guard(self, fn):
@@ -389,11 +379,13 @@ class VbattOpcuaServer:
 
     async def _m_set_priority(self, node_id, priority):
         i = self._node(node_id)
-        self._push(Op.SET_PRIORITY, node=i, value=float(self._priority(priority)))
+        f = node_field("priority")
+        self._push(getattr(Op, f.command), node=i, value=float(self._setting(f, priority)))
         return []
 
     async def _m_set_main_limit(self, watts):
-        self._push(Op.SET_MAIN_LIMIT, value=self._watts(watts))
+        f = aggregate_field("main_limit_w")
+        self._push(getattr(Op, f.command), value=self._setting(f, watts))
         return []
 
     async def _m_set_mode(self, mode):

@@ -1,7 +1,8 @@
 """Health monitoring (docs/design.md §3 step 5): alarms per node, their states, and limit narrowing.
 
-Reads: every node input (voltage_v, current_a, temperature_c, soc, capacity_wh,
-demand_w, max_discharge_w, max_charge_w, link_max_w, online) and alarm.
+Reads: every device measurement of the field table (voltage_v, current_a,
+temperature_c, soc, capacity_wh, demand_w, max_discharge_w, max_charge_w,
+link_max_w), online and alarm.
 Writes: alarm (the bits of `codes.ALARM_CODES` it owns: all but the
 allocator's SAFE_ALLOCATION and LOAD_SHED), and its memory:
 
@@ -36,7 +37,7 @@ import numpy as np
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vbatt.kernel.fields import node_field
+from vbatt.kernel.fields import Role, Scope, fields, names, node_field
 from vbatt.kernel.program import Program, readonly
 from vbatt.kernel.seqblock import ArraySpec
 
@@ -45,9 +46,8 @@ from vbatt.programs.codes import ALARM_CODES, Alarm, by_name
 
 __all__ = ["Health", "HealthParams", "health_step", "CHECKED_FIELDS"]
 
-# Inputs whose range the BAD_DATA alarm checks (ranges come from the field table).
-CHECKED_FIELDS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w",
-                  "max_discharge_w", "max_charge_w", "link_max_w")
+# Inputs whose range the BAD_DATA alarm checks: the device measurements with a range (field table).
+CHECKED_FIELDS = names(fields(Scope.NODE, Role.MEASUREMENT, ranged=True))
 
 _VH, _VL, _IH = int(Alarm.VOLTAGE_HIGH), int(Alarm.VOLTAGE_LOW), int(Alarm.CURRENT_HIGH)
 _TH, _TL, _TR = int(Alarm.TEMPERATURE_HIGH), int(Alarm.TEMPERATURE_LOW), int(Alarm.TEMPERATURE_RISE)

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "vbatt.opcua_models": {"vbatt.kernel", "vbatt.plugins", "vbatt.programs.codes", "vbatt.programs.recorded",
                            "vbatt.supervise.reload"} | LEAF_CONFIG,
     "vbatt.retain": {"vbatt.kernel"} | LEAF_CONFIG,
-    "vbatt.config.base": set(),
+    "vbatt.config.base": {"vbatt.kernel"},  # the YAML types of the field table
     "vbatt.config.yamlsrc": {"vbatt.config.textfile"},
     "vbatt.config.textfile": {"vbatt.config.yamlsrc"},
     "vbatt.config": {"vbatt.kernel", "vbatt.plugins", "vbatt.retain", "vbatt.programs.registry",

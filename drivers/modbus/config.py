@@ -18,7 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from vbatt.config.base import NodeId, Priority, Strict
+from vbatt.config.base import NodeId, NodeSettings, Strict
+from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, names
 
 __all__ = ["rendezvous_path", "Register", "MAP_INPUTS", "MAP_OUTPUTS", "ModbusNodeConfig", "ModbusDriverConfig", "EmbeddedFleetConfig", "TlsFiles", "Endpoint",
            "modbus_endpoints", "embedded_indices"]
@@ -36,9 +37,8 @@ class TlsFiles(Strict):
 
 
 REG_TYPES = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "float32": 2}
-MAP_INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
-              "max_charge_w", "link_max_w")
-MAP_OUTPUTS = ("battery_w", "bus_w", "served_w", "shed_w")
+MAP_INPUTS = names(NODE_MEASUREMENTS)  # what an explicit map may read: the device measurements
+MAP_OUTPUTS = names(NODE_OUTPUTS)  # and write: the instruction
 
 
 class Register(Strict):
@@ -54,12 +54,11 @@ class Register(Strict):
         return REG_TYPES[self.type]
 
 
-class ModbusNodeConfig(Strict):
-    """A node reached over Modbus TCP (a `vbatt node` agent or any SunSpec device)."""
+class ModbusNodeConfig(NodeSettings):
+    """A node reached over Modbus TCP (a `vbatt node` agent or any SunSpec device; its settings: `NodeSettings`)."""
 
     id: NodeId
     driver: Literal["modbus"]
-    priority: Priority = 0
     host: str = "127.0.0.1"
     port: Port = 502
     unit_id: Annotated[int, Field(ge=0, le=255)] = 1

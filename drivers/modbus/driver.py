@@ -49,15 +49,10 @@ V = ss.VENDOR_ID
 BLOCK_START = M.models[802][0]  # 802 header
 BLOCK_END = M.models[V][0] + 2 + M.models[V][1]  # end of the vendor model
 BLOCK_802_END = M.models[802][0] + 2 + M.models[802][1]
-W_FIRST = M.at(V, "Seq").addr
-W_END = M.at(V, "ShedW").addr + 2
-_VP = {k: M.at(V, k) for k in ("DemandW", "LinkMaxW", "MaxDisW", "MaxChaW", "CapWh", "TmpC", "SoCFrac", "Mode",
-                               "AckSeq", "Seq", "LeaseMs", "BatW", "BusW", "SrvW", "ShedW")}
-_SF = {k: M.at(802, k) for k in ss.SF_802}
-DEFAULT_TEMPERATURE_C = 25.0  # for plain SunSpec batteries: model 802 has no temperature point
-# the values published per node, with the point they come from (vendor model first, 802 otherwise)
-FIELDS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
-          "max_charge_w", "link_max_w")
+ACK_SEQ = M.at(V, "AckSeq")
+CODEC = ss.CODEC
+W_FIRST, W_END = CODEC.instr_first, CODEC.instr_end  # the instruction block, written in one request
+FIELDS = CODEC.fields  # the values published per node: the device measurements of the field table
 
 
 class DeviceError(Exception):
@@ -321,11 +316,8 @@ class Poller:
 
     # -- the instruction ------------------------------------------------------------------------------
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
-        w = self.wbuf
-        ss.put_int(w, _VP["Seq"], M.base, np.full(self.n, seq & 0xFFFFFFFF))
-        ss.put_int(w, _VP["LeaseMs"], M.base, np.full(self.n, self.lease_ms))
-        for pt, name in (("BatW", "battery_w"), ("BusW", "bus_w"), ("SrvW", "served_w"), ("ShedW", "shed_w")):
-            ss.put(w, _VP[pt], M.base, np.nan_to_num(outputs[name]))
+        CODEC.encode_instruction(self.wbuf, np.full(self.n, seq & 0xFFFFFFFF), np.full(self.n, self.lease_ms),
+                                 outputs)
         self.have_instruction = True
         self._seq = seq
         self._outputs = {k: np.nan_to_num(v).copy() for k, v in outputs.items()}
@@ -371,7 +363,7 @@ class Poller:
             if reg is not None:
                 self.mapped_vals[name][i] = _unpack(reg, words)
             else:  # not mapped: what a node without that measurement honestly offers
-                self.mapped_vals[name][i] = DEFAULT_TEMPERATURE_C if name == "temperature_c" else 0.0
+                self.mapped_vals[name][i] = CODEC.absent[name]
         self.got_ns[i] = self.clock_ns()
         self.fresh[i] = True
         self._ok(i)
@@ -406,7 +398,7 @@ class Poller:
         self.rows[i, a:a + count] = regs
         self.vendor[i] = vendor
         if vendor:
-            self.acked_seq[i] = int(ss.get_int(self.rows[i:i + 1], _VP["AckSeq"], M.base)[0])
+            self.acked_seq[i] = int(ss.get_int(self.rows[i:i + 1], ACK_SEQ, M.base)[0])
         self.got_ns[i] = self.clock_ns()
         self.fresh[i] = True
         self._ok(i)
@@ -443,36 +435,7 @@ class Poller:
     # -- decode every node at once ------------------------------------------------------------------------
     def decode(self) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
         """Field arrays from the newest replies, and the fault of every node (comm or bad value)."""
-        r, base = self.rows, M.base
-        sf = {k: ss.get_int(r, p, base).astype(np.int64) for k, p in _SF.items()}
-        scale = {k: np.where(v >= 0x8000, v - 0x10000, v).astype(np.float64) for k, v in sf.items()}
-        for s in scale.values():  # sunssf is -10..10; 0x8000 = not implemented: no usable value, not 10**-32768 = 0
-            s[(s < -10) | (s > 10)] = np.nan
-
-        def b802(name: str, sf_name: str, unit_scale: float = 1.0) -> np.ndarray:
-            p = M.at(802, name)
-            c = p.addr - base
-            raw = r[:, c].astype(np.float64)
-            if p.point.type == "int16":
-                raw = r[:, c].view(np.int16).astype(np.float64)
-                raw[r[:, c] == 0x8000] = np.nan
-            else:
-                raw[r[:, c] == 0xFFFF] = np.nan
-            return raw * 10.0 ** scale[sf_name] / unit_scale
-
-        vend = self.vendor
-        f = lambda k: ss.get(r, _VP[k], base)  # noqa: E731
-        out = {
-            "voltage_v": b802("V", "V_SF"),
-            "current_a": b802("A", "A_SF"),
-            "soc": np.where(vend, f("SoCFrac"), b802("SoC", "SoC_SF", 100.0)),
-            "capacity_wh": np.where(vend, f("CapWh"), b802("WHRtg", "WHRtg_SF")),
-            "max_discharge_w": np.where(vend, f("MaxDisW"), b802("WDisChaRteMax", "WChaDisChaMax_SF")),
-            "max_charge_w": np.where(vend, f("MaxChaW"), b802("WChaRteMax", "WChaDisChaMax_SF")),
-            "temperature_c": np.where(vend, f("TmpC"), DEFAULT_TEMPERATURE_C),
-            "demand_w": np.where(vend, f("DemandW"), 0.0),
-            "link_max_w": np.where(vend, f("LinkMaxW"), 0.0),
-        }
+        out = CODEC.decode_offer(self.rows, self.vendor)
         if self.mapped.any():
             for k in FIELDS:
                 out[k] = np.where(self.mapped, self.mapped_vals[k], out[k])

@@ -24,16 +24,19 @@ per node), because one controller polls thousands of them.
 from __future__ import annotations
 
 import enum
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field as dc_field
 
 import numpy as np
 
-from vbatt.kernel.fields import node_field
+from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, names, node_field
 
 __all__ = [
     "SUNS_ADDR", "SUNS", "Point", "Model", "Placed", "RegisterMap", "MapError", "build_map",
     "COMMON", "BATTERY", "VENDOR", "VENDOR_ID", "END_ID", "NODE_MAP", "Mode", "Alarm",
-    "encode_strings", "decode_string", "NOT_IMPL", "put", "get", "put_int", "get_int", "static_rows",
+    "encode_strings", "decode_string", "NOT_IMPL", "put", "get", "get_sf", "put_int", "get_int", "static_rows",
+    "NodeCodec", "CODEC",
 ]
 
 SUNS_ADDR = 40000
@@ -80,6 +83,8 @@ class Point:
     scale: float = 1.0  # SI field value * scale = the point's unit (e.g. soc 0..1 -> %)
     writable: bool = False
     value: int | None = None  # constant (scale factors, fixed ids)
+    sf_point: str | None = None  # the sunssf point of the same model a reader takes `sf` from
+    device: str | None = None  # a device value the wire carries that is no process-image field (backend key)
 
     @property
     def regs(self) -> int:
@@ -116,17 +121,23 @@ COMMON = Model(1, "common", 66, (
 SF_802 = {"AHRtg_SF": 0, "WHRtg_SF": 0, "WChaDisChaMax_SF": 0, "DisChaRte_SF": 0, "SoC_SF": -2, "DoD_SF": -2,
           "SoH_SF": -2, "V_SF": -1, "CellV_SF": -3, "A_SF": -1, "AMax_SF": -1, "W_SF": 0}
 
+
+def _sf(name: str) -> dict:
+    """A point scaled by model 802's scale factor `name` (its value here, its register for readers)."""
+    return {"sf": SF_802[name], "sf_point": name}
+
+
 BATTERY = Model(802, "battery", 62, (
     Point("AHRtg", 0, "uint16"),
-    Point("WHRtg", 1, "uint16", field="capacity_wh", sf=SF_802["WHRtg_SF"]),
-    Point("WChaRteMax", 2, "uint16", field="max_charge_w", sf=SF_802["WChaDisChaMax_SF"]),
-    Point("WDisChaRteMax", 3, "uint16", field="max_discharge_w", sf=SF_802["WChaDisChaMax_SF"]),
+    Point("WHRtg", 1, "uint16", field="capacity_wh", **_sf("WHRtg_SF")),
+    Point("WChaRteMax", 2, "uint16", field="max_charge_w", **_sf("WChaDisChaMax_SF")),
+    Point("WDisChaRteMax", 3, "uint16", field="max_discharge_w", **_sf("WChaDisChaMax_SF")),
     Point("DisChaRte", 4, "uint16"),
     Point("SoCMax", 5, "uint16", sf=-2),
     Point("SoCMin", 6, "uint16", sf=-2),
     Point("SocRsvMax", 7, "uint16", sf=-2),
     Point("SoCRsvMin", 8, "uint16", sf=-2),
-    Point("SoC", 9, "uint16", field="soc", sf=SF_802["SoC_SF"], scale=100.0),
+    Point("SoC", 9, "uint16", field="soc", **_sf("SoC_SF"), scale=100.0),
     Point("DoD", 10, "uint16", sf=-2),
     Point("SoH", 11, "uint16", sf=-2),
     Point("NCyc", 12, "uint32"),
@@ -143,7 +154,7 @@ BATTERY = Model(802, "battery", 62, (
     Point("Evt2", 26, "bitfield32"),
     Point("EvtVnd1", 28, "bitfield32"),
     Point("EvtVnd2", 30, "bitfield32"),
-    Point("V", 32, "uint16", field="voltage_v", sf=SF_802["V_SF"]),
+    Point("V", 32, "uint16", field="voltage_v", **_sf("V_SF")),
     Point("VMax", 33, "uint16", sf=SF_802["V_SF"]),
     Point("VMin", 34, "uint16", sf=SF_802["V_SF"]),
     Point("CellVMax", 35, "uint16", sf=SF_802["CellV_SF"]),
@@ -153,10 +164,10 @@ BATTERY = Model(802, "battery", 62, (
     Point("CellVMinStr", 39, "uint16"),
     Point("CellVMinMod", 40, "uint16"),
     Point("CellVAvg", 41, "uint16", sf=SF_802["CellV_SF"]),
-    Point("A", 42, "int16", field="current_a", sf=SF_802["A_SF"]),
+    Point("A", 42, "int16", field="current_a", **_sf("A_SF")),
     Point("AChaMax", 43, "uint16", sf=SF_802["AMax_SF"]),
     Point("ADisChaMax", 44, "uint16", sf=SF_802["AMax_SF"]),
-    Point("W", 45, "int16", sf=SF_802["W_SF"]),  # battery power; > 0 discharge (the agent fills it)
+    Point("W", 45, "int16", **_sf("W_SF"), device="power_w"),  # battery power; > 0 discharge
     Point("ReqInvState", 46, "enum16"),
     Point("ReqW", 47, "int16"),
     Point("SetOp", 48, "enum16", writable=True),
@@ -166,7 +177,7 @@ BATTERY = Model(802, "battery", 62, (
 VENDOR = Model(VENDOR_ID, "vbatt_node", 40, (
     # the offer (written by the agent)
     Point("DemandW", 0, "float32", field="demand_w"),
-    Point("ForecastW", 2, "float32"),
+    Point("ForecastW", 2, "float32", device="forecast_w"),  # the node's own forecast of its demand
     Point("LinkMaxW", 4, "float32", field="link_max_w"),
     Point("MaxDisW", 6, "float32", field="max_discharge_w"),
     Point("MaxChaW", 8, "float32", field="max_charge_w"),
@@ -243,6 +254,11 @@ def build_map(models: tuple[Model, ...], base: int = SUNS_ADDR) -> RegisterMap:
                 except KeyError:
                     raise MapError(f"model {m.id} point {p.name}: unknown field {p.field!r} "
                                    f"(expected a name from runtime/kernel/fields.py)") from None
+            if p.sf_point is not None:
+                ref = next((q for q in m.points if q.name == p.sf_point), None)
+                if ref is None or ref.type != "sunssf" or ref.value != p.sf:
+                    raise MapError(f"model {m.id} point {p.name}: scale factor point {p.sf_point!r} is not a "
+                                   f"sunssf point of value {p.sf} in model {m.id}")
             out.points[(m.id, p.name)] = Placed(m.id, p, got)
             expect = got + p.regs
         if expect != body + m.length:
@@ -291,14 +307,10 @@ def put(rows: np.ndarray, p: Placed, start: int, values: np.ndarray) -> None:
         raise MapError(f"point {pt.name}: cannot encode type {pt.type}")
 
 
-def get(rows: np.ndarray, p: Placed, start: int) -> np.ndarray:
-    """Decode the point from every row into SI float64; 'not implemented' and NaN come back as NaN."""
+def _raw(rows: np.ndarray, p: Placed, start: int) -> np.ndarray:
+    """The unscaled register value of an integer point as float64; 'not implemented' comes back as NaN."""
     pt = p.point
     c = p.addr - start
-    if pt.type == "float32":
-        pair = np.ascontiguousarray(rows[:, c:c + 2], dtype=">u2")
-        with np.errstate(invalid="ignore"):  # a signalling NaN from the wire is just NaN here
-            return pair.view(">f4").reshape(-1).astype(np.float64) / pt.scale
     if pt.type in ("uint16", "enum16", "bitfield16"):
         raw = rows[:, c].astype(np.float64)
         raw[rows[:, c] == NOT_IMPL["uint16"]] = np.nan
@@ -312,7 +324,28 @@ def get(rows: np.ndarray, p: Placed, start: int) -> np.ndarray:
         raw[u == 0xFFFFFFFF] = np.nan
     else:
         raise MapError(f"point {pt.name}: cannot decode type {pt.type}")
-    return raw * 10.0 ** pt.sf / pt.scale
+    return raw
+
+
+def get(rows: np.ndarray, p: Placed, start: int) -> np.ndarray:
+    """Decode the point from every row into SI float64 (with the map's scale factor); 'not implemented'
+    and NaN come back as NaN."""
+    pt = p.point
+    c = p.addr - start
+    if pt.type == "float32":
+        pair = np.ascontiguousarray(rows[:, c:c + 2], dtype=">u2")
+        with np.errstate(invalid="ignore"):  # a signalling NaN from the wire is just NaN here
+            return pair.view(">f4").reshape(-1).astype(np.float64) / pt.scale
+    return _raw(rows, p, start) * 10.0 ** pt.sf / pt.scale
+
+
+def get_sf(rows: np.ndarray, p: Placed, start: int) -> np.ndarray:
+    """A sunssf register per row as a float exponent; outside -10..10 (0x8000 = not implemented) it is NaN:
+    no usable value, rather than 10**-32768 = 0."""
+    v = get_int(rows, p, start).astype(np.int64)
+    s = np.where(v >= 0x8000, v - 0x10000, v).astype(np.float64)
+    s[(s < -10) | (s > 10)] = np.nan
+    return s
 
 
 def put_int(rows: np.ndarray, p: Placed, start: int, values) -> None:
@@ -355,3 +388,98 @@ def static_rows(n: int, idents: list[dict[str, str]], m: RegisterMap = NODE_MAP)
             rows[i, p.addr - m.base:p.addr - m.base + p.regs] = encode_strings(ident.get(name, ""), p.regs)
         rows[i, m.at(1, "DA").addr - m.base] = int(ident.get("DA", 1))
     return rows
+
+
+# -- the codec: field values <-> register rows, for both sides of the wire ---------------------------------
+_STRUCT = {"uint32": "I", "float32": "f", "uint16": "H", "int16": "h"}
+
+
+class NodeCodec:
+    """A node's field values to and from register rows of `m`, vectorised over nodes (one row each).
+
+    The node agent encodes its offer and decodes the instruction; the controller's driver decodes the
+    offer and encodes the instruction. The points come from the map (`field=` / `device=`), the field
+    list from the table: every device measurement is carried by the vendor model (float32, SI) and,
+    where model 802 has a point for it, by 802 as well (scaled, for plain SunSpec readers); the
+    instruction is the vendor model's writable block: `Seq`, `LeaseMs`, then the output fields.
+    """
+
+    def __init__(self, m: RegisterMap, vendor: int = VENDOR_ID, battery: int = 802):
+        self.m = m
+        placed = sorted((p for p in m.points.values() if p.model in (vendor, battery)), key=lambda p: p.addr)
+        offer = [p for p in placed if not p.point.writable and (p.point.field or p.point.device)]
+        self.offer_points: tuple[Placed, ...] = tuple(offer)
+        self.vendor_points = {p.point.field: p for p in offer if p.model == vendor and p.point.field}
+        self.battery_points = {p.point.field: p for p in offer if p.model == battery and p.point.field}
+        carried = set(self.vendor_points) | set(self.battery_points)
+        self.fields: tuple[str, ...] = names(NODE_MEASUREMENTS)  # the offer, in table order
+        missing = [f for f in self.fields if f not in carried]
+        stray = sorted(carried - set(self.fields))
+        if missing or stray:
+            raise MapError(f"the offer points must carry exactly the device measurements of the field table: "
+                           f"missing {missing}, not measurements {stray}")
+        self.devices = tuple(dict.fromkeys(p.point.device for p in offer if p.point.device))
+        self.offer_keys: tuple[str, ...] = self.fields + self.devices  # what a battery backend provides
+        # what a node without a point for the field (plain SunSpec, an explicit map) honestly offers
+        self.absent = {f: float(node_field(f).default or 0.0) for f in self.fields}
+        self.sf_points = {f: m.at(battery, p.point.sf_point) for f, p in self.battery_points.items()}
+        instr = [p for p in placed if p.model == vendor and p.point.writable]
+        for a, b in zip(instr, instr[1:]):
+            if b.addr != a.addr + a.regs:
+                raise MapError(f"instruction block: {b.point.name} at {b.addr} does not follow {a.point.name}")
+        self.seq_point, self.lease_point, *outs = instr
+        if (self.seq_point.point.name, self.lease_point.point.name) != ("Seq", "LeaseMs") or \
+                any(p.point.field is None for p in outs):
+            raise MapError("instruction block: expected Seq, LeaseMs, then points carrying output fields")
+        self.instruction_points: tuple[Placed, ...] = tuple(outs)
+        self.outputs: tuple[str, ...] = tuple(p.point.field for p in outs)
+        if sorted(self.outputs) != sorted(names(NODE_OUTPUTS)):
+            raise MapError(f"instruction block carries {list(self.outputs)}, the field table's outputs are "
+                           f"{list(names(NODE_OUTPUTS))}")
+        self.instr_first = instr[0].addr
+        self.instr_end = instr[-1].addr + instr[-1].regs
+        # one request's instruction, decoded with plain struct (the agent does it inside every request)
+        self._instr = struct.Struct(">" + "".join(_STRUCT[p.point.type] for p in instr))
+        self._words = struct.Struct(f">{self.instr_end - self.instr_first}H")
+
+    # -- the offer ----------------------------------------------------------------------------------
+    def encode_offer(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
+        """Every offer point of every row from `values` (SI; keys `offer_keys`)."""
+        for p in self.offer_points:
+            put(rows, p, self.m.base, values[p.point.field or p.point.device])
+
+    def decode_offer(self, rows: np.ndarray, vendor: np.ndarray) -> dict[str, np.ndarray]:
+        """The device measurements of every row: from the vendor model where `vendor`, else from model 802
+        scaled by the scale factors *in the registers*, else what a node without the point offers."""
+        base = self.m.base
+        sf = {}
+        out = {}
+        for f in self.fields:
+            bp = self.battery_points.get(f)
+            if bp is not None:
+                name = bp.point.sf_point
+                if name not in sf:
+                    sf[name] = get_sf(rows, self.sf_points[f], base)
+                plain = _raw(rows, bp, base) * 10.0 ** sf[name] / bp.point.scale
+            else:
+                plain = self.absent[f]
+            vp = self.vendor_points.get(f)
+            out[f] = np.where(vendor, get(rows, vp, base), plain) if vp is not None else plain
+        return out
+
+    # -- the instruction -----------------------------------------------------------------------------
+    def encode_instruction(self, rows: np.ndarray, seq, lease_ms, outputs: Mapping[str, np.ndarray]) -> None:
+        base = self.m.base
+        put_int(rows, self.seq_point, base, seq)
+        put_int(rows, self.lease_point, base, lease_ms)
+        for p in self.instruction_points:
+            put(rows, p, base, np.nan_to_num(outputs[p.point.field]))
+
+    def decode_instruction(self, words) -> tuple[int, int, dict[str, float]]:
+        """(Seq, LeaseMs, {output field: value}) of one written instruction block (`instr_end - instr_first`
+        registers from `instr_first`)."""
+        seq, lease, *ws = self._instr.unpack(self._words.pack(*words))
+        return seq, lease, dict(zip(self.outputs, ws))
+
+
+CODEC = NodeCodec(NODE_MAP)

@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from vbatt.config.base import NodeId, NonNeg, Strict
+from vbatt.config.base import NodeId, NonNeg, Strict, field_keys
+from vbatt.kernel.fields import Role, Scope, fields, node_field
 from vbatt.config.yamlsrc import ConfigError, format_path, load_yaml_file
 
 from vbatt.drivers.modbus import sunspec as ss
@@ -53,19 +54,16 @@ log = logging.getLogger("vbatt.node")
 M = ss.NODE_MAP
 V = ss.VENDOR_ID
 LEASE_MAX_MS = 3_600_000
-_P = {name: M.at(V, name) for name in ("DemandW", "ForecastW", "LinkMaxW", "MaxDisW", "MaxChaW", "CapWh", "TmpC",
-                                       "SoCFrac", "Mode", "Alm", "AckSeq", "LeaseLeftMs", "AppliedW", "Expiries",
-                                       "Seq", "LeaseMs", "BatW", "BusW", "SrvW", "ShedW")}
-_B = {name: M.at(802, name) for name in ("WHRtg", "WChaRteMax", "WDisChaRteMax", "SoC", "SoH", "Hb", "V", "A", "W",
-                                         "State", "ChaSt", "LocRemCtl", "Evt1", "EvtVnd1")}
-SEQ_REG = _P["Seq"].addr
-_INSTR = struct.Struct(">IIffff")  # Seq, LeaseMs, BatW, BusW, SrvW, ShedW: the 12 instruction registers
+CODEC = ss.CODEC  # the offer out, the instruction in: the same codec as the controller's driver
+# the agent's own status points (no process-image fields)
+_P = {name: M.at(V, name) for name in ("Mode", "Alm", "AckSeq", "LeaseLeftMs", "AppliedW", "Expiries")}
+_B = {name: M.at(802, name) for name in ("SoH", "Hb", "State", "ChaSt", "LocRemCtl", "Evt1", "EvtVnd1")}
+SEQ_REG = CODEC.seq_point.addr
 _STATUS = struct.Struct(">HHIIfI")  # Mode, Alm, AckSeq, LeaseLeftMs, AppliedW, Expiries: 10 registers from Mode
-assert _INSTR.size // 2 == _P["ShedW"].addr + 2 - _P["Seq"].addr
 assert _STATUS.size // 2 == _P["Expiries"].addr + 2 - _P["Mode"].addr
-INSTR_FIRST, INSTR_END = _P["Seq"].addr, _P["ShedW"].addr + 2  # the controller writes [first, end)
+INSTR_FIRST, INSTR_END = CODEC.instr_first, CODEC.instr_end  # the controller writes [first, end)
 # registers the agent refreshes every tick: 802 body .. vendor status, minus the points others may write
-_DYN = (M.body(802), _P["Seq"].addr)
+_DYN = (M.body(802), INSTR_FIRST)
 _WRITABLE = {a for p in M.points.values() if p.point.writable for a in range(p.addr, p.addr + p.regs)}
 
 
@@ -112,7 +110,7 @@ class AgentSet:
         self.lease_ms = np.zeros(n, np.int64)
         self.deadline_ns = np.zeros(n, np.int64)
         self.expiries = np.zeros(n, np.int64)
-        self.cmd = {k: np.zeros(n) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
+        self.cmd = {k: np.zeros(n) for k in CODEC.outputs}
         self.applied_w = np.zeros(n)
         self.instructions = np.zeros(n, np.int64)  # instructions accepted (tests, logs)
         self.regs: list[list[int]] = []
@@ -176,9 +174,8 @@ class AgentSet:
             return ExcCodes.ILLEGAL_VALUE
         # plain struct, not numpy: this runs inside every instruction request (thousands per second)
         off = INSTR_FIRST - address
-        seq, lease, *ws = _INSTR.unpack(struct.pack(">12H", *values[off:off + 12]))
-        cmd = dict(zip(("battery_w", "bus_w", "served_w", "shed_w"), ws))
-        if not all(math.isfinite(v) for v in ws) or not (0 < lease <= LEASE_MAX_MS):
+        seq, lease, cmd = CODEC.decode_instruction(values[off:off + INSTR_END - INSTR_FIRST])
+        if not all(math.isfinite(v) for v in cmd.values()) or not (0 < lease <= LEASE_MAX_MS):
             self.alarm[i] |= ss.Alarm.BAD_INSTRUCTION
             log.warning("node %s: refused instruction seq %d (lease %d ms, %s): NaN or lease out of (0, %d]",
                         self.specs[i].id, seq, lease, cmd, LEASE_MAX_MS)
@@ -252,14 +249,7 @@ class AgentSet:
 
     def _encode(self, now_ns: int) -> None:
         o, r = self.backend.offer, self.rows
-        for name, key in (("DemandW", "demand_w"), ("ForecastW", "forecast_w"), ("LinkMaxW", "link_max_w"),
-                          ("MaxDisW", "max_discharge_w"), ("MaxChaW", "max_charge_w"), ("CapWh", "capacity_wh"),
-                          ("TmpC", "temperature_c"), ("SoCFrac", "soc")):
-            ss.put(r, _P[name], M.base, o[key])
-        for name, key in (("WHRtg", "capacity_wh"), ("WChaRteMax", "max_charge_w"),
-                          ("WDisChaRteMax", "max_discharge_w"), ("SoC", "soc"), ("V", "voltage_v"),
-                          ("A", "current_a"), ("W", "power_w")):
-            ss.put(r, _B[name], M.base, o[key])
+        CODEC.encode_offer(r, o)
         ss.put(r, _B["SoH"], M.base, np.full(self.n, 100.0))  # % (the backends do not estimate health)
         hb = ((now_ns - self.t0_ns) // 1_000_000_000) & 0xFFFF
         ss.put_int(r, _B["Hb"], M.base, np.full(self.n, hb))
@@ -317,16 +307,12 @@ def _version() -> str:
 
 
 # -- `vbatt node CONFIG` -------------------------------------------------------------------------------
-class SimBackendConfig(Strict):
+class SimBackendConfig(create_model("_SimValues", __base__=Strict,
+                                    **field_keys(fields(Scope.NODE, Role.MEASUREMENT, configured=True)))):
+    """The simulated battery: its configured measurements (keys, ranges, defaults from the field table)."""
+
     kind: Literal["sim"]
-    demand_w: NonNeg = 0.0
     demand_profile: dict | None = None
-    max_discharge_w: NonNeg = 0.0
-    max_charge_w: NonNeg = 0.0
-    capacity_wh: NonNeg = 0.0
-    soc: Annotated[float, Field(ge=0, le=1)] = 0.5
-    temperature_c: Annotated[float, Field(ge=-60, le=200)] = 25.0
-    link_max_w: NonNeg = 0.0
     physics: dict = {}
 
 
@@ -394,7 +380,7 @@ def _sim_fleet_of_one(b: SimBackendConfig, node_id: str):
     from vbatt.config.plant import Fleet, NodeConfig, RANGED
 
     nc = NodeConfig.model_validate({"id": node_id, **b.model_dump(exclude={"kind"}, exclude_none=True)})
-    values = {k: np.asarray([getattr(nc, k)], dtype=np.int64 if k == "priority" else np.float64) for k in RANGED}
+    values = {k: np.asarray([getattr(nc, k)], dtype=node_field(k).np_dtype) for k in RANGED}
     return Fleet([node_id], values, ["sim"], [nc.demand_profile], [nc.physics])
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, ValidationInfo, create_model, field_validator, model_validator
 
-from vbatt.config.base import NodeId, Priority, Strict
+from vbatt.config.base import NodeId, NodeSettings, Strict
 from vbatt.kernel.fields import NODE_INPUTS, NODE_OUTPUTS
 
 __all__ = [
@@ -130,12 +130,11 @@ def _security(v: Any) -> Any:
     return v
 
 
-class OpcuaNodeConfig(Strict):
-    """A node whose fields are variables of an external OPC UA server."""
+class OpcuaNodeConfig(NodeSettings):
+    """A node whose fields are variables of an external OPC UA server (its settings: `NodeSettings`)."""
 
     id: NodeId
     driver: Literal["opcua"]
-    priority: Priority = 0
     # No default: 4840 on this host is vbatt's own server, never the device's.
     endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^/:\s]+(:\d{1,5})?(/.*)?$")]
     # Explicit on purpose: `none` sends everything in clear text and must be a visible choice.

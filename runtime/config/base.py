@@ -1,18 +1,57 @@
-"""The base of every config model: strict (unknown keys are errors), immutable once validated."""
+"""The base of every config model: strict (unknown keys are errors), immutable once validated; and the
+YAML type of a field of the field table (its bounds are the table's range, never restated here)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Strict", "NonNeg", "Priority", "NodeId"]
+from vbatt.kernel.fields import Field as TableField, node_field
+
+__all__ = ["Strict", "NonNeg", "Priority", "NodeId", "NodeSettings", "field_type", "field_default", "field_keys"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _bound(x: float) -> float | int:
+    # 1 rather than 1.0 in "less than or equal to 1": the messages read as the table is written
+    return int(x) if float(x).is_integer() and abs(x) < 2**53 else x
+
+
+def field_type(f: TableField) -> Any:
+    """The YAML type of a configured field: its dtype's kind, bounded by the table's range."""
+    if f.yaml is None:
+        raise ValueError(f"field {f.name} has no YAML key")
+    py = int if f.np_dtype.kind in "iu" else float
+    extra = {} if py is int else {"allow_inf_nan": False}
+    return Annotated[py, Field(ge=_bound(f.lo), le=_bound(f.hi), **extra)]
+
+
+def field_default(f: TableField) -> float | int:
+    return int(f.default) if f.np_dtype.kind in "iu" else float(f.default)
+
+
+def field_keys(fs: tuple[TableField, ...]) -> dict[str, tuple[Any, Any]]:
+    """`create_model` arguments: YAML key -> (type, default) for the configured fields of `fs`."""
+    return {f.yaml: (field_type(f), field_default(f)) for f in fs if f.yaml is not None}
+
+
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Priority = Annotated[int, Field(ge=0, le=1000)]
+Priority = field_type(node_field("priority"))
 NodeId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+def _settings_model() -> type[Strict]:
+    from pydantic import create_model
+
+    from vbatt.kernel.fields import Role, Scope, fields
+
+    return create_model("NodeSettings", __base__=Strict, __doc__="The operator settings every node entry takes, "
+                        "whatever its driver (the field table's configured node settings).",
+                        **field_keys(fields(Scope.NODE, Role.SETTING, configured=True)))
+
+
+NodeSettings = _settings_model()

@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
 from vbatt.drivers.modbus.config import ModbusDriverConfig, ModbusNodeConfig, modbus_endpoints
 from vbatt.drivers.opcua.config import OpcuaClientDriverConfig, OpcuaNodeConfig
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.retain.retainer import RetainConfig
 
-from vbatt.config.base import NodeId, NonNeg, Priority, Strict
-from vbatt.drivers.sim.config import ID_PATTERN as _ID, CsvProfile, Profile, SimPhysics, Soc, Temp
+from vbatt.config.base import NodeId, Strict, field_default, field_keys
+from vbatt.kernel.fields import Field as TableField, Role, Scope, fields
+from vbatt.drivers.sim.config import ID_PATTERN as _ID, CsvProfile, Profile, SimPhysics
 from vbatt.config.yamlsrc import ConfigError, Located, format_path, load_yaml, load_yaml_file
 
 __all__ = [
@@ -32,38 +33,40 @@ __all__ = [
     "PlantConfig",
     "ProgramEntry",
     "Fleet",
+    "SETTINGS",
+    "setting_values",
     "load_config",
     "load_config_text",
     "default_config_path",
 ]
 
 
-class NodeConfig(Strict):
+# The node values a config gives (YAML key, range, default), all from the field table.
+_CONFIGURED = fields(Scope.NODE, configured=True)
+RANGED = tuple(f.yaml for f in _CONFIGURED)
+
+_NodeValues = create_model("_NodeValues", __base__=Strict, **field_keys(_CONFIGURED))
+
+
+class NodeConfig(_NodeValues):
     """One node. For a simulated node the values are its physics and initial state."""
 
     id: NodeId
     driver: Literal["sim"] = "sim"
-    priority: Priority = 0
-    demand_w: NonNeg = 0.0
     demand_profile: Profile | None = None
-    max_discharge_w: NonNeg = 0.0
-    max_charge_w: NonNeg = 0.0
-    capacity_wh: NonNeg = 0.0
-    soc: Soc = 0.5
-    temperature_c: Temp = 25.0
-    link_max_w: NonNeg = 0.0
     physics: SimPhysics = SimPhysics()
-
-
-RANGED = ("priority", "demand_w", "max_discharge_w", "max_charge_w", "capacity_wh", "soc",
-          "temperature_c", "link_max_w")
 
 
 def _range(t):
     return Union[t, Annotated[tuple[t, t], Field(description="[low, high]: uniform random")]]
 
 
-class TemplateBody(Strict):
+# Each end of a template range is checked against the table's range by building a NodeConfig (_bounds).
+_TemplateValues = create_model("_TemplateValues", __base__=Strict, **{
+    f.yaml: (_range(int if f.np_dtype.kind in "iu" else float), field_default(f)) for f in _CONFIGURED})
+
+
+class TemplateBody(_TemplateValues):
     """`count` nodes named by `id` (a format with `{i}`), values constant or `[low, high]`."""
 
     count: Annotated[int, Field(ge=1, le=1_000_000)]
@@ -71,15 +74,7 @@ class TemplateBody(Strict):
     start: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
     driver: Literal["sim", "modbus"] = "sim"  # modbus: served by the embedded fleet, polled over Modbus
-    priority: _range(int) = 0
-    demand_w: _range(float) = 0.0
     demand_profile: Profile | None = None
-    max_discharge_w: _range(float) = 0.0
-    max_charge_w: _range(float) = 0.0
-    capacity_wh: _range(float) = 0.0
-    soc: _range(float) = 0.5
-    temperature_c: _range(float) = 25.0
-    link_max_w: _range(float) = 0.0
     physics: SimPhysics = SimPhysics()
 
     @field_validator("id")
@@ -130,8 +125,11 @@ class CycleConfig(Strict):
         return self
 
 
-class PlantConfig(Strict):
-    main_limit_w: NonNeg = 0.0
+# `plant:` takes the configured aggregate fields (main_limit_w) from the table.
+_PlantValues = create_model("_PlantValues", __base__=Strict, **field_keys(fields(Scope.AGGREGATE, configured=True)))
+
+
+class PlantConfig(_PlantValues):
     stale_ms: Annotated[float, Field(gt=0)] = 1000.0
 
 
@@ -200,6 +198,7 @@ class Fleet:
 
 
 _IDEAL = SimPhysics()
+_DTYPES = {f.yaml: f.np_dtype for f in _CONFIGURED}
 
 
 def build_fleet(cfg: Config, located: Located | None = None) -> Fleet:
@@ -224,7 +223,7 @@ def build_fleet(cfg: Config, located: Located | None = None) -> Fleet:
             for f in RANGED:
                 v = getattr(t, f)
                 if isinstance(v, tuple):
-                    arr = (rng.integers(v[0], v[1] + 1, t.count) if f == "priority"
+                    arr = (rng.integers(v[0], v[1] + 1, t.count) if _DTYPES[f].kind in "iu"
                            else rng.uniform(v[0], v[1], t.count))
                     cols[f].extend(arr.tolist())
                 else:
@@ -242,8 +241,20 @@ def build_fleet(cfg: Config, located: Located | None = None) -> Fleet:
             break
     if problems:
         raise ConfigError(problems)
-    values = {f: np.asarray(cols[f], dtype=np.int64 if f == "priority" else np.float64) for f in RANGED}
+    values = {f: np.asarray(cols[f], dtype=_DTYPES[f]) for f in RANGED}
     return Fleet(ids, values, drivers, profiles, physics)
+
+
+SETTINGS = fields(role=Role.SETTING, configured=True)  # what a config sets in the image (and reload changes)
+
+
+def setting_values(cfg: Config, fleet: Fleet) -> dict[TableField, np.ndarray]:
+    """The configured operator settings: per node from the fleet, per plant from `plant:`, as image arrays."""
+    out = {}
+    for f in SETTINGS:
+        v = fleet.values[f.name] if f.scope is Scope.NODE else np.asarray([getattr(cfg.plant, f.yaml)])
+        out[f] = v.astype(f.np_dtype)
+    return out
 
 
 def _errors(exc: ValidationError, located: Located, prefix: tuple = ()) -> list[str]:
@@ -260,8 +271,22 @@ def _errors(exc: ValidationError, located: Located, prefix: tuple = ()) -> list[
             msg = "required key is missing"
         got = err.get("input")
         tail = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, (dict, list)) else f" (got {got!r})"
-        out.append(f"{located.where(loc)}: {format_path(loc)}: {msg}{tail}")
+        out.append(f"{located.where(loc)}: {format_path(loc)}: {msg}{tail}{_range_of(loc, err['type'])}")
     return out
+
+
+_KEYED = {(f.scope, f.yaml): f for f in fields(configured=True)}
+
+
+def _range_of(loc: tuple, kind: str) -> str:
+    """'; the field's range is [lo, hi] unit' after a bound error on a field of the table."""
+    if kind not in ("less_than_equal", "greater_than_equal") or not loc or not isinstance(loc[-1], str):
+        return ""
+    f = _KEYED.get((Scope.AGGREGATE if loc[0] == "plant" else Scope.NODE, loc[-1]))
+    if f is None:
+        return ""
+    unit = f" {f.unit}" if f.unit not in ("", "1") else ""
+    return f"; the field's range is [{f.lo:g}, {f.hi:g}]{unit}"
 
 
 _NODE_TAGS = ("sim", "template", "modbus", "opcua")

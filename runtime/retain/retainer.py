@@ -22,14 +22,15 @@ from pydantic import Field
 
 from vbatt.config.base import Strict
 from vbatt.kernel.image import Ctl, ProcessImage
-from vbatt.retain.store import DEFAULT_SETTINGS, Restart, RetainStore, apply_restart, decide_restart, layout_of, retained_views
+from vbatt.retain.store import (DEFAULT_SETTINGS, RETAINED_FIELDS, Restart, RetainStore, apply_restart, decide_restart,
+                                layout_of, retained_name, retained_views)
 
 __all__ = ["RetainConfig", "Retainer"]
 
 log = logging.getLogger("vbatt.retain.store")
 
-# Saved as soon as they change.
-WATCHED = ("node.trip", "node.alarm", "node.priority", "agg.main_limit_w", "ctl.mode")
+# Saved as soon as they change: every retained field (trips, alarms, operator settings) and the mode.
+WATCHED = tuple(retained_name(f) for f in RETAINED_FIELDS) + ("ctl.mode",)
 
 
 class RetainConfig(Strict):

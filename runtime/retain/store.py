@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Seq
 
 import numpy as np
 
-from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS
+from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS, Field, Scope, fields
 
 if TYPE_CHECKING:
     from vbatt.kernel.image import ProcessImage
@@ -69,7 +69,9 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "decide_restart",
     "apply_restart",
+    "RETAINED_FIELDS",
     "RETAINED_NODE_FIELDS",
+    "retained_name",
     "RETAINED_AGGREGATES",
     "retained_views",
     "layout_of",
@@ -314,9 +316,17 @@ class RetainStore:
 
 
 # -- warm or cold -------------------------------------------------------------------------
-# Operator settings: what a cold restart keeps. Per-node arrays are named "node.<field>"
-# and restored by node id; everything else must keep its shape.
-DEFAULT_SETTINGS: tuple[str, ...] = ("node.priority", "agg.main_limit_w", "ctl.mode")
+def retained_name(f: Field) -> str:
+    """The array name of a retained field: "node.<field>" (restored by node id on a cold restart) or
+    "agg.<field>"."""
+    return f"{f.scope.value}.{f.name}"
+
+
+# What of the field table is retentive, and which of it are operator settings: what a cold
+# restart keeps (with the RUN/STOP mode, an operator setting that is no field).
+RETAINED_FIELDS: tuple[Field, ...] = fields(retained=True)
+DEFAULT_SETTINGS: tuple[str, ...] = tuple(retained_name(f) for f in RETAINED_FIELDS if f.operator_settable) + \
+    ("ctl.mode",)
 
 _RANGES = {**{"node." + f.name: (f.lo, f.hi) for f in NODE_FIELDS if f.lo is not None},
            **{"agg." + f.name: (f.lo, f.hi) for f in AGGREGATES if f.lo is not None}}
@@ -424,8 +434,8 @@ def decide_restart(state: RetainState | Loaded | None, node_ids: Sequence[str],
 
 
 # -- what of the process image is retentive --------------------------------------------------
-RETAINED_NODE_FIELDS: tuple[str, ...] = ("trip", "alarm", "priority")  # latched trips, alarms, operator priority
-RETAINED_AGGREGATES: tuple[str, ...] = ("main_limit_w",)  # operator setting
+RETAINED_NODE_FIELDS: tuple[str, ...] = tuple(f.name for f in RETAINED_FIELDS if f.scope is Scope.NODE)
+RETAINED_AGGREGATES: tuple[str, ...] = tuple(f.name for f in RETAINED_FIELDS if f.scope is Scope.AGGREGATE)
 _NOT_RETAINED_MEMORY = ("scan.ctx", "stats.")  # per-run: cycle context and run statistics
 
 

@@ -4,7 +4,8 @@
 shared-memory segment and sends SIGHUP to the supervisor. The supervisor diffs
 the new config against the running one:
 
-* node priorities and `plant.main_limit_w` become operator commands;
+* the operator settings of the field table (node priorities, `plant.main_limit_w`)
+  become the operator commands that set them;
 * changed program parameters are handed to the scan process, which rebinds the
   programs after a cycle has been published (program memory is kept: same
   arrays, no re-initialisation);
@@ -25,7 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vbatt.config.plant import Config, Fleet
+import numpy as np
+
+from vbatt.config.plant import SETTINGS, Config, Fleet, setting_values
+from vbatt.kernel.fields import Scope
 from vbatt.kernel.image import Op
 from vbatt.kernel.shm import PREFIX, SHM_DIR
 
@@ -80,14 +84,17 @@ def diff(old: Config, old_fleet: Fleet, new: Config, new_fleet: Fleet, memory_of
         plan.refused.append("program memory layout would change: that needs a restart")
     if plan.refused:
         return plan
-    for i, (a, b) in enumerate(zip(old_fleet.values["priority"], new_fleet.values["priority"])):
-        if a != b:
-            plan.commands.append((Op.SET_PRIORITY, i, float(b)))
-    if plan.commands:
-        plan.summary.append(f"{len(plan.commands)} node priorit{'y' if len(plan.commands) == 1 else 'ies'}")
-    if old.plant.main_limit_w != new.plant.main_limit_w:
-        plan.commands.append((Op.SET_MAIN_LIMIT, -1, new.plant.main_limit_w))
-        plan.summary.append(f"main_limit_w {old.plant.main_limit_w:g} -> {new.plant.main_limit_w:g} W")
+    was, now = setting_values(old, old_fleet), setting_values(new, new_fleet)
+    for f in SETTINGS:  # every configured operator setting becomes the command an operator would send
+        op = getattr(Op, f.command)
+        changed = np.flatnonzero(was[f] != now[f])
+        if f.scope is Scope.NODE:
+            plan.commands += [(op, int(i), float(now[f][i])) for i in changed]
+            if len(changed):
+                plan.summary.append(f"{f.name} of {len(changed)} node{'s' * (len(changed) > 1)}")
+        elif len(changed):
+            plan.commands.append((op, -1, float(now[f][0])))
+            plan.summary.append(f"{f.name} {was[f][0]:g} -> {now[f][0]:g} {f.unit}".rstrip())
     plan.programs_changed = [b.id for a, b in zip(old.programs, new.programs) if a.params != b.params]
     if plan.programs_changed:
         plan.summary.append(f"parameters of {', '.join(plan.programs_changed)}")

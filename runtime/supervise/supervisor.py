@@ -16,7 +16,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from vbatt.config.plant import Config, ConfigError, Fleet
+from vbatt.config.plant import Config, ConfigError, Fleet, setting_values
+from vbatt.kernel.fields import Scope
 from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage, ScanState
 from vbatt.config.plan import build_programs, image_spec, partition
 from vbatt.supervise.processes import io_main, scan_main
@@ -89,8 +90,8 @@ class Supervisor:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> ProcessImage:
         img = self.img = ProcessImage.create(self.spec)
-        img.node["priority"][:] = self.fleet.values["priority"]
-        img.agg["main_limit_w"][0] = self.cfg.plant.main_limit_w
+        for f, v in setting_values(self.cfg, self.fleet).items():  # the configured operator settings
+            (img.node if f.scope is Scope.NODE else img.agg)[f.name][:] = v
         img.ctl[Ctl.MODE] = Mode.RUN
         if self.cfg.retain.enabled:
             self.retainer = Retainer(self.cfg.retain, img, cold=self.cold)

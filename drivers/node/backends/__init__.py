@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from vbatt.drivers.modbus.sunspec import CODEC
+
 __all__ = ["OFFER", "Backend", "BackendError"]
 
-OFFER = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "forecast_w",
-         "max_discharge_w", "max_charge_w", "link_max_w", "power_w")
+OFFER = CODEC.offer_keys
 
 
 class BackendError(RuntimeError):
