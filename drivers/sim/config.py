@@ -9,9 +9,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from vbatt.config.base import NonNeg, Strict
+from vbatt.config.base import NodeId, NonNeg, Priority, Strict
 
-__all__ = ["SineProfile", "StepProfile", "CsvProfile", "Profile", "SimPhysics", "Soc", "Temp", "ID_PATTERN"]
+__all__ = ["SimNodeConfig", "SimDriverConfig", "SineProfile", "StepProfile", "CsvProfile", "Profile", "SimPhysics", "Soc", "Temp", "ID_PATTERN"]
 
 
 Soc = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -78,3 +78,25 @@ class SimPhysics(Strict):
         if self.ocv_full_v < self.ocv_empty_v:
             raise ValueError("ocv_full_v must be >= ocv_empty_v")
         return self
+
+
+class SimNodeConfig(Strict):
+    """One simulated node: its physics and initial state."""
+
+    id: NodeId
+    driver: Literal["sim"] = "sim"
+    priority: Priority = 0
+    demand_w: NonNeg = 0.0
+    demand_profile: Profile | None = None
+    max_discharge_w: NonNeg = 0.0
+    max_charge_w: NonNeg = 0.0
+    capacity_wh: NonNeg = 0.0
+    soc: Soc = 0.5
+    temperature_c: Temp = 25.0
+    link_max_w: NonNeg = 0.0
+    physics: SimPhysics = SimPhysics()
+
+
+class SimDriverConfig(Strict):
+    period_ms: Annotated[float, Field(gt=0)] = 10.0
+    processes: Annotated[int, Field(ge=1, le=64)] = 1

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
-from vbatt.drivers.modbus.config import ModbusDriverConfig, ModbusNodeConfig, modbus_endpoints
-from vbatt.drivers.opcua.config import OpcuaClientDriverConfig, OpcuaNodeConfig
+from vbatt.drivers.registry import driver_specs
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.retain.retainer import RetainConfig
 
-from vbatt.config.base import NodeId, NonNeg, Priority, Strict
-from vbatt.drivers.sim.config import ID_PATTERN as _ID, CsvProfile, Profile, SimPhysics, Soc, Temp
+from vbatt.config.base import NonNeg, Strict
+from vbatt.drivers.sim.config import ID_PATTERN as _ID, Profile, SimNodeConfig, SimPhysics
 from vbatt.config.yamlsrc import ConfigError, Located, format_path, load_yaml, load_yaml_file
 
 __all__ = [
@@ -38,21 +37,11 @@ __all__ = [
 ]
 
 
-class NodeConfig(Strict):
-    """One node. For a simulated node the values are its physics and initial state."""
+_SPECS = driver_specs()  # the registered drivers (built-in and entry points), read once per process
+TEMPLATE_DRIVERS = tuple(name for name, spec in _SPECS.items() if spec.template)
 
-    id: NodeId
-    driver: Literal["sim"] = "sim"
-    priority: Priority = 0
-    demand_w: NonNeg = 0.0
-    demand_profile: Profile | None = None
-    max_discharge_w: NonNeg = 0.0
-    max_charge_w: NonNeg = 0.0
-    capacity_wh: NonNeg = 0.0
-    soc: Soc = 0.5
-    temperature_c: Temp = 25.0
-    link_max_w: NonNeg = 0.0
-    physics: SimPhysics = SimPhysics()
+# A node without `driver:` is a simulated one; its model also bounds the values of templates.
+NodeConfig = SimNodeConfig
 
 
 RANGED = ("priority", "demand_w", "max_discharge_w", "max_charge_w", "capacity_wh", "soc",
@@ -70,7 +59,7 @@ class TemplateBody(Strict):
     id: Annotated[str, Field(min_length=1)]
     start: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
-    driver: Literal["sim", "modbus"] = "sim"  # modbus: served by the embedded fleet, polled over Modbus
+    driver: Literal[TEMPLATE_DRIVERS] = "sim"  # modbus: served by the embedded fleet, polled over Modbus
     priority: _range(int) = 0
     demand_w: _range(float) = 0.0
     demand_profile: Profile | None = None
@@ -135,15 +124,15 @@ class PlantConfig(Strict):
     stale_ms: Annotated[float, Field(gt=0)] = 1000.0
 
 
-class SimDriverConfig(Strict):
-    period_ms: Annotated[float, Field(gt=0)] = 10.0
-    processes: Annotated[int, Field(ge=1, le=64)] = 1
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-class DriversConfig(Strict):
-    sim: SimDriverConfig = SimDriverConfig()
-    modbus: ModbusDriverConfig = ModbusDriverConfig()
-    opcua: OpcuaClientDriverConfig = OpcuaClientDriverConfig()
+# Built from the driver registry (vbatt.drivers.registry, extended by entry points): each driver's
+# `drivers.<name>` section and its node entry, tagged by `driver:`.
+DriversConfig = create_model("DriversConfig", __base__=Strict,
+                             **{name: (spec.config, spec.config()) for name, spec in _SPECS.items()})
+_NODE_TAGS = (*(name for name, spec in _SPECS.items() if spec.node is not None), "template")
 
 
 def _node_kind(v: Any) -> str:
@@ -153,14 +142,11 @@ def _node_kind(v: Any) -> str:
 
 
 NodeEntry = Annotated[
-    Union[
-        Annotated[NodeConfig, Tag("sim")],
-        Annotated[TemplateConfig, Tag("template")],
-        Annotated[ModbusNodeConfig, Tag("modbus")],
-        Annotated[OpcuaNodeConfig, Tag("opcua")],
-    ],
+    Union[tuple(Annotated[spec.node, Tag(name)] for name, spec in _SPECS.items() if spec.node is not None)
+          + (Annotated[TemplateConfig, Tag("template")],)],
     Discriminator(_node_kind, custom_error_type="invalid_driver",
-                  custom_error_message="unknown driver (expected sim, modbus or opcua, or a 'template')"),
+                  custom_error_message=f"unknown driver (expected {_names(list(_NODE_TAGS[:-1]))}, "
+                                       f"or a 'template')"),
 ]
 
 
@@ -264,9 +250,6 @@ def _errors(exc: ValidationError, located: Located, prefix: tuple = ()) -> list[
     return out
 
 
-_NODE_TAGS = ("sim", "template", "modbus", "opcua")
-
-
 def _is_union_tag(p) -> bool:
     return isinstance(p, str) and (p.startswith("function-") or p.startswith("tuple[")
                                    or p in ("int", "float", "sine", "step", "csv"))
@@ -334,10 +317,15 @@ def validate(located: Located) -> tuple[Config, Fleet]:
         raise ConfigError(problems)
     cfg = cfg.model_copy(update={"programs": programs, "source": located.source})
     fleet = build_fleet(cfg, located)
-    try:
-        modbus_endpoints(cfg, fleet)  # port clashes and overflows, here rather than at driver start
-    except ValueError as exc:
-        raise ConfigError([f"{located.where(('drivers', 'modbus'))}: drivers.modbus: {exc}"]) from None
+    for name, spec in _SPECS.items():  # e.g. port clashes, here rather than at driver start
+        if spec.check is None:
+            continue
+        try:
+            spec.check(cfg, fleet)
+        except ValueError as exc:
+            problems.append(f"{located.where(('drivers', name))}: drivers.{name}: {exc}")
+    if problems:
+        raise ConfigError(problems)
     return cfg, fleet
 
 
