@@ -129,7 +129,9 @@ def _model_keys() -> set[str]:
         for a in typing.get_args(t):
             walk(a)
 
-    for m in (c.Config, c.NodeConfig, c.TemplateConfig, c.ModbusNodeConfig, c.OpcuaNodeConfig):
+    from vbatt.drivers.registry import driver_specs
+
+    for m in (c.Config, c.NodeConfig, c.TemplateConfig, *(s.node for s in driver_specs().values() if s.node)):
         walk(m)
     return keys
 

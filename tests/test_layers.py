@@ -33,8 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "vbatt.config.yamlsrc": {"vbatt.config.textfile"},
     "vbatt.config.textfile": {"vbatt.config.yamlsrc"},
     "vbatt.config": {"vbatt.kernel", "vbatt.plugins", "vbatt.retain", "vbatt.programs.registry",
-                     "vbatt.drivers.registry", "vbatt.drivers.sim.config", "vbatt.opcua_models.config",
-                     "vbatt.drivers.modbus.config", "vbatt.drivers.opcua.config"},
+                     "vbatt.drivers.registry", "vbatt.drivers.sim.config", "vbatt.opcua_models.config"},
     "vbatt.supervise": {"vbatt.kernel", "vbatt.plugins", "vbatt.config", "vbatt.retain",
                         "vbatt.programs.registry", "vbatt.drivers.registry", "vbatt.drivers.base"},
     # the node side is an application of its own (`vbatt node`, `vbatt fleet`): it may read plant configs

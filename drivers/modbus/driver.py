@@ -36,7 +36,8 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from vbatt.kernel.fields import node_field
 
 from vbatt.drivers.modbus import sunspec as ss
-from vbatt.drivers.base import Driver, IoContext
+from vbatt.drivers.aio import AsyncDriver, LinkError, Links
+from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus.config import MAP_INPUTS, MAP_OUTPUTS, Endpoint, modbus_endpoints, rendezvous_path
 
@@ -55,13 +56,8 @@ W_FIRST, W_END = CODEC.instr_first, CODEC.instr_end  # the instruction block, wr
 FIELDS = CODEC.fields  # the values published per node: the device measurements of the field table
 
 
-class DeviceError(Exception):
+class DeviceError(LinkError):
     """A request or the discovery failed; `fault` says how (drivers.faults.Fault)."""
-
-    def __init__(self, fault: Fault, reason: str):
-        super().__init__(reason)
-        self.fault = fault
-        self.reason = reason
 
 
 _GATEWAY = (0x0A, 0x0B)  # gateway path unavailable / target failed to respond: nobody at that unit id
@@ -282,23 +278,23 @@ def _pack(reg, value: float) -> list[int]:
     return [int.from_bytes(raw[k:k + 2], "big") for k in range(0, len(raw), 2)]
 
 
-class Poller:
+class Poller(Links):
     """The driver's work for a set of endpoints, independent of the process image (tests use it directly)."""
+
+    log = log
 
     def __init__(self, endpoints: list[Endpoint], *, poll_ms: float, timeout_ms: float, lease_ms: float,
                  reconnect_min_ms: float, reconnect_max_ms: float, contexts: list[ssl.SSLContext | None],
                  clock_ns=time.monotonic_ns):
-        n = self.n = len(endpoints)
+        n = len(endpoints)
+        super().__init__(n, interval_s=poll_ms / 1e3, backoff_s=(reconnect_min_ms / 1e3, reconnect_max_ms / 1e3))
         self.eps = endpoints
         self.poll_s, self.lease_ms = poll_ms / 1e3, int(lease_ms)
-        self.backoff = (reconnect_min_ms / 1e3, reconnect_max_ms / 1e3)
         self.clock_ns = clock_ns
         self.links = [DeviceLink(ep, timeout_ms / 1e3, ctx) for ep, ctx in zip(endpoints, contexts)]
         self.rows = np.zeros((n, M.size), np.uint16)  # each node's newest block, at our map's offsets
         self.vendor = np.zeros(n, bool)
         self.got_ns = np.zeros(n, np.int64)  # arrival of the newest good reply
-        self.comm_fault = np.full(n, int(Fault.NO_DATA), np.uint32)
-        self.reason = ["never heard from"] * n
         self.requests = np.zeros(n, np.uint64)
         self.errors = np.zeros(n, np.uint64)
         self.latency_ms = np.zeros(n)
@@ -311,8 +307,6 @@ class Poller:
         self.mapped = np.array([ep.registers is not None for ep in endpoints], bool)
         self.mapped_vals = {k: np.full(n, np.nan) for k in FIELDS}
         self._outputs: dict[str, np.ndarray] = {}
-        self._logged = [int(Fault.NO_DATA)] * n
-        self.t0 = time.monotonic()
 
     # -- the instruction ------------------------------------------------------------------------------
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
@@ -322,25 +316,33 @@ class Poller:
         self._seq = seq
         self._outputs = {k: np.nan_to_num(v).copy() for k, v in outputs.items()}
 
-    # -- per device ---------------------------------------------------------------------------------------
+    # -- per device (the hooks of Links) -------------------------------------------------------------------
+    def describe(self, i: int) -> str:
+        ep = self.eps[i]
+        return f"node {ep.id} ({ep.host}:{ep.port} unit {ep.unit_id})"
+
+    def connected(self, i: int) -> bool:
+        return self.links[i].connected
+
+    async def connect(self, i: int) -> None:
+        link = self.links[i]
+        if not link.keep_layout:
+            link.layout = None
+        link.keep_layout = False
+        await link.connect()
+
+    async def disconnect(self, i: int) -> None:
+        self.links[i].close()
+
+    def counted(self, i: int, fault: Fault) -> None:
+        if fault != Fault.NO_DATA:  # waiting for the embedded fleet's ports is no request failing
+            self.errors[i] += 1
+
     def _fail(self, i: int, exc: DeviceError) -> None:
-        self.comm_fault[i] = int(exc.fault)
-        self.reason[i] = exc.reason
-        if self._logged[i] != int(exc.fault):
-            # a device that never answered yet during start-up (its agent may still be starting): quietly
-            quiet = self._logged[i] == Fault.NO_DATA and time.monotonic() - self.t0 < 5.0 \
-                and exc.fault in (Fault.CONNECTION, Fault.NO_DATA)
-            self._logged[i] = int(exc.fault)
-            (log.info if quiet else log.warning)("node %s (%s:%d unit %d): %s: %s", self.eps[i].id, self.eps[i].host, self.eps[i].port,
-                        self.eps[i].unit_id, exc.fault.name, exc.reason)
+        self.mark(i, exc.fault, exc.reason)
 
     def _ok(self, i: int) -> None:
-        if self._logged[i] not in (0, Fault.BAD_VALUE):  # bad values are judged (and logged) by decode
-            (log.info if self._logged[i] == Fault.NO_DATA else log.warning)(
-                "node %s: data again (was %s)", self.eps[i].id, Fault(self._logged[i]).name)
-            self._logged[i] = 0
-        self.comm_fault[i] = 0
-        self.reason[i] = ""
+        self.clear(i)
 
     async def _poll_mapped(self, i: int, link: DeviceLink) -> None:
         regs = link.ep.registers
@@ -369,12 +371,11 @@ class Poller:
         self._ok(i)
 
     async def poll_once(self, i: int) -> None:
+        await self.round(i)
+
+    async def exchange(self, i: int) -> None:
+        """One request (after discovery): FC23 with the instruction to a vendor-model device, FC3 otherwise."""
         link = self.links[i]
-        if not link.connected:
-            if not link.keep_layout:
-                link.layout = None
-            link.keep_layout = False
-            await link.connect()
         if link.ep.registers is not None:
             await self._poll_mapped(i, link)
             return
@@ -404,33 +405,7 @@ class Poller:
         self._ok(i)
 
     async def device_task(self, i: int, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        # spread the devices over the poll interval: no thundering herd
-        due = loop.time() + self.poll_s * (i / max(1, self.n))
-        delay = self.backoff[0]
-        while not stop.is_set():
-            now = loop.time()
-            if due > now:
-                try:
-                    await asyncio.wait_for(stop.wait(), due - now)
-                    return
-                except asyncio.TimeoutError:
-                    pass
-            try:
-                await self.poll_once(i)
-                delay = self.backoff[0]
-                due += self.poll_s
-            except DeviceError as exc:
-                if exc.fault != Fault.NO_DATA:  # waiting for the embedded fleet's ports is no request failing
-                    self.errors[i] += 1
-                self._fail(i, exc)
-                if not self.links[i].connected:  # reconnect with backoff
-                    due = loop.time() + delay
-                    delay = min(delay * 2, self.backoff[1])
-                else:
-                    due += self.poll_s
-            if due < loop.time() - self.poll_s:
-                due = loop.time()  # fell behind: no burst
+        await self.link_task(i, stop)
 
     # -- decode every node at once ------------------------------------------------------------------------
     def decode(self) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
@@ -487,8 +462,7 @@ class Poller:
             await asyncio.wait([asyncio.create_task(one(i)) for i in live], timeout=timeout_s)
 
     async def close(self) -> None:
-        for link in self.links:
-            link.close()
+        await self.aclose()
 
 
 def contexts_for(endpoints: list[Endpoint]) -> tuple[list[ssl.SSLContext | None], dict[int, DeviceError]]:
@@ -547,14 +521,14 @@ def _quiet_decode_errors(loop, ctx: dict) -> None:
     loop.default_exception_handler(ctx)
 
 
-class ModbusDriver(Driver):
+class ModbusDriver(AsyncDriver):
     kind = "modbus"
 
     def run(self, io: IoContext) -> None:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log every fault once, with its reason
-        asyncio.run(self._main(io))
+        super().run(io)
 
-    async def _main(self, io: IoContext) -> None:
+    async def open_links(self, io: IoContext) -> Poller:
         d = self.cfg.drivers.modbus
         # pymodbus raises out of data_received on a garbled frame; asyncio then logs a traceback and
         # closes the transport. The request fails and is reported as GARBLED: no traceback in the log.
@@ -572,41 +546,31 @@ class ModbusDriver(Driver):
         if d.poll_ms >= self.cfg.plant.stale_ms:
             log.warning("drivers.modbus.poll_ms (%g) >= plant.stale_ms (%g): nodes will flap offline between polls",
                         d.poll_ms, self.cfg.plant.stale_ms)
-        ctxs, bad = contexts_for(eps)
+        ctxs, self._bad = contexts_for(eps)
         p = Poller(eps, poll_ms=d.poll_ms, timeout_ms=d.timeout_ms, lease_ms=d.lease,
                    reconnect_min_ms=d.reconnect_min_ms, reconnect_max_ms=d.reconnect_max_ms, contexts=ctxs)
-        for i, exc in bad.items():
-            p._fail(i, exc)
-        p.fill(io.staging)  # first publish at once: every node faulted NO_DATA until it answers
-        io.publish()
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(p.device_task(i, stop)) for i in range(p.n) if i not in bad]
-        last_cycle = -1
-        period = d.publish_ms / 1e3
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        rendezvous = rendezvous_path(io.img.name) if any(e.embedded >= 0 and e.port == 0 for e in eps) else None
-        seen_mtime = 0
-        try:
-            while not io.stopping():
-                due += period
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                if rendezvous is not None:
-                    seen_mtime = _embedded_ports(p, rendezvous, seen_mtime)
-                cycle = io.read_outputs()
-                if cycle and cycle != last_cycle:
-                    p.set_instruction(cycle, io.outputs)
-                    last_cycle = cycle
-                p.fill(io.staging)
-                io.publish()
-                if loop.time() > due + period:
-                    due = loop.time()
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # the scan's last outputs are the safe state: hand them to every reachable node, briefly
-            cycle = io.read_outputs()
-            if cycle and cycle != last_cycle:
-                p.set_instruction(cycle, io.outputs)
-                await p.flush(timeout_s=min(1.0, 2 * d.timeout_ms / 1e3))
-            await p.close()
+        for i, exc in self._bad.items():
+            p.mark(i, exc.fault, exc.reason)
+        self.period_s = d.publish_ms / 1e3
+        self._rendezvous = rendezvous_path(io.img.name) if any(e.embedded >= 0 and e.port == 0 for e in eps) else None
+        self._seen_mtime = 0
+        return p
+
+    def active(self) -> list[int]:
+        return [i for i in range(self.links.n) if i not in self._bad]
+
+    def tick(self, io: IoContext) -> None:
+        if self._rendezvous is not None:
+            self._seen_mtime = _embedded_ports(self.links, self._rendezvous, self._seen_mtime)
+
+    def instruct(self, cycle: int, outputs: dict[str, np.ndarray]) -> None:
+        self.links.set_instruction(cycle, outputs)
+
+    def stage(self, io: IoContext) -> bool:
+        self.links.fill(io.staging)
+        return True
+
+    async def flush(self, new: bool) -> None:
+        # the scan's last outputs are the safe state: hand them to every reachable node, briefly
+        if new:
+            await self.links.flush(timeout_s=min(1.0, 2 * self.cfg.drivers.modbus.timeout_ms / 1e3))

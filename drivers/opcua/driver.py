@@ -28,7 +28,8 @@ from asyncua.crypto import security_policies
 from vbatt.kernel.fields import node_field
 from vbatt.kernel.seqblock import TornRead
 
-from vbatt.drivers.base import Driver, IoContext
+from vbatt.drivers.aio import AsyncDriver, Links
+from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.opcua.config import OpcuaNodeConfig, parse_node_id
 
@@ -118,11 +119,10 @@ class _Server:
 
     endpoint: str
     cfg: OpcuaNodeConfig  # the first node's config (all share endpoint, security and user)
+    index: int  # its link number (its fault and reason are the links' comm_fault, reason)
     nodes: list[int] = field(default_factory=list)
     inputs: list[_Item] = field(default_factory=list)
     outputs: list[_Item] = field(default_factory=list)
-    fault: int = Fault.NO_DATA
-    message: str = "not connected yet"
     client: Client | None = None
     lost: str = ""  # set by the subscription when the server reports it gone
     last_publish_ns: int = 0
@@ -154,11 +154,52 @@ class _Feed(Subscription):
         self._on_publish(msg.NotificationData or ())
 
 
-class OpcuaClientDriver(Driver):
-    kind = "opcua"
+class _Sessions(Links):
+    """The driver's server connections as links: connect = session + subscription, a round = one tick."""
 
-    def run(self, io: IoContext) -> None:
-        asyncio.run(self._main(io))
+    log = log
+    spread = False
+    drop_on_error = True  # a failed session is closed and made anew after the backoff
+
+    def __init__(self, drv: "OpcuaClientDriver"):
+        d = drv.dcfg
+        super().__init__(len(drv.servers), interval_s=TICK_S,
+                         backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3))
+        self.connect_timeout_s = d.connect_timeout_ms / 1e3
+        self.drv, self.servers = drv, drv.servers
+
+    def describe(self, k: int) -> str:
+        return self.servers[k].name
+
+    def connected(self, k: int) -> bool:
+        return self.servers[k].client is not None
+
+    async def connect(self, k: int) -> None:
+        srv = self.servers[k]
+        t0 = time.monotonic_ns()
+        await self.drv._connect(srv)
+        self.drv._count(srv, requests=1, latency_ns=time.monotonic_ns() - t0)
+        log.info("%s: connected (%d nodes)", srv.name, len(srv.nodes))
+
+    async def exchange(self, k: int) -> None:
+        await self.drv._exchange(self.servers[k])
+
+    async def disconnect(self, k: int) -> None:
+        await self.drv._close(self.servers[k])
+
+    def fault_of(self, exc: Exception) -> tuple[Fault, str]:
+        return fault_of(exc), f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+    def counted(self, k: int, fault: Fault) -> None:
+        self.drv._count(self.servers[k], requests=1, errors=1)
+
+    def changed(self, k: int) -> None:
+        self.drv._refresh(self.servers[k], stamp=False)
+
+
+class OpcuaClientDriver(AsyncDriver):
+    kind = "opcua"
+    period_s = TICK_S  # the main loop only takes the instruction; data is published as it arrives
 
     # -- setup -------------------------------------------------------------------
     def _plan(self, io: IoContext) -> list[_Server]:
@@ -168,7 +209,7 @@ class OpcuaClientDriver(Driver):
         by_id = {e.id: e for e in entries}
         for i, nid in enumerate(self.fleet.ids[self.start:self.stop]):
             ncfg = by_id[nid]
-            srv = servers.setdefault(ncfg.connection_key(), _Server(ncfg.endpoint, ncfg))
+            srv = servers.setdefault(ncfg.connection_key(), _Server(ncfg.endpoint, ncfg, len(servers)))
             srv.nodes.append(i)
             for name, item in ncfg.inputs:
                 if item is not None:
@@ -182,63 +223,32 @@ class OpcuaClientDriver(Driver):
                     io.staging[name][i] = value
         return list(servers.values())
 
-    async def _main(self, io: IoContext) -> None:
+    async def open_links(self, io: IoContext) -> Links:
         dcfg = self.cfg.drivers.opcua
         self.io = io
         self.dcfg = dcfg
         self.servers = self._plan(io)
-        self.stopping = asyncio.Event()
         quiet_ms = dcfg.publishing_interval_ms * (dcfg.keepalive_count or 1)
         if quiet_ms >= self.cfg.plant.stale_ms:
             log.error("drivers.opcua: a keep-alive only every %g ms but plant.stale_ms is %g: unchanged nodes "
                       "will flap offline (lower publishing_interval_ms or keepalive_count)",
                       quiet_ms, self.cfg.plant.stale_ms)
+        # a session being made may take its connect timeout; then it is cancelled and closed
+        self.stop_timeout_s = dcfg.request_timeout_ms / 1e3 + CLOSE_TIMEOUT_S
         io.staging["fault"][:] = Fault.NO_DATA
-        io.publish()  # the scan waits for every driver's first publish: no network before it
-        tasks = [asyncio.create_task(self._serve(s), name=f"opcua {s.name}") for s in self.servers]
-        try:
-            while not io.stopping():
-                try:
-                    io.read_outputs()
-                except TornRead:  # the scan overtook us many times: the next tick reads again
-                    pass
-                await asyncio.sleep(TICK_S)
-            self.stopping.set()
-            # each connection sends the last instruction (the safe state) and says goodbye
-            done, pending = await asyncio.wait(tasks, timeout=dcfg.request_timeout_ms / 1e3 + 2 * CLOSE_TIMEOUT_S)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            for t in tasks:
-                t.cancel()
+        self.links = _Sessions(self)
+        return self.links
 
-    # -- one connection ------------------------------------------------------------
-    async def _serve(self, srv: _Server) -> None:
-        dcfg = self.dcfg
-        delay = dcfg.reconnect_min_ms / 1e3
-        while not self.stopping.is_set():
-            t0 = time.monotonic_ns()
+    async def flush(self, new: bool) -> None:
+        """Each live session sends the last instruction (the safe state) before the goodbye."""
+        async def last(srv: _Server) -> None:
             try:
-                await asyncio.wait_for(self._connect(srv), dcfg.connect_timeout_ms / 1e3)
-                self._count(srv, requests=1, latency_ns=time.monotonic_ns() - t0)
-                log.info("%s: connected (%d nodes)", srv.name, len(srv.nodes))
-                delay = dcfg.reconnect_min_ms / 1e3
-                await self._exchange(srv)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # every failure is a fault code on the nodes, never a crash
-                self._count(srv, requests=1, errors=1)
-                self._set_fault(srv, fault_of(exc), f"{type(exc).__name__}: {exc}".rstrip(": "))
-            finally:
-                await self._close(srv)
-            if self.stopping.is_set():
-                break
-            try:
-                await asyncio.wait_for(self.stopping.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-            delay = min(delay * 2, dcfg.reconnect_max_ms / 1e3)
+                await self._write(srv, final=True)
+            except Exception as exc:  # a server that cannot take it any more: its fault, never a crash
+                self.links.counted(srv.index, fault_of(exc))
+
+        live = [srv for srv in self.servers if srv.client is not None]
+        await asyncio.gather(*(last(srv) for srv in live))
 
     async def _connect(self, srv: _Server) -> None:
         dcfg, ncfg = self.dcfg, srv.cfg
@@ -320,7 +330,7 @@ class OpcuaClientDriver(Driver):
         params.MaxNotificationsPerPublish = 0  # no limit
         params.PublishingEnabled = True
         params.Priority = 0
-        srv.fault, srv.message = Fault.NONE, "connected"  # the first values may arrive before create returns
+        self.links.clear(srv.index)  # the first values may arrive before create returns
         sub = _Feed(client.uaclient.session, params, lambda data: self._on_publish(srv, data))
         result = await sub.init()
         # the server may revise the rate: judge liveness by what it promised
@@ -352,24 +362,19 @@ class OpcuaClientDriver(Driver):
         self._refresh(srv, stamp=False)
 
     async def _exchange(self, srv: _Server) -> None:
-        """Watch liveness and send outputs until stopped; raise when the connection is gone."""
+        """One tick: raise when the connection is gone or silent; send outputs when due."""
         client = srv.client
         assert client is not None
-        while True:
-            if self.stopping.is_set():
-                await self._write(srv, final=True)
-                return
-            if client.uaclient.state is not UaClientState.CONNECTED:
-                raise ConnectionError(f"connection lost ({client.uaclient.state.value})")
-            if srv.lost:
-                raise ConnectionError(srv.lost)
-            now = time.monotonic_ns()
-            if now - srv.last_publish_ns > srv.liveness_ns:
-                raise TimeoutError(f"no publish response for {(now - srv.last_publish_ns) / 1e6:.0f} ms")
-            if srv.outputs and now >= srv.next_write_ns and self.io.output_cycle != srv.written_cycle:
-                await self._write(srv)
-                srv.next_write_ns = now + int(self.dcfg.write_interval_ms * 1e6)
-            await asyncio.sleep(TICK_S)
+        if client.uaclient.state is not UaClientState.CONNECTED:
+            raise ConnectionError(f"connection lost ({client.uaclient.state.value})")
+        if srv.lost:
+            raise ConnectionError(srv.lost)
+        now = time.monotonic_ns()
+        if now - srv.last_publish_ns > srv.liveness_ns:
+            raise TimeoutError(f"no publish response for {(now - srv.last_publish_ns) / 1e6:.0f} ms")
+        if srv.outputs and now >= srv.next_write_ns and self.io.output_cycle != srv.written_cycle:
+            await self._write(srv)
+            srv.next_write_ns = now + int(self.dcfg.write_interval_ms * 1e6)
 
     async def _write(self, srv: _Server, final: bool = False) -> None:
         io = self.io
@@ -486,8 +491,9 @@ class OpcuaClientDriver(Driver):
         """Each node's fault from its connection and items; stamp fresh ones; publish."""
         st = self.io.staging
         now = self.io.clock.now_ns()  # the scan judges freshness on this clock
-        worst: dict[int, int] = {i: int(srv.fault) for i in srv.nodes}
-        if srv.fault == Fault.NONE:
+        fault = int(self.links.comm_fault[srv.index])
+        worst: dict[int, int] = {i: fault for i in srv.nodes}
+        if fault == Fault.NONE:
             for it in srv.inputs:
                 if it.bad:
                     worst[it.node] = Fault.BAD_VALUE
@@ -501,12 +507,6 @@ class OpcuaClientDriver(Driver):
             if stamp and f == Fault.NONE:
                 st["updated_ns"][i] = now
         self.io.publish()
-
-    def _set_fault(self, srv: _Server, fault: int, message: str) -> None:
-        if (fault, message) != (srv.fault, srv.message):  # once per change, not once per retry
-            log.warning("%s: %s (fault %s); retrying with backoff", srv.name, message, Fault(fault).name)
-        srv.fault, srv.message = fault, message
-        self._refresh(srv, stamp=False)
 
     def _count(self, srv: _Server, requests: int = 0, errors: int = 0, latency_ns: int | None = None) -> None:
         st = self.io.staging

@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from vbatt.config.base import NonNeg, Strict
+from vbatt.config.base import NodeId, NonNeg, Strict, field_keys
+from vbatt.kernel.fields import Scope, fields
 
-__all__ = ["SineProfile", "StepProfile", "CsvProfile", "Profile", "SimPhysics", "Soc", "Temp", "ID_PATTERN"]
+__all__ = ["SimNodeConfig", "SimDriverConfig", "SineProfile", "StepProfile", "CsvProfile", "Profile", "SimPhysics", "Soc", "Temp", "ID_PATTERN"]
 
 
 Soc = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -85,3 +86,21 @@ class SimPhysics(Strict):
         if self.ocv_full_v < self.ocv_empty_v:
             raise ValueError("ocv_full_v must be >= ocv_empty_v")
         return self
+
+
+_SimValues = create_model("_SimValues", __base__=Strict, **field_keys(fields(Scope.NODE, configured=True)))
+
+
+class SimNodeConfig(_SimValues):
+    """One simulated node: its physics and initial state. The values (YAML keys, ranges, defaults)
+    come from the field table."""
+
+    id: NodeId
+    driver: Literal["sim"] = "sim"
+    demand_profile: Profile | None = None
+    physics: SimPhysics = SimPhysics()
+
+
+class SimDriverConfig(Strict):
+    period_ms: Annotated[float, Field(gt=0)] = 10.0
+    processes: Annotated[int, Field(ge=1, le=64)] = 1

@@ -14,14 +14,13 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
-from vbatt.drivers.modbus.config import ModbusDriverConfig, ModbusNodeConfig, modbus_endpoints
-from vbatt.drivers.opcua.config import OpcuaClientDriverConfig, OpcuaNodeConfig
+from vbatt.drivers.registry import driver_specs
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.retain.retainer import RetainConfig
 
-from vbatt.config.base import NodeId, Strict, field_default, field_keys
+from vbatt.config.base import NodeId, NonNeg, Strict, field_default, field_keys
 from vbatt.kernel.fields import Field as TableField, Role, Scope, fields
-from vbatt.drivers.sim.config import ID_PATTERN as _ID, CsvProfile, Profile, SimPhysics
+from vbatt.drivers.sim.config import ID_PATTERN as _ID, Profile, SimNodeConfig, SimPhysics
 from vbatt.config.yamlsrc import ConfigError, Located, format_path, load_yaml, load_yaml_file
 
 __all__ = [
@@ -41,20 +40,15 @@ __all__ = [
 ]
 
 
+_SPECS = driver_specs()  # the registered drivers (built-in and entry points), read once per process
+TEMPLATE_DRIVERS = tuple(name for name, spec in _SPECS.items() if spec.template)
+
 # The node values a config gives (YAML key, range, default), all from the field table.
 _CONFIGURED = fields(Scope.NODE, configured=True)
 RANGED = tuple(f.yaml for f in _CONFIGURED)
 
-_NodeValues = create_model("_NodeValues", __base__=Strict, **field_keys(_CONFIGURED))
-
-
-class NodeConfig(_NodeValues):
-    """One node. For a simulated node the values are its physics and initial state."""
-
-    id: NodeId
-    driver: Literal["sim"] = "sim"
-    demand_profile: Profile | None = None
-    physics: SimPhysics = SimPhysics()
+# A node without `driver:` is a simulated one; its model also bounds the values of templates.
+NodeConfig = SimNodeConfig
 
 
 def _range(t):
@@ -73,7 +67,7 @@ class TemplateBody(_TemplateValues):
     id: Annotated[str, Field(min_length=1)]
     start: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
-    driver: Literal["sim", "modbus"] = "sim"  # modbus: served by the embedded fleet, polled over Modbus
+    driver: Literal[TEMPLATE_DRIVERS] = "sim"  # modbus: served by the embedded fleet, polled over Modbus
     demand_profile: Profile | None = None
     physics: SimPhysics = SimPhysics()
 
@@ -133,15 +127,15 @@ class PlantConfig(_PlantValues):
     stale_ms: Annotated[float, Field(gt=0)] = 1000.0
 
 
-class SimDriverConfig(Strict):
-    period_ms: Annotated[float, Field(gt=0)] = 10.0
-    processes: Annotated[int, Field(ge=1, le=64)] = 1
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-class DriversConfig(Strict):
-    sim: SimDriverConfig = SimDriverConfig()
-    modbus: ModbusDriverConfig = ModbusDriverConfig()
-    opcua: OpcuaClientDriverConfig = OpcuaClientDriverConfig()
+# Built from the driver registry (vbatt.drivers.registry, extended by entry points): each driver's
+# `drivers.<name>` section and its node entry, tagged by `driver:`.
+DriversConfig = create_model("DriversConfig", __base__=Strict,
+                             **{name: (spec.config, spec.config()) for name, spec in _SPECS.items()})
+_NODE_TAGS = (*(name for name, spec in _SPECS.items() if spec.node is not None), "template")
 
 
 def _node_kind(v: Any) -> str:
@@ -151,14 +145,11 @@ def _node_kind(v: Any) -> str:
 
 
 NodeEntry = Annotated[
-    Union[
-        Annotated[NodeConfig, Tag("sim")],
-        Annotated[TemplateConfig, Tag("template")],
-        Annotated[ModbusNodeConfig, Tag("modbus")],
-        Annotated[OpcuaNodeConfig, Tag("opcua")],
-    ],
+    Union[tuple(Annotated[spec.node, Tag(name)] for name, spec in _SPECS.items() if spec.node is not None)
+          + (Annotated[TemplateConfig, Tag("template")],)],
     Discriminator(_node_kind, custom_error_type="invalid_driver",
-                  custom_error_message="unknown driver (expected sim, modbus or opcua, or a 'template')"),
+                  custom_error_message=f"unknown driver (expected {_names(list(_NODE_TAGS[:-1]))}, "
+                                       f"or a 'template')"),
 ]
 
 
@@ -289,9 +280,6 @@ def _range_of(loc: tuple, kind: str) -> str:
     return f"; the field's range is [{f.lo:g}, {f.hi:g}]{unit}"
 
 
-_NODE_TAGS = ("sim", "template", "modbus", "opcua")
-
-
 def _is_union_tag(p) -> bool:
     return isinstance(p, str) and (p.startswith("function-") or p.startswith("tuple[")
                                    or p in ("int", "float", "sine", "step", "csv"))
@@ -370,10 +358,15 @@ def validate(located: Located) -> tuple[Config, Fleet]:
         raise ConfigError(problems)
     cfg = cfg.model_copy(update={"programs": programs, "source": located.source})
     fleet = build_fleet(cfg, located)
-    try:
-        modbus_endpoints(cfg, fleet)  # port clashes and overflows, here rather than at driver start
-    except ValueError as exc:
-        raise ConfigError([f"{located.where(('drivers', 'modbus'))}: drivers.modbus: {exc}"]) from None
+    for name, spec in _SPECS.items():  # e.g. port clashes, here rather than at driver start
+        if spec.check is None:
+            continue
+        try:
+            spec.check(cfg, fleet)
+        except ValueError as exc:
+            problems.append(f"{located.where(('drivers', name))}: drivers.{name}: {exc}")
+    if problems:
+        raise ConfigError(problems)
     return cfg, fleet
 
 

@@ -1,0 +1,265 @@
+"""The skeleton every asyncio I/O driver shares: links retried with backoff, faults, publishing.
+
+Two layers, as python-can's BusABC.recv() wraps a bus's _recv_internal(): the base
+does the timing and the bookkeeping, a driver fills small hooks.
+
+`Links` runs one task per link (a device or a server connection), so a dead or
+slow one only ever delays itself:
+
+  wait until due -> connect() when not connected -> exchange() (one round)
+  success: backoff back to its minimum, next round after `interval_s`
+  failure: the fault code and reason are marked on the link (logged once per change);
+           a link left unconnected is retried after the backoff delay, doubling
+           from `backoff_s[0]` up to `backoff_s[1]`; a connected one at the next round
+
+`AsyncDriver` is the I/O process around it: one asyncio loop, the first publish at
+once (every node NO_DATA until it answers), then every `period_s` the newest
+instruction is taken from the image and the staged inputs handed to the scan; on
+stop the link tasks end, the last instruction (the scan's safe state) is flushed
+to every reachable device and every link is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from vbatt.kernel.seqblock import TornRead
+
+from vbatt.drivers.base import Driver, IoContext
+from vbatt.drivers.faults import Fault
+
+__all__ = ["LinkError", "Backoff", "Links", "AsyncDriver"]
+
+QUIET_START_S = 5.0  # a device that does not answer yet during start-up (its agent may be starting) is logged quietly
+
+
+class LinkError(Exception):
+    """A request, a connection or a discovery failed; `fault` says how (drivers.faults.Fault)."""
+
+    def __init__(self, fault: Fault, reason: str):
+        super().__init__(reason)
+        self.fault = fault
+        self.reason = reason
+
+
+class Backoff:
+    """The wait before the next connection attempt: `min_s`, doubling up to `max_s`, back to `min_s` on success."""
+
+    def __init__(self, min_s: float, max_s: float):
+        self.min_s, self.max_s = min_s, max_s
+        self.delay_s = min_s
+
+    def reset(self) -> None:
+        self.delay_s = self.min_s
+
+    def next(self) -> float:
+        d = self.delay_s
+        self.delay_s = min(d * 2, self.max_s)
+        return d
+
+
+class Links:
+    """Links retried with backoff, their fault codes and reasons. A transport fills the hooks below."""
+
+    log: logging.Logger = logging.getLogger("vbatt.drivers")
+    connect_timeout_s: float | None = None  # None: the transport's connect() bounds itself
+    spread = True  # first rounds spread over the interval: no thundering herd
+
+    def __init__(self, n: int, *, interval_s: float, backoff_s: tuple[float, float]):
+        self.n = n
+        self.interval_s = interval_s
+        self.backoff = backoff_s
+        self.comm_fault = np.full(n, int(Fault.NO_DATA), np.uint32)
+        self.reason = ["never heard from"] * n
+        self._logged = [int(Fault.NO_DATA)] * n
+        self.t0 = time.monotonic()
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def connected(self, k: int) -> bool:
+        raise NotImplementedError
+
+    async def connect(self, k: int) -> None:
+        """Open link k (and learn what is needed to talk to it); raise on failure."""
+        raise NotImplementedError
+
+    async def exchange(self, k: int) -> None:
+        """One round on the connected link k: read, send the instruction; raise on failure."""
+        raise NotImplementedError
+
+    async def disconnect(self, k: int) -> None:
+        """Release link k's socket; safe on a closed link."""
+        raise NotImplementedError
+
+    def fault_of(self, exc: Exception) -> tuple[Fault, str]:
+        if isinstance(exc, LinkError):
+            return exc.fault, exc.reason
+        return Fault.CONNECTION, f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+    def counted(self, k: int, fault: Fault) -> None:
+        """A failed round on link k, for the transport's request/error counters."""
+
+    def changed(self, k: int) -> None:
+        """Link k's fault changed (e.g. publish at once)."""
+
+    def describe(self, k: int) -> str:
+        return f"link {k}"
+
+    drop_on_error = False  # True: every failure ends the session (it is reconnected after the backoff)
+
+    # -- faults -----------------------------------------------------------------------------------------
+    def mark(self, k: int, fault: Fault, reason: str) -> None:
+        """Link k is faulty; logged once per change of the code, with the reason."""
+        self.comm_fault[k] = int(fault)
+        self.reason[k] = reason
+        if self._logged[k] != int(fault):
+            quiet = self._logged[k] == Fault.NO_DATA and time.monotonic() - self.t0 < QUIET_START_S \
+                and fault in (Fault.CONNECTION, Fault.NO_DATA)
+            self._logged[k] = int(fault)
+            (self.log.info if quiet else self.log.warning)("%s: %s: %s", self.describe(k), Fault(fault).name, reason)
+        self.changed(k)
+
+    def clear(self, k: int) -> None:
+        """Link k answers again."""
+        if self._logged[k] not in (0, Fault.BAD_VALUE):  # bad values are judged (and logged) by the decoder
+            (self.log.info if self._logged[k] == Fault.NO_DATA else self.log.warning)(
+                "%s: data again (was %s)", self.describe(k), Fault(self._logged[k]).name)
+            self._logged[k] = 0
+        was = self.comm_fault[k]
+        self.comm_fault[k] = 0
+        self.reason[k] = ""
+        if was:
+            self.changed(k)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    async def open(self, k: int) -> None:
+        if self.connect_timeout_s is None:
+            await self.connect(k)
+        else:
+            await asyncio.wait_for(self.connect(k), self.connect_timeout_s)
+
+    async def round(self, k: int) -> None:
+        """Connect when needed, then one exchange."""
+        if not self.connected(k):
+            await self.open(k)
+        await self.exchange(k)
+
+    async def link_task(self, k: int, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + (self.interval_s * (k / max(1, self.n)) if self.spread else 0.0)
+        backoff = Backoff(*self.backoff)
+        while not stop.is_set():
+            now = loop.time()
+            if due > now:
+                try:
+                    await asyncio.wait_for(stop.wait(), due - now)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+            try:
+                await self.round(k)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure is a fault code on the link, never a crash
+                fault, reason = self.fault_of(exc)
+                self.counted(k, fault)
+                self.mark(k, fault, reason)
+                if self.drop_on_error:
+                    await self.disconnect(k)
+                if not self.connected(k):  # reconnect with backoff
+                    due = loop.time() + backoff.next()
+                    continue
+                due += self.interval_s
+            else:
+                backoff.reset()
+                due += self.interval_s
+            if due < loop.time() - self.interval_s:
+                due = loop.time()  # fell behind: no burst
+
+    async def aclose(self) -> None:
+        """Close every link (safe twice): the sockets are released even when a goodbye fails."""
+        await asyncio.gather(*(self.disconnect(k) for k in range(self.n)), return_exceptions=True)
+
+
+class AsyncDriver(Driver):
+    """A driver whose I/O is one asyncio loop around a `Links`; the hooks below fill in the transport."""
+
+    period_s = 0.02  # how often the instruction is taken and the inputs published
+    stop_timeout_s: float | None = None  # how long the link tasks may take to end on stop; None: no limit
+
+    links: Links
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    async def open_links(self, io: IoContext) -> Links:
+        """Build the links of this node range (no network yet: the scan waits for the first publish)."""
+        raise NotImplementedError
+
+    def active(self) -> list[int]:
+        """The links to run (a link faulted for good at start, e.g. TLS files missing, is not)."""
+        return list(range(self.links.n))
+
+    def stage(self, io: IoContext) -> bool:
+        """Fill `io.staging` with the newest data; True: publish it."""
+        return False
+
+    def instruct(self, cycle: int, outputs: dict[str, np.ndarray]) -> None:
+        """A new instruction (scan cycle `cycle`) to send."""
+
+    def tick(self, io: IoContext) -> None:
+        """Once per period, before the instruction is taken."""
+
+    async def flush(self, new: bool) -> None:
+        """Hand the last instruction to every reachable device, briefly; new: it changed since the last tick."""
+
+    # -- the process ------------------------------------------------------------------------------------
+    def run(self, io: IoContext) -> None:
+        asyncio.run(self._main(io))
+
+    def _read_outputs(self, io: IoContext) -> int:
+        try:
+            return io.read_outputs()
+        except TornRead:  # the scan overtook us many times: the next tick reads again
+            return 0
+
+    async def _main(self, io: IoContext) -> None:
+        self.io = io
+        self.links = await self.open_links(io)
+        self.stage(io)
+        io.publish()  # first publish at once: the scan waits for every driver's first publish
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(self.links.link_task(k, stop)) for k in self.active()]
+        last_cycle = -1
+        loop = asyncio.get_running_loop()
+        period = self.period_s
+        due = loop.time()
+        try:
+            while not io.stopping():
+                due += period
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                self.tick(io)
+                cycle = self._read_outputs(io)
+                if cycle and cycle != last_cycle:
+                    self.instruct(cycle, io.outputs)
+                    last_cycle = cycle
+                if self.stage(io):
+                    io.publish()
+                if loop.time() > due + period:
+                    due = loop.time()
+        finally:
+            stop.set()
+            if tasks:
+                done, pending = await asyncio.wait(tasks, timeout=self.stop_timeout_s)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                cycle = self._read_outputs(io)
+                new = bool(cycle) and cycle != last_cycle
+                if new:
+                    self.instruct(cycle, io.outputs)
+                await self.flush(new)
+            finally:
+                await self.links.aclose()
