@@ -24,7 +24,7 @@ from asyncua import ua
 from asyncua.ua.ua_binary import struct_from_binary
 from asyncua.ua.uaerrors import UaStatusCodeError
 
-from vbatt.image import Op
+from vbatt.kernel.image import Op
 from vbatt.opcua_models.security import TrustList, UserStore, cert_paths, make_certificate
 from vbatt.opcua_models.sessions import ChannelProcessor
 
@@ -273,7 +273,7 @@ def test_node_opcua_viewer_and_operator_sessions_on_one_channel(tmp_path, node_o
     cfg.write_text(CONFIG.format(port=port, state=state))
     err = open(tmp_path / "stderr.txt", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(cfg), "--duration", "600", "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli.main", "run", str(cfg), "--duration", "600", "-q"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
     try:
         _wait_port(port, proc, 120)
