@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vbatt.cli_modbus",
     "vbatt.cli_opcua",
     "vbatt.cli_soak",
+    "vbatt.scenario.cli",  # simulate, size
 )
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
