@@ -49,6 +49,8 @@ START_NS = 1_000_000_000
 RUNTIME_KEYS = ("energy.runtime_s", "energy.class_runtime_s")
 _INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
            "max_charge_w", "link_max_w", "updated_ns", "fault")
+_FINAL = ("battery_w", "served_w", "shed_w", "bus_w", "lo_w", "hi_w", "forecast_w", "trip", "alarm", "soc",
+          "capacity_wh", "temperature_c")
 
 
 @njit(cache=True)
@@ -88,6 +90,7 @@ class RunResult:
     t0_s: float = 0.0
     capacity_wh: float = 0.0
     pipeline: list[str] = field(default_factory=list)
+    final: dict = field(default_factory=dict)  # the image's node outputs and aggregates after the last step
 
 
 def pipeline(loaded: Loaded, policy: str) -> list[ProgramEntry]:
@@ -209,12 +212,15 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
             if runtime is not None and (k % bucket == bucket - 1 or k == steps - 1):
                 _sample_runtime(rec, j, runtime, prio, classes)
         wall = time.perf_counter() - wall0
+        final = {f: nd[f].copy() for f in _FINAL}
+        final.update({f"agg.{k}": float(v[0]) for k, v in img.agg.items()})
     finally:
         img.close()
     rec.finish()
     return RunResult(policy=policy, rec=rec, classes=classes, n_nodes=n, steps=steps, step_s=step_s,
                      duration_s=steps * step_s, drop_k=drop_k, soc_min=_soc_min(entries), wall_s=wall, t0_s=t0_s,
-                     capacity_wh=float(sim.capacity_wh.sum()), pipeline=[e.id for e in entries])
+                     capacity_wh=float(sim.capacity_wh.sum()), pipeline=[e.id for e in entries],
+                     final=final)
 
 
 def _sample_runtime(rec: Recorder, j: int, runtime: np.ndarray, prio: np.ndarray, classes: list[int]) -> None:

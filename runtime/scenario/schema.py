@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from vbatt.config import Config, Fleet, validate
 from vbatt.configbase import NonNeg, Priority, Strict
@@ -75,22 +75,23 @@ class Event(Strict):
         return next(a for a in ACTIONS if getattr(self, a) is not None)
 
 
+def _known_policy(v: str) -> str:
+    if v not in POLICIES:
+        raise ValueError(f"unknown policy {v!r} (expected one of: {', '.join(POLICIES)})")
+    return v
+
+
+PolicyName = Annotated[str, AfterValidator(_known_policy)]
+
+
 class Scenario(Strict):
     duration_s: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     step_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # default: the cycle period
     seed: int = 0
     start_unix_s: Time = DEFAULT_START_UNIX_S
     targets_s: dict[Priority, NonNeg] = {}  # ride-through target per priority class (vbatt size)
-    policies: Annotated[list[str], Field(min_length=1)] | None = None  # default: all
+    policies: Annotated[list[PolicyName], Field(min_length=1)] | None = None  # default: all
     events: list[Event] = []
-
-    @field_validator("policies")
-    @classmethod
-    def _known(cls, v: list[str] | None) -> list[str] | None:
-        for p in v or ():
-            if p not in POLICIES:
-                raise ValueError(f"unknown policy {p!r} (expected one of: {', '.join(POLICIES)})")
-        return v
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _pydantic_errors(exc: ValidationError, located: Located, prefix: tuple) -> l
     out = []
     for err in exc.errors(include_url=False):
         loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/simulate.md)"
         elif err["type"] == "missing":
