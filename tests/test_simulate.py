@@ -268,3 +268,25 @@ def test_size_pooled_against_isolated_by_hand(write_config, tmp_path):
     assert "saving" in r.stdout
     r = run_vbatt("size", str(write_config(SIZE, "size.yaml")), "--targets", "0=3600,x", "-q")
     assert r.returncode == 2 and "CLASS=SECONDS" in r.stderr
+
+
+def test_runtime_series_is_plotted_when_a_program_keeps_one(tmp_path):
+    from vbatt.scenario.metrics import machine, sim_metrics
+    from vbatt.scenario.report import write_report
+    from vbatt.scenario.record import CS
+
+    text = TWO_NODES.replace("duration_s: 30000", "duration_s: 3600").replace(
+        "programs:\n", "programs:\n  - user:\n      steps:\n        - function: tests/sim_runtime_program.py:own_runtime\n"
+        "          args: [capacity_wh, soc, demand_w, mem.runtime_s]\n          params: {soc_min: 0.1}\n"
+        "          memory: {runtime_s: f8}\n")
+    loaded = load_scenario_text(text, "rt.yaml")
+    res = [simulate(loaded, p, points=60) for p in ("isolated", "vbatt")]
+    rt = res[0].rec.rec_c[:, CS.RUNTIME_S, :]
+    # isolated: A's own runtime falls from 500 Wh / 150 W = 12,000 s by one second per second
+    # (sampled at the last step of each minute: t = 55 s, ..., 3,595 s)
+    assert rt[0, 0] == pytest.approx(12000.0 - 55.0, abs=1e-6)
+    assert rt[-1, 0] == pytest.approx(12000.0 - 3595.0, abs=1e-6)
+    metrics = {"sim": sim_metrics(res), "policies": {r.policy: policy_metrics(r) for r in res}, "machine": machine()}
+    files = write_report(tmp_path, loaded, res, metrics, "rt.yaml")
+    assert tmp_path / "runtime.png" in files and (tmp_path / "runtime.png").stat().st_size > 5000
+    assert "runtime.png" in (tmp_path / "report.md").read_text()

@@ -45,7 +45,8 @@ __all__ = ["simulate", "RunResult", "pipeline", "classes_of", "RUNTIME_KEYS"]
 
 START_NS = 1_000_000_000
 # Where the energy layer (issue #12) may keep the runtime remaining: per class (index = priority)
-# or per node. The first one the image has is plotted.
+# or per node. The first one the image has is plotted; failing those, any program memory whose
+# name ends in `.runtime_s` (a user program's, e.g. `user.0.runtime_s`).
 RUNTIME_KEYS = ("energy.runtime_s", "energy.class_runtime_s")
 _INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
            "max_charge_w", "link_max_w", "updated_ns", "fault")
@@ -184,7 +185,7 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
         cmd, served, shed = np.zeros(n), np.zeros(n), np.zeros(n)
         step_ns = int(round(step_s * 1e9))
         dt_h = step_s / 3600.0
-        runtime = next((img.mem[k] for k in RUNTIME_KEYS if k in img.mem), None)
+        runtime = _runtime_array(img.mem)
         rec.has_runtime = runtime is not None
         bucket = rec.bucket
         main_w, main_limit = img.agg["main_w"], img.agg["main_limit_w"]
@@ -221,6 +222,14 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
                      duration_s=steps * step_s, drop_k=drop_k, soc_min=_soc_min(entries), wall_s=wall, t0_s=t0_s,
                      capacity_wh=float(sim.capacity_wh.sum()), pipeline=[e.id for e in entries],
                      final=final)
+
+
+def _runtime_array(mem: dict) -> np.ndarray | None:
+    """The energy layer's runtime remaining, else any program memory named `runtime_s` (a user program)."""
+    for k in RUNTIME_KEYS:
+        if k in mem:
+            return mem[k]
+    return next((v for k, v in mem.items() if k.endswith(".runtime_s")), None)
 
 
 def _sample_runtime(rec: Recorder, j: int, runtime: np.ndarray, prio: np.ndarray, classes: list[int]) -> None:
