@@ -290,3 +290,45 @@ def test_runtime_series_is_plotted_when_a_program_keeps_one(tmp_path):
     files = write_report(tmp_path, loaded, res, metrics, "rt.yaml")
     assert tmp_path / "runtime.png" in files and (tmp_path / "runtime.png").stat().st_size > 5000
     assert "runtime.png" in (tmp_path / "report.md").read_text()
+
+
+# -- the reference policies, one cycle at a time ----------------------------------------------------------------
+def one_step(nodes: str, main_w: float, policy: str) -> dict:
+    text = (f"cycle: {{cycle_ms: 1000}}\nplant: {{main_limit_w: {main_w}}}\nnodes:\n{nodes}"
+            "programs: [allocation]\nscenario: {duration_s: 1, step_s: 1}\n")
+    return simulate(load_scenario_text(text, "one.yaml"), policy).final
+
+
+PAIR = """  - {id: A, priority: 0, demand_w: 200, max_discharge_w: 100, max_charge_w: 100, capacity_wh: 1000, soc: 0.8, link_max_w: 1000}
+  - {id: B, priority: 1, demand_w: 100, max_discharge_w: 150, max_charge_w: 100, capacity_wh: 1000, soc: 0.8, link_max_w: 1000}
+"""
+
+
+@pytest.mark.parametrize("main_w, battery, bus, shed", [
+    (0, [100, 100], [0, 0], [100, 0]),  # each on its own battery; A's missing 100 W is shed at A
+    (150, [100, 50], [100, 50], [0, 0]),  # the main supply shared by the same fraction (1/2) of each demand
+    (300, [0, 0], [200, 100], [0, 0]),  # all load from the main supply
+    (1000, [-100, -100], [300, 200], [0, 0]),  # the spare charges both batteries at their limits
+    (400, [-50, -50], [250, 150], [0, 0]),  # 100 W spare: the same fraction of each battery's room
+])
+def test_isolated_policy_table(main_w, battery, bus, shed):
+    f = one_step(PAIR, main_w, "isolated")
+    assert f["battery_w"].tolist() == pytest.approx(battery)
+    assert f["bus_w"].tolist() == pytest.approx(bus)
+    assert f["shed_w"].tolist() == pytest.approx(shed)
+    assert f["served_w"] == pytest.approx(f["battery_w"] + f["bus_w"])
+    assert f["agg.main_w"] == pytest.approx(sum(bus)) and min(bus) >= 0  # imports only: no node-to-node flow
+
+
+def test_proportional_splits_by_soc_and_ignores_capacity():
+    nodes = """  - {id: A, demand_w: 200, max_discharge_w: 500, max_charge_w: 100, capacity_wh: 1000, soc: 0.8, link_max_w: 1000}
+  - {id: B, demand_w: 50, max_discharge_w: 500, max_charge_w: 100, capacity_wh: 4000, soc: 0.4, link_max_w: 1000}
+"""
+    p = one_step(nodes, 0, "proportional")
+    assert p["battery_w"].tolist() == pytest.approx([250 * 0.8 / 1.2, 250 * 0.4 / 1.2])
+    v = one_step(nodes, 0, "vbatt")  # usable energy: A 1000 * 0.7 = 700 Wh, B 4000 * 0.3 = 1200 Wh
+    assert v["battery_w"].tolist() == pytest.approx([250 * 700 / 1900, 250 * 1200 / 1900])
+    # priorities still order the shedding: 300 W of battery for 350 W of load cuts the less critical class
+    cut = one_step(PAIR.replace("max_discharge_w: 150", "max_discharge_w: 200").replace("demand_w: 100", "demand_w: 150"),
+                   0, "proportional")
+    assert cut["shed_w"].tolist() == pytest.approx([0.0, 50.0])
