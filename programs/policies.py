@@ -169,11 +169,9 @@ class Isolated(Allocation):
     def bind(self, img, ctx):
         p: AllocationParams = self.params
         nd, agg = img.node, img.agg
-        narrowed = any(k.startswith("protection.") for k in img.mem)
-        derate = img.mem.get("health.derate")
-        use_derate = derate is not None
-        if derate is None:
-            derate = np.ones(self.n)
+        # the contract: lo_w/hi_w hold the device limits narrowed by the programs before (health's derate
+        # included), so the policy reads them as they are
+        narrowed, use_derate, derate = True, False, np.ones(self.n)
         head = (nd["online"], nd["trip"], nd["demand_w"], nd["max_discharge_w"], nd["max_charge_w"],
                 nd["link_max_w"], nd["soc"], nd["capacity_wh"], narrowed, derate, use_derate)
         tail = (p.soc_min, p.soc_max, nd["battery_w"], nd["served_w"], nd["shed_w"], nd["bus_w"],
@@ -197,11 +195,9 @@ class Proportional(Allocation):
 
         p: AllocationParams = self.params
         nd, agg = img.node, img.agg
-        narrowed = any(k.startswith("protection.") for k in img.mem)
-        derate = img.mem.get("health.derate")
-        use_derate = derate is not None
-        if derate is None:
-            derate = np.ones(self.n)
+        # the contract: lo_w/hi_w hold the device limits narrowed by the programs before (health's derate
+        # included), so the policy reads them as they are
+        narrowed, use_derate, derate = True, False, np.ones(self.n)
         unit = np.zeros(self.n)
         ws = Workspace(self.n)
         self._ws = ws

@@ -277,7 +277,7 @@ def test_runtime_series_is_plotted_when_a_program_keeps_one(tmp_path):
 
     text = TWO_NODES.replace("duration_s: 30000", "duration_s: 3600").replace(
         "programs:\n", "programs:\n  - user:\n      steps:\n        - function: tests/sim_runtime_program.py:own_runtime\n"
-        "          args: [capacity_wh, soc, demand_w, mem.runtime_s]\n          params: {soc_min: 0.1}\n"
+        "          params: {soc_min: 0.1}\n"
         "          memory: {runtime_s: f8}\n")
     loaded = load_scenario_text(text, "rt.yaml")
     res = [simulate(loaded, p, points=60) for p in ("isolated", "vbatt")]
