@@ -230,7 +230,8 @@ def write_report(out: Path, loaded: Loaded, results: list[RunResult], metrics: d
             x = m["classes"][str(c)]
             lines.append(f"| {c} | {_fmt_s(x['first_shed_s'])} | {_fmt_s(x['ride_through_s'])}"
                          f"{'' if not x['never_shed_after_drop'] else ' (to the end)'} | {x['served_wh'] / 1000:.2f} | "
-                         f"{x['demand_wh'] / 1000:.2f} | {x['shed_wh'] / 1000:.2f} | {100 * x['served_fraction']:.1f} % |")
+                         f"{x['demand_wh'] / 1000:.2f} | {x['shed_wh'] / 1000:.2f} | "
+                         f"{100 * x['served_fraction']:.1f} % |")
         lines.append("")
     lines += ["## Fleet", "",
               "| policy | battery discharge (kWh) | peak main (kW) | max SoC spread | stranded at first shed (kWh) "
