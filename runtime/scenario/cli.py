@@ -68,7 +68,8 @@ def cmd_simulate(args) -> int:
         results.append(r)
         if not args.quiet:
             m = policy_metrics(r)
-            cls = "  ".join(f"class {c}: ride-through {_fmt_s(x['ride_through_s'])}, first shed {_fmt_s(x['first_shed_s'])}"
+            cls = "  ".join(f"class {c}: ride-through {_fmt_s(x['ride_through_s'])}, "
+                            f"first shed {_fmt_s(x['first_shed_s'])}"
                             for c, x in m["classes"].items())
             out.print(f"{p:>12}: {cls}  ({r.steps * r.step_s / r.wall_s:,.0f}x real time)", markup=False)
     metrics = {"sim": sim_metrics(results), "policies": {r.policy: policy_metrics(r) for r in results},
@@ -160,8 +161,8 @@ def add_command(sub) -> None:
     s.add_argument("scenario", help="scenario YAML")
     s.add_argument("--report", metavar="DIR", help="write report.md and PNG plots into DIR")
     s.add_argument("--metrics-json", metavar="FILE", help="write the metrics as JSON")
-    s.add_argument("--policy", action="append", metavar="NAME",
-                   help=f"a policy to run (repeatable; default: all of {', '.join(POLICIES)})")
+    s.add_argument("--policy", action="extend", nargs="+", metavar="NAME",
+                   help=f"policies to run (default: all of {', '.join(POLICIES)})")
     s.add_argument("--points", type=int, default=2000, help="points per plotted series (default: %(default)s)")
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     s.set_defaults(func=cmd_simulate)
@@ -173,8 +174,10 @@ def add_command(sub) -> None:
     z.add_argument("scenario", help="scenario YAML")
     z.add_argument("--targets", metavar="C=S,...", help="ride-through target per class in seconds, "
                    "e.g. 0=14400,1=1800,2=600 (default: scenario.targets_s)")
-    z.add_argument("--policy", action="append", metavar="NAME", help="policies to size (default: vbatt, isolated)")
-    z.add_argument("--tolerance", type=float, default=0.01, help="relative precision of the scale (default: %(default)s)")
+    z.add_argument("--policy", action="extend", nargs="+", metavar="NAME",
+                   help="policies to size (default: vbatt, isolated)")
+    z.add_argument("--tolerance", type=float, default=0.01,
+                   help="relative precision of the scale (default: %(default)s)")
     z.add_argument("--step", type=float, metavar="S", help="step of the sizing runs (default: the scenario's)")
     z.add_argument("--json", metavar="FILE", help="write the result as JSON")
     z.add_argument("-q", "--quiet", action="store_true", help="print only the result")

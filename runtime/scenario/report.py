@@ -90,6 +90,8 @@ def plot_served(results: list[RunResult], path: Path) -> None:
         ax.step(t, s["f"]["demand_w"] / 1000.0, where="post", color="k", lw=1.0, label="demand")
         ax.step(t, s["f"]["main_limit_w"] / 1000.0, where="post", color="tab:red", lw=1.0, ls="--",
                 label="main supply limit")
+        ax.step(t, s["f"]["main_w"] / 1000.0, where="post", color="tab:orange", lw=1.0, ls=":",
+                label="main supply used (the rest: batteries)")
         ax.set_ylabel("power (kW)")
         ax.set_title(f"{r.policy}: load served per class")
         ax.set_ylim(bottom=0)
@@ -228,7 +230,8 @@ def write_report(out: Path, loaded: Loaded, results: list[RunResult], metrics: d
             x = m["classes"][str(c)]
             lines.append(f"| {c} | {_fmt_s(x['first_shed_s'])} | {_fmt_s(x['ride_through_s'])}"
                          f"{'' if not x['never_shed_after_drop'] else ' (to the end)'} | {x['served_wh'] / 1000:.2f} | "
-                         f"{x['demand_wh'] / 1000:.2f} | {x['shed_wh'] / 1000:.2f} | {100 * x['served_fraction']:.1f} % |")
+                         f"{x['demand_wh'] / 1000:.2f} | {x['shed_wh'] / 1000:.2f} | "
+                         f"{100 * x['served_fraction']:.1f} % |")
         lines.append("")
     lines += ["## Fleet", "",
               "| policy | battery discharge (kWh) | peak main (kW) | max SoC spread | stranded at first shed (kWh) "
@@ -242,7 +245,7 @@ def write_report(out: Path, loaded: Loaded, results: list[RunResult], metrics: d
                      f"{m['speed_x']:,.0f} |")
     lines += ["", "## Plots", ""]
     captions = {"ride_through.png": "Ride-through per class and policy",
-                "served.png": "Load served per class (stacked), demand and the main supply limit",
+                "served.png": "Load served per class (stacked), demand, the main supply limit and what was used of it",
                 "soc.png": "State of charge per class: mean, band min-max",
                 "shed.png": "When and how much of each class was shed",
                 "runtime.png": "Runtime remaining per class (energy layer)"}

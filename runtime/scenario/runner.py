@@ -173,7 +173,6 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
         eng.wall_offset_s = sc.start_unix_s + t0_s - START_NS * 1e-9
         _seed(sc.seed)
         sim = SimFleet(fleet, 0, n, seed=sc.seed)
-        sim.base_w = sim.base_w.copy()
         if capacity_scale != 1.0:
             sim.capacity_wh *= capacity_scale
         if t0_s:
