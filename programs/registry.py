@@ -16,6 +16,8 @@ BUILTIN: dict[str, str] = {
     "allocation": "vbatt.programs.allocation:Allocation",
     "health": "vbatt.programs.health:Health",
     "user": "vbatt.programs.user:UserPrograms",
+    "isolated": "vbatt.programs.policies:Isolated",  # reference policies of `vbatt simulate`
+    "proportional": "vbatt.programs.policies:Proportional",
 }
 
 _REGISTRY = Registry("vbatt.programs", BUILTIN)

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vbatt.cli.node",
     "vbatt.cli.opcua",
     "vbatt.cli.soak",
+    "vbatt.scenario.cli",  # simulate, size
 )
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -1,0 +1,243 @@
+"""One policy through one scenario: the real scan engine in simulated time.
+
+The plant's programs with the plant's parameters (the policy only takes the place
+of the `allocation` entry), built and bound as `vbatt run` builds them, driven by
+a FakeClock: no sleeping, no child processes, no sockets. Per step:
+
+1. the simulated nodes advance over the last step under the last battery command
+   (drivers/sim_physics.py) and take the demand of the new time;
+2. the events due are applied (events.py);
+3. the node data goes into the image as the sim driver publishes it, and the
+   engine runs one cycle (latch, programs, aggregates, publish);
+4. failed nodes run on their own battery (their lease ran out), and the step is
+   recorded (record.py).
+
+The OPC UA server is not part of a simulation, so nothing reads its history: the
+forecast starts cold, the same on every run. The wall clock the programs see
+starts at `scenario.start_unix_s`. Demand noise comes from numba's generator,
+seeded with `scenario.seed` before every run: every policy sees the same demand.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from vbatt.kernel.clock import FakeClock
+from vbatt.config.plant import NodeConfig, ProgramEntry, TemplateConfig
+from vbatt.drivers.sim.driver import SimFleet
+from vbatt.kernel.image import Ctl, Mode, ProcessImage
+from vbatt.config.plan import build_programs, image_spec
+from vbatt.programs.allocation import AllocationParams
+from vbatt.programs.policies import POLICIES
+from vbatt.kernel.scan import ScanEngine
+from vbatt.config.yamlsrc import ConfigError
+
+from vbatt.scenario.events import Plant, Schedule, main_limit_drop_step
+from vbatt.scenario.record import CS, Recorder, observe
+from vbatt.scenario.schema import Event, Loaded
+
+__all__ = ["simulate", "RunResult", "pipeline", "classes_of", "RUNTIME_KEYS"]
+
+START_NS = 1_000_000_000
+# Where the energy layer (issue #12) may keep the runtime remaining: per class (index = priority)
+# or per node. The first one the image has is plotted; failing those, any program memory whose
+# name ends in `.runtime_s` (a user program's, e.g. `user.0.runtime_s`).
+RUNTIME_KEYS = ("energy.runtime_s", "energy.class_runtime_s")
+_INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
+           "max_charge_w", "link_max_w", "updated_ns", "fault")
+_FINAL = ("battery_w", "served_w", "shed_w", "bus_w", "lo_w", "hi_w", "forecast_w", "trip", "alarm", "soc",
+          "capacity_wh", "temperature_c")
+
+
+@njit(cache=True)
+def _seed(seed):
+    np.random.seed(seed)  # numba's own generator (np.random.seed from Python seeds only NumPy's)
+
+
+@njit(nogil=True, cache=True)
+def settle(fault, demand_w, avail_dis_w, battery_w, served_w, shed_w, command_w, served, shed):
+    """The step's outcome per node: the controller's outputs, except where the node's link has
+    failed: that node runs autonomously, its own battery for its own load (DESIGN.md §5)."""
+    for i in range(fault.shape[0]):
+        if fault[i] != 0:
+            d = demand_w[i]
+            own = min(d, avail_dis_w[i])
+            command_w[i] = own
+            served[i] = own
+            shed[i] = d - own
+        else:
+            command_w[i] = battery_w[i]
+            served[i] = served_w[i]
+            shed[i] = shed_w[i]
+
+
+@dataclass
+class RunResult:
+    policy: str
+    rec: Recorder
+    classes: list[int]  # the priority classes present (rec arrays are indexed by priority)
+    n_nodes: int
+    steps: int
+    step_s: float
+    duration_s: float
+    drop_k: int  # step of the first main supply drop (-1: none)
+    soc_min: float
+    wall_s: float
+    t0_s: float = 0.0
+    capacity_wh: float = 0.0
+    pipeline: list[str] = field(default_factory=list)
+    final: dict = field(default_factory=dict)  # the image's node outputs and aggregates after the last step
+
+
+def pipeline(loaded: Loaded, policy: str) -> list[ProgramEntry]:
+    """The plant's program list with the policy in the place of its allocation."""
+    if policy not in POLICIES:
+        raise ConfigError([f"unknown policy {policy!r} (expected one of: {', '.join(POLICIES)})"])
+    entries = list(loaded.cfg.programs)
+    pid = POLICIES[policy]
+    if pid is None:
+        return entries
+    for k, e in enumerate(entries):
+        if e.id == "allocation":
+            entries[k] = ProgramEntry(id=pid, params=e.params)
+            return entries
+        if e.id == "safe_allocation":
+            entries[k] = ProgramEntry(id=pid, params=AllocationParams())
+            return entries
+    raise ConfigError([f"{loaded.located.where(('programs',))}: programs: policy {policy!r} takes the place of "
+                       f"'allocation' (or 'safe_allocation'), and this plant runs neither"])
+
+
+def classes_of(loaded: Loaded) -> list[int]:
+    prios = set(int(p) for p in loaded.fleet.values["priority"])
+    prios |= {ev.priority for ev in loaded.scenario.events if ev.priority is not None}
+    return sorted(prios)
+
+
+def _check_simulated(loaded: Loaded) -> None:
+    problems = []
+    for k, entry in enumerate(loaded.cfg.nodes):
+        if not isinstance(entry, (NodeConfig, TemplateConfig)):
+            problems.append(f"{loaded.located.where(('nodes', k))}: nodes[{k}]: a '{entry.driver}' node has no "
+                            f"physics to simulate (expected simulated nodes or templates)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _soc_min(entries: list[ProgramEntry]) -> float:
+    for e in entries:
+        if isinstance(getattr(e, "params", None), AllocationParams):
+            return e.params.soc_min
+    for e in entries:
+        v = getattr(e.params, "soc_min", None)
+        if isinstance(v, float):
+            return v
+    return AllocationParams().soc_min
+
+
+def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale: float = 1.0,
+             t0_s: float = 0.0, events: list[Event] | None = None, event_nodes: list[np.ndarray] | None = None,
+             duration_s: float | None = None) -> RunResult:
+    """Run `policy` over the scenario. Sizing overrides: every capacity times `capacity_scale`,
+    demand and wall clock shifted by `t0_s`, other events and duration."""
+    _check_simulated(loaded)
+    cfg, fleet, sc = loaded.cfg, loaded.fleet, loaded.scenario
+    events = sc.events if events is None else events
+    event_nodes = loaded.event_nodes if event_nodes is None else event_nodes
+    duration_s = sc.duration_s if duration_s is None else duration_s
+    step_s = loaded.step_s
+    steps = max(1, int(math.ceil(duration_s / step_s - 1e-9)))
+    entries = pipeline(loaded, policy)
+    # No OPC UA server runs in a simulation: the forecast must not read a recorded history.
+    run_cfg = cfg.model_copy(update={"programs": entries,
+                                     "opcua": cfg.opcua.model_copy(update={"enabled": False})})
+    n = len(fleet)
+    progs = build_programs(run_cfg, n)
+    spec = image_spec(run_cfg, fleet, progs, [(0, n, "sim")])
+    classes = sorted(set(classes_of(loaded)))
+    drop_k = main_limit_drop_step(events, cfg.plant.main_limit_w, step_s, steps)
+    rec = Recorder(n, max(classes) + 1, steps, points, drop_k)
+    img = ProcessImage.create(spec)
+    try:
+        nd = img.node
+        nd["priority"][:] = fleet.values["priority"]
+        img.agg["main_limit_w"][0] = cfg.plant.main_limit_w
+        img.ctl[Ctl.MODE] = Mode.RUN
+        clock = FakeClock(START_NS, record=False)
+        eng = ScanEngine(img, progs, run_cfg, clock)
+        eng.wall_offset_s = sc.start_unix_s + t0_s - START_NS * 1e-9
+        _seed(sc.seed)
+        sim = SimFleet(fleet, 0, n, seed=sc.seed)
+        if capacity_scale != 1.0:
+            sim.capacity_wh *= capacity_scale
+        if t0_s:
+            sim.step(t0_s, 0.0, np.zeros(n))  # demand of the shifted start; dt 0 moves nothing
+        fault = np.zeros(n, np.uint32)
+        plant = Plant(eng, img, sim, fault, sim.capacity_wh.copy())
+        sched = Schedule(events, event_nodes, step_s, steps)
+        staging = {f: nd[f] for f in _INPUTS}
+        cmd, served, shed = np.zeros(n), np.zeros(n), np.zeros(n)
+        step_ns = int(round(step_s * 1e9))
+        dt_h = step_s / 3600.0
+        runtime = _runtime_array(img.mem)
+        rec.has_runtime = runtime is not None
+        bucket = rec.bucket
+        main_w, main_limit = img.agg["main_w"], img.agg["main_limit_w"]
+        prio, dem, bat, soc, cap = nd["priority"], nd["demand_w"], nd["battery_w"], nd["soc"], nd["capacity_wh"]
+        args_tail = (rec.step_c, rec.acc_c, rec.first_c, drop_k, rec.fl, rec.last_sign)
+        next_event = sched.next_step()
+        soc_min = _soc_min(entries)
+        wall0 = time.perf_counter()
+        for k in range(steps):
+            now = START_NS + k * step_ns
+            clock.t = now
+            if k:
+                sim.step(t0_s + k * step_s, step_s, cmd)
+            if k == next_event:
+                sched.apply_due(k, plant)
+                next_event = sched.next_step()
+            sim.fill(staging, now)
+            staging["fault"][:] = fault
+            eng.cycle(now)
+            eng.last_release_ns = now
+            settle(fault, sim.demand_w, sim.avail_dis, bat, nd["served_w"], nd["shed_w"], cmd, served, shed)
+            j = k // bucket
+            observe(k, dt_h, soc_min, prio, dem, served, shed,
+                    cmd, soc, cap, main_w[0], main_limit[0], *args_tail, j, rec.rec_c, rec.rec_f, rec.rec_n)
+            if runtime is not None and (k % bucket == bucket - 1 or k == steps - 1):
+                _sample_runtime(rec, j, runtime, prio, classes)
+        wall = time.perf_counter() - wall0
+        final = {f: nd[f].copy() for f in _FINAL}
+        final.update({f"agg.{k}": float(v[0]) for k, v in img.agg.items()})
+    finally:
+        img.close()
+    rec.finish()
+    return RunResult(policy=policy, rec=rec, classes=classes, n_nodes=n, steps=steps, step_s=step_s,
+                     duration_s=steps * step_s, drop_k=drop_k, soc_min=_soc_min(entries), wall_s=wall, t0_s=t0_s,
+                     capacity_wh=float(sim.capacity_wh.sum()), pipeline=[e.id for e in entries],
+                     final=final)
+
+
+def _runtime_array(mem: dict) -> np.ndarray | None:
+    """The energy layer's runtime remaining, else any program memory named `runtime_s` (a user program)."""
+    for k in RUNTIME_KEYS:
+        if k in mem:
+            return mem[k]
+    return next((v for k, v in mem.items() if k.endswith(".runtime_s")), None)
+
+
+def _sample_runtime(rec: Recorder, j: int, runtime: np.ndarray, prio: np.ndarray, classes: list[int]) -> None:
+    """Runtime remaining per class: the class's entry, or the least of its nodes' when kept per node."""
+    r = runtime.reshape(-1)
+    for c in classes:
+        if r.shape[0] == prio.shape[0]:
+            sel = r[prio == c]
+            rec.rec_c[j, CS.RUNTIME_S, c] = float(sel.min()) if sel.size else math.nan
+        elif c < r.shape[0]:
+            rec.rec_c[j, CS.RUNTIME_S, c] = float(r[c])
+
