@@ -201,58 +201,69 @@ class Values:
         self.got.append(val)
 
 
+@contextlib.asynccontextmanager
+async def bare_channel(endpoint: str, pki, user=None):
+    """A secure channel (and a session of `user`) without asyncua's supervisor: its automatic
+    reconnect and stale-subscription watchdog would take a moved session back on their own."""
+    from vbatt.opcua_models.model import NS_URI
+
+    from test_opcua_support import client
+
+    c = client(endpoint, pki, None)
+    pol, cert, key = c._pending_security
+    await c.set_security(pol, cert, key, mode=ua.MessageSecurityMode.SignAndEncrypt)
+    await c.connect_socket()
+    try:
+        await c.send_hello()
+        await c.open_secure_channel()
+        if user:
+            await c.create_session()
+            await c.activate_session(*user)
+            c.vbatt_ns = await c.get_namespace_index(NS_URI)
+        yield c
+    finally:
+        with contextlib.suppress(Exception):
+            await c.uaclient.session.close_session(True)  # also ends its publish loop
+        with contextlib.suppress(Exception):
+            await c.close_secure_channel()
+        c.disconnect_socket()
+
+
 def test_a_session_moves_to_a_new_channel_only_with_its_signature_and_user(tmp_path):
     """Part 4, 6.7: ActivateSession on a new channel with the token of a session takes that session over
     (after the user is checked again); the old channel can no longer use it, and a refused attempt
     changes nothing (its subscriptions stay with the channel that has the session)."""
-    from test_opcua_support import client
-
     async def body():
         async with served(tmp_path) as (srv, img, pki):
-            async with connected(srv.endpoint, pki, OPERATOR) as old:
+            async with bare_channel(srv.endpoint, pki, OPERATOR) as old, bare_channel(srv.endpoint, pki) as new:
                 tok = token(old)
                 soc = lambda c: c.get_node(nid(old, "VirtualBattery.soc")).read_value()  # noqa: E731
-                new = client(srv.endpoint, pki, None)
-                pol, cert, key = new._pending_security
-                await new.set_security(pol, cert, key, mode=ua.MessageSecurityMode.SignAndEncrypt)
-                await new.connect_socket()
-                try:
-                    await new.send_hello()
-                    await new.open_secure_channel()
-                    new._policy_ids = old._policy_ids
-                    use(new, tok)
-                    # before: the token is not a session of the new channel
-                    assert await status(soc(new)) == ua.StatusCodes.BadSessionIdInvalid
-                    got = []
-                    sub = await old.create_subscription(50, Values(got))
-                    await sub.subscribe_data_change(old.get_node(nid(old, "rack-3.battery_w")))
-                    assert await wait_for(lambda: got, 30)
-                    new._server_nonce = old._server_nonce
-                    with pytest.raises(UaStatusCodeError) as e:
-                        await new.activate_session(OPERATOR[0], "wrong-password")
-                    assert e.value.code == ua.StatusCodes.BadUserAccessDenied
-                    assert await status(soc(new)) == ua.StatusCodes.BadSessionIdInvalid
-                    assert await soc(old) == pytest.approx(25.0)  # refused: still the old channel's session
-                    img.node["battery_w"][3] = 123.0
-                    img.publish()
-                    await srv.update()
-                    assert await wait_for(lambda: got and got[-1] == 123.0, 30)  # and its subscription
-                    await sub.delete()
-                    new._server_nonce = old._server_nonce
-                    await new.activate_session(*OPERATOR)
-                    assert await soc(new) == pytest.approx(25.0)
-                    await new.get_node(nid(old, "VirtualBattery")).call_method(
-                        nid(old, "VirtualBattery.SetMainSupplyLimit"), D(1500.0))
-                    assert drain(img) == [(Op.SET_MAIN_LIMIT, -1, 1500.0, 0)]
-                    assert await status(soc(old)) == ua.StatusCodes.BadSessionIdInvalid  # moved away
-                finally:
-                    with contextlib.suppress(Exception):
-                        await close_session(new, tok)
-                    with contextlib.suppress(Exception):
-                        await new.close_secure_channel()
-                    new.disconnect_socket()
+                new._policy_ids = old._policy_ids
+                use(new, tok)
+                # before: the token is not a session of the new channel
+                assert await status(soc(new)) == ua.StatusCodes.BadSessionIdInvalid
+                got = []
+                sub = await old.create_subscription(50, Values(got))
+                await sub.subscribe_data_change(old.get_node(nid(old, "rack-3.battery_w")))
+                assert await wait_for(lambda: got, 30)
+                new._server_nonce = old._server_nonce
+                with pytest.raises(UaStatusCodeError) as e:
+                    await new.activate_session(OPERATOR[0], "wrong-password")
+                assert e.value.code == ua.StatusCodes.BadUserAccessDenied
+                assert await status(soc(new)) == ua.StatusCodes.BadSessionIdInvalid
+                assert await soc(old) == pytest.approx(25.0)  # refused: still the old channel's session
+                img.node["battery_w"][3] = 123.0
+                img.publish()
+                await srv.update()
+                assert await wait_for(lambda: got and got[-1] == 123.0, 30)  # and its subscription
+                new._server_nonce = old._server_nonce
+                await new.activate_session(*OPERATOR)
+                assert await soc(new) == pytest.approx(25.0)
+                await new.get_node(nid(old, "VirtualBattery")).call_method(
+                    nid(old, "VirtualBattery.SetMainSupplyLimit"), D(1500.0))
+                assert drain(img) == [(Op.SET_MAIN_LIMIT, -1, 1500.0, 0)]
+                assert await status(soc(old)) == ua.StatusCodes.BadSessionIdInvalid  # moved away
     run(body())
-
 
 NODE_SCRIPT = Path(__file__).with_name("opcua_two_sessions.js")
 
