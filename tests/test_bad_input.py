@@ -122,7 +122,7 @@ def test_user_program_file_that_is_not_text(tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_bytes(b"from numba import njit\n@njit\ndef f(soc):\n    pass  # r\xe9serve\n")
     cfg = tmp_path / "plant.yaml"
-    cfg.write_text(GOOD + f"programs:\n  - user:\n      steps:\n        - {{function: '{prog}:f', args: [soc]}}\n"
+    cfg.write_text(GOOD + f"programs:\n  - user:\n      steps:\n        - {{function: '{prog}:f', writes: []}}\n"
                    "  - safe_allocation\n")
     r = run_vbatt("check", str(cfg), timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
