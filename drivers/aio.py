@@ -68,6 +68,7 @@ class Links:
     log: logging.Logger = logging.getLogger("vbatt.drivers")
     connect_timeout_s: float | None = None  # None: the transport's connect() bounds itself
     spread = True  # first rounds spread over the interval: no thundering herd
+    drop_on_error = False  # True: every failure ends the session (it is made anew after the backoff)
 
     def __init__(self, n: int, *, interval_s: float, backoff_s: tuple[float, float]):
         self.n = n
@@ -107,8 +108,6 @@ class Links:
 
     def describe(self, k: int) -> str:
         return f"link {k}"
-
-    drop_on_error = False  # True: every failure ends the session (it is reconnected after the backoff)
 
     # -- faults -----------------------------------------------------------------------------------------
     def mark(self, k: int, fault: Fault, reason: str) -> None:
