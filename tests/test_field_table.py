@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_vbatt
-from vbatt.config.plant import SETTINGS, ModbusNodeConfig, NodeConfig, PlantConfig, TemplateBody, load_config_text
+from vbatt.config.plant import SETTINGS, NodeConfig, PlantConfig, TemplateBody, load_config_text
+from vbatt.drivers.modbus.config import ModbusNodeConfig
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.kernel.fields import (AGGREGATES, NODE_FIELDS, NODE_MEASUREMENTS, NODE_OUTPUTS, TABLE, Role, Scope,
                                  fields, names)
@@ -223,7 +224,19 @@ def test_health_checks_the_measurements_with_a_range():
     from vbatt.programs.health import CHECKED_FIELDS, Health
 
     assert CHECKED_FIELDS == names(fields(Scope.NODE, Role.MEASUREMENT, ranged=True)) == names(NODE_MEASUREMENTS)
-    assert set(CHECKED_FIELDS) <= set(Health.reads)
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vbatt.kernel.fields import NODE_FIELDS, node_field
+    from vbatt.programs.health import HealthParams
+
+    img = SimpleNamespace(node={f.name: np.full(1, float(k)) for k, f in enumerate(NODE_FIELDS)})
+    b = Health(HealthParams(), 1).bindings(img)
+    # the kernel's `checked` binding is exactly those fields, in order, with the table's ranges
+    assert [a[0] for a in b["checked"]] == [img.node[f][0] for f in CHECKED_FIELDS]
+    assert list(b["check_lo"]) == [node_field(f).lo for f in CHECKED_FIELDS]
+    assert list(b["check_hi"]) == [node_field(f).hi for f in CHECKED_FIELDS]
 
 
 # -- what an operator sees ------------------------------------------------------------------------------------
