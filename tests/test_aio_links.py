@@ -90,7 +90,7 @@ async def until(pred, what: str, timeout: float = 10.0) -> None:
 
 def test_a_bug_in_one_link_faults_it_alone_loudly_once_and_it_is_retried(caplog):
     async def body():
-        good, good_port, _ = await line_server(b"pong\n")
+        good, good_port, good_open = await line_server(b"pong\n")
         bad, bad_port, bad_open = await line_server(b"boom\n")
         links = LineLinks([good_port, bad_port])
         stop = asyncio.Event()
@@ -102,9 +102,10 @@ def test_a_bug_in_one_link_faults_it_alone_loudly_once_and_it_is_retried(caplog)
         assert links.rounds[1] == 0
         stop.set()
         await asyncio.gather(*tasks)
+        assert good_open, "the good link is still connected after its task ended"
         await links.aclose()
         await links.aclose()  # safe twice
-        await until(lambda: not bad_open, "the buggy link's connection closed")
+        await until(lambda: not bad_open and not good_open, "every connection closed")
         for s in (good, bad):
             s.close()
             await s.wait_closed()
