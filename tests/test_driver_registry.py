@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_vbatt
@@ -106,6 +107,21 @@ def test_the_plugin_section_and_nodes_are_validated(tmp_path, plugin_env, plant,
     r = run_vbatt("check", str(p))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert expected in " ".join(r.stderr.split()), r.stderr
+
+
+def test_a_broken_plugin_is_left_out_with_a_warning(tmp_path, plugin_env):
+    site = Path(os.environ["PYTHONPATH"].split(os.pathsep)[0])
+    (site / "vbatt_can_demo" / "__init__.py").write_text("import no_such_module_here\n")
+    p = tmp_path / "plant.yaml"
+    p.write_text("nodes:\n  - {id: A, soc: 0.5}\n")
+    r = run_vbatt("check", str(p))
+    assert r.returncode == 0, r.stderr  # the other drivers still work
+    text = " ".join(r.stderr.split())
+    assert "driver 'can' (entry point vbatt_can_demo:SPEC of group vbatt.drivers) cannot be loaded" in text
+    assert "No module named 'no_such_module_here'" in text
+    p.write_text(PLANT.format(bitrate=250000, second=6))
+    r = run_vbatt("check", str(p))
+    assert r.returncode == 2 and "nodes[1]: unknown driver (expected sim, modbus or opcua" in " ".join(r.stderr.split())
 
 
 def test_without_the_plugin_its_name_is_unknown(tmp_path):
