@@ -270,6 +270,8 @@ SPELLED_ON_PURPOSE = {
     "runtime/kernel/aggregates.py": "the aggregate kernel's output vector and arguments",
     "drivers/node/backends/sysfs.py": "the values a laptop battery cannot measure, from its config",
     "runtime/soak/ua.py": "the few variables the soak harness watches",
+    "runtime/scenario/record.py": "names of the recorded series (per class, fleet), which reuse field names",
+    "runtime/scenario/schema.py": "scenario event actions, named after the field they change",
 }
 
 
