@@ -68,6 +68,7 @@ class Links:
     log: logging.Logger = logging.getLogger("vbatt.drivers")
     connect_timeout_s: float | None = None  # None: the transport's connect() bounds itself
     spread = True  # first rounds spread over the interval: no thundering herd
+    drop_on_error = False  # True: every failure ends the session (it is made anew after the backoff)
 
     def __init__(self, n: int, *, interval_s: float, backoff_s: tuple[float, float]):
         self.n = n
@@ -94,10 +95,12 @@ class Links:
         """Release link k's socket; safe on a closed link."""
         raise NotImplementedError
 
-    def fault_of(self, exc: Exception) -> tuple[Fault, str]:
+    def fault_of(self, exc: Exception) -> tuple[Fault, str] | None:
+        """The fault code and reason of a failed round; None: no failure of the transport the driver knows
+        (a bug), which faults the link CONNECTION, drops its connection and is logged with its traceback."""
         if isinstance(exc, LinkError):
             return exc.fault, exc.reason
-        return Fault.CONNECTION, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return None
 
     def counted(self, k: int, fault: Fault) -> None:
         """A failed round on link k, for the transport's request/error counters."""
@@ -107,8 +110,6 @@ class Links:
 
     def describe(self, k: int) -> str:
         return f"link {k}"
-
-    drop_on_error = False  # True: every failure ends the session (it is reconnected after the backoff)
 
     # -- faults -----------------------------------------------------------------------------------------
     def mark(self, k: int, fault: Fault, reason: str) -> None:
@@ -163,11 +164,17 @@ class Links:
                 await self.round(k)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # every failure is a fault code on the link, never a crash
-                fault, reason = self.fault_of(exc)
+            except Exception as exc:  # every failure is a fault code on its own link, never the others' loss
+                got = self.fault_of(exc)
+                unexpected = got is None
+                if unexpected:
+                    got = Fault.CONNECTION, f"{type(exc).__name__}: {exc}".rstrip(": ")
+                    if self.reason[k] != got[1]:  # loud, but once per kind, not once per retry
+                        self.log.error("%s: unexpected error in the driver", self.describe(k), exc_info=exc)
+                fault, reason = got
                 self.counted(k, fault)
                 self.mark(k, fault, reason)
-                if self.drop_on_error:
+                if self.drop_on_error or unexpected:
                     await self.disconnect(k)
                 if not self.connected(k):  # reconnect with backoff
                     due = loop.time() + backoff.next()

@@ -11,6 +11,7 @@ is validated like the built-in ones.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ BUILTIN: dict[str, str] = {
 }
 
 _REGISTRY = Registry("vbatt.drivers", BUILTIN)
+log = logging.getLogger("vbatt.drivers")
 
 
 def known_drivers() -> list[str]:
@@ -74,7 +76,19 @@ def driver_spec(name: str) -> DriverSpec:
 
 
 def driver_specs() -> dict[str, DriverSpec]:
-    return {name: driver_spec(name) for name in known_drivers()}
+    """Every loadable spec. A third-party entry point that fails to load is left out with a warning
+    (its name is then an unknown driver in a config), so that it cannot break every other plant."""
+    out = {}
+    for name in known_drivers():
+        if name in BUILTIN:
+            out[name] = driver_spec(name)
+            continue
+        try:
+            out[name] = driver_spec(name)
+        except Exception as exc:  # any error of foreign code at import
+            log.warning("driver %r (entry point %s of group vbatt.drivers) cannot be loaded, left out: %s: %s",
+                        name, _REGISTRY.targets()[name], type(exc).__name__, exc)
+    return out
 
 
 def driver_class(name: str):

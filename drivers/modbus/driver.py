@@ -2,7 +2,8 @@
 
 Runs in its own I/O process (never in the scan process): one asyncio loop, one
 pymodbus AsyncModbusTcpClient (or TLS client) and one task per device, so a dead
-or slow device only ever delays itself. Per device:
+or slow device only ever delays itself (the loop, the backoff, the fault marking
+and the publishing are drivers/aio.py's; this module is the Modbus part). Per device:
 
   connect (timeout; on failure back off `reconnect_min_ms` doubling up to `reconnect_max_ms`)
   -> discover: find 'SunS' (40000, 0, 50000), walk the model chain, require model 802,
@@ -289,7 +290,7 @@ class Poller(Links):
         n = len(endpoints)
         super().__init__(n, interval_s=poll_ms / 1e3, backoff_s=(reconnect_min_ms / 1e3, reconnect_max_ms / 1e3))
         self.eps = endpoints
-        self.poll_s, self.lease_ms = poll_ms / 1e3, int(lease_ms)
+        self.lease_ms = int(lease_ms)
         self.clock_ns = clock_ns
         self.links = [DeviceLink(ep, timeout_ms / 1e3, ctx) for ep, ctx in zip(endpoints, contexts)]
         self.rows = np.zeros((n, M.size), np.uint16)  # each node's newest block, at our map's offsets

@@ -399,9 +399,9 @@ class NodeCodec:
 
     The node agent encodes its offer and decodes the instruction; the controller's driver decodes the
     offer and encodes the instruction. The points come from the map (`field=` / `device=`), the field
-    list from the table: every device measurement is carried by the vendor model (float32, SI) and,
-    where model 802 has a point for it, by 802 as well (scaled, for plain SunSpec readers); the
-    instruction is the vendor model's writable block: `Seq`, `LeaseMs`, then the output fields.
+    list from the table: every device measurement is carried by model 802 (scaled, for plain SunSpec
+    readers), by the vendor model (float32, SI, what the allocator needs at full precision) or both;
+    the instruction is the vendor model's writable block: `Seq`, `LeaseMs`, then the output fields.
     """
 
     def __init__(self, m: RegisterMap, vendor: int = VENDOR_ID, battery: int = 802):

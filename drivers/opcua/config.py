@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BeforeValidator, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from vbatt.config.base import NodeId, NodeSettings, Strict
-from vbatt.kernel.fields import NODE_INPUTS, NODE_OUTPUTS
+from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS
 
 __all__ = [
     "OpcuaNodeConfig",
@@ -30,9 +30,8 @@ __all__ = [
     "parse_node_id",
 ]
 
-# The driver's own bookkeeping, not measurements a server could report.
-_BOOKKEEPING = {"updated_ns", "fault", "online", "io_requests", "io_errors", "io_latency_ms"}
-MAPPABLE_INPUTS = tuple(f for f in NODE_INPUTS if f.name not in _BOOKKEEPING)
+# What a server can report: the device measurements (not the driver's bookkeeping).
+MAPPABLE_INPUTS = NODE_MEASUREMENTS
 POLICIES = ("Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss")
 
 

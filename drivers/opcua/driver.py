@@ -7,7 +7,8 @@ last values still current, so it stamps `updated_ns` of the server's complete,
 good nodes; a node whose data stops arriving goes stale in the scan by itself.
 Outputs are written back when the scan published a new cycle and a value changed.
 A failed connection faults the server's nodes with the most specific code and is
-retried with exponential backoff.
+retried with exponential backoff (the skeleton of drivers/aio.py: a server
+connection is a link, a session is made in `connect`, a round is one tick).
 """
 
 from __future__ import annotations

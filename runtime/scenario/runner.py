@@ -30,6 +30,7 @@ from numba import njit
 from vbatt.kernel.clock import FakeClock
 from vbatt.config.plant import NodeConfig, ProgramEntry, TemplateConfig
 from vbatt.drivers.sim.driver import SimFleet
+from vbatt.kernel.fields import Role, Scope, fields, names
 from vbatt.kernel.image import Ctl, Mode, ProcessImage
 from vbatt.config.plan import build_programs, image_spec
 from vbatt.programs.allocation import AllocationParams
@@ -48,10 +49,10 @@ START_NS = 1_000_000_000
 # or per node. The first one the image has is plotted; failing those, any program memory whose
 # name ends in `.runtime_s` (a user program's, e.g. `user.0.runtime_s`).
 RUNTIME_KEYS = ("energy.runtime_s", "energy.class_runtime_s")
-_INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
-           "max_charge_w", "link_max_w", "updated_ns", "fault")
-_FINAL = ("battery_w", "served_w", "shed_w", "bus_w", "lo_w", "hi_w", "forecast_w", "trip", "alarm", "soc",
-          "capacity_wh", "temperature_c")
+# What the simulated driver writes (the measurements and their freshness), and what a run keeps of
+# the last step: from the field table.
+_INPUTS = (*names(fields(Scope.NODE, Role.MEASUREMENT)), "updated_ns", "fault")
+_FINAL = names(fields(Scope.NODE, (Role.MEASUREMENT, Role.OUTPUT, Role.STATE)))
 
 
 @njit(cache=True)

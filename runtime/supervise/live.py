@@ -7,10 +7,11 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from vbatt.kernel.fields import AGGREGATES, Field
 from vbatt.kernel.image import Ctl, Mode, ProcessImage, ScanState
 from vbatt.kernel.stats import phases, summarize
 
-__all__ = ["render"]
+__all__ = ["render", "aggregate_cells"]
 
 _STATE = {ScanState.INIT: "starting", ScanState.WAITING: "waiting for inputs", ScanState.RUNNING: "running",
           ScanState.DONE: "done", ScanState.FAILED: "FAILED"}
@@ -18,6 +19,26 @@ _STATE = {ScanState.INIT: "starting", ScanState.WAITING: "waiting for inputs", S
 
 def _w(x: float) -> str:
     return f"{x / 1e3:,.1f} kW" if abs(x) >= 1e4 else f"{x:,.0f} W"
+
+
+# How a value of each unit of the field table reads on a terminal.
+_FORMAT = {
+    "W": _w,
+    "Wh": lambda x: f"{x / 1e3:,.2f} kWh",
+    "1": lambda x: f"{x * 100:.1f} %",
+    "": lambda x: f"{x:,.0f}",
+}
+
+
+def _label(f: Field) -> str:
+    """The field's name without its unit suffix, in words: main_limit_w -> 'main limit'."""
+    base = f.name[: -len(f.unit) - 1] if f.unit and f.name.endswith("_" + f.unit.lower()) else f.name
+    return base.replace("_", " ")
+
+
+def aggregate_cells(agg: dict[str, float]) -> list[tuple[str, str]]:
+    """(label, value) of every aggregate field, in table order, formatted by its unit."""
+    return [(_label(f), _FORMAT[f.unit](agg[f.name]) if agg[f.name] == agg[f.name] else "-") for f in AGGREGATES]
 
 
 def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_names: list[str] = (),
@@ -30,7 +51,7 @@ def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_name
     if c[Ctl.SAFE_STATE]:
         flags.append("[yellow]safe state[/]")
     head = Text.from_markup(
-        f"[bold]{title}[/]  {_STATE.get(int(c[Ctl.STATE]), '?')}  mode [bold]{mode}[/]  "
+        f"[bold]{title}[/]  {_STATE.get(int(c[Ctl.STATE]), '?')}  mode [bold]{mode}[/]  {img.spec.n_nodes:,} nodes  "
         f"cycle {int(c[Ctl.CYCLES]):,} @ {period_ms:g} ms  overruns {int(c[Ctl.OVERRUNS]):,}  "
         f"FIFO {int(c[Ctl.RT_FIFO]) or 'no'}  mlock {'yes' if c[Ctl.RT_MLOCK] else 'no'}  " + " ".join(flags))
     s = summarize(img.mem)
@@ -48,18 +69,13 @@ def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_name
         ph.add_column(col, justify="right")
     for name, v in phases(img.mem, list(phase_names)).items():
         ph.add_row(name, f"{v['last']:,.1f}", f"{v['mean']:,.1f}", f"{v['max']:,.1f}")
-    a = {k: float(v[0]) for k, v in img.agg.items()}
     g = Table(title="virtual battery", title_justify="left", show_header=False, expand=False)
-    g.add_column()
-    g.add_column(justify="right")
-    g.add_column()
-    g.add_column(justify="right")
-    g.add_row("nodes online", f"{a['nodes_online']:,.0f} / {img.spec.n_nodes:,}", "tripped", f"{a['nodes_tripped']:,.0f}")
-    g.add_row("demand", _w(a["demand_w"]), "forecast", _w(a["forecast_w"]))
-    g.add_row("main supply", f"{_w(a['main_w'])} of {_w(a['main_limit_w'])}", "deficit", _w(a["deficit_w"]))
-    g.add_row("battery", _w(a["battery_w"]), "shed", _w(a["shed_w"]))
-    g.add_row("SoC", f"{a['soc'] * 100:.1f} %", "energy", f"{a['energy_wh'] / 1e3:,.2f} kWh")
-    g.add_row("can discharge", _w(a["available_discharge_w"]), "can charge", _w(a["available_charge_w"]))
+    for _ in range(2):
+        g.add_column()
+        g.add_column(justify="right")
+    cells = aggregate_cells({k: float(v[0]) for k, v in img.agg.items()})
+    for k in range(0, len(cells), 2):  # two per row, in table order
+        g.add_row(*cells[k], *(cells[k + 1] if k + 1 < len(cells) else ("", "")))
     parts = [head, Columns([t, ph]), g]
     if log_path:
         parts.append(Text(f"latest warnings ({log_path}):" if warnings else f"log: {log_path}", style="dim"))

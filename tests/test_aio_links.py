@@ -1,0 +1,155 @@
+"""The async driver skeleton (drivers/aio.py) on its own: a tiny line protocol over real TCP on 127.0.0.1.
+
+A transport that translates its failures raises LinkError; anything else is a bug in the
+driver: it faults its own link (never the others), is logged once with its traceback, and
+the link is dropped and retried like a lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from vbatt.drivers.aio import Backoff, LinkError, Links
+from vbatt.drivers.faults import Fault
+
+
+class LineLinks(Links):
+    """Each link: connect to a port, a round is 'ping' -> one line back, which must be 'pong'."""
+
+    log = logging.getLogger("vbatt.test.lines")
+
+    def __init__(self, ports: list[int]):
+        super().__init__(len(ports), interval_s=0.02, backoff_s=(0.05, 0.2))
+        self.ports = ports
+        self.conns: list = [None] * len(ports)
+        self.rounds = [0] * len(ports)
+        self.connects = [0] * len(ports)
+        self.attempts = [0] * len(ports)
+
+    def describe(self, k: int) -> str:
+        return f"line {k}"
+
+    def connected(self, k: int) -> bool:
+        return self.conns[k] is not None
+
+    async def connect(self, k: int) -> None:
+        self.attempts[k] += 1
+        try:
+            self.conns[k] = await asyncio.open_connection("127.0.0.1", self.ports[k])
+        except OSError as exc:
+            raise LinkError(Fault.CONNECTION, f"cannot connect ({exc.strerror})") from None
+        self.connects[k] += 1
+
+    async def exchange(self, k: int) -> None:
+        r, w = self.conns[k]
+        w.write(b"ping\n")
+        await w.drain()
+        line = (await r.readline()).strip().decode()
+        if not line:
+            await self.disconnect(k)
+            raise LinkError(Fault.CONNECTION, "closed by the peer")
+        {"pong": None}[line]  # the bug: any other answer is a KeyError nobody translated
+        self.rounds[k] += 1
+        self.clear(k)
+
+    async def disconnect(self, k: int) -> None:
+        conn, self.conns[k] = self.conns[k], None
+        if conn is not None:
+            conn[1].close()
+
+
+async def line_server(answer: bytes):
+    open_conns = set()
+
+    async def handle(r, w):
+        open_conns.add(w)
+        try:
+            while await r.readline():
+                w.write(answer)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            open_conns.discard(w)
+            w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1], open_conns
+
+
+async def until(pred, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_bug_in_one_link_faults_it_alone_loudly_once_and_it_is_retried(caplog):
+    async def body():
+        good, good_port, good_open = await line_server(b"pong\n")
+        bad, bad_port, bad_open = await line_server(b"boom\n")
+        links = LineLinks([good_port, bad_port])
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(links.link_task(k, stop)) for k in range(2)]
+        await until(lambda: links.connects[1] >= 3, "three sessions of the buggy link")
+        await until(lambda: links.rounds[0] >= 20, "twenty good rounds on the other link")
+        assert links.comm_fault.tolist() == [0, Fault.CONNECTION]
+        assert links.reason[1] == "KeyError: 'boom'"
+        assert links.rounds[1] == 0
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert good_open, "the good link is still connected after its task ended"
+        await links.aclose()
+        await links.aclose()  # safe twice
+        await until(lambda: not bad_open and not good_open, "every connection closed")
+        for s in (good, bad):
+            s.close()
+            await s.wait_closed()
+
+    with caplog.at_level(logging.WARNING, logger="vbatt.test.lines"):
+        asyncio.run(body())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in caplog.records]
+    assert "line 1: unexpected error in the driver" in errors[0].getMessage()
+    assert not any("line 0" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unreachable_link_is_marked_and_logged_once_per_fault(caplog):
+    async def body():
+        srv, port, _ = await line_server(b"pong\n")
+        srv.close()
+        await srv.wait_closed()  # nobody listens there any more
+        links = LineLinks([port])
+        links.t0 -= 60  # past the quiet start-up: every first fault is a warning
+        stop = asyncio.Event()
+        task = asyncio.create_task(links.link_task(0, stop))
+        await until(lambda: links.attempts[0] >= 3, "three attempts")
+        assert links.comm_fault[0] == Fault.CONNECTION
+        stop.set()
+        await task
+        return links
+
+    with caplog.at_level(logging.INFO, logger="vbatt.test.lines"):
+        links = asyncio.run(body())
+    assert links.reason[0].startswith("cannot connect")
+    assert links.connects == [0]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"line 0: CONNECTION: {links.reason[0]}"], lines
+
+
+def test_backoff_doubles_to_its_maximum_and_resets():
+    b = Backoff(0.1, 0.5)
+    assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    b.reset()
+    assert b.next() == 0.1
+
+
+@pytest.mark.parametrize("fault", [Fault.TIMEOUT, Fault.GARBLED])
+def test_a_link_error_keeps_its_code_and_reason(fault):
+    links = LineLinks([1])
+    assert links.fault_of(LinkError(fault, "why")) == (fault, "why")
+    assert links.fault_of(KeyError("x")) is None
