@@ -68,7 +68,7 @@ class Allocation(Program):
     id = "allocation"
     Params = AllocationParams
     reads = ("online", "trip", "demand_w", "max_discharge_w", "max_charge_w", "link_max_w", "soc",
-             "capacity_wh", "priority", "lo_w", "hi_w", "battery_w")
+             "capacity_wh", "priority", "lo_w", "hi_w", "battery_w", "serve_max_w")
     writes = ("battery_w", "served_w", "shed_w", "bus_w", "lo_w", "hi_w", "alarm")
 
     def memory(self) -> list[ArraySpec]:
@@ -98,8 +98,10 @@ class Allocation(Program):
         ws = Workspace(self.n)
         self._ws = ws
         mem = [self.mem(img, k) for k in ("order", "held_w", "timer_s", "state")]
+        capped = any(k.startswith("energy.") for k in img.mem)  # the energy program writes serve_max_w
         head = (nd["online"], nd["trip"], nd["demand_w"], nd["max_discharge_w"], nd["max_charge_w"],
-                nd["link_max_w"], nd["soc"], nd["capacity_wh"], nd["priority"], narrowed, derate, use_derate)
+                nd["link_max_w"], nd["soc"], nd["capacity_wh"], nd["priority"], narrowed, derate, use_derate,
+                nd["serve_max_w"], capped)
         par = (p.soc_min, p.soc_max, p.ramp_w_per_s, p.restore_hold_s, p.restore_margin)
         tail = (*mem, nd["battery_w"], nd["served_w"], nd["shed_w"], nd["bus_w"], nd["lo_w"], nd["hi_w"],
                 nd["alarm"], *ws.scratch())
@@ -113,13 +115,13 @@ class Allocation(Program):
 
 
 def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh, priority=None,
-           main_limit_w: float = 0.0, *, online=None, trip=None, lo_w=None, hi_w=None,
+           main_limit_w: float = 0.0, *, online=None, trip=None, lo_w=None, hi_w=None, serve_max_w=None,
            params: AllocationParams | None = None):
     """An allocation from scratch (no memory, no ramp) on arrays prepared once: returns `run`,
     which solves the instance again on every call (as a cycle does: nothing allocated) and returns
     the outputs and main_w. For tests, tools and benchmarks (timing the solve, not the set-up).
 
-    lo_w/hi_w, when given, are protection's narrowed limits."""
+    lo_w/hi_w, when given, are protection's narrowed limits; serve_max_w a cap on the served load."""
     d = np.asarray(demand_w, dtype=np.float64)
     n = d.shape[0]
     f = lambda a, v=0.0: np.full(n, v) if a is None else np.asarray(a, dtype=np.float64).copy()  # noqa: E731
@@ -128,6 +130,8 @@ def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh
     on = np.ones(n, np.uint8) if online is None else np.asarray(online, dtype=np.uint8)
     tr = np.zeros(n, np.uint32) if trip is None else np.asarray(trip, dtype=np.uint32)
     narrowed = lo_w is not None or hi_w is not None
+    inf_cap = np.full(n, np.inf)
+    smax = inf_cap if serve_max_w is None else np.asarray(serve_max_w, dtype=np.float64).copy()
     lo0, hi0 = f(lo_w, -np.inf), f(hi_w, np.inf)
     lo, hi = lo0.copy(), hi0.copy()  # the kernel writes the limits it used into them
     out = {k: np.zeros(n) for k in ("battery_w", "served_w", "shed_w", "bus_w")}
@@ -135,7 +139,7 @@ def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh
     order0 = np.argsort(prio, kind="stable").astype(np.int64)
     order, held, timer, state = order0.copy(), np.zeros(n), np.zeros(n), np.zeros(ST_N)
     head = (on, tr, d, f(max_discharge_w), f(max_charge_w), f(link_max_w), f(soc), f(capacity_wh), prio,
-            narrowed, np.ones(n), False, float(main_limit_w), 0.0, p.soc_min, p.soc_max, 0.0, 0.0, 0.0,
+            narrowed, np.ones(n), False, smax, smax is not inf_cap, float(main_limit_w), 0.0, p.soc_min, p.soc_max, 0.0, 0.0, 0.0,
             order, held, timer, state, out["battery_w"], out["served_w"], out["shed_w"], out["bus_w"], lo, hi,
             alarm, *Workspace(n).scratch())
 

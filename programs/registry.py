@@ -16,6 +16,7 @@ BUILTIN: dict[str, str] = {
     "allocation": "vbatt.programs.allocation:Allocation",
     "health": "vbatt.programs.health:Health",
     "user": "vbatt.programs.user:UserPrograms",
+    "energy": "vbatt.programs.energy:Energy",
 }
 
 _REGISTRY = Registry("vbatt.programs", BUILTIN)

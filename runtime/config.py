@@ -199,6 +199,9 @@ class CycleConfig(Strict):
 class PlantConfig(Strict):
     main_limit_w: NonNeg = 0.0
     stale_ms: Annotated[float, Field(gt=0)] = 1000.0
+    # DESIGN §2b: per priority class, how long it must stay served on batteries alone if the main
+    # supply fails now (s). The classes must exist in the fleet (checked in `validate`).
+    ride_through_s: dict[Annotated[int, Field(ge=0, le=1000)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
 
 
 class SimDriverConfig(Strict):
@@ -400,11 +403,31 @@ def validate(located: Located) -> tuple[Config, Fleet]:
         raise ConfigError(problems)
     cfg = cfg.model_copy(update={"programs": programs, "source": located.source})
     fleet = build_fleet(cfg, located)
+    _check_classes(cfg, fleet, located)
     try:
         modbus_endpoints(cfg, fleet)  # port clashes and overflows, here rather than at driver start
     except ValueError as exc:
         raise ConfigError([f"{located.where(('drivers', 'modbus'))}: drivers.modbus: {exc}"]) from None
     return cfg, fleet
+
+
+MAX_CLASSES = 64  # the energy program's per-class arrays (DESIGN §2b); K is small by design
+
+
+def _check_classes(cfg: Config, fleet: Fleet, located: Located) -> None:
+    """ride_through_s names classes that exist; the energy program takes at most MAX_CLASSES classes."""
+    present = set(np.unique(fleet.values["priority"]).tolist())
+    problems = []
+    for k in cfg.plant.ride_through_s:
+        if k not in present:
+            path = ("plant", "ride_through_s", k)
+            problems.append(f"{located.where(path)}: {format_path(path)}: no node has priority {k} "
+                            f"(classes present: {sorted(present)})")
+    if len(present) > MAX_CLASSES and any(e.id == "energy" for e in cfg.programs):
+        problems.append(f"{located.where(('nodes',))}: nodes: {len(present)} distinct priorities; the energy "
+                        f"program takes at most {MAX_CLASSES} classes")
+    if problems:
+        raise ConfigError(problems)
 
 
 def load_config(path: str | Path) -> tuple[Config, Fleet]:

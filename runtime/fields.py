@@ -86,6 +86,8 @@ NODE_STATE: tuple[Field, ...] = (
     Field("hi_w", "f8", "W", _T, "highest battery_w allowed after protection (>= 0: discharge)"),
     Field("trip", "u4", "", _T, "latched protection trip reason bits; 0 = none"),
     Field("alarm", "u4", "", _T, "active health alarm bits; 0 = none"),
+    Field("serve_max_w", "f8", "W", _T, "most load the allocator may serve (energy program, DESIGN §2b)"),
+    Field("runtime_s", "f8", "s", _T, "time the node would stay served if the main supply failed now"),
 )
 
 NODE_FIELDS: tuple[Field, ...] = NODE_INPUTS + NODE_SETTINGS + NODE_OUTPUTS + NODE_STATE
