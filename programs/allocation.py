@@ -90,7 +90,9 @@ class Allocation(Program):
     def bind(self, img, ctx):
         p: AllocationParams = self.params
         nd, agg = img.node, img.agg
-        narrowed = any(k.startswith("protection.") for k in img.mem)
+        # protection and the energy program narrow lo_w/hi_w (the energy program writes them whole
+        # when protection does not run)
+        narrowed = any(k.startswith(("protection.", "energy.")) for k in img.mem)
         derate = img.mem.get("health.derate")
         use_derate = derate is not None
         if derate is None:

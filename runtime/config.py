@@ -420,7 +420,7 @@ def _check_classes(cfg: Config, fleet: Fleet, located: Located) -> None:
     problems = []
     for k in cfg.plant.ride_through_s:
         if k not in present:
-            path = ("plant", "ride_through_s", k)
+            path = ("plant", "ride_through_s", str(k))
             problems.append(f"{located.where(path)}: {format_path(path)}: no node has priority {k} "
                             f"(classes present: {sorted(present)})")
     if len(present) > MAX_CLASSES and any(e.id == "energy" for e in cfg.programs):

@@ -24,7 +24,9 @@ def _py(v):
 
 
 def snapshot(img: ProcessImage, views: dict[str, np.ndarray] | None = None) -> dict:
-    """`{"cycle", "aggregate": {...}, "nodes": [{"id", <every node field>}, ...]}` from published views."""
+    """`{"cycle", "aggregate": {...}, "nodes": [{"id", <every node field>}, ...], "classes": [...]}`
+    from published views (classes: `{"priority", "demand_w", "reserve_wh", "target_s", "runtime_s",
+    "reachable"}` per priority class when the energy program runs)."""
     v = views if views is not None else img.read_published()[0]
     agg = {f.name: _py(v["agg." + f.name][0]) for f in AGGREGATES}
     cols = {f.name: v["node." + f.name].tolist() for f in NODE_FIELDS}
@@ -36,7 +38,11 @@ def snapshot(img: ProcessImage, views: dict[str, np.ndarray] | None = None) -> d
             x = cols[f.name][i]
             row[f.name] = (x if math.isfinite(x) else None) if isinstance(x, float) else x
         nodes.append(row)
-    return {"cycle": int(v["cycle"][0]), "aggregate": agg, "nodes": nodes}
+    from vbatt.programs.energy import class_rows
+
+    # Per priority class (DESIGN §2b), from the energy program's memory (empty without it): written
+    # by the last cycle; memory is not double-buffered, so read it once the scan has stopped.
+    return {"cycle": int(v["cycle"][0]), "aggregate": agg, "nodes": nodes, "classes": class_rows(img.mem)}
 
 
 def run_stats(img: ProcessImage, period_ms: float, phase_names: list[str]) -> dict:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vbatt.program import Ctx, Program
 from vbatt.seqblock import ArraySpec
 
-from .kernel import ENERGY_ALARMS, energy_step
+from .kernel import energy_step
 from .rules import ST_N, ST_N_CLS
 
 __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unreachable_texts"]
@@ -47,7 +47,7 @@ class Energy(Program):
     Params = EnergyParams
     reads = ("online", "trip", "priority", "demand_w", "forecast_w", "soc", "capacity_wh",
              "max_discharge_w", "link_max_w", "hi_w")
-    writes = ("serve_max_w", "runtime_s", "alarm")
+    writes = ("serve_max_w", "runtime_s", "hi_w", "lo_w", "alarm")
 
     def __init__(self, params, n_nodes):
         super().__init__(params, n_nodes)
@@ -64,7 +64,7 @@ class Energy(Program):
     def memory(self) -> list[ArraySpec]:
         k = MAX_CLASSES
         f = [ArraySpec(name, "f8", (k,)) for name in
-             ("target_s", "clock_s", "demand_w", "reserve_demand_w", "energy_wh", "tau_s", "reserve_wh",
+             ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
               "frac", "runtime_s", "s_tau")]
         return [*f, ArraySpec("latched", "u1", (k,)), ArraySpec("reachable", "u1", (k,)),
                 ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
@@ -101,10 +101,10 @@ class Energy(Program):
         m = lambda k: self.mem(img, k)  # noqa: E731
         state = m("state")
         head = (nd["online"], nd["trip"], nd["priority"], nd["demand_w"], nd["forecast_w"], use_fc, nd["soc"],
-                nd["capacity_wh"], nd["max_discharge_w"], nd["link_max_w"], nd["hi_w"], narrowed)
+                nd["capacity_wh"], nd["max_discharge_w"], nd["link_max_w"], nd["lo_w"], nd["hi_w"], narrowed)
         par = (self.soc_min, p.horizon_s, p.reset_hold_s, m("class_of"))
-        tail = (m("target_s"), m("clock_s"), m("latched"), state, m("demand_w"), m("reserve_demand_w"),
-                m("energy_wh"), m("tau_s"), m("reserve_wh"), m("frac"), m("runtime_s"), m("reachable"),
+        tail = (m("target_s"), m("clock_s"), m("latched"), state, m("demand_w"), m("pool_now_w"), m("reserve_demand_w"),
+                m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"), m("runtime_s"), m("reachable"),
                 m("s_tau"), m("s_on"), nd["serve_max_w"], nd["runtime_s"], nd["alarm"])
         main_limit = agg["main_limit_w"]
         dt = Ctx.DT_S
@@ -125,7 +125,7 @@ def class_rows(mem: dict[str, np.ndarray]) -> list[dict]:
         return []
     k = int(mem["energy.state"][ST_N_CLS])
     g = lambda name: mem["energy." + name]  # noqa: E731
-    return [{"priority": int(g("priority")[c]), "demand_w": float(g("reserve_demand_w")[c]),
+    return [{"priority": int(g("priority")[c]), "demand_w": float(g("demand_w")[c]),
              "reserve_wh": float(g("reserve_wh")[c]), "target_s": float(g("target_s")[c]),
              "runtime_s": _num(g("runtime_s")[c]), "reachable": bool(g("reachable")[c])} for c in range(k)]
 

@@ -97,20 +97,23 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
 
 @njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-           tau, reserve_wh, frac, rt, reachable, s_tau, s_on):
+           local_s, tau, reserve_wh, frac, rt, reachable, s_tau, s_on):
     """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
     served (what the main supply gives it in priority order, plus the battery energy it may draw
-    this cycle), reserve_wh, the runtimes and `reachable`. Returns the number of classes whose
-    target is unreachable."""
-    # Battery clocks: class c depends on the batteries while the main supply cannot carry classes
-    # 0..c (it serves the most critical first). All reset once main covers everything for hold_s.
+    this cycle), reserve_wh, the runtimes (of the pool, and at most local_s: the first node of
+    the class whose own battery runs out) and `reachable`. dnow/dres are the pooled demand (the
+    part the links can carry). Returns the number of classes whose target is unreachable."""
+    # Battery clocks: class c rides through on the batteries while the main supply can carry none
+    # of it (it serves the most critical first); a class it carries in part is being peak-shaved,
+    # and main may still fail: its target stays whole. All reset once main has covered everything
+    # for hold_s.
     cum = 0.0
     short = False
     for c in range(k_n):
-        cum += dnow[c]
-        if main_limit_w < cum - _EPS * (1.0 + cum):
+        if dnow[c] > 0.0 and main_limit_w <= cum + _EPS * (1.0 + cum):
             clock_s[c] += dt_s
-            short = True
+        cum += dnow[c]
+        short |= main_limit_w < cum - _EPS * (1.0 + cum)
     state[ST_SHORT] = 1.0 if short else 0.0
     if short:
         state[ST_OK_S] = 0.0
@@ -136,7 +139,9 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         need_wh = (d - m) * dt_s / 3600.0
         a = 1.0
         if need_wh > 0.0:
-            thr = pre if tau[c] > 0.0 else r_all
+            # Riding through (main carries none of it) inside its target: above the reserve of the
+            # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
+            thr = pre if (tau[c] > 0.0 and m <= 0.0) else r_all
             a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, (e_left - thr) / need_wh))
             if a <= 0.0:
                 latched[c] = 1
@@ -150,6 +155,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
     ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on)
     bad = 0
     for c in range(k_n):
+        rt[c] = min(rt[c], local_s[c]) if latched[c] == 0 else 0.0
         ok = rt[c] >= tau[c] - 1e-6 * (1.0 + tau[c])
         reachable[c] = 1 if ok else 0
         bad += not ok
