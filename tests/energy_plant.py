@@ -65,7 +65,7 @@ def random_fleet(rng: np.random.Generator, n: int, classes: int = 4, *, limits: 
 
 
 def fleet_yaml(f: FleetSpec, *, main_limit_w: float, ride_through_s: dict | None, programs: list,
-               profiles: list | None = None) -> str:
+               profiles: list | None = None, period_s: float = 1.0) -> str:
     nodes = []
     for i in range(len(f)):
         node = {"id": f"n{i:03d}", "priority": int(f.priority[i]), "demand_w": float(f.demand_w[i]),
@@ -78,13 +78,15 @@ def fleet_yaml(f: FleetSpec, *, main_limit_w: float, ride_through_s: dict | None
     plant = {"main_limit_w": float(main_limit_w), "stale_ms": 1e9}
     if ride_through_s:
         plant["ride_through_s"] = {int(k): float(v) for k, v in ride_through_s.items()}
-    return yaml.safe_dump({"plant": plant, "nodes": nodes, "programs": programs}, sort_keys=False)
+    return yaml.safe_dump({"cycle": {"cycle_ms": period_s * 1e3}, "plant": plant, "nodes": nodes,
+                           "programs": programs}, sort_keys=False)
 
 
 class EnergyPlant:
-    """Image, programs and ScanEngine from a YAML text; `run(seconds)` steps physics and cycles."""
+    """Image, programs and ScanEngine from a YAML text; `run(seconds)` steps physics and cycles at
+    the configured cycle time (`cycle.cycle_ms`: the programs see the same period)."""
 
-    def __init__(self, text: str, period_s: float = 1.0):
+    def __init__(self, text: str):
         self.cfg, fleet = load_config_text(text)
         progs = build_programs(self.cfg, len(fleet))
         spec = image_spec(self.cfg, fleet, progs, [(0, len(fleet), "sim")])
@@ -92,7 +94,7 @@ class EnergyPlant:
         self.img.node["priority"][:] = fleet.values["priority"]
         self.img.agg["main_limit_w"][0] = self.cfg.plant.main_limit_w
         self.img.ctl[Ctl.MODE] = Mode.RUN
-        self.period_ns = int(round(period_s * 1e9))
+        self.period_ns = int(round(self.cfg.cycle.cycle_ms * 1e6))
         self.eng = ScanEngine(self.img, progs, self.cfg, FakeClock())
         self.sim = SimFleet(fleet, 0, len(fleet))
         self.n = self.img.node

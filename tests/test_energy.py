@@ -15,7 +15,7 @@ import pytest
 
 from vbatt.config import ConfigError, load_config_text
 from vbatt.programs.codes import Alarm
-from vbatt.programs.energy.kernel import energy_step
+from vbatt.programs.energy.kernel import NX_N, energy_step
 from vbatt.programs.energy.rules import ST_E_WH, ST_N, ST_R_WH
 
 from conftest import read_json, run_vbatt
@@ -79,7 +79,7 @@ def test_more_than_64_classes_are_refused_with_the_energy_program():
 def test_without_targets_the_pipeline_does_what_it_did(plants):
     f = random_fleet(np.random.default_rng(3), 16, 4, limits=True)
     f.capacity_wh *= 0.2
-    runs = [plants(fleet_yaml(f, main_limit_w=0, ride_through_s=None, programs=prog), period_s=5.0)
+    runs = [plants(fleet_yaml(f, main_limit_w=0, ride_through_s=None, programs=prog, period_s=5.0))
             for prog in (["allocation"], ["energy", "allocation"])]
     for _ in range(300):
         for p in runs:
@@ -101,7 +101,7 @@ def _hetero(seed=7, n=20, scale=1.0) -> FleetSpec:
 
 
 def _today(plants, f, hours):
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=None, programs=["allocation"]), period_s=5.0)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=None, programs=["allocation"], period_s=5.0))
     p.run(hours * 3600)
     return p.first_shed_s()
 
@@ -112,8 +112,8 @@ def test_outage_meets_every_reachable_target_sheds_lazily_and_outlasts_today(pla
     dem = f.class_demand_w()
     reserve_all = sum(dem[c] * TARGETS[c] for c in dem) / 3600
     assert e_wh > reserve_all  # every target is reachable on the pooled energy
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=TARGETS, programs=["forecast", "energy", "allocation"]),
-               period_s=5.0)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=TARGETS, programs=["forecast", "energy", "allocation"],
+               period_s=5.0))
     trace = []
     p.hooks.append(lambda q: trace.append((q.t_s, q.mem["energy.state"][ST_E_WH], q.mem["energy.reserve_wh"][:4].copy())))
     p.cycle()
@@ -147,8 +147,8 @@ def test_an_unreachable_critical_target_gets_the_pooled_bound_and_an_alarm(plant
     f = _hetero(seed=11)
     bound_s = f.usable_wh().sum() * 3600 / f.class_demand_w()[0]
     targets = {0: 1e6, 1: 1800.0, 2: 600.0, 3: 0.0}
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"]),
-               period_s=5.0)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"],
+               period_s=5.0))
     p.cycle()
     assert p.class_rows()[0]["runtime_s"] == pytest.approx(bound_s, rel=1e-9)
     (line,) = [s for s in p.unreachable() if s.startswith("class 0:")]
@@ -164,7 +164,7 @@ def test_an_unreachable_critical_target_gets_the_pooled_bound_and_an_alarm(plant
 def test_a_30_second_outage_sheds_nothing(plants):
     f = _hetero(scale=4.0)
     text = fleet_yaml(f, main_limit_w=1e6, ride_through_s=TARGETS, programs=["forecast", "energy", "allocation"])
-    p = plants(text, period_s=1.0)
+    p = plants(text)
     p.run(60)
     p.main_limit_w = 0.0
     p.run(30)
@@ -194,8 +194,8 @@ def test_peak_shaving_never_breaches_the_reserve(plants):
     f.capacity_wh *= (1.4 * reserve_wh + 0.5 * deficit_wh) / f.usable_wh().sum()
     results = {}
     for prog in (["allocation"], ["energy", "allocation"]):
-        p = plants(fleet_yaml(f, main_limit_w=main, ride_through_s=targets, programs=prog, profiles=profiles),
-                   period_s=dt)
+        p = plants(fleet_yaml(f, main_limit_w=main, ride_through_s=targets, programs=prog, profiles=profiles,
+                              period_s=dt))
         margins, shaved = [], []
 
         def watch(q):
@@ -227,7 +227,7 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
     targets = {int(c): float(rng.choice([0, 300, 600, 1200, 1800])) for c in np.unique(f.priority)}
     steps, dt = 60, 60.0
     lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w, f.link_max_w, targets, steps, dt)
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"]), period_s=5.0)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
     p.run(steps * dt)
     sim = p.first_shed_s()
     for c in lp:
@@ -249,9 +249,9 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     hi = np.full(n, np.nan)
     energy_step(np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
                 f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
-                soc_min, 3600.0, 60.0, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
-                z(), z(), z(), z(), z(), z(), z(), z(), rt, reach, z(), np.zeros(k, np.uint8),
-                np.zeros(n), np.zeros(n), np.zeros(n, np.uint32))
+                soc_min, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
+                np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
+                *(np.zeros(n) for _ in range(6)), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32))
     return rt[:classes.size], reach[:classes.size]
 
 
@@ -271,3 +271,19 @@ def test_closed_form_on_hundreds_of_random_fleets():
         # No targets: the power order, every class together until the pool is empty.
         rt, reach = _kernel_runtimes(f, {})
         assert rt == pytest.approx(np.full(kc, e * 3600 / d), rel=1e-9) and reach.all()
+
+
+def test_the_chunked_sweep_keeps_the_class_sums_within_one_sweep_of_the_truth(plants):
+    f = _hetero(n=40)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=TARGETS, programs=["energy", "allocation"],
+                          period_s=0.01))  # sweep_s 0.1: 4 nodes a cycle, every node every 10 cycles
+    # A node's sample is at most one sweep old when the sweep completes, and the sums are then used
+    # for one more sweep: at most two sweeps of the fleet's draw.
+    draw_wh = f.demand_w.sum() * 0.2 / 3600
+    for _ in range(30):
+        p.run(0.37)
+        e_true = (p.sim.capacity_wh * np.maximum(0.0, p.sim.soc - 0.1)).sum()
+        e_prog = p.mem["energy.state"][ST_E_WH]
+        assert e_true - 1e-9 <= e_prog <= e_true + draw_wh
+        assert p.mem["energy.demand_w"][:4] == pytest.approx([f.class_demand_w()[c] for c in range(4)])
+    assert p.mem["energy.clock_s"][0] == pytest.approx(p.t_s + 0.01)

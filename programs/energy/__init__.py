@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vbatt.program import Ctx, Program
 from vbatt.seqblock import ArraySpec
 
-from .kernel import energy_step
-from .rules import ST_N, ST_N_CLS
+from .kernel import NX_N, energy_step
+from .rules import ST_N, ST_N_CLS, ST_POS, ST_STARTED
 
 __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unreachable_texts"]
 
@@ -40,6 +40,9 @@ class EnergyParams(BaseModel):
                                                      "this long")] = 60.0
     horizon_s: Annotated[float, Field(gt=0, allow_inf_nan=False,
                                       description="least horizon for stranded energy")] = 3600.0
+    sweep_s: Annotated[float, Field(ge=0, allow_inf_nan=False,
+                                    description="the class sums cover every node within this time "
+                                                "(0: every cycle)")] = 0.1
 
 
 class Energy(Program):
@@ -66,9 +69,10 @@ class Energy(Program):
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
               "frac", "runtime_s", "s_tau")]
-        return [*f, ArraySpec("latched", "u1", (k,)), ArraySpec("reachable", "u1", (k,)),
-                ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
-                ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,))]
+        return [*f, ArraySpec("prev_frac", "f8", (k,)), ArraySpec("latched", "u1", (k,)),
+                ArraySpec("reachable", "u1", (k,)), ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
+                ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),
+                ArraySpec("sweep", "f8", (k, NX_N)), ArraySpec("hi_cap_w", "f8", (self.n,))]
 
     def _classes(self, img) -> None:
         """Classes = the distinct priorities present (sorted); beyond MAX_CLASSES they share the last."""
@@ -102,10 +106,16 @@ class Energy(Program):
         state = m("state")
         head = (nd["online"], nd["trip"], nd["priority"], nd["demand_w"], nd["forecast_w"], use_fc, nd["soc"],
                 nd["capacity_wh"], nd["max_discharge_w"], nd["link_max_w"], nd["lo_w"], nd["hi_w"], narrowed)
-        par = (self.soc_min, p.horizon_s, p.reset_hold_s, m("class_of"))
-        tail = (m("target_s"), m("clock_s"), m("latched"), state, m("demand_w"), m("pool_now_w"), m("reserve_demand_w"),
-                m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"), m("runtime_s"), m("reachable"),
-                m("s_tau"), m("s_on"), nd["serve_max_w"], nd["runtime_s"], nd["alarm"])
+        cycles = max(1, int(round(p.sweep_s / ctx[Ctx.PERIOD_S]))) if ctx[Ctx.PERIOD_S] > 0 else 1
+        chunk = max(1, -(-self.n // cycles))
+        par = (self.soc_min, p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
+        scratch = tuple(np.zeros(self.n) for _ in range(5))
+        tail = (m("target_s"), m("clock_s"), m("latched"), state, m("sweep"), m("demand_w"), m("pool_now_w"),
+                m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
+                m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), *scratch, m("hi_cap_w"),
+                nd["serve_max_w"], nd["runtime_s"], nd["alarm"])
+        state[ST_STARTED] = 0.0  # a (re)bind sweeps every node on its first cycle
+        state[ST_POS] = 0.0
         main_limit = agg["main_limit_w"]
         dt = Ctx.DT_S
 

@@ -8,6 +8,12 @@ runtime is at most e_i / l_i, and it may export only what its own need over the 
 others). Only min(d_i, L_i) of its demand is pooled. A node without that need pools its energy as
 far as its discharge and link can deliver it within H: min(e_i, min(hi_i, d_i + L_i) * H).
 H = the longest remaining target, at least `horizon_s`.
+
+Cost: the class sums come from a sweep over the nodes in chunks (`chunk` nodes a cycle, the whole
+fleet every `ceil(n / chunk)` cycles: 100 ms by default), so their energy is up to one sweep old
+(at most the fleet's draw over that time: small against reserves of minutes to hours); the class
+rules and the per-node limit and cap passes run every cycle. A scatter of many sums per node by
+class costs ~10 ns a node (measured), too much for every cycle at 10,000 nodes.
 """
 
 from __future__ import annotations
@@ -17,39 +23,23 @@ import math
 from numba import njit
 
 from ..codes import Alarm
-from .rules import decide
+from .rules import ST_CAPPED, ST_POS, ST_STARTED, decide
 
-__all__ = ["energy_step", "ENERGY_ALARMS"]
+__all__ = ["energy_step", "ENERGY_ALARMS", "NX_N"]
 
 ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
+# Columns of the sweep's class accumulators: forecast demand, pooled demand now, pooled demand for
+# the reserve, pooled energy, local runtime (min).
+NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 
 
-@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
-                link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
-                soc_min, horizon_s, hold_s,
-                class_of, n_cls, target_s, clock_s, latched, state,
-                dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on,
-                serve_max_w, node_runtime_s, alarm):
-    """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
-    when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
-    node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
-    and the RIDE_THROUGH_SHORT alarm bit; class arrays and `state` are memory."""
-    n = online.shape[0]
-    np_ = class_of.shape[0]
-    for c in range(n_cls):
-        dfull[c] = 0.0
-        dnow[c] = 0.0
-        dres[c] = 0.0
-        energy_wh[c] = 0.0
-        local_s[c] = math.inf
-    h_s = horizon_s
-    active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
-    for c in range(n_cls):
-        h_s = max(h_s, target_s[c] - clock_s[c])
-        active |= target_s[c] > 0.0
-    e_tot = 0.0
-    for i in range(n):
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _node_values(a, b, online, trip, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
+                 link_w, hi_w, narrowed, soc_min, h_s, v_f, v_now, v_res, v_e, v_loc, hi_cap):
+    """Per node of [a, b): what it adds to its class; branch-free (nodes that cannot take part add
+    zeros). hi_cap: the node's own-need limit on its battery (inf: none)."""
+    inv_h = h_s / 3600.0
+    for i in range(a, b):
         d = demand_w[i]
         cw = capacity_wh[i]
         sc = soc[i]
@@ -62,38 +52,129 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         g = 0.0 if trip[i] != 0 else g
         e = cw * max(0.0, sc - soc_min)
         own = max(0.0, d - lk)
-        if not narrowed:
-            lo_w[i] = -math.inf
-            hi_w[i] = math.inf
-        if not ok:
-            continue
-        p = priority[i]
-        c = class_of[min(max(p, 0), np_ - 1)]
+        has = own > 0.0
         f = forecast_w[i] if use_forecast else d
         f = f if (f >= 0.0) & (f < math.inf) else d
-        dfull[c] += f
-        dnow[c] += d - own
-        dres[c] += min(f, lk)
-        if own > 0.0:
-            local_s[c] = min(local_s[c], e * 3600.0 / own if g >= own else 0.0)
-            pooled = min(max(0.0, e - own * h_s / 3600.0), max(0.0, min(g - own, lk)) * h_s / 3600.0)
-            hi_w[i] = min(hi_w[i], max(own, e * 3600.0 / h_s)) if active else hi_w[i]
-        else:
-            pooled = min(e, min(g, d + lk) * h_s / 3600.0)
-        energy_wh[c] += pooled
-        e_tot += pooled
-    bad = decide(n_cls, dnow, dres, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on)
-    for i in range(n):
-        p = priority[i]
-        c = class_of[min(max(p, 0), np_ - 1)]
+        p_own = min(max(0.0, e - own * inv_h), max(0.0, min(g - own, lk)) * inv_h)
+        p_free = min(e, min(g, d + lk) * inv_h)
+        v_e[i] = (p_own if has else p_free) if ok else 0.0
+        v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
+        v_f[i] = f if ok else 0.0
+        v_now[i] = d - own if ok else 0.0
+        v_res[i] = min(f, lk) if ok else 0.0
+        hi_cap[i] = max(own, e / inv_h) if ok & has else math.inf
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _scatter(a, b, priority, class_of, v_f, v_now, v_res, v_e, v_loc, nx):
+    np_ = class_of.shape[0]
+    for i in range(a, b):
+        c = class_of[min(max(priority[i], 0), np_ - 1)]
+        nx[c, NX_DFULL] += v_f[i]
+        nx[c, NX_DNOW] += v_now[i]
+        nx[c, NX_DRES] += v_res[i]
+        nx[c, NX_E] += v_e[i]
+        nx[c, NX_LOC] = min(nx[c, NX_LOC], v_loc[i])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _node_outputs(a, b, priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, runtime_s, reachable,
+                  node_runtime_s, alarm):
+    np_ = class_of.shape[0]
+    for i in range(a, b):
+        c = class_of[min(max(priority[i], 0), np_ - 1)]
         d = demand_w[i]
-        fc = frac[c] if active else 1.0
-        serve_max_w[i] = math.inf if fc >= 1.0 else fc * d
         lk = link_w[i]
         e = capacity_wh[i] * max(0.0, soc[i] - soc_min)
         own = e * 3600.0 / (d - lk) if d > lk else math.inf
         node_runtime_s[i] = min(runtime_s[c], own)
-        a = alarm[i] & ~ENERGY_ALARMS
-        alarm[i] = a | ENERGY_ALARMS if reachable[c] == 0 else a
+        m = alarm[i] & ~ENERGY_ALARMS
+        alarm[i] = m | ENERGY_ALARMS if reachable[c] == 0 else m
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _caps(priority, class_of, demand_w, frac, serve_max_w):
+    np_ = class_of.shape[0]
+    for i in range(priority.shape[0]):
+        fc = frac[class_of[min(max(priority[i], 0), np_ - 1)]]
+        serve_max_w[i] = math.inf if fc >= 1.0 else fc * demand_w[i]
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _limits(narrowed, active, hi_cap, lo_w, hi_w):
+    """Every cycle (protection writes lo_w/hi_w afresh): the own-need limits of the last sweep."""
+    n = hi_w.shape[0]
+    if narrowed:
+        if active:
+            for i in range(n):
+                hi_w[i] = min(hi_w[i], hi_cap[i])
+    else:
+        for i in range(n):
+            lo_w[i] = -math.inf
+            hi_w[i] = hi_cap[i] if active else math.inf
+
+
+@njit(nogil=True, cache=True)
+def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
+                link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
+                soc_min, horizon_s, hold_s, chunk,
+                class_of, n_cls, target_s, clock_s, latched, state, nx,
+                dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
+                s_tau, s_on, v_f, v_now, v_res, v_e, v_loc, hi_cap,
+                serve_max_w, node_runtime_s, alarm):
+    """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
+    when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
+    node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
+    and the RIDE_THROUGH_SHORT alarm bit. Memory: the class arrays, `nx` (the sweep's class
+    accumulators), `state`, hi_cap (per node). v_* are scratch."""
+    n = online.shape[0]
+    h_s = horizon_s
+    active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
+    for c in range(n_cls):
+        h_s = max(h_s, target_s[c] - clock_s[c])
+        active |= target_s[c] > 0.0
+    # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
+    first = state[ST_STARTED] == 0.0
+    a = 0 if first else int(state[ST_POS])
+    b = n if first else min(n, a + chunk)
+    if a == 0:
+        for c in range(n_cls):
+            for j in range(NX_N):
+                nx[c, j] = 0.0
+            nx[c, NX_LOC] = math.inf
+    _node_values(a, b, online, trip, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w, link_w,
+                 hi_w, narrowed, soc_min, h_s, v_f, v_now, v_res, v_e, v_loc, hi_cap)
+    _scatter(a, b, priority, class_of, v_f, v_now, v_res, v_e, v_loc, nx)
+    if b >= n:
+        for c in range(n_cls):
+            dfull[c] = nx[c, NX_DFULL]
+            dnow[c] = nx[c, NX_DNOW]
+            dres[c] = nx[c, NX_DRES]
+            energy_wh[c] = nx[c, NX_E]
+            local_s[c] = nx[c, NX_LOC]
+        b = 0
+    state[ST_POS] = b
+    state[ST_STARTED] = 1.0
+    e_tot = 0.0
+    for c in range(n_cls):
+        e_tot += energy_wh[c]
+    # -- the class rules, every cycle -------------------------------------------------------------
+    bad = decide(n_cls, dnow, dres, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
+                 local_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on)
+    # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
+    # they follow the demand); runtimes and alarms with the sweep ------------------------------------
+    _limits(narrowed, active, hi_cap, lo_w, hi_w)
+    # A cap of 0 or none does not depend on the demand: only a share strictly between follows it.
+    partial = False
+    moved = first
+    for c in range(n_cls):
+        fc = frac[c] if active else 1.0
+        partial |= (fc > 0.0) & (fc < 1.0)
+        moved |= fc != prev_frac[c]
+        prev_frac[c] = fc
+    if partial or moved or state[ST_CAPPED] != 0.0:
+        _caps(priority, class_of, demand_w, prev_frac, serve_max_w)
+    state[ST_CAPPED] = 1.0 if partial else 0.0
+    _node_outputs(0 if first else a, n if first else min(n, a + chunk), priority, class_of, demand_w, soc,
+                  capacity_wh, link_w, soc_min, runtime_s, reachable, node_runtime_s, alarm)
     return bad

@@ -20,10 +20,11 @@ import math
 
 from numba import njit
 
-__all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_N"]
+__all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
+           "ST_STARTED", "ST_CAPPED", "ST_N"]
 
 # Indices into the scalar state memory.
-ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_N = 0, 1, 2, 3, 4, 8
+ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
 
 _EPS = 1e-9
 
