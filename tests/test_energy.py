@@ -287,3 +287,22 @@ def test_the_chunked_sweep_keeps_the_class_sums_within_one_sweep_of_the_truth(pl
         assert e_true - 1e-9 <= e_prog <= e_true + draw_wh
         assert p.mem["energy.demand_w"][:4] == pytest.approx([f.class_demand_w()[c] for c in range(4)])
     assert p.mem["energy.clock_s"][0] == pytest.approx(p.t_s + 0.01)
+
+
+def test_the_snapshot_lists_the_classes(tmp_path):
+    cfg = tmp_path / "energy.yaml"
+    cfg.write_text(TWO % 1)
+    out = tmp_path / "out.json"
+    r = run_vbatt("run", str(cfg), "--cycles", "3", "--snapshot", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    snap = read_json(out)
+    rows = snap["classes"]
+    assert [r["priority"] for r in rows] == [0, 1]
+    assert set(rows[0]) == {"priority", "demand_w", "reserve_wh", "target_s", "runtime_s", "reachable"}
+    # 2 x 40 Wh usable, 100 W per class; the reserve of class 0 (16.7 Wh for 600 s) is never
+    # reached: beyond the targets both ride together to the end of the energy, 80 Wh / 200 W.
+    assert rows[0]["demand_w"] == 100.0 and rows[0]["target_s"] == 600.0 and rows[1]["target_s"] == 60.0
+    assert rows[0]["reserve_wh"] == pytest.approx(100.0 * 600 / 3600, rel=1e-3)
+    assert [r["runtime_s"] for r in rows] == pytest.approx([1440.0, 1440.0], rel=1e-3)
+    assert all(r["reachable"] for r in rows)
+    assert all(n["runtime_s"] > 0 for n in snap["nodes"])
