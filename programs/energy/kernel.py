@@ -34,12 +34,13 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
-def _node_values(online, trip, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
-                 link_w, hi_w, narrowed, soc_min, h_s, v_f, v_now, v_res, v_e, v_loc, hi_cap):
+def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, v_cls, v_f, v_now, v_res, v_e, v_loc, hi_cap):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
     inv_h = h_s / 3600.0
+    np_ = class_of.shape[0]
     for i in range(online.shape[0]):
         d = demand_w[i]
         cw = capacity_wh[i]
@@ -52,7 +53,10 @@ def _node_values(online, trip, demand_w, forecast_w, use_forecast, soc, capacity
         g = min(g, hh) if hh == hh else g
         g = 0.0 if trip[i] != 0 else g
         e = cw * max(0.0, sc - soc_min)
-        own = max(0.0, d - lk)
+        c = class_of[min(max(priority[i], 0), np_ - 1)]
+        v_cls[i] = c
+        # A node of a class shed for energy runs no load: it needs nothing of its own battery.
+        own = max(0.0, d - lk) if latched[c] == 0 else 0.0
         has = own > 0.0
         f = forecast_w[i] if use_forecast else d
         f = f if (f >= 0.0) & (f < math.inf) else d
@@ -67,10 +71,9 @@ def _node_values(online, trip, demand_w, forecast_w, use_forecast, soc, capacity
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _scatter(priority, class_of, v_f, v_now, v_res, v_e, v_loc, nx):
-    np_ = class_of.shape[0]
-    for i in range(priority.shape[0]):
-        c = class_of[min(max(priority[i], 0), np_ - 1)]
+def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
+    for i in range(v_cls.shape[0]):
+        c = v_cls[i]
         nx[c, NX_DFULL] += v_f[i]
         nx[c, NX_DNOW] += v_now[i]
         nx[c, NX_DRES] += v_res[i]
@@ -121,7 +124,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 soc_min, horizon_s, hold_s, chunk,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
-                s_tau, s_on, v_f, v_now, v_res, v_e, v_loc, hi_cap,
+                s_tau, s_on, v_cls, v_f, v_now, v_res, v_e, v_loc, hi_cap,
                 serve_max_w, node_runtime_s, alarm):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
@@ -143,10 +146,10 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             for j in range(NX_N):
                 nx[c, j] = 0.0
             nx[c, NX_LOC] = math.inf
-    _node_values(online[a:b], trip[a:b], demand_w[a:b], forecast_w[a:b], use_forecast, soc[a:b], capacity_wh[a:b],
-                 max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min, h_s, v_f[a:b], v_now[a:b], v_res[a:b],
-                 v_e[a:b], v_loc[a:b], hi_cap[a:b])
-    _scatter(priority[a:b], class_of, v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
+    _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
+                 use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
+                 h_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], hi_cap[a:b])
+    _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
     lo, hi = a, b
     if b >= n:
         for c in range(n_cls):
