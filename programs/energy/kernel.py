@@ -10,9 +10,10 @@ far as its discharge and link can deliver it within H: min(e_i, min(hi_i, d_i + 
 H = the longest remaining target, at least `horizon_s`.
 
 Cost: the class sums come from a sweep over the nodes in chunks (`chunk` nodes a cycle, the whole
-fleet every `ceil(n / chunk)` cycles: 100 ms by default), so their energy is up to one sweep old
+fleet every `ceil(n / chunk)` cycles: 100 ms by default), so their energy is up to two sweeps old
 (at most the fleet's draw over that time: small against reserves of minutes to hours); the class
-rules and the per-node limit and cap passes run every cycle. A scatter of many sums per node by
+rules and the per-node limit pass run every cycle; the caps at once when a class's share moves
+by more than 1 % (or to or from 0 or 1), else with the sweep. A scatter of many sums per node by
 class costs ~10 ns a node (measured), too much for every cycle at 10,000 nodes.
 """
 
@@ -23,7 +24,7 @@ import math
 from numba import njit
 
 from ..codes import Alarm
-from .rules import ST_CAPPED, ST_POS, ST_STARTED, decide
+from .rules import ST_POS, ST_STARTED, decide
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N"]
 
@@ -82,12 +83,14 @@ def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, runtime_s, reachable,
-                  node_runtime_s, alarm):
+def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, runtime_s, reachable, frac,
+                  node_runtime_s, alarm, serve_max_w):
     np_ = class_of.shape[0]
     for i in range(priority.shape[0]):
         c = class_of[min(max(priority[i], 0), np_ - 1)]
         d = demand_w[i]
+        fc = frac[c]
+        serve_max_w[i] = math.inf if fc >= 1.0 else fc * d
         lk = link_w[i]
         e = capacity_wh[i] * max(0.0, soc[i] - soc_min)
         own = e * 3600.0 / (d - lk) if d > lk else math.inf
@@ -170,17 +173,18 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
     _limits(narrowed, active, hi_cap, lo_w, hi_w)
-    # A cap of 0 or none does not depend on the demand: only a share strictly between follows it.
-    partial = False
+    # Caps: all at once when a class's share moved by more than 1 % of its demand or reached or
+    # left 0 or 1 (a shed or a restore acts in this cycle); small moves (a share that follows the
+    # demand) with the sweep, at most one sweep late.
     moved = first
     for c in range(n_cls):
         fc = frac[c] if active else 1.0
-        partial |= (fc > 0.0) & (fc < 1.0)
-        moved |= fc != prev_frac[c]
+        pf = prev_frac[c]
+        edge = (fc <= 0.0) | (fc >= 1.0) | (pf <= 0.0) | (pf >= 1.0)
+        moved |= (fc != pf) & (edge | (abs(fc - pf) > 0.01))
         prev_frac[c] = fc
-    if partial or moved or state[ST_CAPPED] != 0.0:
+    if moved:
         _caps(priority, class_of, demand_w, prev_frac, serve_max_w)
-    state[ST_CAPPED] = 1.0 if partial else 0.0
     _node_outputs(priority[lo:hi], class_of, demand_w[lo:hi], soc[lo:hi], capacity_wh[lo:hi], link_w[lo:hi], soc_min,
-                  runtime_s, reachable, node_runtime_s[lo:hi], alarm[lo:hi])
+                  runtime_s, reachable, prev_frac, node_runtime_s[lo:hi], alarm[lo:hi], serve_max_w[lo:hi])
     return bad
