@@ -6,12 +6,12 @@ reserve `dres` (W, the forecast over the horizon), target `target_s`, battery cl
 this shortage: stays shed until it is over). Remaining target tau_c = max(0, T_c - clock_c).
 
 Reserve of class c: R_c = sum over k <= c, not latched, of dres_k * tau_k. A class draws on
-the batteries only with energy above its threshold: R_{c-1} while it is inside its target,
-R_K (every remaining target) once beyond it. That one rule gives, in a shortage, lazy shedding
-least critical first (its threshold is the highest), peak shaving only above the whole reserve
-(a class with target 0 has threshold R_{c-1} = everything more critical ... and the class with the
-least priority sees R_{K-1}), and the most critical targets protected first when not all are
-reachable. Energy is in Wh, power in W, time in s.
+the batteries only with energy above its threshold: R_{c-1} while it rides through (the main
+supply carries none of it) inside its target; R_K (every remaining target) beyond its target or
+while it is peak-shaved (the main supply carries part of it, and may still fail). That one rule
+gives lazy shedding least critical first (its threshold is the highest), peak shaving only above
+the whole reserve, the power order beyond the targets (one threshold for all of them), and the most
+critical targets protected first when not all are reachable. Energy is in Wh, power in W, time in s.
 """
 
 from __future__ import annotations
