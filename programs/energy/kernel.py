@@ -36,7 +36,8 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, v_cls, v_f, v_now, v_res, v_e, v_loc, hi_cap):
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate,
+                 hi_cap):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -64,6 +65,7 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         p_own = min(max(0.0, e - own * inv_h), max(0.0, min(g - own, lk)) * inv_h)
         p_free = min(e, min(g, d + lk) * inv_h)
         v_e[i] = (p_own if has else p_free) if ok else 0.0
+        v_rate[i] = (max(0.0, min(g - own, lk)) if has else min(g, d + lk)) if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
         v_f[i] = f if ok else 0.0
         v_now[i] = d - own if ok else 0.0
@@ -80,6 +82,17 @@ def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
         nx[c, NX_DRES] += v_res[i]
         nx[c, NX_E] += v_e[i]
         nx[c, NX_LOC] = min(nx[c, NX_LOC], v_loc[i])
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _horizons(v_e, v_rate, hz_s, n_cls, ax):
+    """ax[k] += the energy these nodes can deliver within hz_s[k] at their power: min(e_i, p_i hz)."""
+    for k in range(n_cls):
+        h = hz_s[k] / 3600.0
+        t = 0.0
+        for i in range(v_e.shape[0]):
+            t += min(v_e[i], v_rate[i] * h)
+        ax[k] += t
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -127,7 +140,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 soc_min, horizon_s, hold_s, chunk,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
-                s_tau, s_on, v_cls, v_f, v_now, v_res, v_e, v_loc, hi_cap,
+                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, hi_cap,
                 serve_max_w, node_runtime_s, alarm):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
@@ -149,10 +162,13 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             for j in range(NX_N):
                 nx[c, j] = 0.0
             nx[c, NX_LOC] = math.inf
+            hz_s[c] = max(0.0, target_s[c] - clock_s[c])
+            ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 h_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], hi_cap[a:b])
+                 h_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], hi_cap[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
+    _horizons(v_e[a:b], v_rate[a:b], hz_s, n_cls, ax)
     lo, hi = a, b
     if b >= n:
         for c in range(n_cls):
@@ -161,6 +177,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             dres[c] = nx[c, NX_DRES]
             energy_wh[c] = nx[c, NX_E]
             local_s[c] = nx[c, NX_LOC]
+            a_wh[c] = ax[c]
         b = 0
     state[ST_POS] = b
     state[ST_STARTED] = 1.0
@@ -169,7 +186,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dres, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on)
+                 local_s, a_wh, hz_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
     _limits(narrowed, active, hi_cap, lo_w, hi_w)

@@ -98,7 +98,7 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
 
 @njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-           local_s, tau, reserve_wh, frac, rt, reachable, s_tau, s_on):
+           local_s, a_wh, hz_s, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh):
     """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
     served (what the main supply gives it in priority order, plus the battery energy it may draw
     this cycle), reserve_wh, the runtimes (of the pool, and at most local_s: the first node of
@@ -129,6 +129,19 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         tau[c] = max(0.0, target_s[c] - clock_s[c])
         if latched[c] == 0:
             r_all += dres[c] * tau[c] / 3600.0
+    # Power: energy is not enough, it must be deliverable in time. a_wh[k] = A(hz_k), the energy
+    # the batteries can deliver within hz_k (~ tau_k) at their power limits, sum min(e_i, p_i hz_k).
+    # A reserve (a demand profile falling at each tau_j) can be served iff for every horizon
+    # m = tau_k: A(m) >= sum_j D_j min(tau_j, m) (for a falling demand the prefix [0, m] is the
+    # tightest of all sets of time: A is concave, so its breakpoints suffice). cum_wh[k]: that sum
+    # over the classes before c; tot_wh[k]: over all.
+    for k in range(k_n):
+        cum_wh[k] = 0.0
+        t = 0.0
+        for j in range(k_n):
+            if latched[j] == 0:
+                t += dres[j] * min(tau[j], tau[k]) / 3600.0
+        tot_wh[k] = t
     # This cycle: main supply in priority order, then battery energy above each class's threshold.
     m_left = main_limit_w
     e_left = e_wh
@@ -142,14 +155,22 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         if need_wh > 0.0:
             # Riding through (main carries none of it) inside its target: above the reserve of the
             # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
-            thr = pre if (tau[c] > 0.0 and m <= 0.0) else r_all
-            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, (e_left - thr) / need_wh))
+            riding = tau[c] > 0.0 and m <= 0.0
+            thr = pre if riding else r_all
+            avail = e_left - thr
+            drawn = e_wh - e_left
+            for k in range(c if riding else k_n):
+                if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
+                    avail = min(avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
+            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, avail / need_wh))
             if a <= 0.0:
                 latched[c] = 1
             e_left -= a * need_wh
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
         if latched[c] == 0:
             pre += dres[c] * tau[c] / 3600.0
+            for k in range(k_n):
+                cum_wh[k] += dres[c] * min(tau[c], tau[k]) / 3600.0
         reserve_wh[c] = pre
     state[ST_E_WH] = e_wh
     state[ST_R_WH] = pre
