@@ -37,7 +37,7 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
                  max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate,
-                 hi_cap):
+                 v_g, v_d, hi_cap):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -65,7 +65,12 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         p_own = min(max(0.0, e - own * inv_h), max(0.0, min(g - own, lk)) * inv_h)
         p_free = min(e, min(g, d + lk) * inv_h)
         v_e[i] = (p_own if has else p_free) if ok else 0.0
-        v_rate[i] = (max(0.0, min(g - own, lk)) if has else min(g, d + lk)) if ok else 0.0
+        # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
+        # t = how long within m its own load is served. A node with a local need exports only.
+        ex = max(0.0, min(g - own, lk))
+        v_g[i] = (ex if has else g) if ok else 0.0
+        v_rate[i] = (ex if has else lk) if ok else 0.0
+        v_d[i] = (0.0 if has else d) if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
         v_f[i] = f if ok else 0.0
         v_now[i] = d - own if ok else 0.0
@@ -85,13 +90,16 @@ def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _horizons(v_e, v_rate, hz_s, n_cls, ax):
-    """ax[k] += the energy these nodes can deliver within hz_s[k] at their power: min(e_i, p_i hz)."""
+def _horizons(v_cls, v_e, v_rate, v_g, v_d, hz_s, n_cls, ax):
+    """ax[k] += the energy these nodes can deliver within m = hz_s[k] at their limits: at most its
+    discharge limit g_i m, and its link L_i m plus its own load while that is served (its class's
+    remaining target, within m): min(e_i, g_i m, L_i m + d_i min(tau_c, m))."""
     for k in range(n_cls):
-        h = hz_s[k] / 3600.0
+        m = hz_s[k]
         t = 0.0
         for i in range(v_e.shape[0]):
-            t += min(v_e[i], v_rate[i] * h)
+            own_s = min(hz_s[v_cls[i]], m)
+            t += min(v_e[i], min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0)
         ax[k] += t
 
 
@@ -140,7 +148,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 soc_min, horizon_s, hold_s, chunk,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
-                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, hi_cap,
+                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
+                hi_cap,
                 serve_max_w, node_runtime_s, alarm):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
@@ -166,9 +175,10 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 h_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], hi_cap[a:b])
+                 h_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
+                 v_d[a:b], hi_cap[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
-    _horizons(v_e[a:b], v_rate[a:b], hz_s, n_cls, ax)
+    _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], hz_s, n_cls, ax)
     lo, hi = a, b
     if b >= n:
         for c in range(n_cls):
