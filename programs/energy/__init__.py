@@ -109,7 +109,7 @@ class Energy(Program):
         cycles = max(1, int(round(p.sweep_s / ctx[Ctx.PERIOD_S]))) if ctx[Ctx.PERIOD_S] > 0 else 1
         chunk = max(1, -(-self.n // cycles))
         par = (self.soc_min, p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
-        scratch = (np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(8)))
+        scratch = (np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(10)))
         tail = (m("target_s"), m("clock_s"), m("latched"), state, m("sweep"), m("demand_w"), m("pool_now_w"),
                 m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
                 m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),

@@ -36,8 +36,8 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate,
-                 v_g, v_d, hi_cap):
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, hz_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
+                 v_rate, v_g, v_d, v_own, v_eraw, hi_cap):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -62,20 +62,24 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         has = own > 0.0
         f = forecast_w[i] if use_forecast else d
         f = f if (f >= 0.0) & (f < math.inf) else d
-        p_own = min(max(0.0, e - own * inv_h), max(0.0, min(g - own, lk)) * inv_h)
+        # Its own need is locked for as long as its class has target left (within the horizon);
+        # the rest it can export once its class no longer runs.
+        lock_h = min(h_s, hz_s[c]) / 3600.0
+        p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
         p_free = min(e, min(g, d + lk) * inv_h)
         v_e[i] = (p_own if has else p_free) if ok else 0.0
         # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
         # t = how long within m its own load is served. A node with a local need exports only.
-        ex = max(0.0, min(g - own, lk))
-        v_g[i] = (ex if has else g) if ok else 0.0
-        v_rate[i] = (ex if has else lk) if ok else 0.0
+        v_g[i] = g if ok else 0.0
+        v_rate[i] = (min(g, lk) if has else lk) if ok else 0.0
         v_d[i] = (0.0 if has else d) if ok else 0.0
+        v_own[i] = own if ok else 0.0
+        v_eraw[i] = e if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
         v_f[i] = f if ok else 0.0
         v_now[i] = d - own if ok else 0.0
         v_res[i] = min(f, lk) if ok else 0.0
-        hi_cap[i] = max(own, e / inv_h) if ok & has else math.inf
+        hi_cap[i] = own + max(0.0, e - own * lock_h) / inv_h if ok & has else math.inf
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
@@ -90,16 +94,20 @@ def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _horizons(v_cls, v_e, v_rate, v_g, v_d, hz_s, n_cls, ax):
+def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
     """ax[k] += the energy these nodes can deliver within m = hz_s[k] at their limits: at most its
     discharge limit g_i m, and its link L_i m plus its own load while that is served (its class's
-    remaining target, within m): min(e_i, g_i m, L_i m + d_i min(tau_c, m))."""
+    remaining target, within m): min(e_i, g_i m, L_i m + d_i min(tau_c, m)). A node with a local
+    need l_i delivers nothing to the pool while its class runs, then at most its link:
+    min(e_i - l_i t, min(g_i, L_i) (m - t)), t = min(tau_c, m)."""
     for k in range(n_cls):
         m = hz_s[k]
         t = 0.0
         for i in range(v_e.shape[0]):
             own_s = min(hz_s[v_cls[i]], m)
-            t += min(v_e[i], min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0)
+            free = min(v_e[i], min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0)
+            loc = min(max(0.0, v_eraw[i] - v_own[i] * own_s / 3600.0), v_rate[i] * (m - own_s) / 3600.0)
+            t += loc if v_own[i] > 0.0 else free
         ax[k] += t
 
 
@@ -149,7 +157,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
-                hi_cap,
+                v_own, v_eraw, hi_cap,
                 serve_max_w, node_runtime_s, alarm):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
@@ -175,10 +183,10 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 h_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
-                 v_d[a:b], hi_cap[a:b])
+                 h_s, hz_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
+                 v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
-    _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], hz_s, n_cls, ax)
+    _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
     lo, hi = a, b
     if b >= n:
         for c in range(n_cls):
