@@ -102,6 +102,8 @@ def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
     min(e_i - l_i t, min(g_i, L_i) (m - t)), t = min(tau_c, m)."""
     for k in range(n_cls):
         m = hz_s[k]
+        if m <= 0.0:  # no target left: no horizon to check
+            continue
         t = 0.0
         for i in range(v_e.shape[0]):
             own_s = min(hz_s[v_cls[i]], m)
