@@ -311,3 +311,18 @@ def test_the_snapshot_lists_the_classes(tmp_path):
     assert [r["runtime_s"] for r in rows] == pytest.approx([1440.0, 1440.0], rel=1e-3)
     assert all(r["reachable"] for r in rows)
     assert all(n["runtime_s"] > 0 for n in snap["nodes"])
+
+
+def test_a_program_built_again_without_the_configuration_keeps_the_targets(plants):
+    """A parameter reload builds the programs from their parameters alone and binds them to the same
+    memory (ScanEngine._rebind): the targets and soc_min must survive it."""
+    from vbatt.programs.energy import Energy, EnergyParams
+
+    p = plants(TWO % 1 + "cycle: {cycle_ms: 1000}\n")
+    p.run(3)
+    assert p.mem["energy.target_s"][:2].tolist() == [600.0, 60.0]
+    again = Energy(EnergyParams(reset_hold_s=30), len(p.prio))
+    p.eng.steps = [(pid, again.bind(p.img, p.eng.ctx) if pid == "energy" else s) for pid, s in p.eng.steps]
+    p.run(3)
+    assert p.mem["energy.target_s"][:2].tolist() == [600.0, 60.0]
+    assert p.mem["energy.soc_min"][0] == 0.1 and p.class_rows()[0]["runtime_s"] > 0

@@ -56,6 +56,7 @@ class Energy(Program):
         super().__init__(params, n_nodes)
         self.targets: dict[int, float] = {}
         self.soc_min = params.soc_min if params.soc_min is not None else 0.1
+        self.configured = False
 
     def configure(self, cfg) -> None:
         self.targets = dict(cfg.plant.ride_through_s)
@@ -63,6 +64,16 @@ class Energy(Program):
             for e in cfg.programs:
                 if e.id == "allocation":
                     self.soc_min = e.params.soc_min
+        self.configured = True
+
+    def _settings(self, img) -> None:
+        """The targets (per priority; NaN: none) and soc_min live in memory: a program built again
+        without the configuration (a parameter reload) keeps them."""
+        by_prio = self.mem(img, "target_by_priority_s")
+        by_prio[:] = np.nan
+        for p, t in self.targets.items():
+            by_prio[p] = t
+        self.mem(img, "soc_min")[0] = self.soc_min
 
     def memory(self) -> list[ArraySpec]:
         k = MAX_CLASSES
@@ -72,7 +83,8 @@ class Energy(Program):
         return [*f, ArraySpec("prev_frac", "f8", (k,)), ArraySpec("latched", "u1", (k,)),
                 ArraySpec("reachable", "u1", (k,)), ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
                 ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),
-                ArraySpec("sweep", "f8", (k, NX_N)), ArraySpec("hi_cap_w", "f8", (self.n,))]
+                ArraySpec("sweep", "f8", (k, NX_N)), ArraySpec("hi_cap_w", "f8", (self.n,)),
+                ArraySpec("target_by_priority_s", "f8", (PRIO_N,)), ArraySpec("soc_min", "f8", (1,))]
 
     def _classes(self, img) -> None:
         """Classes = the distinct priorities present (sorted); beyond MAX_CLASSES they share the last."""
@@ -84,10 +96,12 @@ class Energy(Program):
         self.mem(img, "priority")[:] = -1
         self.mem(img, "priority")[: prios.size] = prios
         self.mem(img, "target_s")[:] = 0.0
-        self.mem(img, "target_s")[: prios.size] = [self.targets.get(int(p), 0.0) for p in prios]
+        by_prio = self.mem(img, "target_by_priority_s")[prios]
+        self.mem(img, "target_s")[: prios.size] = np.where(np.isnan(by_prio), 0.0, by_prio)
         self.mem(img, "state")[ST_N_CLS] = prios.size
 
     def init(self, img) -> None:
+        self._settings(img)
         self._classes(img)
 
     def on_command(self, img, op, node, value, arg) -> None:
@@ -99,7 +113,11 @@ class Energy(Program):
     def bind(self, img, ctx):
         p: EnergyParams = self.params
         nd, agg = img.node, img.agg
-        self._classes(img)  # the targets may be new (a reload); the classes follow the priorities
+        if self.configured:  # from the configuration; else (a reload of parameters) as in memory
+            self._settings(img)
+        elif self.params.soc_min is not None:
+            self.mem(img, "soc_min")[0] = self.params.soc_min
+        self._classes(img)
         narrowed = any(k.startswith("protection.") for k in img.mem)
         use_fc = any(k.startswith("forecast.") for k in img.mem)
         m = lambda k: self.mem(img, k)  # noqa: E731
@@ -108,7 +126,7 @@ class Energy(Program):
                 nd["capacity_wh"], nd["max_discharge_w"], nd["link_max_w"], nd["lo_w"], nd["hi_w"], narrowed)
         cycles = max(1, int(round(p.sweep_s / ctx[Ctx.PERIOD_S]))) if ctx[Ctx.PERIOD_S] > 0 else 1
         chunk = max(1, -(-self.n // cycles))
-        par = (self.soc_min, p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
+        par = (float(m("soc_min")[0]), p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
         scratch = (np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(10)))
         tail = (m("target_s"), m("clock_s"), m("latched"), state, m("sweep"), m("demand_w"), m("pool_now_w"),
                 m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
