@@ -50,8 +50,16 @@ nodes:
 PIPELINE = (REPO / "runtime" / "default.yaml").read_text().split("\nprograms:", 1)[1]
 
 
-def _image(n: int):
-    cfg, fleet = load_config_text(FLEET.format(n=n, main=150.0 * n) + "programs:" + PIPELINE)
+ENERGY_PIPELINE = PIPELINE.replace("\n  - allocation:", "\n  - energy\n  - allocation:")
+ENERGY_PIPELINE_IDS = ["forecast", "protection", "energy", "allocation", "health"]
+RIDE_THROUGH = "plant: {{main_limit_w: {main}, ride_through_s: {{0: 14400, 1: 1800, 2: 600, 3: 0}}}}"
+
+
+def _image(n: int, energy: bool = False):
+    fleet_text = FLEET.format(n=n, main=150.0 * n)
+    if energy:
+        fleet_text = fleet_text.replace("plant: {main_limit_w: %s}" % (150.0 * n), RIDE_THROUGH.format(main=150.0 * n))
+    cfg, fleet = load_config_text(fleet_text + "programs:" + (ENERGY_PIPELINE if energy else PIPELINE))
     progs = build_programs(cfg, n)
     img = ProcessImage.create(image_spec(cfg, fleet, progs, [(0, n, "sim")]))
     nd = img.node
@@ -88,6 +96,36 @@ def test_pipeline_cycle(benchmark, n):
         benchmark.extra_info["n"] = n
         benchmark(cycle)
         assert np.all(np.isfinite(img.node["battery_w"]))
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("n", [1_000, 10_000])
+def test_energy_share_of_the_pipeline(benchmark, n):
+    """The pipeline with the energy program (targets set, main supply short of demand: the caps are
+    in use), and the energy step's own share, timed as the median of repeated cycles."""
+    img, steps = _image(n, energy=True)
+    try:
+        assert "energy.state" in img.mem and img.mem["energy.target_s"][0] == 14400.0
+        energy_step = steps[ENERGY_PIPELINE_IDS.index("energy")]
+
+        def cycle():
+            for s in steps:
+                s()
+
+        for _ in range(5):
+            cycle()
+        times = []
+        for _ in range(200):
+            t0 = time.perf_counter_ns()
+            energy_step()
+            times.append(time.perf_counter_ns() - t0)
+        benchmark.extra_info["n"] = n
+        benchmark.extra_info["energy_step_us_median"] = float(np.median(times)) / 1e3
+        benchmark(cycle)
+        benchmark.extra_info["energy_share"] = (benchmark.extra_info["energy_step_us_median"]
+                                                / (benchmark.stats.stats.median * 1e6))
+        assert (img.node["shed_w"] > 0).any()  # the shortage is real: classes are capped
     finally:
         img.close()
 

@@ -59,6 +59,7 @@ _UNITS = {
     "degC": ("CEL", "°C", "degree Celsius"),
     "W": ("WTT", "W", "watt"),
     "Wh": ("WHR", "Wh", "watt hour"),
+    "s": ("SEC", "s", "second"),
     "ms": ("C26", "ms", "millisecond"),
     "us": ("B98", "µs", "microsecond"),
     "ns": ("C47", "ns", "nanosecond"),

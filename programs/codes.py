@@ -70,6 +70,7 @@ ALARM_CODES: tuple[Code, ...] = (
     Code(10, "BAD_DATA", 800, "Node data missing, NaN or out of range"),
     Code(11, "SAFE_ALLOCATION", 800, "Allocator fell back to the safe allocation (own battery, no bus transfer)"),
     Code(12, "LOAD_SHED", 700, "Part of the node's load is shed"),
+    Code(13, "RIDE_THROUGH_SHORT", 700, "The node's priority class cannot ride through its target on the energy left"),
 )
 
 

@@ -53,7 +53,7 @@ _VH, _VL, _IH = int(Alarm.VOLTAGE_HIGH), int(Alarm.VOLTAGE_LOW), int(Alarm.CURRE
 _TH, _TL, _TR = int(Alarm.TEMPERATURE_HIGH), int(Alarm.TEMPERATURE_LOW), int(Alarm.TEMPERATURE_RISE)
 _SL, _SH, _RD = int(Alarm.SOC_LOW), int(Alarm.SOC_HIGH), int(Alarm.RESISTANCE_DRIFT)
 _STALE, _BAD = int(Alarm.STALE_DATA), int(Alarm.BAD_DATA)
-_OWN = 0xFFFFFFFF & ~ALLOC_ALARMS
+_OWN = 0xFFFFFFFF & ~(ALLOC_ALARMS | int(Alarm.RIDE_THROUGH_SHORT))  # the energy program owns that one
 
 Opt = float | None
 

@@ -206,7 +206,7 @@ class Proportional(Allocation):
         prep = (*inputs, nd["capacity_wh"], narrowed, derate, use_derate, p.soc_min, p.soc_max,
                 nd["lo_w"], nd["hi_w"], unit)
         # soc_min 0 in the kernel: the reserve is already in hi_w, and the weight is then soc itself
-        head = (*inputs, unit, nd["priority"], True, derate, False)
+        head = (*inputs, unit, nd["priority"], True, derate, False, nd["serve_max_w"], True)
         par = (0.0, p.soc_max, p.ramp_w_per_s, p.restore_hold_s, p.restore_margin)
         mem = [self.mem(img, k) for k in ("order", "held_w", "timer_s", "state")]
         tail = (*mem, nd["battery_w"], nd["served_w"], nd["shed_w"], nd["bus_w"], nd["lo_w"], nd["hi_w"],

@@ -18,6 +18,7 @@ BUILTIN: dict[str, str] = {
     "user": "vbatt.programs.user:UserPrograms",
     "isolated": "vbatt.programs.policies:Isolated",  # reference policies of `vbatt simulate`
     "proportional": "vbatt.programs.policies:Proportional",
+    "energy": "vbatt.programs.energy:Energy",
 }
 
 _REGISTRY = Registry("vbatt.programs", BUILTIN)

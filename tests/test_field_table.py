@@ -267,6 +267,7 @@ SPELLED_ON_PURPOSE = {
     "programs/health.py": "program binding: reads",
     "programs/protection.py": "program binding: reads, writes",
     "programs/safe.py": "program binding: reads, writes",
+    "programs/energy/__init__.py": "program binding: writes; per-class memory and the snapshot's class keys",
     "runtime/kernel/aggregates.py": "the aggregate kernel's output vector and arguments",
     "drivers/node/backends/sysfs.py": "the values a laptop battery cannot measure, from its config",
     "runtime/soak/ua.py": "the few variables the soak harness watches",

@@ -278,7 +278,7 @@ def test_runtime_series_is_plotted_when_a_program_keeps_one(tmp_path):
     text = TWO_NODES.replace("duration_s: 30000", "duration_s: 3600").replace(
         "programs:\n", "programs:\n  - user:\n      steps:\n        - function: tests/sim_runtime_program.py:own_runtime\n"
         "          params: {soc_min: 0.1}\n"
-        "          memory: {runtime_s: f8}\n")
+        "          writes: [runtime_s]\n")
     loaded = load_scenario_text(text, "rt.yaml")
     res = [simulate(loaded, p, points=60) for p in ("isolated", "vbatt")]
     rt = res[0].rec.rec_c[:, CS.RUNTIME_S, :]

@@ -67,15 +67,16 @@ class Workspace:
 
 @njit(nogil=True, cache=True)
 def allocation_step(online, trip, demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh,
-                    priority, agg_main_limit_w, agg_main_w, dt_s, soc_min, soc_max, ramp_w_per_s,
+                    priority, serve_max_w, agg_main_limit_w, agg_main_w, dt_s, soc_min, soc_max, ramp_w_per_s,
                     restore_hold_s, restore_margin, order, held_w, timer_s, state,
                     battery_w, served_w, shed_w, bus_w, lo_w, hi_w, alarm, scratch):
     """The program's kernel, bound by name. lo_w/hi_w arrive narrowed by the programs before it
     (from the device limits the scan set at the latch); the kernel never goes beyond the device
-    limits whatever they say."""
+    limits whatever they say. serve_max_w caps the load it may serve (+inf unless a program such
+    as `energy` narrows it)."""
     use, cap, fa, x, w, blo, bhi, sidx, s_w, s_lo, s_hi, s_x, tmp = scratch
     agg_main_w[0] = allocate(online, trip, demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh,
-                             priority, True, lo_w, False, agg_main_limit_w[0], dt_s[0],
+                             priority, True, lo_w, False, serve_max_w, True, agg_main_limit_w[0], dt_s[0],
                              soc_min, soc_max, ramp_w_per_s, restore_hold_s, restore_margin,
                              order, held_w, timer_s, state, battery_w, served_w, shed_w, bus_w, lo_w, hi_w, alarm,
                              use, cap, fa, x, w, blo, bhi, sidx, s_w, s_lo, s_hi, s_x, tmp)
@@ -110,13 +111,13 @@ class Allocation(Program):
 
 
 def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh, priority=None,
-           main_limit_w: float = 0.0, *, online=None, trip=None, lo_w=None, hi_w=None,
+           main_limit_w: float = 0.0, *, online=None, trip=None, lo_w=None, hi_w=None, serve_max_w=None,
            params: AllocationParams | None = None):
     """An allocation from scratch (no memory, no ramp) on arrays prepared once: returns `run`,
     which solves the instance again on every call (as a cycle does: nothing allocated) and returns
     the outputs and main_w. For tests, tools and benchmarks (timing the solve, not the set-up).
 
-    lo_w/hi_w, when given, are protection's narrowed limits."""
+    lo_w/hi_w, when given, are protection's narrowed limits; serve_max_w a cap on the served load."""
     d = np.asarray(demand_w, dtype=np.float64)
     n = d.shape[0]
     f = lambda a, v=0.0: np.full(n, v) if a is None else np.asarray(a, dtype=np.float64).copy()  # noqa: E731
@@ -125,6 +126,8 @@ def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh
     on = np.ones(n, np.uint8) if online is None else np.asarray(online, dtype=np.uint8)
     tr = np.zeros(n, np.uint32) if trip is None else np.asarray(trip, dtype=np.uint32)
     narrowed = lo_w is not None or hi_w is not None
+    inf_cap = np.full(n, np.inf)
+    smax = inf_cap if serve_max_w is None else np.asarray(serve_max_w, dtype=np.float64).copy()
     lo0, hi0 = f(lo_w, -np.inf), f(hi_w, np.inf)
     lo, hi = lo0.copy(), hi0.copy()  # the kernel writes the limits it used into them
     out = {k: np.zeros(n) for k in ("battery_w", "served_w", "shed_w", "bus_w")}
@@ -132,7 +135,7 @@ def solver(demand_w, max_discharge_w, max_charge_w, link_max_w, soc, capacity_wh
     order0 = np.argsort(prio, kind="stable").astype(np.int64)
     order, held, timer, state = order0.copy(), np.zeros(n), np.zeros(n), np.zeros(ST_N)
     head = (on, tr, d, f(max_discharge_w), f(max_charge_w), f(link_max_w), f(soc), f(capacity_wh), prio,
-            narrowed, np.ones(n), False, float(main_limit_w), 0.0, p.soc_min, p.soc_max, 0.0, 0.0, 0.0,
+            narrowed, np.ones(n), False, smax, smax is not inf_cap, float(main_limit_w), 0.0, p.soc_min, p.soc_max, 0.0, 0.0, 0.0,
             order, held, timer, state, out["battery_w"], out["served_w"], out["shed_w"], out["bus_w"], lo, hi,
             alarm, *Workspace(n).scratch())
 

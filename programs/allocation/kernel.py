@@ -16,7 +16,8 @@ Stages, each the exact optimum of its own problem given the earlier stages:
    part of a node's own load its battery covers while it still exports its full
    link). Classes are served in order while the budget lasts; in the class that
    is cut, the shed s_i minimises sum s_i^2 / d_i ("pro rata to demand") within
-   [d_i - cap_i, d_i - min(cap_i, free_i)], cap_i = min(d_i, hi_i + L_i):
+   [d_i - cap_i, d_i - min(cap_i, free_i)], cap_i = min(d_i, hi_i + L_i, serve_max_i)
+   (serve_max_i: a program's cap on the load served, e.g. the energy program's reserve):
    water-filling with weights d_i. Less critical classes then keep only the
    load their own islands cover for free (never at a more critical node's
    expense: lexicographic maximum of served load per class).
@@ -131,13 +132,14 @@ def _fine(x):
 # nodes: 179 -> 60 us); no 'nnan'/'ninf': NaN inputs are detected by comparisons and must stay so.
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
 def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity_wh, priority,
-             narrowed, derate, use_derate, main_limit_w, dt_s,
+             narrowed, derate, use_derate, serve_max_w, capped, main_limit_w, dt_s,
              soc_min, soc_max, ramp_w_per_s, hold_s, restore_margin,
              order, held_w, timer_s, state,
              battery_w, served_w, shed_w, bus_w, lo_w, hi_w, alarm,
              use, cap, fa, x, w, blo, bhi, sidx, s_w, s_lo, s_hi, s_x, tmp):
     """Reads the node inputs, `priority`, `lo_w`/`hi_w` (when `narrowed`: protection ran
-    first), `derate` (health, when `use_derate`), `battery_w` (last setpoint, for the ramp);
+    first), `derate` (health, when `use_derate`), `serve_max_w` (a program's cap on the load
+    served, e.g. the energy program's, when `capped`), `battery_w` (last setpoint, for the ramp);
     writes battery_w, served_w, shed_w, bus_w, lo_w, hi_w, the allocation alarm bits.
     Returns main_w. Memory: order, held_w, timer_s, state. The rest is scratch.
 
@@ -190,8 +192,10 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         h = max(0.0 if (sc <= soc_min) | (cw <= 0.0) else h, 0.0)
         lo_w[i] = l
         hi_w[i] = h
-        # Stage 2's sums (see there), and stage 3's for r = cp.
-        cp = min(d, h + lk)
+        # Stage 2's sums (see there), and stage 3's for r = cp. A program's cap on the served load
+        # (NaN: none) narrows what is servable, like the limits do.
+        sm = serve_max_w[i] if capped else math.inf
+        cp = min(d, h + lk, max(sm, 0.0) if sm == sm else math.inf)
         f0 = min(cp, max(0.0, h - lk))
         served_w[i] = cp
         slack += min(h, lk) if ok else 0.0
@@ -250,7 +254,8 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
                     continue
                 d = _res(demand_w[i], RES_W)
                 lk = _res(link_w[i], RES_W)
-                cp = min(d, hi_w[i] + lk)
+                sm = serve_max_w[i] if capped else math.inf
+                cp = min(d, hi_w[i] + lk, max(sm, 0.0) if sm == sm else math.inf)
                 f0 = min(cp, max(0.0, hi_w[i] - lk))
                 cap[i] = cp
                 fa[i] = f0

@@ -110,7 +110,13 @@ def cmd_run(args) -> int:
         if args.stats_json:
             write_json(args.stats_json, stats)
         if args.snapshot:
-            write_json(args.snapshot, snapshot(img, img.read_last_cycle()))
+            from vbatt.programs.energy import class_rows
+
+            snap = snapshot(img, img.read_last_cycle())
+            # per priority class (docs/energy.md), from the energy program's memory (empty without it),
+            # written by the last cycle: the scan has stopped, so it is read whole
+            snap["classes"] = class_rows(img.mem)
+            write_json(args.snapshot, snap)
         sup.close()
     w = stats["wake_us"]["run"]
     summary = (f"vbatt: {reason}: {stats['cycles']:,} cycles, {stats['overruns']} overruns, "

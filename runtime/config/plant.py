@@ -125,6 +125,9 @@ _PlantValues = create_model("_PlantValues", __base__=Strict, **field_keys(fields
 
 class PlantConfig(_PlantValues):
     stale_ms: Annotated[float, Field(gt=0)] = 1000.0
+    # DESIGN §2b: per priority class, how long it must stay served on batteries alone if the main
+    # supply fails now (s). The classes must exist in the fleet (checked in `validate`).
+    ride_through_s: dict[Annotated[int, Field(ge=0, le=1000)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
 
 
 def _names(names: list[str]) -> str:
@@ -358,6 +361,7 @@ def validate(located: Located) -> tuple[Config, Fleet]:
         raise ConfigError(problems)
     cfg = cfg.model_copy(update={"programs": programs, "source": located.source})
     fleet = build_fleet(cfg, located)
+    _check_classes(cfg, fleet, located)
     for name, spec in _SPECS.items():  # e.g. port clashes, here rather than at driver start
         if spec.check is None:
             continue
@@ -368,6 +372,25 @@ def validate(located: Located) -> tuple[Config, Fleet]:
     if problems:
         raise ConfigError(problems)
     return cfg, fleet
+
+
+MAX_CLASSES = 64  # the energy program's per-class arrays (DESIGN §2b); K is small by design
+
+
+def _check_classes(cfg: Config, fleet: Fleet, located: Located) -> None:
+    """ride_through_s names classes that exist; the energy program takes at most MAX_CLASSES classes."""
+    present = set(np.unique(fleet.values["priority"]).tolist())
+    problems = []
+    for k in cfg.plant.ride_through_s:
+        if k not in present:
+            path = ("plant", "ride_through_s", str(k))
+            problems.append(f"{located.where(path)}: {format_path(path)}: no node has priority {k} "
+                            f"(classes present: {sorted(present)})")
+    if len(present) > MAX_CLASSES and any(e.id == "energy" for e in cfg.programs):
+        problems.append(f"{located.where(('nodes',))}: nodes: {len(present)} distinct priorities; the energy "
+                        f"program takes at most {MAX_CLASSES} classes")
+    if problems:
+        raise ConfigError(problems)
 
 
 def load_config(path: str | Path) -> tuple[Config, Fleet]:

@@ -157,6 +157,9 @@ TABLE: tuple[Field, ...] = (
     Field("trip", "u4", "", _N, _T, "latched protection trip reason bits; 0 = none", retained=True),
     Field("alarm", "u4", "", _N, _T, "active health alarm bits; 0 = none", retained=True),
     Field("derate", "f8", "1", _N, _T, "limit factor from health alarms (health's derate table); 1 = none"),
+    Field("serve_max_w", "f8", "W", _N, _T, "most load the allocation may serve (+inf; narrowed by the energy "
+          "program, docs/energy.md)"),
+    Field("runtime_s", "f8", "s", _N, _T, "time the node would stay served if the main supply failed now"),
     # -- the virtual battery -----------------------------------------------------------------------------------
     Field("main_limit_w", "f8", "W", _A, _S, "main supply capacity (operator setting)", 0.0, 1e12,
           yaml="main_limit_w", default=0.0, retained=True, operator_settable=True, command="SET_MAIN_LIMIT"),

@@ -82,6 +82,8 @@ class ScanEngine:
         # (no jumps when NTP steps the system clock), and an injected clock moves it too.
         self.wall_offset_s = time.time() - clock.now_ns() * 1e-9
         self.programs = programs
+        # The cap on the load served starts open; a program that declares it writes it (energy) narrows it.
+        img.node["serve_max_w"][:] = np.inf
         if not img.ctl[Ctl.WARM]:
             for p in programs:
                 p.init(img)

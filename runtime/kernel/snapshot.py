@@ -24,7 +24,9 @@ def _py(v):
 
 
 def snapshot(img: ProcessImage, views: dict[str, np.ndarray] | None = None) -> dict:
-    """`{"cycle", "aggregate": {...}, "nodes": [{"id", <every node field>}, ...]}` from published views."""
+    """`{"cycle", "aggregate": {...}, "nodes": [{"id", <every node field>}, ...], "classes": [...]}`
+    from published views (classes: `{"priority", "demand_w", "reserve_wh", "target_s", "runtime_s",
+    "reachable"}` per priority class when the energy program runs)."""
     v = views if views is not None else img.read_published()[0]
     agg = {f.name: _py(v["agg." + f.name][0]) for f in AGGREGATES}
     cols = {f.name: v["node." + f.name].tolist() for f in NODE_FIELDS}

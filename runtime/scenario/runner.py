@@ -42,13 +42,9 @@ from vbatt.scenario.events import Plant, Schedule, main_limit_drop_step
 from vbatt.scenario.record import CS, Recorder, observe
 from vbatt.scenario.schema import Event, Loaded
 
-__all__ = ["simulate", "RunResult", "pipeline", "classes_of", "RUNTIME_KEYS"]
+__all__ = ["simulate", "RunResult", "pipeline", "classes_of"]
 
 START_NS = 1_000_000_000
-# Where the energy layer (issue #12) may keep the runtime remaining: per class (index = priority)
-# or per node. The first one the image has is plotted; failing those, any program memory whose
-# name ends in `.runtime_s` (a user program's, e.g. `user.0.runtime_s`).
-RUNTIME_KEYS = ("energy.runtime_s", "energy.class_runtime_s")
 # What the simulated driver writes (the measurements and their freshness), and what a run keeps of
 # the last step: from the field table.
 _INPUTS = (*names(fields(Scope.NODE, Role.MEASUREMENT)), "updated_ns", "fault")
@@ -185,7 +181,7 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
         cmd, served, shed = np.zeros(n), np.zeros(n), np.zeros(n)
         step_ns = int(round(step_s * 1e9))
         dt_h = step_s / 3600.0
-        runtime = _runtime_array(img.mem)
+        runtime = _runtime_array(img, progs)
         rec.has_runtime = runtime is not None
         bucket = rec.bucket
         main_w, main_limit = img.agg["main_w"], img.agg["main_limit_w"]
@@ -211,7 +207,7 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
             observe(k, dt_h, soc_min, prio, dem, served, shed,
                     cmd, soc, cap, main_w[0], main_limit[0], *args_tail, j, rec.rec_c, rec.rec_f, rec.rec_n)
             if runtime is not None and (k % bucket == bucket - 1 or k == steps - 1):
-                _sample_runtime(rec, j, runtime, prio, classes)
+                _sample_runtime(rec, j, runtime, img, prio, classes)
         wall = time.perf_counter() - wall0
         final = {f: nd[f].copy() for f in _FINAL}
         final.update({f"agg.{k}": float(v[0]) for k, v in img.agg.items()})
@@ -224,21 +220,25 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
                      final=final)
 
 
-def _runtime_array(mem: dict) -> np.ndarray | None:
-    """The energy layer's runtime remaining, else any program memory named `runtime_s` (a user program)."""
-    for k in RUNTIME_KEYS:
-        if k in mem:
-            return mem[k]
-    return next((v for k, v in mem.items() if k.endswith(".runtime_s")), None)
+def _runtime_array(img, programs) -> str | None:
+    """Where the runtime remaining (if the main supply failed now) is: "energy" (the energy layer's,
+    per class), "node" (the node field `runtime_s`, which a program declares it writes: per node, the
+    class's value is the least of its nodes'), or None."""
+    if "energy.runtime_s" in img.mem and "energy.priority" in img.mem:
+        return "energy"
+    if any("runtime_s" in p.writes for p in programs):
+        return "node"
+    return None
 
 
-def _sample_runtime(rec: Recorder, j: int, runtime: np.ndarray, prio: np.ndarray, classes: list[int]) -> None:
-    """Runtime remaining per class: the class's entry, or the least of its nodes' when kept per node."""
-    r = runtime.reshape(-1)
+def _sample_runtime(rec: Recorder, j: int, where: str, img, prio: np.ndarray, classes: list[int]) -> None:
+    if where == "energy":
+        mem = img.mem
+        by_prio = {int(pr): float(rt) for pr, rt in zip(mem["energy.priority"], mem["energy.runtime_s"]) if pr >= 0}
+        for c in classes:
+            rec.rec_c[j, CS.RUNTIME_S, c] = by_prio.get(c, math.nan)
+        return
+    r = img.node["runtime_s"]
     for c in classes:
-        if r.shape[0] == prio.shape[0]:
-            sel = r[prio == c]
-            rec.rec_c[j, CS.RUNTIME_S, c] = float(sel.min()) if sel.size else math.nan
-        elif c < r.shape[0]:
-            rec.rec_c[j, CS.RUNTIME_S, c] = float(r[c])
-
+        sel = r[prio == c]
+        rec.rec_c[j, CS.RUNTIME_S, c] = float(sel.min()) if sel.size else math.nan

@@ -1,0 +1,54 @@
+"""How far the energy program's ride-through is from the reference LP when power and link limits bind.
+
+    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES]
+
+Limits are multiples of each node's demand (e.g. `1 3 0.5 2`). Per random fleet (4-20 nodes, 1-4
+classes, targets 0-1,800 s), the real ScanEngine with node physics at 5 s cycles against the
+lexicographic LP of tests/energy_reference.py on 60 steps of 60 s; prints how many classes agree
+to one step and the deviations (simulation minus LP). docs/energy.md has the figures.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from energy_plant import EnergyPlant, fleet_yaml, random_fleet  # noqa: E402
+from energy_reference import ride_through_lp  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (4, 5):
+        print(__doc__, file=sys.stderr)
+        return 2
+    lim = tuple(float(x) for x in argv[:4])
+    instances = int(argv[4]) if len(argv) == 5 else 20
+    rng = np.random.default_rng(42)
+    devs = []
+    for _ in range(instances):
+        f = random_fleet(rng, int(rng.integers(4, 21)), int(rng.integers(1, 5)), limits=True, lim=lim)
+        f.capacity_wh *= 0.1
+        tg = {int(c): float(rng.choice([0, 300, 600, 1200, 1800])) for c in np.unique(f.priority)}
+        lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1),
+                             f.link_max_w, tg, 60, 60.0)
+        p = EnergyPlant(fleet_yaml(f, main_limit_w=0, ride_through_s=tg, programs=["energy", "allocation"],
+                                   period_s=5.0))
+        try:
+            p.run(3600)
+            sim = p.first_shed_s()
+        finally:
+            p.close()
+        devs += [min(sim[c], 3600.0) - lp[c] for c in lp]
+    d = np.array(devs)
+    print(f"limits {lim}: classes {d.size}, within one step {int((np.abs(d) <= 60).sum())}, "
+          f"mean |dev| {np.abs(d).mean():.0f} s, shorter by > 60 s {int((d < -60).sum())}, "
+          f"longer by > 60 s {int((d > 60).sum())}, worst {d.min():.0f} / {d.max():.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,227 @@
+"""The per-node passes of the energy program: class sums in, serve caps, limits and runtimes out.
+
+Per node: usable energy e_i = capacity_wh * max(0, soc - soc_min); link L_i; demand d_i.
+Where the link cannot carry the whole load (d_i > L_i), the part l_i = d_i - L_i must come from
+the node's own battery: that energy is the node's own (stranded for everyone else), the node's
+runtime is at most e_i / l_i, and it may export only what its own need over the horizon H leaves
+(its battery limit hi_i is narrowed to max(l_i, e_i / H), so the balancing does not drain it for
+others). Only min(d_i, L_i) of its demand is pooled. A node without that need pools its energy as
+far as its discharge and link can deliver it within H: min(e_i, min(hi_i, d_i + L_i) * H).
+H = the longest remaining target, at least `horizon_s`.
+
+Cost: the class sums come from a sweep over the nodes in chunks (`chunk` nodes a cycle, the whole
+fleet every `ceil(n / chunk)` cycles: 100 ms by default), so their energy is up to two sweeps old
+(at most the fleet's draw over that time: small against reserves of minutes to hours); the class
+rules and the per-node limit pass run every cycle; the caps at once when a class's share moves
+by more than 1 % (or to or from 0 or 1), else with the sweep. A scatter of many sums per node by
+class costs ~10 ns a node (measured), too much for every cycle at 10,000 nodes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import njit
+
+from vbatt.programs.codes import Alarm
+from vbatt.programs.energy.rules import ST_POS, ST_STARTED, decide
+
+__all__ = ["energy_step", "ENERGY_ALARMS", "NX_N"]
+
+ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
+# Columns of the sweep's class accumulators: forecast demand, pooled demand now, pooled demand for
+# the reserve, pooled energy, local runtime (min).
+NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, hz_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
+                 v_rate, v_g, v_d, v_own, v_eraw, hi_cap):
+    """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
+    part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
+    slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
+    inv_h = h_s / 3600.0
+    np_ = class_of.shape[0]
+    for i in range(online.shape[0]):
+        d = demand_w[i]
+        cw = capacity_wh[i]
+        sc = soc[i]
+        g = max_dis_w[i]
+        lk = link_w[i]
+        ok = ((online[i] != 0) & (d >= 0.0) & (d < math.inf) & (cw >= 0.0) & (cw < math.inf)
+              & (sc >= 0.0) & (sc <= 1.0) & (g >= 0.0) & (g < math.inf) & (lk >= 0.0) & (lk < math.inf))
+        hh = hi_w[i] if narrowed else math.inf
+        g = min(g, hh) if hh == hh else g
+        g = 0.0 if trip[i] != 0 else g
+        e = cw * max(0.0, sc - soc_min)
+        c = class_of[min(max(priority[i], 0), np_ - 1)]
+        v_cls[i] = c
+        # A node of a class shed for energy runs no load: it needs nothing of its own battery.
+        own = max(0.0, d - lk) if latched[c] == 0 else 0.0
+        has = own > 0.0
+        f = forecast_w[i] if use_forecast else d
+        f = f if (f >= 0.0) & (f < math.inf) else d
+        # Its own need is locked for as long as its class has target left (within the horizon);
+        # the rest it can export once its class no longer runs.
+        lock_h = min(h_s, hz_s[c]) / 3600.0
+        p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
+        p_free = min(e, min(g, d + lk) * inv_h)
+        v_e[i] = (p_own if has else p_free) if ok else 0.0
+        # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
+        # t = how long within m its own load is served. A node with a local need exports only.
+        v_g[i] = g if ok else 0.0
+        v_rate[i] = (min(g, lk) if has else lk) if ok else 0.0
+        v_d[i] = (0.0 if has else d) if ok else 0.0
+        v_own[i] = own if ok else 0.0
+        v_eraw[i] = e if ok else 0.0
+        v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
+        v_f[i] = f if ok else 0.0
+        v_now[i] = d - own if ok else 0.0
+        v_res[i] = min(f, lk) if ok else 0.0
+        hi_cap[i] = own + max(0.0, e - own * lock_h) / inv_h if ok & has else math.inf
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
+    for i in range(v_cls.shape[0]):
+        c = v_cls[i]
+        nx[c, NX_DFULL] += v_f[i]
+        nx[c, NX_DNOW] += v_now[i]
+        nx[c, NX_DRES] += v_res[i]
+        nx[c, NX_E] += v_e[i]
+        nx[c, NX_LOC] = min(nx[c, NX_LOC], v_loc[i])
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
+    """ax[k] += the energy these nodes can deliver within m = hz_s[k] at their limits: at most its
+    discharge limit g_i m, and its link L_i m plus its own load while that is served (its class's
+    remaining target, within m): min(e_i, g_i m, L_i m + d_i min(tau_c, m)). A node with a local
+    need l_i delivers nothing to the pool while its class runs, then at most its link:
+    min(e_i - l_i t, min(g_i, L_i) (m - t)), t = min(tau_c, m)."""
+    for k in range(n_cls):
+        m = hz_s[k]
+        if m <= 0.0:  # no target left: no horizon to check
+            continue
+        t = 0.0
+        for i in range(v_e.shape[0]):
+            own_s = min(hz_s[v_cls[i]], m)
+            free = min(v_e[i], min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0)
+            loc = min(max(0.0, v_eraw[i] - v_own[i] * own_s / 3600.0), v_rate[i] * (m - own_s) / 3600.0)
+            t += loc if v_own[i] > 0.0 else free
+        ax[k] += t
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, runtime_s, reachable, frac,
+                  node_runtime_s, alarm, serve_max_w):
+    np_ = class_of.shape[0]
+    for i in range(priority.shape[0]):
+        c = class_of[min(max(priority[i], 0), np_ - 1)]
+        d = demand_w[i]
+        fc = frac[c]
+        serve_max_w[i] = math.inf if fc >= 1.0 else fc * d
+        lk = link_w[i]
+        e = capacity_wh[i] * max(0.0, soc[i] - soc_min)
+        own = e * 3600.0 / (d - lk) if d > lk else math.inf
+        node_runtime_s[i] = min(runtime_s[c], own)
+        m = alarm[i] & ~ENERGY_ALARMS
+        alarm[i] = m | ENERGY_ALARMS if reachable[c] == 0 else m
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _caps(priority, class_of, demand_w, frac, serve_max_w):
+    np_ = class_of.shape[0]
+    for i in range(priority.shape[0]):
+        fc = frac[class_of[min(max(priority[i], 0), np_ - 1)]]
+        serve_max_w[i] = math.inf if fc >= 1.0 else fc * demand_w[i]
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _limits(narrowed, active, hi_cap, lo_w, hi_w):
+    """Every cycle (protection writes lo_w/hi_w afresh): the own-need limits of the last sweep."""
+    n = hi_w.shape[0]
+    if narrowed:
+        if active:
+            for i in range(n):
+                hi_w[i] = min(hi_w[i], hi_cap[i])
+    else:
+        for i in range(n):
+            lo_w[i] = -math.inf
+            hi_w[i] = hi_cap[i] if active else math.inf
+
+
+@njit(nogil=True, cache=True)
+def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
+                link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
+                soc_min, horizon_s, hold_s, chunk,
+                class_of, n_cls, target_s, clock_s, latched, state, nx,
+                dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
+                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
+                v_own, v_eraw, hi_cap,
+                serve_max_w, node_runtime_s, alarm):
+    """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
+    when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
+    node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
+    and the RIDE_THROUGH_SHORT alarm bit. Memory: the class arrays, `nx` (the sweep's class
+    accumulators), `state`, hi_cap (per node). v_* are scratch."""
+    n = online.shape[0]
+    h_s = horizon_s
+    active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
+    for c in range(n_cls):
+        h_s = max(h_s, target_s[c] - clock_s[c])
+        active |= target_s[c] > 0.0
+    # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
+    first = state[ST_STARTED] == 0.0
+    a = 0 if first else int(state[ST_POS])
+    b = n if first else min(n, a + chunk)
+    if a == 0:
+        for c in range(n_cls):
+            for j in range(NX_N):
+                nx[c, j] = 0.0
+            nx[c, NX_LOC] = math.inf
+            hz_s[c] = max(0.0, target_s[c] - clock_s[c])
+            ax[c] = 0.0
+    _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
+                 use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
+                 h_s, hz_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
+                 v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b])
+    _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
+    _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
+    lo, hi = a, b
+    if b >= n:
+        for c in range(n_cls):
+            dfull[c] = nx[c, NX_DFULL]
+            dnow[c] = nx[c, NX_DNOW]
+            dres[c] = nx[c, NX_DRES]
+            energy_wh[c] = nx[c, NX_E]
+            local_s[c] = nx[c, NX_LOC]
+            a_wh[c] = ax[c]
+        b = 0
+    state[ST_POS] = b
+    state[ST_STARTED] = 1.0
+    e_tot = 0.0
+    for c in range(n_cls):
+        e_tot += energy_wh[c]
+    # -- the class rules, every cycle -------------------------------------------------------------
+    bad = decide(n_cls, dnow, dres, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
+                 local_s, a_wh, hz_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
+    # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
+    # they follow the demand); runtimes and alarms with the sweep ------------------------------------
+    _limits(narrowed, active, hi_cap, lo_w, hi_w)
+    # Caps: all at once when a class's share moved by more than 1 % of its demand or reached or
+    # left 0 or 1 (a shed or a restore acts in this cycle); small moves (a share that follows the
+    # demand) with the sweep, at most one sweep late.
+    moved = first
+    for c in range(n_cls):
+        fc = frac[c] if active else 1.0
+        pf = prev_frac[c]
+        edge = (fc <= 0.0) | (fc >= 1.0) | (pf <= 0.0) | (pf >= 1.0)
+        moved |= (fc != pf) & (edge | (abs(fc - pf) > 0.01))
+        prev_frac[c] = fc
+    if moved:
+        _caps(priority, class_of, demand_w, prev_frac, serve_max_w)
+    _node_outputs(priority[lo:hi], class_of, demand_w[lo:hi], soc[lo:hi], capacity_wh[lo:hi], link_w[lo:hi], soc_min,
+                  runtime_s, reachable, prev_frac, node_runtime_s[lo:hi], alarm[lo:hi], serve_max_w[lo:hi])
+    return bad

@@ -1,0 +1,184 @@
+"""The class rules of DESIGN §2b over K priority classes, O(K) per cycle (O(K^2) for the runtimes).
+
+Per class c (index 0 = most critical): demand now `dnow` (W, drives this cycle), demand for the
+reserve `dres` (W, the forecast over the horizon), target `target_s`, battery clock `clock_s`
+(time the class has depended on the batteries in this shortage), `latched` (shed for energy in
+this shortage: stays shed until it is over). Remaining target tau_c = max(0, T_c - clock_c).
+
+Reserve of class c: R_c = sum over k <= c, not latched, of dres_k * tau_k. A class draws on
+the batteries only with energy above its threshold: R_{c-1} while it rides through (the main
+supply carries none of it) inside its target; R_K (every remaining target) beyond its target or
+while it is peak-shaved (the main supply carries part of it, and may still fail). That one rule
+gives lazy shedding least critical first (its threshold is the highest), peak shaving only above
+the whole reserve, the power order beyond the targets (one threshold for all of them), and the most
+critical targets protected first when not all are reachable. Energy is in Wh, power in W, time in s.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import njit
+
+__all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
+           "ST_STARTED", "ST_CAPPED", "ST_N"]
+
+# Indices into the scalar state memory.
+ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
+
+_EPS = 1e-9
+
+
+@njit(nogil=True, cache=True)
+def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
+    """Runtime per class if the main supply failed now (every clock runs), under the rule of
+    `decide` in continuous time: event by event (a remaining target runs out, or the energy left
+    reaches a class's threshold, which sheds it). Writes rt (s; inf = never shed, 0 = already shed)."""
+    for c in range(k_n):
+        tau[c] = tau0[c]
+        on[c] = latched[c] == 0
+        rt[c] = math.inf if on[c] else 0.0
+    t = 0.0
+    e = e_wh
+    for _ in range(2 * k_n + 2):
+        # Shed at this instant, least critical first (its threshold is the highest), until stable.
+        while True:
+            r_all = 0.0
+            for c in range(k_n):
+                if on[c] and tau[c] > 0.0:
+                    r_all += dres[c] * tau[c] / 3600.0
+            pre = 0.0
+            cut = -1
+            for c in range(k_n):
+                thr = pre if tau[c] > 0.0 else r_all
+                if on[c] and dres[c] > 0.0 and e <= thr + _EPS * (1.0 + e):
+                    cut = c
+                if on[c] and tau[c] > 0.0:
+                    pre += dres[c] * tau[c] / 3600.0
+            if cut < 0:
+                break
+            on[cut] = False
+            rt[cut] = t
+        drain = 0.0
+        r_all = 0.0
+        r_rate = 0.0
+        for c in range(k_n):
+            if on[c]:
+                drain += dres[c]
+                if tau[c] > 0.0:
+                    r_all += dres[c] * tau[c] / 3600.0
+                    r_rate += dres[c]
+        if drain <= 0.0:
+            break
+        # The next event: a remaining target runs out, or e meets a threshold.
+        s = math.inf
+        pre = 0.0
+        pre_rate = 0.0
+        for c in range(k_n):
+            if on[c] and tau[c] > 0.0:
+                s = min(s, tau[c])
+            if tau[c] > 0.0:
+                thr, thr_rate = pre, pre_rate
+            else:
+                thr, thr_rate = r_all, r_rate
+            slope = drain - thr_rate  # W: how fast e approaches the threshold
+            if on[c] and slope > 0.0:
+                s = min(s, max(0.0, e - thr) * 3600.0 / slope)
+            if on[c] and tau[c] > 0.0:
+                pre += dres[c] * tau[c] / 3600.0
+                pre_rate += dres[c]
+        if s == math.inf:
+            break
+        e -= drain * s / 3600.0
+        for c in range(k_n):
+            if on[c] and tau[c] > 0.0:
+                tau[c] = max(0.0, tau[c] - s)
+        t += s
+
+
+@njit(nogil=True, cache=True)
+def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
+           local_s, a_wh, hz_s, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh):
+    """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
+    served (what the main supply gives it in priority order, plus the battery energy it may draw
+    this cycle), reserve_wh, the runtimes (of the pool, and at most local_s: the first node of
+    the class whose own battery runs out) and `reachable`. dnow/dres are the pooled demand (the
+    part the links can carry). Returns the number of classes whose target is unreachable."""
+    # Battery clocks: class c rides through on the batteries while the main supply can carry none
+    # of it (it serves the most critical first); a class it carries in part is being peak-shaved,
+    # and main may still fail: its target stays whole. All reset once main has covered everything
+    # for hold_s.
+    cum = 0.0
+    short = False
+    for c in range(k_n):
+        if dnow[c] > 0.0 and main_limit_w <= cum + _EPS * (1.0 + cum):
+            clock_s[c] += dt_s
+        cum += dnow[c]
+        short |= main_limit_w < cum - _EPS * (1.0 + cum)
+    state[ST_SHORT] = 1.0 if short else 0.0
+    if short:
+        state[ST_OK_S] = 0.0
+    else:
+        state[ST_OK_S] += dt_s
+        if state[ST_OK_S] >= hold_s:
+            for c in range(k_n):
+                clock_s[c] = 0.0
+                latched[c] = 0
+    r_all = 0.0
+    for c in range(k_n):
+        tau[c] = max(0.0, target_s[c] - clock_s[c])
+        if latched[c] == 0:
+            r_all += dres[c] * tau[c] / 3600.0
+    # Power: energy is not enough, it must be deliverable in time. a_wh[k] = A(hz_k), the energy
+    # the batteries can deliver within hz_k (~ tau_k) at their power limits, sum min(e_i, p_i hz_k).
+    # A reserve (a demand profile falling at each tau_j) can be served iff for every horizon
+    # m = tau_k: A(m) >= sum_j D_j min(tau_j, m) (for a falling demand the prefix [0, m] is the
+    # tightest of all sets of time: A is concave, so its breakpoints suffice). cum_wh[k]: that sum
+    # over the classes before c; tot_wh[k]: over all.
+    for k in range(k_n):
+        cum_wh[k] = 0.0
+        t = 0.0
+        for j in range(k_n):
+            if latched[j] == 0:
+                t += dres[j] * min(tau[j], tau[k]) / 3600.0
+        tot_wh[k] = t
+    # This cycle: main supply in priority order, then battery energy above each class's threshold.
+    m_left = main_limit_w
+    e_left = e_wh
+    pre = 0.0
+    for c in range(k_n):
+        d = dnow[c]
+        m = min(max(m_left, 0.0), d)
+        m_left -= m
+        need_wh = (d - m) * dt_s / 3600.0
+        a = 1.0
+        if need_wh > 0.0:
+            # Riding through (main carries none of it) inside its target: above the reserve of the
+            # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
+            riding = tau[c] > 0.0 and m <= 0.0
+            thr = pre if riding else r_all
+            avail = e_left - thr
+            drawn = e_wh - e_left
+            for k in range(c if riding else k_n):
+                if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
+                    avail = min(avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
+            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, avail / need_wh))
+            if a <= 0.0:
+                latched[c] = 1
+            e_left -= a * need_wh
+        frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
+        if latched[c] == 0:
+            pre += dres[c] * tau[c] / 3600.0
+            for k in range(k_n):
+                cum_wh[k] += dres[c] * min(tau[c], tau[k]) / 3600.0
+        reserve_wh[c] = pre
+    state[ST_E_WH] = e_wh
+    state[ST_R_WH] = pre
+    ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on)
+    bad = 0
+    for c in range(k_n):
+        rt[c] = min(rt[c], local_s[c]) if latched[c] == 0 else 0.0
+        ok = rt[c] >= tau[c] - 1e-6 * (1.0 + tau[c])
+        reachable[c] = 1 if ok else 0
+        bad += not ok
+    return bad

@@ -1,0 +1,110 @@
+"""The reference formulation of DESIGN §2b for tests: a linear programme on a time grid, solved by HiGHS.
+
+The main supply has failed (main limit `main_limit_w`, 0 for an outage). Variables per step t
+(length dt_s): the served fraction x[c, t] of each priority class (pro rata inside the class: node
+i of class c is served x[c, t] * d_i) and the battery power b[i, t] of each node. Constraints:
+  0 <= x <= 1, x[c, t] >= x[c, t+1]           a class once shed stays shed (ride-through = time
+                                                 until the first shed = sum_t x[c, t] * dt)
+  0 <= b[i, t] <= hi_i                          discharge limit (0 at or below soc_min)
+  -L_i <= d_i x[c(i), t] - b[i, t] <= L_i        the node's bus flow within its link
+  0 <= sum_i (d_i x - b) <= main_limit_w          bus balance (main supply only imports)
+  sum_t b[i, t] dt / 3600 <= e_i                  the node's usable energy
+Objectives, lexicographic: for each class, most critical first, the served time within its target
+(sum_t min(1, (T_c - t dt) / dt)^+ x[c, t]), each held at its optimum for the next; then the
+served load weighted by gamma^t (earlier counts more: shedding as late as the targets allow, the
+power order beyond the targets), ties to the more critical class.
+"""
+
+from __future__ import annotations
+
+import highspy
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["ride_through_lp"]
+
+INF = highspy.kHighsInf
+
+
+def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
+        h.setOptionValue(opt, 1e-9)
+    lp = highspy.HighsLp()
+    a = sp.csc_matrix(a)
+    lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
+    lp.col_cost_ = np.asarray(cost, float)
+    lp.col_lower_, lp.col_upper_ = np.asarray(col_lo, float), np.asarray(col_hi, float)
+    lp.row_lower_, lp.row_upper_ = np.asarray(row_lo, float), np.asarray(row_hi, float)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = a.shape[1], a.shape[0]
+    lp.sense_ = highspy.ObjSense.kMaximize
+    h.passModel(lp)
+    h.run()
+    assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
+    return np.asarray(h.getSolution().col_value), h.getInfo().objective_function_value
+
+
+def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, targets_s: dict,
+                    steps: int, dt_s: float, main_limit_w: float = 0.0, gamma: float = 0.97) -> dict[int, float]:
+    """Ride-through per class (s, at most steps * dt_s) of the lexicographic optimum."""
+    prio = np.asarray(priority)
+    classes = np.unique(prio)
+    k_n, n, s_n = classes.size, prio.size, steps
+    cls = np.searchsorted(classes, prio)
+    d = np.asarray(demand_w, float)
+    nz = k_n * s_n
+    zi = lambda c, t: c * s_n + t  # noqa: E731
+    yi = lambda i, t: nz + i * s_n + t  # noqa: E731
+    bi = lambda i, t: nz + (n + i) * s_n + t  # noqa: E731
+    ncol = nz + 2 * n * s_n
+    lo, hi, data, ri, ci = [], [], [], [], []
+    r = 0
+
+    def row(entries, lo_v, hi_v):
+        nonlocal r
+        for col, v in entries:
+            ri.append(r)
+            ci.append(col)
+            data.append(v)
+        lo.append(lo_v)
+        hi.append(hi_v)
+        r += 1
+
+    for t in range(s_n):
+        for i in range(n):
+            row([(yi(i, t), d[i]), (bi(i, t), -1.0)], -link_max_w[i], link_max_w[i])
+            row([(zi(cls[i], t), 1.0), (yi(i, t), -1.0)], -INF, 0.0)  # the class is whole only if every node is
+        row([(yi(i, t), d[i]) for i in range(n)] + [(bi(i, t), -1.0) for i in range(n)], 0.0, main_limit_w)
+    for i in range(n):
+        row([(bi(i, t), dt_s / 3600.0) for t in range(s_n)], -INF, usable_wh[i])
+    for c in range(k_n):
+        for t in range(s_n - 1):
+            row([(zi(c, t), 1.0), (zi(c, t + 1), -1.0)], 0.0, INF)
+    col_lo = np.zeros(ncol)
+    col_hi = np.concatenate([np.ones(nz + n * s_n), np.repeat(np.asarray(max_discharge_w, float), s_n)])
+    tstart = np.arange(s_n) * dt_s
+
+    def matrix():
+        return sp.coo_matrix((data, (ri, ci)), shape=(r, ncol))
+
+    for c, p in enumerate(classes):
+        w = np.clip((targets_s.get(int(p), 0.0) - tstart) / dt_s, 0.0, 1.0)
+        if not w.any():
+            continue
+        cost = np.zeros(ncol)
+        cost[c * s_n:(c + 1) * s_n] = w
+        _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+        row([(zi(c, t), w[t]) for t in range(s_n) if w[t] > 0], opt - 1e-7 * (1.0 + opt), INF)
+    cost = np.zeros(ncol)
+    dem = np.bincount(cls, d, k_n)
+    g = gamma ** np.arange(s_n)
+    for c in range(k_n):
+        cost[c * s_n:(c + 1) * s_n] = g * dem[c] * (1.0 + 1e-3 * (k_n - c))
+    for i in range(n):
+        cost[yi(i, 0):yi(i, 0) + s_n] = 1e-3 * g * d[i]
+    x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+    z = x[:nz].reshape(k_n, s_n)
+    return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}

@@ -1,0 +1,328 @@
+"""The energy program (DESIGN §2b): ride-through targets per class, the outage reserve, runtimes.
+
+Outages and peaks run the real ScanEngine with simulated node physics over simulated hours at coarse
+cycles (tests/energy_plant.py). Exactness: against the linear programme of tests/energy_reference.py
+(HiGHS) on small random instances, and against the closed form (pooled usable energy over class
+demand) on hundreds of random fleets through the kernel itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vbatt.config.plant import ConfigError, load_config_text
+from vbatt.programs.codes import Alarm
+from vbatt.programs.energy.kernel import NX_N, energy_step
+from vbatt.programs.energy.rules import ST_E_WH, ST_N
+
+from conftest import read_json, run_vbatt
+from energy_plant import EnergyPlant, FleetSpec, fleet_yaml, random_fleet
+from energy_reference import ride_through_lp
+
+TARGETS = {0: 14400.0, 1: 1800.0, 2: 600.0, 3: 0.0}
+
+
+@pytest.fixture
+def plants():
+    made = []
+
+    def make(*args, **kw):
+        p = EnergyPlant(*args, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+TWO = """
+plant:
+  main_limit_w: 0
+  ride_through_s: {0: 600, %s: 60}
+nodes:
+  - {id: a, priority: 0, demand_w: 100, capacity_wh: 100, soc: 0.5, max_discharge_w: 500, link_max_w: 500}
+  - {id: b, priority: 1, demand_w: 100, capacity_wh: 100, soc: 0.5, max_discharge_w: 500, link_max_w: 500}
+programs: [energy, allocation]
+"""
+
+
+def test_ride_through_keys_are_classes_that_exist_and_seconds_are_not_negative():
+    cfg, _ = load_config_text(TWO % 1, "x.yaml")
+    assert cfg.plant.ride_through_s == {0: 600.0, 1: 60.0}
+    with pytest.raises(ConfigError) as e:
+        load_config_text(TWO % 7, "x.yaml")
+    assert "x.yaml:4: plant.ride_through_s.7: no node has priority 7 (classes present: [0, 1])" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config_text(TWO.replace("%s: 60", "1: -5"), "x.yaml")
+    assert "x.yaml:4: plant.ride_through_s.1" in str(e.value) and "greater than or equal to 0" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config_text(TWO.replace("%s: 60", "one: 5"), "x.yaml")
+    assert "plant.ride_through_s" in str(e.value)
+
+
+def test_more_than_64_classes_are_refused_with_the_energy_program():
+    nodes = "\n".join(f"  - {{id: n{i}, priority: {i}}}" for i in range(65))
+    with pytest.raises(ConfigError) as e:
+        load_config_text(f"nodes:\n{nodes}\nprograms: [energy, allocation]\n", "x.yaml")
+    assert "65 distinct priorities; the energy program takes at most 64 classes" in str(e.value)
+    load_config_text(f"nodes:\n{nodes}\nprograms: [allocation]\n", "x.yaml")  # without it: fine
+
+
+# -- today's behaviour without targets ------------------------------------------------------------
+
+def test_without_targets_the_pipeline_does_what_it_did(plants):
+    f = random_fleet(np.random.default_rng(3), 16, 4, limits=True)
+    f.capacity_wh *= 0.2
+    runs = [plants(fleet_yaml(f, main_limit_w=0, ride_through_s=None, programs=prog, period_s=5.0))
+            for prog in (["allocation"], ["energy", "allocation"])]
+    for _ in range(300):
+        for p in runs:
+            p.cycle()
+        a, b = runs[0].n, runs[1].n
+        for k in ("battery_w", "served_w", "bus_w", "shed_w"):
+            assert np.allclose(a[k], b[k], atol=1e-6), k
+    assert runs[0].first_shed_s()[0] < 1500  # the run reached the end of the energy
+
+
+# -- the must-show outage --------------------------------------------------------------------------
+
+def _hetero(seed=7, n=20, scale=1.0) -> FleetSpec:
+    """A heterogeneous fleet of four classes with plenty of power and link (energy is the limit)."""
+    rng = np.random.default_rng(seed)
+    f = random_fleet(rng, n, 4)
+    f.capacity_wh *= scale
+    return f
+
+
+def _today(plants, f, hours):
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=None, programs=["allocation"], period_s=5.0))
+    p.run(hours * 3600)
+    return p.first_shed_s()
+
+
+@pytest.mark.parametrize("n", [20, 150])
+def test_outage_meets_every_reachable_target_sheds_lazily_and_outlasts_today(plants, n):
+    f = _hetero(n=n)
+    dem = f.class_demand_w()
+    reserve_all = sum(dem[c] * TARGETS[c] for c in dem) / 3600
+    f.capacity_wh *= 1.7 * reserve_all / f.usable_wh().sum()  # every target reachable on the pooled energy
+    e_wh = f.usable_wh().sum()
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=TARGETS, programs=["forecast", "energy", "allocation"],
+               period_s=5.0))
+    trace = []
+    p.hooks.append(lambda q: trace.append((q.t_s, q.mem["energy.state"][ST_E_WH], q.mem["energy.reserve_wh"][:4].copy())))
+    p.cycle()
+    rows = p.class_rows()
+    assert [r["priority"] for r in rows] == [0, 1, 2, 3] and all(r["reachable"] for r in rows)
+    assert rows[0]["runtime_s"] >= TARGETS[0] - 5.0  # the first cycle is 5 s into the outage
+    p.run(6 * 3600)
+    shed = p.first_shed_s()
+    for c, t in TARGETS.items():
+        assert t - 5.0 <= shed[c] < 6 * 3600, (c, shed)  # every target met (to one 5 s cycle)
+    # Lazy: a class is shed only when the energy left has come down to the reserve of the more
+    # critical classes' remaining targets (its threshold), to one cycle's draw.
+    t = np.array([x[0] for x in trace])
+    e = np.array([x[1] for x in trace])
+    res = np.array([x[2] for x in trace])
+    draw_wh = sum(dem.values()) * 5.0 / 3600
+    for c in (1, 2, 3):
+        k = int(np.searchsorted(t, shed[c])) - 1
+        thr = res[k, c - 1] if t[k] < TARGETS[c] else res[k, 3]
+        assert e[k] - thr <= 2 * draw_wh, (c, e[k], thr)
+    lp = None
+    if n <= 20:  # the same ride-through as the lexicographic LP (to one grid step of 300 s)
+        lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w, f.link_max_w, TARGETS, 72,
+                             300.0)
+        for c in TARGETS:
+            assert abs(min(shed[c], 72 * 300.0) - lp[c]) <= 300.0, (c, shed, lp)
+    today = _today(plants, f, 6)
+    assert shed[0] > 2.0 * today[0]
+    print(f"\noutage, {n} nodes, {e_wh:.0f} Wh, {sum(dem.values()):.0f} W: shed at {shed} s with targets, "
+          f"{today} s today; LP {lp}")
+
+
+def test_an_unreachable_critical_target_gets_the_pooled_bound_and_an_alarm(plants):
+    f = _hetero(seed=11)
+    bound_s = f.usable_wh().sum() * 3600 / f.class_demand_w()[0]
+    targets = {0: 1e6, 1: 1800.0, 2: 600.0, 3: 0.0}
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"],
+               period_s=5.0))
+    p.cycle()
+    assert p.class_rows()[0]["runtime_s"] == pytest.approx(bound_s, rel=1e-9)
+    (line,) = [s for s in p.unreachable() if s.startswith("class 0:")]
+    assert line == f"class 0: {bound_s:,.0f} s of 1,000,000 s"
+    assert np.all(p.n["alarm"][f.priority == 0] & Alarm.RIDE_THROUGH_SHORT)
+    p.run(bound_s * 1.05)
+    shed = p.first_shed_s()
+    assert shed[0] >= 0.98 * bound_s, (shed[0], bound_s)
+    assert all(shed[c] <= 5.0 for c in (1, 2, 3))  # each would shorten class 0: shed at once
+    print(f"\ncritical class alone: {shed[0]:.0f} s of the pooled bound {bound_s:.0f} s")
+
+
+def test_a_30_second_outage_sheds_nothing(plants):
+    f = _hetero(scale=4.0)
+    text = fleet_yaml(f, main_limit_w=1e6, ride_through_s=TARGETS, programs=["forecast", "energy", "allocation"])
+    p = plants(text)
+    p.run(60)
+    p.main_limit_w = 0.0
+    p.run(30)
+    assert p.mem["energy.clock_s"][0] == pytest.approx(30.0)
+    p.main_limit_w = 1e6
+    p.run(120)
+    assert np.array(p.served_frac).min() == pytest.approx(1.0)
+    assert p.mem["energy.clock_s"][0] == 0.0  # reset after the hold time
+
+
+# -- peak shaving ---------------------------------------------------------------------------------
+
+def test_peak_shaving_never_breaches_the_reserve(plants):
+    rng = np.random.default_rng(5)
+    f = random_fleet(rng, 20, 4)
+    f.soc[:] = 0.9
+    targets = {0: 900.0, 1: 300.0, 2: 120.0, 3: 0.0}
+    period, dt = 7200.0, 5.0
+    profiles = [{"kind": "sine", "amplitude_w": 0.4 * float(d), "period_s": period} for d in f.demand_w]
+    peak = float((f.demand_w * 1.4).sum())
+    main = 0.8 * peak
+    t = np.arange(0.0, period, dt)
+    deficit_wh = np.maximum(0.0, f.demand_w.sum() * (1 + 0.4 * np.sin(2 * np.pi * t / period)) - main).sum() * dt / 3600
+    dem = f.class_demand_w()
+    reserve_wh = sum(dem[c] * targets[c] for c in dem) / 3600  # on the mean demand of each class
+    # Energy for the reserve at the peak demand and half the peak: shaving all of it breaches the reserve.
+    f.capacity_wh *= (1.4 * reserve_wh + 0.5 * deficit_wh) / f.usable_wh().sum()
+    results = {}
+    for prog in (["allocation"], ["energy", "allocation"]):
+        p = plants(fleet_yaml(f, main_limit_w=main, ride_through_s=targets, programs=prog, profiles=profiles,
+                              period_s=dt))
+        margins, shaved = [], []
+
+        def watch(q):
+            e = (q.sim.capacity_wh * np.maximum(0.0, q.sim.soc - 0.1)).sum()
+            margins.append(e - reserve_wh)  # the whole reserve: main may fail at any moment
+            shaved.append(q.n["battery_w"].sum())
+
+        p.hooks.append(watch)
+        p.run(period)
+        results[prog[0]] = (min(margins), max(shaved), p.first_shed_s())
+    m_energy, shave_energy, shed_energy = results["energy"]
+    m_today, _, shed_today = results["allocation"]
+    draw_wh = peak * dt / 3600
+    assert m_today < -draw_wh and shed_today[3] == math.inf  # today: the peak eats into the outage reserve
+    assert m_energy >= -draw_wh, m_energy  # with the program: never (to one cycle's draw)
+    assert shave_energy > 0.0  # it did shave while the energy allowed
+    assert shed_energy[3] < period and shed_energy[0] == math.inf  # the least critical class shed instead
+    print(f"\npeak: reserve {reserve_wh:.0f} Wh, margin min {m_energy:.1f} Wh with the energy program, "
+          f"{m_today:.1f} Wh today; first shed {shed_energy}")
+
+
+# -- exactness: the LP and the closed form -----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
+    rng = np.random.default_rng(100 + seed)
+    f = random_fleet(rng, int(rng.integers(4, 21)), int(rng.integers(1, 5)))
+    f.capacity_wh *= 0.1
+    targets = {int(c): float(rng.choice([0, 300, 600, 1200, 1800])) for c in np.unique(f.priority)}
+    steps, dt = 60, 60.0
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w, f.link_max_w, targets, steps, dt)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
+    p.run(steps * dt)
+    sim = p.first_shed_s()
+    for c in lp:
+        assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
+
+
+def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
+    """One cycle of the real kernel on arrays, main supply 0: the runtime per class."""
+    n = len(f)
+    classes = np.unique(f.priority)
+    k = 64
+    class_of = np.zeros(1001, np.int64)
+    class_of[:] = np.searchsorted(classes, np.arange(1001), side="right") - 1
+    class_of[class_of < 0] = 0
+    tg = np.zeros(k)
+    tg[:classes.size] = [targets.get(int(c), 0.0) for c in classes]
+    z = lambda: np.zeros(k)  # noqa: E731
+    rt, reach = z(), np.zeros(k, np.uint8)
+    hi = np.full(n, np.nan)
+    energy_step(np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
+                f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
+                soc_min, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
+                np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
+                *(z() for _ in range(5)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
+                np.zeros(n), np.zeros(n, np.uint32))
+    return rt[:classes.size], reach[:classes.size]
+
+
+def test_closed_form_on_hundreds_of_random_fleets():
+    rng = np.random.default_rng(2026)
+    for _ in range(300):
+        n = int(rng.integers(1, 200))
+        kc = int(rng.integers(1, 8))
+        f = random_fleet(rng, max(n, kc), kc)
+        e = f.usable_wh().sum()
+        d = f.demand_w.sum()
+        d0 = f.class_demand_w()[0]
+        # A critical target longer than the energy can give: class 0 alone, pooled energy over its demand.
+        rt, reach = _kernel_runtimes(f, {0: 1e9})
+        assert rt[0] == pytest.approx(e * 3600 / d0, rel=1e-9) and not reach[0]
+        assert np.all(rt[1:] == 0.0)
+        # No targets: the power order, every class together until the pool is empty.
+        rt, reach = _kernel_runtimes(f, {})
+        assert rt == pytest.approx(np.full(kc, e * 3600 / d), rel=1e-9) and reach.all()
+
+
+def test_the_chunked_sweep_keeps_the_class_sums_within_one_sweep_of_the_truth(plants):
+    f = _hetero(n=40)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=TARGETS, programs=["energy", "allocation"],
+                          period_s=0.01))  # sweep_s 0.1: 4 nodes a cycle, every node every 10 cycles
+    # A node's sample is at most one sweep old when the sweep completes, and the sums are then used
+    # for one more sweep: at most two sweeps of the fleet's draw.
+    draw_wh = f.demand_w.sum() * 0.2 / 3600
+    for _ in range(30):
+        p.run(0.37)
+        e_true = (p.sim.capacity_wh * np.maximum(0.0, p.sim.soc - 0.1)).sum()
+        e_prog = p.mem["energy.state"][ST_E_WH]
+        assert e_true - 1e-9 <= e_prog <= e_true + draw_wh
+        assert p.mem["energy.demand_w"][:4] == pytest.approx([f.class_demand_w()[c] for c in range(4)])
+    assert p.mem["energy.clock_s"][0] == pytest.approx(p.t_s + 0.01)
+
+
+def test_the_snapshot_lists_the_classes(tmp_path):
+    cfg = tmp_path / "energy.yaml"
+    cfg.write_text(TWO % 1)
+    out = tmp_path / "out.json"
+    r = run_vbatt("run", str(cfg), "--cycles", "3", "--snapshot", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    snap = read_json(out)
+    rows = snap["classes"]
+    assert [r["priority"] for r in rows] == [0, 1]
+    assert set(rows[0]) == {"priority", "demand_w", "reserve_wh", "target_s", "runtime_s", "reachable"}
+    # 2 x 40 Wh usable, 100 W per class; the reserve of class 0 (16.7 Wh for 600 s) is never
+    # reached: beyond the targets both ride together to the end of the energy, 80 Wh / 200 W.
+    assert rows[0]["demand_w"] == 100.0 and rows[0]["target_s"] == 600.0 and rows[1]["target_s"] == 60.0
+    assert rows[0]["reserve_wh"] == pytest.approx(100.0 * 600 / 3600, rel=1e-3)
+    assert [r["runtime_s"] for r in rows] == pytest.approx([1440.0, 1440.0], rel=1e-3)
+    assert all(r["reachable"] for r in rows)
+    assert all(n["runtime_s"] > 0 for n in snap["nodes"])
+
+
+def test_a_program_built_again_without_the_configuration_keeps_the_targets(plants):
+    """A parameter reload builds the programs from their parameters alone and binds them to the same
+    memory (ScanEngine._rebind): the targets and soc_min must survive it."""
+    from vbatt.programs.energy import Energy, EnergyParams
+
+    p = plants(TWO % 1 + "cycle: {cycle_ms: 1000}\n")
+    p.run(3)
+    assert p.mem["energy.target_s"][:2].tolist() == [600.0, 60.0]
+    again = Energy(EnergyParams(reset_hold_s=30), len(p.prio))
+    p.eng.steps = [(pid, again.bind(p.img, p.eng.ctx) if pid == "energy" else s) for pid, s in p.eng.steps]
+    p.run(3)
+    assert p.mem["energy.target_s"][:2].tolist() == [600.0, 60.0]
+    assert p.mem["energy.soc_min"][0] == 0.1 and p.class_rows()[0]["runtime_s"] > 0
