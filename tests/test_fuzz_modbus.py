@@ -50,7 +50,7 @@ from vbatt.drivers.node_agent import INSTR_END, INSTR_FIRST, LEASE_MAX_MS
 from vbatt.fields import node_field
 
 N_EXAMPLES = int(os.environ.get("VBATT_FUZZ_EXAMPLES", examples(200, fuzz_share=0.2)))
-N_NET = int(os.environ.get("VBATT_FUZZ_NET_EXAMPLES", examples(30, fuzz_share=0.01)))  # ~3 s each
+N_NET = int(os.environ.get("VBATT_FUZZ_NET_EXAMPLES", examples(30, fuzz_share=0.02)))  # up to ~3 s each
 _HC = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, database=None, suppress_health_check=_HC)
 NET = settings(max_examples=N_NET, deadline=None, database=None, suppress_health_check=_HC)
