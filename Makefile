@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine with only Python 3.11:
 #   make run   - set up .venv if missing, run the embedded default until Ctrl-C
 #   make test  - set up .venv if missing, run the whole test suite
-#   make fuzz  - the property tests with many more examples (~7-11 minutes), exploring afresh
+#   make fuzz  - the property tests with many more examples, exploring afresh (~5 min; more when loaded)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
