@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine with only Python 3.11:
 #   make run   - set up .venv if missing, run the embedded default until Ctrl-C
 #   make test  - set up .venv if missing, run the whole test suite
-#   make fuzz  - the property tests with many more examples (~7 minutes), exploring afresh
+#   make fuzz  - the property tests with many more examples, exploring afresh (~5 min; more when loaded)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -28,7 +28,7 @@ test: $(STAMP)
 # The hypothesis properties under the "fuzz" profile (tests/conftest.py): FUZZ_EXAMPLES per property
 # (slow network properties take a share of it), no example database, so every run explores afresh as a
 # fresh clone does. Run it before resolving anything a property test found.
-FUZZ_EXAMPLES ?= 5000
+FUZZ_EXAMPLES ?= 3000
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz VBATT_FUZZ_PROFILE_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_allocation.py tests/test_fuzz_config.py tests/test_fuzz_modbus.py $(ARGS)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (HYPOTHESIS_PROFILE=fuzz) explores afresh with FUZZ_EXAMPLES per property (scaled down by a test for
 # its slow examples, see `examples`). No example database in the fuzz run: every run starts clean, as a
 # fresh clone does.
-FUZZ_EXAMPLES = int(os.environ.get("VBATT_FUZZ_PROFILE_EXAMPLES", "5000"))
+FUZZ_EXAMPLES = int(os.environ.get("VBATT_FUZZ_PROFILE_EXAMPLES", "3000"))
 settings.register_profile("fuzz", max_examples=FUZZ_EXAMPLES, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

@@ -273,3 +273,50 @@ def test_the_optimality_check_rejects_a_split_that_is_not_one_multiplier():
     assert not clamp_multiplier_ok([1.0, 1.0, 11.0], w, lo, hi, 1e-9)[0]  # outside its box
     assert clamp_multiplier_ok([10.0, 10.0, 10.0], w, lo, hi, 1e-9)[0]  # all at the top: lam >= 10
     assert not clamp_multiplier_ok([10.0, 10.0, 5.0], w, lo, hi, 1e-9)[0]
+
+
+
+NETS = r"""
+import json
+import numpy as np
+from vbatt.programs import alloc_waterfill
+alloc_waterfill._MAX_ITER = 1  # before the first call: numba compiles module globals in as constants
+from vbatt.programs.alloc_kkt import kkt_violations
+from vbatt.programs.allocation import solve
+
+rng = np.random.default_rng(5)
+broken = not_optimal = 0
+for k in range(300):
+    n = int(rng.integers(2, 12))
+    u = lambda hi: rng.uniform(0, hi, n) * (rng.random(n) < 0.8)  # noqa: E731
+    inst = dict(demand_w=u(1000), max_discharge_w=u(800), max_charge_w=u(800), link_max_w=u(1000),
+                soc=rng.uniform(0, 1, n), capacity_wh=u(5000), priority=rng.integers(0, 3, n))
+    m = float(rng.uniform(0, 3000))
+    o = solve(*inst.values(), m)
+    tol = 1e-6 * (1 + inst["demand_w"].sum() + inst["max_discharge_w"].sum())
+    ok = (abs(o["bus_w"].sum() - o["main_w"]) <= tol and -tol <= o["main_w"] <= m + tol
+          and np.all(np.abs(o["bus_w"]) <= inst["link_max_w"] + 1e-9)
+          and np.all(o["battery_w"] <= inst["max_discharge_w"] + 1e-9)
+          and np.all(o["battery_w"] >= -inst["max_charge_w"] - 1e-9)
+          and np.allclose(o["served_w"] + o["shed_w"], inst["demand_w"], atol=1e-9))
+    broken += not ok
+    not_optimal += bool(kkt_violations(inst, o, m, tol=max(1e-6, tol)))
+print(json.dumps([broken, not_optimal]))
+"""
+
+
+def test_the_safety_nets_keep_the_balance_when_the_water_fill_runs_out_of_steps(tmp_path):
+    """The kernel compiled (in a fresh process and cache) with a water-fill of one step: the answers are
+    often not optimal (the water-fill did run out of steps, and the nets acted), yet the bus balance
+    and every limit hold on every instance."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", NETS], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    broken, not_optimal = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not_optimal > 10
+    assert broken == 0
