@@ -72,7 +72,7 @@ def test_commands_are_clipped_to_limits_and_an_empty_battery_gives_nothing():
 
 
 def test_thermal_model_settles_at_ambient_plus_loss_times_resistance():
-    sim = fleet_of("{id: A, max_discharge_w: 2000, capacity_wh: 1e12, soc: 0.5, temperature_c: 25, "
+    sim = fleet_of("{id: A, max_discharge_w: 2000, capacity_wh: 1.0e9, soc: 0.5, temperature_c: 25, "
                    "physics: {resistance_ohm: 0.05, thermal_resistance_k_per_w: 0.5, "
                    "thermal_capacity_j_per_k: 1000, ambient_c: 25}}")
     run(sim, 960.0, 5000.0, dt=1.0)  # time constant 500 s: ten of them
