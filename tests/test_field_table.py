@@ -204,6 +204,42 @@ def test_opcua_writable_and_historized_sets_are_the_tables_flags():
         assert isinstance(getattr(Op, f.command), int), f.name
 
 
+def test_scan_applies_every_setting_command_inside_the_range_only():
+    from vbatt.config.plan import build_programs, image_spec, partition
+    from vbatt.kernel.clock import FakeClock
+    from vbatt.kernel.image import Ctl, Mode
+    from vbatt.kernel.scan import ScanEngine
+
+    cfg, fleet = load_config_text("nodes:\n  - {id: A, soc: 0.5}\n  - {id: B, soc: 0.5}\n")
+    programs = build_programs(cfg, 2)
+    image = ProcessImage.create(image_spec(cfg, fleet, programs, partition(cfg, fleet)))
+    try:
+        image.ctl[Ctl.MODE] = Mode.RUN
+        clock = FakeClock()
+        eng = ScanEngine(image, programs, cfg, clock)
+
+        def cycle():
+            a = image.inputs[0].begin()
+            a["soc"][:] = 0.5
+            a["updated_ns"][:] = clock.now_ns()
+            image.inputs[0].commit()
+            eng.run(max_cycles=1)
+            clock.advance(10_000_000)
+            return image.read_published()[0]
+
+        for f in fields(operator_settable=True):
+            key, node = f"{f.scope.value}.{f.name}", (1 if f.scope is Scope.NODE else -1)
+            at = (lambda v: v[key][node if node >= 0 else 0])  # noqa: E731
+            for value in (f.hi, f.lo):  # both ends are taken
+                image.commands.push(1, getattr(Op, f.command), node=node, value=float(value))
+                assert at(cycle()) == value, (f.name, value)
+            for value in (_beyond(f, "hi"), _beyond(f, "lo"), math.nan):  # beyond them nothing changes
+                image.commands.push(1, getattr(Op, f.command), node=node, value=float(value))
+                assert at(cycle()) == f.lo, (f.name, value)
+    finally:
+        image.close()
+
+
 def test_reload_turns_every_configured_setting_into_its_command():
     from vbatt.supervise.reload import diff
 
