@@ -9,12 +9,13 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from conftest import REPO, run_vbatt
 from vbatt.config.plant import SETTINGS, ModbusNodeConfig, NodeConfig, PlantConfig, TemplateBody, load_config_text
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.kernel.fields import (AGGREGATES, NODE_FIELDS, NODE_MEASUREMENTS, NODE_OUTPUTS, TABLE, Role, Scope,
-                                 fields, names)
+                                 fields, names, node_field)
 from vbatt.kernel.image import ImageSpec, Op, ProcessImage
 from vbatt.kernel.stats import stats_specs
 
@@ -54,7 +55,7 @@ def test_node_and_plant_bounds_are_the_tables():
 
 
 def test_every_node_side_schema_takes_the_tables_keys():
-    from vbatt.drivers.node.agent import SimBackendConfig
+    from vbatt.drivers.node.agent import NutBackendConfig, SimBackendConfig, SysfsBackendConfig
     from vbatt.drivers.opcua.config import OpcuaConstants, OpcuaInputs, OpcuaNodeConfig
 
     settings = {f.yaml for f in fields(Scope.NODE, Role.SETTING, configured=True)}
@@ -63,6 +64,14 @@ def test_every_node_side_schema_takes_the_tables_keys():
     assert set(OpcuaInputs.model_fields) == set(OpcuaConstants.model_fields) == set(names(NODE_MEASUREMENTS))
     for f in fields(Scope.NODE, Role.MEASUREMENT, configured=True):
         assert _bounds(SimBackendConfig, f.yaml) == (f.lo, f.hi), f.name
+    for model, base in ((SysfsBackendConfig, {"kind": "sysfs"}), (NutBackendConfig, {"kind": "nut", "ups": "u"})):
+        for k in _table_keys(model):  # what a read-only battery cannot measure: configured within the table
+            f = node_field(k)
+            assert getattr(model.model_validate({**base, k: f.hi}), k) == f.hi
+            with pytest.raises(ValidationError):
+                model.model_validate({**base, k: _beyond(f, "hi")})
+            with pytest.raises(ValidationError):
+                model.model_validate({**base, k: _beyond(f, "lo")})
 
 
 def _beyond(f, side: str) -> float | int:
