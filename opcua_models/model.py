@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from asyncua import ua
 
-from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS, Field, Scope, fields
+from vbatt.kernel.fields import AGGREGATES, NODE_FIELDS, Field, Scope, aggregate_field, fields, node_field
 
 __all__ = [
     "NS_URI",
@@ -160,12 +160,18 @@ class MethodDef:
 
 
 _NODE_ARG = ArgDef("node_id", ua.ObjectIds.String, "id of the node, as in the config")
+
+
+def _setting_arg(f: Field) -> ArgDef:
+    """The argument of a method that sets an operator setting: its type, unit and range from the table."""
+    unit = f"{f.unit}, " if f.unit else ""
+    return ArgDef(f.name, _DTYPES[f.dtype][0], f"{unit}{f.lo:g}..{f.hi:g}")
 METHODS: tuple[MethodDef, ...] = (
     MethodDef("ResetTrip", "clear the latched protection trips of a node", (_NODE_ARG,)),
     MethodDef("SetPriority", "set a node's priority (0 = most critical)",
-              (_NODE_ARG, ArgDef("priority", ua.ObjectIds.Int64, "0..1000"))),
+              (_NODE_ARG, _setting_arg(node_field("priority")))),
     MethodDef("SetMainSupplyLimit", "set the main supply capacity",
-              (ArgDef("main_limit_w", ua.ObjectIds.Double, "W, >= 0"),)),
+              (_setting_arg(aggregate_field("main_limit_w")),)),
     MethodDef("SetMode", "RUN or STOP the control programs (STOP holds the safe allocation)",
               (ArgDef("mode", ua.ObjectIds.String, "RUN or STOP"),)),
     MethodDef("AcknowledgeAlarm", "acknowledge active alarms of a node (bits 0 = all)",

@@ -9,13 +9,14 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from conftest import REPO, run_vbatt
 from vbatt.config.plant import SETTINGS, NodeConfig, PlantConfig, TemplateBody, load_config_text
 from vbatt.drivers.modbus.config import ModbusNodeConfig
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.kernel.fields import (AGGREGATES, NODE_FIELDS, NODE_MEASUREMENTS, NODE_OUTPUTS, TABLE, Role, Scope,
-                                 fields, names)
+                                 fields, names, node_field)
 from vbatt.kernel.image import ImageSpec, Op, ProcessImage
 from vbatt.kernel.stats import stats_specs
 
@@ -55,7 +56,7 @@ def test_node_and_plant_bounds_are_the_tables():
 
 
 def test_every_node_side_schema_takes_the_tables_keys():
-    from vbatt.drivers.node.agent import SimBackendConfig
+    from vbatt.drivers.node.agent import NutBackendConfig, SimBackendConfig, SysfsBackendConfig
     from vbatt.drivers.opcua.config import OpcuaConstants, OpcuaInputs, OpcuaNodeConfig
 
     settings = {f.yaml for f in fields(Scope.NODE, Role.SETTING, configured=True)}
@@ -64,6 +65,14 @@ def test_every_node_side_schema_takes_the_tables_keys():
     assert set(OpcuaInputs.model_fields) == set(OpcuaConstants.model_fields) == set(names(NODE_MEASUREMENTS))
     for f in fields(Scope.NODE, Role.MEASUREMENT, configured=True):
         assert _bounds(SimBackendConfig, f.yaml) == (f.lo, f.hi), f.name
+    for model, base in ((SysfsBackendConfig, {"kind": "sysfs"}), (NutBackendConfig, {"kind": "nut", "ups": "u"})):
+        for k in _table_keys(model):  # what a read-only battery cannot measure: configured within the table
+            f = node_field(k)
+            assert getattr(model.model_validate({**base, k: f.hi}), k) == f.hi
+            with pytest.raises(ValidationError):
+                model.model_validate({**base, k: _beyond(f, "hi")})
+            with pytest.raises(ValidationError):
+                model.model_validate({**base, k: _beyond(f, "lo")})
 
 
 def _beyond(f, side: str) -> float | int:
@@ -203,6 +212,42 @@ def test_opcua_writable_and_historized_sets_are_the_tables_flags():
     assert [v.name for v in aggregate_vars()] == list(names(AGGREGATES))
     for f in fields(operator_settable=True):
         assert isinstance(getattr(Op, f.command), int), f.name
+
+
+def test_scan_applies_every_setting_command_inside_the_range_only():
+    from vbatt.config.plan import build_programs, image_spec, partition
+    from vbatt.kernel.clock import FakeClock
+    from vbatt.kernel.image import Ctl, Mode
+    from vbatt.kernel.scan import ScanEngine
+
+    cfg, fleet = load_config_text("nodes:\n  - {id: A, soc: 0.5}\n  - {id: B, soc: 0.5}\n")
+    programs = build_programs(cfg, 2)
+    image = ProcessImage.create(image_spec(cfg, fleet, programs, partition(cfg, fleet)))
+    try:
+        image.ctl[Ctl.MODE] = Mode.RUN
+        clock = FakeClock()
+        eng = ScanEngine(image, programs, cfg, clock)
+
+        def cycle():
+            a = image.inputs[0].begin()
+            a["soc"][:] = 0.5
+            a["updated_ns"][:] = clock.now_ns()
+            image.inputs[0].commit()
+            eng.run(max_cycles=1)
+            clock.advance(10_000_000)
+            return image.read_published()[0]
+
+        for f in fields(operator_settable=True):
+            key, node = f"{f.scope.value}.{f.name}", (1 if f.scope is Scope.NODE else -1)
+            at = (lambda v: v[key][node if node >= 0 else 0])  # noqa: E731
+            for value in (f.hi, f.lo):  # both ends are taken
+                image.commands.push(1, getattr(Op, f.command), node=node, value=float(value))
+                assert at(cycle()) == value, (f.name, value)
+            for value in (_beyond(f, "hi"), _beyond(f, "lo"), math.nan):  # beyond them nothing changes
+                image.commands.push(1, getattr(Op, f.command), node=node, value=float(value))
+                assert at(cycle()) == f.lo, (f.name, value)
+    finally:
+        image.close()
 
 
 def test_reload_turns_every_configured_setting_into_its_command():

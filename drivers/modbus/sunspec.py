@@ -18,7 +18,13 @@ register. Model 802 has no temperature point: the temperature goes in the
 vendor model, with the values the allocator needs at full precision (float32).
 
 Encoding/decoding is vectorised over many nodes at once (a row of registers
-per node), because one controller polls thousands of them.
+per node), because one controller polls thousands of them. `CODEC` (a
+`NodeCodec`) is the one translation between field values and rows: the node
+agent encodes its offer and decodes the instruction with it, the controller's
+driver decodes the offer and encodes the instruction. Points with `device=`
+carry values of the device that are no process-image field (its own forecast,
+its measured power); `sf_point` names the scale-factor register a reader of
+model 802 takes the scale from.
 """
 
 from __future__ import annotations

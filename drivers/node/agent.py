@@ -38,7 +38,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from vbatt.config.base import NodeId, NonNeg, Strict, field_keys
+from vbatt.config.base import NodeId, Strict, field_keys, field_type
 from vbatt.kernel.fields import Role, Scope, fields, node_field
 from vbatt.config.yamlsrc import ConfigError, format_path, load_yaml_file
 
@@ -316,25 +316,33 @@ class SimBackendConfig(create_model("_SimValues", __base__=Strict,
     physics: dict = {}
 
 
+def _range_of(name: str):
+    return field_type(node_field(name))
+
+
 class SysfsBackendConfig(Strict):
+    """A laptop battery (Linux sysfs); what it cannot measure is configured, in the field table's ranges."""
+
     kind: Literal["sysfs"]
     path: str = "/sys/class/power_supply/BAT0"
-    demand_w: NonNeg = 0.0
-    max_discharge_w: NonNeg = 0.0
-    max_charge_w: NonNeg = 0.0
-    link_max_w: NonNeg = 0.0
+    demand_w: _range_of("demand_w") = 0.0
+    max_discharge_w: _range_of("max_discharge_w") = 0.0
+    max_charge_w: _range_of("max_charge_w") = 0.0
+    link_max_w: _range_of("link_max_w") = 0.0
 
 
 class NutBackendConfig(Strict):
+    """A UPS (Network UPS Tools); what it cannot measure is configured, in the field table's ranges."""
+
     kind: Literal["nut"]
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 3493
     ups: str
     nominal_w: Annotated[float, Field(gt=0)] | None = None
-    capacity_wh: Annotated[float, Field(gt=0)] | None = None
-    max_discharge_w: NonNeg = 0.0
-    max_charge_w: NonNeg = 0.0
-    link_max_w: NonNeg = 0.0
+    capacity_wh: Annotated[float, Field(gt=0, le=node_field("capacity_wh").hi)] | None = None
+    max_discharge_w: _range_of("max_discharge_w") = 0.0
+    max_charge_w: _range_of("max_charge_w") = 0.0
+    link_max_w: _range_of("link_max_w") = 0.0
     timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
 
 

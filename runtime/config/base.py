@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from vbatt.kernel.fields import Field as TableField, node_field
+from vbatt.kernel.fields import Field as TableField, Role, Scope, fields, node_field
 
 __all__ = ["Strict", "NonNeg", "Priority", "NodeId", "NodeSettings", "field_type", "field_default", "field_keys"]
 
@@ -22,9 +22,9 @@ def _bound(x: float) -> float | int:
 
 
 def field_type(f: TableField) -> Any:
-    """The YAML type of a configured field: its dtype's kind, bounded by the table's range."""
-    if f.yaml is None:
-        raise ValueError(f"field {f.name} has no YAML key")
+    """The YAML type of a field with a range: its dtype's kind, bounded by the table's range."""
+    if f.lo is None or f.hi is None:
+        raise ValueError(f"field {f.name} has no range")
     py = int if f.np_dtype.kind in "iu" else float
     extra = {} if py is int else {"allow_inf_nan": False}
     return Annotated[py, Field(ge=_bound(f.lo), le=_bound(f.hi), **extra)]
@@ -43,15 +43,6 @@ NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Priority = field_type(node_field("priority"))
 NodeId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
-
-def _settings_model() -> type[Strict]:
-    from pydantic import create_model
-
-    from vbatt.kernel.fields import Role, Scope, fields
-
-    return create_model("NodeSettings", __base__=Strict, __doc__="The operator settings every node entry takes, "
-                        "whatever its driver (the field table's configured node settings).",
-                        **field_keys(fields(Scope.NODE, Role.SETTING, configured=True)))
-
-
-NodeSettings = _settings_model()
+# The operator settings every node entry takes, whatever its driver (configured node settings).
+NodeSettings = create_model("NodeSettings", __base__=Strict,
+                            **field_keys(fields(Scope.NODE, Role.SETTING, configured=True)))

@@ -1,7 +1,7 @@
 """The one declaration of every process-image field (docs/design.md §1).
 
-A field has a *scope* (one value per node, one for the whole virtual battery, or
-- reserved - one per priority class) and a *role* (what writes it and who
+A field has a *scope* (one value per node, one for the whole virtual battery, or,
+reserved, one per priority class) and a *role* (what writes it and who
 reads it), and the flags of the surfaces that show it: kept across restarts,
 settable by an operator, historized by the OPC UA server, its YAML key and
 default, its valid range. Every surface is derived from `TABLE`:

@@ -24,6 +24,7 @@ from vbatt.kernel.aggregates import bind_aggregates
 from vbatt.kernel.safe import safe_allocation, zero_power
 
 from vbatt.kernel.clock import Clock
+from vbatt.kernel.fields import Scope, fields
 from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage, ScanState, gather
 from vbatt.kernel.program import Ctx, Program
 from vbatt.kernel.seqblock import TornRead
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["ScanEngine"]
 
 log = logging.getLogger(__name__)
+
+# The operator settings by the command that sets them (field table: operator_settable, command).
+_SETTERS = {getattr(Op, f.command): f for f in fields(operator_settable=True)}
 
 
 @njit(nogil=True, cache=True)
@@ -137,10 +141,13 @@ class ScanEngine:
                 log.warning("watchdog reset by operator: RUN")
         elif op == Op.RESET_TRIP and 0 <= node < self.img.spec.n_nodes:
             n["trip"][node] = 0
-        elif op == Op.SET_PRIORITY and 0 <= node < self.img.spec.n_nodes:
-            n["priority"][node] = int(value)
-        elif op == Op.SET_MAIN_LIMIT and value >= 0:
-            self.img.agg["main_limit_w"][0] = value
+        elif op in _SETTERS and _SETTERS[op].lo <= value <= _SETTERS[op].hi and \
+                (_SETTERS[op].scope is Scope.AGGREGATE or 0 <= node < self.img.spec.n_nodes):
+            f = _SETTERS[op]  # an operator setting of the field table, inside its range
+            if f.scope is Scope.NODE:
+                n[f.name][node] = int(value) if f.np_dtype.kind in "iu" else value
+            else:
+                self.img.agg[f.name][0] = value
         elif op == Op.ACK_ALARM:
             pass  # alarm state belongs to the programs (on_command below)
         elif op == Op.RELOAD_PROGRAMS:
