@@ -279,9 +279,9 @@ def test_the_optimality_check_rejects_a_split_that_is_not_one_multiplier():
 NETS = r"""
 import json
 import numpy as np
-from vbatt.programs import alloc_waterfill
+from vbatt.programs.allocation import waterfill as alloc_waterfill
 alloc_waterfill._MAX_ITER = 1  # before the first call: numba compiles module globals in as constants
-from vbatt.programs.alloc_kkt import kkt_violations
+from vbatt.programs.allocation.kkt import kkt_violations
 from vbatt.programs.allocation import solve
 
 rng = np.random.default_rng(5)
