@@ -12,7 +12,7 @@ aggregate main_w); forecast, protection and health stay as configured.
   Main supply to spare charges the batteries, each the same fraction of its room.
   No ramp, no restore hold: an independent UPS reacts at once.
 * `proportional`: OpenEMS's NEAR_EQUAL. The bus is shared and priorities order the
-  shedding (power order, DESIGN.md §2 rule 1), but the battery deficit is split in
+  shedding (power order, docs/design.md §2 rule 1), but the battery deficit is split in
   proportion to SoC, capacity ignored: vbatt's own kernel with the usable-energy
   weights capacity_wh * (soc - soc_min) replaced by soc alone. Ramp and restore hold
   as configured for the allocation.
@@ -222,7 +222,7 @@ class Proportional(Allocation):
 
 
 # Policy name -> the program id that takes the place of `allocation` (None: the pipeline as configured).
-# `vbatt-instant` is the configured pipeline without the `energy` program (DESIGN.md §2 at each instant, no
+# `vbatt-instant` is the configured pipeline without the `energy` program (docs/design.md §2 at each instant, no
 # ride-through targets): what vbatt did before the energy layer, to show the two side by side.
 POLICIES: dict[str, str | None] = {"isolated": "isolated", "proportional": "proportional", "vbatt": None,
                                    "vbatt-instant": None}

@@ -1,4 +1,4 @@
-"""The reference formulation of DESIGN §2b for tests: a linear programme on a time grid, solved by HiGHS.
+"""The reference formulation of docs/design.md §2b for tests: a linear programme on a time grid, solved by HiGHS.
 
 The main supply has failed (main limit `main_limit_w`, 0 for an outage). Variables per step t
 (length dt_s): the served fraction x[c, t] of each priority class (pro rata inside the class: node

@@ -1,4 +1,4 @@
-"""The energy program (DESIGN §2b): ride-through targets per class, the outage reserve, runtimes.
+"""The energy program (docs/design.md §2b): ride-through targets per class, the outage reserve, runtimes.
 
 Outages and peaks run the real ScanEngine with simulated node physics over simulated hours at coarse
 cycles (tests/energy_plant.py). Exactness: against the linear programme of tests/energy_reference.py

@@ -1,4 +1,4 @@
-"""The energy program (DESIGN.md §2b): ride-through targets per priority class, the outage reserve.
+"""The energy program (docs/design.md §2b): ride-through targets per priority class, the outage reserve.
 
 Runs after forecast (and protection), before allocation. Every cycle it sums, per priority class,
 the demand now, the forecast demand and the pooled usable energy; decides per class how much of

@@ -1,4 +1,4 @@
-"""The class rules of DESIGN §2b over K priority classes, O(K) per cycle (O(K^2) for the runtimes).
+"""The class rules of docs/design.md §2b over K priority classes, O(K) per cycle (O(K^2) for the runtimes).
 
 Per class c (index 0 = most critical): demand now `dnow` (W, drives this cycle), demand for the
 reserve `dres` (W, the forecast over the horizon), target `target_s`, battery clock `clock_s`

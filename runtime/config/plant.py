@@ -125,7 +125,7 @@ _PlantValues = create_model("_PlantValues", __base__=Strict, **field_keys(fields
 
 class PlantConfig(_PlantValues):
     stale_ms: Annotated[float, Field(gt=0)] = 1000.0
-    # DESIGN §2b: per priority class, how long it must stay served on batteries alone if the main
+    # docs/design.md §2b: per priority class, how long it must stay served on batteries alone if the main
     # supply fails now (s). The classes must exist in the fleet (checked in `validate`).
     ride_through_s: dict[Annotated[int, Field(ge=0, le=1000)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
 
@@ -374,7 +374,7 @@ def validate(located: Located) -> tuple[Config, Fleet]:
     return cfg, fleet
 
 
-MAX_CLASSES = 64  # the energy program's per-class arrays (DESIGN §2b); K is small by design
+MAX_CLASSES = 64  # the energy program's per-class arrays (docs/design.md §2b); K is small by design
 
 
 def _check_classes(cfg: Config, fleet: Fleet, located: Located) -> None:

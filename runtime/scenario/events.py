@@ -6,7 +6,7 @@ An event at `at_s` is applied before the cycle of the first step at or after it
 so programs see them exactly as an operator's change (Op.* and on_command). The
 rest acts on the simulated plant: a failed node stops reporting (driver fault
 SIMULATED: offline) and runs on its own battery as a node whose lease ran out
-does (DESIGN.md §5); a trip is latched in the node's `trip` field as protection
+does (docs/design.md §5); a trip is latched in the node's `trip` field as protection
 would; ambient moves the thermal model's ambient (and the battery temperature of
 nodes without a thermal model); a capacity scale is a fade of the configured
 capacity.

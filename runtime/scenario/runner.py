@@ -61,7 +61,7 @@ def _seed(seed):
 @njit(nogil=True, cache=True)
 def settle(fault, demand_w, avail_dis_w, battery_w, served_w, shed_w, command_w, served, shed):
     """The step's outcome per node: the controller's outputs, except where the node's link has
-    failed: that node runs autonomously, its own battery for its own load (DESIGN.md §5)."""
+    failed: that node runs autonomously, its own battery for its own load (docs/design.md §5)."""
     for i in range(fault.shape[0]):
         if fault[i] != 0:
             d = demand_w[i]
