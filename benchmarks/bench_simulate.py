@@ -2,9 +2,9 @@
 
 N nodes in four priority classes (forecast, protection, allocation, health with the
 parameters of runtime/default.yaml), the main supply lost at t = 0, 1 s steps, the
-`vbatt` policy; `[energy]`: the same with the energy layer (`energy` before `allocation`,
-ride-through targets {0: 4 h, 1: 30 min, 2: 10 min, 3: 0}). Each round simulates VBATT_BENCH_SIM_S seconds (default 1,800; 600
-at 10,000 nodes) after a warm-up run that compiles. Target: >= 1,000x real time at
+`vbatt` policy; `..._with_energy`: the same with the energy layer (`energy` before
+`allocation`, ride-through targets {0: 4 h, 1: 30 min, 2: 10 min, 3: 0}). Each round simulates
+VBATT_BENCH_SIM_S seconds (default 1,800; 600 at 10,000 nodes) after a warm-up run that compiles. Target: >= 1,000x real time at
 1,000 nodes. `extra_info["speed_x"]` is simulated s / wall s of the step loop.
 
 The memory benchmark runs 1 simulated hour, then 3 simulated days (1 s steps, 100

@@ -110,3 +110,16 @@ def test_size_reads_the_targets_from_the_plant(tmp_path):
         rt = doc["policies"][p]["ride_through_s"]
         assert all(rt[c] >= t for c, t in doc["targets_s"].items()), (p, rt)
     assert doc["policies"]["vbatt"]["capacity_wh"] < doc["policies"]["isolated"]["capacity_wh"]
+
+
+def test_energy_efficiency_scales_what_the_program_counts():
+    base = small("critical_max.yaml", divide=10, step_s=10, duration_s=600)
+    assert base.count("  - energy  ") == 1
+    half = base.replace("  - energy  ", "  - energy: {efficiency: 0.5}  ")
+
+    def alarm_s(text: str) -> float:
+        m = run(text, "vbatt")["vbatt"]
+        line = next(s for s in m["energy_alarms"] if s.startswith("class 0:"))
+        return float(line.split()[2].replace(",", ""))
+
+    assert alarm_s(half) == pytest.approx(0.5 * alarm_s(base), abs=1.0)
