@@ -66,14 +66,18 @@ def plot_ride_through(results: list[RunResult], metrics: dict, path: Path) -> No
         xs = np.arange(len(results)) + (j - (len(classes) - 1) / 2) * width
         ax.bar(xs, vals, width, color=col[c], label=f"class {c}")
         tg = [metrics[r.policy]["classes"][str(c)]["target_s"] for r in results]
-        if any(tg):  # the class's ride-through target over its bar
+        if any(tg) and results[0].drop_k >= 0:  # the class's ride-through target over its bar
             ax.hlines([t / 3600.0 for t in tg], xs - width / 2, xs + width / 2, color="k", lw=2,
                       label="target (plant.ride_through_s)" if j == 0 else None)
     end_h = (results[0].steps - max(results[0].drop_k, 0)) * results[0].step_s / 3600.0
     ax.axhline(end_h, color="k", lw=0.8, ls=":", label="end of scenario")
     ax.set_xticks(np.arange(len(results)), [r.policy for r in results])
-    ax.set_ylabel("ride-through after the main supply drop (h)")
-    ax.set_title("How long each priority class stays fully served (0 = most critical)")
+    if results[0].drop_k >= 0:
+        ax.set_ylabel("ride-through after the main supply drop (h)")
+        ax.set_title("How long each priority class stays fully served (0 = most critical)")
+    else:  # no outage: the targets do not apply, the bars are the time to the first shed
+        ax.set_ylabel("fully served from the start (h)")
+        ax.set_title("No main supply drop: how long each class stays fully served from the start")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
