@@ -2,8 +2,9 @@
 
 N nodes in four priority classes (forecast, protection, allocation, health with the
 parameters of runtime/default.yaml), the main supply lost at t = 0, 1 s steps, the
-`vbatt` policy. Each round simulates VBATT_BENCH_SIM_S seconds (default 1,800; 600
-at 10,000 nodes) after a warm-up run that compiles. Target: >= 1,000x real time at
+`vbatt` policy; `..._with_energy`: the same with the energy layer (`energy` before
+`allocation`, ride-through targets {0: 4 h, 1: 30 min, 2: 10 min, 3: 0}). Each round simulates
+VBATT_BENCH_SIM_S seconds (default 1,800; 600 at 10,000 nodes) after a warm-up run that compiles. Target: >= 1,000x real time at
 1,000 nodes. `extra_info["speed_x"]` is simulated s / wall s of the step loop.
 
 The memory benchmark runs 1 simulated hour, then 3 simulated days (1 s steps, 100
@@ -32,10 +33,15 @@ programs:
 """
 
 
-def fleet_scenario(n: int, duration_s: float, step_s: float = 1.0) -> str:
+ENERGY = "  - energy\n"
+TARGETS = ", ride_through_s: {0: 14400, 1: 1800, 2: 600, 3: 0}"
+
+
+def fleet_scenario(n: int, duration_s: float, step_s: float = 1.0, energy: bool = False) -> str:
+    pipeline = PIPELINE.replace("  - allocation:", ENERGY + "  - allocation:") if energy else PIPELINE
     return f"""
 cycle: {{cycle_ms: 1000}}
-plant: {{main_limit_w: {n * 400}}}
+plant: {{main_limit_w: {n * 400}{TARGETS if energy else ""}}}
 nodes:
   - template:
       count: {n}
@@ -51,7 +57,7 @@ nodes:
       link_max_w: [500, 1000]
       physics: {{ocv_empty_v: 44, ocv_full_v: 54, resistance_ohm: 0.03, charge_efficiency: 0.95,
                 discharge_efficiency: 0.95, thermal_resistance_k_per_w: 0.8}}
-{PIPELINE}
+{pipeline}
 scenario:
   duration_s: {duration_s}
   step_s: {step_s}
@@ -62,9 +68,18 @@ scenario:
 
 @pytest.mark.parametrize("n", [100, 1_000, 10_000])
 def test_simulated_seconds_per_wall_second(benchmark, n):
+    _speed(benchmark, n, energy=False)
+
+
+@pytest.mark.parametrize("n", [100, 1_000, 10_000])
+def test_simulated_seconds_per_wall_second_with_energy(benchmark, n):
+    _speed(benchmark, n, energy=True)
+
+
+def _speed(benchmark, n: int, energy: bool) -> None:
     sim_s = SIM_S if n < 10_000 else min(SIM_S, 600.0)
-    loaded = load_scenario_text(fleet_scenario(n, sim_s), f"bench-{n}.yaml")
-    simulate(load_scenario_text(fleet_scenario(n, 5), "warm.yaml"), "vbatt")  # compile
+    loaded = load_scenario_text(fleet_scenario(n, sim_s, energy=energy), f"bench-{n}.yaml")
+    simulate(load_scenario_text(fleet_scenario(n, 5, energy=energy), "warm.yaml"), "vbatt")  # compile
     results = []
 
     def run():
@@ -72,7 +87,8 @@ def test_simulated_seconds_per_wall_second(benchmark, n):
 
     benchmark.pedantic(run, rounds=2, iterations=1)
     best = min(r.wall_s for r in results)
-    benchmark.group = "simulate: 1 s steps, default pipeline"
+    benchmark.group = "simulate: 1 s steps, default pipeline" + (" with energy" if energy else "")
+    benchmark.extra_info["energy"] = energy
     benchmark.extra_info["n"] = n
     benchmark.extra_info["simulated_s"] = sim_s
     benchmark.extra_info["speed_x"] = round(sim_s / best, 1)

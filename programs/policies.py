@@ -35,7 +35,7 @@ from vbatt.programs.allocation.kernel import ALLOC_ALARMS, allocate
 from vbatt.programs.allocation import Allocation, AllocationParams
 from vbatt.programs.codes import Alarm
 
-__all__ = ["Isolated", "Proportional", "isolated", "proportional_limits", "POLICIES"]
+__all__ = ["Isolated", "Proportional", "isolated", "proportional_limits", "POLICIES", "POLICY_DROPS"]
 
 _SAFE = int(Alarm.SAFE_ALLOCATION)
 _SHED = int(Alarm.LOAD_SHED)
@@ -222,4 +222,9 @@ class Proportional(Allocation):
 
 
 # Policy name -> the program id that takes the place of `allocation` (None: the pipeline as configured).
-POLICIES: dict[str, str | None] = {"isolated": "isolated", "proportional": "proportional", "vbatt": None}
+# `vbatt-instant` is the configured pipeline without the `energy` program (docs/design.md §2 at each instant, no
+# ride-through targets): what vbatt did before the energy layer, to show the two side by side.
+POLICIES: dict[str, str | None] = {"isolated": "isolated", "proportional": "proportional", "vbatt": None,
+                                   "vbatt-instant": None}
+# Programs a policy leaves out of the configured pipeline.
+POLICY_DROPS: dict[str, tuple[str, ...]] = {"vbatt-instant": ("energy",)}

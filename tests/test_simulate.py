@@ -196,7 +196,9 @@ def test_simulate_writes_metrics_and_a_report_with_plots(tmp_path):
     m = read_json(mj)
     assert set(m["sim"]) >= {"duration_s", "step_s", "steps", "nodes", "wall_s"}
     assert m["sim"]["nodes"] == 200 and m["sim"]["steps"] == 360
-    assert list(m["policies"]) == ["isolated", "proportional", "vbatt"]
+    # the plant runs `energy`: vbatt-instant (the pipeline without it) runs too, by default
+    assert list(m["policies"]) == ["isolated", "proportional", "vbatt", "vbatt-instant"]
+    assert "energy" in m["policies"]["vbatt"]["pipeline"] and "energy" not in m["policies"]["vbatt-instant"]["pipeline"]
     for p in m["policies"].values():
         assert set(p["classes"]) == {"0", "1", "2", "3"}
         for c in p["classes"].values():
@@ -216,7 +218,7 @@ def test_simulate_writes_metrics_and_a_report_with_plots(tmp_path):
         assert np.unique(img.reshape(-1, img.shape[2]), axis=0).shape[0] > 20  # drawn, not blank
     md = (rep / "report.md").read_text()
     assert "| class | first shed | ride-through |" in md and "![" in md and "x real time" in md
-    assert not (rep / "runtime.png").exists()  # no energy layer in this pipeline
+    assert (rep / "runtime.png").stat().st_size > 5000  # the energy layer's runtime per class
 
 
 # -- memory stays flat ----------------------------------------------------------------------------------------

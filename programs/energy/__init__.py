@@ -40,6 +40,8 @@ class EnergyParams(BaseModel):
                                                      "this long")] = 60.0
     horizon_s: Annotated[float, Field(gt=0, allow_inf_nan=False,
                                       description="least horizon for stranded energy")] = 3600.0
+    efficiency: Annotated[float, Field(gt=0, le=1, description="the share of the energy above soc_min that "
+                                       "reaches the loads (the batteries' discharge efficiency)")] = 1.0
     sweep_s: Annotated[float, Field(ge=0, allow_inf_nan=False,
                                     description="the class sums cover every node within this time "
                                                 "(0: every cycle)")] = 0.1
@@ -130,7 +132,7 @@ class Energy(Program):
                 nd["capacity_wh"], nd["max_discharge_w"], nd["link_max_w"], nd["lo_w"], nd["hi_w"], narrowed)
         cycles = max(1, int(round(p.sweep_s / ctx[Ctx.PERIOD_S]))) if ctx[Ctx.PERIOD_S] > 0 else 1
         chunk = max(1, -(-self.n // cycles))
-        par = (float(m("soc_min")[0]), p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
+        par = (float(m("soc_min")[0]), p.efficiency, p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
         scratch = (np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(10)))
         tail = (m("target_s"), m("clock_s"), m("latched"), state, m("sweep"), m("demand_w"), m("pool_now_w"),
                 m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),

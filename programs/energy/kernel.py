@@ -1,6 +1,7 @@
 """The per-node passes of the energy program: class sums in, serve caps, limits and runtimes out.
 
-Per node: usable energy e_i = capacity_wh * max(0, soc - soc_min); link L_i; demand d_i.
+Per node: usable energy e_i = capacity_wh * max(0, soc - soc_min) * efficiency (what reaches the
+loads of the energy above soc_min); link L_i; demand d_i.
 Where the link cannot carry the whole load (d_i > L_i), the part l_i = d_i - L_i must come from
 the node's own battery: that energy is the node's own (stranded for everyone else), the node's
 runtime is at most e_i / l_i, and it may export only what its own need leaves while its class has
@@ -37,7 +38,7 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, hz_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
                  v_rate, v_g, v_d, v_own, v_eraw, hi_cap):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
@@ -55,7 +56,7 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         hh = hi_w[i] if narrowed else math.inf
         g = min(g, hh) if hh == hh else g
         g = 0.0 if trip[i] != 0 else g
-        e = cw * max(0.0, sc - soc_min)
+        e = cw * max(0.0, sc - soc_min) * eff
         c = class_of[min(max(priority[i], 0), np_ - 1)]
         v_cls[i] = c
         # A node of a class shed for energy runs no load: it needs nothing of its own battery.
@@ -115,7 +116,7 @@ def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, runtime_s, reachable, frac,
+def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, eff, runtime_s, reachable, frac,
                   node_runtime_s, alarm, serve_max_w):
     np_ = class_of.shape[0]
     for i in range(priority.shape[0]):
@@ -124,7 +125,7 @@ def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_mi
         fc = frac[c]
         serve_max_w[i] = math.inf if fc >= 1.0 else fc * d
         lk = link_w[i]
-        e = capacity_wh[i] * max(0.0, soc[i] - soc_min)
+        e = capacity_wh[i] * max(0.0, soc[i] - soc_min) * eff
         own = e * 3600.0 / (d - lk) if d > lk else math.inf
         node_runtime_s[i] = min(runtime_s[c], own)
         m = alarm[i] & ~ENERGY_ALARMS
@@ -156,7 +157,7 @@ def _limits(narrowed, active, hi_cap, lo_w, hi_w):
 @njit(nogil=True, cache=True)
 def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
                 link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
-                soc_min, horizon_s, hold_s, chunk,
+                soc_min, eff, horizon_s, hold_s, chunk,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
@@ -186,7 +187,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 h_s, hz_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
+                 eff, h_s, hz_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
                  v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
@@ -224,5 +225,5 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     if moved:
         _caps(priority, class_of, demand_w, prev_frac, serve_max_w)
     _node_outputs(priority[lo:hi], class_of, demand_w[lo:hi], soc[lo:hi], capacity_wh[lo:hi], link_w[lo:hi], soc_min,
-                  runtime_s, reachable, prev_frac, node_runtime_s[lo:hi], alarm[lo:hi], serve_max_w[lo:hi])
+                  eff, runtime_s, reachable, prev_frac, node_runtime_s[lo:hi], alarm[lo:hi], serve_max_w[lo:hi])
     return bad

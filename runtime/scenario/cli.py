@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vbatt.programs.policies import POLICIES
+from vbatt.programs.policies import POLICIES, POLICY_DROPS
 from vbatt.config.yamlsrc import ConfigError
 
 __all__ = ["add_command", "cmd_simulate", "cmd_size"]
@@ -29,7 +29,10 @@ def _usage(msg: str) -> int:
 
 
 def _policies(args, loaded) -> list[str]:
-    chosen = args.policy or loaded.scenario.policies or list(POLICIES)
+    ids = {e.id for e in loaded.cfg.programs}
+    # by default, a policy that leaves out programs this plant does not run is the same as vbatt: not run
+    default = [p for p in POLICIES if not POLICY_DROPS.get(p) or ids & set(POLICY_DROPS[p])]
+    chosen = args.policy or loaded.scenario.policies or default
     unknown = [p for p in chosen if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policy {unknown[0]!r} (expected one of: {', '.join(POLICIES)})")
@@ -40,6 +43,12 @@ def _fmt_s(x) -> str:
     if x is None:
         return "never"
     return f"{x / 3600:.2f} h" if x >= 3600 else (f"{x / 60:.1f} min" if x >= 60 else f"{x:.0f} s")
+
+
+def _met(x: dict) -> str:
+    if x["target_met"] is None or not x["target_s"]:
+        return ""
+    return f" (target {_fmt_s(x['target_s'])} {'met' if x['target_met'] else 'MISSED'})"
 
 
 def cmd_simulate(args) -> int:
@@ -69,7 +78,7 @@ def cmd_simulate(args) -> int:
         if not args.quiet:
             m = policy_metrics(r)
             cls = "  ".join(f"class {c}: ride-through {_fmt_s(x['ride_through_s'])}, "
-                            f"first shed {_fmt_s(x['first_shed_s'])}"
+                            f"first shed {_fmt_s(x['first_shed_s'])}{_met(x)}"
                             for c, x in m["classes"].items())
             out.print(f"{p:>12}: {cls}  ({r.steps * r.step_s / r.wall_s:,.0f}x real time)", markup=False)
     metrics = {"sim": sim_metrics(results), "policies": {r.policy: policy_metrics(r) for r in results},
@@ -97,9 +106,11 @@ def cmd_size(args) -> int:
                 return _usage("--step must be > 0")
             loaded.step_s = args.step
             loaded.steps = max(1, int(-(-loaded.scenario.duration_s // args.step)))
-        targets = parse_targets(args.targets) if args.targets else dict(loaded.scenario.targets_s)
+        targets = (parse_targets(args.targets) if args.targets else
+                   dict(loaded.scenario.targets_s) or dict(loaded.cfg.plant.ride_through_s))
         if not targets:
-            return _usage("no ride-through targets: give --targets 0=14400,1=1800,... or scenario.targets_s")
+            return _usage("no ride-through targets: give --targets 0=14400,1=1800,..., scenario.targets_s "
+                          "or plant.ride_through_s")
         policies = args.policy or ["vbatt", "isolated"]
         unknown = [p for p in policies if p not in POLICIES]
         if unknown:
@@ -108,6 +119,10 @@ def cmd_size(args) -> int:
         missing = sorted(set(targets) - classes)
         if missing:
             return _usage(f"--targets: class {missing[0]} has no nodes in this plant (classes: {sorted(classes)})")
+        if targets != loaded.cfg.plant.ride_through_s:
+            # the energy program plans for the targets being sized for, not the configured ones
+            plant = loaded.cfg.plant.model_copy(update={"ride_through_s": dict(targets)})
+            loaded.cfg = loaded.cfg.model_copy(update={"plant": plant})
     except ConfigError as exc:
         return _config_error(exc)
     except ValueError as exc:
@@ -173,7 +188,7 @@ def add_command(sub) -> None:
                                    "moment of the scenario's demand, for vbatt (pooled) and isolated.")
     z.add_argument("scenario", help="scenario YAML")
     z.add_argument("--targets", metavar="C=S,...", help="ride-through target per class in seconds, "
-                   "e.g. 0=14400,1=1800,2=600 (default: scenario.targets_s)")
+                   "e.g. 0=14400,1=1800,2=600 (default: scenario.targets_s, else plant.ride_through_s)")
     z.add_argument("--policy", action="extend", nargs="+", metavar="NAME",
                    help="policies to size (default: vbatt, isolated)")
     z.add_argument("--tolerance", type=float, default=0.01,

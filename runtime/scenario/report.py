@@ -65,12 +65,20 @@ def plot_ride_through(results: list[RunResult], metrics: dict, path: Path) -> No
         vals = [metrics[r.policy]["classes"][str(c)]["ride_through_s"] / 3600.0 for r in results]
         xs = np.arange(len(results)) + (j - (len(classes) - 1) / 2) * width
         ax.bar(xs, vals, width, color=col[c], label=f"class {c}")
+        tg = [metrics[r.policy]["classes"][str(c)]["target_s"] for r in results]
+        if any(tg) and results[0].drop_k >= 0:  # the class's ride-through target over its bar
+            ax.hlines([t / 3600.0 for t in tg], xs - width / 2, xs + width / 2, color="k", lw=2,
+                      label="target (plant.ride_through_s)" if j == 0 else None)
     end_h = (results[0].steps - max(results[0].drop_k, 0)) * results[0].step_s / 3600.0
     ax.axhline(end_h, color="k", lw=0.8, ls=":", label="end of scenario")
     ax.set_xticks(np.arange(len(results)), [r.policy for r in results])
-    ax.set_ylabel("ride-through after the main supply drop (h)")
-    ax.set_title("How long each priority class stays fully served (0 = most critical)")
-    ax.legend(fontsize=8, ncol=2)
+    if results[0].drop_k >= 0:
+        ax.set_ylabel("ride-through after the main supply drop (h)")
+        ax.set_title("How long each priority class stays fully served (0 = most critical)")
+    else:  # no outage: the targets do not apply, the bars are the time to the first shed
+        ax.set_ylabel("fully served from the start (h)")
+        ax.set_title("No main supply drop: how long each class stays fully served from the start")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -95,7 +103,7 @@ def plot_served(results: list[RunResult], path: Path) -> None:
         ax.set_ylabel("power (kW)")
         ax.set_title(f"{r.policy}: load served per class")
         ax.set_ylim(bottom=0)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper right")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel(unit)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -120,7 +128,7 @@ def plot_soc(results: list[RunResult], path: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("SoC")
         ax.set_title(f"{r.policy}: state of charge per class")
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel(unit)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,11 +176,24 @@ def plot_runtime(results: list[RunResult], path: Path) -> bool:
     for ax, r in zip(axes[:, 0], with_rt):
         s = series(r)
         t, unit = _hours(s["t_s"])
-        for c in classes:
-            ax.step(t, s["c"]["runtime_s"][:, c] / 3600.0, where="post", color=col[c], label=f"class {c}")
+        drop_s = r.drop_k * r.step_s if r.drop_k >= 0 else None
+        styles = ("-", "--", "-.", ":")
+        for j, c in enumerate(classes):
+            # classes with the same runtime coincide: wider lines first, dashes on top keep each visible
+            ax.step(t, s["c"]["runtime_s"][:, c] / 3600.0, where="post", color=col[c], ls=styles[j % 4],
+                    lw=2.6 - 1.6 * j / max(1, len(classes) - 1), label=f"class {c}")
+            tg = r.targets_s.get(c, 0.0)
+            if tg > 0 and drop_s is not None:  # what is left of the target after the drop
+                left = np.clip(tg - (np.asarray(s["t_s"]) - drop_s), 0.0, tg) / 3600.0
+                ax.plot(t, np.where(np.asarray(s["t_s"]) >= drop_s, left, np.nan), color=col[c], lw=0.8,
+                        alpha=0.6, ls=(0, (1, 2)), label=f"class {c} target left")
+        if drop_s is not None:
+            ax.axvline(_hours([0.0, drop_s, s["t_s"][-1]])[0][1], color="tab:red", lw=0.8, ls="--",
+                       label="main supply lost")
         ax.set_ylabel("runtime remaining (h)")
-        ax.set_title(f"{r.policy}: runtime remaining per class (energy layer)")
-    axes[0, 0].legend(fontsize=7, ncol=4)
+        ax.set_title(f"{r.policy}: runtime remaining per class if the main supply failed now "
+                     f"(the energy program's estimate under its rule)", fontsize=10)
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel(unit)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -224,15 +245,31 @@ def write_report(out: Path, loaded: Loaded, results: list[RunResult], metrics: d
     for r in results:
         m = metrics["policies"][r.policy]
         lines += [f"### {r.policy}", "",
-                  "| class | first shed | ride-through | served (kWh) | demand (kWh) | shed (kWh) | served |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| class | first shed | ride-through | target | met | served (kWh) | demand (kWh) | shed (kWh) "
+                  "| served |", "|---|---|---|---|---|---|---|---|---|"]
         for c in classes:
             x = m["classes"][str(c)]
+            met = {True: "yes", False: "**no**", None: "-"}[x["target_met"]]
             lines.append(f"| {c} | {_fmt_s(x['first_shed_s'])} | {_fmt_s(x['ride_through_s'])}"
-                         f"{'' if not x['never_shed_after_drop'] else ' (to the end)'} | {x['served_wh'] / 1000:.2f} | "
+                         f"{'' if not x['never_shed_after_drop'] else ' (to the end)'} | "
+                         f"{_fmt_s(x['target_s']) if x['target_s'] else '-'} | {met} | {x['served_wh'] / 1000:.2f} | "
                          f"{x['demand_wh'] / 1000:.2f} | {x['shed_wh'] / 1000:.2f} | "
                          f"{100 * x['served_fraction']:.1f} % |")
         lines.append("")
+        cr, rs = m["critical"], m["reserve"]
+        if cr and cr["pooled_bound_s"]:
+            lines += [f"Class {cr['class']} against its pooled-energy bound (usable energy at the drop "
+                      f"{cr['usable_at_drop_wh'] / 1000:.1f} kWh / its demand {cr['demand_at_drop_w'] / 1000:.2f} kW = "
+                      f"{_fmt_s(cr['pooled_bound_s'])}): {_fmt_s(cr['ride_through_s'])}, "
+                      f"{100 * cr['fraction_of_bound']:.1f} %.", ""]
+        if m["energy_alarms"]:
+            lines += ["Energy alarms at the drop (RIDE_THROUGH_SHORT): " + "; ".join(m["energy_alarms"]) + ".", ""]
+        if rs["whole_margin_min_wh"] is not None:
+            prog = rs["program_margin_min_wh"]
+            lines += [f"Reserve margin, minimum while the main supply was on: usable energy above the whole "
+                      f"reserve {rs['whole_margin_min_wh'] / 1000:.2f} kWh"
+                      + ("" if prog is None else f"; the energy program's own (pooled energy above its reserve) "
+                                                 f"{prog / 1000:.2f} kWh") + ".", ""]
     lines += ["## Fleet", "",
               "| policy | battery discharge (kWh) | peak main (kW) | max SoC spread | stranded at first shed (kWh) "
               "| setpoint reversals | wall (s) | speed (x real time) |", "|---|---|---|---|---|---|---|---|"]
@@ -248,7 +285,8 @@ def write_report(out: Path, loaded: Loaded, results: list[RunResult], metrics: d
                 "served.png": "Load served per class (stacked), demand, the main supply limit and what was used of it",
                 "soc.png": "State of charge per class: mean, band min-max",
                 "shed.png": "When and how much of each class was shed",
-                "runtime.png": "Runtime remaining per class (energy layer)"}
+                "runtime.png": "Runtime remaining per class if the main supply failed now (the energy program's "
+                              "estimate), and what is left of each target after the drop"}
     for f in files:
         lines += [f"![{captions[f.name]}]({f.name})", ""]
     lines += ["## Machine", "",

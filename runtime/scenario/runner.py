@@ -34,7 +34,9 @@ from vbatt.kernel.fields import Role, Scope, fields, names
 from vbatt.kernel.image import Ctl, Mode, ProcessImage
 from vbatt.config.plan import build_programs, image_spec
 from vbatt.programs.allocation import AllocationParams
-from vbatt.programs.policies import POLICIES
+from vbatt.programs.energy import unreachable_texts
+from vbatt.programs.energy.rules import ST_E_WH, ST_N, ST_R_WH
+from vbatt.programs.policies import POLICIES, POLICY_DROPS
 from vbatt.kernel.scan import ScanEngine
 from vbatt.config.yamlsrc import ConfigError
 
@@ -73,6 +75,24 @@ def settle(fault, demand_w, avail_dis_w, battery_w, served_w, shed_w, command_w,
             shed[i] = shed_w[i]
 
 
+@njit(nogil=True, cache=True)
+def _margins(step_c, target_s, e_state, r_state, has_energy, main_on, out):
+    """The reserve margins of this step while the main supply is on (it may fail at any moment; in
+    an outage the reserve is being spent), their minima kept in out: out[0] the energy program's own
+    (its pooled energy above the reserve of the classes it has not shed), out[1] the usable energy
+    of every battery above the whole reserve (every target whole, at each class's demand now)."""
+    if not main_on:
+        return
+    if has_energy:
+        out[0] = min(out[0], e_state - r_state)
+    u = 0.0
+    r = 0.0
+    for c in range(step_c.shape[1]):
+        u += step_c[6, c]
+        r += step_c[0, c] * target_s[c] / 3600.0
+    out[1] = min(out[1], u - r)
+
+
 @dataclass
 class RunResult:
     policy: str
@@ -89,13 +109,19 @@ class RunResult:
     capacity_wh: float = 0.0
     pipeline: list[str] = field(default_factory=list)
     final: dict = field(default_factory=dict)  # the image's node outputs and aggregates after the last step
+    targets_s: dict[int, float] = field(default_factory=dict)  # plant.ride_through_s (0 for a class without one)
+    usable_at_drop_wh: float | None = None  # fleet usable energy (above soc_min) in the step of the drop
+    demand_at_drop_w: dict[int, float] = field(default_factory=dict)  # per class, in the step of the drop
+    energy_alarms: list[str] = field(default_factory=list)  # unreachable_texts in the step of the drop
+    margin: np.ndarray | None = None  # see _margins: [program's E - R, usable - whole reserve], minima
 
 
 def pipeline(loaded: Loaded, policy: str) -> list[ProgramEntry]:
     """The plant's program list with the policy in the place of its allocation."""
     if policy not in POLICIES:
         raise ConfigError([f"unknown policy {policy!r} (expected one of: {', '.join(POLICIES)})"])
-    entries = list(loaded.cfg.programs)
+    drop = POLICY_DROPS.get(policy, ())
+    entries = [e for e in loaded.cfg.programs if e.id not in drop]
     pid = POLICIES[policy]
     if pid is None:
         return entries
@@ -189,6 +215,14 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
         args_tail = (rec.step_c, rec.acc_c, rec.first_c, drop_k, rec.fl, rec.last_sign)
         next_event = sched.next_step()
         soc_min = _soc_min(entries)
+        targets = {c: float(cfg.plant.ride_through_s.get(c, 0.0)) for c in classes}
+        target_arr = np.zeros(max(classes) + 1)
+        for c, t in targets.items():
+            target_arr[c] = t
+        has_energy = "energy.state" in img.mem
+        e_state = img.mem["energy.state"] if has_energy else np.zeros(ST_N)
+        margin = np.full(2, math.inf)
+        usable_at_drop, demand_at_drop, alarms = None, {}, []
         wall0 = time.perf_counter()
         for k in range(steps):
             now = START_NS + k * step_ns
@@ -206,6 +240,12 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
             j = k // bucket
             observe(k, dt_h, soc_min, prio, dem, served, shed,
                     cmd, soc, cap, main_w[0], main_limit[0], *args_tail, j, rec.rec_c, rec.rec_f, rec.rec_n)
+            _margins(rec.step_c, target_arr, e_state[ST_E_WH], e_state[ST_R_WH], has_energy,
+                     main_limit[0] > 0.0, margin)
+            if k == drop_k:
+                usable_at_drop = float(rec.step_c[CS.USABLE_WH].sum())
+                demand_at_drop = {c: float(rec.step_c[CS.DEMAND_W, c]) for c in classes}
+                alarms = unreachable_texts(img.mem) if has_energy else []
             if runtime is not None and (k % bucket == bucket - 1 or k == steps - 1):
                 _sample_runtime(rec, j, runtime, img, prio, classes)
         wall = time.perf_counter() - wall0
@@ -217,7 +257,9 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
     return RunResult(policy=policy, rec=rec, classes=classes, n_nodes=n, steps=steps, step_s=step_s,
                      duration_s=steps * step_s, drop_k=drop_k, soc_min=_soc_min(entries), wall_s=wall, t0_s=t0_s,
                      capacity_wh=float(sim.capacity_wh.sum()), pipeline=[e.id for e in entries],
-                     final=final)
+                     final=final, targets_s=targets, usable_at_drop_wh=usable_at_drop,
+                     demand_at_drop_w=demand_at_drop, energy_alarms=alarms,
+                     margin=np.where(has_energy, margin, [math.nan, margin[1]]))
 
 
 def _runtime_array(img, programs) -> str | None:
