@@ -12,7 +12,7 @@ import pytest
 from vbatt.programs.energy.horizon import horizon_mae, horizon_replay, window_means
 
 DAY = 86400.0
-PARAMS = dict(level_tau_s=300.0, trend_tau_s=7200.0, damping_s=900.0, season_s=DAY, bins=96, season_tau_s=DAY)
+PARAMS = dict(level_tau_s=300.0, trend_tau_s=7200.0, damping_s=3600.0, season_s=DAY, bins=96, season_tau_s=DAY)
 
 
 def _diurnal(days=4, dt_s=60.0, seed=1):

@@ -62,7 +62,7 @@ class EnergyParams(BaseModel):
                                                                 "remaining target)")] = None
     demand_level_tau_s: Pos = 300.0
     demand_trend_tau_s: Pos = 7200.0
-    demand_damping_s: Annotated[Pos, Field(description="the trend fades with this time constant")] = 900.0
+    demand_damping_s: Annotated[Pos, Field(description="the trend fades with this time constant")] = 3600.0
     demand_season_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False,
                                                    description="the profile's period (null: none)")] = 86400.0
     demand_season_bins: Annotated[int, Field(ge=2, le=1440)] = 96
