@@ -109,6 +109,44 @@ def row(name: str, y: np.ndarray, dt: float, t0: float, **kw) -> None:
     print(f"| {name} | {y.shape[0]} x {dt:.0f} s | {y.shape[1]} | {mean:,.0f} | " + " | ".join(cells) + " |")
 
 
+TARGETS_S = (14400.0, 1800.0, 600.0, 0.0)  # docs/energy.md's example, classes in priority order
+
+
+def reserve_day(path: Path, day: int = 1) -> None:
+    """The whole reserve R_K = sum_k D_k tau_k over a day of a scenario's class demand, with D_k the
+    demand now (before), the energy program's D_k (the forecast mean over the target, never below
+    now), and the demand that came (the realised mean over each target): hourly, and the error."""
+    y, dt, t0 = scenario_trace(path)
+    k_n = min(y.shape[1], len(TARGETS_S))
+    r_now = np.zeros(y.shape[0])
+    r_fc = np.zeros(y.shape[0])
+    r_true = np.zeros(y.shape[0])
+    for k in range(k_n):
+        tau = TARGETS_S[k]
+        if tau <= 0.0:
+            continue
+        yk = y[:, k:k + 1]
+        f = horizon_replay(yk, dt, tau, t0_s=t0, **params())[:, 0]
+        r_now += yk[:, 0] * tau / 3600.0
+        r_fc += np.maximum(f, yk[:, 0]) * tau / 3600.0
+        r_true_k = window_means(yk, int(round(tau / dt)))[:, 0] * tau / 3600.0
+        r_true += r_true_k  # NaN where a window runs past the trace
+    lo, hi = int(day * DAY_S / dt), int((day + 1) * DAY_S / dt)
+    ok = np.arange(y.shape[0])[lo:hi]
+    ok = ok[np.isfinite(r_true[ok])]
+    print(f"\n{path.name}, day {day + 1}: the whole reserve R_K (Wh), targets {TARGETS_S} s")
+    print("| time | demand now | R_K on the demand now | R_K on the forecast | R_K on the demand that came |")
+    print("|---|---|---|---|---|")
+    for hh in range(0, 24, 2):
+        i = int((day * DAY_S + hh * 3600.0) / dt)
+        if i < y.shape[0]:
+            print(f"| {hh:02d}:00 | {y[i].sum():,.0f} W | {r_now[i]:,.0f} | {r_fc[i]:,.0f} | {r_true[i]:,.0f} |")
+    for name, r in (("demand now", r_now), ("forecast", r_fc)):
+        err = r[ok] - r_true[ok]
+        print(f"R_K on the {name}: MAE {np.abs(err).mean():,.1f} Wh, short of the demand that came by "
+              f"{max(0.0, -err.min()):,.1f} Wh at most, {100.0 * np.mean(err < 0):.0f} % of the minutes short")
+
+
 def main(argv: list[str]) -> int:
     files = [Path(a) for a in argv] or sorted((ROOT / "examples/scenarios").glob("*.yaml"))
     print("MAE (W per class) of the mean class demand over the next H: forecast | persistence | ratio")
@@ -127,6 +165,8 @@ def main(argv: list[str]) -> int:
     row("office_trace.csv, cold", y, dt, t0)
     prior, season = seeded_prior(y, dt, t0)
     row("office_trace.csv, seeded (same day recorded)", y, dt, t0, prior=prior, prior_season=season)
+    if not argv:
+        reserve_day(ROOT / "examples/scenarios/peak.yaml")
     return 0
 
 
