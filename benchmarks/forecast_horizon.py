@@ -158,13 +158,21 @@ def main(argv: list[str]) -> int:
         row(f.name, y, dt, t0)
         if y.shape[0] * dt >= 2 * DAY_S:  # a day learnt online, judged on the days after
             row(f.name + ", after day 1", y, dt, t0, start_s=DAY_S)
+            # the days after day 1 from a cold start: alone, and seeded from day 1 recorded (as the OPC UA
+            # server would have; the wall clock moved to today: the file keeps 30 days)
+            d1 = int(round(DAY_S / dt))
+            today = np.floor(time.time() / DAY_S) * DAY_S + (t0 % DAY_S)
+            row(f.name + ", days 2+, cold", y[d1:], dt, today)
+            prior, season = seeded_prior(y[:d1], dt, today)
+            row(f.name + ", days 2+, seeded from day 1 recorded (demand_seed: always)", y[d1:], dt, today, prior=prior,
+                prior_season=season)
         print(f"    ({time.perf_counter() - t:.0f} s to simulate and replay)", file=sys.stderr)
     y, dt = csv_trace()
     # the trace's first sample is midnight; today's (the history file keeps only the last 30 days)
     t0 = np.floor(time.time() / DAY_S) * DAY_S
     row("office_trace.csv, cold", y, dt, t0)
     prior, season = seeded_prior(y, dt, t0)
-    row("office_trace.csv, seeded (same day recorded)", y, dt, t0, prior=prior, prior_season=season)
+    row("office_trace.csv, seeded (same day recorded; demand_seed: always)", y, dt, t0, prior=prior, prior_season=season)
     if not argv:
         reserve_day(ROOT / "examples/scenarios/peak.yaml")
     return 0

@@ -63,12 +63,12 @@ def test_the_window_mean_of_a_learnt_profile():
 
 # -- the energy program: the reserve over the target, seeded from the recorded history ------------------
 FLEET = """
-plant: {{main_limit_w: 1000, ride_through_s: {{0: 3600}}}}
+plant: {{main_limit_w: 1000, ride_through_s: {{0: 3600{more}}}}}
 opcua: {{enabled: true, state_dir: "{state}"}}
 nodes:
-  - template: {{count: 4, id: "n{{i}}", priority: 0, demand_w: 100, max_discharge_w: 500, max_charge_w: 300,
+  - template: {{count: {count}, id: "n{{i}}", priority: 0, demand_w: 100, max_discharge_w: 500, max_charge_w: 300,
                 capacity_wh: 1000, soc: 0.9, link_max_w: 500}}
-programs:
+{second}programs:
   - energy: {{sweep_s: 0{extra}}}
 """
 
@@ -85,14 +85,18 @@ def _record_days(path, now_s, days=2.0, step_s=60.0):
     h.close()
 
 
-def _engine(tmp_path, extra=""):
+def _engine(tmp_path, extra="", two=False):
     from vbatt.config.plan import build_programs, image_spec
     from vbatt.config.plant import load_config_text
     from vbatt.kernel.clock import FakeClock
     from vbatt.kernel.image import Ctl, Mode, ProcessImage
     from vbatt.kernel.scan import ScanEngine
 
-    cfg, fleet = load_config_text(FLEET.format(state=tmp_path, extra=extra))
+    second = ('  - template: {count: 2, id: "m{i}", priority: 1, demand_w: 100, max_discharge_w: 500, '
+              'max_charge_w: 300, capacity_wh: 1000, soc: 0.9, link_max_w: 500}\n')
+    text = FLEET.format(state=tmp_path, extra=extra, count=2 if two else 4, second=second if two else "",
+                        more=", 1: 3600" if two else "")
+    cfg, fleet = load_config_text(text)
     progs = build_programs(cfg, 4)
     img = ProcessImage.create(image_spec(cfg, fleet, progs, [(0, 4, "sim")]))
     for k, v in fleet.values.items():
@@ -138,6 +142,26 @@ def test_the_reserve_rises_ahead_of_the_recorded_morning_peak(tmp_path, case):
             assert d == pytest.approx(400.0) and r == pytest.approx(400.0)
         # the demand now is what it was: the forecast changes the reserve only
         assert img.mem["energy.demand_w"][0] == pytest.approx(400.0)
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("seed", ["auto", "always"])
+def test_with_two_classes_the_aggregate_profile_seeds_only_when_asked(tmp_path, seed):
+    """The record holds the aggregate only: split among classes of other shapes it misleads, so `auto`
+    seeds one class only; `always` gives each class the profile scaled by its share (here both halves of
+    the fleet follow the aggregate: 200 + 200 W now, 250 + 250 W over the hour)."""
+    from vbatt.opcua_models.history import HISTORY_FILE
+
+    _record_days(tmp_path / HISTORY_FILE, time.time())
+    wall = math.floor(time.time() / DAY) * DAY + 5.5 * 3600
+    img, eng = _engine(tmp_path, f", demand_seed: {seed}", two=True)
+    try:
+        img.node["demand_w"][:] = [100.0, 100.0, 100.0, 100.0]
+        _step(eng, wall)
+        _step(eng, wall + 1.0)
+        d = img.mem["energy.demand_horizon_w"][:2]
+        assert d == pytest.approx([250.0, 250.0] if seed == "always" else [200.0, 200.0], abs=2.0)
     finally:
         img.close()
 

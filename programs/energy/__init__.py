@@ -9,8 +9,8 @@ honours in its shedding stage. Nothing here is told that an outage happens: a cl
 the batteries when the main supply limit cannot carry it (and every more critical class).
 
 The class demand of the reserve, D_k, is the class's forecast mean demand over its remaining target
-(horizon.py: smoothing plus a daily profile learnt online, seeded from the recorded history), never
-less than the demand now; `demand_forecast: false` keeps the demand now.
+(horizon.py: smoothing plus a daily profile learnt online, seeded from the recorded history when the
+fleet is one class), never less than the demand now; `demand_forecast: false` keeps the demand now.
 
 Also computes, per class, the runtime if the main supply failed now and whether the target is
 reachable; per node, the runtime of its class limited by its own battery. See docs/energy.md.
@@ -18,7 +18,7 @@ reachable; per node, the runtime of its class limited by its own battery. See do
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,6 +67,9 @@ class EnergyParams(BaseModel):
                                                    description="the profile's period (null: none)")] = 86400.0
     demand_season_bins: Annotated[int, Field(ge=2, le=1440)] = 96
     demand_season_tau_s: Annotated[Pos, Field(description="how fast the profile follows change")] = 86400.0
+    demand_seed: Annotated[Literal["auto", "always", "never"],
+                           Field(description="start the class profiles from the recorded aggregate's (auto: "
+                                             "only when there is one class)")] = "auto"
 
 
 class Energy(Program):
@@ -153,7 +156,7 @@ class Energy(Program):
         prior[:] = np.nan
         season[:] = 0.0
         p: EnergyParams = self.params
-        if self.history_path is None or not p.demand_season_s or not p.demand_forecast:
+        if self.history_path is None or not p.demand_season_s or not p.demand_forecast or p.demand_seed == "never":
             return
         from vbatt.programs.forecast import ForecastParams, seed_from_history
 

@@ -2,18 +2,19 @@
 next H seconds, for the reserve D_k tau_k of the energy program (docs/energy.md "The demand over
 the target").
 
-Per class: Holt smoothing (a level, a damped trend in W/s) plus an additive daily profile of
-`bins` bins learnt online from the de-trended residual, as programs/forecast.py does per node,
-but predicting the *mean over a window* [now, now + H] instead of one point a short time ahead:
+Per class: a daily profile of the demand (`bins` bins, each an exponential mean of the samples that
+fall in it, linear between the bins' centres) and Holt smoothing of the deviation from it (a level and
+a damped trend in W/s; of the demand itself while the profile is not whole), predicting the *mean
+over a window* [now, now + H], not one point a short time ahead as programs/forecast.py does per node:
 
     F(H) = level + trend * m(H) + mean of the profile over [now, now + H]
     m(H) = damping_s * (1 - damping_s / H * (1 - exp(-H / damping_s)))   (the damped trend's mean)
 
-The profile enters only after one whole season has been seen, or at once when it was seeded from
-the aggregate profile the OPC UA server recorded (the forecast program's `prior_season_w`, scaled
-by the class's share of the recorded level at its first sample; not read again here). Time
-constants, not per-sample factors: the update runs at the energy program's sweep rate and means
-the same at any rate. O(K * bins covered by H) per update, K classes.
+The profile enters once every bin has been seen (a whole season), or at once when it was seeded from
+the aggregate profile the OPC UA server recorded (read by the forecast's seed_from_history into the
+energy program's memory; a class takes it scaled by its share of the recorded demand at its first
+sample). Time constants, not per-sample factors: the update runs at the energy program's sweep rate
+and means the same at any rate. O(K * bins covered by H) per update, K classes.
 """
 
 from __future__ import annotations
@@ -72,19 +73,20 @@ def _profile_mean(season, k, t_s, h_s, season_s):
 
 
 @njit(nogil=True, cache=True)
-def _usable(hz, k, bins, seeded):
-    return bins > 0 and (seeded or hz[k, HZ_SEEN] >= bins)
+def _usable(hz, k, bins):
+    return bins > 0 and hz[k, HZ_SEEN] >= bins
 
 
 @njit(nogil=True, cache=True)
-def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, level_tau_s, trend_tau_s, damping_s,
-                   season_s, season_tau_s):
+def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, level_tau_s, trend_tau_s,
+                   damping_s, season_s, season_tau_s):
     """Learn from one sample per class: y[k] (W) at wall-clock time wall_s. hz[k, HZ_*] the state,
     season[k, bins] the profiles (W). prior[0] the recorded aggregate's mean level (NaN: none),
     prior[2] == 1 when prior_season (the same bins) holds its profile as deviations from that mean.
-    NaN, infinite or negative samples are skipped."""
+    use_prior: whether a class takes it at its first sample. NaN, infinite or negative samples are
+    skipped."""
     bins = season.shape[1]
-    seeded = prior.shape[0] > 2 and prior[2] == 1.0 and prior_season.shape[0] == bins
+    seeded = use_prior and prior.shape[0] > 2 and prior[2] == 1.0 and prior_season.shape[0] == bins
     j_now = _bin(wall_s, season_s, bins) if bins > 0 else 0
     for k in range(k_n):
         v = y[k]
@@ -108,14 +110,14 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, level_tau_s,
             elif bins > 0:
                 season[k, j_now] = v
                 hz[k, HZ_SEEN] = 1.0
-            use = _usable(hz, k, bins, seeded)
+            use = _usable(hz, k, bins)
             hz[k, HZ_LEVEL] = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
             continue
         dt = wall_s - hz[k, HZ_LAST]
         if dt <= 0.0:
             continue
         hz[k, HZ_LAST] = wall_s
-        was = _usable(hz, k, bins, seeded)
+        was = _usable(hz, k, bins)
         if bins > 0:
             s = season[k, j_now]
             if s != s:
@@ -125,7 +127,7 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, level_tau_s,
                 # each bin is visited season_s/bins per season: its rate is scaled to that
                 g = 1.0 - math.exp(-dt * bins / season_tau_s)
                 season[k, j_now] = s + g * (v - s)
-        use = _usable(hz, k, bins, seeded)
+        use = _usable(hz, k, bins)
         dev = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
         if use != was:  # the profile has just become whole: the deviation from it starts anew
             hz[k, HZ_LEVEL] = dev
@@ -142,14 +144,14 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, level_tau_s,
 
 
 @njit(nogil=True, cache=True)
-def horizon_mean(wall_s, k, h_s, hz, season, seeded, damping_s, season_s):
+def horizon_mean(wall_s, k, h_s, hz, season, damping_s, season_s):
     """The forecast mean demand of class k over [wall_s, wall_s + h_s] (h_s = 0: now): the demand now,
     the damped trend of its deviation from the profile, and the profile's change from now over the
     window. NaN before the class's first sample. Never negative."""
     if hz[k, HZ_READY] == 0.0:
         return math.nan
     f = hz[k, HZ_LEVEL]
-    use = _usable(hz, k, season.shape[1], seeded)
+    use = _usable(hz, k, season.shape[1])
     if h_s > 0.0:
         x = h_s / damping_s
         f += hz[k, HZ_TREND] * damping_s * (1.0 - (1.0 - math.exp(-x)) / x)
@@ -163,7 +165,7 @@ def horizon_mean(wall_s, k, h_s, hz, season, seeded, damping_s, season_s):
 def horizon_replay(y: np.ndarray, dt_s: float, h_s: float, level_tau_s: float, trend_tau_s: float,
                    damping_s: float, season_s: float | None, bins: int, season_tau_s: float,
                    t0_s: float = 0.0, prior: np.ndarray | None = None,
-                   prior_season: np.ndarray | None = None) -> np.ndarray:
+                   prior_season: np.ndarray | None = None, use_prior: bool = True) -> np.ndarray:
     """Replay class demand samples y (time x classes, every dt_s from wall time t0_s) through the
     class forecast; returns the forecast mean over the next h_s made at each sample (NaN before the
     first). The same functions as the energy program runs."""
@@ -173,14 +175,14 @@ def horizon_replay(y: np.ndarray, dt_s: float, h_s: float, level_tau_s: float, t
     season = np.zeros((k_n, max(nb, 1)))[:, :nb]
     pr = np.full(3, np.nan) if prior is None else prior
     ps = np.zeros(max(nb, 1))[:nb] if prior_season is None else prior_season
-    seeded = bool(nb > 0 and pr[2] == 1.0 and ps.shape[0] == nb)
     out = np.full((steps, k_n), np.nan)
     ss = season_s or 1.0
     for t in range(steps):
         now = t0_s + t * dt_s
-        horizon_update(now, k_n, y[t], hz, season, pr, ps, level_tau_s, trend_tau_s, damping_s, ss, season_tau_s)
+        horizon_update(now, k_n, y[t], hz, season, pr, ps, use_prior, level_tau_s, trend_tau_s, damping_s, ss,
+                       season_tau_s)
         for k in range(k_n):
-            out[t, k] = horizon_mean(now, k, h_s, hz, season, seeded, damping_s, ss)
+            out[t, k] = horizon_mean(now, k, h_s, hz, season, damping_s, ss)
     return out
 
 

@@ -35,13 +35,15 @@ ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
 # target), level, trend, damping, season and profile time constants (s).
-HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_N = 0, 1, 2, 3, 4, 5, 6, 7
+HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
+SEED_MODES = ("never", "auto", "always")
 
 
 def horizon_params(p) -> list[float]:
     """hz_params from EnergyParams."""
     return [1.0 if p.demand_forecast else 0.0, p.demand_horizon_s or 0.0, p.demand_level_tau_s,
-            p.demand_trend_tau_s, p.demand_damping_s, p.demand_season_s or 1.0, p.demand_season_tau_s]
+            p.demand_trend_tau_s, p.demand_damping_s, p.demand_season_s or 1.0, p.demand_season_tau_s,
+            float(SEED_MODES.index(p.demand_seed))]
 
 
 @njit(nogil=True, cache=True)
@@ -53,12 +55,14 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
         for c in range(n_cls):
             dhz[c] = dres[c]
         return
-    horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, hp[HP_LEVEL], hp[HP_TREND],
+    # The record holds the aggregate only: its profile fits a class when the class is (nearly) all of
+    # it; split by share among classes of other shapes it did worse than a cold start (docs/energy.md)
+    use_prior = hp[HP_SEED] == 2.0 or (hp[HP_SEED] == 1.0 and n_cls == 1)
+    horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, use_prior, hp[HP_LEVEL], hp[HP_TREND],
                    hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU])
-    seeded = prior[2] == 1.0 and prior_season.shape[0] == season.shape[1]
     for c in range(n_cls):
         h = hp[HP_H] if hp[HP_H] > 0.0 else max(0.0, target_s[c] - clock_s[c])
-        f = horizon_mean(wall_s, c, h, hz, season, seeded, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
+        f = horizon_mean(wall_s, c, h, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
         dhz[c] = max(dres[c], f) if f == f else dres[c]
 
 
