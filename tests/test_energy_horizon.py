@@ -37,9 +37,11 @@ def test_without_a_profile_it_is_smoothed_persistence():
     """Before one whole season the profile is not used: a constant demand is forecast exactly, at any
     horizon, from the first sample."""
     y = np.full((500, 3), [100.0, 0.0, 2500.0])
+    y[:10, 2] = 0.0  # its nodes not reporting yet: the forecast starts with the first demand
     for h in (0.0, 300.0, 3600.0, 4 * DAY):
         pred = horizon_replay(y, 60.0, h, **PARAMS)
-        assert pred == pytest.approx(y)
+        assert np.all(np.isnan(pred[:, 1])) and np.all(np.isnan(pred[:10, 2]))
+        assert pred[:, 0] == pytest.approx(y[:, 0]) and pred[10:, 2] == pytest.approx(y[10:, 2])
 
 
 def test_the_window_mean_of_a_learnt_profile():

@@ -93,6 +93,8 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, l
         if not (v >= 0.0) or v == math.inf:
             continue
         if hz[k, HZ_READY] == 0.0:
+            if v <= 0.0:  # no node of the class reporting yet (a start): nothing to start from
+                continue
             hz[k, HZ_READY] = 1.0
             hz[k, HZ_T0] = wall_s
             hz[k, HZ_LAST] = wall_s
