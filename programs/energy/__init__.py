@@ -18,14 +18,13 @@ reachable; per node, the runtime of its class limited by its own battery. See do
 
 from __future__ import annotations
 
+import logging
+import time
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-
-import logging
-import time
-from pathlib import Path
 
 from vbatt.kernel.program import Ctx, Program
 from vbatt.kernel.seqblock import ArraySpec
@@ -39,8 +38,8 @@ __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unr
 log = logging.getLogger("vbatt.energy")
 
 MAX_CLASSES = 64
-Pos = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PRIO_N = 1001  # priorities 0..1000 (fields.py)
+Pos = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class EnergyParams(BaseModel):

@@ -34,7 +34,7 @@ ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # the reserve, pooled energy, local runtime (min).
 NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
-# target), level, trend, damping, season and profile time constants (s).
+# target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
 SEED_MODES = ("never", "auto", "always")
 
