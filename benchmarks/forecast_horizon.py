@@ -11,8 +11,8 @@ parameters, and prints the mean absolute error of the forecast mean demand over 
   before (a real history file as the OPC UA server writes it, read by seed_from_history: the best
   case, the day repeats exactly).
 
-Errors are judged from one hour into each trace (the warm-up; a quarter of a shorter one), per class, then averaged over the
-classes with demand. A script, not a test: the figures go to docs/energy.md.
+Errors are judged from one hour into each trace (the warm-up; a quarter of a shorter one), per
+class, then averaged over the classes with demand. A script, not a test: the figures go to docs/energy.md.
     .venv/bin/python benchmarks/forecast_horizon.py [scenario.yaml ...]
 """
 
@@ -172,7 +172,8 @@ def main(argv: list[str]) -> int:
     t0 = np.floor(time.time() / DAY_S) * DAY_S
     row("office_trace.csv, cold", y, dt, t0)
     prior, season = seeded_prior(y, dt, t0)
-    row("office_trace.csv, seeded (same day recorded; demand_seed: always)", y, dt, t0, prior=prior, prior_season=season)
+    row("office_trace.csv, seeded (same day recorded; demand_seed: always)", y, dt, t0, prior=prior,
+        prior_season=season)
     if not argv:
         reserve_day(ROOT / "examples/scenarios/peak.yaml")
     return 0
