@@ -8,8 +8,12 @@ parameters, and prints the mean absolute error of the forecast mean demand over 
   one point a minute), wall clock from the scenario's start_unix_s;
 * the CSV trace examples/scenarios/office_trace.csv (one day, 5-minute samples, one column a
   class): cold (learnt online only), and seeded from a recorded history of the same day the day
-  before (a real history file as the OPC UA server writes it, read by seed_from_history: the best
-  case, the day repeats exactly).
+  before (a real history file as the OPC UA server writes it, read by seed_from_history; the day
+  repeats exactly, so what errs is the split of the recorded aggregate among the classes);
+* a scenario of two days or more also judged after day 1 (the profile learnt online), and on its
+  days after day 1 from a cold start, alone and seeded from day 1 recorded;
+* the whole reserve R_K over peak.yaml's second day on the demand now, on the forecast and on the
+  demand that came (targets of docs/energy.md's example).
 
 Errors are judged from one hour into each trace (the warm-up; a quarter of a shorter one), per
 class, then averaged over the classes with demand. A script, not a test: the figures go to docs/energy.md.
