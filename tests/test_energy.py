@@ -15,7 +15,8 @@ import pytest
 
 from vbatt.config.plant import ConfigError, load_config_text
 from vbatt.programs.codes import Alarm
-from vbatt.programs.energy.kernel import NX_N, energy_step
+from vbatt.programs.energy.horizon import HZ_N
+from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step
 from vbatt.programs.energy.rules import ST_E_WH, ST_N
 
 from conftest import read_json, run_vbatt
@@ -256,7 +257,9 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 soc_min, 1.0, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 *(z() for _ in range(5)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
-                np.zeros(n), np.zeros(n, np.uint32))
+                np.zeros(n), np.zeros(n, np.uint32),
+                # the class demand forecast off: the rule on the demand now
+                0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z())
     return rt[:classes.size], reach[:classes.size]
 
 
@@ -303,7 +306,8 @@ def test_the_snapshot_lists_the_classes(tmp_path):
     snap = read_json(out)
     rows = snap["classes"]
     assert [r["priority"] for r in rows] == [0, 1]
-    assert set(rows[0]) == {"priority", "demand_w", "reserve_wh", "target_s", "runtime_s", "reachable"}
+    assert set(rows[0]) == {"priority", "demand_w", "demand_horizon_w", "reserve_wh", "target_s", "runtime_s",
+                            "reachable"}
     # 2 x 40 Wh usable, 100 W per class; the reserve of class 0 (16.7 Wh for 600 s) is never
     # reached: beyond the targets both ride together to the end of the energy, 80 Wh / 200 W.
     assert rows[0]["demand_w"] == 100.0 and rows[0]["target_s"] == 600.0 and rows[1]["target_s"] == 60.0

@@ -8,13 +8,20 @@ writes that as a per-node cap `serve_max_w` (pro rata inside the class), which t
 honours in its shedding stage. Nothing here is told that an outage happens: a class depends on
 the batteries when the main supply limit cannot carry it (and every more critical class).
 
+The class demand of the reserve, D_k, is the class's forecast mean demand over its remaining target
+(horizon.py: smoothing plus a daily profile learnt online, seeded from the recorded history when the
+fleet is one class), never less than the demand now; `demand_forecast: false` keeps the demand now.
+
 Also computes, per class, the runtime if the main supply failed now and whether the target is
 reachable; per node, the runtime of its class limited by its own battery. See docs/energy.md.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,13 +29,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from vbatt.kernel.program import Ctx, Program
 from vbatt.kernel.seqblock import ArraySpec
 
-from vbatt.programs.energy.kernel import NX_N, energy_step
+from vbatt.programs.energy.horizon import HZ_N
+from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step, horizon_params
 from vbatt.programs.energy.rules import ST_N, ST_N_CLS, ST_POS, ST_STARTED
 
 __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unreachable_texts"]
 
+log = logging.getLogger("vbatt.energy")
+
 MAX_CLASSES = 64
 PRIO_N = 1001  # priorities 0..1000 (fields.py)
+Pos = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class EnergyParams(BaseModel):
@@ -45,6 +56,21 @@ class EnergyParams(BaseModel):
     sweep_s: Annotated[float, Field(ge=0, allow_inf_nan=False,
                                     description="the class sums cover every node within this time "
                                                 "(0: every cycle)")] = 0.1
+    demand_forecast: Annotated[bool, Field(description="the reserve's class demand is the class forecast "
+                                                       "over the horizon (false: the demand now)")] = True
+    demand_horizon_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False,
+                                                    description="the forecast's window (default: the class's "
+                                                                "remaining target)")] = None
+    demand_level_tau_s: Pos = 300.0
+    demand_trend_tau_s: Pos = 7200.0
+    demand_damping_s: Annotated[Pos, Field(description="the trend fades with this time constant")] = 3600.0
+    demand_season_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False,
+                                                   description="the profile's period (null: none)")] = 86400.0
+    demand_season_bins: Annotated[int, Field(ge=2, le=1440)] = 96
+    demand_season_tau_s: Annotated[Pos, Field(description="how fast the profile follows change")] = 86400.0
+    demand_seed: Annotated[Literal["auto", "always", "never"],
+                           Field(description="start the class profiles from the recorded aggregate's (auto: "
+                                             "only when there is one class)")] = "auto"
 
 
 class Energy(Program):
@@ -57,6 +83,7 @@ class Energy(Program):
         self.targets: dict[int, float] = {}
         self.soc_min = params.soc_min if params.soc_min is not None else 0.1
         self.configured = False
+        self.history_path: Path | None = None
 
     def configure(self, cfg) -> None:
         self.targets = dict(cfg.plant.ride_through_s)
@@ -66,6 +93,11 @@ class Energy(Program):
                     self.soc_min = e.params.soc_min
         self.use_forecast = any(e.id == "forecast" for e in cfg.programs)
         self.configured = True
+        o = cfg.opcua
+        if o.enabled and o.history.enabled:
+            from vbatt.programs.recorded import HISTORY_FILE
+
+            self.history_path = Path(o.state_dir).expanduser() / HISTORY_FILE
 
     def _settings(self, img) -> None:
         """The targets (per priority; NaN: none) and soc_min live in memory: a program built again
@@ -86,12 +118,21 @@ class Energy(Program):
                 ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),
                 ArraySpec("sweep", "f8", (k, NX_N)), ArraySpec("hi_cap_w", "f8", (self.n,)),
                 ArraySpec("target_by_priority_s", "f8", (PRIO_N,)), ArraySpec("soc_min", "f8", (1,)),
-                ArraySpec("use_forecast", "u1", (1,))]
+                ArraySpec("use_forecast", "u1", (1,)), ArraySpec("demand_horizon_w", "f8", (k,)),
+                ArraySpec("hz", "f8", (k, HZ_N)), ArraySpec("hz_season_w", "f8", (k, self._bins())),
+                ArraySpec("hz_prior", "f8", (3,)), ArraySpec("hz_prior_season_w", "f8", (self._bins(),)),
+                ArraySpec("hz_params", "f8", (HP_N,))]
+
+    def _bins(self) -> int:
+        return self.params.demand_season_bins if self.params.demand_season_s else 1
 
     def _classes(self, img) -> None:
         """Classes = the distinct priorities present (sorted); beyond MAX_CLASSES they share the last."""
         prios = np.unique(img.node["priority"])
         prios = prios[(prios >= 0) & (prios < PRIO_N)][:MAX_CLASSES]
+        old = self.mem(img, "priority")
+        if not np.array_equal(old[: prios.size], prios) or (prios.size < old.size and old[prios.size] != -1):
+            self.mem(img, "hz")[:] = 0.0  # other classes: their demand forecasts start anew
         cls_of = self.mem(img, "class_of")
         cls_of[:] = np.searchsorted(prios, np.arange(PRIO_N), side="right") - 1
         cls_of[cls_of < 0] = 0
@@ -104,7 +145,30 @@ class Energy(Program):
 
     def init(self, img) -> None:
         self._settings(img)
+        self.mem(img, "priority")[:] = -1
         self._classes(img)
+        self.mem(img, "hz")[:] = 0.0
+        self._seed(img)
+
+    def _seed(self, img) -> None:
+        """The class profiles start from the aggregate profile the OPC UA server recorded, through
+        the forecast's reader (programs/forecast.py seed_from_history), when the history is on."""
+        prior, season = self.mem(img, "hz_prior"), self.mem(img, "hz_prior_season_w")
+        prior[:] = np.nan
+        season[:] = 0.0
+        p: EnergyParams = self.params
+        if self.history_path is None or not p.demand_season_s or not p.demand_forecast or p.demand_seed == "never":
+            return
+        from vbatt.programs.forecast import ForecastParams, seed_from_history
+
+        fp = ForecastParams(season_s=p.demand_season_s, season_bins=p.demand_season_bins,
+                            trend_tau_s=p.demand_trend_tau_s)
+        try:
+            line = seed_from_history(self.history_path, fp, time.time(), prior, season)
+        except Exception as exc:  # a damaged history file must not stop the controller
+            prior[:] = np.nan
+            line = f"recorded history unusable ({type(exc).__name__}: {exc})"
+        log.info("energy: class demand profiles: %s", line)
 
     def on_command(self, img, op, node, value, arg) -> None:
         from vbatt.kernel.image import Op
@@ -142,10 +206,15 @@ class Energy(Program):
         state[ST_STARTED] = 0.0  # a (re)bind sweeps every node on its first cycle
         state[ST_POS] = 0.0
         main_limit = agg["main_limit_w"]
-        dt = Ctx.DT_S
+        dt, wall = Ctx.DT_S, Ctx.WALL_S
+        hp = m("hz_params")
+        hp[:] = horizon_params(p)
+        season = m("hz_season_w")[:, : (p.demand_season_bins if p.demand_season_s else 0)]
+        prior_season = m("hz_prior_season_w")[: season.shape[1]]
+        hz = (m("hz"), season, m("hz_prior"), prior_season, m("demand_horizon_w"))
 
         def step() -> None:
-            energy_step(*head, main_limit[0], ctx[dt], *par, int(state[ST_N_CLS]), *tail)
+            energy_step(*head, main_limit[0], ctx[dt], *par, int(state[ST_N_CLS]), *tail, ctx[wall], hp, *hz)
 
         return step
 
@@ -161,6 +230,7 @@ def class_rows(mem: dict[str, np.ndarray]) -> list[dict]:
     k = int(mem["energy.state"][ST_N_CLS])
     g = lambda name: mem["energy." + name]  # noqa: E731
     return [{"priority": int(g("priority")[c]), "demand_w": float(g("demand_w")[c]),
+             "demand_horizon_w": float(g("demand_horizon_w")[c]),
              "reserve_wh": float(g("reserve_wh")[c]), "target_s": float(g("target_s")[c]),
              "runtime_s": _num(g("runtime_s")[c]), "reachable": bool(g("reachable")[c])} for c in range(k)]
 

@@ -26,14 +26,46 @@ import math
 from numba import njit
 
 from vbatt.programs.codes import Alarm
+from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import ST_POS, ST_STARTED, decide
 
-__all__ = ["energy_step", "ENERGY_ALARMS", "NX_N"]
+__all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
 ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # Columns of the sweep's class accumulators: forecast demand, pooled demand now, pooled demand for
 # the reserve, pooled energy, local runtime (min).
 NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
+# The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
+# target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
+HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
+SEED_MODES = ("never", "auto", "always")
+
+
+def horizon_params(p) -> list[float]:
+    """hz_params from EnergyParams."""
+    return [1.0 if p.demand_forecast else 0.0, p.demand_horizon_s or 0.0, p.demand_level_tau_s,
+            p.demand_trend_tau_s, p.demand_damping_s, p.demand_season_s or 1.0, p.demand_season_tau_s,
+            float(SEED_MODES.index(p.demand_seed))]
+
+
+@njit(nogil=True, cache=True)
+def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz):
+    """After a sweep: learn the class demand (the pooled demand for the reserve) and set dhz[c], the
+    demand the reserve counts: the forecast mean over the class's remaining target (or the fixed
+    window), never less than the demand now (a forecast may miss a rise; the reserve must not)."""
+    if hp[HP_ON] == 0.0:
+        for c in range(n_cls):
+            dhz[c] = dres[c]
+        return
+    # The record holds the aggregate only: its profile fits a class when the class is (nearly) all of
+    # it; split by share among classes of other shapes it did worse than a cold start (docs/energy.md)
+    use_prior = hp[HP_SEED] == 2.0 or (hp[HP_SEED] == 1.0 and n_cls == 1)
+    horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, use_prior, hp[HP_LEVEL], hp[HP_TREND],
+                   hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU])
+    for c in range(n_cls):
+        h = hp[HP_H] if hp[HP_H] > 0.0 else max(0.0, target_s[c] - clock_s[c])
+        f = horizon_mean(wall_s, c, h, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
+        dhz[c] = max(dres[c], f) if f == f else dres[c]
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
@@ -162,12 +194,14 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap,
-                serve_max_w, node_runtime_s, alarm):
+                serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
     node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
     and the RIDE_THROUGH_SHORT alarm bit. Memory: the class arrays, `nx` (the sweep's class
-    accumulators), `state`, hi_cap (per node). v_* are scratch."""
+    accumulators), `state`, hi_cap (per node), the class demand forecast (hp its parameters, hz its
+    state, season its profiles, prior/prior_season the recorded aggregate's, dhz the demand the
+    reserve counts). v_* are scratch."""
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -200,6 +234,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             energy_wh[c] = nx[c, NX_E]
             local_s[c] = nx[c, NX_LOC]
             a_wh[c] = ax[c]
+        _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
         b = 0
     state[ST_POS] = b
     state[ST_STARTED] = 1.0
@@ -207,7 +242,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     for c in range(n_cls):
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
-    bad = decide(n_cls, dnow, dres, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
+    bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
                  local_s, a_wh, hz_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------

@@ -1,0 +1,210 @@
+"""Class demand over a horizon (issue #12 part 3): the mean demand of each priority class over the
+next H seconds, for the reserve D_k tau_k of the energy program (docs/energy.md "The demand over
+the target").
+
+Per class: a daily profile of the demand (`bins` bins, each an exponential mean of the samples that
+fall in it, linear between the bins' centres) and Holt smoothing of the deviation from it (a level and
+a damped trend in W/s; of the demand itself while the profile is not whole), predicting the *mean
+over a window* [now, now + H], not one point a short time ahead as programs/forecast.py does per node:
+
+    F(H) = level + trend * m(H) + mean of the profile over [now, now + H]
+    m(H) = damping_s * (1 - damping_s / H * (1 - exp(-H / damping_s)))   (the damped trend's mean)
+
+The profile enters once every bin has been seen (a whole season), or at once when it was seeded from
+the aggregate profile the OPC UA server recorded (read by the forecast's seed_from_history into the
+energy program's memory; a class takes it scaled by its share of the recorded demand at its first
+sample). Time constants, not per-sample factors: the update runs at the energy program's sweep rate
+and means the same at any rate. O(K * bins covered by H) per update, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = ["HZ_LEVEL", "HZ_TREND", "HZ_READY", "HZ_T0", "HZ_LAST", "HZ_N", "horizon_update", "horizon_mean",
+           "horizon_replay", "horizon_mae"]
+
+# Columns of the per-class state hz[k, HZ_*]: the smoothed deviation of the demand from the profile
+# (W; from 0 while the profile is not whole), its damped trend (W/s), first sample seen, wall time
+# of the first sample and of the last update, bins of the profile seen.
+HZ_LEVEL, HZ_TREND, HZ_READY, HZ_T0, HZ_LAST, HZ_SEEN, HZ_N = 0, 1, 2, 3, 4, 5, 6
+
+
+@njit(nogil=True, cache=True)
+def _bin(t_s, season_s, bins):
+    return int(((t_s % season_s) / season_s) * bins) % bins
+
+
+@njit(nogil=True, cache=True)
+def _profile(season, k, t_s, season_s):
+    """The profile at t_s: linear between the bins' centres (a smooth day has no steps)."""
+    bins = season.shape[1]
+    x = (t_s % season_s) / season_s * bins - 0.5
+    j0 = int(math.floor(x))
+    f = x - j0
+    return (1.0 - f) * season[k, j0 % bins] + f * season[k, (j0 + 1) % bins]
+
+
+@njit(nogil=True, cache=True)
+def _profile_mean(season, k, t_s, h_s, season_s):
+    """The mean of the (piecewise linear) profile over [t_s, t_s + h_s]: exact, segment by segment."""
+    bins = season.shape[1]
+    w = season_s / bins
+    whole = math.floor(h_s / season_s)
+    acc = 0.0
+    if whole > 0.0:
+        tot = 0.0
+        for j in range(bins):
+            tot += season[k, j]
+        acc = whole * season_s * tot / bins
+    t = t_s
+    end = t_s + (h_s - whole * season_s)
+    while t < end:
+        # the next bin centre after t
+        nxt = (math.floor(t / w - 0.5) + 1.5) * w
+        nxt = nxt if nxt > t else nxt + w
+        e = min(nxt, end)
+        acc += 0.5 * (_profile(season, k, t, season_s) + _profile(season, k, e, season_s)) * (e - t)
+        t = e
+    return acc / h_s
+
+
+@njit(nogil=True, cache=True)
+def _usable(hz, k, bins):
+    return bins > 0 and hz[k, HZ_SEEN] >= bins
+
+
+@njit(nogil=True, cache=True)
+def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, level_tau_s, trend_tau_s,
+                   damping_s, season_s, season_tau_s):
+    """Learn from one sample per class: y[k] (W) at wall-clock time wall_s. hz[k, HZ_*] the state,
+    season[k, bins] the profiles (W). prior[0] the recorded aggregate's mean level (NaN: none),
+    prior[2] == 1 when prior_season (the same bins) holds its profile as deviations from that mean.
+    use_prior: whether a class takes it at its first sample. NaN, infinite or negative samples are
+    skipped."""
+    bins = season.shape[1]
+    seeded = use_prior and prior.shape[0] > 2 and prior[2] == 1.0 and prior_season.shape[0] == bins
+    j_now = _bin(wall_s, season_s, bins) if bins > 0 else 0
+    for k in range(k_n):
+        v = y[k]
+        if not (v >= 0.0) or v == math.inf:
+            continue
+        if hz[k, HZ_READY] == 0.0:
+            if v <= 0.0:  # no node of the class reporting yet (a start): nothing to start from
+                continue
+            hz[k, HZ_READY] = 1.0
+            hz[k, HZ_T0] = wall_s
+            hz[k, HZ_LAST] = wall_s
+            hz[k, HZ_TREND] = 0.0
+            hz[k, HZ_SEEN] = 0.0
+            for j in range(bins):
+                season[k, j] = math.nan
+            base = prior[0] + (prior_season[j_now] if seeded else 0.0)
+            if seeded and base > 0.0 and base < math.inf:
+                # this class's share of the recorded aggregate at this time of day
+                share = v / base
+                for j in range(bins):
+                    season[k, j] = (prior[0] + prior_season[j]) * share
+                hz[k, HZ_SEEN] = bins
+            elif bins > 0:
+                season[k, j_now] = v
+                hz[k, HZ_SEEN] = 1.0
+            use = _usable(hz, k, bins)
+            hz[k, HZ_LEVEL] = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
+            continue
+        dt = wall_s - hz[k, HZ_LAST]
+        if dt <= 0.0:
+            continue
+        hz[k, HZ_LAST] = wall_s
+        was = _usable(hz, k, bins)
+        if bins > 0:
+            s = season[k, j_now]
+            if s != s:
+                season[k, j_now] = v
+                hz[k, HZ_SEEN] += 1.0
+            else:
+                # each bin is visited season_s/bins per season: its rate is scaled to that
+                g = 1.0 - math.exp(-dt * bins / season_tau_s)
+                season[k, j_now] = s + g * (v - s)
+        use = _usable(hz, k, bins)
+        dev = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
+        if use != was:  # the profile has just become whole: the deviation from it starts anew
+            hz[k, HZ_LEVEL] = dev
+            hz[k, HZ_TREND] = 0.0
+            continue
+        # Holt on the deviation from the profile (on the demand itself while there is none)
+        a = 1.0 - math.exp(-dt / level_tau_s)
+        b = 1.0 - math.exp(-dt / trend_tau_s)
+        prev = hz[k, HZ_LEVEL]
+        tr = hz[k, HZ_TREND] * math.exp(-dt / damping_s)
+        lv = a * dev + (1.0 - a) * (prev + tr * dt)
+        hz[k, HZ_TREND] = b * (lv - prev) / dt + (1.0 - b) * tr
+        hz[k, HZ_LEVEL] = lv
+
+
+@njit(nogil=True, cache=True)
+def horizon_mean(wall_s, k, h_s, hz, season, damping_s, season_s):
+    """The forecast mean demand of class k over [wall_s, wall_s + h_s] (h_s = 0: now): the demand now,
+    the damped trend of its deviation from the profile, and the profile's change from now over the
+    window. NaN before the class's first sample. Never negative."""
+    if hz[k, HZ_READY] == 0.0:
+        return math.nan
+    f = hz[k, HZ_LEVEL]
+    use = _usable(hz, k, season.shape[1])
+    if h_s > 0.0:
+        x = h_s / damping_s
+        f += hz[k, HZ_TREND] * damping_s * (1.0 - (1.0 - math.exp(-x)) / x)
+        if use:
+            f += _profile_mean(season, k, wall_s, h_s, season_s)
+    elif use:
+        f += _profile(season, k, wall_s, season_s)
+    return max(0.0, f)
+
+
+def horizon_replay(y: np.ndarray, dt_s: float, h_s: float, level_tau_s: float, trend_tau_s: float,
+                   damping_s: float, season_s: float | None, bins: int, season_tau_s: float,
+                   t0_s: float = 0.0, prior: np.ndarray | None = None,
+                   prior_season: np.ndarray | None = None, use_prior: bool = True) -> np.ndarray:
+    """Replay class demand samples y (time x classes, every dt_s from wall time t0_s) through the
+    class forecast; returns the forecast mean over the next h_s made at each sample (NaN before the
+    first). The same functions as the energy program runs."""
+    steps, k_n = y.shape
+    nb = bins if season_s else 0
+    hz = np.zeros((k_n, HZ_N))
+    season = np.zeros((k_n, max(nb, 1)))[:, :nb]
+    pr = np.full(3, np.nan) if prior is None else prior
+    ps = np.zeros(max(nb, 1))[:nb] if prior_season is None else prior_season
+    out = np.full((steps, k_n), np.nan)
+    ss = season_s or 1.0
+    for t in range(steps):
+        now = t0_s + t * dt_s
+        horizon_update(now, k_n, y[t], hz, season, pr, ps, use_prior, level_tau_s, trend_tau_s, damping_s, ss,
+                       season_tau_s)
+        for k in range(k_n):
+            out[t, k] = horizon_mean(now, k, h_s, hz, season, damping_s, ss)
+    return out
+
+
+def window_means(y: np.ndarray, h_steps: int) -> np.ndarray:
+    """The mean of y over the next h_steps samples after each sample (rows without a whole window: NaN)."""
+    steps = y.shape[0]
+    c = np.concatenate([np.zeros((1,) + y.shape[1:]), np.cumsum(y, axis=0)])
+    out = np.full(y.shape, np.nan)
+    if h_steps < steps:
+        out[: steps - h_steps] = (c[1 + h_steps:] - c[1: steps - h_steps + 1]) / h_steps
+    return out
+
+
+def horizon_mae(y: np.ndarray, dt_s: float, h_s: float, start: int, **params) -> tuple[float, float]:
+    """(MAE of the class forecast, MAE of persistence), W per class averaged over classes, of the mean
+    demand over the next h_s, judged from sample `start` on (after a warm-up)."""
+    h = max(1, int(round(h_s / dt_s)))
+    truth = window_means(y, h)
+    pred = horizon_replay(y, dt_s, h_s, **params)
+    rows = slice(start, y.shape[0] - h)
+    err_f = np.abs(pred[rows] - truth[rows])
+    err_p = np.abs(y[rows] - truth[rows])
+    return float(np.nanmean(err_f)), float(np.nanmean(err_p))
