@@ -27,7 +27,7 @@ from vbatt.config.plan import build_programs, image_spec
 from vbatt.kernel.aggregates import bind_aggregates
 from vbatt.programs.allocation import solver
 from vbatt.programs.forecast import ForecastParams, forecast_mae
-from vbatt.kernel.scan import ScanEngine
+from vbatt.kernel.scan import ScanEngine, device_limits
 
 SIZES = [100, 1_000, 10_000, 100_000]
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,9 @@ def _image(n: int, energy: bool = False):
     img.ctl[Ctl.MODE] = Mode.RUN
     eng = ScanEngine(img, progs, cfg, FakeClock())
     eng.ctx[1] = 0.01
-    steps = [s for _, s in eng.steps] + [bind_aggregates(img)]
+    # as the scan's cycle: the limits start from the device limits (after the latch), then the programs
+    lim = (nd["max_charge_w"], nd["max_discharge_w"], nd["lo_w"], nd["hi_w"])
+    steps = [lambda: device_limits(*lim)] + [s for _, s in eng.steps] + [bind_aggregates(img)]
     return img, steps
 
 
