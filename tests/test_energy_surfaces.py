@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO, VBATT, read_json, run_vbatt
@@ -211,3 +212,45 @@ def test_opcua_class_objects_set_ride_through_alarm_and_history(scan_and_server)
             await srv.stop()
 
     asyncio.run(asyncio.wait_for(body(), 90))
+
+
+# -- live view ------------------------------------------------------------------------------------------------------
+def test_live_view_shows_a_row_per_class_with_the_energy_program(scan_and_server):
+    from rich.console import Console
+
+    from vbatt.kernel.image import Op
+    from vbatt.programs.energy import class_rows
+    from vbatt.supervise.live import render
+
+    img, cycle, _start, _pki = scan_and_server
+    img.commands.push(0, Op.SET_MEMORY, 1, 1800.0, arg=img.spec.memory_index("energy.target_by_priority_s"))
+    cycle()
+    rows = class_rows(img.mem)
+    con = Console(record=True, width=200)
+    con.print(render(img, 10.0, classes=rows))
+    shown = con.export_text()
+    assert "priority classes" in shown
+    lines = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in shown.splitlines()
+             if ln.count("│") == 7}
+    assert lines["0"][2:] == ["600 s", f"{rows[0]['runtime_s']:,.0f} s", "yes"], shown
+    assert lines["1"][2:] == ["1,800 s", f"{rows[1]['runtime_s']:,.0f} s", "NO"], shown
+    assert lines["1"][0] == "100 W" and lines["1"][1] == f"{rows[1]['reserve_wh'] / 1e3:,.2f} kWh"
+    con = Console(record=True, width=200)
+    con.print(render(img, 10.0))  # without the energy program: no class table
+    assert "priority classes" not in con.export_text()
+
+
+def test_a_bad_target_command_is_refused_at_the_scan_and_changes_nothing(scan_and_server):
+    from vbatt.kernel.image import Op
+    from vbatt.programs.energy import class_rows
+
+    img, cycle, _start, _pki = scan_and_server
+    before = img.mem["energy.target_by_priority_s"].copy()
+    k = img.spec.memory_index("energy.target_by_priority_s")
+    for node, value, arg in ((1, -5.0, k), (1, float("inf"), k), (5000, 60.0, k),
+                             (1, 60.0, img.spec.memory_index("energy.soc_min"))):  # not a setting
+        img.commands.push(0, Op.SET_MEMORY, node, value, arg=arg)
+    cycle()
+    assert np.array_equal(img.mem["energy.target_by_priority_s"], before, equal_nan=True)
+    assert img.mem["energy.soc_min"][0] == 0.1
+    assert [r["target_s"] for r in class_rows(img.mem)] == [600.0, 0.0]
