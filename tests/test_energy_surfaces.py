@@ -254,3 +254,46 @@ def test_a_bad_target_command_is_refused_at_the_scan_and_changes_nothing(scan_an
     assert np.array_equal(img.mem["energy.target_by_priority_s"], before, equal_nan=True)
     assert img.mem["energy.soc_min"][0] == 0.1
     assert [r["target_s"] for r in class_rows(img.mem)] == [600.0, 0.0]
+
+
+# -- retained across a kill -9 ------------------------------------------------------------------------------------------
+def test_a_reloaded_target_survives_kill_9_and_a_warm_restart(tmp_path):
+    import os
+
+    from vbatt.retain.store import RetainStore
+
+    retain = tmp_path / "retain"
+    cfg = tmp_path / "plant.yaml"
+    cfg.write_text(PLANT.replace("cycle: {cycle_ms: 10}",
+                                 f"cycle: {{cycle_ms: 10}}\nretain: {{enabled: true, dir: '{retain}', period_s: 0.2}}"))
+    err = tmp_path / "err.txt"
+    run = subprocess.Popen([*VBATT, "run", str(cfg), "-v", "-q", "--duration", "120"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True)
+    try:
+        _wait_for(err, "real-time setup", run)
+        new = tmp_path / "new.yaml"
+        new.write_text(cfg.read_text().replace("{0: 600, 1: 60}", "{0: 600, 1: 300}"))
+        r = run_vbatt("reload", str(new), "--pid", str(run.pid))
+        assert r.returncode == 0 and "ride_through_s {1: 60 -> 300 s}" in r.stdout, (r.stdout, r.stderr)
+        deadline = time.monotonic() + 60
+        while True:  # program memory is saved every period_s
+            st = RetainStore(str(retain)).load().state
+            if st is not None and st.arrays["energy.target_by_priority_s"][1] == 300.0:
+                break
+            assert time.monotonic() < deadline and run.poll() is None, err.read_text()
+            time.sleep(0.1)
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(10)
+    deadline = time.monotonic() + 15
+    while subprocess.run(["pgrep", "-s", str(run.pid)], capture_output=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.1)  # the children follow (parent-death signal)
+
+    snap = tmp_path / "snap.json"
+    r = run_vbatt("run", str(cfg), "-q", "--cycles", "20", "--snapshot", str(snap))  # the file still says 60
+    assert r.returncode == 0, r.stderr
+    assert "warm restart" in r.stdout + r.stderr
+    assert [(c["priority"], c["target_s"]) for c in read_json(snap)["classes"]] == [(0, 600.0), (1, 300.0)]
+    r = run_vbatt("run", str(cfg), "-q", "--cold", "--cycles", "20", "--snapshot", str(snap))
+    assert r.returncode == 0, r.stderr
+    assert [(c["priority"], c["target_s"]) for c in read_json(snap)["classes"]] == [(0, 600.0), (1, 60.0)]
