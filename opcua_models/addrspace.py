@@ -18,7 +18,8 @@ from asyncua import ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
 from vbatt.opcua_models.fastpath import data_value
-from vbatt.opcua_models.model import METHODS, TYPE_IDS, VB_ID, VarDef, aggregate_vars, decl_ids, node_vars, scan_vars
+from vbatt.opcua_models.model import (METHODS, TYPE_IDS, VB_ID, VarDef, aggregate_vars, class_object_id, class_vars,
+                                      decl_ids, node_vars, scan_vars)
 
 __all__ = ["Instances", "build_instances"]
 
@@ -45,6 +46,9 @@ class Instances:
     vb: ua.NodeId | None = None
     writable: dict[ua.NodeId, tuple[str, str, int]] = field(default_factory=dict)  # nid -> (scope, name, node)
     historized: dict[ua.NodeId, str] = field(default_factory=dict)
+    class_values: dict[int, dict[str, AttributeValue]] = field(default_factory=dict)  # priority -> var -> value
+    class_objects: dict[int, ua.NodeId] = field(default_factory=dict)
+    class_historized: dict[ua.NodeId, str] = field(default_factory=dict)  # nid -> "class.<priority>.<var>"
     aspace: AddressSpace | None = None
 
 
@@ -157,9 +161,11 @@ _ZERO = {ua.VariantType.Double: 0.0, ua.VariantType.Int64: 0, ua.VariantType.UIn
          ua.VariantType.UInt64: 0, ua.VariantType.Boolean: False, ua.VariantType.String: ""}
 
 
-def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[str, ...]) -> Instances:
-    """The virtual battery, its scan status, its methods and one BatteryNodeType object per node."""
-    bad = sorted(set(node_ids) & {VB_ID})
+def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[str, ...],
+                    classes: tuple[int, ...] = ()) -> Instances:
+    """The virtual battery, its scan status, its methods, one BatteryNodeType object per node and one
+    PriorityClassType object per priority in `classes`."""
+    bad = sorted(i for i in node_ids if i == VB_ID or i.startswith(VB_ID + "."))
     if bad:
         raise ValueError(f"node id(s) {bad} are reserved by the OPC UA server (rename the node)")
     b = _Builder(aspace, ns)
@@ -197,6 +203,21 @@ def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[s
         b.link(vb, _HC, nd)
         b.ref(nd, _HP, aspace[b.decl[("VirtualBatteryType", m.name, "InputArguments")]])
         inst.methods[m.name] = nd.nodeid
+    cfolder = b.obj(S(f"{VB_ID}.Classes"), "Classes", ua.NodeId(ua.ObjectIds.FolderType),
+                    "one object per priority class (with the energy program)")
+    b.link(vb, _HC, cfolder)
+    for p in classes:
+        name = class_object_id(p)
+        obj = b.obj(S(name), name.rsplit(".", 1)[1], b.types["PriorityClassType"], f"priority class {p}")
+        b.link(cfolder, _ORG, obj)
+        inst.class_objects[p] = obj.nodeid
+        inst.class_values[p] = {}
+        for v in class_vars():
+            nd = b.var(S(f"{name}.{v.name}"), v, "PriorityClassType", _ZERO[v.vtype])
+            b.link(obj, _HC, nd)
+            inst.class_values[p][v.name] = nd.attributes[_A.Value]
+            if v.historized:
+                inst.class_historized[nd.nodeid] = f"class.{p}.{v.name}"
     folder = b.obj(S(f"{VB_ID}.Nodes"), "Nodes", ua.NodeId(ua.ObjectIds.FolderType), "one object per node")
     b.link(vb, _HC, folder)
 

@@ -1,7 +1,9 @@
 """Trips, health alarms and the watchdog as OPC UA alarm conditions (Part 9).
 
 One condition per node and code (``<node id>.trip.<NAME>``, ``<node id>.alarm.<NAME>``)
-plus ``VirtualBattery.watchdog``, created the first time it becomes active. Trips
+plus ``VirtualBattery.watchdog`` and, per priority class of the energy program,
+``VirtualBattery.Classes.Class_<p>.RIDE_THROUGH_SHORT`` (its message names the class and the
+time it can reach: "class 1: 1,240 s of 1,800 s"), created the first time it becomes active. Trips
 are TripAlarmType, health alarms OffNormalAlarmType, the watchdog
 SystemOffNormalAlarmType; every state change is an event from the Server object
 with severity, source node, message, ActiveState and AckedState. A condition is
@@ -56,7 +58,7 @@ def code_tables() -> tuple[tuple[_Code, ...], tuple[_Code, ...]]:
 @dataclass
 class Condition:
     nodeid: ua.NodeId
-    kind: str  # "trip" | "alarm" | "watchdog"
+    kind: str  # "trip" | "alarm" | "watchdog" | "class"
     node: int  # node index, -1 for the virtual battery
     code: _Code
     event: object
@@ -65,7 +67,7 @@ class Condition:
 
 
 _TYPES = {"trip": ua.ObjectIds.TripAlarmType, "alarm": ua.ObjectIds.OffNormalAlarmType,
-          "watchdog": ua.ObjectIds.SystemOffNormalAlarmType}
+          "watchdog": ua.ObjectIds.SystemOffNormalAlarmType, "class": ua.ObjectIds.OffNormalAlarmType}
 _WATCHDOG = _Code(0, "WATCHDOG", 900, "Scan watchdog: consecutive overruns; outputs held in the safe state until RUN")
 
 
@@ -87,6 +89,8 @@ class Alarms:
         self.last_trip = np.zeros(n, np.uint32)
         self.last_alarm = np.zeros(n, np.uint32)
         self.last_watchdog = False
+        short = [c for c in self.alarm_codes if c.name == "RIDE_THROUGH_SHORT"]
+        self.short = short[0] if short else _Code(13, "RIDE_THROUGH_SHORT", 700, "ride-through target unreachable")
 
     async def init(self) -> None:
         for kind, tid in _TYPES.items():
@@ -122,14 +126,34 @@ class Alarms:
         self.last_watchdog = tripped
         return await self._set("watchdog", -1, _WATCHDOG, tripped)
 
-    def _condition(self, kind: str, i: int, code: _Code) -> Condition:
+    async def ride_through(self, rows: dict[int, dict], objects: dict[int, ua.NodeId]) -> int:
+        """Per class (priority -> its published row): the condition is active while the target is not
+        reachable; each activation's message says how far it reaches."""
+        sent = 0
+        for p, row in rows.items():
+            active = not row["reachable"]
+            cond = self.conditions.get(("class", p, self.short.bit))
+            if cond is None and not active:
+                continue
+            cond = cond or self._condition("class", p, self.short, source=objects[p], sname=f"Class_{p}")
+            if active != cond.active:
+                reach = f"class {p}: {row['runtime_s']:,.0f} s of {row['target_s']:,.0f} s"
+                cond.event.Message = ua.LocalizedText(reach if active else f"{reach}: reachable again", "en")
+            sent += await self._set("class", p, self.short, active)
+        return sent
+
+    def _condition(self, kind: str, i: int, code: _Code, source: ua.NodeId | None = None,
+                   sname: str | None = None) -> Condition:
         key = (kind, i, code.bit)
         cond = self.conditions.get(key)
         if cond is not None:
             return cond
-        source = self.vb if i < 0 else self.node_objects[i]
-        sname = VB_ID if i < 0 else self.node_ids[i]
-        nid = ua.NodeId(f"{sname}.{kind}" if kind == "watchdog" else f"{sname}.{kind}.{code.name}", self.ns)
+        if source is None:
+            source = self.vb if i < 0 else self.node_objects[i]
+            sname = VB_ID if i < 0 else self.node_ids[i]
+        nid = ua.NodeId(f"{sname}.{kind}" if kind == "watchdog" else
+                        f"{source.Identifier}.{code.name}" if kind == "class" else f"{sname}.{kind}.{code.name}",
+                        self.ns)
         ev = copy.copy(self.templates[kind])  # fields are replaced, never mutated: a shallow copy is enough
         ev.emitting_node = ua.NodeId(ua.ObjectIds.Server)
         ev.EventType = ua.NodeId(_TYPES[kind])

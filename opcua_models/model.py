@@ -22,6 +22,9 @@ __all__ = [
     "node_vars",
     "aggregate_vars",
     "scan_vars",
+    "class_vars",
+    "CLASS_MEMORY",
+    "class_object_id",
     "METHODS",
     "HISTORIZED",
     "TYPE_IDS",
@@ -145,6 +148,29 @@ def scan_vars() -> tuple[VarDef, ...]:
     return tuple(out)
 
 
+# The energy program's class results (programs/energy, published with the image as "mem.energy.<name>"):
+# one PriorityClassType object per class under VirtualBattery/Classes.
+CLASS_MEMORY = "energy"
+
+
+def class_vars() -> tuple[VarDef, ...]:
+    return (
+        VarDef("priority", *_I, "the priority of the class's nodes (0 = most critical)"),
+        VarDef("demand_w", *_D, "demand of the class (pooled; the forecast when a forecast runs)", "W"),
+        VarDef("reserve_wh", *_D, "energy held for the remaining targets of this class and the more critical ones",
+               "Wh"),
+        VarDef("target_s", *_D, "ride-through target on the batteries alone (0: none)", "s"),
+        VarDef("runtime_s", *_D, "time the class would stay served if the main supply failed now", "s",
+               historized=True),
+        VarDef("reachable", *_B, "the runtime reaches the target"),
+    )
+
+
+def class_object_id(priority: int) -> str:
+    """String NodeId of the object of a priority class."""
+    return f"{VB_ID}.Classes.Class_{priority}"
+
+
 @dataclass(frozen=True)
 class ArgDef:
     name: str
@@ -179,16 +205,19 @@ METHODS: tuple[MethodDef, ...] = (
     MethodDef("Reload", "apply a changed plant config between two cycles (as `vbatt reload`): priorities, "
               "main supply limit, program parameters; a change that needs a restart is refused whole",
               (ArgDef("config_path", ua.ObjectIds.String, "path of the plant YAML on the controller"),)),
+    MethodDef("SetRideThrough", "set the ride-through target of a priority class (energy program; kept across "
+              "restarts)", (ArgDef("priority", ua.ObjectIds.Int64, "a priority some node has"),
+                            ArgDef("seconds", ua.ObjectIds.Double, "s on the batteries alone, >= 0 (0: none)"))),
 )
 
-TYPE_IDS = {"VirtualBatteryType": 1, "BatteryNodeType": 2, "ScanStatusType": 3}
+TYPE_IDS = {"VirtualBatteryType": 1, "BatteryNodeType": 2, "ScanStatusType": 3, "PriorityClassType": 4}
 
 
 def decl_ids() -> dict[tuple[str, ...], int]:
     """Numeric ids (model namespace) of every instance declaration, in a fixed order.
 
     Keys: (type, var), (type, var, "EngineeringUnits"|"EURange"), (type, "Scan"),
-    (type, "Nodes"), (type, method), (type, method, "InputArguments").
+    (type, "Nodes"), (type, "Classes"), (type, method), (type, method, "InputArguments").
     """
     ids: dict[tuple[str, ...], int] = {}
     nxt = 1000
@@ -211,4 +240,10 @@ def decl_ids() -> dict[tuple[str, ...], int]:
     for m in METHODS:
         take(("VirtualBatteryType", m.name))
         take(("VirtualBatteryType", m.name, "InputArguments"))
+    # added later than the rest: taken last, so that the earlier ids stay what they were
+    for v in class_vars():
+        take(("PriorityClassType", v.name))
+        if v.unit is not None:
+            take(("PriorityClassType", v.name, "EngineeringUnits"))
+    take(("VirtualBatteryType", "Classes"))
     return ids

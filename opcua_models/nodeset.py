@@ -15,8 +15,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from asyncua import ua
 
-from vbatt.opcua_models.model import (METHODS, NS_URI, TYPE_IDS, VarDef, aggregate_vars, decl_ids, eu_information, node_vars,
-                    scan_vars)
+from vbatt.opcua_models.model import (METHODS, NS_URI, TYPE_IDS, VarDef, aggregate_vars, class_vars, decl_ids,
+                                      eu_information, node_vars, scan_vars)
 
 __all__ = ["nodeset_xml", "NODESET_FILE", "nodeset_path", "main"]
 
@@ -126,26 +126,31 @@ def nodeset_xml() -> str:
 
     docs = {"VirtualBatteryType": "many battery-backed nodes aggregated into one virtual battery",
             "BatteryNodeType": "one battery-backed device: inputs, limits, instruction, trips and alarms",
-            "ScanStatusType": "status words and cycle statistics of the scan"}
+            "ScanStatusType": "status words and cycle statistics of the scan",
+            "PriorityClassType": "one priority class of the energy program (docs/energy.md): demand, reserve, "
+                                 "ride-through target, runtime remaining"}
     members = {
         "VirtualBatteryType": [("HasComponent", _id(ids[("VirtualBatteryType", v.name)]), True) for v in aggregate_vars()]
-        + [("HasComponent", _id(ids[("VirtualBatteryType", n)]), True) for n in ("Scan", "Nodes")]
+        + [("HasComponent", _id(ids[("VirtualBatteryType", n)]), True) for n in ("Scan", "Nodes", "Classes")]
         + [("HasComponent", _id(ids[("VirtualBatteryType", m.name)]), True) for m in METHODS],
         "BatteryNodeType": [("HasComponent", _id(ids[("BatteryNodeType", v.name)]), True) for v in node_vars()],
         "ScanStatusType": [("HasComponent", _id(ids[("ScanStatusType", v.name)]), True) for v in scan_vars()],
+        "PriorityClassType": [("HasComponent", _id(ids[("PriorityClassType", v.name)]), True) for v in class_vars()],
     }
     for tname, tid in TYPE_IDS.items():
         refs = [("HasSubtype", f"i={ua.ObjectIds.BaseObjectType}", False)] + members[tname]
         w.node("UAObjectType", _id(tid), tname, "", tname, docs[tname], refs)
 
     for tname, vars_ in (("BatteryNodeType", node_vars()), ("VirtualBatteryType", aggregate_vars()),
-                         ("ScanStatusType", scan_vars())):
+                         ("ScanStatusType", scan_vars()), ("PriorityClassType", class_vars())):
         for v in vars_:
             w.variable(tname, v)
 
     vbt = _id(TYPE_IDS["VirtualBatteryType"])
     for name, tdef, doc in (("Scan", _id(TYPE_IDS["ScanStatusType"]), "scan status and cycle statistics"),
-                            ("Nodes", f"i={ua.ObjectIds.FolderType}", "one BatteryNodeType object per node")):
+                            ("Nodes", f"i={ua.ObjectIds.FolderType}", "one BatteryNodeType object per node"),
+                            ("Classes", f"i={ua.ObjectIds.FolderType}",
+                             "one PriorityClassType object per priority class (with the energy program)")):
         refs = [("HasTypeDefinition", tdef, True), ("HasModellingRule", f"i={_MANDATORY}", True),
                 ("HasComponent", vbt, False)]
         w.node("UAObject", _id(ids[("VirtualBatteryType", name)]), name, f' ParentNodeId="{vbt}"', name, doc, refs)

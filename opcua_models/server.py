@@ -31,7 +31,7 @@ from vbatt.opcua_models.addrspace import Instances, build_instances
 from vbatt.opcua_models.alarms import Alarms
 from vbatt.opcua_models.config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
 from vbatt.opcua_models.history import HISTORY_FILE, BatchHistory
-from vbatt.opcua_models.model import NS_URI, aggregate_vars, node_vars, scan_vars
+from vbatt.opcua_models.model import CLASS_MEMORY, NS_URI, aggregate_vars, class_vars, node_vars, scan_vars
 from vbatt.opcua_models.nodeset import nodeset_path
 from vbatt.opcua_models.security import RoleRuleset, TrustList, UserStore, VbattUserManager, cert_paths, ensure_server_certificate
 
@@ -77,7 +77,10 @@ class _OperatorWrites(AttributeService):
 
 
 class VbattOpcuaServer:
-    def __init__(self, cfg: OpcuaServerConfig, img: ProcessImage, node_ids, *, cycle_ms: float = 0.0):
+    def __init__(self, cfg: OpcuaServerConfig, img: ProcessImage, node_ids, *, cycle_ms: float = 0.0,
+                 classes: tuple[int, ...] | None = None):
+        """classes: the priorities shown as class objects; default: those of the nodes at start when the
+        energy program publishes its class results (none without it)."""
         self.cfg = cfg
         self.img = img
         self.node_ids = list(node_ids)
@@ -103,6 +106,12 @@ class VbattOpcuaServer:
         self._next_gc = math.inf
         self._next_sample = 0.0
         self._next_flush = 0.0
+        self._cls = {v.name: f"mem.{CLASS_MEMORY}.{v.name}" for v in class_vars()}
+        has_classes = all(k in self._views[0] for k in self._cls.values())
+        if classes is None:
+            classes = tuple(int(p) for p in np.unique(img.node["priority"])) if has_classes else ()
+        self.classes = tuple(classes) if has_classes else ()
+        self._cls_last: dict[tuple[int, str], object] = {}
         self.updates = 0  # values written into the address space (statistics, benchmarks)
         self.ticks = 0
 
@@ -143,7 +152,7 @@ class VbattOpcuaServer:
             await server.import_xml(str(nodeset_path()))
             self.ns = await server.get_namespace_index(NS_URI)
             aspace = server.iserver.aspace
-            self.inst = build_instances(aspace, self.ns, self.node_ids)
+            self.inst = build_instances(aspace, self.ns, self.node_ids, self.classes)
         finally:
             gc.enable()
         gc.collect()
@@ -158,12 +167,14 @@ class VbattOpcuaServer:
         server.iserver.attribute_service = _OperatorWrites(aspace, self)
         handlers = {"ResetTrip": self._m_reset_trip, "SetPriority": self._m_set_priority,
                     "SetMainSupplyLimit": self._m_set_main_limit, "SetMode": self._m_set_mode,
-                    "AcknowledgeAlarm": self._m_ack, "Reload": self._m_reload}
+                    "AcknowledgeAlarm": self._m_ack, "Reload": self._m_reload,
+                    "SetRideThrough": self._m_set_ride_through}
         for name, nid in self.inst.methods.items():
             aspace.add_method_callback(nid, self._guard(handlers[name]))
         if cfg.history.enabled:
             scale = {v.name: v.scale for v in aggregate_vars() if v.historized}
-            self.history = BatchHistory(self.state / HISTORY_FILE, self.inst.historized, scale,
+            self.history = BatchHistory(self.state / HISTORY_FILE, {**self.inst.historized,
+                                                                    **self.inst.class_historized}, scale,
                                         retention_s=cfg.history.retention_days * 86400)
             server.iserver.history_manager.set_storage(self.history)
             self.history.open()
@@ -257,10 +268,14 @@ class VbattOpcuaServer:
             if first or (a[0] != b[0] and not (math.isnan(a[0]) and math.isnan(b[0]))):
                 written += await self._write([self.inst.agg_values[v.name]], [0], [float(a[0]) * v.scale],
                                              v.vtype, src, now, None)
+        rows = self._class_rows(new)
+        written += await self._update_classes(rows, src, now)
         if self.history is not None:
-            await self._historize(new)
+            await self._historize(new, rows)
         if self.alarms is not None:
             await self.alarms.update(new["node.trip"], new["node.alarm"])
+            if self.classes:
+                await self.alarms.ride_through(rows, self.inst.class_objects)
         self.updates += written
         return written
 
@@ -271,13 +286,44 @@ class VbattOpcuaServer:
         await fastpath.flush(pending)
         return len(idx)
 
-    async def _historize(self, views) -> None:
+    def _class_rows(self, views) -> dict[int, dict[str, object]]:
+        """priority -> {var: value} of the classes shown, from the published block (one cycle, whole)."""
+        if not self.classes:
+            return {}
+        prio = views[self._cls["priority"]]
+        at = {int(p): c for c, p in enumerate(prio.tolist()) if p >= 0}
+        out = {}
+        for p in self.classes:
+            c = at.get(p)
+            if c is not None:
+                out[p] = {v.name: (bool(views[k][c]) if v.vtype == ua.VariantType.Boolean else
+                                   int(views[k][c]) if v.vtype == ua.VariantType.Int64 else float(views[k][c]))
+                          for v, k in zip(class_vars(), self._cls.values())}
+        return out
+
+    async def _update_classes(self, rows, src, now) -> int:
+        n = 0
+        for p, row in rows.items():
+            for v in class_vars():
+                x = row[v.name]
+                last = self._cls_last.get((p, v.name))
+                if last == x or (isinstance(x, float) and isinstance(last, float) and math.isnan(x) and math.isnan(last)):
+                    continue
+                self._cls_last[(p, v.name)] = x
+                n += await self._write([self.inst.class_values[p][v.name]], [0], [x], v.vtype, src, now, None)
+        return n
+
+    async def _historize(self, views, rows) -> None:
         t = time.monotonic()
         if t >= self._next_sample:
             self._next_sample = t + self.cfg.history.sample_ms / 1e3
             t_ns = int(self._source_time(int(views["time_ns"][0])).timestamp() * 1e9)
             for name in self.inst.historized.values():
                 self.history.append(name, t_ns, float(views["agg." + name][0]))
+            for name in self.inst.class_historized.values():
+                _, p, var = name.split(".")
+                if int(p) in rows:
+                    self.history.append(name, t_ns, rows[int(p)][var])
         if t >= self._next_flush:
             self._next_flush = t + self.cfg.history.flush_s
             self.history.flush()
@@ -410,6 +456,26 @@ class VbattOpcuaServer:
             raise Bad(ua.StatusCodes.BadInvalidState if "refused" in answer["message"]
                       else ua.StatusCodes.BadConfigurationError, answer["message"])
         log.warning("reload through OPC UA: %s", answer["message"])
+        return []
+
+    async def _m_set_ride_through(self, priority, seconds):
+        """The energy program's target of a class: Op.SET_MEMORY on its setting (programs/energy)."""
+        from vbatt.supervise.reload import RIDE_THROUGH_MEMORY
+
+        if not isinstance(priority, ua.Variant) or priority.VariantType not in _INT_TYPES \
+                or isinstance(priority.Value, bool):
+            raise Bad(ua.StatusCodes.BadTypeMismatch, "priority: expected an integer")
+        if not isinstance(seconds, ua.Variant) or seconds.VariantType != ua.VariantType.Double:
+            raise Bad(ua.StatusCodes.BadTypeMismatch, "seconds: expected a Double (s)")
+        if RIDE_THROUGH_MEMORY not in self.img.spec.memory_names():
+            raise Bad(ua.StatusCodes.BadInvalidState, "the energy program does not run: no ride-through targets")
+        p, x = int(priority.Value), float(seconds.Value)
+        present = sorted(int(q) for q in np.unique(self._views[self._cur]["node.priority"]))
+        if p not in present:
+            raise Bad(ua.StatusCodes.BadOutOfRange, f"priority {p}: no node has it (classes: {present})")
+        if not math.isfinite(x) or x < 0:
+            raise Bad(ua.StatusCodes.BadOutOfRange, f"seconds {x!r}: expected a number >= 0")
+        self._push(Op.SET_MEMORY, node=p, value=x, arg=self.img.spec.memory_index(RIDE_THROUGH_MEMORY))
         return []
 
     async def _m_ack(self, node_id, bits):

@@ -77,6 +77,9 @@ class Energy(Program):
     id = "energy"
     Params = EnergyParams
     writes = ("serve_max_w", "runtime_s", "hi_w", "lo_w", "alarm")
+    # the class results SCADA shows (class_rows) travel whole with every publish
+    published = ("priority", "demand_w", "reserve_wh", "target_s", "runtime_s", "reachable", "state")
+    SETTING = "target_by_priority_s"  # the operator setting (Op.SET_MEMORY): a ride-through target per priority
 
     def __init__(self, params, n_nodes):
         super().__init__(params, n_nodes)
@@ -99,14 +102,29 @@ class Energy(Program):
 
             self.history_path = Path(o.state_dir).expanduser() / HISTORY_FILE
 
-    def _settings(self, img) -> None:
-        """The targets (per priority; NaN: none) and soc_min live in memory: a program built again
-        without the configuration (a parameter reload) keeps them."""
-        by_prio = self.mem(img, "target_by_priority_s")
+    def _targets(self, img) -> None:
+        """The configured targets (per priority; NaN: none), set once at a cold start: from then on they
+        are an operator setting in memory (set_memory), kept by a parameter reload and a warm restart."""
+        by_prio = self.mem(img, self.SETTING)
         by_prio[:] = np.nan
         for p, t in self.targets.items():
             by_prio[p] = t
+
+    def _settings(self, img) -> None:
+        """soc_min lives in memory: a program built again without the configuration (a parameter
+        reload) keeps it."""
         self.mem(img, "soc_min")[0] = self.soc_min
+
+    def set_memory(self, img, name: str, index: int, value: float) -> str | None:
+        if name != self.SETTING:
+            return super().set_memory(img, name, index, value)
+        if not 0 <= index < PRIO_N:
+            return f"ride-through target of priority {index}: expected a priority 0..{PRIO_N - 1}"
+        if not (np.isnan(value) or (np.isfinite(value) and value >= 0)):
+            return f"ride-through target {value!r} s of priority {index}: expected seconds >= 0 (NaN: none)"
+        self.mem(img, self.SETTING)[index] = value
+        self._classes(img)
+        return None
 
     def memory(self) -> list[ArraySpec]:
         k = MAX_CLASSES
@@ -144,6 +162,7 @@ class Energy(Program):
         self.mem(img, "state")[ST_N_CLS] = prios.size
 
     def init(self, img) -> None:
+        self._targets(img)
         self._settings(img)
         self.mem(img, "priority")[:] = -1
         self._classes(img)

@@ -96,8 +96,11 @@ def cmd_run(args) -> int:
 
             from vbatt.supervise.live import render
 
+            from vbatt.programs.energy import class_rows
+
             def view():
-                return render(img, cfg.cycle.cycle_ms, path, sup.phase_names, tail.recent(), str(tail.path))
+                return render(img, cfg.cycle.cycle_ms, path, sup.phase_names, tail.recent(), str(tail.path),
+                              classes=class_rows(img.mem))
 
             with Live(view(), console=out, refresh_per_second=4, transient=False) as live:
                 reason = sup.wait(on_tick=lambda: live.update(view()))

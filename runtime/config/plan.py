@@ -44,11 +44,13 @@ def partition(cfg: Config, fleet: Fleet) -> list[tuple[int, int, str]]:
 
 def image_spec(cfg: Config, fleet: Fleet, programs: list[Program], parts: list[tuple[int, int, str]]) -> ImageSpec:
     memory = [CTX_SPEC, *stats_specs(cfg.cycle.stats_window, len(programs) + 2)]
+    published = []
     seen: set[str] = set()
     for p in programs:
         if p.id in seen:
             raise ConfigError([f"{cfg.source}: programs: {p.id!r} is listed twice (each program runs once per cycle)"])
         seen.add(p.id)
-        memory += p.memory_specs()
+        for local, spec in zip(p.memory(), p.memory_specs()):
+            (published if local.name in p.published else memory).append(spec)
     return ImageSpec(n_nodes=len(fleet), partitions=tuple((a, b) for a, b, _ in parts),
-                     memory=tuple(memory), node_ids=tuple(fleet.ids))
+                     memory=tuple(memory), node_ids=tuple(fleet.ids), published=tuple(published))

@@ -386,7 +386,13 @@ def _check_classes(cfg: Config, fleet: Fleet, located: Located) -> None:
             path = ("plant", "ride_through_s", str(k))
             problems.append(f"{located.where(path)}: {format_path(path)}: no node has priority {k} "
                             f"(classes present: {sorted(present)})")
-    if len(present) > MAX_CLASSES and any(e.id == "energy" for e in cfg.programs):
+    energy = any(e.id == "energy" for e in cfg.programs)
+    if cfg.plant.ride_through_s and not energy:  # targets without the program would silently do nothing
+        path = ("plant", "ride_through_s")
+        problems.append(f"{located.where(path)}: {format_path(path)}: ride-through targets need the energy "
+                        f"program: add 'energy' to programs, before the allocation (e.g. programs: [forecast, "
+                        f"protection, energy, allocation, health])")
+    if len(present) > MAX_CLASSES and energy:
         problems.append(f"{located.where(('nodes',))}: nodes: {len(present)} distinct priorities; the energy "
                         f"program takes at most {MAX_CLASSES} classes")
     if problems:

@@ -78,6 +78,7 @@ class Op:
     SET_MAIN_LIMIT = 4  # value (W)
     ACK_ALARM = 5  # node, arg: alarm bits
     RELOAD_PROGRAMS = 6  # arg: reload number (vbatt.supervise.reload); rebind programs with new parameters
+    SET_MEMORY = 7  # arg: ImageSpec.memory_index of a program's setting, node: element, value (Program.set_memory)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class ImageSpec:
     command_producers: int = 4
     command_slots: int = 256
     node_ids: tuple[str, ...] = field(default=(), compare=False)
+    # program memory placed in the work arrays, so that every publish carries it whole (Program.published)
+    published: tuple[ArraySpec, ...] = ()
 
     def __post_init__(self) -> None:
         covered = sorted(self.partitions)
@@ -109,7 +112,16 @@ class ImageSpec:
             lay.add(ArraySpec("agg." + f.name, f.dtype, (1,)))
         lay.add(ArraySpec("cycle", "i8", (1,)))
         lay.add(ArraySpec("time_ns", "i8", (1,)))
+        for spec in self.published:
+            lay.add(ArraySpec("mem." + spec.name, spec.dtype, spec.shape))
         return lay
+
+    def memory_names(self) -> tuple[str, ...]:
+        """Every program memory array, published or not; `Op.SET_MEMORY` names one by its index here."""
+        return tuple(s.name for s in self.memory + self.published)
+
+    def memory_index(self, name: str) -> int:
+        return self.memory_names().index(name)
 
     def input_layout(self, k: int) -> Layout:
         a, b = self.partitions[k]
@@ -228,6 +240,7 @@ class ProcessImage:
         self.pub = SeqBlock(work_layout, buf, offs["pub"])
         self.inputs = [SeqBlock(spec.input_layout(k), buf, offs[f"in{k}"]) for k in range(len(spec.partitions))]
         self.mem = spec.memory_layout().views(buf, offs["mem"])
+        self.mem.update({k[4:]: v for k, v in work.items() if k.startswith("mem.")})
         self.commands = CommandRing(spec.command_layout().views(buf, offs["cmd"]), spec.command_slots)
 
     # -- lifecycle -----------------------------------------------------------

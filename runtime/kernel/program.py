@@ -132,6 +132,8 @@ class Program:
     kernel: ClassVar[Callable | None] = None
     writes: ClassVar[tuple[str, ...]] = ()
     allocates: ClassVar[bool] = False
+    # memory names published with the image every cycle (SCADA reads them whole, like the fields)
+    published: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel, n_nodes: int):
         self.params = params
@@ -186,6 +188,11 @@ class Program:
             raise NotImplementedError(f"program {self.id!r}: set `kernel` or override bind()")
         fn, args = self._kernel(), self.bound_args(img, ctx)
         return lambda: fn(*args)
+
+    def set_memory(self, img: "ProcessImage", name: str, index: int, value: float) -> str | None:
+        """`Op.SET_MEMORY` on the program's memory array `name`: None when applied, else why it was
+        refused (nothing changed). A program accepts only the arrays that are its operator settings."""
+        return f"{name} is not an operator setting of program {self.id!r}"
 
     def on_command(self, img: "ProcessImage", op: int, node: int, value: float, arg: int) -> None:
         """An operator command, applied between cycles after the scan's own handling

@@ -150,6 +150,15 @@ class ScanEngine:
                 self.img.agg[f.name][0] = value
         elif op == Op.ACK_ALARM:
             pass  # alarm state belongs to the programs (on_command below)
+        elif op == Op.SET_MEMORY:
+            names = self.img.spec.memory_names()
+            name = names[arg] if 0 <= arg < len(names) else "?"
+            owner = next((p for p in self.programs if name.startswith(p.id + ".")), None)
+            why = (owner.set_memory(self.img, name[len(owner.id) + 1:], node, value) if owner is not None
+                   else f"memory #{arg} ({name}) belongs to no program")
+            if why:
+                log.warning("command refused at the scan: %s (element %d, value %r)", why, node, value)
+                return
         elif op == Op.RELOAD_PROGRAMS:
             self._reload = arg  # done after this cycle is published, in its slack
             return

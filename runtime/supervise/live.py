@@ -11,7 +11,7 @@ from vbatt.kernel.fields import AGGREGATES, Field
 from vbatt.kernel.image import Ctl, Mode, ProcessImage, ScanState
 from vbatt.kernel.stats import phases, summarize
 
-__all__ = ["render", "aggregate_cells"]
+__all__ = ["render", "aggregate_cells", "class_table"]
 
 _STATE = {ScanState.INIT: "starting", ScanState.WAITING: "waiting for inputs", ScanState.RUNNING: "running",
           ScanState.DONE: "done", ScanState.FAILED: "FAILED"}
@@ -41,8 +41,27 @@ def aggregate_cells(agg: dict[str, float]) -> list[tuple[str, str]]:
     return [(_label(f), _FORMAT[f.unit](agg[f.name]) if agg[f.name] == agg[f.name] else "-") for f in AGGREGATES]
 
 
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f} s"
+
+
+def class_table(rows: list[dict]) -> Table:
+    """Per priority class (the energy program's `class_rows`): demand, reserve, target, runtime, reachable."""
+    t = Table(title="priority classes (runtime if the main supply failed now)", title_justify="left", expand=False)
+    t.add_column("class")
+    for col in ("demand", "reserve", "target", "runtime", "reachable"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        ok = r["reachable"]
+        t.add_row(str(r["priority"]), _w(r["demand_w"]), _FORMAT["Wh"](r["reserve_wh"]),
+                  _s(r["target_s"]) if r["target_s"] else "none", _s(r["runtime_s"]),
+                  "yes" if ok else "[bold red]NO[/]")
+    return t
+
+
 def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_names: list[str] = (),
-           warnings: list[str] = (), log_path: str = "") -> Group:
+           warnings: list[str] = (), log_path: str = "", classes: list[dict] = ()) -> Group:
+    """classes: the rows of `vbatt.programs.energy.class_rows` when the energy program runs."""
     c = img.ctl
     mode = "RUN" if c[Ctl.MODE] == Mode.RUN else "STOP"
     flags = []
@@ -77,6 +96,8 @@ def render(img: ProcessImage, period_ms: float, title: str = "vbatt", phase_name
     for k in range(0, len(cells), 2):  # two per row, in table order
         g.add_row(*cells[k], *(cells[k + 1] if k + 1 < len(cells) else ("", "")))
     parts = [head, Columns([t, ph]), g]
+    if classes:
+        parts.append(class_table(list(classes)))
     if log_path:
         parts.append(Text(f"latest warnings ({log_path}):" if warnings else f"log: {log_path}", style="dim"))
         parts += [Text(w, style="yellow", overflow="ellipsis", no_wrap=True) for w in warnings]

@@ -5,7 +5,9 @@ shared-memory segment and sends SIGHUP to the supervisor. The supervisor diffs
 the new config against the running one:
 
 * the operator settings of the field table (node priorities, `plant.main_limit_w`)
-  become the operator commands that set them;
+  become the operator commands that set them; so do the ride-through targets
+  (`plant.ride_through_s`), an operator setting in the energy program's memory
+  (`Op.SET_MEMORY`, applied after the priorities);
 * changed program parameters are handed to the scan process, which rebinds the
   programs after a cycle has been published (program memory is kept: same
   arrays, no re-initialisation);
@@ -37,6 +39,7 @@ __all__ = ["Plan", "diff", "request_path", "result_path", "programs_path", "send
            "RELOAD_PRODUCER"]
 
 RELOAD_PRODUCER = 0  # command ring of the CLI / reload
+RIDE_THROUGH_MEMORY = "energy.target_by_priority_s"  # per priority, s (NaN: none): programs/energy
 
 
 def request_path(pid: int) -> Path:
@@ -55,6 +58,7 @@ def programs_path(pid: int, n: int) -> Path:
 class Plan:
     refused: list[str] = field(default_factory=list)
     commands: list[tuple[int, int, float]] = field(default_factory=list)  # (op, node, value)
+    memory: list[tuple[str, int, float]] = field(default_factory=list)  # Op.SET_MEMORY: (array, element, value)
     programs_changed: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
 
@@ -95,6 +99,13 @@ def diff(old: Config, old_fleet: Fleet, new: Config, new_fleet: Fleet, memory_of
         elif len(changed):
             plan.commands.append((op, -1, float(now[f][0])))
             plan.summary.append(f"{f.name} {was[f][0]:g} -> {now[f][0]:g} {f.unit}".rstrip())
+    a, b = old.plant.ride_through_s, new.plant.ride_through_s
+    if a != b:  # the configuration has the energy program when it has targets (validation)
+        changed = sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+        plan.memory += [(RIDE_THROUGH_MEMORY, p, float(b.get(p, np.nan))) for p in changed]  # NaN: none
+        shown = [f"{p}: {a[p]:g} -> {b[p]:g} s" if p in a and p in b else f"{p}: {b[p]:g} s" if p in b
+                 else f"{p}: none" for p in changed]
+        plan.summary.append(f"ride_through_s {{{', '.join(shown)}}}")
     plan.programs_changed = [b.id for a, b in zip(old.programs, new.programs) if a.params != b.params]
     if plan.programs_changed:
         plan.summary.append(f"parameters of {', '.join(plan.programs_changed)}")

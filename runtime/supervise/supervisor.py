@@ -148,11 +148,14 @@ class Supervisor:
         plan = diff(self.cfg, self.fleet, new_cfg, new_fleet, memory_of)
         if plan.refused:
             return {"ok": False, "message": "refused, nothing changed: " + "; ".join(plan.refused)}
-        if not plan.commands and not plan.programs_changed:
+        if not plan.commands and not plan.memory and not plan.programs_changed:
             return {"ok": True, "message": "no change"}
         ticket = 0
         for op, node, value in plan.commands:
             ticket = img.commands.push(RELOAD_PRODUCER, op, node, value)
+        for name, element, value in plan.memory:
+            ticket = img.commands.push(RELOAD_PRODUCER, Op.SET_MEMORY, element, value,
+                                       arg=self.spec.memory_index(name))
         if plan.programs_changed:
             self._reloads += 1
             write_programs(os.getpid(), self._reloads, new_cfg)
