@@ -157,6 +157,8 @@ def class_vars() -> tuple[VarDef, ...]:
     return (
         VarDef("priority", *_I, "the priority of the class's nodes (0 = most critical)"),
         VarDef("demand_w", *_D, "demand of the class (pooled; the forecast when a forecast runs)", "W"),
+        VarDef("demand_horizon_w", *_D, "demand the reserve is held for: the class forecast's mean over its "
+               "remaining target, never below now", "W"),
         VarDef("reserve_wh", *_D, "energy held for the remaining targets of this class and the more critical ones",
                "Wh"),
         VarDef("target_s", *_D, "ride-through target on the batteries alone (0: none)", "s"),

@@ -78,7 +78,8 @@ class Energy(Program):
     Params = EnergyParams
     writes = ("serve_max_w", "runtime_s", "hi_w", "lo_w", "alarm")
     # the class results SCADA shows (class_rows) travel whole with every publish
-    published = ("priority", "demand_w", "reserve_wh", "target_s", "runtime_s", "reachable", "state")
+    published = ("priority", "demand_w", "demand_horizon_w", "reserve_wh", "target_s", "runtime_s", "reachable",
+                 "state")
     SETTING = "target_by_priority_s"  # the operator setting (Op.SET_MEMORY): a ride-through target per priority
 
     def __init__(self, params, n_nodes):
