@@ -26,11 +26,14 @@ __all__ = ["ride_through_lp"]
 INF = highspy.kHighsInf
 
 
-def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
+def _solve(cost, a, row_lo, row_hi, col_lo, col_hi, n_int: int = 0) -> tuple[np.ndarray, float]:
+    """n_int: the first n_int columns are integer (0/1 by their bounds)."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
+    for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance", "mip_feasibility_tolerance"):
         h.setOptionValue(opt, 1e-9)
+    h.setOptionValue("mip_rel_gap", 0.0)
+    h.setOptionValue("mip_abs_gap", 1e-7)
     lp = highspy.HighsLp()
     a = sp.csc_matrix(a)
     lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
@@ -41,6 +44,9 @@ def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = a.shape[1], a.shape[0]
     lp.sense_ = highspy.ObjSense.kMaximize
+    if n_int:
+        lp.integrality_ = ([highspy.HighsVarType.kInteger] * n_int
+                           + [highspy.HighsVarType.kContinuous] * (a.shape[1] - n_int))
     h.passModel(lp)
     h.run()
     assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
@@ -48,8 +54,12 @@ def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
 
 
 def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, targets_s: dict,
-                    steps: int, dt_s: float, main_limit_w: float = 0.0, gamma: float = 0.97) -> dict[int, float]:
-    """Ride-through per class (s, at most steps * dt_s) of the lexicographic optimum."""
+                    steps: int, dt_s: float, main_limit_w: float = 0.0, gamma: float = 0.97,
+                    whole: bool = False) -> dict[int, float]:
+    """Ride-through per class (s, at most steps * dt_s) of the lexicographic optimum. whole: the
+    class indicators x are 0/1 (a mixed-integer programme): a step counts only if the class is served
+    whole in it. Without it (the relaxation) a class served at 70 % counts 0.7 of a step, which is
+    more than the time until the first shed when power or links bind (see docs/energy.md)."""
     prio = np.asarray(priority)
     classes = np.unique(prio)
     k_n, n, s_n = classes.size, prio.size, steps
@@ -83,6 +93,14 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
     for c in range(k_n):
         for t in range(s_n - 1):
             row([(zi(c, t), 1.0), (zi(c, t + 1), -1.0)], 0.0, INF)
+    # Beyond its target a class runs only while every more critical class runs (the power order of
+    # §2: the least critical is shed first); inside its target it may outlast one beyond its own.
+    tstart0 = np.arange(s_n) * dt_s
+    for c in range(1, k_n if whole else 0):
+        beyond = tstart0 >= targets_s.get(int(classes[c]), 0.0)
+        for t in np.nonzero(beyond)[0]:
+            for k in range(c):
+                row([(zi(c, t), 1.0), (zi(k, t), -1.0)], -INF, 0.0)
     col_lo = np.zeros(ncol)
     col_hi = np.concatenate([np.ones(nz + n * s_n), np.repeat(np.asarray(max_discharge_w, float), s_n)])
     tstart = np.arange(s_n) * dt_s
@@ -96,8 +114,18 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
             continue
         cost = np.zeros(ncol)
         cost[c * s_n:(c + 1) * s_n] = w
-        _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+        _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
         row([(zi(c, t), w[t]) for t in range(s_n) if w[t] > 0], opt - 1e-7 * (1.0 + opt), INF)
+    if whole:
+        # Beyond the targets, lazy in the power order: the time every class runs first (the least
+        # critical one's), then the next, ... the most critical last; each held at its optimum.
+        for c in reversed(range(k_n)):
+            cost = np.zeros(ncol)
+            cost[c * s_n:(c + 1) * s_n] = 1.0
+            x, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz)
+            row([(zi(c, t), 1.0) for t in range(s_n)], opt - 1e-7 * (1.0 + opt), INF)
+        z = np.round(x[:nz].reshape(k_n, s_n))
+        return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}
     cost = np.zeros(ncol)
     dem = np.bincount(cls, d, k_n)
     g = gamma ** np.arange(s_n)
@@ -105,6 +133,6 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
         cost[c * s_n:(c + 1) * s_n] = g * dem[c] * (1.0 + 1e-3 * (k_n - c))
     for i in range(n):
         cost[yi(i, 0):yi(i, 0) + s_n] = 1e-3 * g * d[i]
-    x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+    x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
     z = x[:nz].reshape(k_n, s_n)
     return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}
