@@ -36,7 +36,7 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, hz_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, h_s, hz_s, pace_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
                  v_rate, v_g, v_d, v_own, v_eraw, hi_cap):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
@@ -79,7 +79,11 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         v_f[i] = f if ok else 0.0
         v_now[i] = d - own if ok else 0.0
         v_res[i] = min(f, lk) if ok else 0.0
-        hi_cap[i] = own + max(0.0, e - own * lock_h) / inv_h if ok & has else math.inf
+        # Its surplus above that lock it may export as fast as its limits allow, but no more of it
+        # than one sweep (pace_s: until the node's next look) can take: so the lock holds, and the
+        # surplus is not paced over the horizon (that left it stranded while the nodes without a
+        # local need emptied and took the fleet's power with them; measured).
+        hi_cap[i] = own + max(0.0, e - own * lock_h) * 3600.0 / pace_s if ok & has else math.inf
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
@@ -174,6 +178,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         active |= target_s[c] > 0.0
     # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
     first = state[ST_STARTED] == 0.0
+    pace_s = max(dt_s * -(-n // max(chunk, 1)), 1e-3)  # one sweep
     a = 0 if first else int(state[ST_POS])
     b = n if first else min(n, a + chunk)
     if a == 0:
@@ -185,7 +190,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 h_s, hz_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
+                 h_s, hz_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
                  v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
