@@ -282,7 +282,7 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 soc_min, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 *(z() for _ in range(5)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
-                np.zeros(n), np.zeros(n, np.uint32))
+                np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32))
     return rt[:classes.size], reach[:classes.size]
 
 
