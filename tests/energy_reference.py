@@ -9,10 +9,16 @@ i of class c is served x[c, t] * d_i) and the battery power b[i, t] of each node
   -L_i <= d_i x[c(i), t] - b[i, t] <= L_i        the node's bus flow within its link
   0 <= sum_i (d_i x - b) <= main_limit_w          bus balance (main supply only imports)
   sum_t b[i, t] dt / 3600 <= e_i                  the node's usable energy
+With `whole` (the reference the simulation is held to when limits bind) x is 0/1: a step counts only
+if the class is served whole in it, as the simulation counts a class served in part as shed (the
+relaxation counts 70 % served as 0.7 of a step: more than the time to the first shed when power or
+links bind); and beyond its target a class runs only while every more critical class does.
 Objectives, lexicographic: for each class, most critical first, the served time within its target
 (sum_t min(1, (T_c - t dt) / dt)^+ x[c, t]), each held at its optimum for the next; then the
 served load weighted by gamma^t (earlier counts more: shedding as late as the targets allow, the
-power order beyond the targets), ties to the more critical class.
+power order beyond the targets), ties to the more critical class. With `whole`, beyond the targets:
+lazy in the power order, the served time of the least critical class first (the time every class
+runs), then the next, each held.
 """
 
 from __future__ import annotations

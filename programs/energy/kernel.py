@@ -3,9 +3,9 @@
 Per node: usable energy e_i = capacity_wh * max(0, soc - soc_min); link L_i; demand d_i.
 Where the link cannot carry the whole load (d_i > L_i), the part l_i = d_i - L_i must come from
 the node's own battery: that energy is the node's own (stranded for everyone else), the node's
-runtime is at most e_i / l_i, and it may export only what its own need over the horizon H leaves
-(its battery limit hi_i is narrowed to max(l_i, e_i / H), so the balancing does not drain it for
-others). Only min(d_i, L_i) of its demand is pooled. A node without that need pools its energy as
+runtime is at most e_i / l_i, and it keeps l_i times its class's remaining target for that: its
+battery limit hi_i is narrowed to l_i plus what lies above that lock, exportable within one sweep
+(so the lock holds; pacing the surplus over the horizon instead left it stranded). Only min(d_i, L_i) of its demand is pooled. A node without that need pools its energy as
 far as its discharge and link can deliver it within H: min(e_i, min(hi_i, d_i + L_i) * H).
 H = the longest remaining target, at least `horizon_s`.
 
