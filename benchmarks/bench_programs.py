@@ -51,7 +51,10 @@ PIPELINE = (REPO / "runtime" / "default.yaml").read_text().split("\nprograms:", 
 
 
 ENERGY_PIPELINE = PIPELINE.replace("\n  - allocation:", "\n  - energy\n  - allocation:")
-ENERGY_PIPELINE_IDS = ["forecast", "protection", "energy", "allocation", "health"]
+# The program order as configured (the default pipeline's order may change: a hard-coded list here once
+# made the energy figure time the health program).
+ENERGY_PIPELINE_IDS = [e.id for e in load_config_text(FLEET.format(n=4, main=600.0) + "programs:"
+                                                      + ENERGY_PIPELINE)[0].programs]
 RIDE_THROUGH = "plant: {{main_limit_w: {main}, ride_through_s: {{0: 14400, 1: 1800, 2: 600, 3: 0}}}}"
 
 

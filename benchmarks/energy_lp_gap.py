@@ -1,11 +1,20 @@
 """How far the energy program's ride-through is from the reference LP when power and link limits bind.
 
-    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES]
+    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed]
 
 Limits are multiples of each node's demand (e.g. `1 3 0.5 2`). Per random fleet (4-20 nodes, 1-4
 classes, targets 0-1,800 s), the real ScanEngine with node physics at 5 s cycles against the
-lexicographic LP of tests/energy_reference.py on 60 steps of 60 s; prints how many classes agree
-to one step and the deviations (simulation minus LP). docs/energy.md has the figures.
+lexicographic reference of tests/energy_reference.py on 60 steps of 60 s (the mixed-integer one, whole
+steps only; --relaxed: the LP relaxation, which counts a partly served step in part); prints how many classes agree
+to one step and the deviations (simulation minus LP). docs/energy.md has the figures; measured
+(20 instances, 41 classes each, seed 42), classes within one step / mean |deviation| against the
+whole-step reference:
+
+    limits (x demand)      before    own-need surplus    + power, targets first
+    links 0.5-2            27, 112 s    32, 62 s            32, 62 s
+    discharge 1-3          35, 36 s     35, 36 s            36, 33 s
+    both                   20, 187 s    28, 90 s            30, 76 s
+    discharge 2-4, links 1-3  39, 24 s  39, 24 s            39, 24 s
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from energy_reference import ride_through_lp  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    whole = "--relaxed" not in argv
+    argv = [a for a in argv if a != "--relaxed"]
     if len(argv) not in (4, 5):
         print(__doc__, file=sys.stderr)
         return 2
@@ -34,7 +45,7 @@ def main(argv: list[str]) -> int:
         f.capacity_wh *= 0.1
         tg = {int(c): float(rng.choice([0, 300, 600, 1200, 1800])) for c in np.unique(f.priority)}
         lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1),
-                             f.link_max_w, tg, 60, 60.0)
+                             f.link_max_w, tg, 60, 60.0, whole=whole)
         p = EnergyPlant(fleet_yaml(f, main_limit_w=0, ride_through_s=tg, programs=["energy", "allocation"],
                                    period_s=5.0))
         try:
@@ -44,7 +55,7 @@ def main(argv: list[str]) -> int:
             p.close()
         devs += [min(sim[c], 3600.0) - lp[c] for c in lp]
     d = np.array(devs)
-    print(f"limits {lim}: classes {d.size}, within one step {int((np.abs(d) <= 60).sum())}, "
+    print(f"limits {lim} ({'whole' if whole else 'relaxed'}): classes {d.size}, within one step {int((np.abs(d) <= 60).sum())}, "
           f"mean |dev| {np.abs(d).mean():.0f} s, shorter by > 60 s {int((d < -60).sum())}, "
           f"longer by > 60 s {int((d > 60).sum())}, worst {d.min():.0f} / {d.max():.0f} s")
     return 0

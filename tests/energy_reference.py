@@ -9,10 +9,16 @@ i of class c is served x[c, t] * d_i) and the battery power b[i, t] of each node
   -L_i <= d_i x[c(i), t] - b[i, t] <= L_i        the node's bus flow within its link
   0 <= sum_i (d_i x - b) <= main_limit_w          bus balance (main supply only imports)
   sum_t b[i, t] dt / 3600 <= e_i                  the node's usable energy
+With `whole` (the reference the simulation is held to when limits bind) x is 0/1: a step counts only
+if the class is served whole in it, as the simulation counts a class served in part as shed (the
+relaxation counts 70 % served as 0.7 of a step: more than the time to the first shed when power or
+links bind); and beyond its target a class runs only while every more critical class does.
 Objectives, lexicographic: for each class, most critical first, the served time within its target
 (sum_t min(1, (T_c - t dt) / dt)^+ x[c, t]), each held at its optimum for the next; then the
 served load weighted by gamma^t (earlier counts more: shedding as late as the targets allow, the
-power order beyond the targets), ties to the more critical class.
+power order beyond the targets), ties to the more critical class. With `whole`, beyond the targets:
+lazy in the power order, the served time of the least critical class first (the time every class
+runs), then the next, each held.
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ __all__ = ["ride_through_lp"]
 INF = highspy.kHighsInf
 
 
-def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
+def _solve(cost, a, row_lo, row_hi, col_lo, col_hi, n_int: int = 0) -> tuple[np.ndarray, float]:
+    """n_int: the first n_int columns are integer (0/1 by their bounds)."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
+    for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance", "mip_feasibility_tolerance"):
         h.setOptionValue(opt, 1e-9)
+    h.setOptionValue("mip_rel_gap", 0.0)
+    h.setOptionValue("mip_abs_gap", 1e-7)
     lp = highspy.HighsLp()
     a = sp.csc_matrix(a)
     lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
@@ -41,6 +50,9 @@ def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = a.shape[1], a.shape[0]
     lp.sense_ = highspy.ObjSense.kMaximize
+    if n_int:
+        lp.integrality_ = ([highspy.HighsVarType.kInteger] * n_int
+                           + [highspy.HighsVarType.kContinuous] * (a.shape[1] - n_int))
     h.passModel(lp)
     h.run()
     assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
@@ -48,8 +60,12 @@ def _solve(cost, a, row_lo, row_hi, col_lo, col_hi) -> tuple[np.ndarray, float]:
 
 
 def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, targets_s: dict,
-                    steps: int, dt_s: float, main_limit_w: float = 0.0, gamma: float = 0.97) -> dict[int, float]:
-    """Ride-through per class (s, at most steps * dt_s) of the lexicographic optimum."""
+                    steps: int, dt_s: float, main_limit_w: float = 0.0, gamma: float = 0.97,
+                    whole: bool = False) -> dict[int, float]:
+    """Ride-through per class (s, at most steps * dt_s) of the lexicographic optimum. whole: the
+    class indicators x are 0/1 (a mixed-integer programme): a step counts only if the class is served
+    whole in it. Without it (the relaxation) a class served at 70 % counts 0.7 of a step, which is
+    more than the time until the first shed when power or links bind (see docs/energy.md)."""
     prio = np.asarray(priority)
     classes = np.unique(prio)
     k_n, n, s_n = classes.size, prio.size, steps
@@ -83,6 +99,14 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
     for c in range(k_n):
         for t in range(s_n - 1):
             row([(zi(c, t), 1.0), (zi(c, t + 1), -1.0)], 0.0, INF)
+    # Beyond its target a class runs only while every more critical class runs (the power order of
+    # §2: the least critical is shed first); inside its target it may outlast one beyond its own.
+    tstart0 = np.arange(s_n) * dt_s
+    for c in range(1, k_n if whole else 0):
+        beyond = tstart0 >= targets_s.get(int(classes[c]), 0.0)
+        for t in np.nonzero(beyond)[0]:
+            for k in range(c):
+                row([(zi(c, t), 1.0), (zi(k, t), -1.0)], -INF, 0.0)
     col_lo = np.zeros(ncol)
     col_hi = np.concatenate([np.ones(nz + n * s_n), np.repeat(np.asarray(max_discharge_w, float), s_n)])
     tstart = np.arange(s_n) * dt_s
@@ -96,8 +120,18 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
             continue
         cost = np.zeros(ncol)
         cost[c * s_n:(c + 1) * s_n] = w
-        _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+        _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
         row([(zi(c, t), w[t]) for t in range(s_n) if w[t] > 0], opt - 1e-7 * (1.0 + opt), INF)
+    if whole:
+        # Beyond the targets, lazy in the power order: the time every class runs first (the least
+        # critical one's), then the next, ... the most critical last; each held at its optimum.
+        for c in reversed(range(k_n)):
+            cost = np.zeros(ncol)
+            cost[c * s_n:(c + 1) * s_n] = 1.0
+            x, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz)
+            row([(zi(c, t), 1.0) for t in range(s_n)], opt - 1e-7 * (1.0 + opt), INF)
+        z = np.round(x[:nz].reshape(k_n, s_n))
+        return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}
     cost = np.zeros(ncol)
     dem = np.bincount(cls, d, k_n)
     g = gamma ** np.arange(s_n)
@@ -105,6 +139,6 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
         cost[c * s_n:(c + 1) * s_n] = g * dem[c] * (1.0 + 1e-3 * (k_n - c))
     for i in range(n):
         cost[yi(i, 0):yi(i, 0) + s_n] = 1e-3 * g * d[i]
-    x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+    x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
     z = x[:nz].reshape(k_n, s_n)
     return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}

@@ -241,6 +241,32 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
         assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
 
 
+# Power and link limits that bind (discharge 1-3x, link 0.5-2x a node's demand): the simulation against
+# the whole-step reference (a class served in part counts as shed, as first_shed_s counts it; the LP
+# relaxation would count it in part). Of seeds 0-23, these agree on every class; the others do not yet
+# (docs/energy.md "What is not exact (yet)", benchmarks/energy_lp_gap.py). Before the own-need surplus
+# was exportable within a sweep, seeds 2, 3, 8 and 12 failed here (by 100-220 s).
+BINDING_SEEDS = (2, 3, 6, 8, 11, 12, 15, 18, 19, 20, 22)
+
+
+@pytest.mark.parametrize("seed", BINDING_SEEDS)
+def test_ride_through_with_binding_limits_agrees_with_the_whole_step_reference(plants, seed):
+    rng = np.random.default_rng(seed)
+    f = random_fleet(rng, int(rng.integers(4, 13)), int(rng.integers(1, 4)), limits=True, lim=(1.0, 3.0, 0.5, 2.0))
+    f.capacity_wh *= 0.1
+    targets = {int(c): float(rng.choice([0, 300, 600, 1200])) for c in np.unique(f.priority)}
+    steps, dt = 40, 60.0
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, steps, dt, whole=True)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
+    p.run(steps * dt)
+    sim = p.first_shed_s()
+    # Binding for real: some node's discharge or link limit is below what its share of the load asks.
+    assert ((f.max_discharge_w < f.demand_w * 1.5) | (f.link_max_w < f.demand_w)).any()
+    for c in lp:
+        assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
+
+
 def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     """One cycle of the real kernel on arrays, main supply 0: the runtime per class."""
     n = len(f)
@@ -259,7 +285,7 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 soc_min, 1.0, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 *(z() for _ in range(5)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
-                np.zeros(n), np.zeros(n, np.uint32),
+                np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
                 # the class demand forecast off: the rule on the demand now
                 0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z())
     return rt[:classes.size], reach[:classes.size]

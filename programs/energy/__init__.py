@@ -131,7 +131,7 @@ class Energy(Program):
         k = MAX_CLASSES
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
-              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "sweep_deliverable_wh", "deliverable_wh")]
+              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "sweep_deliverable_wh", "deliverable_wh", "power_need_w")]
         return [*f, ArraySpec("prev_frac", "f8", (k,)), ArraySpec("latched", "u1", (k,)),
                 ArraySpec("reachable", "u1", (k,)), ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
                 ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),
@@ -218,11 +218,12 @@ class Energy(Program):
         chunk = max(1, -(-self.n // cycles))
         par = (float(m("soc_min")[0]), p.efficiency, p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
         scratch = (np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(10)))
+        power = (np.zeros(self.n), np.zeros(self.n), m("power_need_w"))
         tail = (m("target_s"), m("clock_s"), m("latched"), state, m("sweep"), m("demand_w"), m("pool_now_w"),
                 m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
                 m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),
                 m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), *scratch, m("hi_cap_w"),
-                nd["serve_max_w"], nd["runtime_s"], nd["alarm"])
+                *power, nd["serve_max_w"], nd["runtime_s"], nd["alarm"])
         state[ST_STARTED] = 0.0  # a (re)bind sweeps every node on its first cycle
         state[ST_POS] = 0.0
         main_limit = agg["main_limit_w"]

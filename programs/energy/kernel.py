@@ -27,14 +27,14 @@ from numba import njit
 
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
-from vbatt.programs.energy.rules import ST_POS, ST_STARTED, decide
+from vbatt.programs.energy.rules import ST_POS, ST_SLACK_W, ST_STARTED, decide
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
 ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # Columns of the sweep's class accumulators: forecast demand, pooled demand now, pooled demand for
 # the reserve, pooled energy, local runtime (min).
-NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_N = 0, 1, 2, 3, 4, 5
+NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_N = 0, 1, 2, 3, 4, 5, 6, 7
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -70,8 +70,8 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, v_cls, v_f, v_now, v_res, v_e, v_loc,
-                 v_rate, v_g, v_d, v_own, v_eraw, hi_cap):
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, pace_s, v_cls, v_f, v_now, v_res, v_e,
+                 v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -113,13 +113,26 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         v_f[i] = f if ok else 0.0
         v_now[i] = d - own if ok else 0.0
         v_res[i] = min(f, lk) if ok else 0.0
-        hi_cap[i] = own + max(0.0, e - own * lock_h) / inv_h if ok & has else math.inf
+        # Its surplus above that lock it may export as fast as its limits allow, but no more of it
+        # than one sweep (pace_s: until the node's next look) can take: so the lock holds, and the
+        # surplus is not paced over the horizon (that left it stranded while the nodes without a
+        # local need emptied and took the fleet's power with them; measured).
+        hi_cap[i] = own + max(0.0, e - own * lock_h) * 3600.0 / pace_s if ok & has else math.inf
+        # Power, as the allocator's shedding stage counts it: serving the load (at most its battery
+        # and link) asks cap - f0 of the bus, where f0 is what its battery covers beyond its export;
+        # the batteries can give the bus min(hi, L) each.
+        gc = min(g, hi_cap[i]) if (e > 0.0) & (cw > 0.0) else 0.0
+        cp = min(d, gc + lk)
+        v_pn[i] = cp - min(cp, max(0.0, gc - lk)) if ok else 0.0
+        v_ps[i] = min(gc, lk) if ok else 0.0
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, nx):
+def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, nx):
     for i in range(v_cls.shape[0]):
         c = v_cls[i]
+        nx[c, NX_PNEED] += v_pn[i]
+        nx[c, NX_PSLK] += v_ps[i]
         nx[c, NX_DFULL] += v_f[i]
         nx[c, NX_DNOW] += v_now[i]
         nx[c, NX_DRES] += v_res[i]
@@ -193,7 +206,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
-                v_own, v_eraw, hi_cap,
+                v_own, v_eraw, hi_cap, v_pn, v_ps, pneed,
                 serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
@@ -210,6 +223,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         active |= target_s[c] > 0.0
     # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
     first = state[ST_STARTED] == 0.0
+    pace_s = max(dt_s * -(-n // max(chunk, 1)), 1e-3)  # one sweep
     a = 0 if first else int(state[ST_POS])
     b = n if first else min(n, a + chunk)
     if a == 0:
@@ -221,9 +235,9 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 eff, h_s, hz_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_rate[a:b], v_g[a:b],
-                 v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b])
-    _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], nx)
+                 eff, h_s, hz_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
+                 v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b])
+    _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
     lo, hi = a, b
     if b >= n:
@@ -233,6 +247,10 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             dres[c] = nx[c, NX_DRES]
             energy_wh[c] = nx[c, NX_E]
             local_s[c] = nx[c, NX_LOC]
+            pneed[c] = nx[c, NX_PNEED]
+        state[ST_SLACK_W] = 0.0
+        for c in range(n_cls):
+            state[ST_SLACK_W] += nx[c, NX_PSLK]
             a_wh[c] = ax[c]
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
         b = 0
@@ -243,7 +261,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, a_wh, hz_s, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
+                 local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
     _limits(narrowed, active, hi_cap, lo_w, hi_w)

@@ -21,10 +21,10 @@ import math
 from numba import njit
 
 __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
-           "ST_STARTED", "ST_CAPPED", "ST_N"]
+           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_N"]
 
 # Indices into the scalar state memory.
-ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
+ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_N = range(10)
 
 _EPS = 1e-9
 
@@ -98,7 +98,7 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
 
 @njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-           local_s, a_wh, hz_s, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh):
+           local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh):
     """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
     served (what the main supply gives it in priority order, plus the battery energy it may draw
     this cycle), reserve_wh, the runtimes (of the pool, and at most local_s: the first node of
@@ -172,6 +172,19 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             for k in range(k_n):
                 cum_wh[k] += dres[c] * min(tau[c], tau[k]) / 3600.0
         reserve_wh[c] = pre
+    # Power now, targets first: when the batteries' export (and the main supply) cannot carry every
+    # class, the allocator sheds least critical first; a class beyond its target must yield to one
+    # inside it, so it gets only the power the classes inside their targets leave (a cap this cycle,
+    # not a latch: power comes back when a class is shed).
+    p_left = main_limit_w + state[ST_SLACK_W]
+    for c in range(k_n):
+        if tau[c] > 0.0 and latched[c] == 0:
+            p_left -= frac[c] * pneed[c]
+    for c in range(k_n):
+        if not (tau[c] > 0.0 and latched[c] == 0) and pneed[c] > 0.0 and frac[c] > 0.0:
+            f_p = min(frac[c], max(0.0, p_left) / pneed[c])
+            p_left -= f_p * pneed[c]
+            frac[c] = f_p
     state[ST_E_WH] = e_wh
     state[ST_R_WH] = pre
     ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on)
