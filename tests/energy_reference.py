@@ -99,6 +99,12 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
     for c in range(k_n):
         for t in range(s_n - 1):
             row([(zi(c, t), 1.0), (zi(c, t + 1), -1.0)], 0.0, INF)
+    if whole:
+        # As the energy program: a class cut has its one partial step, then stays shed (no flapping):
+        # a node is served in step t+1 only while its class was whole in step t.
+        for t in range(s_n - 1):
+            for i in range(n):
+                row([(yi(i, t + 1), 1.0), (zi(cls[i], t), -1.0)], -INF, 0.0)
     # Beyond its target a class runs only while every more critical class runs (the power order of
     # §2: the least critical is shed first); inside its target it may outlast one beyond its own.
     tstart0 = np.arange(s_n) * dt_s

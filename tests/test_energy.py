@@ -246,7 +246,10 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # relaxation would count it in part). Of seeds 0-23, these agree on every class; the others do not yet
 # (docs/energy.md "What is not exact (yet)", benchmarks/energy_lp_gap.py). Before the own-need surplus
 # was exportable within a sweep, seeds 2, 3, 8 and 12 failed here (by 100-220 s).
-BINDING_SEEDS = (2, 3, 6, 8, 11, 12, 15, 18, 19, 20, 22)
+# Seed 18 left when a class cut for energy began to stay shed (no flapping): its class 1 is shed 15 s
+# before the grid's step ends, and the energy it no longer draws carries class 0 70 s past the
+# reference's (more than one 60 s step, in the critical class's favour).
+BINDING_SEEDS = (2, 3, 6, 8, 11, 12, 15, 19, 20, 22)
 
 
 @pytest.mark.parametrize("seed", BINDING_SEEDS)

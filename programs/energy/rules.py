@@ -163,7 +163,10 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
                     avail = min(avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
             a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, avail / need_wh))
-            if a <= 0.0:
+            # Cut for energy: this cycle's part, then shed until the shortage is over (no flapping: a
+            # load restored for minutes and shed again is worth little, and the energy extends the
+            # classes still served). A cut for power below is for the cycle only.
+            if a < 1.0 - 1e-9:
                 latched[c] = 1
             e_left -= a * need_wh
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
