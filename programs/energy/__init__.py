@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
-from vbatt.kernel.program import Ctx, Program
+from vbatt.kernel.program import Ctx, Program, bind_kernel
 from vbatt.kernel.seqblock import ArraySpec
 
 from vbatt.programs.energy.horizon import HZ_N
@@ -71,6 +72,29 @@ class EnergyParams(BaseModel):
     demand_seed: Annotated[Literal["auto", "always", "never"],
                            Field(description="start the class profiles from the recorded aggregate's (auto: "
                                              "only when there is one class)")] = "auto"
+
+
+@njit(nogil=True, cache=True)
+def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh, max_discharge_w, link_max_w,
+                  lo_w, hi_w, serve_max_w, runtime_s, alarm, agg_main_limit_w, dt_s, wall_s,
+                  efficiency, horizon_s, reset_hold_s, chunk, settings, classes, sweep, node_memory, scratch,
+                  forecast):
+    """The program's kernel, bound by name (docs/programs.md); its groups are unpacked here, in one
+    place, for `energy_step`. lo_w/hi_w arrive narrowed by the programs before it."""
+    soc_min, use_forecast, class_of, state, hp = settings
+    (target_s, clock_s, latched, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s, reserve_wh, frac,
+     prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed) = classes
+    (hi_cap,) = node_memory
+    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps) = scratch
+    hz, season, prior, prior_season, dhz = forecast
+    energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,
+                max_discharge_w, link_max_w, lo_w, hi_w, True, agg_main_limit_w[0], dt_s[0],
+                soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, class_of, int(state[ST_N_CLS]),
+                target_s, clock_s, latched, state, sweep, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s,
+                reserve_wh, frac, prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s,
+                sweep_deliv, deliv, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
+                v_pn, v_ps, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
+                prior_season, dhz)
 
 
 class Energy(Program):
@@ -198,46 +222,42 @@ class Energy(Program):
 
     def bind(self, img, ctx):
         p: EnergyParams = self.params
-        nd, agg = img.node, img.agg
         if self.configured:  # from the configuration; else (a reload of parameters) as in memory
             self._settings(img)
         elif self.params.soc_min is not None:
             self.mem(img, "soc_min")[0] = self.params.soc_min
         self._classes(img)
-        # the contract: lo_w/hi_w hold the device limits narrowed by the programs before; the forecast
-        # is used when the pipeline has one (remembered in memory for a parameter reload)
-        narrowed = True
+        # the forecast is used when the pipeline has one (remembered in memory for a parameter reload)
         if self.configured:
             self.mem(img, "use_forecast")[0] = self.use_forecast
-        use_fc = bool(self.mem(img, "use_forecast")[0])
         m = lambda k: self.mem(img, k)  # noqa: E731
         state = m("state")
-        head = (nd["online"], nd["trip"], nd["priority"], nd["demand_w"], nd["forecast_w"], use_fc, nd["soc"],
-                nd["capacity_wh"], nd["max_discharge_w"], nd["link_max_w"], nd["lo_w"], nd["hi_w"], narrowed)
         cycles = max(1, int(round(p.sweep_s / ctx[Ctx.PERIOD_S]))) if ctx[Ctx.PERIOD_S] > 0 else 1
-        chunk = max(1, -(-self.n // cycles))
-        par = (float(m("soc_min")[0]), p.efficiency, p.horizon_s, p.reset_hold_s, chunk, m("class_of"))
-        scratch = (np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(10)))
-        power = (np.zeros(self.n), np.zeros(self.n), m("power_need_w"))
-        tail = (m("target_s"), m("clock_s"), m("latched"), state, m("sweep"), m("demand_w"), m("pool_now_w"),
-                m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
-                m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),
-                m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), *scratch, m("hi_cap_w"),
-                *power, nd["serve_max_w"], nd["runtime_s"], nd["alarm"])
-        state[ST_STARTED] = 0.0  # a (re)bind sweeps every node on its first cycle
-        state[ST_POS] = 0.0
-        main_limit = agg["main_limit_w"]
-        dt, wall = Ctx.DT_S, Ctx.WALL_S
         hp = m("hz_params")
         hp[:] = horizon_params(p)
         season = m("hz_season_w")[:, : (p.demand_season_bins if p.demand_season_s else 0)]
-        prior_season = m("hz_prior_season_w")[: season.shape[1]]
-        hz = (m("hz"), season, m("hz_prior"), prior_season, m("demand_horizon_w"))
-
-        def step() -> None:
-            energy_step(*head, main_limit[0], ctx[dt], *par, int(state[ST_N_CLS]), *tail, ctx[wall], hp, *hz)
-
-        return step
+        # The kernel is bound by name (vbatt.kernel.program): image fields by their names (read-only
+        # unless in `writes`), the rest in named groups. Memory is passed in groups because three of its
+        # per-class arrays (priority, demand_w, runtime_s) share a name with a node field.
+        own = dict(
+            settings=(m("soc_min"), m("use_forecast"), m("class_of"), state, hp),
+            classes=(m("target_s"), m("clock_s"), m("latched"), m("demand_w"), m("pool_now_w"),
+                     m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
+                     m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),
+                     m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), m("power_need_w")),
+            sweep=m("sweep"),
+            node_memory=(m("hi_cap_w"),),
+            scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(12))),
+            forecast=(m("hz"), season, m("hz_prior"), m("hz_prior_season_w")[: season.shape[1]],
+                      m("demand_horizon_w")),
+        )
+        params = dict(efficiency=p.efficiency, horizon_s=p.horizon_s, reset_hold_s=p.reset_hold_s,
+                      chunk=max(1, -(-self.n // cycles)))
+        args = bind_kernel(energy_kernel, where=f"program {self.id!r}", img=img, ctx=ctx, own=own, params=params,
+                           writes=self.writes)
+        state[ST_STARTED] = 0.0  # a (re)bind sweeps every node on its first cycle
+        state[ST_POS] = 0.0
+        return lambda: energy_kernel(*args)
 
 
 def _num(x: float) -> float | None:
