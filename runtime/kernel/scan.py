@@ -42,16 +42,19 @@ _SETTERS = {getattr(Op, f.command): f for f in fields(operator_settable=True)}
 
 
 @njit(nogil=True, cache=True)
-def derive_online(now_ns, stale_ns, updated_ns, fault, online):
-    """A node is online when its driver reports no fault and its data is fresh."""
+def derive_online(now_ns, stale_ns, updated_ns, fault, online, max_charge_w, max_discharge_w, lo_w, hi_w):
+    """A node is online when its driver reports no fault and its data is fresh. In the same pass
+    (one sweep over the nodes, not two) the limits start from what the device allows now."""
     for i in range(online.shape[0]):
         u = updated_ns[i]
         online[i] = 1 if (fault[i] == 0 and u > 0 and now_ns - u <= stale_ns) else 0
+        lo_w[i] = -max_charge_w[i]
+        hi_w[i] = max_discharge_w[i]
 
 
 @njit(nogil=True, cache=True)
 def device_limits(max_charge_w, max_discharge_w, lo_w, hi_w):
-    """Every cycle the limits start from what the device allows now; programs only narrow them."""
+    """The limit reset of derive_online on its own (for benchmarks that run the programs without the latch)."""
     for i in range(lo_w.shape[0]):
         lo_w[i] = -max_charge_w[i]
         hi_w[i] = max_discharge_w[i]
@@ -115,8 +118,8 @@ class ScanEngine:
                     n["lo_w"], n["hi_w"])
             self._safe = lambda: zero_power(*args)
         self._aggregate = bind_aggregates(self.img)
-        self._online_args = (n["updated_ns"], n["fault"], n["online"])
-        self._limit_args = (n["max_charge_w"], n["max_discharge_w"], n["lo_w"], n["hi_w"])
+        self._online_args = (n["updated_ns"], n["fault"], n["online"], n["max_charge_w"], n["max_discharge_w"],
+                             n["lo_w"], n["hi_w"])
 
     def _latcher(self, k: int):
         """How input block k is copied in: one numba call while it is small (call overhead
@@ -195,7 +198,6 @@ class ScanEngine:
                 except TornRead:
                     self.ctl[Ctl.TORN_READS] += 1  # keep the old values; freshness marks them stale
         derive_online(now_ns, self.stale_ns, *self._online_args)
-        device_limits(*self._limit_args)
 
     def cycle(self, now_ns: int) -> None:
         ctl, ctx, stamps, now = self.ctl, self.ctx, self._stamps, self.clock.now_ns
