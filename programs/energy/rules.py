@@ -21,12 +21,13 @@ import math
 from numba import njit
 
 __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
-           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_N"]
+           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_N"]
 
 # Indices into the scalar state memory.
-ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_N = range(10)
+ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_RISE_WH, ST_N = range(11)
 
 _EPS = 1e-9
+RISE_MARGIN = 2.0  # times the envelope of the reserve's rise per sweep (a rise above it is ~5 sigma of noise)
 
 
 @njit(nogil=True, cache=True)
@@ -156,19 +157,30 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # Riding through (main carries none of it) inside its target: above the reserve of the
             # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
             riding = tau[c] > 0.0 and m <= 0.0
-            thr = pre if riding else r_all
+            # Peak-shaved (main carries part of it): the reserve is held with a margin for its own
+            # rise until the next decision (state[ST_RISE_WH], see energy_step): the draw decided now
+            # ends at the next cycle, when the reserve may have risen with the demand forecast.
+            shaved = m > 0.0
+            thr = pre if riding else r_all + (RISE_MARGIN * state[ST_RISE_WH] if shaved else 0.0)
             avail = e_left - thr
             drawn = e_wh - e_left
+            p_avail = math.inf
             for k in range(c if riding else k_n):
                 if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
-                    avail = min(avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
-            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, avail / need_wh))
-            # Cut for energy: this cycle's part, then shed until the shortage is over (no flapping: a
-            # load restored for minutes and shed again is worth little, and the energy extends the
-            # classes still served). A cut for power below is for the cycle only.
-            if a < 1.0 - 1e-9:
+                    p_avail = min(p_avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
+            # Below its threshold a peak-shaved class gives back part of what main serves it, so that
+            # main's spare recharges the reserve (the reserve first; the energy rule only: a reserve
+            # short of power, not of energy, is not mended by charging).
+            lo_a = -m / (d - m) if shaved else 0.0
+            a = 0.0 if latched[c] != 0 else min(1.0, max(lo_a, min(avail, max(0.0, p_avail)) / need_wh))
+            # Cut for energy while it rides on the batteries: this cycle's part, then shed until the
+            # shortage is over (no flapping: a load restored for minutes and shed again is worth
+            # little, and the energy extends the classes still served). A peak-shaved class is cut
+            # per cycle, just in time (main may carry it again as its peak passes), and so is a cut
+            # for power below.
+            if a < 1.0 - 1e-9 and not shaved:
                 latched[c] = 1
-            e_left -= a * need_wh
+            e_left -= max(a, 0.0) * need_wh  # a recharge is not energy this cycle
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
         if latched[c] == 0:
             pre += dres[c] * tau[c] / 3600.0
