@@ -27,7 +27,8 @@ from numba import njit
 
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
-from vbatt.programs.energy.rules import ST_POS, ST_RISE_WH, ST_SLACK_W, ST_STARTED, decide
+from vbatt.programs.energy.rules import (ST_POS, ST_RISE_WH, ST_SLACK_W, ST_STARTED, ST_SURPRISE_WH, ST_TREND_WH,
+                                         decide)
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -39,7 +40,12 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_N = 0, 1, 2, 3, 
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
 SEED_MODES = ("never", "auto", "always")
-RISE_TAU_S = 3600.0  # the reserve's rise envelope fades with this time constant (s)
+# The margin a peak-shaved class leaves above the reserve: the reserve's expected rise until the
+# next sweep (its trend, smoothed over RISE_TREND_S) plus twice the envelope of its rises beyond that
+# trend (the largest, fading over RISE_TAU_S).
+RISE_TREND_S = 60.0
+RISE_TAU_S = 3600.0
+RISE_SURPRISES = 2.0
 
 
 def horizon_params(p) -> list[float]:
@@ -67,6 +73,20 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
         h = hp[HP_H] if hp[HP_H] > 0.0 else max(0.0, target_s[c] - clock_s[c])
         f = horizon_mean(wall_s, c, h, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
         dhz[c] = max(dres[c], f) if f == f else dres[c]
+
+
+@njit(nogil=True, cache=True)
+def _reserve_rise(rise, pace_s, state):
+    """After a sweep: how far the whole reserve rose with the sweep's demand (not with clocks or sheds)
+    sets the margin a peak-shaved class leaves above the reserve (state[ST_RISE_WH]), so that the
+    reserve's next rise does not find the batteries drawn to the old one: its trend (a demand that
+    rises towards a peak: predictable) and twice the envelope of the surprises beyond it (the
+    loads' noise: on peak.yaml the class forecast moves by ~10 W a sweep, ~40 Wh of class 0's 4 h
+    target)."""
+    surprise = rise - max(0.0, state[ST_TREND_WH])
+    state[ST_SURPRISE_WH] = max(surprise, state[ST_SURPRISE_WH] * math.exp(-pace_s / RISE_TAU_S))
+    state[ST_TREND_WH] += (1.0 - math.exp(-pace_s / RISE_TREND_S)) * (rise - state[ST_TREND_WH])
+    state[ST_RISE_WH] = max(0.0, state[ST_TREND_WH]) + RISE_SURPRISES * state[ST_SURPRISE_WH]
 
 
 @njit(nogil=True, cache=True)
@@ -264,13 +284,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             a_wh[c] = ax[c]
         r_old = _reserve_wh(n_cls, dhz, target_s, clock_s, latched)
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
-        # How far the whole reserve rose with this sweep's demand (not with clocks or sheds): the
-        # envelope of that rise (the largest, fading over RISE_TAU_S) is the margin a peak-shaved
-        # class leaves above the reserve, so that the reserve's next rise does not find the
-        # batteries drawn to the old one. Measured on peak.yaml: the class forecast moves by ~10 W a
-        # sweep with the loads' noise, ~40 Wh of class 0's 4 h target.
-        rise = _reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old if not first else 0.0
-        state[ST_RISE_WH] = max(rise, state[ST_RISE_WH] * math.exp(-pace_s / RISE_TAU_S))
+        if not first:
+            _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         b = 0
     state[ST_POS] = b
     state[ST_STARTED] = 1.0

@@ -21,13 +21,14 @@ import math
 from numba import njit
 
 __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
-           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_N"]
+           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
+           "ST_SURPRISE_WH", "ST_N"]
 
 # Indices into the scalar state memory.
-ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_RISE_WH, ST_N = range(11)
+(ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_RISE_WH, ST_TREND_WH,
+ ST_SURPRISE_WH, ST_N) = range(13)
 
 _EPS = 1e-9
-RISE_MARGIN = 2.0  # times the envelope of the reserve's rise per sweep (a rise above it is ~5 sigma of noise)
 
 
 @njit(nogil=True, cache=True)
@@ -157,11 +158,14 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # Riding through (main carries none of it) inside its target: above the reserve of the
             # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
             riding = tau[c] > 0.0 and m <= 0.0
-            # Peak-shaved (main carries part of it): the reserve is held with a margin for its own
-            # rise until the next decision (state[ST_RISE_WH], see energy_step): the draw decided now
-            # ends at the next cycle, when the reserve may have risen with the demand forecast.
-            shaved = m > 0.0
-            thr = pre if riding else r_all + (RISE_MARGIN * state[ST_RISE_WH] if shaved else 0.0)
+            # Peak shaving (the main supply is there and the class is not riding through): the
+            # reserve is held with a margin for its own rise until the next decision
+            # (state[ST_RISE_WH], see energy_step): the draw decided now ends at the next cycle,
+            # when the reserve may have risen with the demand forecast. The same for every class
+            # beyond its target, whether main still carries part of it or not (else a less critical
+            # class would draw deeper than a more critical one).
+            shaved = main_limit_w > 0.0 and not riding
+            thr = pre if riding else r_all + (state[ST_RISE_WH] if shaved else 0.0)
             avail = e_left - thr
             drawn = e_wh - e_left
             p_avail = math.inf
