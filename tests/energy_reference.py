@@ -171,7 +171,7 @@ def peak_shed_lp(priority, demand_w, usable_wh, room_wh, max_discharge_w, max_ch
     Lexicographic, each stage held at its optimum for the next: the least breach sum_t s[t] (0 when
     the reserve can be held), then the most served energy of class 0, then of class 1, ... (the
     least critical class shed first). Returns {"shed_wh": {priority: Wh}, "breach_wh": Wh,
-    "served": classes x steps}."""
+    "served": classes x steps, "energy_wh": sum_i e[i, t] and "reserve_wh": R(t), t = 0..steps}."""
     prio = np.asarray(priority)
     d = np.asarray(demand_w, float)
     n, s_n = d.shape
@@ -236,5 +236,6 @@ def peak_shed_lp(priority, demand_w, usable_wh, room_wh, max_discharge_w, max_ch
         row([(xi(c, t), dem[c, t]) for t in range(s_n)], opt - 1e-7 * (1.0 + opt), INF)
     served = x[: k_n * s_n].reshape(k_n, s_n)
     shed = ((1.0 - served) * dem).sum(axis=1) * h
+    energy = np.array([sum(x[ei(i, t)] for i in range(n)) for t in range(s_n + 1)])
     return {"shed_wh": {int(p): float(shed[c]) for c, p in enumerate(classes)}, "breach_wh": float(breach),
-            "served": served}
+            "served": served, "energy_wh": energy, "reserve_wh": r_wh}

@@ -40,12 +40,10 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_N = 0, 1, 2, 3, 
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
 SEED_MODES = ("never", "auto", "always")
-# The margin a peak-shaved class leaves above the reserve: the reserve's expected rise until the
-# next sweep (its trend, smoothed over RISE_TREND_S) plus twice the envelope of its rises beyond that
-# trend (the largest, fading over RISE_TAU_S).
+# The reserve's rise per sweep (_reserve_rise): its trend is smoothed over RISE_TREND_S, the envelope
+# of its surprises fades over RISE_TAU_S.
 RISE_TREND_S = 60.0
 RISE_TAU_S = 3600.0
-RISE_SURPRISES = 2.0
 
 
 def horizon_params(p) -> list[float]:
@@ -77,16 +75,16 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
 
 @njit(nogil=True, cache=True)
 def _reserve_rise(rise, pace_s, state):
-    """After a sweep: how far the whole reserve rose with the sweep's demand (not with clocks or sheds)
-    sets the margin a peak-shaved class leaves above the reserve (state[ST_RISE_WH]), so that the
-    reserve's next rise does not find the batteries drawn to the old one: its trend (a demand that
-    rises towards a peak: predictable) and twice the envelope of the surprises beyond it (the
-    loads' noise: on peak.yaml the class forecast moves by ~10 W a sweep, ~40 Wh of class 0's 4 h
-    target)."""
-    surprise = rise - max(0.0, state[ST_TREND_WH])
+    """After a sweep, from how far the whole reserve rose with the sweep's demand (not with clocks or
+    sheds): the rise expected until the next sweep (state[ST_RISE_WH]: the smoothed trend, or the last
+    rise when smaller, as past a peak) and the envelope of the rises beyond that expectation
+    (state[ST_SURPRISE_WH]: the loads' noise; on peak.yaml the class forecast moves by ~10 W a
+    sweep, ~40 Wh of class 0's 4 h target). A peak-shaved class draws only above the reserve plus
+    both (decide), so that the reserve's next rise does not find the batteries drawn to the old one."""
+    surprise = rise - state[ST_RISE_WH]
     state[ST_SURPRISE_WH] = max(surprise, state[ST_SURPRISE_WH] * math.exp(-pace_s / RISE_TAU_S))
     state[ST_TREND_WH] += (1.0 - math.exp(-pace_s / RISE_TREND_S)) * (rise - state[ST_TREND_WH])
-    state[ST_RISE_WH] = max(0.0, state[ST_TREND_WH]) + RISE_SURPRISES * state[ST_SURPRISE_WH]
+    state[ST_RISE_WH] = min(state[ST_TREND_WH], rise)  # < 0 past a peak
 
 
 @njit(nogil=True, cache=True)

@@ -29,6 +29,7 @@ __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS"
  ST_SURPRISE_WH, ST_N) = range(13)
 
 _EPS = 1e-9
+RISE_SURPRISES = 3.0  # a peak-shaved class stops this many of the reserve's late surprises above it
 
 
 @njit(nogil=True, cache=True)
@@ -158,14 +159,18 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # Riding through (main carries none of it) inside its target: above the reserve of the
             # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
             riding = tau[c] > 0.0 and m <= 0.0
-            # Peak shaving (the main supply is there and the class is not riding through): the
-            # reserve is held with a margin for its own rise until the next decision
-            # (state[ST_RISE_WH], see energy_step): the draw decided now ends at the next cycle,
-            # when the reserve may have risen with the demand forecast. The same for every class
-            # beyond its target, whether main still carries part of it or not (else a less critical
-            # class would draw deeper than a more critical one).
+            # Peak shaving (the main supply is there and the class is not riding through): the draw
+            # decided now ends at the next cycle, when the reserve may have risen with the demand
+            # forecast (kernel.py _reserve_rise). So it stops above the reserve plus its expected
+            # rise plus twice the largest surprise of late; below the reserve plus its expected rise
+            # it gives back what main serves it (the reserve first: main's spare recharges it). The
+            # same for every class beyond its target, whether main still carries part of it or not
+            # (else a less critical class would draw deeper than a more critical one).
             shaved = main_limit_w > 0.0 and not riding
-            thr = pre if riding else r_all + (state[ST_RISE_WH] if shaved else 0.0)
+            thr = pre if riding else r_all
+            thr_back = thr + max(0.0, state[ST_RISE_WH]) if shaved else thr
+            if shaved:
+                thr += max(0.0, state[ST_RISE_WH] + RISE_SURPRISES * state[ST_SURPRISE_WH])
             avail = e_left - thr
             drawn = e_wh - e_left
             p_avail = math.inf
@@ -175,8 +180,9 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # Below its threshold a peak-shaved class gives back part of what main serves it, so that
             # main's spare recharges the reserve (the reserve first; the energy rule only: a reserve
             # short of power, not of energy, is not mended by charging).
-            lo_a = -m / (d - m) if shaved else 0.0
-            a = 0.0 if latched[c] != 0 else min(1.0, max(lo_a, min(avail, max(0.0, p_avail)) / need_wh))
+            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, min(avail, p_avail) / need_wh))
+            if shaved and e_left < thr_back:
+                a = max(-m / (d - m), (e_left - thr_back) / need_wh)
             # Cut for energy while it rides on the batteries: this cycle's part, then shed until the
             # shortage is over (no flapping: a load restored for minutes and shed again is worth
             # little, and the energy extends the classes still served). A peak-shaved class is cut
