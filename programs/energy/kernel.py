@@ -98,8 +98,8 @@ def _reserve_wh(n_cls, dhz, target_s, clock_s, latched):
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, pace_s, v_cls, v_f, v_now, v_res, v_e,
-                 v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, pace_s, v_cls, v_f, v_now, v_res,
+                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -124,9 +124,13 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         has = own > 0.0
         f = forecast_w[i] if use_forecast else d
         f = f if (f >= 0.0) & (f < math.inf) else d
-        # Its own need is locked for as long as its class has target left (within the horizon);
-        # the rest it can export once its class no longer runs.
-        lock_h = min(h_s, hz_s[c]) / 3600.0
+        # Its own need is locked for as long as its class has target left, or runs beyond it by the
+        # class runtime of the last cycle if that is longer (within the horizon): the first such node
+        # to run out sheds its class (the class runtime is at most its e_i / l_i), so its surplus
+        # goes to the pool only as far as the pool would run its class out first; the rest it can
+        # export once its class no longer runs. (With the remaining target alone, a class beyond its
+        # target was shed when such a node ran out, with energy left on the others: measured.)
+        lock_h = min(h_s, max(hz_s[c], rt_s[c])) / 3600.0
         p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
         p_free = min(e, min(g, d + lk) * inv_h)
         v_e[i] = (p_own if has else p_free) if ok else 0.0
@@ -263,7 +267,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 eff, h_s, hz_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
+                 eff, h_s, hz_s, runtime_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
