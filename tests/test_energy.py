@@ -271,8 +271,10 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # was exportable within a sweep, seeds 2, 3, 8 and 12 failed here (by 100-220 s).
 # Seed 18 left when a class cut for energy began to stay shed (no flapping): its class 1 is shed 15 s
 # before the grid's step ends, and the energy it no longer draws carries class 0 70 s past the
-# reference's (more than one 60 s step, in the critical class's favour).
-BINDING_SEEDS = (2, 3, 6, 8, 11, 12, 15, 19, 20, 22)
+# reference's (more than one 60 s step, in the critical class's favour). Seeds 10 and 21 agree since a
+# class whose node runs out of its own energy is cut whole, the reserve counts a target only as far as
+# the class's own energy lasts, and a shed class's nodes no longer count their own load as deliverable.
+BINDING_SEEDS = (2, 3, 6, 8, 10, 11, 12, 15, 19, 20, 21, 22)
 
 
 @pytest.mark.parametrize("seed", BINDING_SEEDS)

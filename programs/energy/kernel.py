@@ -132,13 +132,15 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # target was shed when such a node ran out, with energy left on the others: measured.)
         lock_h = min(h_s, max(hz_s[c], rt_s[c])) / 3600.0
         p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
-        p_free = min(e, min(g, d + lk) * inv_h)
+        # A node of a class shed for energy serves no load of its own: it only exports, over its link.
+        d_own = d if latched[c] == 0 else 0.0
+        p_free = min(e, min(g, d_own + lk) * inv_h)
         v_e[i] = (p_own if has else p_free) if ok else 0.0
         # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
         # t = how long within m its own load is served. A node with a local need exports only.
         v_g[i] = g if ok else 0.0
         v_rate[i] = (min(g, lk) if has else lk) if ok else 0.0
-        v_d[i] = (0.0 if has else d) if ok else 0.0
+        v_d[i] = (0.0 if has else d_own) if ok else 0.0
         v_own[i] = own if ok else 0.0
         v_eraw[i] = e if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
