@@ -217,7 +217,7 @@ def test_peak_shaving_never_breaches_the_reserve(plants):
     m_today, _, shed_today = results["allocation"]
     draw_wh = peak * dt / 3600
     assert m_today < -draw_wh and shed_today[3] == math.inf  # today: the peak eats into the outage reserve
-    assert m_energy >= -draw_wh, m_energy  # with the program: never (to one cycle's draw)
+    assert m_energy >= 0.0, m_energy  # with the program: never
     assert shave_energy > 0.0  # it did shave while the energy allowed
     assert shed_energy[3] < period and shed_energy[0] == math.inf  # the least critical class shed instead
     print(f"\npeak: reserve {reserve_wh:.0f} Wh, margin min {m_energy:.1f} Wh with the energy program, "
