@@ -5,10 +5,12 @@ loads of the energy above soc_min); link L_i; demand d_i.
 Where the link cannot carry the whole load (d_i > L_i), the part l_i = d_i - L_i must come from
 the node's own battery: that energy is the node's own (stranded for everyone else), the node's
 runtime is at most e_i / l_i, and it may export only what its own need leaves while its class has
-target left (tau_c), over its link (its battery limit hi_i is narrowed to
-l_i + max(0, e_i - l_i min(H, tau_c)) / H, so the balancing does not drain it for others). Only
-min(d_i, L_i) of its demand is pooled; a node of a class shed for energy has no local need. A node without that need pools its energy as
-far as its discharge and link can deliver it within H: min(e_i, min(hi_i, d_i + L_i) * H).
+target left (tau_c) or, when longer, while its class would still run (its runtime of the last cycle),
+over its link (its battery limit hi_i is narrowed to l_i plus that surplus within one sweep, so the
+balancing does not drain it for others). Only min(d_i, L_i) of its demand is pooled; a node of a
+class shed for energy has no local need and serves no load of its own (it only exports). A node
+without that need pools its energy as far as its discharge and link can deliver it within H:
+min(e_i, min(hi_i, d_i + L_i) * H).
 H = the longest remaining target, at least `horizon_s`.
 
 Cost: the class sums come from a sweep over the nodes in chunks (`chunk` nodes a cycle, the whole
