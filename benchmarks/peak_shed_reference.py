@@ -13,6 +13,16 @@ watt-hour left in the batteries), and the whole reserve R(t) = sum_c demand_c(t)
   latest start that keeps the reserve.
 
 Prints both against what `vbatt` (with the energy layer) shed each day. docs/simulate.md has the figures.
+
+    .venv/bin/python benchmarks/peak_shed_reference.py --lp [SCENARIO]
+
+The linear programme of tests/energy_reference.py (`peak_shed_lp`, HiGHS) per day on a 60 s grid:
+the least shed energy per class that holds the whole reserve at the demand of each minute (the run's
+own demand, minute means), knowing the whole day ahead, any share of any class in any step, against
+`vbatt` as configured (the reserve on the class forecast) and with `demand_forecast: false` (the
+reserve at the demand now, the reference's). The nodes of a class are pooled into one (their energy,
+room and power summed, no link limits: a relaxation, so its shed is a lower bound; peak.yaml's limits
+do not bind), starting from the run's usable energy per class at the day's first step.
 """
 
 from __future__ import annotations
@@ -34,7 +44,51 @@ def _per_step(loaded, policy: str):
     return np.asarray(s["t_s"]), s
 
 
+def _lp_days(loaded, s_runs: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from energy_reference import peak_shed_lp
+
+    t, s = _per_step(loaded, "vbatt")
+    dt = loaded.step_s
+    per = max(1, int(round(60.0 / dt)))
+    v = loaded.fleet.values
+    prio = np.asarray(v["priority"])
+    classes = np.unique(prio)
+    agg = {k: np.array([np.asarray(v[k], float)[prio == c].sum() for c in classes])
+           for k in ("capacity_wh", "max_discharge_w", "max_charge_w")}
+    soc_min, soc_max = 0.1, 1.0
+    targets = loaded.cfg.plant.ride_through_s
+    for day in range(int(np.ceil(t[-1] / DAY_S - 1e-9))):
+        idx = np.where((t >= day * DAY_S) & (t < (day + 1) * DAY_S))[0]
+        m = idx.size // per
+        idx = idx[: m * per]
+        d = s["c"]["demand_w"][idx][:, classes].reshape(m, per, classes.size).mean(axis=1).T
+        main = s["f"]["main_limit_w"][idx].reshape(m, per).mean(axis=1)
+        usable = s["c"]["usable_wh"][idx[0], classes]
+        ref = peak_shed_lp(classes, d, usable, agg["capacity_wh"] * (soc_max - soc_min), agg["max_discharge_w"],
+                           agg["max_charge_w"], np.full(classes.size, 1e9), main, targets, per * dt)
+        shed = {name: r["c"]["shed_w"][idx].sum(axis=0) * dt / 3600.0 for name, r in s_runs.items()}
+        print(f"day {day}: reference (LP, {m} steps of {per * dt:.0f} s, least breach {ref['breach_wh']:.1f} Wh) shed "
+              + ", ".join(f"{c}: {ref['shed_wh'][int(c)]:,.0f}" for c in classes) + " Wh; "
+              + "; ".join(f"{name} " + ", ".join(f"{c}: {sh[c]:,.0f}" for c in classes) + " Wh"
+                          for name, sh in shed.items()))
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--lp":
+        path = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parents[1] / "examples" / "scenarios" / "peak.yaml"
+        loaded = load_scenario_text(path.read_text(), str(path))
+        text = path.read_text()
+        assert text.count("\n  - energy\n") == 1, "expected a bare '  - energy' entry"
+        off = load_scenario_text(text.replace("\n  - energy\n", "\n  - energy: {demand_forecast: false}\n"),
+                                 str(path))
+        runs = {"vbatt": _per_step(loaded, "vbatt")[1], "vbatt (reserve at the demand now)": _per_step(off, "vbatt")[1]}
+        for name, r in runs.items():
+            print(f"{name}: reserve margin min (program) ", end="")
+            res = simulate(loaded if name == "vbatt" else off, "vbatt", points=2)
+            print(f"{res.margin[0]:,.1f} Wh, at the demand that came {res.margin[1]:,.1f} Wh")
+        _lp_days(loaded, runs)
+        return 0
     path = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "examples" / "scenarios" / "peak.yaml"
     loaded = load_scenario_text(path.read_text(), str(path))
     dt = loaded.step_s

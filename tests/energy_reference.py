@@ -1,5 +1,8 @@
 """The reference formulation of docs/design.md §2b for tests: a linear programme on a time grid, solved by HiGHS.
 
+`ride_through_lp`: an outage, the ride-through per class (below). `peak_shed_lp`: peak shaving with the
+main supply present and the whole reserve held, the least shed energy per class (its docstring).
+
 The main supply has failed (main limit `main_limit_w`, 0 for an outage). Variables per step t
 (length dt_s): the served fraction x[c, t] of each priority class (pro rata inside the class: node
 i of class c is served x[c, t] * d_i) and the battery power b[i, t] of each node. Constraints:
@@ -27,7 +30,7 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["ride_through_lp"]
+__all__ = ["ride_through_lp", "peak_shed_lp"]
 
 INF = highspy.kHighsInf
 
@@ -148,3 +151,91 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
     x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
     z = x[:nz].reshape(k_n, s_n)
     return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}
+
+
+def peak_shed_lp(priority, demand_w, usable_wh, room_wh, max_discharge_w, max_charge_w, link_max_w,
+                 main_limit_w, targets_s: dict, dt_s: float, reserve_w=None) -> dict:
+    """Peak shaving with the outage reserve held (docs/design.md §2b rule 3), the least shed energy
+    per class: the main supply is present and may give at most main_limit_w (a number or one per
+    step), the demand changes over time (demand_w: nodes x steps, the demand of each step), and at
+    the end of every step the batteries must hold the whole reserve R(t) = sum_c D_c(t) T_c of the
+    next step's demand (main may fail at any moment: every target whole). reserve_w (classes x
+    (steps + 1), W; default the class demand, the steps after the last repeating it) is D_c(t).
+
+    Variables per step t: the served fraction x[c, t] of each class (pro rata inside the class, any
+    share, changing freely from step to step: the least shed energy, a lower bound for any policy
+    that knows the future), the battery power b[i, t] in [-max_charge_w, max_discharge_w] (> 0
+    discharge), the energy e[i, t] above soc_min (e[i, 0] = usable_wh, 0 <= e <= room_wh: up to
+    soc_max) and a breach s[t] >= 0 of the reserve. Constraints: the bus flow of each node within its
+    link, main in [0, main_limit], e[i, t+1] = e[i, t] - b[i, t] dt, sum_i e[i, t+1] + s[t] >= R(t+1).
+    Lexicographic, each stage held at its optimum for the next: the least breach sum_t s[t] (0 when
+    the reserve can be held), then the most served energy of class 0, then of class 1, ... (the
+    least critical class shed first). Returns {"shed_wh": {priority: Wh}, "breach_wh": Wh,
+    "served": classes x steps, "energy_wh": sum_i e[i, t] and "reserve_wh": R(t), t = 0..steps}."""
+    prio = np.asarray(priority)
+    d = np.asarray(demand_w, float)
+    n, s_n = d.shape
+    classes = np.unique(prio)
+    k_n = classes.size
+    cls = np.searchsorted(classes, prio)
+    dem = np.zeros((k_n, s_n))
+    for i in range(n):
+        dem[cls[i]] += d[i]
+    if reserve_w is None:
+        reserve_w = np.concatenate([dem, dem[:, -1:]], axis=1)
+    tg = np.array([targets_s.get(int(p), 0.0) for p in classes])
+    r_wh = (np.asarray(reserve_w, float) * tg[:, None]).sum(axis=0) / 3600.0  # R(t), t = 0..steps
+    main = np.broadcast_to(np.asarray(main_limit_w, float), (s_n,))
+    h = dt_s / 3600.0
+    xi = lambda c, t: c * s_n + t  # noqa: E731
+    bi = lambda i, t: k_n * s_n + i * s_n + t  # noqa: E731
+    ei = lambda i, t: k_n * s_n + n * s_n + i * (s_n + 1) + t  # noqa: E731
+    si = lambda t: k_n * s_n + n * s_n + n * (s_n + 1) + t  # noqa: E731
+    ncol = si(s_n)
+    lo, hi, data, ri, ci = [], [], [], [], []
+    r = 0
+
+    def row(entries, lo_v, hi_v):
+        nonlocal r
+        for col, v in entries:
+            ri.append(r)
+            ci.append(col)
+            data.append(v)
+        lo.append(lo_v)
+        hi.append(hi_v)
+        r += 1
+
+    for t in range(s_n):
+        for i in range(n):
+            row([(xi(cls[i], t), d[i, t]), (bi(i, t), -1.0)], -link_max_w[i], link_max_w[i])
+            row([(ei(i, t + 1), 1.0), (ei(i, t), -1.0), (bi(i, t), h)], 0.0, 0.0)
+        row([(xi(cls[i], t), d[i, t]) for i in range(n)] + [(bi(i, t), -1.0) for i in range(n)], 0.0, main[t])
+        row([(ei(i, t + 1), 1.0) for i in range(n)] + [(si(t), 1.0)], r_wh[t + 1], INF)
+    col_lo = np.zeros(ncol)
+    col_hi = np.full(ncol, INF)
+    col_hi[: k_n * s_n] = 1.0
+    for i in range(n):
+        col_lo[bi(i, 0):bi(i, 0) + s_n] = -float(max_charge_w[i])
+        col_hi[bi(i, 0):bi(i, 0) + s_n] = float(max_discharge_w[i])
+        col_hi[ei(i, 0):ei(i, 0) + s_n + 1] = float(room_wh[i])
+        col_lo[ei(i, 0)] = col_hi[ei(i, 0)] = float(usable_wh[i])
+
+    def matrix():
+        return sp.coo_matrix((data, (ri, ci)), shape=(r, ncol))
+
+    cost = np.zeros(ncol)
+    cost[si(0):si(0) + s_n] = -1.0
+    _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+    row([(si(t), 1.0) for t in range(s_n)], -INF, -opt + 1e-7 * (1.0 - opt))
+    breach = -opt
+    x = None
+    for c in range(k_n):
+        cost = np.zeros(ncol)
+        cost[xi(c, 0):xi(c, 0) + s_n] = dem[c]
+        x, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+        row([(xi(c, t), dem[c, t]) for t in range(s_n)], opt - 1e-7 * (1.0 + opt), INF)
+    served = x[: k_n * s_n].reshape(k_n, s_n)
+    shed = ((1.0 - served) * dem).sum(axis=1) * h
+    energy = np.array([sum(x[ei(i, t)] for i in range(n)) for t in range(s_n + 1)])
+    return {"shed_wh": {int(p): float(shed[c]) for c, p in enumerate(classes)}, "breach_wh": float(breach),
+            "served": served, "energy_wh": energy, "reserve_wh": r_wh}

@@ -20,8 +20,8 @@ from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step
 from vbatt.programs.energy.rules import ST_E_WH, ST_N
 
 from conftest import read_json, run_vbatt
-from energy_plant import EnergyPlant, FleetSpec, fleet_yaml, random_fleet
-from energy_reference import ride_through_lp
+from energy_plant import PEAK_TARGETS, EnergyPlant, FleetSpec, fleet_yaml, peak_instance, random_fleet
+from energy_reference import peak_shed_lp, ride_through_lp
 
 TARGETS = {0: 14400.0, 1: 1800.0, 2: 600.0, 3: 0.0}
 
@@ -217,11 +217,34 @@ def test_peak_shaving_never_breaches_the_reserve(plants):
     m_today, _, shed_today = results["allocation"]
     draw_wh = peak * dt / 3600
     assert m_today < -draw_wh and shed_today[3] == math.inf  # today: the peak eats into the outage reserve
-    assert m_energy >= -draw_wh, m_energy  # with the program: never (to one cycle's draw)
+    assert m_energy >= 0.0, m_energy  # with the program: never
     assert shave_energy > 0.0  # it did shave while the energy allowed
     assert shed_energy[3] < period and shed_energy[0] == math.inf  # the least critical class shed instead
     print(f"\npeak: reserve {reserve_wh:.0f} Wh, margin min {m_energy:.1f} Wh with the energy program, "
           f"{m_today:.1f} Wh today; first shed {shed_energy}")
+
+
+PEAK_SEEDS = (1, 3, 5, 8, 15, 16)
+
+
+@pytest.mark.parametrize("seed", PEAK_SEEDS)
+def test_peak_shaving_sheds_no_more_than_the_reference(seed):
+    """Against peak_shed_lp (HiGHS), which knows the whole demand ahead and may shed any share of any
+    class in any step: the same instance and reserve (every target whole at the demand of the step),
+    the demand as the plant saw it. The program decides step by step without knowing the next
+    demand: it may shed more, by at most one grid step of the shed class's peak demand."""
+    dt = 60.0
+    f, main, demand, shed, prog_margin, whole_margin = peak_instance(seed, dt_s=dt)
+    ref = peak_shed_lp(f.priority, demand, f.usable_wh(), f.capacity_wh * 0.9, f.max_discharge_w,
+                       f.max_charge_w, f.link_max_w, main, PEAK_TARGETS, dt)
+    assert ref["breach_wh"] <= 1e-6 and ref["shed_wh"][3] > 0.0  # the reserve can be held, by shedding
+    assert prog_margin >= 0.0 and whole_margin >= 0.0, (prog_margin, whole_margin)  # held, by both measures
+    for c, ref_wh in ref["shed_wh"].items():
+        step_wh = demand[f.priority == c].sum(axis=0).max() * dt / 3600
+        assert shed[c] <= ref_wh + step_wh, (c, shed[c], ref_wh, step_wh)
+    assert shed[0] == shed[1] == shed[2] == 0.0  # the least critical class only, as the reference
+    print(f"\npeak seed {seed}: shed {shed[3]:.1f} Wh, reference {ref['shed_wh'][3]:.1f} Wh, "
+          f"margin min {prog_margin:.1f} / {whole_margin:.1f} Wh")
 
 
 # -- exactness: the LP and the closed form -----------------------------------------------------------
@@ -248,8 +271,10 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # was exportable within a sweep, seeds 2, 3, 8 and 12 failed here (by 100-220 s).
 # Seed 18 left when a class cut for energy began to stay shed (no flapping): its class 1 is shed 15 s
 # before the grid's step ends, and the energy it no longer draws carries class 0 70 s past the
-# reference's (more than one 60 s step, in the critical class's favour).
-BINDING_SEEDS = (2, 3, 6, 8, 11, 12, 15, 19, 20, 22)
+# reference's (more than one 60 s step, in the critical class's favour). Seeds 10 and 21 agree since a
+# class whose node runs out of its own energy is cut whole, the reserve counts a target only as far as
+# the class's own energy lasts, and a shed class's nodes no longer count their own load as deliverable.
+BINDING_SEEDS = (2, 3, 6, 8, 10, 11, 12, 15, 19, 20, 21, 22)
 
 
 @pytest.mark.parametrize("seed", BINDING_SEEDS)

@@ -102,6 +102,30 @@ def test_outage_drop_starts_the_ride_through_clock():
     assert m["classes"]["0"]["first_shed_s"] == 1000.0 + ride
 
 
+# The independent reserve margin counts the demand that came: one node, 100 W stepping to 300 W at 1,800 s,
+# a 1 h target, main supply carrying it all (the battery stays full: 900 Wh usable above soc_min 0.1). At
+# t = 0 the next hour draws 50 + 150 = 200 Wh; from 1,800 s on 300 Wh (the window past the end of the run
+# counts the mean of its part, 300 W): the least margin is 900 - 300 = 600 Wh. The demand of the step
+# times the target would say 800 Wh at t = 0 and 600 Wh only from 1,800 s; a 3 h target (past the run)
+# needs 300 W for 3 h at 1,800 s: 0 Wh.
+STEP_UP = """
+cycle: {cycle_ms: 60000}
+plant: {main_limit_w: 5000, ride_through_s: {0: %s}}
+nodes:
+  - {id: A, priority: 0, demand_w: 100, demand_profile: {kind: step, at_s: 1800, to_w: 300},
+     max_discharge_w: 1000, max_charge_w: 500, capacity_wh: 1000, soc: 1.0, link_max_w: 1000}
+programs: [energy, allocation]
+scenario: {duration_s: 3600, step_s: 60}
+"""
+
+
+@pytest.mark.parametrize("target_s, margin_wh", [(3600, 600.0), (10800, 0.0), (1800, 750.0)])
+def test_the_independent_reserve_margin_counts_the_demand_that_came(target_s, margin_wh):
+    m = policy_metrics(simulate(load_scenario_text(STEP_UP % target_s, "step.yaml"), "vbatt"))
+    assert m["fleet"]["shed_wh"] == 0.0 and m["fleet"]["battery_wh"] == 0.0
+    assert m["reserve"]["whole_margin_min_wh"] == pytest.approx(margin_wh, abs=1e-6)
+
+
 # -- determinism ------------------------------------------------------------------------------------------
 def _stable(m: dict) -> dict:
     return {"classes": m["classes"], "fleet": m["fleet"]}

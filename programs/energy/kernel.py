@@ -5,10 +5,12 @@ loads of the energy above soc_min); link L_i; demand d_i.
 Where the link cannot carry the whole load (d_i > L_i), the part l_i = d_i - L_i must come from
 the node's own battery: that energy is the node's own (stranded for everyone else), the node's
 runtime is at most e_i / l_i, and it may export only what its own need leaves while its class has
-target left (tau_c), over its link (its battery limit hi_i is narrowed to
-l_i + max(0, e_i - l_i min(H, tau_c)) / H, so the balancing does not drain it for others). Only
-min(d_i, L_i) of its demand is pooled; a node of a class shed for energy has no local need. A node without that need pools its energy as
-far as its discharge and link can deliver it within H: min(e_i, min(hi_i, d_i + L_i) * H).
+target left (tau_c) or, when longer, while its class would still run (its runtime of the last cycle),
+over its link (its battery limit hi_i is narrowed to l_i plus that surplus within one sweep, so the
+balancing does not drain it for others). Only min(d_i, L_i) of its demand is pooled; a node of a
+class shed for energy has no local need and serves no load of its own (it only exports). A node
+without that need pools its energy as far as its discharge and link can deliver it within H:
+min(e_i, min(hi_i, d_i + L_i) * H).
 H = the longest remaining target, at least `horizon_s`.
 
 Cost: the class sums come from a sweep over the nodes in chunks (`chunk` nodes a cycle, the whole
@@ -27,7 +29,8 @@ from numba import njit
 
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
-from vbatt.programs.energy.rules import ST_POS, ST_SLACK_W, ST_STARTED, decide
+from vbatt.programs.energy.rules import (ST_POS, ST_RISE_WH, ST_SLACK_W, ST_STARTED, ST_SURPRISE_WH, ST_TREND_WH,
+                                         decide)
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -39,6 +42,10 @@ NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_N = 0, 1, 2, 3, 
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
 SEED_MODES = ("never", "auto", "always")
+# The reserve's rise per sweep (_reserve_rise): its trend is smoothed over RISE_TREND_S, the envelope
+# of its surprises fades over RISE_TAU_S.
+RISE_TREND_S = 60.0
+RISE_TAU_S = 3600.0
 
 
 def horizon_params(p) -> list[float]:
@@ -68,10 +75,33 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
         dhz[c] = max(dres[c], f) if f == f else dres[c]
 
 
+@njit(nogil=True, cache=True)
+def _reserve_rise(rise, pace_s, state):
+    """After a sweep, from how far the whole reserve rose with the sweep's demand (not with clocks or
+    sheds): the rise expected until the next sweep (state[ST_RISE_WH]: the smoothed trend, or the last
+    rise when smaller, as past a peak) and the envelope of the rises beyond that expectation
+    (state[ST_SURPRISE_WH]: the loads' noise; on peak.yaml the class forecast moves by ~10 W a
+    sweep, ~40 Wh of class 0's 4 h target). A peak-shaved class draws only above the reserve plus
+    both (decide), so that the reserve's next rise does not find the batteries drawn to the old one."""
+    surprise = rise - state[ST_RISE_WH]
+    state[ST_SURPRISE_WH] = max(surprise, state[ST_SURPRISE_WH] * math.exp(-pace_s / RISE_TAU_S))
+    state[ST_TREND_WH] += (1.0 - math.exp(-pace_s / RISE_TREND_S)) * (rise - state[ST_TREND_WH])
+    state[ST_RISE_WH] = min(state[ST_TREND_WH], rise)  # < 0 past a peak
+
+
+@njit(nogil=True, cache=True)
+def _reserve_wh(n_cls, dhz, target_s, clock_s, latched):
+    r = 0.0
+    for c in range(n_cls):
+        if latched[c] == 0:
+            r += dhz[c] * max(0.0, target_s[c] - clock_s[c]) / 3600.0
+    return r
+
+
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, pace_s, v_cls, v_f, v_now, v_res, v_e,
-                 v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, pace_s, v_cls, v_f, v_now, v_res,
+                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -96,17 +126,23 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         has = own > 0.0
         f = forecast_w[i] if use_forecast else d
         f = f if (f >= 0.0) & (f < math.inf) else d
-        # Its own need is locked for as long as its class has target left (within the horizon);
-        # the rest it can export once its class no longer runs.
-        lock_h = min(h_s, hz_s[c]) / 3600.0
+        # Its own need is locked for as long as its class has target left, or runs beyond it by the
+        # class runtime of the last cycle if that is longer (within the horizon): the first such node
+        # to run out sheds its class (the class runtime is at most its e_i / l_i), so its surplus
+        # goes to the pool only as far as the pool would run its class out first; the rest it can
+        # export once its class no longer runs. (With the remaining target alone, a class beyond its
+        # target was shed when such a node ran out, with energy left on the others: measured.)
+        lock_h = min(h_s, max(hz_s[c], rt_s[c])) / 3600.0
         p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
-        p_free = min(e, min(g, d + lk) * inv_h)
+        # A node of a class shed for energy serves no load of its own: it only exports, over its link.
+        d_own = d if latched[c] == 0 else 0.0
+        p_free = min(e, min(g, d_own + lk) * inv_h)
         v_e[i] = (p_own if has else p_free) if ok else 0.0
         # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
         # t = how long within m its own load is served. A node with a local need exports only.
         v_g[i] = g if ok else 0.0
         v_rate[i] = (min(g, lk) if has else lk) if ok else 0.0
-        v_d[i] = (0.0 if has else d) if ok else 0.0
+        v_d[i] = (0.0 if has else d_own) if ok else 0.0
         v_own[i] = own if ok else 0.0
         v_eraw[i] = e if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
@@ -235,7 +271,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 eff, h_s, hz_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
+                 eff, h_s, hz_s, runtime_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
@@ -252,7 +288,10 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
             a_wh[c] = ax[c]
+        r_old = _reserve_wh(n_cls, dhz, target_s, clock_s, latched)
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
+        if not first:
+            _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         b = 0
     state[ST_POS] = b
     state[ST_STARTED] = 1.0

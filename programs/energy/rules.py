@@ -21,19 +21,23 @@ import math
 from numba import njit
 
 __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
-           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_N"]
+           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
+           "ST_SURPRISE_WH", "ST_N"]
 
 # Indices into the scalar state memory.
-ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_N = range(10)
+(ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_RISE_WH, ST_TREND_WH,
+ ST_SURPRISE_WH, ST_N) = range(13)
 
 _EPS = 1e-9
+RISE_SURPRISES = 3.0  # a peak-shaved class stops this many of the reserve's late surprises above it
 
 
 @njit(nogil=True, cache=True)
-def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
+def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on, loc):
     """Runtime per class if the main supply failed now (every clock runs), under the rule of
-    `decide` in continuous time: event by event (a remaining target runs out, or the energy left
-    reaches a class's threshold, which sheds it). Writes rt (s; inf = never shed, 0 = already shed)."""
+    `decide` in continuous time: event by event (a remaining target runs out, the energy left
+    reaches a class's threshold, which sheds it, or a class's first node runs out of its own energy
+    at loc[c], which sheds it too). Writes rt (s; inf = never shed, 0 = already shed)."""
     for c in range(k_n):
         tau[c] = tau0[c]
         on[c] = latched[c] == 0
@@ -51,7 +55,7 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
             cut = -1
             for c in range(k_n):
                 thr = pre if tau[c] > 0.0 else r_all
-                if on[c] and dres[c] > 0.0 and e <= thr + _EPS * (1.0 + e):
+                if on[c] and dres[c] > 0.0 and (e <= thr + _EPS * (1.0 + e) or t >= loc[c] - _EPS * (1.0 + t)):
                     cut = c
                 if on[c] and tau[c] > 0.0:
                     pre += dres[c] * tau[c] / 3600.0
@@ -77,6 +81,8 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on):
         for c in range(k_n):
             if on[c] and tau[c] > 0.0:
                 s = min(s, tau[c])
+            if on[c] and dres[c] > 0.0:
+                s = min(s, max(0.0, loc[c] - t))
             if tau[c] > 0.0:
                 thr, thr_rate = pre, pre_rate
             else:
@@ -126,7 +132,10 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 latched[c] = 0
     r_all = 0.0
     for c in range(k_n):
-        tau[c] = max(0.0, target_s[c] - clock_s[c])
+        # The reserve of a class counts its remaining target only as far as its nodes' own energy
+        # lasts: the first node with a load beyond its link to run out sheds the class (local_s),
+        # so energy held for it beyond that is stranded for one class and free for the others.
+        tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c])
         if latched[c] == 0:
             r_all += dres[c] * tau[c] / 3600.0
     # Power: energy is not enough, it must be deliverable in time. a_wh[k] = A(hz_k), the energy
@@ -156,19 +165,43 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # Riding through (main carries none of it) inside its target: above the reserve of the
             # more critical classes. Peak shaving, or beyond its target: above the whole reserve.
             riding = tau[c] > 0.0 and m <= 0.0
+            # Peak shaving (the main supply is there and the class is not riding through): the draw
+            # decided now ends at the next cycle, when the reserve may have risen with the demand
+            # forecast (kernel.py _reserve_rise). So it stops above the reserve plus its expected
+            # rise plus twice the largest surprise of late; below the reserve plus its expected rise
+            # it gives back what main serves it (the reserve first: main's spare recharges it). The
+            # same for every class beyond its target, whether main still carries part of it or not
+            # (else a less critical class would draw deeper than a more critical one).
+            shaved = main_limit_w > 0.0 and not riding
             thr = pre if riding else r_all
+            thr_back = thr + max(0.0, state[ST_RISE_WH]) if shaved else thr
+            if shaved:
+                thr += max(0.0, state[ST_RISE_WH] + RISE_SURPRISES * state[ST_SURPRISE_WH])
             avail = e_left - thr
             drawn = e_wh - e_left
+            p_avail = math.inf
             for k in range(c if riding else k_n):
                 if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
-                    avail = min(avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
-            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, avail / need_wh))
-            # Cut for energy: this cycle's part, then shed until the shortage is over (no flapping: a
-            # load restored for minutes and shed again is worth little, and the energy extends the
-            # classes still served). A cut for power below is for the cycle only.
-            if a < 1.0 - 1e-9:
+                    p_avail = min(p_avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
+            # Below its threshold a peak-shaved class gives back part of what main serves it, so that
+            # main's spare recharges the reserve (the reserve first; the energy rule only: a reserve
+            # short of power, not of energy, is not mended by charging).
+            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, min(avail, p_avail) / need_wh))
+            if shaved and e_left < thr_back:
+                a = max(-m / (d - m), (e_left - thr_back) / need_wh)
+            elif not shaved and local_s[c] <= dt_s:
+                # A node of the class runs out of its own energy (its load beyond its link) within this
+                # cycle: the class is no longer served whole, so it is cut now, whole, and its energy
+                # extends the others (as the whole-step reference: a class once not whole stays shed).
+                a = 0.0
+            # Cut for energy while it rides on the batteries: this cycle's part, then shed until the
+            # shortage is over (no flapping: a load restored for minutes and shed again is worth
+            # little, and the energy extends the classes still served). A peak-shaved class is cut
+            # per cycle, just in time (main may carry it again as its peak passes), and so is a cut
+            # for power below.
+            if a < 1.0 - 1e-9 and not shaved:
                 latched[c] = 1
-            e_left -= a * need_wh
+            e_left -= max(a, 0.0) * need_wh  # a recharge is not energy this cycle
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
         if latched[c] == 0:
             pre += dres[c] * tau[c] / 3600.0
@@ -190,11 +223,12 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             frac[c] = f_p
     state[ST_E_WH] = e_wh
     state[ST_R_WH] = pre
-    ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on)
+    ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on, local_s)
     bad = 0
     for c in range(k_n):
         rt[c] = min(rt[c], local_s[c]) if latched[c] == 0 else 0.0
-        ok = rt[c] >= tau[c] - 1e-6 * (1.0 + tau[c])
+        left = max(0.0, target_s[c] - clock_s[c])
+        ok = rt[c] >= left - 1e-6 * (1.0 + left)
         reachable[c] = 1 if ok else 0
         bad += not ok
     return bad

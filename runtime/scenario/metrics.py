@@ -91,7 +91,8 @@ def _critical(r: RunResult, classes: dict) -> dict | None:
 def _reserve(r: RunResult) -> dict:
     """Minimum margins (Wh) over the steps with the main supply on: the energy program's pooled
     energy above its reserve (None without the program), and the usable energy above the whole
-    reserve (every class's target at its demand of the moment). None: the main supply was never on."""
+    reserve (every class's target at the demand that came: reserve.py). None: the main supply was
+    never on."""
     m = r.margin if r.margin is not None else [math.nan, math.nan]
     return {"program_margin_min_wh": _num(m[0]), "whole_margin_min_wh": _num(m[1])}
 

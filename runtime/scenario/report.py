@@ -267,7 +267,7 @@ def write_report(out: Path, loaded: Loaded, results: list[RunResult], metrics: d
         if rs["whole_margin_min_wh"] is not None:
             prog = rs["program_margin_min_wh"]
             lines += [f"Reserve margin, minimum while the main supply was on: usable energy above the whole "
-                      f"reserve {rs['whole_margin_min_wh'] / 1000:.2f} kWh"
+                      f"reserve at the demand that came {rs['whole_margin_min_wh'] / 1000:.2f} kWh"
                       + ("" if prog is None else f"; the energy program's own (pooled energy above its reserve) "
                                                  f"{prog / 1000:.2f} kWh") + ".", ""]
     lines += ["## Fleet", "",

@@ -42,6 +42,7 @@ from vbatt.config.yamlsrc import ConfigError
 
 from vbatt.scenario.events import Plant, Schedule, main_limit_drop_step
 from vbatt.scenario.record import CS, Recorder, observe
+from vbatt.scenario.reserve import HindsightReserve
 from vbatt.scenario.schema import Event, Loaded
 
 __all__ = ["simulate", "RunResult", "pipeline", "classes_of"]
@@ -75,22 +76,15 @@ def settle(fault, demand_w, avail_dis_w, battery_w, served_w, shed_w, command_w,
             shed[i] = shed_w[i]
 
 
-@njit(nogil=True, cache=True)
-def _margins(step_c, target_s, e_state, r_state, has_energy, main_on, out):
+def _margins(step_c, e_state, r_state, has_energy, main_on, out, hindsight):
     """The reserve margins of this step while the main supply is on (it may fail at any moment; in
     an outage the reserve is being spent), their minima kept in out: out[0] the energy program's own
-    (its pooled energy above the reserve of the classes it has not shed), out[1] the usable energy
-    of every battery above the whole reserve (every target whole, at each class's demand now)."""
-    if not main_on:
-        return
-    if has_energy:
+    (its pooled energy above the reserve of the classes it has not shed); out[1], independent of the
+    program, the usable energy of every battery above the whole reserve at the demand that came
+    (reserve.py: known once the longest target has passed, or at the end of the run)."""
+    hindsight.push(float(step_c[CS.USABLE_WH].sum()), main_on, step_c[CS.DEMAND_W])
+    if main_on and has_energy:
         out[0] = min(out[0], e_state - r_state)
-    u = 0.0
-    r = 0.0
-    for c in range(step_c.shape[1]):
-        u += step_c[6, c]
-        r += step_c[0, c] * target_s[c] / 3600.0
-    out[1] = min(out[1], u - r)
 
 
 @dataclass
@@ -113,7 +107,7 @@ class RunResult:
     usable_at_drop_wh: float | None = None  # fleet usable energy (above soc_min) in the step of the drop
     demand_at_drop_w: dict[int, float] = field(default_factory=dict)  # per class, in the step of the drop
     energy_alarms: list[str] = field(default_factory=list)  # unreachable_texts in the step of the drop
-    margin: np.ndarray | None = None  # see _margins: [program's E - R, usable - whole reserve], minima
+    margin: np.ndarray | None = None  # see _margins: [program's E - R, usable - the demand that came], minima
 
 
 def pipeline(loaded: Loaded, policy: str) -> list[ProgramEntry]:
@@ -222,6 +216,7 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
         has_energy = "energy.state" in img.mem
         e_state = img.mem["energy.state"] if has_energy else np.zeros(ST_N)
         margin = np.full(2, math.inf)
+        hindsight = HindsightReserve(target_arr, step_s)
         usable_at_drop, demand_at_drop, alarms = None, {}, []
         wall0 = time.perf_counter()
         for k in range(steps):
@@ -240,14 +235,15 @@ def simulate(loaded: Loaded, policy: str, *, points: int = 2000, capacity_scale:
             j = k // bucket
             observe(k, dt_h, soc_min, prio, dem, served, shed,
                     cmd, soc, cap, main_w[0], main_limit[0], *args_tail, j, rec.rec_c, rec.rec_f, rec.rec_n)
-            _margins(rec.step_c, target_arr, e_state[ST_E_WH], e_state[ST_R_WH], has_energy,
-                     main_limit[0] > 0.0, margin)
+            _margins(rec.step_c, e_state[ST_E_WH], e_state[ST_R_WH], has_energy, main_limit[0] > 0.0, margin,
+                     hindsight)
             if k == drop_k:
                 usable_at_drop = float(rec.step_c[CS.USABLE_WH].sum())
                 demand_at_drop = {c: float(rec.step_c[CS.DEMAND_W, c]) for c in classes}
                 alarms = unreachable_texts(img.mem) if has_energy else []
             if runtime is not None and (k % bucket == bucket - 1 or k == steps - 1):
                 _sample_runtime(rec, j, runtime, img, prio, classes)
+        margin[1] = hindsight.finish()
         wall = time.perf_counter() - wall0
         final = {f: nd[f].copy() for f in _FINAL}
         final.update({f"agg.{k}": float(v[0]) for k, v in img.agg.items()})
