@@ -147,13 +147,15 @@ class Summary:
     served_w: float = 0.0  # sum r
     dis: Curve = field(default_factory=Curve.zero)  # battery curve with the discharge weights
     chg: Curve = field(default_factory=Curve.zero)  # ... with the charge weights
+    bus_w: float = 0.0  # its net import from the feed now (status, not used by the solve)
+    battery_w: float = 0.0  # its battery power now (status)
 
     def __add__(self, o: "Summary") -> "Summary":
         cls = dict(self.classes)
         for p, c in o.classes.items():
             cls[p] = cls[p] + c if p in cls else c
         return Summary(self.own_w + o.own_w, cls, self.up_w + o.up_w, self.served_w + o.served_w,
-                       self.dis + o.dis, self.chg + o.chg)
+                       self.dis + o.dis, self.chg + o.chg, self.bus_w + o.bus_w, self.battery_w + o.battery_w)
 
 
 @dataclass(frozen=True)
