@@ -263,6 +263,7 @@ class Link:
     async def round(self) -> None:
         now = self.clock_ns()
         v, _ = self.img.read_published()
+        self.cycle = int(v["cycle"][0])
         parent = self._parent_levels(now)
         lv = parent
         if self.role == "leaf":
@@ -328,7 +329,7 @@ class Link:
         lv = self.st.levels_now
         s = getattr(self, "summary", None)
         return {
-            "role": self.role, "levels_from": self.st.source, "leased_from_parent": self.st.leased,
+            "role": self.role, "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
             "fallbacks": self.st.fallbacks, "main_limit_w": self.st.main_limit_w,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
             "uplink_port": (self.uplink.ports[0] if self.uplink is not None and self.uplink.ports else None),

@@ -1,0 +1,254 @@
+"""A tree of `vbatt run` processes on loopback and a flat controller over the same nodes
+(docs/hierarchy.md "The three-level demonstration").
+
+    python examples/hierarchy/run.py --out var/hierarchy          # 3 rows x 3 racks x 20 nodes
+    python examples/hierarchy/run.py --rows 2 --racks 2 --nodes 3  # small
+
+`write_configs` writes one YAML per controller (racks: the simulated nodes, an uplink, programs
+[allocation, tree]; rows: their racks as Modbus nodes, an uplink; top: its rows as Modbus nodes) and
+`flat.yaml` (every node in one controller, the top's main_limit_w). `Tree` starts them bottom-up,
+waits until every level is controlled, stops them all at once (SIGTERM: each writes the snapshot of
+its last cycle) and `compare` sets the class totals of the leaves against the flat controller's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Layout", "write_configs", "Tree", "compare", "free_ports", "main"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Layout:
+    rows: int = 3
+    racks: int = 3
+    nodes: int = 20
+    seed: int = 1
+    rest: bool = True  # capacities so large that the weights do not drift over a run ("at rest")
+    cycle_ms: float = 100.0
+    poll_ms: float = 200.0  # every level's link and Modbus driver
+    lease_ms: int = 1000
+    share: float = 0.35  # the top's main_limit_w as a share of the whole demand (a shortage)
+
+    def names(self) -> dict[str, list[str]]:
+        racks = [f"rack-{r}{k}" for r in range(self.rows) for k in range(self.racks)]
+        return {"top": ["top"], "rows": [f"row-{r}" for r in range(self.rows)], "racks": racks}
+
+
+def _nodes(lay: Layout) -> list[dict]:
+    rng = np.random.default_rng(lay.seed)
+    out = []
+    for r in range(lay.rows):
+        for k in range(lay.racks):
+            for j in range(lay.nodes):
+                cap = float(rng.uniform(300, 900)) * (1e6 if lay.rest else 1.0)
+                out.append({"id": f"n-{r}{k}-{j:02d}", "priority": int(rng.integers(0, 4)),
+                            "demand_w": round(float(rng.uniform(200, 450)), 3),
+                            "max_discharge_w": round(float(rng.uniform(50, 300)), 3),
+                            "max_charge_w": round(float(rng.uniform(100, 300)), 3),
+                            "capacity_wh": round(cap, 3), "soc": round(float(rng.uniform(0.3, 0.95)), 4),
+                            "link_max_w": round(float(rng.choice([300.0, 800.0, 1500.0])), 3),
+                            "rack": (r, k)})
+    return out
+
+
+def _yaml(d) -> str:
+    return json.dumps(d, indent=1)  # JSON is YAML
+
+
+def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dict:
+    """The configs of every controller and of the flat one; returns {name: {config, port, status}}."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = lay.names()
+    nodes = _nodes(lay)
+    ports = ports or free_ports(len(names["rows"]) + len(names["racks"]))
+    main_limit = round(lay.share * sum(n["demand_w"] for n in nodes), 3)
+    base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
+    plan: dict[str, dict] = {}
+    clean = lambda n: {k: v for k, v in n.items() if k != "rack"}  # noqa: E731
+    it = iter(ports)
+    for r in range(lay.rows):
+        for k in range(lay.racks):
+            name = f"rack-{r}{k}"
+            plan[name] = {"port": next(it)}
+            cfg = {**base, "plant": {"main_limit_w": 0.0},
+                   "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True},
+                                 "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
+                                 "status_file": str(out / f"{name}.status.json")},
+                   "nodes": [clean(n) for n in nodes if n["rack"] == (r, k)],
+                   "programs": ["allocation", "tree"]}
+            (out / f"{name}.yaml").write_text(_yaml(cfg))
+    modbus = {"modbus": {"poll_ms": lay.poll_ms, "plaintext": True, "lease_ms": lay.lease_ms}}
+    for r in range(lay.rows):
+        name = f"row-{r}"
+        plan[name] = {"port": next(it)}
+        kids = [f"rack-{r}{k}" for k in range(lay.racks)]
+        cfg = {**base, "plant": {"main_limit_w": 0.0}, "drivers": modbus,
+               "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True}, "children": kids,
+                             "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
+                             "status_file": str(out / f"{name}.status.json")},
+               "nodes": [{"id": c, "driver": "modbus", "host": "127.0.0.1", "port": plan[c]["port"]} for c in kids],
+               "programs": ["allocation"]}
+        (out / f"{name}.yaml").write_text(_yaml(cfg))
+    rows = names["rows"]
+    top = {**base, "plant": {"main_limit_w": main_limit}, "drivers": modbus,
+           "hierarchy": {"children": rows, "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
+                         "status_file": str(out / "top.status.json")},
+           "nodes": [{"id": c, "driver": "modbus", "host": "127.0.0.1", "port": plan[c]["port"]} for c in rows],
+           "programs": ["allocation"]}
+    (out / "top.yaml").write_text(_yaml(top))
+    plan["top"] = {}
+    flat = {**base, "plant": {"main_limit_w": main_limit}, "nodes": [clean(n) for n in nodes],
+            "programs": ["allocation"]}
+    (out / "flat.yaml").write_text(_yaml(flat))
+    plan["flat"] = {}
+    for name in plan:
+        plan[name]["config"] = str(out / f"{name}.yaml")
+        plan[name]["status"] = str(out / f"{name}.status.json")
+        plan[name]["snapshot"] = str(out / f"{name}.snapshot.json")
+    (out / "plan.json").write_text(json.dumps({"layout": lay.__dict__, "main_limit_w": main_limit,
+                                               "controllers": plan}, indent=1))
+    return plan
+
+
+class Tree:
+    """The processes of a written plan: start, wait, kill, stop; every one a `vbatt run`."""
+
+    def __init__(self, plan: dict, out: Path, vbatt: str | None = None):
+        self.plan, self.out = plan, out
+        self.vbatt = vbatt or str(Path(sys.executable).with_name("vbatt"))
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        p = self.plan[name]
+        for f in (p["snapshot"], p["status"]):
+            Path(f).unlink(missing_ok=True)
+        log = open(self.out / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([self.vbatt, "run", p["config"], "-q", "--snapshot", p["snapshot"]],
+                                            stdout=log, stderr=log, start_new_session=True)
+
+    def start_all(self, flat: bool = True) -> None:
+        order = [n for n in self.plan if n.startswith("rack")] + [n for n in self.plan if n.startswith("row")]
+        for n in order + ["top"] + (["flat"] if flat else []):
+            self.start(n)
+
+    def status(self, name: str) -> dict | None:
+        try:
+            return json.loads(Path(self.plan[name]["status"]).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, cond, timeout_s: float, what: str) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            for n, p in self.procs.items():
+                if p.poll() is not None and p.returncode not in (0, -9, -15):
+                    raise RuntimeError(f"{n} exited with {p.returncode}: see {self.out / (n + '.log')}")
+            if cond():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"not within {timeout_s} s: {what}")
+
+    def controlled(self, names) -> bool:
+        return all((s := self.status(n)) is not None and s["levels_from"] == "parent" and s["cycle"] > 10
+                   and all(c["online"] for c in s["children"].values()) for n in names)
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        p = self.procs.pop(name)
+        os.killpg(p.pid, sig)  # the whole run: supervisor, scan, drivers, link (kill -9 leaves nothing)
+        p.wait(10)
+
+    def stop_all(self, timeout_s: float = 30.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + timeout_s
+        for n, p in list(self.procs.items()):
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        self.procs.clear()
+
+
+def _snap(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def compare(plan: dict) -> dict:
+    """Per class: served and battery power of the leaves against the flat controller's, and per node."""
+    flat = {n["id"]: n for n in _snap(plan["flat"]["snapshot"])["nodes"]}
+    tree = {}
+    for name in plan:
+        if name.startswith("rack"):
+            tree.update({n["id"]: n for n in _snap(plan[name]["snapshot"])["nodes"]})
+    out: dict = {"classes": {}, "max_node_diff_w": 0.0}
+    for k in ("served_w", "battery_w", "bus_w", "shed_w"):
+        d = max(abs(tree[i][k] - flat[i][k]) for i in flat)
+        out["max_node_diff_w"] = max(out["max_node_diff_w"], d)
+    for p in sorted({n["priority"] for n in flat.values()}):
+        ids = [i for i in flat if flat[i]["priority"] == p]
+        row = {}
+        for k in ("served_w", "battery_w", "shed_w"):
+            h, f = sum(tree[i][k] for i in ids), sum(flat[i][k] for i in ids)
+            row[k] = {"tree": h, "flat": f, "diff": h - f}
+        out["classes"][str(p)] = row
+    out["max_class_diff_w"] = max(abs(r[k]["diff"]) for r in out["classes"].values() for k in r)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="examples/hierarchy/run.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="var/hierarchy", help="configs, logs, status files and snapshots go here")
+    ap.add_argument("--rows", type=int, default=3)
+    ap.add_argument("--racks", type=int, default=3)
+    ap.add_argument("--nodes", type=int, default=20)
+    ap.add_argument("--settle-s", type=float, default=5.0, help="run this long once every level is controlled")
+    ap.add_argument("--moving", action="store_true", help="realistic capacities (the weights drift)")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    lay = Layout(a.rows, a.racks, a.nodes, rest=not a.moving)
+    plan = write_configs(out, lay)
+    tree = Tree(plan, out)
+    t0 = time.monotonic()
+    try:
+        tree.start_all()
+        leaves = [n for n in plan if n.startswith("rack")]
+        tree.wait(lambda: tree.controlled(leaves + [n for n in plan if n.startswith("row")]), 180,
+                  "every rack and row controlled from above")
+        print(f"every level controlled after {time.monotonic() - t0:.1f} s; settling {a.settle_s} s", flush=True)
+        time.sleep(a.settle_s)
+    finally:
+        tree.stop_all()
+    res = compare(plan)
+    (out / "compare.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
