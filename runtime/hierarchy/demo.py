@@ -52,6 +52,8 @@ class Layout:
     poll_ms: float = 200.0  # every level's link and Modbus driver
     lease_ms: int = 1000
     share: float = 0.35  # the top's main_limit_w as a share of the whole demand (a shortage)
+    agents: bool = False  # racks poll their nodes over Modbus from a separate process (faults: kill a rack)
+    retain: bool = False  # racks keep their state across restarts (warm rejoin)
 
     def names(self) -> dict[str, list[str]]:
         racks = [f"rack-{r}{k}" for r in range(self.rows) for k in range(self.racks)]
@@ -84,8 +86,12 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     names = lay.names()
     nodes = _nodes(lay)
-    ports = ports or free_ports(len(names["rows"]) + len(names["racks"]))
+    ports = ports or free_ports(len(names["rows"]) + len(names["racks"]) + (len(nodes) if lay.agents else 0))
     main_limit = round(lay.share * sum(n["demand_w"] for n in nodes), 3)
+    if lay.agents:  # float32 on the wire: values it carries exactly
+        for n in nodes:
+            for k in ("demand_w", "max_discharge_w", "max_charge_w", "link_max_w"):
+                n[k] = round(n[k] * 64) / 64
     base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
     plan: dict[str, dict] = {}
     clean = lambda n: {k: v for k, v in n.items() if k != "rack"}  # noqa: E731
@@ -94,19 +100,30 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
         for k in range(lay.racks):
             name = f"rack-{r}{k}"
             plan[name] = {"port": next(it)}
-            cfg = {**base, "plant": {"main_limit_w": 0.0},
+            mine = [clean(n) for n in nodes if n["rack"] == (r, k)]
+            extra = {}
+            if lay.agents:  # the nodes in a process of their own, polled over Modbus
+                nports = [next(it) for _ in mine]
+                (out / f"{name}.nodes.yaml").write_text(_yaml({"nodes": mine}))
+                plan[f"nodes-{name}"] = {"nodes": str(out / f"{name}.nodes.yaml"), "ports": nports}
+                mine = [{"id": n["id"], "driver": "modbus", "host": "127.0.0.1", "port": p,
+                         "priority": n["priority"]} for n, p in zip(mine, nports)]
+                extra["drivers"] = {"modbus": {"poll_ms": lay.poll_ms, "plaintext": True}}
+            if lay.retain:
+                extra["retain"] = {"enabled": True, "dir": str(out / f"{name}.retain"), "period_s": 0.2}
+            cfg = {**base, **extra, "plant": {"main_limit_w": round(main_limit / lay.rows / lay.racks, 3)},
                    "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True},
                                  "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
                                  "status_file": str(out / f"{name}.status.json")},
-                   "nodes": [clean(n) for n in nodes if n["rack"] == (r, k)],
-                   "programs": ["allocation", "tree"]}
+                   "nodes": mine, "programs": ["allocation", "tree"]}
             (out / f"{name}.yaml").write_text(_yaml(cfg))
     modbus = {"modbus": {"poll_ms": lay.poll_ms, "plaintext": True, "lease_ms": lay.lease_ms}}
     for r in range(lay.rows):
         name = f"row-{r}"
         plan[name] = {"port": next(it)}
         kids = [f"rack-{r}{k}" for k in range(lay.racks)]
-        cfg = {**base, "plant": {"main_limit_w": 0.0}, "drivers": modbus,
+        # its own limit (used when the top is gone): its rows' share of the top's
+        cfg = {**base, "plant": {"main_limit_w": round(main_limit / lay.rows, 3)}, "drivers": modbus,
                "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True}, "children": kids,
                              "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
                              "status_file": str(out / f"{name}.status.json")},
@@ -126,6 +143,8 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
     (out / "flat.yaml").write_text(_yaml(flat))
     plan["flat"] = {}
     for name in plan:
+        if name.startswith("nodes-"):
+            continue
         plan[name]["config"] = str(out / f"{name}.yaml")
         plan[name]["status"] = str(out / f"{name}.status.json")
         plan[name]["snapshot"] = str(out / f"{name}.snapshot.json")
@@ -142,16 +161,19 @@ class Tree:
         self.vbatt = vbatt or str(Path(sys.executable).with_name("vbatt"))
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *args: str) -> None:
         p = self.plan[name]
-        for f in (p["snapshot"], p["status"]):
-            Path(f).unlink(missing_ok=True)
         log = open(self.out / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([self.vbatt, "run", p["config"], "-q", "--snapshot", p["snapshot"]],
-                                            stdout=log, stderr=log, start_new_session=True)
+        if name.startswith("nodes-"):
+            cmd = [sys.executable, "-m", "vbatt.hierarchy.demo", "agents", p["nodes"], ",".join(map(str, p["ports"]))]
+        else:
+            for f in (p["snapshot"], p["status"]):
+                Path(f).unlink(missing_ok=True)
+            cmd = [self.vbatt, "run", p["config"], "-q", "--snapshot", p["snapshot"], *args]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
 
     def start_all(self, flat: bool = True) -> None:
-        order = [n for n in self.plan if n.startswith("rack")] + [n for n in self.plan if n.startswith("row")]
+        order = [n for n in self.plan if n.startswith("nodes-")] + [n for n in self.plan if n.startswith("rack")] + [n for n in self.plan if n.startswith("row")]
         for n in order + ["top"] + (["flat"] if flat else []):
             self.start(n)
 
@@ -221,7 +243,25 @@ def compare(plan: dict) -> dict:
     return out
 
 
+def agents_main(nodes_yaml: str, ports: str) -> None:
+    """Serve the simulated nodes of a plant config as Modbus agents on the given ports (one process)."""
+    import asyncio
+
+    from vbatt.config.plant import load_config
+    from vbatt.drivers.node.agent import AgentSet, AgentSpec, serve_until_signalled
+    from vbatt.drivers.node.backends.sim import SimBackend
+
+    _cfg, fleet = load_config(nodes_yaml)
+    plist = [int(p) for p in ports.split(",")]
+    specs = [AgentSpec(i, "127.0.0.1", p) for i, p in zip(fleet.ids, plist)]
+    asyncio.run(serve_until_signalled(AgentSet(SimBackend(fleet, 0, len(fleet)), specs, tick_ms=100.0)))
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agents"]:
+        agents_main(*argv[1:3])
+        return 0
     ap = argparse.ArgumentParser(prog="examples/hierarchy/run.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="var/hierarchy", help="configs, logs, status files and snapshots go here")
     ap.add_argument("--rows", type=int, default=3)
