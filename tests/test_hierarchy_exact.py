@@ -141,3 +141,61 @@ def test_curve_sum_is_the_curve_of_the_union():
         assert whole(x) == pytest.approx(parts(x), abs=1e-9)
     for t in np.linspace(whole.lo, whole.hi, 101):
         assert np.clip(whole.solve(t) * w, a, b).sum() == pytest.approx(t, abs=1e-9)
+
+
+def moving_errors(seed, rounds=120, lag_up=2, lag_down=2, dt_s=0.1, n_rows=3, n_racks=3, per_rack=20):
+    """Demand moving as the simulated profile does (a sine of 60 W over 120 s per node, random phases),
+    batteries draining; the tree sees its leaves' curves `lag_up` rounds late and the leaves apply levels
+    `lag_down` rounds late (one poll per level each way). Per round: the largest |tree - flat| of a class
+    total (served, battery), relative to the fleet's demand."""
+    rng = np.random.default_rng(seed)
+    n = n_rows * n_racks * per_rack
+    cols, main = fleet(rng, n)
+    cols["capacity_wh"] = rng.uniform(300, 900, n)
+    base_d = cols["demand_w"].copy()
+    phase = rng.uniform(0, 120, n)
+    tree = [[np.arange(n)[(r * n_racks + k) * per_rack:(r * n_racks + k + 1) * per_rack] for k in range(n_racks)]
+            for r in range(n_rows)]
+    racks = [idx for row in tree for idx in row]
+    sums, levels, errs = [], [], []
+    lv = None
+    for t in range(rounds):
+        cols["demand_w"] = np.where(base_d > 0, base_d + 60 * np.sin(2 * np.pi * (t * dt_s + phase) / 120), 0.0)
+        nls = [limits_of(cols, idx) for idx in racks]
+        # each leaf: its curves at its current data and the served load of the levels it applies now
+        cur = levels[-1 - lag_down] if len(levels) > lag_down else None
+        parts = []
+        for nl in nls:
+            b = summarize(nl)
+            parts.append(battery_summary(nl, b, served(nl, cur)) if cur is not None else b)
+        s = parts[0]
+        for p in parts[1:]:
+            s = s + p
+        sums.append(s)
+        seen = sums[-1 - lag_up] if len(sums) > lag_up else sums[0]
+        lv, _ = solve_levels(seen, main, lv)
+        levels.append(lv)
+        f = flat(cols, main)
+        if t < 2 * (lag_up + lag_down) + 2:  # settling from the start (no battery curves yet)
+            cols["soc"] = np.clip(cols["soc"] - f["battery_w"] * dt_s / 3600 / np.maximum(cols["capacity_wh"], 1e-9),
+                                  0, 1)
+            continue
+        out = {k: np.zeros(n) for k in ("served_w", "battery_w")}
+        for nl, idx in zip(nls, racks):
+            o = apply_levels(nl, cur)
+            for k in out:
+                out[k][idx] = o[k]
+        scale = cols["demand_w"].sum()
+        errs.append(max(abs(out[k][cols["priority"] == p].sum() - f[k][cols["priority"] == p].sum()) / scale
+                        for k in out for p in range(4)))
+        # the drain: the flat allocation's battery power moves the charge (the same for both)
+        cols["soc"] = np.clip(cols["soc"] - f["battery_w"] * dt_s / 3600 / np.maximum(cols["capacity_wh"], 1e-9),
+                              0, 1)
+    return np.array(errs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_moving_demand_within_a_tenth_of_a_percent(seed):
+    errs = moving_errors(seed)
+    assert errs.size > 100
+    assert errs.max() < 1e-3, errs.max()

@@ -59,7 +59,7 @@ def test_rack_killed_then_top_killed(tmp_path):
         tree.wait(lambda: tree.controlled(racks + rows), 90, "rack-00 controlled again")
         tree.wait(lambda: all(m == ss.Mode.CONTROLLED for m in modes(ports["rack-00"])), 30, "its nodes controlled")
         log = (tmp_path / "rack-00.log").read_text()
-        assert "warm" in log.split("SIGKILL")[-1].lower() or "warm restart" in log.lower(), log[-2000:]
+        assert "warm restart" in log, log[-2000:]
 
         # -- the top killed: the rows fall back to their own limits, nothing stranded ------------------
         tree.kill("top", signal.SIGKILL)

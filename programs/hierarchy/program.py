@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
+from vbatt.kernel.fields import NODE_OUTPUTS, names
 from vbatt.kernel.program import Program
 from vbatt.kernel.seqblock import ArraySpec
 from vbatt.programs.codes import Alarm
@@ -88,7 +89,7 @@ class Tree(Program):
     id = "tree"
     Params = TreeParams
     kernel = tree_step
-    writes = ("battery_w", "served_w", "shed_w", "bus_w", "alarm", "agg_main_w")
+    writes = names(NODE_OUTPUTS) + ("alarm", "agg_main_w")
 
     def __init__(self, params, n_nodes):
         super().__init__(params, n_nodes)

@@ -188,7 +188,7 @@ class Link:
         t = self.tree
         try:
             if c.client is None or not c.client.connected:
-                c.client = AsyncModbusTcpClient(c.host, port=c.port, timeout=max(0.05, self.h.poll_ms / 1e3),
+                c.client = AsyncModbusTcpClient(c.host, port=c.port, timeout=min(self.h.lease_ms / 2e3, max(0.3, self.h.poll_ms / 1e3)),
                                                 retries=0, reconnect_delay=0)
                 if not await c.client.connect():
                     raise OSError(f"cannot connect to {c.host}:{c.port}")
