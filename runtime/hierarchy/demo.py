@@ -54,6 +54,8 @@ class Layout:
     share: float = 0.35  # the top's main_limit_w as a share of the whole demand (a shortage)
     agents: bool = False  # racks poll their nodes over Modbus from a separate process (faults: kill a rack)
     retain: bool = False  # racks keep their state across restarts (warm rejoin)
+    step_at_s: float | None = None  # a demand step at node n-00-00 this long after its rack starts
+    step_to_w: float = 0.0
 
     def names(self) -> dict[str, list[str]]:
         racks = [f"rack-{r}{k}" for r in range(self.rows) for k in range(self.racks)]
@@ -92,6 +94,8 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
         for n in nodes:
             for k in ("demand_w", "max_discharge_w", "max_charge_w", "link_max_w"):
                 n[k] = round(n[k] * 64) / 64
+    if lay.step_at_s is not None:  # the same step in the tree and in the flat controller
+        nodes[0]["demand_profile"] = {"kind": "step", "at_s": lay.step_at_s, "to_w": lay.step_to_w}
     base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
     plan: dict[str, dict] = {}
     clean = lambda n: {k: v for k, v in n.items() if k != "rack"}  # noqa: E731
@@ -217,6 +221,40 @@ class Tree:
         self.procs.clear()
 
 
+def _trace(out: Path, name: str) -> list[dict]:
+    p = out / f"{name}.status.json.trace.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def _step_seen(out: Path, at_s: float) -> float | None:
+    """When rack-00's link first saw its curves change near `at_s` after its first data: its simulated time
+    starts a few seconds before the first published cycle, and the tree is at rest (no change of
+    curves) from a few seconds after the start until the step (at_s >= 20 s)."""
+    tr = [e for e in _trace(out, "rack-00") if e["event"] == "curves" and e["served_w"] > 0]
+    if not tr:
+        return None
+    begin = tr[0]["wall_s"]
+    return next((e["wall_s"] for e in tr if e["wall_s"] > begin + at_s - 10.0), None)
+
+
+def latency(plan: dict, out: Path, at_s: float) -> dict:
+    """From the links' traces: the step is seen when rack-00's curves first change after `at_s` from its
+    start (the run is at rest otherwise); each rack's new levels are its first and its last change of
+    levels after that (the shed levels come on the first trip, the battery level on the second)."""
+    t0 = _step_seen(out, at_s)
+    res: dict = {"step_seen_wall_s": t0, "racks": {}}
+    for name in plan:
+        if not name.startswith("rack"):
+            continue
+        ev = [e["wall_s"] - t0 for e in _trace(out, name) if e["event"] == "levels" and e["wall_s"] > t0]
+        res["racks"][name] = {"first_s": ev[0] if ev else None, "settled_s": ev[-1] if ev else None}
+    firsts = [r["first_s"] for r in res["racks"].values() if r["first_s"] is not None]
+    lasts = [r["settled_s"] for r in res["racks"].values() if r["settled_s"] is not None]
+    res["first_new_levels_at_every_rack_s"] = max(firsts) if len(firsts) == len(res["racks"]) else None
+    res["settled_at_every_rack_s"] = max(lasts) if len(lasts) == len(res["racks"]) else None
+    return res
+
+
 def _snap(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -269,9 +307,17 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=20)
     ap.add_argument("--settle-s", type=float, default=5.0, help="run this long once every level is controlled")
     ap.add_argument("--moving", action="store_true", help="realistic capacities (the weights drift)")
+    ap.add_argument("--poll-ms", type=float, default=200.0, help="every level's link and Modbus poll period")
+    ap.add_argument("--cycle-ms", type=float, default=100.0, help="every controller's scan period")
+    ap.add_argument("--step-at-s", type=float, default=None,
+                    help="a demand step at node n-00-00 (to 0 W) this long after rack-00 starts: measures the "
+                         "decision latency across the levels (latency.json)")
     a = ap.parse_args(argv)
     out = Path(a.out)
-    lay = Layout(a.rows, a.racks, a.nodes, rest=not a.moving)
+    for f in out.glob("*.trace.jsonl"):
+        f.unlink()
+    lay = Layout(a.rows, a.racks, a.nodes, rest=not a.moving, poll_ms=a.poll_ms, cycle_ms=a.cycle_ms,
+                 step_at_s=a.step_at_s)
     plan = write_configs(out, lay)
     tree = Tree(plan, out)
     t0 = time.monotonic()
@@ -282,8 +328,16 @@ def main(argv=None) -> int:
                   "every rack and row controlled from above")
         print(f"every level controlled after {time.monotonic() - t0:.1f} s; settling {a.settle_s} s", flush=True)
         time.sleep(a.settle_s)
+        if a.step_at_s is not None:
+            print("waiting for the demand step at n-00-00 and its new levels", flush=True)
+            tree.wait(lambda: _step_seen(out, a.step_at_s) is not None, a.step_at_s + 120, "the step seen by rack-00")
+            time.sleep(a.settle_s)
     finally:
         tree.stop_all()
+    if a.step_at_s is not None:
+        lat = latency(plan, out, a.step_at_s)
+        (out / "latency.json").write_text(json.dumps(lat, indent=1))
+        print(json.dumps(lat, indent=1))
     res = compare(plan)
     (out / "compare.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

@@ -260,8 +260,14 @@ class Link:
         st.leased = leased
         return st.levels if leased else None
 
+    def _trace(self, event: str, **kw) -> None:
+        if self.h.status_file:
+            with open(self.h.status_file + ".trace.jsonl", "a") as f:
+                f.write(json.dumps({"wall_s": time.time(), "event": event, **kw}) + "\n")
+
     async def round(self) -> None:
         now = self.clock_ns()
+        t0 = time.perf_counter()
         v, _ = self.img.read_published()
         self.cycle = int(v["cycle"][0])
         parent = self._parent_levels(now)
@@ -291,7 +297,19 @@ class Link:
                 self.uplink.put_summary(summary, self.st.seq)
             except OverflowError as exc:
                 log.warning("%s", exc)
+        key = (round(summary.served_w, 6), round(summary.own_w, 6),
+               tuple(round(c.hi, 6) for _, c in sorted(summary.classes.items())))
+        if key != getattr(self, "_last_key", None):
+            self._last_key = key
+            self._trace("curves", served_w=summary.served_w)
+        # a change beyond rounding (the weights drift a little every cycle while batteries discharge)
+        q = lambda x: float(f"{x:.9g}") if math.isfinite(x) else x  # noqa: E731
+        lkey = None if lv is None else (q(lv.lam), lv.dis, tuple((k, q(m)) for k, m in sorted(lv.shed.items())))
+        if lkey != getattr(self, "_last_levels", None):
+            self._last_levels = lkey
+            self._trace("levels", lam=None if lv is None else lv.lam)
         self.summary = summary
+        self.round_ms = (time.perf_counter() - t0) * 1e3
 
     async def _write_levels(self, c: Child, lv: Levels) -> None:
         t = self.tree
@@ -329,7 +347,7 @@ class Link:
         lv = self.st.levels_now
         s = getattr(self, "summary", None)
         return {
-            "role": self.role, "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
+            "role": self.role, "round_ms": getattr(self, "round_ms", None), "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
             "fallbacks": self.st.fallbacks, "main_limit_w": self.st.main_limit_w,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
             "uplink_port": (self.uplink.ports[0] if self.uplink is not None and self.uplink.ports else None),
