@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vbatt.programs.allocation import AllocationParams, solve
-from vbatt.programs.hierarchy.curves import (Curve, apply_levels, battery_summary, node_limits, solve_levels,
+from vbatt.programs.hierarchy.curves import (Curve, Summary, apply_levels, battery_summary, node_limits, solve_levels,
                                              summarize, served)
 
 P = AllocationParams()
@@ -45,18 +45,10 @@ def hierarchy(cols, main, tree):
     nls = [limits_of(cols, idx) for idx in racks]
     base = [summarize(nl) for nl in nls]
 
-    def up(parts):  # racks -> rows -> top: each level adds its children's summaries
+    def up(parts):  # racks -> rows -> top: each level adds its children's summaries (as the link does)
         it = iter(parts)
-        rows = []
-        for row in tree:
-            s = next(it)
-            for _ in row[1:]:
-                s = s + next(it)
-            rows.append(s)
-        top = rows[0]
-        for s in rows[1:]:
-            top = top + s
-        return top
+        rows = [Summary.total([next(it) for _ in row]) for row in tree]
+        return Summary.total(rows)
 
     lv0, _ = solve_levels(up(base), main)
     full = [battery_summary(nl, b, served(nl, lv0)) for nl, b in zip(nls, base)]

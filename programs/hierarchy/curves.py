@@ -50,14 +50,34 @@ class Curve:
 
     @staticmethod
     def of(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> "Curve":
+        """O(n log n): sort the breakpoints, then integrate the slope (each node adds w_i between
+        its breakpoints a_i/w_i and b_i/w_i); the rounding of the running sum stays ~n ulp."""
         w, a, b = (np.asarray(v, dtype=np.float64) for v in (w, a, b))
         pos = w > 0.0
-        knots = np.unique(np.concatenate([a[pos] / w[pos], b[pos] / w[pos]]))
-        if knots.size == 0:
-            knots = np.zeros(1)
-        # the sum evaluated at every knot directly (no interpolation error at the leaves)
-        ys = np.clip(knots[:, None] * w[None, :], a[None, :], b[None, :]).sum(axis=1) if w.size else np.zeros_like(knots)
-        return Curve(knots, ys).compact()
+        y0 = float(a[pos].sum() + np.clip(0.0, a[~pos], b[~pos]).sum())
+        p, q, wp = a[pos] / w[pos], b[pos] / w[pos], w[pos]
+        if p.size == 0:
+            return Curve(np.zeros(1), np.array([y0]))
+        xs, inv = np.unique(np.concatenate([p, q]), return_inverse=True)
+        dslope = np.zeros(xs.size)
+        np.add.at(dslope, inv[:p.size], wp)
+        np.add.at(dslope, inv[p.size:], -wp)
+        slope = np.cumsum(dslope)[:-1]  # on (xs[j], xs[j+1])
+        ys = np.empty(xs.size)
+        ys[0] = y0
+        ys[1:] = y0 + np.cumsum(slope * np.diff(xs))
+        return Curve(xs, ys).compact()
+
+    @staticmethod
+    def total(curves: list["Curve"]) -> "Curve":
+        """The sum of many curves at once (union of their knots)."""
+        if not curves:
+            return Curve.zero()
+        xs = np.unique(np.concatenate([c.xs for c in curves]))
+        ys = np.zeros(xs.size)
+        for c in curves:
+            ys += np.interp(xs, c.xs, c.ys)
+        return Curve(xs, ys).compact()
 
     @staticmethod
     def zero() -> "Curve":
@@ -149,6 +169,16 @@ class Summary:
     chg: Curve = field(default_factory=Curve.zero)  # ... with the charge weights
     bus_w: float = 0.0  # its net import from the feed now (status, not used by the solve)
     battery_w: float = 0.0  # its battery power now (status)
+
+    @staticmethod
+    def total(parts: list["Summary"]) -> "Summary":
+        """The subtree's summary: every curve summed once over all children."""
+        keys = sorted({k for p in parts for k in p.classes})
+        return Summary(sum(p.own_w for p in parts),
+                       {k: Curve.total([p.classes[k] for p in parts if k in p.classes]) for k in keys},
+                       sum(p.up_w for p in parts), sum(p.served_w for p in parts),
+                       Curve.total([p.dis for p in parts]), Curve.total([p.chg for p in parts]),
+                       sum(p.bus_w for p in parts), sum(p.battery_w for p in parts))
 
     def __add__(self, o: "Summary") -> "Summary":
         cls = dict(self.classes)

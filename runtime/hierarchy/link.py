@@ -279,10 +279,7 @@ class Link:
             if parent is None:  # the top, or a level whose parent is gone: its own limit for its subtree
                 lv = None  # solved below from the fresh curves
             await asyncio.gather(*(self._poll(c, lv) for c in self.children))
-            summary = Summary()
-            for c in self.children:
-                if c.online and c.summary is not None:
-                    summary = summary + c.summary
+            summary = Summary.total([c.summary for c in self.children if c.online and c.summary is not None])
             if parent is None:
                 limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else self.own_limit_w
                 lv, _main = solve_levels(summary, limit)
