@@ -7,6 +7,8 @@
       lease_ms: 1000               # lease of the levels it writes; and the default of the uplink's
       classes: 8                   # priority classes 0..K-1 the levels carry
       max_knots: 1024              # breakpoints the uplink's curve table holds
+      status_file: var/status.json # the link's view, rewritten every round
+      trace_file: var/trace.jsonl  # every change of its curves and levels, with the wall time (grows)
 
 A controller with an uplink and no children is a *leaf* (it runs the `tree` program after
 `allocation`); with both, a *middle* level; with children only, the *top*.
@@ -48,6 +50,7 @@ class HierarchyConfig(Strict):
     classes: Annotated[int, Field(ge=1, le=64)] = 8
     max_knots: Annotated[int, Field(ge=16, le=3000)] = 1024
     status_file: str | None = None  # the link's view (role, levels, lease, children) as JSON, refreshed
+    trace_file: str | None = None  # JSON lines: every change of its curves and of its levels (measurements)
 
     @property
     def enabled(self) -> bool:

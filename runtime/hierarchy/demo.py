@@ -118,7 +118,8 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
             cfg = {**base, **extra, "plant": {"main_limit_w": round(main_limit / lay.rows / lay.racks, 3)},
                    "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True},
                                  "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
-                                 "status_file": str(out / f"{name}.status.json")},
+                                 "status_file": str(out / f"{name}.status.json"),
+                                 "trace_file": str(out / f"{name}.trace.jsonl")},
                    "nodes": mine, "programs": ["allocation", "tree"]}
             (out / f"{name}.yaml").write_text(_yaml(cfg))
     modbus = {"modbus": {"poll_ms": lay.poll_ms, "plaintext": True, "lease_ms": lay.lease_ms}}
@@ -130,14 +131,15 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
         cfg = {**base, "plant": {"main_limit_w": round(main_limit / lay.rows, 3)}, "drivers": modbus,
                "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True}, "children": kids,
                              "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
-                             "status_file": str(out / f"{name}.status.json")},
+                             "status_file": str(out / f"{name}.status.json"),
+                             "trace_file": str(out / f"{name}.trace.jsonl")},
                "nodes": [{"id": c, "driver": "modbus", "host": "127.0.0.1", "port": plan[c]["port"]} for c in kids],
                "programs": ["allocation"]}
         (out / f"{name}.yaml").write_text(_yaml(cfg))
     rows = names["rows"]
     top = {**base, "plant": {"main_limit_w": main_limit}, "drivers": modbus,
            "hierarchy": {"children": rows, "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
-                         "status_file": str(out / "top.status.json")},
+                         "status_file": str(out / "top.status.json"), "trace_file": str(out / "top.trace.jsonl")},
            "nodes": [{"id": c, "driver": "modbus", "host": "127.0.0.1", "port": plan[c]["port"]} for c in rows],
            "programs": ["allocation"]}
     (out / "top.yaml").write_text(_yaml(top))
@@ -222,7 +224,7 @@ class Tree:
 
 
 def _trace(out: Path, name: str) -> list[dict]:
-    p = out / f"{name}.status.json.trace.jsonl"
+    p = out / f"{name}.trace.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
                          "decision latency across the levels (latency.json)")
     a = ap.parse_args(argv)
     out = Path(a.out)
-    for f in out.glob("*.trace.jsonl"):
+    for f in out.glob("*.jsonl"):
         f.unlink()
     lay = Layout(a.rows, a.racks, a.nodes, rest=not a.moving, poll_ms=a.poll_ms, cycle_ms=a.cycle_ms,
                  step_at_s=a.step_at_s)

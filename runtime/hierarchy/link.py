@@ -261,8 +261,8 @@ class Link:
         return st.levels if leased else None
 
     def _trace(self, event: str, **kw) -> None:
-        if self.h.status_file:
-            with open(self.h.status_file + ".trace.jsonl", "a") as f:
+        if self.h.trace_file:
+            with open(self.h.trace_file, "a") as f:
                 f.write(json.dumps({"wall_s": time.time(), "event": event, **kw}) + "\n")
 
     async def round(self) -> None:
@@ -345,7 +345,8 @@ class Link:
         s = getattr(self, "summary", None)
         return {
             "role": self.role, "round_ms": getattr(self, "round_ms", None), "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
-            "fallbacks": self.st.fallbacks, "main_limit_w": self.st.main_limit_w,
+            "fallbacks": self.st.fallbacks,
+            "main_limit_w": self.st.main_limit_w if math.isfinite(self.st.main_limit_w) else None,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
             "uplink_port": (self.uplink.ports[0] if self.uplink is not None and self.uplink.ports else None),
             "levels": None if lv is None else {"lam": lv.lam, "discharge": lv.dis,
