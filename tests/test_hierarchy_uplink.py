@@ -153,6 +153,37 @@ def test_levels_applied_by_the_tree_program_are_the_curve_answer(tmp_path):
     assert col("shed_w")[1] == pytest.approx(0.25 * 300.0)  # class 2 shed at its level: mu * demand
 
 
+def test_the_parents_standard_instruction_becomes_the_main_limit_until_its_lease_runs_out(tmp_path):
+    """A parent that sends no levels (one weight per child): its BusW is the child's share of the feed."""
+    port = free_ports(1)[0]
+    status = tmp_path / "leaf.status.json"
+    cfg = tmp_path / "leaf.yaml"
+    cfg.write_text(LEAF.format(port=port, status=status))
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("vbatt")), "run", str(cfg), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "leaf.log", "wb"),
+                            start_new_session=True)
+    codec = ss.CODEC
+    try:
+        _wait(lambda: (s := _status(status)) is not None and s["cycle"] > 5, 60, "the leaf runs")
+        assert _status(status)["main_limit_w"] == 250.0
+        c = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        assert c.connect()
+        rows = np.zeros((1, ss.NODE_MAP.size), np.uint16)
+        codec.encode_instruction(rows, [3], [1200], {"battery_w": np.array([150.0]), "bus_w": np.array([420.0]),
+                                                     "served_w": np.array([570.0]), "shed_w": np.array([130.0])})
+        block = rows[0, codec.instr_first - ss.NODE_MAP.base:codec.instr_end - ss.NODE_MAP.base].tolist()
+        assert not c.write_registers(codec.instr_first, block, device_id=1).isError()
+        _wait(lambda: (s := _status(status))["main_limit_w"] == 420.0 and s["uplink_mode"] == "CONTROLLED", 10,
+              "BusW as the main limit")
+        c.close()
+        _wait(lambda: (s := _status(status))["main_limit_w"] == 250.0 and s["uplink_mode"] == "AUTONOMOUS", 10,
+              "back on the configured limit when the lease runs out")
+        assert "ran out without renewal" in (tmp_path / "leaf.log").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 @pytest.mark.parametrize("text, needle", [
     ("hierarchy: {children: [a]}\nnodes: [{id: a, demand_w: 1}]\nprograms: [allocation]\n",
      "'a' is not a node with 'driver: modbus'"),

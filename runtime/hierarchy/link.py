@@ -407,6 +407,7 @@ def link_main(cfg, fleet, image_name: str, spec, level: int = logging.WARNING) -
 
     set_parent_death_signal(signal.SIGTERM)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # a child's failure is logged once, by the link
     img = ProcessImage.attach(image_name, spec)
 
     async def main() -> None:
