@@ -330,6 +330,8 @@ class Link:
 
     def _main_limit(self, s: Summary, exact: bool) -> None:
         u = self.uplink
+        if u is None:
+            return  # the top's limit is its operator's (plant.main_limit_w, OPC UA, reload)
         if exact:
             want = max(0.0, s.bus_w)  # its share of the feed under the tree's levels
         elif u is not None and u.mode[0] == ss.Mode.CONTROLLED:
