@@ -9,8 +9,11 @@ import pytest
 from vbatt.hierarchy.demo import Layout, Tree, compare, write_configs
 
 
-def test_three_level_tree_equals_the_flat_controller(tmp_path):
-    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100)
+@pytest.mark.parametrize("share", [0.35, 1.3], ids=["shortage", "spare-main-supply"])
+def test_three_level_tree_equals_the_flat_controller(tmp_path, share):
+    """In a shortage (a class cut, batteries at their limits) and with main supply to spare (batteries
+    charging, split by free room: the battery level inside the curve)."""
+    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=share)
     plan = write_configs(tmp_path, lay)
     tree = Tree(plan, tmp_path)
     try:
@@ -24,6 +27,10 @@ def test_three_level_tree_equals_the_flat_controller(tmp_path):
         tree.stop_all()
     res = compare(plan)
     shed = sum(r["shed_w"]["flat"] for r in res["classes"].values())
-    assert shed > 100.0, "the case must be a shortage (some class cut)"
+    battery = sum(r["battery_w"]["flat"] for r in res["classes"].values())
+    if share < 1:
+        assert shed > 100.0, "the case must be a shortage (some class cut)"
+    else:
+        assert battery < -100.0, "with spare main supply the batteries charge"
     assert res["max_node_diff_w"] < 1e-6, res
     assert res["max_class_diff_w"] < 1e-6, res

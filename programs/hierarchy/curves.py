@@ -112,12 +112,14 @@ class Curve:
         return Curve(xs[keep], ys[keep])
 
     def solve(self, t: float) -> float:
-        """The smallest x with f(x) = t; -inf below the curve's range, +inf above it."""
+        """The smallest x with f(x) = t; the first (last) knot at or below (above) the curve's range:
+        there every term sits at its lower (upper) clamp, so the answer is the same as for -inf (+inf),
+        and a total that rounding puts a hair above the top does not flip the level to inf and back."""
         xs, ys = self.xs, self.ys
-        if t < ys[0]:
-            return -math.inf
-        if t > ys[-1]:
-            return math.inf
+        if t <= ys[0]:
+            return float(xs[0])
+        if t >= ys[-1]:
+            return float(xs[-1])
         j = int(np.searchsorted(ys, t, side="left"))
         if j == 0:
             return float(xs[0])

@@ -40,6 +40,7 @@ from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.agent import AgentSet, AgentSpec, _wrong_unit
 from vbatt.drivers.node.backends import Backend
 from vbatt.hierarchy.wire import TREE_ID, TreeLayout
+from vbatt.kernel.fields import Role, Scope, fields
 from vbatt.kernel.image import Op, ProcessImage
 from vbatt.programs.codes import Alarm
 from vbatt.programs.hierarchy.curves import Levels, Summary, battery_summary, node_limits, solve_levels, summarize
@@ -51,6 +52,7 @@ log = logging.getLogger("vbatt.hierarchy")
 PRODUCER = 3  # command ring of the hierarchy link (0: reload/CLI, 1: OPC UA server)
 M = ss.NODE_MAP
 _SAFE = int(Alarm.SAFE_ALLOCATION)
+_RANGED = {f.name: f for f in fields(Scope.NODE, Role.MEASUREMENT, ranged=True)}
 
 
 class ControllerBackend(Backend):
@@ -80,7 +82,10 @@ class ControllerBackend(Backend):
         }
         for k in self.offer:
             x = vals.get(k, 0.0)
-            self.offer[k][0] = x if math.isfinite(x) else 0.0
+            x = x if math.isfinite(x) else 0.0
+            f = _RANGED.get(k)
+            # one node's range (e.g. capacity_wh <= 1 GWh): a parent's driver refuses more as a bad value
+            self.offer[k][0] = min(max(x, f.lo), f.hi) if f is not None else x
 
     def step(self, t_s: float, dt_s: float, battery_w: np.ndarray) -> None:
         pass  # the controller's own scan moves its batteries; the link refreshes the offer
