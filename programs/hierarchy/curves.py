@@ -112,14 +112,16 @@ class Curve:
         return Curve(xs[keep], ys[keep])
 
     def solve(self, t: float) -> float:
-        """The smallest x with f(x) = t; the first (last) knot at or below (above) the curve's range:
-        there every term sits at its lower (upper) clamp, so the answer is the same as for -inf (+inf),
-        and a total that rounding puts a hair above the top does not flip the level to inf and back."""
+        """The smallest x with f(x) = t; -inf (+inf) at or below (above) the curve's range, to rounding:
+        every term then sits at its lower (upper) clamp whatever its weight has drifted to since the
+        curve was made (a finite end knot times a drifted weight would miss the clamp by that drift),
+        and a total that rounding puts a hair below the top does not flip the level back and forth."""
         xs, ys = self.xs, self.ys
-        if t <= ys[0]:
-            return float(xs[0])
-        if t >= ys[-1]:
-            return float(xs[-1])
+        tol = 1e-12 * (abs(ys[0]) + abs(ys[-1]) + 1.0)
+        if t <= ys[0] + tol:
+            return -math.inf
+        if t >= ys[-1] - tol:
+            return math.inf
         j = int(np.searchsorted(ys, t, side="left"))
         if j == 0:
             return float(xs[0])

@@ -245,10 +245,22 @@ def latency(plan: dict, out: Path, at_s: float) -> dict:
     levels after that (the shed levels come on the first trip, the battery level on the second)."""
     t0 = _step_seen(out, at_s)
     res: dict = {"step_seen_wall_s": t0, "racks": {}}
+    def value(e):  # the levels as numbers ("inf" strings back to floats)
+        return [float(e["lam"] if e["lam"] is not None else "nan")] + [float(v) for v in (e["shed"] or {}).values()]
+
+    def moved(a, b):  # beyond the drift of the weights (a level moves ~1e-9 a second while batteries drain)
+        return len(a) != len(b) or any(not (x == y or abs(x - y) <= 1e-6 * max(abs(x), abs(y))) for x, y in zip(a, b))
+
     for name in plan:
         if not name.startswith("rack"):
             continue
-        ev = [e["wall_s"] - t0 for e in _trace(out, name) if e["event"] == "levels" and e["wall_s"] > t0]
+        tr = [e for e in _trace(out, name) if e["event"] == "levels"]
+        ev, last = [], None
+        for e in tr:
+            v = value(e)
+            if e["wall_s"] > t0 and last is not None and moved(v, last):
+                ev.append(e["wall_s"] - t0)
+            last = v
         res["racks"][name] = {"first_s": ev[0] if ev else None, "settled_s": ev[-1] if ev else None}
     firsts = [r["first_s"] for r in res["racks"].values() if r["first_s"] is not None]
     lasts = [r["settled_s"] for r in res["racks"].values() if r["settled_s"] is not None]

@@ -55,6 +55,10 @@ _SAFE = int(Alarm.SAFE_ALLOCATION)
 _RANGED = {f.name: f for f in fields(Scope.NODE, Role.MEASUREMENT, ranged=True)}
 
 
+def _json_float(x: float):
+    return x if math.isfinite(x) else str(x)  # "inf", "-inf": JSON has no infinities
+
+
 class ControllerBackend(Backend):
     """The virtual battery as one node's offer: the aggregates of the published image."""
 
@@ -309,7 +313,8 @@ class Link:
         lkey = None if lv is None else (q(lv.lam), lv.dis, tuple((k, q(m)) for k, m in sorted(lv.shed.items())))
         if lkey != getattr(self, "_last_levels", None):
             self._last_levels = lkey
-            self._trace("levels", lam=None if lv is None else lv.lam)
+            self._trace("levels", lam=None if lv is None else _json_float(lv.lam),
+                        shed=None if lv is None else {str(k): _json_float(m) for k, m in sorted(lv.shed.items())})
         self.summary = summary
         self.round_ms = (time.perf_counter() - t0) * 1e3
 
@@ -356,9 +361,8 @@ class Link:
             "main_limit_w": self.st.main_limit_w if math.isfinite(self.st.main_limit_w) else None,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
             "uplink_port": (self.uplink.ports[0] if self.uplink is not None and self.uplink.ports else None),
-            "levels": None if lv is None else {"lam": lv.lam, "discharge": lv.dis,
-                                               "shed": {str(k): (m if math.isfinite(m) else str(m))
-                                                        for k, m in lv.shed.items()}},
+            "levels": None if lv is None else {"lam": _json_float(lv.lam), "discharge": lv.dis,
+                                               "shed": {str(k): _json_float(m) for k, m in lv.shed.items()}},
             "subtree": None if s is None else {"own_w": s.own_w, "served_w": s.served_w, "bus_w": s.bus_w,
                                                "battery_w": s.battery_w},
             "children": {c.id: {"online": c.online, "fault": c.fault,
