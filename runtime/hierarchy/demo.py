@@ -98,6 +98,7 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
         nodes[0]["demand_profile"] = {"kind": "step", "at_s": lay.step_at_s, "to_w": lay.step_to_w}
     base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
     plan: dict[str, dict] = {}
+    lay.lease_ms = max(lay.lease_ms, int(4 * lay.poll_ms))  # a lease spans a few polls of the level above
     clean = lambda n: {k: v for k, v in n.items() if k != "rack"}  # noqa: E731
     it = iter(ports)
     for r in range(lay.rows):

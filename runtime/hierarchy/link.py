@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -173,6 +174,7 @@ class Link:
         self.soc_min = alloc.soc_min if alloc is not None else 0.1
         self.soc_max = alloc.soc_max if alloc is not None else 1.0
         self.st = State()
+        self.rounds_ms: deque[float] = deque(maxlen=600)  # the link's round times, for the status
         self.uplink: Uplink | None = None
         if self.h.uplink is not None:
             u = self.h.uplink
@@ -317,6 +319,7 @@ class Link:
                         shed=None if lv is None else {str(k): _json_float(m) for k, m in sorted(lv.shed.items())})
         self.summary = summary
         self.round_ms = (time.perf_counter() - t0) * 1e3
+        self.rounds_ms.append(self.round_ms)
 
     async def _write_levels(self, c: Child, lv: Levels) -> None:
         t = self.tree
@@ -356,7 +359,9 @@ class Link:
         lv = self.st.levels_now
         s = getattr(self, "summary", None)
         return {
-            "role": self.role, "round_ms": getattr(self, "round_ms", None), "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
+            "role": self.role, "round_ms": getattr(self, "round_ms", None),
+            "round_ms_p50": float(np.median(self.rounds_ms)) if self.rounds_ms else None,
+            "round_ms_max": max(self.rounds_ms) if self.rounds_ms else None, "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
             "fallbacks": self.st.fallbacks,
             "main_limit_w": self.st.main_limit_w if math.isfinite(self.st.main_limit_w) else None,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
