@@ -1,14 +1,18 @@
 """The `tree` program: a leaf controller applies the levels of the whole tree to its nodes.
 
-List it after `allocation`. While its parent's levels are leased (memory `levels[0]` = 1, set through
-Op.SET_MEMORY by the hierarchy link process, vbatt.hierarchy.link), it replaces the allocation's
+List it after `allocation`. While its parent's levels are leased (memory `levels[0]`: the wall-clock
+time the lease runs out, set through Op.SET_MEMORY by the hierarchy link process, vbatt.hierarchy.link,
+every round), it replaces the allocation's
 outputs of every usable node with stages 2 and 4 of docs/design.md §2 evaluated at the tree's common
 levels (programs/hierarchy/curves.py says why that is the flat optimum of the whole fleet). The limits
 are the ones the allocation used this cycle (its lo_w/hi_w). Nodes the allocation could not use
 (offline, tripped, bad data: alarm SAFE_ALLOCATION) keep its safe outputs. Without a lease the
-allocation's own answer stands (the link process has then restored the configured main_limit_w).
+allocation's own answer stands (the link process has then restored the configured main_limit_w). The
+deadline is the scan's own check: levels retained across a warm restart, or left behind by a link
+process that died, lapse by themselves.
 
-memory `levels`: [leased, discharge (1) or charge (0), lam, mu of class 0, ..., mu of class K-1];
+memory `levels`: [lease deadline (wall s; 0 = none), discharge (1) or charge (0), lam, mu of class 0, ...,
+mu of class K-1];
 a class at or beyond K gets only its free load (as a class the top did not see).
 """
 
@@ -42,8 +46,8 @@ class TreeParams(BaseModel):
 
 @njit(nogil=True, cache=True)
 def tree_step(online, trip, demand_w, lo_w, hi_w, link_max_w, soc, capacity_wh, priority, serve_max_w,
-              soc_bounds, levels, battery_w, served_w, shed_w, bus_w, alarm, agg_main_w):
-    if levels[L_LEASED] != 1.0:
+              soc_bounds, wall_s, levels, battery_w, served_w, shed_w, bus_w, alarm, agg_main_w):
+    if not wall_s[0] < levels[L_LEASED]:
         return
     k = levels.shape[0] - L_MU
     dis = levels[L_DIS] == 1.0

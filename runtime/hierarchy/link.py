@@ -285,7 +285,7 @@ class Link:
         lv = parent
         if self.role == "leaf":
             summary = self.own_summary(v)
-            self._apply_leaf(parent)
+            self._apply_leaf(parent, now)
         else:
             if parent is None:  # the top, or a level whose parent is gone: its own limit for its subtree
                 lv = None  # solved below from the fresh curves
@@ -330,15 +330,17 @@ class Link:
         except Exception as exc:  # noqa: BLE001
             log.info("child %s: levels not written: %s", c.id, exc)
 
-    def _apply_leaf(self, lv: Levels | None) -> None:
+    def _apply_leaf(self, lv: Levels | None, now_ns: int) -> None:
         k = self.h.classes
-        want = (1.0,) + (1.0 if lv.dis else 0.0, lv.lam) + tuple(lv.mu(c) for c in range(k)) if lv else (0.0,)
-        if want == self.st.applied:
-            return
-        if lv is not None:  # values first, the lease flag last (the scan applies them in order)
-            for j, x in enumerate(want[1:], start=L_DIS):
+        want = (1.0 if lv.dis else 0.0, lv.lam) + tuple(lv.mu(c) for c in range(k)) if lv else ()
+        if want != self.st.applied and lv is not None:
+            # values first, the deadline last (the scan applies the commands in order)
+            self._push(Op.SET_MEMORY, L_LEASED, 0.0, self.levels_index)
+            for j, x in enumerate(want, start=L_DIS):
                 self._push(Op.SET_MEMORY, j, x, self.levels_index)
-        self._push(Op.SET_MEMORY, L_LEASED, want[0], self.levels_index)
+        # the parent's lease as a wall-clock deadline, renewed every round (0: none)
+        deadline = time.time() + (self.st.deadline_ns - now_ns) * 1e-9 if lv is not None else 0.0
+        self._push(Op.SET_MEMORY, L_LEASED, deadline, self.levels_index)
         self.st.applied = want
 
     def _main_limit(self, s: Summary, exact: bool) -> None:
