@@ -107,9 +107,6 @@ def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
         time.sleep(0.5)
         s = _status(status)
         assert s["leased_from_parent"] and s["levels"]["shed"]["2"] == 0.5
-    finally:
-        pass
-    try:
         # the lease runs out: back on the configured main_limit_w, said in the log and the status
         _wait(lambda: (s := _status(status))["fallbacks"] == 1 and s["main_limit_w"] == 250.0
               and s["levels_from"] == "none", 10, "fallback to the own limit")
