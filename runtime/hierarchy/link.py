@@ -47,7 +47,7 @@ from vbatt.programs.codes import Alarm
 from vbatt.programs.hierarchy.curves import Levels, Summary, battery_summary, node_limits, solve_levels, summarize
 from vbatt.programs.hierarchy.program import L_DIS, L_LAM, L_LEASED, L_MU, LEVELS
 
-__all__ = ["ControllerBackend", "Uplink", "Link", "link_services", "link_main", "PRODUCER"]
+__all__ = ["ControllerBackend", "Uplink", "Link", "link_main", "PRODUCER"]
 
 log = logging.getLogger("vbatt.hierarchy")
 PRODUCER = 3  # command ring of the hierarchy link (0: reload/CLI, 1: OPC UA server)
@@ -408,16 +408,6 @@ class Link:
             for c in self.children:
                 if c.client is not None:
                     c.client.close()
-
-
-def link_services(cfg, fleet, image_name: str, spec) -> list:
-    """SERVICE_FACTORIES entry: the link, when the config has a `hierarchy:` section."""
-    from vbatt.plugins import ServiceSpec
-
-    if not cfg.hierarchy.enabled:
-        return []
-    return [ServiceSpec("vbatt-hierarchy", link_main, (cfg, fleet, image_name, spec,
-                                                        logging.getLogger().getEffectiveLevel()))]
 
 
 def link_main(cfg, fleet, image_name: str, spec, level: int = logging.WARNING) -> None:
