@@ -19,6 +19,7 @@ BUILTIN: dict[str, str] = {
     "isolated": "vbatt.programs.policies:Isolated",  # reference policies of `vbatt simulate`
     "proportional": "vbatt.programs.policies:Proportional",
     "energy": "vbatt.programs.energy:Energy",
+    "tree": "vbatt.programs.hierarchy.program:Tree",  # a leaf of a controller tree (docs/hierarchy.md)
 }
 
 _REGISTRY = Registry("vbatt.programs", BUILTIN)

@@ -318,6 +318,9 @@ SPELLED_ON_PURPOSE = {
     "runtime/soak/ua.py": "the few variables the soak harness watches",
     "runtime/scenario/record.py": "names of the recorded series (per class, fleet), which reuse field names",
     "runtime/scenario/schema.py": "scenario event actions, named after the field they change",
+    "programs/hierarchy/curves.py": "the outputs of allocation stages 2 and 4 under a tree's levels",
+    "runtime/hierarchy/link.py": "a virtual battery's offer from its aggregates; the status file's keys",
+    "runtime/hierarchy/demo.py": "the generated nodes' YAML keys; the outputs compared with the flat controller",
 }
 
 

@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
                         "vbatt.programs.registry", "vbatt.drivers.registry", "vbatt.drivers.base"},
     # the node side is an application of its own (`vbatt node`, `vbatt fleet`): it may read plant configs
     "vbatt.drivers.node": {"vbatt.kernel", "vbatt.plugins", "vbatt.config", "vbatt"},
+    # a controller in a tree: its uplink is a node agent, its children are read over Modbus
+    "vbatt.hierarchy": {"vbatt.kernel", "vbatt.plugins", "vbatt.programs", "vbatt.drivers", "vbatt.config"},
     "vbatt.cli": None,  # None: anything
     "vbatt.soak": None,
     "vbatt.scenario": None,  # the scenario runner (vbatt simulate), once it lands

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, cre
 from vbatt.drivers.registry import driver_specs
 from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.retain.retainer import RetainConfig
+from vbatt.config.hierarchy import HierarchyConfig
 
 from vbatt.config.base import NodeId, NonNeg, Strict, field_default, field_keys
 from vbatt.kernel.fields import Field as TableField, Role, Scope, fields
@@ -171,6 +172,7 @@ class Config(Strict):
     drivers: DriversConfig = DriversConfig()
     opcua: OpcuaServerConfig = OpcuaServerConfig()
     retain: RetainConfig = RetainConfig()
+    hierarchy: HierarchyConfig = HierarchyConfig()
     nodes: Annotated[list[NodeEntry], Field(min_length=1)]
     programs: list[Any] = ["safe_allocation"]  # replaced by validated ProgramEntry objects
     source: Annotated[str, Field(exclude=True)] = "<string>"
@@ -362,6 +364,7 @@ def validate(located: Located) -> tuple[Config, Fleet]:
     cfg = cfg.model_copy(update={"programs": programs, "source": located.source})
     fleet = build_fleet(cfg, located)
     _check_classes(cfg, fleet, located)
+    _check_hierarchy(cfg, fleet, located)
     for name, spec in _SPECS.items():  # e.g. port clashes, here rather than at driver start
         if spec.check is None:
             continue
@@ -395,6 +398,26 @@ def _check_classes(cfg: Config, fleet: Fleet, located: Located) -> None:
     if len(present) > MAX_CLASSES and energy:
         problems.append(f"{located.where(('nodes',))}: nodes: {len(present)} distinct priorities; the energy "
                         f"program takes at most {MAX_CLASSES} classes")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_hierarchy(cfg: Config, fleet: Fleet, located: Located) -> None:
+    """Children are Modbus nodes of this config; a leaf runs `tree` after `allocation` (docs/hierarchy.md)."""
+    h = cfg.hierarchy
+    problems = []
+    for k, cid in enumerate(h.children):
+        if cid not in fleet.ids or fleet.drivers[fleet.ids.index(cid)] != "modbus":
+            path = ("hierarchy", "children", k)
+            problems.append(f"{located.where(path)}: {format_path(path)}: {cid!r} is not a node with "
+                            f"'driver: modbus' in this config (a child controller is polled as a node)")
+    ids = [e.id for e in cfg.programs]
+    if h.role == "leaf" and not ("allocation" in ids and "tree" in ids and ids.index("tree") > ids.index("allocation")):
+        problems.append(f"{located.where(('programs',))}: programs: a leaf of a controller tree (hierarchy.uplink "
+                        f"without children) applies the tree's levels: list 'tree' after 'allocation'")
+    if "tree" in ids and h.role != "leaf":
+        problems.append(f"{located.where(('programs',))}: programs: 'tree' runs only on a leaf (hierarchy.uplink "
+                        f"and no hierarchy.children)")
     if problems:
         raise ConfigError(problems)
 

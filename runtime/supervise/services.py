@@ -16,6 +16,7 @@ __all__ = ["ServiceSpec", "SERVICE_FACTORIES", "plan_services"]
 SERVICE_FACTORIES: tuple[str, ...] = (
     "vbatt.drivers.node.fleet:embedded_fleet_services",
     "vbatt.opcua_models.service:opcua_services",
+    "vbatt.hierarchy.service:link_services",
 )
 
 

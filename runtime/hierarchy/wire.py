@@ -1,0 +1,93 @@
+"""Vendor model 64252 "vbatt_tree": the curves a controller offers its parent and the levels it takes.
+
+It follows the node map's models (common 1, battery 802, vendor 64251: drivers/modbus/sunspec.py) in
+the same SunSpec chain, so a standard SunSpec client walks past it to the end model. Everything is
+float64 (big-endian, 4 registers): exactness across levels is to 1e-6 W, which float32 cannot carry.
+Body layout (offsets in registers), K classes, N knots:
+
+    0  Classes    uint16   K
+    1  MaxKnots   uint16   N
+    2  SumSeq     uint32   counts summary refreshes (a reader sees a fresh one)
+    4  OwnW       float64  stage 2 budget the subtree's batteries bring: sum min(hi, link)
+    8  UpW        float64  sum min(served - lo, link): the most main supply its links take
+   12  ServedW    float64  sum served (at the levels it applied last)
+   16  BusW       float64  its net import from the feed now (its share of the feed)
+   20  BatW       float64  its battery power now (> 0 discharge)
+   24  DisN       uint16   knots of the discharge battery curve
+   25  ChgN       uint16   knots of the charge battery curve
+   26  ClassN[K]  uint16   knots of the shed curve of class k
+ 26+K  Knots      N x (x float64, y float64): DisN, then ChgN, then each class's, in order
+ 26+K+8N  the levels (written by the parent, one request):
+       LvSeq uint32, LvLeaseMs uint32, Dis uint16, Pad, Lam float64, Mu[K] float64
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from vbatt.drivers.modbus.sunspec import NODE_MAP
+from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
+
+__all__ = ["TREE_ID", "TreeLayout"]
+
+TREE_ID = 64252
+
+
+class TreeLayout:
+    def __init__(self, classes: int, max_knots: int):
+        self.k, self.n = classes, max_knots
+        self.addr = NODE_MAP.base + NODE_MAP.size - 2  # where the node map's end model was
+        self.body = self.addr + 2
+        self.head_len = 26 + classes
+        self.knots_at = self.body + self.head_len
+        self.levels_at = self.knots_at + 8 * max_knots
+        self.levels_len = 10 + 4 * classes
+        self.length = self.head_len + 8 * max_knots + self.levels_len
+        self.end = self.body + self.length  # the end model (0xFFFF, 0)
+        self._head = struct.Struct(f">HHIddddd{2 + classes}H")
+        self._levels = struct.Struct(f">IIHHd{classes}d")
+
+    # -- the summary (child side writes, parent side reads) ------------------------------------------
+    def encode_summary(self, s: Summary, seq: int) -> tuple[list[int], list[int]]:
+        """(header registers from `body`, knot registers from `knots_at`); raises when the curves
+        need more than N knots."""
+        curves = [s.dis, s.chg] + [s.classes.get(c, Curve.zero()) for c in range(self.k)]
+        total = sum(c.xs.size for c in curves)
+        if total > self.n:
+            raise OverflowError(f"the curves need {total} knots, the tree model holds {self.n} "
+                                f"(hierarchy.max_knots)")
+        head = self._head.pack(self.k, self.n, seq & 0xFFFFFFFF, s.own_w, s.up_w, s.served_w,
+                               s.bus_w, s.battery_w,
+                               *(c.xs.size for c in curves))
+        xy = np.concatenate([np.column_stack([c.xs, c.ys]).reshape(-1) for c in curves]).astype(">f8")
+        return list(struct.unpack(f">{len(head) // 2}H", head)), xy.view(">u2").astype(int).tolist()
+
+    def decode_head(self, words) -> dict:
+        k, n, seq, own, up, served, bus, bat, dis_n, chg_n, *cls_n = self._head.unpack(
+            struct.pack(f">{self.head_len}H", *words))
+        if (k, n) != (self.k, self.n):
+            raise ValueError(f"tree model with {k} classes and {n} knots, expected {self.k} and {self.n} "
+                             f"(hierarchy.classes and max_knots must match across levels)")
+        return dict(seq=seq, own_w=own, up_w=up, served_w=served, bus_w=bus, battery_w=bat,
+                    counts=[dis_n, chg_n, *cls_n])
+
+    def decode_summary(self, head: dict, knot_words) -> Summary:
+        xy = np.asarray(knot_words, np.uint16).astype(">u2").view(">f8").astype(np.float64).reshape(-1, 2)
+        curves, at = [], 0
+        for c in head["counts"]:
+            curves.append(Curve(xy[at:at + c, 0].copy(), xy[at:at + c, 1].copy()) if c else Curve.zero())
+            at += c
+        return Summary(head["own_w"], {k: curves[2 + k] for k in range(self.k) if head["counts"][2 + k]},
+                       head["up_w"], head["served_w"], curves[0], curves[1], head["bus_w"], head["battery_w"])
+
+    # -- the levels (parent side writes, child side reads) -------------------------------------------
+    def encode_levels(self, lv: Levels, seq: int, lease_ms: int) -> list[int]:
+        mu = [lv.mu(c) for c in range(self.k)]
+        raw = self._levels.pack(seq & 0xFFFFFFFF, lease_ms, 1 if lv.dis else 0, 0, lv.lam, *mu)
+        return list(struct.unpack(f">{self.levels_len}H", raw))
+
+    def decode_levels(self, words) -> tuple[int, int, Levels]:
+        seq, lease, dis, _pad, lam, *mu = self._levels.unpack(struct.pack(f">{self.levels_len}H", *words))
+        return seq, lease, Levels({c: m for c, m in enumerate(mu)}, lam, dis == 1)

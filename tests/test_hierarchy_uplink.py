@@ -1,0 +1,198 @@
+"""The uplink of a controller (docs/modbus.md "The uplink"): a standard SunSpec walk sees common, 802,
+the vendor model and the tree model; levels written with a lease are applied, and their expiry puts
+the controller back on its own main_limit_w. Bad `hierarchy:` sections are refused with file:line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from test_sunspec import SPEC_1, SPEC_802
+from vbatt.config.plant import load_config_text
+from vbatt.config.yamlsrc import ConfigError
+from vbatt.drivers.modbus import sunspec as ss
+from vbatt.hierarchy.demo import free_ports
+from vbatt.hierarchy.wire import TREE_ID, TreeLayout
+from vbatt.programs.hierarchy.curves import Levels, apply_levels, node_limits
+
+LEAF = """
+cycle: {{cycle_ms: 50, realtime: false}}
+plant: {{main_limit_w: 250}}
+hierarchy:
+  uplink: {{port: {port}, plaintext: true, feeder_w: 5000}}
+  status_file: {status}
+  poll_ms: 50
+nodes:
+  - {{id: a, priority: 0, demand_w: 400, max_discharge_w: 100, max_charge_w: 100, capacity_wh: 1.0e8, soc: 0.8, link_max_w: 1000}}
+  - {{id: b, priority: 2, demand_w: 300, max_discharge_w: 300, max_charge_w: 100, capacity_wh: 2.0e8, soc: 0.6, link_max_w: 1000}}
+programs: [allocation, tree]
+"""
+
+
+def _regs(c, addr, n):
+    out = []
+    for a in range(addr, addr + n, 120):
+        r = c.read_holding_registers(a, count=min(120, addr + n - a), device_id=1)
+        assert not r.isError(), r
+        out += r.registers
+    return out
+
+
+def _status(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait(cond, timeout_s, what):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
+    port = free_ports(1)[0]
+    status = tmp_path / "leaf.status.json"
+    cfg = tmp_path / "leaf.yaml"
+    cfg.write_text(LEAF.format(port=port, status=status))
+    snap = tmp_path / "leaf.snapshot.json"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("vbatt")), "run", str(cfg), "-q", "--snapshot",
+                             str(snap)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "leaf.log", "wb"),
+                            start_new_session=True)
+    try:
+        _wait(lambda: (s := _status(status)) is not None and s["cycle"] > 5, 60, "the leaf runs")
+        c = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        assert c.connect()
+        # -- a standard SunSpec walk: marker, then (ID, L) until the end model -------------------------
+        assert _regs(c, 40000, 2) == list(ss.SUNS)
+        addr, chain = 40002, []
+        while True:
+            mid, length = _regs(c, addr, 2)
+            if mid == ss.END_ID:
+                break
+            chain.append((mid, addr, length))
+            addr += 2 + length
+        assert [m for m, _, _ in chain] == [1, 802, ss.VENDOR_ID, TREE_ID]
+        common = _regs(c, chain[0][1] + 2, 66)
+        o, n = SPEC_1["Mn"]
+        assert ss.decode_string(common[o:o + n]) == "vbatt"
+        o, n = SPEC_1["Md"]
+        assert ss.decode_string(common[o:o + n]) == "vbatt-controller"
+        bat = _regs(c, chain[1][1] + 2, 62)
+        sf = lambda v: v - 0x10000 if v >= 0x8000 else v  # noqa: E731
+        soc = bat[SPEC_802["SoC"]] * 10.0 ** sf(bat[SPEC_802["SoC_SF"]])
+        dis = bat[SPEC_802["WDisChaRteMax"]] * 10.0 ** sf(bat[SPEC_802["WChaDisChaMax_SF"]])
+        # the aggregate battery: energy-weighted SoC (%), the sum of what the batteries may give
+        assert soc == pytest.approx(100 * (0.8 * 1e8 + 0.6 * 2e8) / 3e8, abs=0.01)
+        assert dis == pytest.approx(400.0, abs=1.0)
+
+        # -- levels written as a parent's link does, with a short lease ----------------------------------
+        t = TreeLayout(8, 1024)
+        lv = Levels({0: -np.inf, 2: 0.5}, 1e-5, True)
+        assert not c.write_registers(t.levels_at, t.encode_levels(lv, 7, 1500), device_id=1).isError()
+        _wait(lambda: _status(status)["levels_from"] == "parent", 10, "levels applied")
+        time.sleep(0.5)
+        s = _status(status)
+        assert s["leased_from_parent"] and s["levels"]["shed"]["2"] == 0.5
+        # the lease runs out: back on the configured main_limit_w, said in the log and the status
+        _wait(lambda: (s := _status(status))["fallbacks"] == 1 and s["main_limit_w"] == 250.0
+              and s["levels_from"] == "none", 10, "fallback to the own limit")
+        log = (tmp_path / "leaf.log").read_text()
+        assert "parent stopped renewing the levels" in log and "own main_limit_w 250.0 W" in log
+        c.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_levels_applied_by_the_tree_program_are_the_curve_answer(tmp_path):
+    """While leased, the scan's outputs are apply_levels on the limits the allocation used."""
+    port = free_ports(1)[0]
+    status = tmp_path / "leaf.status.json"
+    cfg = tmp_path / "leaf.yaml"
+    cfg.write_text(LEAF.format(port=port, status=status))
+    snap = tmp_path / "leaf.snapshot.json"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("vbatt")), "run", str(cfg), "-q", "--snapshot",
+                             str(snap)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    lv = Levels({0: -np.inf, 2: 0.25}, 1.5e-6, True)
+    t = TreeLayout(8, 1024)
+    try:
+        _wait(lambda: (s := _status(status)) is not None and s["cycle"] > 5, 60, "the leaf runs")
+        c = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        assert c.connect()
+        for seq in range(1, 12):  # renewed, as a parent does every poll
+            assert not c.write_registers(t.levels_at, t.encode_levels(lv, seq, 3000), device_id=1).isError()
+            time.sleep(0.1)
+        c.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    nodes = json.loads(snap.read_text())["nodes"]
+    col = lambda k: np.array([nd[k] for nd in nodes], float)  # noqa: E731
+    nl = node_limits(col("priority").astype(int), col("demand_w"), col("lo_w"), col("hi_w"), col("link_max_w"),
+                     col("soc"), col("capacity_wh"))
+    want = apply_levels(nl, lv)
+    for k, v in want.items():
+        assert np.max(np.abs(col(k) - v)) < 1e-9, k
+    assert col("shed_w")[1] == pytest.approx(0.25 * 300.0)  # class 2 shed at its level: mu * demand
+
+
+def test_the_parents_standard_instruction_becomes_the_main_limit_until_its_lease_runs_out(tmp_path):
+    """A parent that sends no levels (one weight per child): its BusW is the child's share of the feed."""
+    port = free_ports(1)[0]
+    status = tmp_path / "leaf.status.json"
+    cfg = tmp_path / "leaf.yaml"
+    cfg.write_text(LEAF.format(port=port, status=status))
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("vbatt")), "run", str(cfg), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "leaf.log", "wb"),
+                            start_new_session=True)
+    codec = ss.CODEC
+    try:
+        _wait(lambda: (s := _status(status)) is not None and s["cycle"] > 5, 60, "the leaf runs")
+        assert _status(status)["main_limit_w"] == 250.0
+        c = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        assert c.connect()
+        rows = np.zeros((1, ss.NODE_MAP.size), np.uint16)
+        codec.encode_instruction(rows, [3], [1200], {"battery_w": np.array([150.0]), "bus_w": np.array([420.0]),
+                                                     "served_w": np.array([570.0]), "shed_w": np.array([130.0])})
+        block = rows[0, codec.instr_first - ss.NODE_MAP.base:codec.instr_end - ss.NODE_MAP.base].tolist()
+        assert not c.write_registers(codec.instr_first, block, device_id=1).isError()
+        _wait(lambda: (s := _status(status))["main_limit_w"] == 420.0 and s["uplink_mode"] == "CONTROLLED", 10,
+              "BusW as the main limit")
+        c.close()
+        _wait(lambda: (s := _status(status))["main_limit_w"] == 250.0 and s["uplink_mode"] == "AUTONOMOUS", 10,
+              "back on the configured limit when the lease runs out")
+        assert "ran out without renewal" in (tmp_path / "leaf.log").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("hierarchy: {children: [a]}\nnodes: [{id: a, demand_w: 1}]\nprograms: [allocation]\n",
+     "'a' is not a node with 'driver: modbus'"),
+    ("hierarchy: {uplink: {port: 0, plaintext: true}}\nnodes: [{id: a, demand_w: 1}]\nprograms: [allocation]\n",
+     "list 'tree' after 'allocation'"),
+    ("hierarchy: {uplink: {port: 0}}\nnodes: [{id: a, demand_w: 1}]\nprograms: [allocation, tree]\n",
+     "plaintext: true"),
+    ("hierarchy: {uplink: {port: 0, plaintext: true}, colour: red}\nnodes: [{id: a, demand_w: 1}]\n"
+     "programs: [allocation, tree]\n", "colour: unknown key"),
+])
+def test_bad_hierarchy_sections_are_refused_with_their_line(text, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config_text(text, "plant.yaml")
+    msg = str(e.value)
+    assert needle in msg and "plant.yaml:" in msg, msg
