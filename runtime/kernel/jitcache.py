@@ -1,0 +1,77 @@
+"""Where numba keeps its compiled programs: one directory per version of vbatt's own source.
+
+numba's on-disk cache (`cache=True`) is invalidated by the timestamp of the file that defines a
+function, not by the files of the functions it calls: after an update that changes only a callee
+(programs/energy/rules.py under programs/energy/kernel.py, say), a warm cache would keep running
+the old machine code of the caller, silently. Keying the cache directory by a digest of every
+source file of the package makes any change to any of them a fresh directory, so a `git pull`
+recompiles once and never mixes two versions. Directories of other versions are removed.
+
+`NUMBA_CACHE_DIR` set by the user wins (numba then behaves as it documents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+__all__ = ["configure", "source_digest"]
+
+_PREFIX = "numba-"
+
+
+def _roots() -> list[Path]:
+    # runtime/ is `vbatt`; drivers/ and programs/ are mapped into it (pyproject.toml): beside it in a
+    # checkout, inside it when installed
+    here = Path(__file__).resolve().parent.parent
+    roots = [here]
+    for name in ("drivers", "programs"):
+        inside, beside = here / name, here.parent / name
+        roots.append(inside if inside.is_dir() else beside)
+    return [r for r in roots if r.is_dir()]
+
+
+def source_digest() -> str:
+    h = hashlib.sha256()
+    for root in _roots():
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _writable(d: Path) -> bool:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def configure() -> str | None:
+    """Point numba at this version's cache directory (before any `cache=True` function is defined);
+    return it, or None when the user set NUMBA_CACHE_DIR."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return None
+    digest = source_digest()
+    base = Path(__file__).resolve().parent.parent / "__pycache__"
+    if not _writable(base / f"{_PREFIX}{digest}"):
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = Path(xdg) / "vbatt"
+        if not _writable(base / f"{_PREFIX}{digest}"):
+            return None  # nowhere to write: numba's own default (and its own warning) applies
+    target = base / f"{_PREFIX}{digest}"
+    for old in base.glob(f"{_PREFIX}*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    os.environ["NUMBA_CACHE_DIR"] = str(target)
+    cfg = sys.modules.get("numba.core.config")
+    if cfg is not None:  # numba imported already: it read its environment at import
+        cfg.CACHE_DIR = str(target)
+    return str(target)
