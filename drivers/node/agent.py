@@ -175,12 +175,18 @@ class AgentSet:
         # plain struct, not numpy: this runs inside every instruction request (thousands per second)
         off = INSTR_FIRST - address
         seq, lease, cmd = CODEC.decode_instruction(values[off:off + INSTR_END - INSTR_FIRST])
+        refused = self.accept(i, seq, lease, cmd)
+        self._status_into(i, regs, start)
+        return ExcCodes.ILLEGAL_VALUE if refused else None
+
+    def accept(self, i: int, seq: int, lease: int, cmd: dict[str, float]) -> str | None:
+        """Node i takes instruction `seq` (its outputs `cmd`) with a lease of `lease` ms, whatever the transport;
+        returns None, or why it was refused (NaN, or a lease out of range): then nothing changes but the alarm."""
         if not all(math.isfinite(v) for v in cmd.values()) or not (0 < lease <= LEASE_MAX_MS):
             self.alarm[i] |= ss.Alarm.BAD_INSTRUCTION
             log.warning("node %s: refused instruction seq %d (lease %d ms, %s): NaN or lease out of (0, %d]",
                         self.specs[i].id, seq, lease, cmd, LEASE_MAX_MS)
-            self._status_into(i, regs, start)
-            return ExcCodes.ILLEGAL_VALUE
+            return f"NaN or lease {lease} ms out of (0, {LEASE_MAX_MS}]"
         now = self.clock_ns()
         for k, v in cmd.items():
             self.cmd[k][i] = v
@@ -193,7 +199,6 @@ class AgentSet:
         self.mode[i] = ss.Mode.CONTROLLED
         self.alarm[i] &= ~int(ss.Alarm.BAD_INSTRUCTION | ss.Alarm.LEASE_EXPIRED)
         self.instructions[i] += 1
-        self._status_into(i, regs, start)
         return None
 
     def _status_into(self, i: int, regs: list[int], start: int) -> None:
