@@ -77,21 +77,24 @@ class RunningEdge:
     """An EdgeNode of simulated nodes (`plant` YAML) running in `loop` until stopped."""
 
     def __init__(self, loop: Loop, link: Link, edge: str, plant: str = ONE, devices: list[str] | None = None,
-                 group: str = "g1", tick_ms: float = 100.0, period_ms: float = 1000.0, primary_host: str | None = None):
+                 group: str = "g1", tick_ms: float = 100.0, period_ms: float = 1000.0, primary_host: str | None = None,
+                 tick: bool = True, start: bool = True):
         fleet = fleet_of(plant)
         n = len(fleet)
         self.loop = loop
         agents = AgentSet(SimBackend(fleet, 0, n), [AgentSpec(i, "127.0.0.1", 0) for i in fleet.ids], tick_ms=tick_ms)
         self.edge = EdgeNode(agents, link, group=group, edge=edge, devices=devices or list(fleet.ids),
                              period_ms=period_ms, primary_host=primary_host, reconnect_s=(0.1, 0.4))
-        self.start()
+        self.tick = tick
+        if start:
+            self.start()
 
     def start(self) -> None:
         async def make():
             return asyncio.Event()
 
         self.stop_ev = self.loop.call(make())
-        self.task = asyncio.run_coroutine_threadsafe(self.edge.run(self.stop_ev), self.loop.loop)
+        self.task = asyncio.run_coroutine_threadsafe(self.edge.run(self.stop_ev, tick=self.tick), self.loop.loop)
 
     def stop(self) -> None:
         self.loop.soon(self.stop_ev.set)
@@ -111,3 +114,40 @@ def loop():
     lp = Loop()
     yield lp
     lp.close()
+
+
+class RawEdge:
+    """A misbehaving edge node: a valid NBIRTH, then `device_payload` as the DBIRTH of `device`, again and
+    again (every 0.2 s) until closed, so that a host connecting at any time sees it."""
+
+    def __init__(self, broker: Broker, edge: str, device: str, device_payload: bytes, group: str = "g1"):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from vbatt.drivers.mqtt import sparkplug as sp
+
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{edge}")
+        self.c.username_pw_set(edge, EDGE_PW)
+        self.c.connect("127.0.0.1", broker.plain_port)
+        self.c.loop_start()
+        self.running = True
+
+        def birth(seq: int) -> bytes:
+            p = sp.Payload(timestamp=int(time.time() * 1000), seq=seq)
+            p.metrics.add(name="bdSeq", datatype=sp.DataType.UInt64, long_value=0)
+            return p.SerializeToString()
+
+        def go():
+            while self.running:
+                self.c.publish(sp.topic(group, "NBIRTH", edge), birth(0))
+                self.c.publish(sp.topic(group, "DBIRTH", edge, device), device_payload)
+                time.sleep(0.2)
+
+        self.thread = threading.Thread(target=go, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.c.disconnect()
+        self.c.loop_stop()

@@ -95,6 +95,8 @@ class Session:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connack: asyncio.Future | None = None
         self._subacks: dict[int, asyncio.Future] = {}
+        self._early: dict[int, list[int]] = {}
+        self._sublock = threading.Lock()
         self._started = False
         self.handler_errors = 0
 
@@ -113,7 +115,12 @@ class Session:
         self._resolve(self._connack, None)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        self._resolve(self._subacks.pop(mid, None), [int(rc.value) for rc in reason_codes])
+        codes = [int(rc.value) for rc in reason_codes]
+        with self._sublock:  # the SUBACK may come before subscribe() has noted its future
+            fut = self._subacks.pop(mid, None)
+            if fut is None:
+                self._early[mid] = codes
+        self._resolve(fut, codes)
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
@@ -159,10 +166,14 @@ class Session:
     async def subscribe(self, topics: list[tuple[str, int]], timeout_s: float = 5.0) -> None:
         """Subscribe and wait for the SUBACK; a filter the broker refuses (its ACL) is EXCEPTION_REPLY."""
         fut = self._loop.create_future()
-        rc, mid = self.client.subscribe(topics)
-        if rc != paho.MQTT_ERR_SUCCESS:
-            raise LinkError(Fault.CONNECTION, f"subscribe failed: {paho.error_string(rc)}")
-        self._subacks[mid] = fut
+        with self._sublock:
+            rc, mid = self.client.subscribe(topics)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                raise LinkError(Fault.CONNECTION, f"subscribe failed: {paho.error_string(rc)}")
+            if mid in self._early:
+                fut.set_result(self._early.pop(mid))
+            else:
+                self._subacks[mid] = fut
         try:
             codes = await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:

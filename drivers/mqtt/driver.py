@@ -81,7 +81,7 @@ class Host(Links):
         self.sampled_ms = np.zeros(n, np.int64)  # the payload timestamp of the newest data (the edge's clock)
         self.fault = np.full(n, int(Fault.NO_DATA), np.uint32)
         self.why = ["no birth yet"] * n
-        self.requests = np.zeros(n, np.uint64)  # DCMDs sent
+        self.requests = np.zeros(n, np.uint64)  # DCMDs and rebirth requests sent
         self.errors = np.zeros(n, np.uint64)
         self.messages = np.zeros(n, np.uint64)
         self.rtt_ms = np.zeros(n)
@@ -155,6 +155,7 @@ class Host(Links):
             return
         ed.rebirth_at = now
         self.rebirths += 1
+        self.requests[ed.devices] += 1  # a request to each of its devices, as a DCMD is
         p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
         p.metrics.add(name=sp.REBIRTH.name, datatype=sp.REBIRTH.datatype, boolean_value=True)
         self.session.publish(sp.topic(key[0], "NCMD", key[1]), p.SerializeToString(), 0)
@@ -274,6 +275,9 @@ class Host(Links):
             self.why[i] = ""
 
     # -- the link (the asyncio loop) -------------------------------------------------------------------
+    def counted(self, k: int, fault: Fault) -> None:
+        self.errors += 1  # the broker link failed: a failed exchange for every node behind it
+
     def describe(self, k: int) -> str:
         return f"broker {self.link.host}:{self.link.port}"
 
