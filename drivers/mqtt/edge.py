@@ -360,3 +360,127 @@ class EdgeNode:
                 # a clean goodbye: Sparkplug wants the NDEATH published before the DISCONNECT
                 s.publish(sp.topic(self.group, "NDEATH", self.edge), self._death(), 1)
             s.close(clean=True)
+
+
+# -- `vbatt node` with `mqtt:` and `vbatt fleet` of `driver: mqtt` templates --------------------------------
+def check_edge_config(cfg, located) -> None:
+    """The `mqtt:` section of a node config: secured (or plaintext on loopback), TLS files readable."""
+    from vbatt.config.yamlsrc import ConfigError
+
+    m = cfg.mqtt
+    if not m.secured:
+        raise ConfigError([f"{located.where(('mqtt',))}: mqtt: say how to secure the broker link: "
+                           f"'tls: {{ca: ...}}' or 'plaintext: true' (loopback only)"])
+    try:
+        Link.of(m)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{located.where(('mqtt', 'tls'))}: mqtt.tls: {exc}"]) from None
+
+
+async def _serve(edges: list[EdgeNode], on_ready=None) -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(e.run(stop)) for e in edges]
+    if on_ready:
+        async def all_connected():
+            for e in edges:
+                await e.connected.wait()
+
+        waits = [asyncio.create_task(all_connected()), asyncio.create_task(stop.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        if not stop.is_set():
+            on_ready()
+    await asyncio.gather(*tasks)
+
+
+def run_edge_node(cfg, agents: AgentSet, ready_file: str | None = None) -> None:
+    """`vbatt node CONFIG` with `mqtt:`: the node as device of its own edge node, until SIGINT/SIGTERM."""
+    from pathlib import Path
+
+    m = cfg.mqtt
+    edge_id = m.edge_node or cfg.id
+    e = EdgeNode(agents, Link.of(m, username=m.username or edge_id), group=m.group, edge=edge_id,
+                 devices=[m.device or cfg.id], period_ms=m.period_ms, primary_host=m.primary_host)
+
+    def ready() -> None:
+        log.warning("node %s: Sparkplug B edge node %s/%s on %s:%d (%s)", cfg.id, m.group, edge_id, m.host, m.port,
+                    "TLS" if m.tls else "plaintext")
+        if ready_file:
+            Path(ready_file).write_text(f"{m.port}\n")
+
+    try:
+        asyncio.run(_serve([e], ready))
+    finally:
+        agents.backend.close()
+
+
+def fleet_edges(cfg, fleet, only: int | None = None, seed: int = 0) -> list[EdgeNode]:
+    """The edge nodes serving the `driver: mqtt` template nodes (drivers.mqtt.fleet), or only edge `only`."""
+    from vbatt.drivers.mqtt.config import mqtt_nodes
+    from vbatt.drivers.node.agent import AgentSpec
+    from vbatt.drivers.node.backends.sim import SimBackend
+    from vbatt.drivers.node.fleet import sub_fleet
+
+    d = cfg.drivers.mqtt
+    f = d.fleet
+    served = [i for i, entry in _template_indices(cfg) if entry == "mqtt"]
+    if not served:
+        raise ValueError("no template with 'driver: mqtt' in this config: nothing for the fleet to serve")
+    where = mqtt_nodes(cfg, fleet)
+    groups: dict[str, list[int]] = {}
+    for i in served:
+        groups.setdefault(where[i][1], []).append(i)
+    names_ = list(groups)
+    if only is not None:
+        if not 0 <= only < len(names_):
+            raise ValueError(f"--edge {only}: this config has edge nodes 0..{len(names_) - 1}")
+        names_ = [names_[only]]
+    pw = f.password
+    if f.password_file is not None:
+        from pathlib import Path
+
+        pw = Path(f.password_file).read_text().splitlines()[0]
+    out = []
+    for k, name in enumerate(names_):
+        idx = groups[name]
+        sub = sub_fleet(fleet, idx)
+        agents = AgentSet(SimBackend(sub, 0, len(idx), seed=seed + k),
+                          [AgentSpec(x, "127.0.0.1", 0) for x in sub.ids], tick_ms=f.tick_ms)
+        link = Link.of(d, username=f.username or name, password=pw)
+        out.append(EdgeNode(agents, link, group=d.group, edge=name, devices=list(sub.ids), period_ms=f.period_ms,
+                            primary_host=d.host_id))
+    return out
+
+
+def _template_indices(cfg):
+    i = 0
+    for entry in cfg.nodes:
+        t = getattr(entry, "template", None)
+        if t is not None:
+            for _ in range(t.count):
+                yield i, t.driver
+                i += 1
+        else:
+            yield i, getattr(entry, "driver", "sim")
+            i += 1
+
+
+def fleet_edges_main(cfg, fleet, only: int | None = None, ready_file: str | None = None) -> None:
+    """`vbatt fleet CONFIG` for `driver: mqtt` templates: serve the edge nodes until SIGINT/SIGTERM."""
+    from pathlib import Path
+
+    edges = fleet_edges(cfg, fleet, only)
+
+    def ready() -> None:
+        log.info("fleet: %d edge node(s), %d devices", len(edges), sum(e.agents.n for e in edges))
+        if ready_file:
+            Path(ready_file).write_text("".join(f"{e.edge}\n" for e in edges))
+
+    asyncio.run(_serve(edges, ready))

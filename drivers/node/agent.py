@@ -45,6 +45,7 @@ from vbatt.config.yamlsrc import ConfigError, format_path, load_yaml_file
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.backends import Backend
 from vbatt.drivers.modbus.config import TlsFiles
+from vbatt.drivers.mqtt.config import EdgeConfig
 
 __all__ = ["AgentSpec", "AgentSet", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
            "serve_agents", "run_node", "LEASE_MAX_MS"]
@@ -362,6 +363,8 @@ class NodeAgentConfig(Strict):
     plaintext: bool = False
     tls: TlsFiles | None = None
     backend: Annotated[Union[SimBackendConfig, SysfsBackendConfig, NutBackendConfig], Field(discriminator="kind")]
+    # publish over MQTT Sparkplug B as an edge node instead of serving Modbus (docs/mqtt.md)
+    mqtt: EdgeConfig | None = None
 
 
 def load_node_config(path: str | Path) -> NodeAgentConfig:
@@ -375,6 +378,11 @@ def load_node_config(path: str | Path) -> NodeAgentConfig:
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append(f"{located.where(loc)}: {format_path(loc)}: {msg}")
         raise ConfigError(problems) from None
+    if cfg.mqtt is not None:
+        from vbatt.drivers.mqtt.edge import check_edge_config
+
+        check_edge_config(cfg, located)
+        return cfg
     if cfg.plaintext == (cfg.tls is not None):
         raise ConfigError([f"{located.source}: say how to secure the link: either 'tls: {{ca, cert, key}}' "
                            f"(Modbus/TCP Security) or 'plaintext: true' (got "
@@ -443,6 +451,11 @@ async def serve_agents(agents: AgentSet, stop: asyncio.Event, on_ready=None) -> 
 def run_node(cfg: NodeAgentConfig, ready_file: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
     agents = build_agent(cfg)
+    if cfg.mqtt is not None:
+        from vbatt.drivers.mqtt.edge import run_edge_node
+
+        run_edge_node(cfg, agents, ready_file)
+        return
 
     def ready(a: AgentSet) -> None:
         log.warning("node %s: serving SunSpec on %s:%d (unit %d, %s, backend %s)", cfg.id, cfg.host, a.ports[0],
