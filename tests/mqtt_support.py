@@ -151,3 +151,47 @@ class RawEdge:
         self.thread.join(5)
         self.c.disconnect()
         self.c.loop_stop()
+
+
+class HostRun:
+    """The driver's Host (the Sparkplug host application) on `nodes`, running in `loop`; `inputs()` stages
+    what the scan would latch."""
+
+    def __init__(self, loop: Loop, broker: Broker, nodes: list[tuple[str, str, str]], *, host_id: str = "h1",
+                 lease_ms: float = 800, command_ms: float = 100, silence_ms: float = 1000, port: int | None = None,
+                 rebirth_min_ms: float = 300, password: str = HOST_PW):
+        import numpy as np
+
+        from vbatt.drivers.mqtt.driver import Host
+        from vbatt.kernel.image import DRIVER_INPUTS
+
+        self.loop = loop
+        link = Link("127.0.0.1", port or broker.port, tls_context(broker.ca), HOST_USER, password, keepalive_s=5)
+        self.host = Host(nodes, link, host_id=host_id, lease_ms=lease_ms, command_ms=command_ms,
+                         silence_ms=silence_ms, rebirth_min_ms=rebirth_min_ms, backoff_s=(0.1, 0.4))
+        self.staging = {f.name: np.zeros(len(nodes), f.dtype) for f in DRIVER_INPUTS}
+
+        async def make():
+            return asyncio.Event()
+
+        self.stop_ev = loop.call(make())
+        self.task = asyncio.run_coroutine_threadsafe(self.host.link_task(0, self.stop_ev), loop.loop)
+
+    def inputs(self) -> dict:
+        self.host.fill(self.staging)
+        return {k: v.copy() for k, v in self.staging.items()}
+
+    def instruct(self, seq: int, **outputs: float) -> None:
+        import numpy as np
+
+        n = self.host.nodes_n
+        vals = {k: np.full(n, float(outputs.get(k, 0.0))) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
+        self.loop.soon(self.host.set_instruction, seq, vals)
+
+    def wait(self, pred, what: str, timeout: float = 20.0) -> dict:
+        return wait_until(lambda: (lambda d: d if pred(d) else None)(self.inputs()), what, timeout)
+
+    def stop(self) -> None:
+        self.loop.soon(self.stop_ev.set)
+        self.task.result(15)
+        self.loop.call(self.host.aclose())

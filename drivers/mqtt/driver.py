@@ -89,6 +89,7 @@ class Host(Links):
         self.sent_seq = np.zeros(n, np.uint64)
         self.sent_ns = np.zeros(n, np.int64)
         self.aliases: list[dict[int, tuple[int, int]] | None] = [None] * n
+        self.suspect = np.zeros(n, bool)  # sent something garbled: ignored until its next DBIRTH
         self.edges: dict[tuple[str, str], _Edge] = {}
         self._dev_topics: dict[bytes, tuple[str, int]] = {}
         for i, (g, e, d) in enumerate(nodes):
@@ -138,6 +139,11 @@ class Host(Links):
         self.fault[i] = int(fault)
         self.why[i] = why
         self.errors[i] += 1
+        if fault == Fault.GARBLED:
+            # what it says can no longer be trusted: faulty until it births again, and asked to
+            self.suspect[i] = True
+            g, e, _d = self.nodes[i]
+            self._rebirth((g, e), self.edges[(g, e)])
 
     def _seq_ok(self, ed: _Edge, key, p) -> None:
         if not p.HasField("seq") or ed.next_seq < 0:
@@ -223,6 +229,7 @@ class Host(Links):
                 self.aliases[i] = None
                 return
             self.aliases[i] = amap
+            self.suspect[i] = False
             self._store(i, p, None, now)
             return
         amap = self.aliases[i]
@@ -233,7 +240,8 @@ class Host(Links):
             self._rebirth((g, e), ed)
             return
         self._seq_ok(ed, (g, e), p)
-        self._store(i, p, amap, now)
+        if not self.suspect[i]:
+            self._store(i, p, amap, now)
 
     def _store(self, i: int, p, amap, now: int) -> None:
         vals, status = self.values, self.status
@@ -297,6 +305,7 @@ class Host(Links):
             for ed in self.edges.values():
                 ed.born, ed.next_seq, ed.rebirth_at = False, -1, 0.0
             self.aliases = [None] * self.nodes_n
+            self.suspect[:] = False
             self.fault[:] = int(Fault.NO_DATA)
             self.why = ["waiting for a birth after connecting to the broker"] * self.nodes_n
         await s.connect()
