@@ -245,3 +245,51 @@ def test_broker_restart_reconnects_rebirths_and_never_applies_an_instruction_twi
         h.stop()
         edge.stop()
         b.stop()
+
+
+# -- a fleet of edge nodes and the driver in its I/O role --------------------------------------------------
+FLEET = """
+plant: {{stale_ms: 2000}}
+drivers:
+  mqtt: {{host: 127.0.0.1, port: {port}, tls: {{ca: '{ca}'}}, username: controller, password: {pw}, host_id: h9,
+         group: g9, command_ms: 200, lease_ms: 1000, silence_ms: 3000, publish_ms: 20,
+         fleet: {{edge_node: "fleet-{{e}}", nodes_per_edge: 3, password: {epw}, tick_ms: 200, period_ms: 2000}}}}
+nodes:
+  - template: {{count: 5, id: "n-{{i:02d}}", driver: mqtt, demand_w: [200, 400], max_discharge_w: 500,
+               max_charge_w: 300, capacity_wh: 900, soc: [0.5, 0.9], link_max_w: 800}}
+  - {{id: solo, driver: mqtt, edge_node: e1, group: g9}}
+"""
+
+
+def test_vbatt_fleet_edges_and_the_driver_on_a_real_image(broker, tmp_path):
+    """`vbatt fleet CONFIG` serves the `driver: mqtt` template as 2 edge nodes (3 + 2 devices) that birth
+    once the host's STATE is online; the registered driver, on a real image, gets every node and each
+    node acknowledges the instruction; `solo` (no edge node serves it) stays NO_DATA."""
+    from test_driver_conformance import Run
+
+    cfg = tmp_path / "plant.yaml"
+    cfg.write_text(FLEET.format(port=broker.port, ca=broker.ca, pw=HOST_PW, epw=EDGE_PW))
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", str(cfg), "--ready-file", str(ready)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = None
+    try:
+        wait_until(lambda: ready.exists(), "the fleet's edge nodes connected", timeout=30)
+        assert ready.read_text().split() == ["fleet-0", "fleet-1"]
+        r = Run(cfg, "mqtt")
+        inp = r.wait(lambda d: (d["fault"][:5] == 0).all(), "the 5 fleet nodes online")
+        assert inp["fault"][5] == Fault.NO_DATA
+        assert ((inp["soc"][:5] >= 0.5) & (inp["soc"][:5] <= 0.9)).all() and (inp["capacity_wh"][:5] == 900).all()
+        r.command(77, battery_w=15.0, bus_w=5.0, served_w=20.0, shed_w=0.0)
+        h = r.driver.links
+        wait_until(lambda: (h.status["status/ack_seq"][:5] == 77).all(), "every node acknowledged seq 77")
+        assert (h.status["status/applied_w"][:5] == 15.0).all() and (h.rtt_ms[:5] > 0).all()
+    finally:
+        if r is not None:
+            r.stop()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        finally:
+            proc.kill()
+            proc.stderr.close()

@@ -468,8 +468,7 @@ def _template_indices(cfg):
                 yield i, t.driver
                 i += 1
         else:
-            yield i, getattr(entry, "driver", "sim")
-            i += 1
+            i += 1  # a node of its own: served by whatever device it names, not by the fleet
 
 
 def fleet_edges_main(cfg, fleet, only: int | None = None, ready_file: str | None = None) -> None:
