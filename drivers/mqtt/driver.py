@@ -388,11 +388,17 @@ class Host(Links):
                 fault[i] = int(Fault.BAD_VALUE)
                 reasons[i] = f"{name} = {float(v[i])!r} (expected a number in [{f.lo:g}, {f.hi:g}] {f.unit})"
             vals[name] = np.where(bad, 0.0, v)
-        for i in np.flatnonzero(fault != self.logged):
+        moved = np.flatnonzero(fault != self.logged)
+        for i in moved[:5]:  # a few by name; a fleet that changes at once in one line per fault
             if fault[i]:
                 log.warning("node %s/%s/%s: %s: %s", *self.nodes[i], Fault(int(fault[i])).name, reasons[i])
             else:
                 log.info("node %s/%s/%s: data again", *self.nodes[i])
+        if len(moved) > 5:
+            for code in np.unique(fault[moved]):
+                k = moved[fault[moved] == code]
+                (log.warning if code else log.info)("%d nodes (%s, ...): %s", len(k), self.nodes[k[0]][2],
+                                                    Fault(int(code)).name if code else "data again")
         self.logged[:] = fault
         self.reasons = reasons
         for k, v in vals.items():

@@ -96,30 +96,32 @@ class EdgeNode:
         self._want_birth = False
 
     # -- values ----------------------------------------------------------------------------------------
-    def values(self, now_ns: int) -> np.ndarray:
-        """Every device metric of every node, one row per node (table order of DEVICE_METRICS)."""
+    def values(self, now_ns: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Every device metric of the nodes `rows` (all: None), one row each (order of DEVICE_METRICS)."""
         a, o = self.agents, self.agents.backend.offer
-        v = np.empty((a.n, len(DM)))
+        r = slice(None) if rows is None else rows
+        n = a.n if rows is None else len(rows)
+        v = np.empty((n, len(DM)))
         for j, m in enumerate(DM):
             if m.field is not None and not m.name.startswith("instruction/"):
-                v[:, j] = o[m.field]
+                v[:, j] = o[m.field][r]
             elif m.name.startswith("device/"):
-                v[:, j] = o[m.name[7:]]
-        controlled = a.mode == ss.Mode.CONTROLLED
-        v[:, COL["status/mode"]] = a.mode
-        v[:, COL["status/alarm"]] = a.alarm
-        v[:, COL["status/ack_seq"]] = a.seq
-        v[:, COL["status/ack_epoch"]] = self.epoch
-        v[:, COL["status/lease_left_ms"]] = np.where(controlled, np.clip((a.deadline_ns - now_ns) // 1_000_000, 0,
-                                                                         None), 0)
-        v[:, COL["status/applied_w"]] = a.applied_w
-        v[:, COL["status/expiries"]] = a.expiries
-        v[:, COL["status/refused"]] = self.refused
-        v[:, COL["instruction/seq"]] = a.seq
-        v[:, COL["instruction/lease_ms"]] = a.lease_ms
-        v[:, COL["instruction/epoch"]] = self.epoch
+                v[:, j] = o[m.name[7:]][r]
+        mode = a.mode[r]
+        v[:, COL["status/mode"]] = mode
+        v[:, COL["status/alarm"]] = a.alarm[r]
+        v[:, COL["status/ack_seq"]] = a.seq[r]
+        v[:, COL["status/ack_epoch"]] = self.epoch[r]
+        v[:, COL["status/lease_left_ms"]] = np.where(mode == ss.Mode.CONTROLLED,
+                                                     np.clip((a.deadline_ns[r] - now_ns) // 1_000_000, 0, None), 0)
+        v[:, COL["status/applied_w"]] = a.applied_w[r]
+        v[:, COL["status/expiries"]] = a.expiries[r]
+        v[:, COL["status/refused"]] = self.refused[r]
+        v[:, COL["instruction/seq"]] = a.seq[r]
+        v[:, COL["instruction/lease_ms"]] = a.lease_ms[r]
+        v[:, COL["instruction/epoch"]] = self.epoch[r]
         for k in OUTPUTS:
-            v[:, COL["instruction/" + k]] = a.cmd[k]
+            v[:, COL["instruction/" + k]] = a.cmd[k][r]
         return v
 
     # -- messages --------------------------------------------------------------------------------------
@@ -178,28 +180,29 @@ class EdgeNode:
             return 0 if math.isnan(x) else int(x)
         return float(x)
 
-    def report(self, rows: np.ndarray | None = None, full: bool = False) -> int:
+    def report(self, rows: list[int] | None = None, full: bool = False) -> int:
         """DDATA for every device (or `rows`) whose metrics changed; all of them when `full`. Returns messages."""
         if self.session is None or not self.session.connected or self._want_birth:
             return 0
         now_ns = self.agents.clock_ns()
-        v = self.values(now_ns)
-        changed = ~((v == self.sent) | (np.isnan(v) & np.isnan(self.sent)))
-        changed[:, COL["status/lease_left_ms"]] = False  # counts down every tick: sent with the others, not alone
-        idx = np.arange(self.agents.n) if rows is None else np.asarray(rows)
+        idx = np.arange(self.agents.n) if rows is None else np.asarray(rows, np.int64)
+        v = self.values(now_ns, idx)
+        was = self.sent[idx]
+        changed = ~((v == was) | (np.isnan(v) & np.isnan(was)))
+        lease = COL["status/lease_left_ms"]
+        changed[:, lease] = False  # counts down every tick: sent with the others, not alone
         if full:
-            changed[idx] = True
+            changed[:] = True
         ts = _now_ms()
         sent = 0
-        for i in idx:
-            cols = np.flatnonzero(changed[i])
-            if not len(cols):
-                continue
+        for r in np.flatnonzero(changed.any(axis=1)):
+            i = int(idx[r])
+            cols = np.flatnonzero(changed[r])
             if not full:
-                cols = np.union1d(cols, [COL["status/lease_left_ms"]])
+                cols = np.append(cols, lease)
             p = sp.Payload(timestamp=ts, seq=self._next_seq())
             base = (i + 1) * sp.ALIAS_STRIDE
-            row = v[i]
+            row = v[r]
             for j in cols:
                 m = p.metrics.add(alias=base + int(j))
                 x = row[j]
@@ -276,7 +279,7 @@ class EdgeNode:
             self.applied[i].append(key)
             del self.applied[i][:-64]
         self.epoch[i] = key[0]
-        self.agents.decide(self.agents.clock_ns())  # applied now, not at the next tick
+        self.agents.applied_w[i] = self.agents.cmd["battery_w"][i]  # controlled now: applied now, not at the tick
         self.report([i])  # the acknowledgement, at once
         return None
 
