@@ -133,7 +133,10 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                                        "p99": float(np.percentile(rtt, 99)) if rtt.size else None,
                                        "nodes": int(rtt.size)},
                 "dcmd_per_s": float(h.requests.sum()) / (t1 - t_start), "gaps": int(h.gaps),
-                "rebirths": int(h.rebirths), "faulty_at_end": int((staging["fault"] != 0).sum())}
+                "rebirths": int(h.rebirths), "faulty_at_end": int((staging["fault"] != 0).sum()),
+                "acked_last_dcmd": int((h.status["status/ack_seq"] == h.sent_seq).sum()),
+                "controlled": int((h.status["status/mode"] == 1).sum()),
+                "refused_total": int(h.status["status/refused"].sum())}
 
     Path(out_path).write_text(json.dumps(asyncio.run(main())))
 
