@@ -282,3 +282,17 @@ def state_payload(online: bool, timestamp_ms: int) -> bytes:
 
 def np_value(v) -> float:
     return float(v) if isinstance(v, (np.floating, float)) else v
+
+
+_TYPE_NAMES = {v: k for k, v in vars(DataType).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def metrics_table() -> str:
+    """docs/mqtt.md's table of metrics, from the definitions above (a test holds the doc to it)."""
+    rows = ["| metric | Sparkplug type | unit | in | meaning |", "|---|---|---|---|---|"]
+    for d, where in ((BDSEQ, "NBIRTH, NDEATH"), (REBIRTH, "NBIRTH, NCMD")):
+        rows.append(f"| `{d.name}` | {_TYPE_NAMES[d.datatype]} | {d.unit or '-'} | {where} | {d.doc} |")
+    for d in DEVICE_METRICS:
+        where = "DBIRTH, DDATA, DCMD" if d.name.startswith("instruction/") else "DBIRTH, DDATA"
+        rows.append(f"| `{d.name}` | {_TYPE_NAMES[d.datatype]} | {d.unit or '-'} | {where} | {d.doc} |")
+    return "\n".join(rows) + "\n"
