@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 NODES_PER_EDGE = 2500
 WINDOW_S = float(os.environ.get("VBATT_BENCH_WINDOW_S", "20"))
+SETTLE_S = 90.0  # longest wait for every node to be online before measuring anyway
 PW = "bench-secret"
 
 
@@ -60,6 +61,7 @@ nodes:
 def controller(cfg_path: str, window_s: float, out_path: str) -> None:
     """The host application alone in this process; writes its figures to out_path."""
     from vbatt.config.plant import load_config
+    from vbatt.drivers.faults import Fault
     from vbatt.drivers.mqtt.config import mqtt_nodes
     from vbatt.drivers.mqtt.driver import Host
     from vbatt.drivers.mqtt.edge import Link
@@ -97,11 +99,11 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
             fresh = h.got_ns != last_got
             last_got = h.got_ns.copy()
             if online_at is None:
-                if (staging["fault"] == 0).all():
+                # every node online (or, on a machine too loaded for that, SETTLE_S after the start): settle,
+                # then measure; the fraction online is reported
+                if (staging["fault"] == 0).all() or time.monotonic() - t_start > SETTLE_S:
                     online_at = time.monotonic()
-                    t0, m0 = time.monotonic() + 3.0, None  # settle, then measure
-                elif time.monotonic() - t_start > 300:
-                    break
+                    t0, m0 = time.monotonic() + 3.0, None
                 continue
             if m0 is None and time.monotonic() >= t0:
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -121,7 +123,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
         await task
         await h.aclose()
         if m0 is None:
-            return {"error": f"not all online: {int((staging['fault'] == 0).sum())} of {n}"}
+            return {"error": "no measurement window"}
         cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         age = np.concatenate(ages) if ages else np.zeros(1)
         rtt = h.rtt_ms[h.rtt_ms != rtt_ok] if rtt_ok is not None else h.rtt_ms
@@ -134,6 +136,8 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                                        "nodes": int(rtt.size)},
                 "dcmd_per_s": float(h.requests.sum()) / (t1 - t_start), "gaps": int(h.gaps),
                 "rebirths": int(h.rebirths), "faulty_at_end": int((staging["fault"] != 0).sum()),
+                "faults_at_end": {Fault(int(c)).name: int((staging["fault"] == c).sum())
+                                  for c in np.unique(staging["fault"])},
                 "acked_last_dcmd": int((h.status["status/ack_seq"] == h.sent_seq).sum()),
                 "controlled": int((h.status["status/mode"] == 1).sum()),
                 "refused_total": int(h.status["status/refused"].sum())}

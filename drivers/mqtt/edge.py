@@ -124,6 +124,20 @@ class EdgeNode:
             v[:, COL["instruction/" + k]] = a.cmd[k][r]
         return v
 
+    def row(self, i: int, now_ns: int) -> np.ndarray:
+        """values() of node i alone, with scalar reads: the acknowledgement path runs once per command."""
+        a, o, ep = self.agents, self.agents.backend.offer, self.epoch
+        mode = int(a.mode[i])
+        left = max(0, (int(a.deadline_ns[i]) - now_ns) // 1_000_000) if mode == ss.Mode.CONTROLLED else 0
+        status = {"status/mode": mode, "status/alarm": a.alarm[i], "status/ack_seq": a.seq[i],
+                  "status/ack_epoch": ep[i], "status/lease_left_ms": left, "status/applied_w": a.applied_w[i],
+                  "status/expiries": a.expiries[i], "status/refused": self.refused[i],
+                  "instruction/seq": a.seq[i], "instruction/lease_ms": a.lease_ms[i], "instruction/epoch": ep[i]}
+        return np.array([o[m.field][i] if m.field is not None and not m.name.startswith("instruction/")
+                         else o[m.name[7:]][i] if m.name.startswith("device/")
+                         else a.cmd[m.field][i] if m.field is not None
+                         else status[m.name] for m in DM], np.float64)
+
     # -- messages --------------------------------------------------------------------------------------
     def _next_seq(self) -> int:
         s = self.seq
@@ -186,7 +200,7 @@ class EdgeNode:
             return 0
         now_ns = self.agents.clock_ns()
         idx = np.arange(self.agents.n) if rows is None else np.asarray(rows, np.int64)
-        v = self.values(now_ns, idx)
+        v = self.row(int(idx[0]), now_ns)[None, :] if len(idx) == 1 else self.values(now_ns, idx)
         was = self.sent[idx]
         changed = ~((v == was) | (np.isnan(v) & np.isnan(was)))
         lease = COL["status/lease_left_ms"]
