@@ -290,7 +290,9 @@ class Host(Links):
         return f"broker {self.link.host}:{self.link.port}"
 
     def connected(self, k: int) -> bool:
-        return self.session is not None and self.session.connected
+        # a session that was lost still counts until exchange() reports the loss: the reconnect then waits
+        # for the backoff instead of starting at once
+        return self.session is not None
 
     async def connect(self, k: int) -> None:
         await self.disconnect(k)
@@ -335,8 +337,18 @@ class Host(Links):
         self._instr = {k: np.nan_to_num(outputs[k]).copy() for k in OUTPUTS}
         self._seq = int(seq)
         if not self.have_instruction:
-            self.next_cmd[:] = 0.0
+            # spread over one command period: a steady trickle each round, not every device in one burst
+            now = asyncio.get_running_loop().time() if self._in_loop() else 0.0
+            self.next_cmd[:] = now + np.arange(self.nodes_n) / max(1, self.nodes_n) * min(self.command_s, 1.0)
         self.have_instruction = True
+
+    @staticmethod
+    def _in_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
 
     def send_due(self, now: float) -> int:
         """A DCMD to every device whose turn it is (born, every command_ms); returns how many."""
@@ -410,7 +422,7 @@ class Host(Links):
         staging["io_latency_ms"][:] = self.rtt_ms
 
     async def flush(self, timeout_s: float) -> None:
-        if self.have_instruction and self.connected(0):
+        if self.have_instruction and self.session is not None and self.session.connected:
             self.next_cmd[:] = 0.0
             self.send_due(asyncio.get_running_loop().time())
             await asyncio.sleep(min(timeout_s, 0.2))
