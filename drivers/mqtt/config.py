@@ -96,6 +96,9 @@ class MqttDriverConfig(BrokerLink):
     reconnect_min_ms: Ms = 250.0
     reconnect_max_ms: Ms = 4000.0
     rebirth_min_ms: Ms = 2000.0  # rebirth requests to one edge node at most this often
+    # data is as old as its payload timestamp says (clocks in sync, e.g. NTP), so a backlog ages it toward
+    # stale; false: as old as its arrival here
+    trust_timestamps: bool = True
     fleet: FleetEdgeConfig = FleetEdgeConfig()
     processes: Annotated[int, Field(ge=1, le=64)] = 1
 

@@ -66,13 +66,15 @@ class Host(Links):
 
     def __init__(self, nodes: list[tuple[str, str, str]], link: Link, *, host_id: str, lease_ms: float,
                  command_ms: float, silence_ms: float, rebirth_min_ms: float = 2000.0,
-                 backoff_s: tuple[float, float] = (0.25, 4.0), round_s: float = 0.05, clock_ns=time.monotonic_ns):
+                 backoff_s: tuple[float, float] = (0.25, 4.0), round_s: float = 0.05, clock_ns=time.monotonic_ns,
+                 trust_timestamps: bool = True):
         super().__init__(1, interval_s=round_s, backoff_s=backoff_s)
         n = self.nodes_n = len(nodes)
         self.nodes, self.link, self.host_id = nodes, link, host_id
         self.lease_ms, self.command_s, self.silence_ns = int(lease_ms), command_ms / 1e3, int(silence_ms * 1e6)
         self.rebirth_min_s = rebirth_min_ms / 1e3
         self.clock_ns = clock_ns
+        self.trust_timestamps = trust_timestamps
         self.lock = threading.Lock()
         self.session: Session | None = None
         self.epoch = time.time_ns() // 1_000_000  # orders this process's sequence numbers after any earlier run's
@@ -271,11 +273,18 @@ class Host(Links):
                 vals[d.field][i] = v
             elif d.name in status:
                 status[d.name][i] = v
+        arrived = now
         if p.HasField("timestamp"):
             self.sampled_ms[i] = p.timestamp
+            if self.trust_timestamps:
+                # the data is as old as the node says, not as old as its arrival: a backlog in the broker or
+                # in this process must age it toward stale, not pass it off as fresh
+                age_ms = time.time_ns() // 1_000_000 - p.timestamp
+                if age_ms > 0:
+                    now = max(1, now - age_ms * 1_000_000)
         ack = status["status/ack_seq"][i]
         if ack == self.sent_seq[i] and self.sent_ns[i]:
-            self.rtt_ms[i] = (now - self.sent_ns[i]) / 1e6
+            self.rtt_ms[i] = (arrived - self.sent_ns[i]) / 1e6
             self.sent_ns[i] = 0
         self.got_ns[i] = now
         if self.fault[i] != 0:
@@ -444,7 +453,7 @@ class MqttDriver(AsyncDriver):
             bad = "no TLS configured and plaintext not allowed: set drivers.mqtt.tls or 'plaintext: true'"
         h = Host(nodes, link, host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
                  silence_ms=d.silence_ms, rebirth_min_ms=d.rebirth_min_ms,
-                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3))
+                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps)
         self._bad = bad
         if bad:
             h.mark(0, Fault.TLS, bad)
