@@ -100,7 +100,8 @@ class MqttDriverConfig(BrokerLink):
     # stale; false: as old as its arrival here
     trust_timestamps: bool = True
     fleet: FleetEdgeConfig = FleetEdgeConfig()
-    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # one I/O process (one broker session, one STATE) for all MQTT nodes: no `processes` key yet, as
+    # several host processes under one host_id would contradict each other's STATE
 
     @model_validator(mode="after")
     def _ranges(self) -> "MqttDriverConfig":
