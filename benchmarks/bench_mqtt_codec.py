@@ -11,7 +11,6 @@ an edge node of simulated batteries makes.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest

@@ -13,13 +13,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import REPO, run_vbatt
-from mqtt_support import (EDGE_PW, HOST_PW, HOST_USER, ONE, HostRun, RawEdge, RunningEdge, broker, edge_link, loop,
+from mqtt_support import (EDGE_PW, HOST_PW, HostRun, RunningEdge, broker, edge_link, loop,
                           make_broker, wait_until)
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.mqtt import sparkplug as sp

@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from conftest import REPO
-from mqtt_support import EDGE_PW, HOST_PW, HOST_USER, RunningEdge, broker, edge_link, loop, wait_until
+from mqtt_support import HOST_PW, HOST_USER, RunningEdge, broker, edge_link, loop, wait_until
 from vbatt.drivers.mqtt import sparkplug as sp
 
 __all__ = ["broker", "loop"]

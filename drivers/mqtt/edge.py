@@ -88,7 +88,6 @@ class EdgeNode:
         self._host_online = primary_host is None
         self._host_ts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._index = {d: i for i, d in enumerate(devices)}
         self._dcmd = {sp.topic(group, "DCMD", edge, d).encode(): i for i, d in enumerate(devices)}
         self._ncmd = sp.topic(group, "NCMD", edge).encode()
         self._state = f"{sp.NAMESPACE}/STATE/{primary_host}".encode() if primary_host else None
@@ -310,8 +309,7 @@ class EdgeNode:
         s = Session(f"{self.group}-{self.edge}", host=self.link.host, port=self.link.port,
                     username=self.link.username, password=self.link.password, tls=self.link.tls,
                     on_message=self._on_message, keepalive_s=self.link.keepalive_s,
-                    will=Will(sp.topic(self.group, "NDEATH", self.edge), b"", 1, False))
-        s.client.will_set(sp.topic(self.group, "NDEATH", self.edge), self._death(), 1, False)
+                    will=Will(sp.topic(self.group, "NDEATH", self.edge), self._death(), 1, False))
         self.session = s
         await s.connect()
         subs = [(sp.topic(self.group, "NCMD", self.edge), 1), (sp.topic(self.group, "DCMD", self.edge, "+"), 1)]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, Field, names
@@ -278,10 +277,6 @@ def parse_topic(t: bytes | str) -> tuple[str, str, str, str | None] | None:
 def state_payload(online: bool, timestamp_ms: int) -> bytes:
     """Sparkplug 3.0 host STATE (JSON, retained, QoS 1)."""
     return json.dumps({"online": online, "timestamp": int(timestamp_ms)}).encode()
-
-
-def np_value(v) -> float:
-    return float(v) if isinstance(v, (np.floating, float)) else v
 
 
 _TYPE_NAMES = {v: k for k, v in vars(DataType).items() if not k.startswith("_") and isinstance(v, int)}
