@@ -43,6 +43,7 @@ FIELDS = tuple(m.field for m in DM if m.field is not None and not m.name.startsw
 KNOWN = {m.name: j for j, m in enumerate(DM)}
 STATUS = {m.name: m for m in sp.STATUS_METRICS}
 OUTPUTS = tuple(m.field for m in sp.COMMAND_METRICS if m.field)
+SENT_KEPT = 8
 
 
 class _Edge:
@@ -89,7 +90,10 @@ class Host(Links):
         self.rtt_ms = np.zeros(n)
         self.status = {k: np.zeros(n) for k in STATUS}
         self.sent_seq = np.zeros(n, np.uint64)
-        self.sent_ns = np.zeros(n, np.int64)
+        # the last SENT_KEPT DCMDs of each node (sequence number, send time): an acknowledgement that comes
+        # after the next DCMD went out still finds its own
+        self.sent_hist_seq = np.zeros((n, SENT_KEPT), np.uint64)
+        self.sent_hist_ns = np.zeros((n, SENT_KEPT), np.int64)
         self.aliases: list[dict[int, tuple[int, int]] | None] = [None] * n
         self.suspect = np.zeros(n, bool)  # sent something garbled: ignored until its next DBIRTH
         self.edges: dict[tuple[str, str], _Edge] = {}
@@ -283,9 +287,11 @@ class Host(Links):
                 if age_ms > 0:
                     now = max(1, now - age_ms * 1_000_000)
         ack = status["status/ack_seq"][i]
-        if ack == self.sent_seq[i] and self.sent_ns[i]:
-            self.rtt_ms[i] = (arrived - self.sent_ns[i]) / 1e6
-            self.sent_ns[i] = 0
+        hit = np.flatnonzero((self.sent_hist_seq[i] == ack) & (self.sent_hist_ns[i] > 0))
+        if len(hit):
+            k = hit[0]
+            self.rtt_ms[i] = (arrived - self.sent_hist_ns[i, k]) / 1e6
+            self.sent_hist_ns[i, k] = 0  # once per instruction: later renewals' acks are no round trip of it
         self.got_ns[i] = now
         if self.fault[i] != 0:
             self.fault[i] = 0
@@ -376,9 +382,11 @@ class Host(Links):
             for k in OUTPUTS:
                 p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(instr[k][i]))
             s.publish(self._dcmd[i], p.SerializeToString(), 0)
-            if self.sent_seq[i] != self._seq or not self.sent_ns[i]:
+            if self.sent_seq[i] != self._seq:
                 self.sent_seq[i] = self._seq
-                self.sent_ns[i] = t_ns
+                k = int(self.requests[i]) % SENT_KEPT
+                self.sent_hist_seq[i, k] = self._seq
+                self.sent_hist_ns[i, k] = t_ns
         self.requests[due] += 1
         self.next_cmd[due] = now + self.command_s
         return len(due)
