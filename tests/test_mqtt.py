@@ -318,3 +318,31 @@ def test_data_as_old_as_its_timestamp_a_backlog_is_not_fresh(broker, loop):
     finally:
         h.stop()
         edge.stop()
+
+
+def test_vbatt_run_allocates_over_mqtt(broker, tmp_path):
+    """The whole stack: `vbatt fleet` publishes 5 nodes, `vbatt run` (supervisor, scan, the mqtt driver in
+    its I/O process, the allocation) latches them all and their acknowledgements come back."""
+    from conftest import read_json
+
+    cfg = tmp_path / "plant.yaml"
+    cfg.write_text(FLEET.replace("  - {{id: solo, driver: mqtt, edge_node: e1, group: g9}}\n", "").format(
+        port=broker.port, ca=broker.ca, pw=HOST_PW, epw=EDGE_PW)
+        .replace("plant: {stale_ms: 2000}", "plant: {stale_ms: 2000, main_limit_w: 1000}")
+        + "programs: [allocation]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        r = run_vbatt("run", str(cfg), "--duration", "8", "--snapshot", str(tmp_path / "snap.json"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        snap = read_json(tmp_path / "snap.json")
+        assert snap["aggregate"]["nodes_online"] == 5
+        assert snap["aggregate"]["main_w"] == pytest.approx(1000.0, abs=1e-6)  # the limit binds: batteries help
+        nodes = snap["nodes"]
+        assert len(nodes) == 5 and all(n["fault"] == 0 and n["io_latency_ms"] > 0 for n in nodes), nodes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        finally:
+            proc.kill()

@@ -112,7 +112,7 @@ class Host(Links):
         self._instr: dict[str, np.ndarray] = {}
         self._seq = 0
         self.next_cmd = np.zeros(n)  # loop time of each device's next DCMD
-        self.logged = np.zeros(n, np.uint32)
+        self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
         self.gaps = 0
         self.rebirths = 0
         self.foreign = 0  # messages for devices not configured here
