@@ -22,6 +22,8 @@ data = threading.Event()
 def on(client, msg):
     try:
         t = msg.topic
+        if t.edge_node_id != edge:  # another edge node of the group
+            return
         kind = t.message_type.value if hasattr(t.message_type, "value") else str(t.message_type)
         metrics = [{"name": m.name, "alias": m.alias, "datatype": int(m.datatype), "value": m.value,
                     "unit": None} for m in msg.payload.metrics]
@@ -49,7 +51,7 @@ c.publish(psp.Message(topic=psp.Topic(group_id=group, message_type=psp.MessageTy
                       payload=psp.NCmd(timestamp=now, metrics=(psp.Metric(timestamp=now, name="Node Control/Rebirth",
                                                                           datatype=psp.DataType.BOOLEAN, value=True),)),
                       qos=psp.QoS.AT_MOST_ONCE, retain=False), include_dtypes=True)
-ok = born.wait(20)
+ok = born.wait(60)
 if ok:
     now = psp.get_current_timestamp()
     values = [("instruction/seq", psp.DataType.UINT64, 4242), ("instruction/lease_ms", psp.DataType.UINT32, 60000),
@@ -61,6 +63,7 @@ if ok:
     c.publish(psp.Message(topic=psp.Topic(group_id=group, message_type=psp.MessageType.DCMD, edge_node_id=edge,
                                           device_id=device), payload=cmd, qos=psp.QoS.AT_MOST_ONCE, retain=False),
               include_dtypes=True)
-    data.wait(20)
+    data.wait(60)
+out["timed_out"] = [w for w, e in (("birth", born), ("acknowledgement", data)) if not e.is_set()]
 c.disconnect()
 print(json.dumps(out))
