@@ -17,6 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	-$(PY) -m vbatt.drivers.mqtt.broker  # Mosquitto for the MQTT tests: found, or unpacked from its Debian package (says why not)
 	@touch $(STAMP)
 
 run: $(STAMP)

@@ -50,6 +50,7 @@ BUILTIN: dict[str, str] = {
     "sim": "vbatt.drivers.sim:SPEC",
     "modbus": "vbatt.drivers.modbus:SPEC",
     "opcua": "vbatt.drivers.opcua:SPEC",
+    "mqtt": "vbatt.drivers.mqtt:SPEC",
 }
 
 _REGISTRY = Registry("vbatt.drivers", BUILTIN)

@@ -63,7 +63,7 @@ def test_good_config_gives_typed_objects():
          "plant.yaml:8: nodes[0].priority: duplicate key (first given on line 7)"),
         (GOOD + "programs: [nope]\n", "plant.yaml:15: programs[0]: unknown program 'nope' (expected one of:"),
         (GOOD + "programs:\n  - safe_allocation: {x: 1}\n", "plant.yaml:16: programs[0].safe_allocation.x: unknown key"),
-        (GOOD + "  - {id: B, driver: can}\n", "plant.yaml:15: nodes[1]: unknown driver (expected sim, modbus or opcua"),
+        (GOOD + "  - {id: B, driver: can}\n", "plant.yaml:15: nodes[1]: unknown driver (expected sim, modbus, opcua or mqtt"),
         ("nodes:\n  - id: A\n   soc: 1\n", "plant.yaml:3: not valid YAML"),
         ("", "plant.yaml:1: the file is empty"),
         ("nodes:\n  - {id: A}\n  -\n", "plant.yaml:3: nodes[1]: expected a node (a mapping with an 'id') or a 'template', got None"),

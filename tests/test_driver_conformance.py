@@ -583,3 +583,127 @@ class TestOpcua(DriverConformance):
                    f"private_key: '{c['controller'].key}', server_certificate: '{c['ca'].cert}'}}")
             return self.plant(dev, security=sec), None
         raise AssertionError(f"no way to make {fault.name}")
+
+
+# -- mqtt -----------------------------------------------------------------------------------------------
+class _MqttDevice:
+    """A real Mosquitto (TLS for the controller, a plaintext loopback listener for the node) and a Sparkplug
+    edge node `e1` publishing one simulated battery as device A (its physics held still: exact values)."""
+
+    def __init__(self, tmp: Path, loop, edge: bool = True, soc: float | None = None):
+        from mqtt_support import RunningEdge, edge_link, make_broker
+
+        self.broker = make_broker(tmp)
+        self.broker.start()
+        self.port = self.broker.port
+        self.edge = None
+        if edge:
+            self.edge = RunningEdge(loop, edge_link(self.broker, "e1", tls=False), "e1", tick=False, start=False)
+            if soc is not None:
+                self.edge.edge.agents.backend.offer["soc"][:] = soc
+            self.edge.start()
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+    def start(self) -> None:
+        self.broker.start()
+
+    def close(self) -> None:
+        if self.edge is not None:
+            self.edge.stop()
+        self.broker.stop()
+
+
+class TestMqtt(DriverConformance):
+    kind = "mqtt"
+    makes = {Fault.NO_DATA, Fault.TIMEOUT, Fault.CONNECTION, Fault.EXCEPTION_REPLY, Fault.GARBLED, Fault.BAD_VALUE,
+             Fault.TLS}
+    cannot = {
+        Fault.SIMULATED: "only a simulation injects faults",
+        Fault.NO_SUNSPEC: "SunSpec discovery is Modbus's: a Sparkplug device births its metrics",
+        Fault.WRONG_UNIT: "Sparkplug has no unit ids: a message for a device not configured here is counted "
+                          "(Host.foreign), it is no node's fault",
+    }
+    not_carried = {}
+    lease_ms = 800.0
+
+    @pytest.fixture(autouse=True)
+    def _loop(self, tmp_path):
+        from mqtt_support import Loop
+
+        self.loop = Loop()
+        self.tmp = tmp_path
+        self.n = 0
+        yield
+        self.loop.close()
+
+    def _dev(self, **kw) -> _MqttDevice:
+        self.n += 1
+        return _MqttDevice(self.tmp / f"broker{self.n}", self.loop, **kw)
+
+    @contextlib.contextmanager
+    def device(self):
+        dev = self._dev()
+        try:
+            yield dev
+        finally:
+            dev.close()
+
+    def plant(self, dev, ca: str | None = None, password: str | None = None, port: int | None = None) -> str:
+        from mqtt_support import HOST_PW, HOST_USER
+
+        ca = ca or str(dev.broker.ca)
+        return ("plant: {stale_ms: 1000}\n"
+                f"drivers: {{mqtt: {{host: 127.0.0.1, port: {port or dev.port}, tls: {{ca: '{ca}'}}, "
+                f"username: {HOST_USER}, password: {password or HOST_PW}, host_id: h1, group: g1, command_ms: 100, "
+                f"lease_ms: 800, silence_ms: 2000, reconnect_min_ms: 100, reconnect_max_ms: 400, publish_ms: 10}}}}\n"
+                "nodes:\n  - {id: A, driver: mqtt, edge_node: e1}\n")
+
+    def expected(self, dev) -> dict[str, float]:
+        return {"soc": 0.8, "demand_w": 200.0, "max_discharge_w": 100.0, "capacity_wh": 1000.0}
+
+    def received(self, dev) -> dict[str, float]:
+        a = dev.edge.edge.agents
+        return {**{k: float(a.cmd[k][0]) for k in ("battery_w", "bus_w", "served_w", "shed_w")},
+                "sequence": int(a.seq[0]), "lease_ms": float(a.lease_ms[0])}
+
+    def provoke(self, fault, stack, tmp):
+        from mqtt_support import RawEdge
+
+        class _At:
+            def __init__(self, port):
+                self.port = port
+
+        if fault == Fault.TIMEOUT:  # a broker that accepts TCP and never says a word
+            return self.plant(_At(stack.enter_context(mute_listener())), ca=str(self._ca(tmp))), None
+        if fault == Fault.CONNECTION:
+            return self.plant(_At(free_port()), ca=str(self._ca(tmp))), None
+        if fault == Fault.TLS:  # a CA that did not sign the broker's certificate
+            dev = self._dev(edge=False)
+            stack.callback(dev.close)
+            return self.plant(dev, ca=str(self._ca(tmp))), None
+        if fault == Fault.EXCEPTION_REPLY:  # the broker refuses the login
+            dev = self._dev(edge=False)
+            stack.callback(dev.close)
+            return self.plant(dev, password="wrong"), None
+        if fault == Fault.NO_DATA:  # a broker, but no edge node births the device
+            dev = self._dev(edge=False)
+            stack.callback(dev.close)
+            return self.plant(dev), None
+        if fault == Fault.BAD_VALUE:  # a birth with a state of charge of 150 %
+            dev = self._dev(soc=1.5)
+            stack.callback(dev.close)
+            return self.plant(dev), None
+        if fault == Fault.GARBLED:  # a DBIRTH that is no protobuf
+            dev = self._dev(edge=False)
+            stack.callback(dev.close)
+            raw = RawEdge(dev.broker, "e1", "A", b"\xff\xff\xff garbage")
+            stack.callback(raw.close)
+            return self.plant(dev), None
+        raise AssertionError(f"no way to make {fault.name}")
+
+    def _ca(self, tmp: Path) -> Path:
+        from vbatt.drivers.certs import create_ca
+
+        return create_ca(tmp / "other-ca").cert

@@ -45,6 +45,7 @@ from vbatt.config.yamlsrc import ConfigError, format_path, load_yaml_file
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.backends import Backend
 from vbatt.drivers.modbus.config import TlsFiles
+from vbatt.drivers.mqtt.config import EdgeConfig
 
 __all__ = ["AgentSpec", "AgentSet", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
            "serve_agents", "run_node", "LEASE_MAX_MS"]
@@ -175,12 +176,18 @@ class AgentSet:
         # plain struct, not numpy: this runs inside every instruction request (thousands per second)
         off = INSTR_FIRST - address
         seq, lease, cmd = CODEC.decode_instruction(values[off:off + INSTR_END - INSTR_FIRST])
+        refused = self.accept(i, seq, lease, cmd)
+        self._status_into(i, regs, start)
+        return ExcCodes.ILLEGAL_VALUE if refused else None
+
+    def accept(self, i: int, seq: int, lease: int, cmd: dict[str, float]) -> str | None:
+        """Node i takes instruction `seq` (its outputs `cmd`) with a lease of `lease` ms, whatever the transport;
+        returns None, or why it was refused (NaN, or a lease out of range): then nothing changes but the alarm."""
         if not all(math.isfinite(v) for v in cmd.values()) or not (0 < lease <= LEASE_MAX_MS):
             self.alarm[i] |= ss.Alarm.BAD_INSTRUCTION
             log.warning("node %s: refused instruction seq %d (lease %d ms, %s): NaN or lease out of (0, %d]",
                         self.specs[i].id, seq, lease, cmd, LEASE_MAX_MS)
-            self._status_into(i, regs, start)
-            return ExcCodes.ILLEGAL_VALUE
+            return f"NaN or lease {lease} ms out of (0, {LEASE_MAX_MS}]"
         now = self.clock_ns()
         for k, v in cmd.items():
             self.cmd[k][i] = v
@@ -193,7 +200,6 @@ class AgentSet:
         self.mode[i] = ss.Mode.CONTROLLED
         self.alarm[i] &= ~int(ss.Alarm.BAD_INSTRUCTION | ss.Alarm.LEASE_EXPIRED)
         self.instructions[i] += 1
-        self._status_into(i, regs, start)
         return None
 
     def _status_into(self, i: int, regs: list[int], start: int) -> None:
@@ -357,6 +363,8 @@ class NodeAgentConfig(Strict):
     plaintext: bool = False
     tls: TlsFiles | None = None
     backend: Annotated[Union[SimBackendConfig, SysfsBackendConfig, NutBackendConfig], Field(discriminator="kind")]
+    # publish over MQTT Sparkplug B as an edge node instead of serving Modbus (docs/mqtt.md)
+    mqtt: EdgeConfig | None = None
 
 
 def load_node_config(path: str | Path) -> NodeAgentConfig:
@@ -370,6 +378,11 @@ def load_node_config(path: str | Path) -> NodeAgentConfig:
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append(f"{located.where(loc)}: {format_path(loc)}: {msg}")
         raise ConfigError(problems) from None
+    if cfg.mqtt is not None:
+        from vbatt.drivers.mqtt.edge import check_edge_config
+
+        check_edge_config(cfg, located)
+        return cfg
     if cfg.plaintext == (cfg.tls is not None):
         raise ConfigError([f"{located.source}: say how to secure the link: either 'tls: {{ca, cert, key}}' "
                            f"(Modbus/TCP Security) or 'plaintext: true' (got "
@@ -438,6 +451,11 @@ async def serve_agents(agents: AgentSet, stop: asyncio.Event, on_ready=None) -> 
 def run_node(cfg: NodeAgentConfig, ready_file: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
     agents = build_agent(cfg)
+    if cfg.mqtt is not None:
+        from vbatt.drivers.mqtt.edge import run_edge_node
+
+        run_edge_node(cfg, agents, ready_file)
+        return
 
     def ready(a: AgentSet) -> None:
         log.warning("node %s: serving SunSpec on %s:%d (unit %d, %s, backend %s)", cfg.id, cfg.host, a.ports[0],

@@ -52,7 +52,8 @@ def build_fleet_agents(cfg, fleet, base_port: int | None = None, seed: int = 0) 
     return AgentSet(SimBackend(sub, 0, len(idx), seed=seed), specs, tick_ms=ef.tick_ms)
 
 
-def fleet_main(cfg, fleet, base_port: int | None = None, ready_file: str | None = None, level: int = 30) -> None:
+def fleet_main(cfg, fleet, base_port: int | None = None, ready_file: str | None = None, level: int = 30,
+               edge: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or the parent dies, when started by the supervisor)."""
     try:
         from vbatt.kernel.rt import set_parent_death_signal
@@ -62,6 +63,11 @@ def fleet_main(cfg, fleet, base_port: int | None = None, ready_file: str | None 
         pass
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    if not embedded_indices(cfg, fleet) and "mqtt" in fleet.drivers:  # Sparkplug edge nodes (docs/mqtt.md)
+        from vbatt.drivers.mqtt.edge import fleet_edges_main
+
+        fleet_edges_main(cfg, fleet, edge, ready_file)
+        return
     agents = build_fleet_agents(cfg, fleet, base_port)
 
     def ready(a: AgentSet) -> None:

@@ -59,7 +59,8 @@ def cmd_fleet(args) -> int:
         return _report_config_error(exc)
     try:
         fleet_main(cfg, fleet, args.base_port if args.config and args.base_port_given else None,
-                   ready_file=args.ready_file, level=logging.INFO if args.verbose else logging.WARNING)
+                   ready_file=args.ready_file, level=logging.INFO if args.verbose else logging.WARNING,
+                   edge=getattr(args, "edge", None))
     except (OSError, ValueError) as exc:
         _err(f"vbatt fleet: {exc}")
         return EXIT_FAIL
@@ -99,6 +100,8 @@ def add_command(sub) -> None:
     f.add_argument("--base-port", type=int, metavar="P", default=None)
     f.add_argument("--tick-ms", type=float, default=100.0, metavar="MS", help="physics/register refresh period")
     f.add_argument("--ready-file", metavar="FILE", help="write the first and last port here once serving")
+    f.add_argument("--edge", type=int, metavar="K", default=None,
+                   help="driver: mqtt templates: serve only Sparkplug edge node K (default: all)")
     f.add_argument("-v", "--verbose", action="store_true")
 
     def fleet(args):

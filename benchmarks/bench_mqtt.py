@@ -1,0 +1,228 @@
+"""Controller-side MQTT Sparkplug B throughput: N nodes publishing at 1 Hz through one Mosquitto on 127.0.0.1.
+
+Publishers: `vbatt fleet CONFIG --edge K` processes, one Sparkplug edge node each (NODES_PER_EDGE
+devices, tick 1 s: every device sends a DDATA per second, its state of charge changes every tick).
+Controller: the `mqtt` driver's host application (drivers/mqtt/driver.py `Host`) in a process of
+its own, staging for the scan every 20 ms and sending every device a DCMD (the instruction, a new
+sequence number every 100 ms as a scan would make) once a second. Measured over WINDOW_S after every
+node is online: the controller's CPU (user + system of its process), the DDATA it decoded per second,
+the age of the data when staged for the scan (stage time − the payload's timestamp, both wall
+clocks of this machine; p50/p99 over every fresh value staged), the instruction round trip (DCMD
+sent → its sequence number acknowledged in a DDATA; p50/p99 over the nodes' last round trip), and
+the CPU of the broker and of the publishers (from /proc), with the load average.
+
+    python -m benchmarks.bench_mqtt --nodes 10000          # figures on stdout and in benchmarks/mqtt_results.json
+    make bench ARGS="-k mqtt"                              # 1,000 nodes under pytest-benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+NODES_PER_EDGE = 2500
+WINDOW_S = float(os.environ.get("VBATT_BENCH_WINDOW_S", "20"))
+SETTLE_S = 90.0  # longest wait for every node to be online before measuring anyway
+PW = "bench-secret"
+
+
+def _cpu_s(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _plant(n: int, port: int, ca: str | None, per_edge: int) -> str:
+    sec = f"tls: {{ca: '{ca}'}}" if ca else "plaintext: true"
+    return f"""
+plant: {{stale_ms: 3000}}
+drivers:
+  mqtt: {{host: 127.0.0.1, port: {port}, {sec}, username: controller, password: {PW}, host_id: bench,
+         group: bench, command_ms: 1000, silence_ms: 5000, publish_ms: 20,
+         fleet: {{edge_node: "fleet-{{e}}", nodes_per_edge: {per_edge}, password: {PW}, tick_ms: 1000,
+                 period_ms: 30000}}}}
+nodes:
+  - template: {{count: {n}, id: "n-{{i:05d}}", driver: mqtt, demand_w: [200, 450], max_discharge_w: [400, 800],
+               max_charge_w: [200, 400], capacity_wh: [300, 900], soc: [0.4, 1.0], link_max_w: [500, 1000],
+               demand_profile: {{kind: sine, amplitude_w: 60, period_s: 120, noise_w: 15}}}}
+"""
+
+
+def controller(cfg_path: str, window_s: float, out_path: str) -> None:
+    """The host application alone in this process; writes its figures to out_path."""
+    from vbatt.config.plant import load_config
+    from vbatt.drivers.faults import Fault
+    from vbatt.drivers.mqtt.config import mqtt_nodes
+    from vbatt.drivers.mqtt.driver import Host
+    from vbatt.drivers.mqtt.edge import Link
+    from vbatt.kernel.image import DRIVER_INPUTS
+
+    cfg, fleet = load_config(cfg_path)
+    d = cfg.drivers.mqtt
+    where = mqtt_nodes(cfg, fleet)
+    nodes = [where[i] for i in range(len(fleet))]
+    h = Host(nodes, Link.of(d), host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
+             silence_ms=d.silence_ms, backoff_s=(0.25, 2.0))
+    n = len(nodes)
+    staging = {f.name: np.zeros(n, f.dtype) for f in DRIVER_INPUTS}
+    outputs = {k: np.full(n, 10.0) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
+
+    async def main() -> dict:
+        stop = asyncio.Event()
+        task = asyncio.create_task(h.link_task(0, stop))
+        loop = asyncio.get_running_loop()
+        t_start = time.monotonic()
+        seq = 1
+        ages: list[np.ndarray] = []
+        last_got = np.zeros(n, np.int64)
+        online_at = None
+        t0 = ru0 = m0 = rtt_ok = None
+        next_seq = loop.time()
+        while True:
+            await asyncio.sleep(0.02)
+            if loop.time() >= next_seq:
+                seq += 1
+                h.set_instruction(seq, outputs)
+                next_seq += 0.1
+            h.fill(staging)
+            now_ms = time.time_ns() // 1_000_000
+            fresh = h.got_ns != last_got
+            last_got = h.got_ns.copy()
+            if online_at is None:
+                # every node online (or, on a machine too loaded for that, SETTLE_S after the start): settle,
+                # then measure; the fraction online is reported
+                if (staging["fault"] == 0).all() or time.monotonic() - t_start > SETTLE_S:
+                    online_at = time.monotonic()
+                    t0, m0 = time.monotonic() + 3.0, None
+                continue
+            if m0 is None and time.monotonic() >= t0:
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                m0, t0 = int(h.messages.sum()), time.monotonic()
+                ages.clear()
+                rtt_ok = h.rtt_ms.copy()
+                continue
+            if m0 is not None:
+                ok = fresh & (h.sampled_ms > 0)
+                ages.append(now_ms - h.sampled_ms[ok])
+                if time.monotonic() - t0 >= window_s:
+                    break
+        t1 = time.monotonic()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        m1 = int(h.messages.sum())
+        stop.set()
+        await task
+        await h.aclose()
+        if m0 is None:
+            return {"error": "no measurement window"}
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        age = np.concatenate(ages) if ages else np.zeros(1)
+        rtt = h.rtt_ms[h.rtt_ms != rtt_ok] if rtt_ok is not None else h.rtt_ms
+        return {"nodes": n, "window_s": t1 - t0, "controller_cpu_cores": cpu / (t1 - t0),
+                "messages_per_s": (m1 - m0) / (t1 - t0), "online_after_s": online_at - t_start,
+                "age_at_latch_ms": {"p50": float(np.percentile(age, 50)), "p99": float(np.percentile(age, 99)),
+                                    "count": int(age.size)},
+                "instruction_rtt_ms": {"p50": float(np.percentile(rtt, 50)) if rtt.size else None,
+                                       "p99": float(np.percentile(rtt, 99)) if rtt.size else None,
+                                       "nodes": int(rtt.size)},
+                "dcmd_per_s": float(h.requests.sum()) / (t1 - t_start), "gaps": int(h.gaps),
+                "rebirths": int(h.rebirths), "faulty_at_end": int((staging["fault"] != 0).sum()),
+                "faults_at_end": {Fault(int(c)).name: int((staging["fault"] == c).sum())
+                                  for c in np.unique(staging["fault"])},
+                "acked_last_dcmd": int((h.status["status/ack_seq"] == h.sent_seq).sum()),
+                "controlled": int((h.status["status/mode"] == 1).sum()),
+                "refused_total": int(h.status["status/refused"].sum())}
+
+    Path(out_path).write_text(json.dumps(asyncio.run(main())))
+
+
+def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = NODES_PER_EDGE) -> dict:
+    from vbatt.drivers.mqtt.broker import Broker, User, sparkplug_acl
+
+    tmp = Path(tempfile.mkdtemp(prefix="vbatt-bench-mqtt-"))
+    edges = [f"fleet-{e}" for e in range(-(-n // per_edge))]
+    broker = Broker(tmp / "broker", [User("controller", PW, sparkplug_acl("host")),
+                                     *(User(e, PW, sparkplug_acl("edge")) for e in edges)],
+                    plaintext=not tls, max_queued=1_000_000)
+    broker.start()
+    cfg = tmp / "plant.yaml"
+    cfg.write_text(_plant(n, broker.port if tls else broker.plain_port, str(broker.ca) if tls else None, per_edge))
+    procs = []
+    try:
+        for k in range(len(edges)):
+            # niced: the publishers stand for nodes on other machines; here they share two cores with the controller
+            procs.append(subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "vbatt.cli", "fleet", str(cfg),
+                                           "--edge", str(k)],
+                                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        out = tmp / "controller.json"
+        ctl = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_mqtt", "--controller", str(cfg),
+                                "--window", str(window_s), "--out", str(out)], cwd=REPO)
+        pub0 = bro0 = None
+        t0 = time.monotonic()
+        while ctl.poll() is None:
+            time.sleep(0.5)
+            if pub0 is None and time.monotonic() - t0 > 10:  # publishers and broker: over the same stretch
+                pub0 = sum(_cpu_s(p.pid) for p in procs), time.monotonic()
+                bro0 = _cpu_s(broker.proc.pid)
+            if pub0 is not None:
+                pub1, bro1, t1 = sum(_cpu_s(p.pid) for p in procs), _cpu_s(broker.proc.pid), time.monotonic()
+        res = json.loads(out.read_text())
+        if pub0 is not None:
+            res["publishers_cpu_cores"] = (pub1 - pub0[0]) / (t1 - pub0[1])
+            res["broker_cpu_cores"] = (bro1 - bro0) / (t1 - pub0[1])
+        res["publisher_processes"] = len(procs)
+        res["tls"] = tls
+        res["loadavg_1m_at_end"] = os.getloadavg()[0]
+        res["cores"] = os.cpu_count()
+        return res
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.stop()
+
+
+def test_mqtt_1000_nodes_at_1hz(benchmark):
+    """pytest-benchmark: 1,000 nodes (one edge node), figures in extra_info."""
+    res = benchmark.pedantic(lambda: run(1000, window_s=8.0, per_edge=1000), rounds=1, iterations=1)
+    benchmark.group = "mqtt: 1 Hz publishers"
+    benchmark.extra_info.update({"n": 1000, **{k: v for k, v in res.items() if not isinstance(v, dict)}})
+    assert "error" not in res, res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, nargs="+", default=[10_000])
+    ap.add_argument("--tls", action="store_true")
+    ap.add_argument("--window", type=float, default=WINDOW_S)
+    ap.add_argument("--controller")
+    ap.add_argument("--out")
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "mqtt_results.json"))
+    a = ap.parse_args()
+    if a.controller:
+        controller(a.controller, a.window, a.out)
+        return 0
+    results = []
+    for n in a.nodes:
+        r = run(n, tls=a.tls, window_s=a.window)
+        print(json.dumps(r, indent=1), flush=True)
+        results.append(r)
+    Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

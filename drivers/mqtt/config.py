@@ -1,0 +1,157 @@
+"""Config models of the MQTT (Sparkplug B) side: the broker link, the host's `drivers.mqtt`, a node entry,
+an edge node (`vbatt node` with `mqtt:`, the fleet's edge nodes). See docs/mqtt.md.
+
+Secure by default: a link needs `tls: {ca}` (the broker's CA; `cert`/`key` add a client certificate)
+or `plaintext: true`, and plaintext is refused for a host that is not loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from vbatt.config.base import NodeId, NodeSettings, Strict
+
+__all__ = ["BrokerTls", "BrokerLink", "FleetEdgeConfig", "MqttDriverConfig", "MqttNodeConfig", "EdgeConfig",
+           "LOOPBACK", "mqtt_nodes", "SparkplugId"]
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+Ms = Annotated[float, Field(gt=0, le=3_600_000, allow_inf_nan=False)]
+# Sparkplug ids are topic levels: no '/', '+', '#'
+SparkplugId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class BrokerTls(Strict):
+    """The broker's CA (PEM); `cert` and `key`: a client certificate as well (mutual TLS)."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "BrokerTls":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both 'cert' and 'key' (a client certificate), or neither")
+        return self
+
+
+class BrokerLink(Strict):
+    """Where the broker is and how to log in."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    tls: BrokerTls | None = None
+    plaintext: bool = False  # MQTT without TLS: loopback only, and only when said so
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None  # first line of the file is the password (keeps it out of the YAML)
+    keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 10
+
+    @model_validator(mode="after")
+    def _secure(self) -> "BrokerLink":
+        if self.plaintext and self.tls is not None:
+            raise ValueError("give either 'tls' (the broker's CA) or 'plaintext: true', not both")
+        if self.plaintext and self.host not in LOOPBACK:
+            raise ValueError(f"plaintext: true is allowed only for a broker on loopback ({', '.join(LOOPBACK)}), "
+                             f"not {self.host!r}: use tls: {{ca: ...}}")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either 'password' or 'password_file', not both")
+        return self
+
+    @property
+    def secured(self) -> bool:
+        return self.tls is not None or self.plaintext
+
+    def secret(self) -> str | None:
+        if self.password_file is not None:
+            lines = Path(self.password_file).read_text().splitlines()
+            return lines[0] if lines else ""
+        return self.password
+
+
+class FleetEdgeConfig(Strict):
+    """The edge nodes that serve the template nodes with `driver: mqtt` (`vbatt fleet CONFIG`): node k of
+    those templates is device k % nodes_per_edge of edge node `edge_node.format(e=k // nodes_per_edge)`."""
+
+    edge_node: Annotated[str, Field(min_length=1)] = "fleet-{e}"
+    nodes_per_edge: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    username: str | None = None  # default: the edge node id (the broker's ACL keys on it)
+    password: str | None = None
+    password_file: str | None = None
+    tick_ms: Ms = 1000.0  # physics period; DDATA carries what changed at every tick
+    period_ms: Ms = 10_000.0  # every metric is sent at least this often
+
+
+class MqttDriverConfig(BrokerLink):
+    """`drivers.mqtt`: the controller is the Sparkplug host application `host_id`."""
+
+    host_id: SparkplugId = "vbatt"
+    group: SparkplugId = "vbatt"  # the group of nodes that do not name one
+    command_ms: Ms = 1000.0  # each device gets the newest instruction this often (lease renewal)
+    lease_ms: Ms | None = None  # default 4 x command_ms
+    silence_ms: Ms = 5000.0  # a device that sends nothing for this long is TIMEOUT
+    publish_ms: Ms = 20.0
+    reconnect_min_ms: Ms = 250.0
+    reconnect_max_ms: Ms = 4000.0
+    rebirth_min_ms: Ms = 2000.0  # rebirth requests to one edge node at most this often
+    # data is as old as its payload timestamp says (clocks in sync, e.g. NTP), so a backlog ages it toward
+    # stale; false: as old as its arrival here
+    trust_timestamps: bool = True
+    fleet: FleetEdgeConfig = FleetEdgeConfig()
+    # one I/O process (one broker session, one STATE) for all MQTT nodes: no `processes` key yet, as
+    # several host processes under one host_id would contradict each other's STATE
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "MqttDriverConfig":
+        if self.reconnect_max_ms < self.reconnect_min_ms:
+            raise ValueError(f"reconnect_max_ms ({self.reconnect_max_ms}) must be >= reconnect_min_ms "
+                             f"({self.reconnect_min_ms})")
+        return self
+
+    @property
+    def lease(self) -> float:
+        return self.lease_ms if self.lease_ms is not None else 4.0 * self.command_ms
+
+
+class MqttNodeConfig(NodeSettings):
+    """A node that publishes over Sparkplug B: device `device` (default: the node id) of edge node
+    `edge_node` in group `group` (default: drivers.mqtt.group)."""
+
+    id: NodeId
+    driver: Literal["mqtt"]
+    edge_node: SparkplugId
+    device: SparkplugId | None = None
+    group: SparkplugId | None = None
+
+
+class EdgeConfig(BrokerLink):
+    """`mqtt:` of a `vbatt node` config: publish as Sparkplug edge node `edge_node` (default: the node id,
+    also the default user name) with the node as its device."""
+
+    group: SparkplugId = "vbatt"
+    edge_node: SparkplugId | None = None
+    device: SparkplugId | None = None
+    primary_host: SparkplugId | None = None  # birth only while this host's STATE is online
+    period_ms: Ms = 10_000.0
+
+
+def mqtt_nodes(cfg, fleet) -> dict[int, tuple[str, str, str]]:
+    """Image index -> (group, edge node, device) of every node reached over MQTT."""
+    d = cfg.drivers.mqtt
+    out: dict[int, tuple[str, str, str]] = {}
+    i = k = 0
+    for entry in cfg.nodes:
+        t = getattr(entry, "template", None)
+        if t is not None:
+            if t.driver == "mqtt":
+                for j in range(t.count):
+                    out[i + j] = (d.group, d.fleet.edge_node.format(e=k // d.fleet.nodes_per_edge), fleet.ids[i + j])
+                    k += 1
+            i += t.count
+            continue
+        if getattr(entry, "driver", None) == "mqtt":
+            out[i] = (entry.group or d.group, entry.edge_node, entry.device or entry.id)
+        i += 1
+    return out

@@ -1,0 +1,483 @@
+"""The controller's MQTT driver: the Sparkplug B host application (docs/mqtt.md).
+
+One broker session per I/O process (drivers/aio.py's `Links` with one link: connect, retried with
+backoff, faults), one paho network thread that decodes every message as it arrives (`on_message`,
+under a lock), and the asyncio loop that stages the newest values for the scan every `publish_ms`
+and sends each device its instruction as a DCMD every `command_ms`.
+
+Host duties: STATE birth (retained JSON, Sparkplug 3.0 `spBv1.0/STATE/<host_id>`) after subscribing,
+STATE death as the will and before a clean disconnect; subscribe `spBv1.0/<group>/#` of every group;
+NBIRTH/DBIRTH give each device's aliases and types; seq checked per edge node (a gap asks for a
+rebirth, at most every `rebirth_min_ms`); data without a birth asks for a rebirth; NDEATH (with the
+bdSeq of the current birth) and DDEATH mark devices CONNECTION; silence longer than `silence_ms`
+marks TIMEOUT; a payload that does not parse, or a metric vbatt does not know, marks that device
+GARBLED with the reason; values outside the field table's range are BAD_VALUE. Nothing of one
+device touches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+
+from vbatt.kernel.fields import node_field
+
+from vbatt.drivers.aio import AsyncDriver, LinkError, Links
+from vbatt.drivers.base import IoContext
+from vbatt.drivers.faults import Fault
+from vbatt.drivers.mqtt import sparkplug as sp
+from vbatt.drivers.mqtt.client import Session, Will
+from vbatt.drivers.mqtt.config import mqtt_nodes
+from vbatt.drivers.mqtt.edge import Link
+
+__all__ = ["Host", "MqttDriver"]
+
+log = logging.getLogger("vbatt.mqtt")
+
+DM = sp.DEVICE_METRICS
+FIELDS = tuple(m.field for m in DM if m.field is not None and not m.name.startswith("instruction/"))
+KNOWN = {m.name: j for j, m in enumerate(DM)}
+STATUS = {m.name: m for m in sp.STATUS_METRICS}
+OUTPUTS = tuple(m.field for m in sp.COMMAND_METRICS if m.field)
+SENT_KEPT = 8
+
+
+class _Edge:
+    __slots__ = ("devices", "bdseq", "next_seq", "born", "rebirth_at", "gaps")
+
+    def __init__(self):
+        self.devices: list[int] = []
+        self.bdseq = -1
+        self.next_seq = -1
+        self.born = False
+        self.rebirth_at = 0.0
+        self.gaps = 0
+
+
+class Host(Links):
+    """The host application for `nodes` (group, edge node, device) on one broker link."""
+
+    log = log
+    spread = False
+    drop_on_error = True
+
+    def __init__(self, nodes: list[tuple[str, str, str]], link: Link, *, host_id: str, lease_ms: float,
+                 command_ms: float, silence_ms: float, rebirth_min_ms: float = 2000.0,
+                 backoff_s: tuple[float, float] = (0.25, 4.0), round_s: float = 0.05, clock_ns=time.monotonic_ns,
+                 trust_timestamps: bool = True):
+        super().__init__(1, interval_s=round_s, backoff_s=backoff_s)
+        n = self.nodes_n = len(nodes)
+        self.nodes, self.link, self.host_id = nodes, link, host_id
+        self.lease_ms, self.command_s, self.silence_ns = int(lease_ms), command_ms / 1e3, int(silence_ms * 1e6)
+        self.rebirth_min_s = rebirth_min_ms / 1e3
+        self.clock_ns = clock_ns
+        self.trust_timestamps = trust_timestamps
+        self.lock = threading.Lock()
+        self.session: Session | None = None
+        self.epoch = time.time_ns() // 1_000_000  # orders this process's sequence numbers after any earlier run's
+        self.values = {k: np.zeros(n) for k in FIELDS}
+        self.got_ns = np.zeros(n, np.int64)
+        self.sampled_ms = np.zeros(n, np.int64)  # the payload timestamp of the newest data (the edge's clock)
+        self.fault = np.full(n, int(Fault.NO_DATA), np.uint32)
+        self.why = ["no birth yet"] * n
+        self.requests = np.zeros(n, np.uint64)  # DCMDs and rebirth requests sent
+        self.errors = np.zeros(n, np.uint64)
+        self.messages = np.zeros(n, np.uint64)
+        self.rtt_ms = np.zeros(n)
+        self.status = {k: np.zeros(n) for k in STATUS}
+        self.sent_seq = np.zeros(n, np.uint64)
+        # the last SENT_KEPT DCMDs of each node (sequence number, send time): an acknowledgement that comes
+        # after the next DCMD went out still finds its own
+        self.sent_hist_seq = np.zeros((n, SENT_KEPT), np.uint64)
+        self.sent_hist_ns = np.zeros((n, SENT_KEPT), np.int64)
+        self.aliases: list[dict[int, tuple[int, int]] | None] = [None] * n
+        self.suspect = np.zeros(n, bool)  # sent something garbled: ignored until its next DBIRTH
+        self.edges: dict[tuple[str, str], _Edge] = {}
+        self._dev_topics: dict[bytes, tuple[str, int]] = {}
+        for i, (g, e, d) in enumerate(nodes):
+            self.edges.setdefault((g, e), _Edge()).devices.append(i)
+            for kind in ("DBIRTH", "DDATA", "DDEATH"):
+                self._dev_topics[sp.topic(g, kind, e, d).encode()] = (kind, i)
+        self._edge_topics: dict[bytes, tuple[str, _Edge, tuple[str, str]]] = {}
+        for (g, e), ed in self.edges.items():
+            for kind in ("NBIRTH", "NDATA", "NDEATH"):
+                self._edge_topics[sp.topic(g, kind, e).encode()] = (kind, ed, (g, e))
+        self.groups = sorted({g for g, _e, _d in nodes})
+        self._dcmd = [sp.topic(g, "DCMD", e, d) for g, e, d in nodes]
+        self.have_instruction = False
+        self._instr: dict[str, np.ndarray] = {}
+        self._seq = 0
+        self.next_cmd = np.zeros(n)  # loop time of each device's next DCMD
+        self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
+        self.gaps = 0
+        self.rebirths = 0
+        self.foreign = 0  # messages for devices not configured here
+
+    # -- messages (paho's thread) ----------------------------------------------------------------------
+    def on_message(self, topic: bytes, payload: bytes) -> None:
+        now = self.clock_ns()
+        with self.lock:
+            hit = self._dev_topics.get(topic)
+            if hit is not None:
+                self._device(hit[0], hit[1], payload, now)
+                return
+            hit = self._edge_topics.get(topic)
+            if hit is not None:
+                self._edge(hit[0], hit[1], hit[2], payload)
+                return
+            self.foreign += 1
+
+    def _parse(self, payload: bytes, i: int | None, what: str):
+        try:
+            return sp.Payload.FromString(payload)
+        except Exception as exc:  # noqa: BLE001 (protobuf's DecodeError and friends)
+            if i is not None:
+                self._bad(i, Fault.GARBLED, f"{what}: payload is no Sparkplug B protobuf ({type(exc).__name__})")
+            else:
+                log.warning("%s: payload is no Sparkplug B protobuf", what)
+            return None
+
+    def _bad(self, i: int, fault: Fault, why: str) -> None:
+        self.fault[i] = int(fault)
+        self.why[i] = why
+        self.errors[i] += 1
+        if fault == Fault.GARBLED:
+            # what it says can no longer be trusted: faulty until it births again, and asked to
+            self.suspect[i] = True
+            g, e, _d = self.nodes[i]
+            self._rebirth((g, e), self.edges[(g, e)])
+
+    def _seq_ok(self, ed: _Edge, key, p) -> None:
+        if not p.HasField("seq") or ed.next_seq < 0:
+            return
+        if p.seq != ed.next_seq:
+            ed.gaps += 1
+            self.gaps += 1
+            log.info("edge %s/%s: seq %d, expected %d: rebirth", key[0], key[1], p.seq, ed.next_seq)
+            self._rebirth(key, ed)
+        ed.next_seq = (p.seq + 1) % 256
+
+    def _rebirth(self, key, ed: _Edge) -> None:
+        now = time.monotonic()
+        if now - ed.rebirth_at < self.rebirth_min_s or self.session is None:
+            return
+        ed.rebirth_at = now
+        self.rebirths += 1
+        self.requests[ed.devices] += 1  # a request to each of its devices, as a DCMD is
+        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
+        p.metrics.add(name=sp.REBIRTH.name, datatype=sp.REBIRTH.datatype, boolean_value=True)
+        self.session.publish(sp.topic(key[0], "NCMD", key[1]), p.SerializeToString(), 0)
+
+    def _edge(self, kind: str, ed: _Edge, key, payload: bytes) -> None:
+        p = self._parse(payload, None, f"{kind} of edge {key[0]}/{key[1]}")
+        if p is None:
+            for i in ed.devices:
+                self._bad(i, Fault.GARBLED, f"{kind} of its edge node is no Sparkplug B protobuf")
+            return
+        bd = next((m.long_value for m in p.metrics if m.name == sp.BDSEQ.name), None)
+        if kind == "NBIRTH":
+            ed.bdseq = -1 if bd is None else bd
+            ed.born = True
+            ed.next_seq = (p.seq + 1) % 256
+            return
+        if kind == "NDEATH":
+            if bd is not None and ed.bdseq >= 0 and bd != ed.bdseq:
+                return  # the will of an older session: this one is alive
+            ed.born = False
+            ed.next_seq = -1
+            for i in ed.devices:
+                self.fault[i] = int(Fault.CONNECTION)
+                self.why[i] = f"edge node {key[1]} sent NDEATH (bdSeq {bd}): it lost its broker connection"
+                self.aliases[i] = None
+            return
+        if not ed.born:
+            self._rebirth(key, ed)
+            return
+        self._seq_ok(ed, key, p)
+
+    def _device(self, kind: str, i: int, payload: bytes, now: int) -> None:
+        g, e, d = self.nodes[i]
+        ed = self.edges[(g, e)]
+        p = self._parse(payload, i, f"{kind} of {g}/{e}/{d}")
+        if p is None:
+            return
+        self.messages[i] += 1
+        if kind == "DDEATH":
+            self.fault[i] = int(Fault.CONNECTION)
+            self.why[i] = f"device {d} sent DDEATH"
+            self.aliases[i] = None
+            self._seq_ok(ed, (g, e), p)
+            return
+        if kind == "DBIRTH":
+            if not ed.born:
+                self._rebirth((g, e), ed)
+            else:
+                self._seq_ok(ed, (g, e), p)
+            amap: dict[int, tuple[int, int]] = {}
+            names = set()
+            for m in p.metrics:
+                j = KNOWN.get(m.name)
+                if j is None:
+                    self._bad(i, Fault.GARBLED, f"DBIRTH carries metric {m.name!r}, which vbatt does not know "
+                                                f"(expected the metrics of docs/mqtt.md)")
+                    self.aliases[i] = None
+                    return
+                names.add(m.name)
+                if m.HasField("alias"):
+                    amap[m.alias] = (j, m.datatype)
+            missing = [f for f in FIELDS if f not in names]
+            if missing:
+                self._bad(i, Fault.GARBLED, f"DBIRTH lacks the metrics {missing}")
+                self.aliases[i] = None
+                return
+            self.aliases[i] = amap
+            self.suspect[i] = False
+            self._store(i, p, None, now)
+            return
+        amap = self.aliases[i]
+        if amap is None or not ed.born:
+            if self.fault[i] in (0, Fault.TIMEOUT):
+                self.fault[i] = int(Fault.NO_DATA)
+                self.why[i] = "data before a birth: rebirth requested"
+            self._rebirth((g, e), ed)
+            return
+        self._seq_ok(ed, (g, e), p)
+        if not self.suspect[i]:
+            self._store(i, p, amap, now)
+
+    def _store(self, i: int, p, amap, now: int) -> None:
+        vals, status = self.values, self.status
+        for m in p.metrics:
+            if amap is not None and not m.HasField("name"):
+                hit = amap.get(m.alias)
+                if hit is None:
+                    self._bad(i, Fault.GARBLED, f"metric alias {m.alias} is not in its birth")
+                    return
+                j, dt = hit
+            else:
+                j = KNOWN.get(m.name)
+                if j is None:
+                    self._bad(i, Fault.GARBLED, f"metric {m.name!r} is not one vbatt knows")
+                    return
+                dt = m.datatype or DM[j].datatype
+            d = DM[j]
+            if m.is_null:
+                v = float("nan")
+            else:
+                try:
+                    v = sp.get_value(m, dt)
+                except ValueError:
+                    self._bad(i, Fault.GARBLED, f"metric {d.name!r} has datatype {dt}")
+                    return
+            if d.field is not None and not d.name.startswith("instruction/"):
+                vals[d.field][i] = v
+            elif d.name in status:
+                status[d.name][i] = v
+        arrived = now
+        if p.HasField("timestamp"):
+            self.sampled_ms[i] = p.timestamp
+            if self.trust_timestamps:
+                # the data is as old as the node says, not as old as its arrival: a backlog in the broker or
+                # in this process must age it toward stale, not pass it off as fresh
+                age_ms = time.time_ns() // 1_000_000 - p.timestamp
+                if age_ms > 0:
+                    now = max(1, now - age_ms * 1_000_000)
+        ack = status["status/ack_seq"][i]
+        hit = np.flatnonzero((self.sent_hist_seq[i] == ack) & (self.sent_hist_ns[i] > 0))
+        if len(hit):
+            k = hit[0]
+            self.rtt_ms[i] = (arrived - self.sent_hist_ns[i, k]) / 1e6
+            self.sent_hist_ns[i, k] = 0  # once per instruction: later renewals' acks are no round trip of it
+        self.got_ns[i] = now
+        if self.fault[i] != 0:
+            self.fault[i] = 0
+            self.why[i] = ""
+
+    # -- the link (the asyncio loop) -------------------------------------------------------------------
+    def counted(self, k: int, fault: Fault) -> None:
+        self.errors += 1  # the broker link failed: a failed exchange for every node behind it
+
+    def describe(self, k: int) -> str:
+        return f"broker {self.link.host}:{self.link.port}"
+
+    def connected(self, k: int) -> bool:
+        # a session that was lost still counts until exchange() reports the loss: the reconnect then waits
+        # for the backoff instead of starting at once
+        return self.session is not None
+
+    async def connect(self, k: int) -> None:
+        await self.disconnect(k)
+        state = f"{sp.NAMESPACE}/STATE/{self.host_id}"
+        ts = time.time_ns() // 1_000_000
+        s = Session(f"vbatt-host-{self.host_id}-{id(self) & 0xFFFF:x}", host=self.link.host, port=self.link.port,
+                    username=self.link.username, password=self.link.password, tls=self.link.tls,
+                    on_message=self.on_message, keepalive_s=self.link.keepalive_s,
+                    will=Will(state, sp.state_payload(False, ts), 1, True))
+        self.session = s
+        with self.lock:
+            for ed in self.edges.values():
+                ed.born, ed.next_seq, ed.rebirth_at = False, -1, 0.0
+            self.aliases = [None] * self.nodes_n
+            self.suspect[:] = False
+            self.fault[:] = int(Fault.NO_DATA)
+            self.why = ["waiting for a birth after connecting to the broker"] * self.nodes_n
+        await s.connect()
+        await s.subscribe([(f"{sp.NAMESPACE}/{g}/#", 0) for g in self.groups] + [(state, 1)])
+        s.publish(state, sp.state_payload(True, ts), 1, True)
+        with self.lock:
+            for key, ed in self.edges.items():
+                self._rebirth(key, ed)
+
+    async def disconnect(self, k: int) -> None:
+        s, self.session = self.session, None
+        if s is not None:
+            if s.connected:
+                s.publish(f"{sp.NAMESPACE}/STATE/{self.host_id}",
+                          sp.state_payload(False, time.time_ns() // 1_000_000), 1, True)
+            await asyncio.to_thread(s.close, True)
+
+    async def exchange(self, k: int) -> None:
+        s = self.session
+        if s is None or s.lost.is_set():
+            raise LinkError(Fault.CONNECTION, s.lost_reason if s is not None else "not connected")
+        self.clear(0)
+        if self.have_instruction:
+            self.send_due(asyncio.get_running_loop().time())
+
+    def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
+        self._instr = {k: np.nan_to_num(outputs[k]).copy() for k in OUTPUTS}
+        self._seq = int(seq)
+        if not self.have_instruction:
+            # spread over one command period: a steady trickle each round, not every device in one burst
+            now = asyncio.get_running_loop().time() if self._in_loop() else 0.0
+            self.next_cmd[:] = now + np.arange(self.nodes_n) / max(1, self.nodes_n) * min(self.command_s, 1.0)
+        self.have_instruction = True
+
+    @staticmethod
+    def _in_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    def send_due(self, now: float) -> int:
+        """A DCMD to every device whose turn it is (born, every command_ms); returns how many."""
+        s = self.session
+        due = np.flatnonzero((self.next_cmd <= now) & np.array([a is not None for a in self.aliases]))
+        if not len(due):
+            return 0
+        ts = time.time_ns() // 1_000_000
+        t_ns = self.clock_ns()
+        instr = self._instr
+        for i in due:
+            p = sp.Payload(timestamp=ts)
+            p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
+            p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
+            p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
+            for k in OUTPUTS:
+                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(instr[k][i]))
+            s.publish(self._dcmd[i], p.SerializeToString(), 0)
+            if self.sent_seq[i] != self._seq:
+                self.sent_seq[i] = self._seq
+                k = int(self.requests[i]) % SENT_KEPT
+                self.sent_hist_seq[i, k] = self._seq
+                self.sent_hist_ns[i, k] = t_ns
+        self.requests[due] += 1
+        self.next_cmd[due] = now + self.command_s
+        return len(due)
+
+    # -- for the scan --------------------------------------------------------------------------------
+    def fill(self, staging: dict[str, np.ndarray]) -> None:
+        now = self.clock_ns()
+        with self.lock:
+            fault = self.fault.copy()
+            vals = {k: v.copy() for k, v in self.values.items()}
+            got = self.got_ns.copy()
+            why = self.why
+        if self.comm_fault[0]:
+            fault[:] = self.comm_fault[0]
+            reasons = [self.reason[0]] * self.nodes_n
+        else:
+            reasons = list(why)
+            silent = (fault == 0) & (got > 0) & (now - got > self.silence_ns)
+            for i in np.flatnonzero(silent):
+                fault[i] = int(Fault.TIMEOUT)
+                reasons[i] = f"no data for {(now - got[i]) / 1e6:.0f} ms (silent without NDEATH)"
+        for name in FIELDS:
+            f = node_field(name)
+            v = vals[name]
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(v) | (v < f.lo) | (v > f.hi)
+            for i in np.flatnonzero(bad & (fault == 0)):
+                fault[i] = int(Fault.BAD_VALUE)
+                reasons[i] = f"{name} = {float(v[i])!r} (expected a number in [{f.lo:g}, {f.hi:g}] {f.unit})"
+            vals[name] = np.where(bad, 0.0, v)
+        moved = np.flatnonzero(fault != self.logged)
+        for i in moved[:5]:  # a few by name; a fleet that changes at once in one line per fault
+            if fault[i]:
+                log.warning("node %s/%s/%s: %s: %s", *self.nodes[i], Fault(int(fault[i])).name, reasons[i])
+            else:
+                log.info("node %s/%s/%s: data again", *self.nodes[i])
+        if len(moved) > 5:
+            for code in np.unique(fault[moved]):
+                k = moved[fault[moved] == code]
+                (log.warning if code else log.info)("%d nodes (%s, ...): %s", len(k), self.nodes[k[0]][2],
+                                                    Fault(int(code)).name if code else "data again")
+        self.logged[:] = fault
+        self.reasons = reasons
+        for k, v in vals.items():
+            staging[k][:] = v
+        staging["fault"][:] = fault
+        staging["updated_ns"][:] = np.where(fault == 0, got, 0)
+        staging["io_requests"][:] = self.requests
+        staging["io_errors"][:] = self.errors
+        staging["io_latency_ms"][:] = self.rtt_ms
+
+    async def flush(self, timeout_s: float) -> None:
+        if self.have_instruction and self.session is not None and self.session.connected:
+            self.next_cmd[:] = 0.0
+            self.send_due(asyncio.get_running_loop().time())
+            await asyncio.sleep(min(timeout_s, 0.2))
+
+
+class MqttDriver(AsyncDriver):
+    kind = "mqtt"
+
+    async def open_links(self, io: IoContext) -> Host:
+        d = self.cfg.drivers.mqtt
+        every = mqtt_nodes(self.cfg, self.fleet)
+        nodes = [every.get(i, (d.group, "?", self.fleet.ids[i])) for i in range(self.start, self.stop)]
+        bad = None
+        try:
+            link = Link.of(d)
+        except (OSError, ValueError) as exc:
+            link, bad = Link(d.host, d.port, None, d.username, None), f"cannot load the TLS files: {exc}"
+        if not d.secured:
+            bad = "no TLS configured and plaintext not allowed: set drivers.mqtt.tls or 'plaintext: true'"
+        h = Host(nodes, link, host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
+                 silence_ms=d.silence_ms, rebirth_min_ms=d.rebirth_min_ms,
+                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps)
+        self._bad = bad
+        if bad:
+            h.mark(0, Fault.TLS, bad)
+        self.period_s = d.publish_ms / 1e3
+        return h
+
+    def active(self) -> list[int]:
+        return [] if self._bad else [0]
+
+    def instruct(self, cycle: int, outputs: dict[str, np.ndarray]) -> None:
+        self.links.set_instruction(cycle, outputs)
+
+    def stage(self, io: IoContext) -> bool:
+        self.links.fill(io.staging)
+        return True
+
+    async def flush(self, new: bool) -> None:
+        if new:
+            await self.links.flush(0.5)
