@@ -248,11 +248,28 @@ class Link:
         return s
 
     # -- one round -----------------------------------------------------------------------------------
-    def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> None:
+    def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> bool:
         try:
             self.img.commands.push(PRODUCER, op, node, value, arg)
+            return True
         except BufferError:
             log.warning("command ring of the hierarchy link is full: the scan is not running")
+            return False
+
+    def tree_state(self) -> int:
+        """The aggregate tree_state: 0 no parent (the top, or a child before its parent's first levels),
+        1 controlled from above, 2 fallback (the parent's lease ran out: on its own main_limit_w)."""
+        if self.uplink is None:
+            return 0
+        return 1 if self.st.leased else (2 if self.st.fallbacks else 0)
+
+    def _tree_state(self, v: dict) -> None:
+        want = self.tree_state()
+        if int(v["agg.tree_state"][0]) != want and want != getattr(self, "_state_sent", None):
+            if self._push(Op.SET_TREE_STATE, -1, float(want)):
+                self._state_sent = want
+        elif int(v["agg.tree_state"][0]) == want:
+            self._state_sent = None  # the image has it; a later difference (a restart) is sent again
 
     def _parent_levels(self, now: int) -> Levels | None:
         st = self.st
@@ -298,6 +315,7 @@ class Link:
         self.st.levels_now, self.st.source = lv, ("parent" if parent is not None else
                                                   ("own" if lv is not None else "none"))
         self._main_limit(summary, parent is not None)
+        self._tree_state(v)
         if self.uplink is not None:
             self.uplink.backend.refresh(v)
             self.uplink.tick(now)
@@ -364,6 +382,7 @@ class Link:
             "role": self.role, "round_ms": getattr(self, "round_ms", None),
             "round_ms_p50": float(np.median(self.rounds_ms)) if self.rounds_ms else None,
             "round_ms_max": max(self.rounds_ms) if self.rounds_ms else None, "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
+            "tree_state": self.tree_state(),
             "fallbacks": self.st.fallbacks,
             "main_limit_w": self.st.main_limit_w if math.isfinite(self.st.main_limit_w) else None,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
