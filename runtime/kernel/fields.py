@@ -166,9 +166,6 @@ TABLE: tuple[Field, ...] = (
     # -- the virtual battery -----------------------------------------------------------------------------------
     Field("main_limit_w", "f8", "W", _A, _S, "main supply capacity (operator setting)", 0.0, 1e12,
           yaml="main_limit_w", default=0.0, retained=True, operator_settable=True, command="SET_MAIN_LIMIT"),
-    Field("tree_state", "u1", "", _A, _S, "in a tree of controllers (docs/hierarchy.md): 0 = no parent, "
-          "1 = controlled from above, 2 = fallback (the parent stopped renewing: on its own main_limit_w)",
-          0, 2, command="SET_TREE_STATE"),
     Field("main_w", "f8", "W", _A, _T, "main supply actually used", historized=True),
     Field("demand_w", "f8", "W", _A, _T, "total demand of online nodes", historized=True),
     Field("forecast_w", "f8", "W", _A, _T, "predicted total demand", historized=True),
@@ -182,6 +179,9 @@ TABLE: tuple[Field, ...] = (
     Field("bus_w", "f8", "W", _A, _T, "sum of node bus flows (= main_w)"),
     Field("nodes_online", "f8", "", _A, _T, "nodes with fresh data"),
     Field("nodes_tripped", "f8", "", _A, _T, "nodes with a latched trip"),
+    Field("tree_state", "u1", "", _A, _S, "in a tree of controllers (docs/hierarchy.md): 0 = no parent, "
+          "1 = controlled from above, 2 = fallback (the parent stopped renewing: on its own main_limit_w)",
+          0, 2, command="SET_TREE_STATE"),
 )
 
 
