@@ -3,7 +3,9 @@
 One condition per node and code (``<node id>.trip.<NAME>``, ``<node id>.alarm.<NAME>``)
 plus ``VirtualBattery.watchdog`` and, per priority class of the energy program,
 ``VirtualBattery.Classes.Class_<p>.RIDE_THROUGH_SHORT`` (its message names the class and the
-time it can reach: "class 1: 1,240 s of 1,800 s"), created the first time it becomes active. Trips
+time it can reach: "class 1: 1,240 s of 1,800 s"), and ``VirtualBattery.tree.TREE_FALLBACK`` while
+the aggregate `tree_state` is 2 (a controller in a tree whose parent stopped renewing its levels),
+each created the first time it becomes active. Trips
 are TripAlarmType, health alarms OffNormalAlarmType, the watchdog
 SystemOffNormalAlarmType; every state change is an event from the Server object
 with severity, source node, message, ActiveState and AckedState. A condition is
@@ -58,7 +60,7 @@ def code_tables() -> tuple[tuple[_Code, ...], tuple[_Code, ...]]:
 @dataclass
 class Condition:
     nodeid: ua.NodeId
-    kind: str  # "trip" | "alarm" | "watchdog" | "class"
+    kind: str  # "trip" | "alarm" | "watchdog" | "class" | "tree"
     node: int  # node index, -1 for the virtual battery
     code: _Code
     event: object
@@ -67,7 +69,8 @@ class Condition:
 
 
 _TYPES = {"trip": ua.ObjectIds.TripAlarmType, "alarm": ua.ObjectIds.OffNormalAlarmType,
-          "watchdog": ua.ObjectIds.SystemOffNormalAlarmType, "class": ua.ObjectIds.OffNormalAlarmType}
+          "watchdog": ua.ObjectIds.SystemOffNormalAlarmType, "class": ua.ObjectIds.OffNormalAlarmType,
+          "tree": ua.ObjectIds.OffNormalAlarmType}
 _WATCHDOG = _Code(0, "WATCHDOG", 900, "Scan watchdog: consecutive overruns; outputs held in the safe state until RUN")
 
 
@@ -91,6 +94,9 @@ class Alarms:
         self.last_watchdog = False
         short = [c for c in self.alarm_codes if c.name == "RIDE_THROUGH_SHORT"]
         self.short = short[0] if short else _Code(13, "RIDE_THROUGH_SHORT", 700, "ride-through target unreachable")
+        fb = [c for c in self.alarm_codes if c.name == "TREE_FALLBACK"]
+        self.fallback = fb[0] if fb else _Code(14, "TREE_FALLBACK", 700, "parent stopped renewing: own main limit")
+        self.last_fallback = False
 
     async def init(self) -> None:
         for kind, tid in _TYPES.items():
@@ -125,6 +131,13 @@ class Alarms:
             return 0
         self.last_watchdog = tripped
         return await self._set("watchdog", -1, _WATCHDOG, tripped)
+
+    async def tree_fallback(self, active: bool) -> int:
+        """The aggregate tree_state (2 = fallback), a condition of the virtual battery."""
+        if active == self.last_fallback:
+            return 0
+        self.last_fallback = active
+        return await self._set("tree", -1, self.fallback, active)
 
     async def ride_through(self, rows: dict[int, dict], objects: dict[int, ua.NodeId]) -> int:
         """Per class (priority -> its published row): the condition is active while the target is not

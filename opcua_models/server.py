@@ -274,6 +274,7 @@ class VbattOpcuaServer:
             await self._historize(new, rows)
         if self.alarms is not None:
             await self.alarms.update(new["node.trip"], new["node.alarm"])
+            await self.alarms.tree_fallback(int(new["agg.tree_state"][0]) == 2)
             if self.classes:
                 await self.alarms.ride_through(rows, self.inst.class_objects)
         self.updates += written

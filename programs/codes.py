@@ -71,6 +71,9 @@ ALARM_CODES: tuple[Code, ...] = (
     Code(11, "SAFE_ALLOCATION", 800, "Allocator fell back to the safe allocation (own battery, no bus transfer)"),
     Code(12, "LOAD_SHED", 700, "Part of the node's load is shed"),
     Code(13, "RIDE_THROUGH_SHORT", 700, "The node's priority class cannot ride through its target on the energy left"),
+    # of the virtual battery (agg tree_state = 2), not of a node: the OPC UA server raises it at VirtualBattery
+    Code(14, "TREE_FALLBACK", 700, "The parent controller stopped renewing its levels: on this controller's own "
+         "main supply limit"),
 )
 
 

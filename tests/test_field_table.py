@@ -319,6 +319,7 @@ SPELLED_ON_PURPOSE = {
     "runtime/scenario/record.py": "names of the recorded series (per class, fleet), which reuse field names",
     "runtime/scenario/schema.py": "scenario event actions, named after the field they change",
     "programs/hierarchy/curves.py": "the outputs of allocation stages 2 and 4 under a tree's levels",
+    "programs/hierarchy/classes.py": "the snapshot's class keys (as programs/energy class_rows) of a subtree",
     "runtime/hierarchy/link.py": "a virtual battery's offer from its aggregates; the status file's keys",
     "runtime/hierarchy/demo.py": "the generated nodes' YAML keys; the outputs compared with the flat controller",
 }

@@ -3,6 +3,7 @@ across levels"): a rack controller killed with kill -9, then the top controller 
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -68,11 +69,17 @@ def test_rack_killed_then_top_killed(tmp_path):
         tree.wait(lambda: all(not (s := tree.status(r))["leased_from_parent"] and s["fallbacks"] >= 1
                               and s["levels_from"] == "own" and abs(s["main_limit_w"] - own_limit[r]) < 1e-9
                               for r in rows), 30, "rows on their own limits")
+        assert all(tree.status(r)["tree_state"] == 2 for r in rows)  # and they say so (alarm TREE_FALLBACK)
         assert tree.controlled(racks)  # the racks follow their rows' levels
         assert all(m == ss.Mode.CONTROLLED for r in racks for m in modes(ports[r]))  # no node stranded
 
         # -- the top rejoins -----------------------------------------------------------------------------
         tree.start("top")
         tree.wait(lambda: tree.controlled(racks + rows), 90, "the rows controlled by the top again")
+        tree.wait(lambda: all(tree.status(r)["tree_state"] == 1 for r in rows), 30, "rows: controlled from above")
     finally:
         tree.stop_all()
+    # in each image (the snapshots of the last cycle): the rows and racks controlled from above, the top none
+    state = {n: json.loads(Path(plan[n]["snapshot"]).read_text())["aggregate"]["tree_state"] for n in racks + rows}
+    assert set(state.values()) == {1}, state
+    assert json.loads(Path(plan["top"]["snapshot"]).read_text())["aggregate"]["tree_state"] == 0

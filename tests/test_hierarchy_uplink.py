@@ -106,16 +106,20 @@ def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
         _wait(lambda: _status(status)["levels_from"] == "parent", 10, "levels applied")
         time.sleep(0.5)
         s = _status(status)
-        assert s["leased_from_parent"] and s["levels"]["shed"]["2"] == 0.5
+        assert s["leased_from_parent"] and s["levels"]["shed"]["2"] == 0.5 and s["tree_state"] == 1
         # the lease runs out: back on the configured main_limit_w, said in the log and the status
         _wait(lambda: (s := _status(status))["fallbacks"] == 1 and s["main_limit_w"] == 250.0
               and s["levels_from"] == "none", 10, "fallback to the own limit")
         log = (tmp_path / "leaf.log").read_text()
         assert "parent stopped renewing the levels" in log and "own main_limit_w 250.0 W" in log
+        assert _status(status)["tree_state"] == 2
         c.close()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+    # and in the image: the snapshot's aggregate tree_state (the OPC UA variable, its TREE_FALLBACK alarm)
+    agg = json.loads(snap.read_text())["aggregate"]
+    assert agg["tree_state"] == 2 and agg["main_limit_w"] == 250.0
 
 
 def test_levels_applied_by_the_tree_program_are_the_curve_answer(tmp_path):

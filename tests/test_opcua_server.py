@@ -351,8 +351,11 @@ def test_forced_trip_is_an_alarm_event_that_can_be_acknowledged_and_refreshed(tm
                                            ua.Variant(ua.LocalizedText(""), ua.VariantType.LocalizedText))
                 assert _code(e.value) in (ua.StatusCodes.BadConditionBranchAlreadyAcked, ua.StatusCodes.BadEventIdUnknown)
 
-            # the watchdog is an alarm too
+            # the watchdog is an alarm too, and so is a tree's fallback (agg tree_state 2: the parent stopped
+            # renewing), both of the virtual battery
             img.ctl[Ctl.WATCHDOG] = 1
+            img.agg["tree_state"][0] = 2
+            img.publish()
             await srv.update()
             # a client that connects later gets the active conditions by ConditionRefresh
             async with connected(srv.endpoint, pki, VIEWER) as v:
@@ -360,8 +363,11 @@ def test_forced_trip_is_an_alarm_event_that_can_be_acknowledged_and_refreshed(tm
                 await v.get_node(ua.ObjectIds.ConditionType).call_method(
                     ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
                     ua.Variant(sub2.subscription_id, ua.VariantType.UInt32))
-                assert await wait_for(lambda: {e.ConditionName for e in h2.got} >= {trip.name, alarm.name, "WATCHDOG"})
-                assert {e.ConditionName for e in h2.got} >= {trip.name, alarm.name, "WATCHDOG"}
+                want = {trip.name, alarm.name, "WATCHDOG", "TREE_FALLBACK"}
+                assert await wait_for(lambda: {e.ConditionName for e in h2.got} >= want)
+                fb = next(e for e in h2.got if e.ConditionName == "TREE_FALLBACK")
+                assert fb.SourceName == "VirtualBattery" and "own main supply limit" in fb.Message.Text
+                assert getattr(fb, "ActiveState/Id") is True
                 # a viewer may refresh but not acknowledge
                 t2 = next(e for e in h2.got if e.ConditionName == trip.name)
                 with pytest.raises(UaStatusCodeError) as e:
@@ -375,7 +381,11 @@ def test_forced_trip_is_an_alarm_event_that_can_be_acknowledged_and_refreshed(tm
             img.node["alarm"][2] = 0
             img.publish()
             await srv.update()
-            assert {c.code.name for c in srv.alarms.retained()} == {trip.name, "WATCHDOG"}
+            assert {c.code.name for c in srv.alarms.retained()} == {trip.name, "WATCHDOG", "TREE_FALLBACK"}
+            img.agg["tree_state"][0] = 1  # controlled from above again: inactive (retained until acknowledged)
+            img.publish()
+            await srv.update()
+            assert not next(c for c in srv.alarms.retained() if c.code.name == "TREE_FALLBACK").active
     run(body())
 
 

@@ -101,9 +101,10 @@ class Energy(Program):
     id = "energy"
     Params = EnergyParams
     writes = ("serve_max_w", "runtime_s", "hi_w", "lo_w", "alarm")
-    # the class results SCADA shows (class_rows) travel whole with every publish
+    # the class results SCADA shows (class_rows) travel whole with every publish, and the class sums a
+    # controller in a tree offers its parent (programs/hierarchy/classes.py)
     published = ("priority", "demand_w", "demand_horizon_w", "reserve_wh", "target_s", "runtime_s", "reachable",
-                 "state")
+                 "state", "energy_wh", "local_s", "clock_s", "latched")
     SETTING = "target_by_priority_s"  # the operator setting (Op.SET_MEMORY): a ride-through target per priority
 
     def __init__(self, params, n_nodes):

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vbatt.programs.hierarchy import classes as hc
+
 __all__ = ["Curve", "Summary", "Levels", "NodeLimits", "node_limits", "summarize", "served", "battery_summary",
            "solve_levels", "apply_levels", "FULL", "FREE", "WEIGHT_FLOOR_WH"]
 
@@ -173,23 +175,27 @@ class Summary:
     chg: Curve = field(default_factory=Curve.zero)  # ... with the charge weights
     bus_w: float = 0.0  # its net import from the feed now (status, not used by the solve)
     battery_w: float = 0.0  # its battery power now (status)
+    energy: np.ndarray | None = None  # the energy offer per class (classes.py), None without one
 
     @staticmethod
     def total(parts: list["Summary"]) -> "Summary":
         """The subtree's summary: every curve summed once over all children."""
         keys = sorted({k for p in parts for k in p.classes})
+        ens = [p.energy for p in parts if p.energy is not None]
         return Summary(sum(p.own_w for p in parts),
                        {k: Curve.total([p.classes[k] for p in parts if k in p.classes]) for k in keys},
                        sum(p.up_w for p in parts), sum(p.served_w for p in parts),
                        Curve.total([p.dis for p in parts]), Curve.total([p.chg for p in parts]),
-                       sum(p.bus_w for p in parts), sum(p.battery_w for p in parts))
+                       sum(p.bus_w for p in parts), sum(p.battery_w for p in parts),
+                       hc.total(ens, ens[0].shape[0]) if ens else None)
 
     def __add__(self, o: "Summary") -> "Summary":
         cls = dict(self.classes)
         for p, c in o.classes.items():
             cls[p] = cls[p] + c if p in cls else c
-        return Summary(self.own_w + o.own_w, cls, self.up_w + o.up_w, self.served_w + o.served_w,
-                       self.dis + o.dis, self.chg + o.chg, self.bus_w + o.bus_w, self.battery_w + o.battery_w)
+        return Summary.total([self, o]) if self.energy is not None or o.energy is not None else \
+            Summary(self.own_w + o.own_w, cls, self.up_w + o.up_w, self.served_w + o.served_w,
+                    self.dis + o.dis, self.chg + o.chg, self.bus_w + o.bus_w, self.battery_w + o.battery_w)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,16 @@ def cmd_run(args) -> int:
             # per priority class (docs/energy.md), from the energy program's memory (empty without it),
             # written by the last cycle: the scan has stopped, so it is read whole
             snap["classes"] = class_rows(img.mem)
+            h = getattr(cfg, "hierarchy", None)
+            if h is not None and h.children and h.status_file:
+                # a controller over children: its classes are those of its whole subtree, which its
+                # hierarchy link computes from the children's energy offers (docs/hierarchy.md)
+                import json as _json
+
+                try:
+                    snap["classes"] = _json.loads(Path(h.status_file).read_text())["classes"]
+                except (OSError, ValueError, KeyError):
+                    pass
             write_json(args.snapshot, snap)
         sup.close()
     w = stats["wake_us"]["run"]

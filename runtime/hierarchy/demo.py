@@ -56,6 +56,10 @@ class Layout:
     retain: bool = False  # racks keep their state across restarts (warm rejoin)
     step_at_s: float | None = None  # a demand step at node n-00-00 this long after its rack starts
     step_to_w: float = 0.0
+    # ride-through targets per class: racks and the flat controller run the energy program (its class
+    # demand = the demand now: a forecast per controller would not add up), and compare() sets the
+    # top's classes (from the whole tree) against the flat controller's
+    ride_through_s: dict | None = None
 
     def names(self) -> dict[str, list[str]]:
         racks = [f"rack-{r}{k}" for r in range(self.rows) for k in range(self.racks)]
@@ -97,6 +101,9 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
     if lay.step_at_s is not None:  # the same step in the tree and in the flat controller
         nodes[0]["demand_profile"] = {"kind": "step", "at_s": lay.step_at_s, "to_w": lay.step_to_w}
     base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
+    energy = [{"energy": {"demand_forecast": False}}] if lay.ride_through_s else []
+    targets = {"ride_through_s": {int(k): float(v) for k, v in lay.ride_through_s.items()}} \
+        if lay.ride_through_s else {}
     plan: dict[str, dict] = {}
     lay.lease_ms = max(lay.lease_ms, int(4 * lay.poll_ms))  # a lease spans a few polls of the level above
     clean = lambda n: {k: v for k, v in n.items() if k != "rack"}  # noqa: E731
@@ -116,12 +123,15 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
                 extra["drivers"] = {"modbus": {"poll_ms": lay.poll_ms, "plaintext": True}}
             if lay.retain:
                 extra["retain"] = {"enabled": True, "dir": str(out / f"{name}.retain"), "period_s": 0.2}
-            cfg = {**base, **extra, "plant": {"main_limit_w": round(main_limit / lay.rows / lay.racks, 3)},
+            here = {n["priority"] for n in nodes if n["rack"] == (r, k)}  # a config names present classes only
+            mine_t = {"ride_through_s": {p: t for p, t in targets["ride_through_s"].items() if p in here}} \
+                if targets else {}
+            cfg = {**base, **extra, "plant": {"main_limit_w": round(main_limit / lay.rows / lay.racks, 3), **mine_t},
                    "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True},
                                  "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
                                  "status_file": str(out / f"{name}.status.json"),
                                  "trace_file": str(out / f"{name}.trace.jsonl")},
-                   "nodes": mine, "programs": ["allocation", "tree"]}
+                   "nodes": mine, "programs": [*energy, "allocation", "tree"]}
             (out / f"{name}.yaml").write_text(_yaml(cfg))
     modbus = {"modbus": {"poll_ms": lay.poll_ms, "plaintext": True, "lease_ms": lay.lease_ms}}
     for r in range(lay.rows):
@@ -145,8 +155,8 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
            "programs": ["allocation"]}
     (out / "top.yaml").write_text(_yaml(top))
     plan["top"] = {}
-    flat = {**base, "plant": {"main_limit_w": main_limit}, "nodes": [clean(n) for n in nodes],
-            "programs": ["allocation"]}
+    flat = {**base, "plant": {"main_limit_w": main_limit, **targets}, "nodes": [clean(n) for n in nodes],
+            "programs": [*energy, "allocation"]}
     (out / "flat.yaml").write_text(_yaml(flat))
     plan["flat"] = {}
     for name in plan:
@@ -293,6 +303,12 @@ def compare(plan: dict) -> dict:
             row[k] = {"tree": h, "flat": f, "diff": h - f}
         out["classes"][str(p)] = row
     out["max_class_diff_w"] = max(abs(r[k]["diff"]) for r in out["classes"].values() for k in r)
+    # the energy rows: the top's (from the whole tree, through the links) against the flat controller's
+    top = {r["priority"]: r for r in _snap(plan["top"]["snapshot"]).get("classes", [])}
+    fl = {r["priority"]: r for r in _snap(plan["flat"]["snapshot"]).get("classes", [])}
+    if fl:
+        out["energy"] = {str(p): {k: {"tree": top.get(p, {}).get(k), "flat": fl[p][k]}
+                                  for k in ("demand_w", "reserve_wh", "runtime_s", "reachable")} for p in sorted(fl)}
     return out
 
 
@@ -327,12 +343,18 @@ def main(argv=None) -> int:
     ap.add_argument("--step-at-s", type=float, default=None,
                     help="a demand step at node n-00-00 (to 0 W) this long after rack-00 starts: measures the "
                          "decision latency across the levels (latency.json)")
+    ap.add_argument("--energy", metavar="C:S,...", default=None,
+                    help="ride-through targets per class (e.g. 0:7200,1:1800,2:600,3:0): racks and the flat "
+                         "controller run the energy program; compare.json sets the classes of the top against "
+                         "the flat's")
     a = ap.parse_args(argv)
     out = Path(a.out)
     for f in out.glob("*.jsonl"):
         f.unlink()
     lay = Layout(a.rows, a.racks, a.nodes, rest=not a.moving, poll_ms=a.poll_ms, cycle_ms=a.cycle_ms,
-                 step_at_s=a.step_at_s)
+                 step_at_s=a.step_at_s,
+                 ride_through_s=({int(c): float(t) for c, t in (x.split(":") for x in a.energy.split(","))}
+                                 if a.energy else None))
     plan = write_configs(out, lay)
     tree = Tree(plan, out)
     t0 = time.monotonic()

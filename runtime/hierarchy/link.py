@@ -44,6 +44,7 @@ from vbatt.hierarchy.wire import TREE_ID, TreeLayout
 from vbatt.kernel.fields import Role, Scope, fields
 from vbatt.kernel.image import Op, ProcessImage
 from vbatt.programs.codes import Alarm
+from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.curves import Levels, Summary, battery_summary, node_limits, solve_levels, summarize
 from vbatt.programs.hierarchy.program import L_DIS, L_LAM, L_LEASED, L_MU, LEVELS
 
@@ -203,17 +204,20 @@ class Link:
                                                 retries=0, reconnect_delay=0)
                 if not await c.client.connect():
                     raise OSError(f"cannot connect to {c.host}:{c.port}")
-            hdr = await self._read(c, "read_holding_registers", address=t.addr, count=2 + t.head_len)
-            if hdr[0] != TREE_ID:
-                raise OSError(f"no tree model {TREE_ID} at {t.addr} (got model {hdr[0]}): not a vbatt controller "
-                              f"with an uplink")
-            head = t.decode_head(hdr[2:])
+            hdr: list[int] = []
+            for a in range(0, 2 + t.head_len + t.cls_len, 120):  # the header and the energy offer
+                hdr += await self._read(c, "read_holding_registers", address=t.addr + a,
+                                        count=min(120, 2 + t.head_len + t.cls_len - a))
+                if hdr[0] != TREE_ID:
+                    raise OSError(f"no tree model {TREE_ID} at {t.addr} (got model {hdr[0]}): not a vbatt "
+                                  f"controller with an uplink")
+            head = t.decode_head(hdr[2:2 + t.head_len])
             need = 8 * sum(head["counts"])
             words: list[int] = []
             for a in range(0, need, 120):
                 words += await self._read(c, "read_holding_registers", address=t.knots_at + a,
                                           count=min(120, need - a))
-            c.summary = t.decode_summary(head, words)
+            c.summary = t.decode_summary(head, words, t.decode_energy(hdr[2 + t.head_len:]))
             if levels is not None:
                 self.st.seq += 1
                 await self._read(c, "write_registers", address=t.levels_at,
@@ -245,14 +249,32 @@ class Link:
         base.classes = {p: c for p, c in base.classes.items() if 0 <= p < self.h.classes}
         s = battery_summary(nl, base, n["served_w"][use])
         s.bus_w, s.battery_w = float(n["bus_w"].sum()), float(n["battery_w"].sum())
+        s.energy = hc.offer_of(v, self.h.classes)
         return s
 
     # -- one round -----------------------------------------------------------------------------------
-    def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> None:
+    def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> bool:
         try:
             self.img.commands.push(PRODUCER, op, node, value, arg)
+            return True
         except BufferError:
             log.warning("command ring of the hierarchy link is full: the scan is not running")
+            return False
+
+    def tree_state(self) -> int:
+        """The aggregate tree_state: 0 no parent (the top, or a child before its parent's first levels),
+        1 controlled from above, 2 fallback (the parent's lease ran out: on its own main_limit_w)."""
+        if self.uplink is None:
+            return 0
+        return 1 if self.st.leased else (2 if self.st.fallbacks else 0)
+
+    def _tree_state(self, v: dict) -> None:
+        want = self.tree_state()
+        if int(v["agg.tree_state"][0]) != want and want != getattr(self, "_state_sent", None):
+            if self._push(Op.SET_TREE_STATE, -1, float(want)):
+                self._state_sent = want
+        elif int(v["agg.tree_state"][0]) == want:
+            self._state_sent = None  # the image has it; a later difference (a restart) is sent again
 
     def _parent_levels(self, now: int) -> Levels | None:
         st = self.st
@@ -298,6 +320,7 @@ class Link:
         self.st.levels_now, self.st.source = lv, ("parent" if parent is not None else
                                                   ("own" if lv is not None else "none"))
         self._main_limit(summary, parent is not None)
+        self._tree_state(v)
         if self.uplink is not None:
             self.uplink.backend.refresh(v)
             self.uplink.tick(now)
@@ -318,6 +341,8 @@ class Link:
             self._trace("levels", lam=None if lv is None else _json_float(lv.lam),
                         shed=None if lv is None else {str(k): _json_float(m) for k, m in sorted(lv.shed.items())})
         self.summary = summary
+        # per priority class over the whole subtree (the top: the whole tree), by the energy rules
+        self.classes = hc.rows(summary.energy) if summary.energy is not None else []
         self.round_ms = (time.perf_counter() - t0) * 1e3
         self.rounds_ms.append(self.round_ms)
 
@@ -364,6 +389,7 @@ class Link:
             "role": self.role, "round_ms": getattr(self, "round_ms", None),
             "round_ms_p50": float(np.median(self.rounds_ms)) if self.rounds_ms else None,
             "round_ms_max": max(self.rounds_ms) if self.rounds_ms else None, "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
+            "tree_state": self.tree_state(),
             "fallbacks": self.st.fallbacks,
             "main_limit_w": self.st.main_limit_w if math.isfinite(self.st.main_limit_w) else None,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
@@ -372,6 +398,7 @@ class Link:
                                                "shed": {str(k): _json_float(m) for k, m in lv.shed.items()}},
             "subtree": None if s is None else {"own_w": s.own_w, "served_w": s.served_w, "bus_w": s.bus_w,
                                                "battery_w": s.battery_w},
+            "classes": getattr(self, "classes", []),
             "children": {c.id: {"online": c.online, "fault": c.fault,
                                 "bus_w": c.summary.bus_w if c.summary else None,
                                 "battery_w": c.summary.battery_w if c.summary else None} for c in self.children},

@@ -16,8 +16,12 @@ Body layout (offsets in registers), K classes, N knots:
    24  DisN       uint16   knots of the discharge battery curve
    25  ChgN       uint16   knots of the charge battery curve
    26  ClassN[K]  uint16   knots of the shed curve of class k
- 26+K  Knots      N x (x float64, y float64): DisN, then ChgN, then each class's, in order
- 26+K+8N  the levels (written by the parent, one request):
+ 26+K  Energy     K x 7 float64: per priority class k, the energy offer (programs/hierarchy/classes.py):
+                  DemandW, DemandHorizonW, EnergyWh (pooled usable), LocalS (first node out of its own
+                  energy; +inf none), LeftS (remaining target), TargetS (NaN: no node of the class in the
+                  subtree), Latched (1: shed for energy)
+ 26+29K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
+ 26+29K+8N  the levels (written by the parent, one request):
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Pad, Lam float64, Mu[K] float64
 """
 
@@ -28,6 +32,7 @@ import struct
 import numpy as np
 
 from vbatt.drivers.modbus.sunspec import NODE_MAP
+from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 
 __all__ = ["TREE_ID", "TreeLayout"]
@@ -41,18 +46,19 @@ class TreeLayout:
         self.addr = NODE_MAP.base + NODE_MAP.size - 2  # where the node map's end model was
         self.body = self.addr + 2
         self.head_len = 26 + classes
-        self.knots_at = self.body + self.head_len
+        self.cls_len = 4 * hc.N_COLS * classes  # the energy offer, right after the header
+        self.knots_at = self.body + self.head_len + self.cls_len
         self.levels_at = self.knots_at + 8 * max_knots
         self.levels_len = 10 + 4 * classes
-        self.length = self.head_len + 8 * max_knots + self.levels_len
+        self.length = self.head_len + self.cls_len + 8 * max_knots + self.levels_len
         self.end = self.body + self.length  # the end model (0xFFFF, 0)
         self._head = struct.Struct(f">HHIddddd{2 + classes}H")
         self._levels = struct.Struct(f">IIHHd{classes}d")
 
     # -- the summary (child side writes, parent side reads) ------------------------------------------
     def encode_summary(self, s: Summary, seq: int) -> tuple[list[int], list[int]]:
-        """(header registers from `body`, knot registers from `knots_at`); raises when the curves
-        need more than N knots."""
+        """(header and energy offer registers from `body`, knot registers from `knots_at`); raises
+        when the curves need more than N knots."""
         curves = [s.dis, s.chg] + [s.classes.get(c, Curve.zero()) for c in range(self.k)]
         total = sum(c.xs.size for c in curves)
         if total > self.n:
@@ -62,7 +68,13 @@ class TreeLayout:
                                s.bus_w, s.battery_w,
                                *(c.xs.size for c in curves))
         xy = np.concatenate([np.column_stack([c.xs, c.ys]).reshape(-1) for c in curves]).astype(">f8")
-        return list(struct.unpack(f">{len(head) // 2}H", head)), xy.view(">u2").astype(int).tolist()
+        en = (s.energy if s.energy is not None else hc.empty(self.k)).astype(">f8").reshape(-1)
+        return (list(struct.unpack(f">{len(head) // 2}H", head)) + en.view(">u2").astype(int).tolist(),
+                xy.view(">u2").astype(int).tolist())
+
+    def decode_energy(self, words) -> np.ndarray:
+        """The energy offer (K, 7) from the cls_len registers after the header."""
+        return np.asarray(words, np.uint16).astype(">u2").view(">f8").astype(np.float64).reshape(self.k, hc.N_COLS)
 
     def decode_head(self, words) -> dict:
         k, n, seq, own, up, served, bus, bat, dis_n, chg_n, *cls_n = self._head.unpack(
@@ -73,14 +85,15 @@ class TreeLayout:
         return dict(seq=seq, own_w=own, up_w=up, served_w=served, bus_w=bus, battery_w=bat,
                     counts=[dis_n, chg_n, *cls_n])
 
-    def decode_summary(self, head: dict, knot_words) -> Summary:
+    def decode_summary(self, head: dict, knot_words, energy: np.ndarray | None = None) -> Summary:
         xy = np.asarray(knot_words, np.uint16).astype(">u2").view(">f8").astype(np.float64).reshape(-1, 2)
         curves, at = [], 0
         for c in head["counts"]:
             curves.append(Curve(xy[at:at + c, 0].copy(), xy[at:at + c, 1].copy()) if c else Curve.zero())
             at += c
         return Summary(head["own_w"], {k: curves[2 + k] for k in range(self.k) if head["counts"][2 + k]},
-                       head["up_w"], head["served_w"], curves[0], curves[1], head["bus_w"], head["battery_w"])
+                       head["up_w"], head["served_w"], curves[0], curves[1], head["bus_w"], head["battery_w"],
+                       energy)
 
     # -- the levels (parent side writes, child side reads) -------------------------------------------
     def encode_levels(self, lv: Levels, seq: int, lease_ms: int) -> list[int]:

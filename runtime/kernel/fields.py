@@ -55,7 +55,7 @@ class Scope(enum.Enum):
 class Role(enum.Enum):
     MEASUREMENT = "measurement"  # what a device reports; a driver writes it, the scan latches it
     BOOKKEEPING = "bookkeeping"  # what the driver or the scan notes about the data (age, fault, counters)
-    SETTING = "setting"  # from config, changed only by operator commands between cycles
+    SETTING = "setting"  # from config (or a process of the controller), changed only by commands between cycles
     OUTPUT = "output"  # the instruction: written by programs, sent to the node by drivers
     STATE = "state"  # computed by programs or the aggregate step, visible to SCADA, not sent
 
@@ -84,12 +84,15 @@ class Field:
     default: float | None = None  # YAML default; also what a device that does not report the value offers
     retained: bool = False  # saved and restored across restarts (runtime/retain)
     operator_settable: bool = False  # written by operators (OPC UA, `vbatt reload`) through `command`
-    command: str | None = None  # name of the image `Op` that sets it (kernel/image.py)
+    command: str | None = None  # name of the image `Op` that sets it (kernel/image.py); without
+    # operator_settable, only a process of the controller sends it (e.g. the hierarchy link)
     historized: bool = False  # the OPC UA server keeps its history
 
     def __post_init__(self) -> None:
-        if self.operator_settable != (self.command is not None):
-            raise ValueError(f"field {self.name}: an operator-settable field needs its command, and only it")
+        if self.operator_settable and self.command is None:
+            raise ValueError(f"field {self.name}: an operator-settable field needs its command")
+        if self.command is not None and (self.lo is None or self.hi is None):
+            raise ValueError(f"field {self.name}: a field set by a command needs a range (the scan checks it)")
         if self.yaml is not None and (self.lo is None or self.hi is None or self.default is None):
             raise ValueError(f"field {self.name}: a YAML key needs a range and a default")
         if self.historized and self.scope is not Scope.AGGREGATE:
@@ -176,6 +179,9 @@ TABLE: tuple[Field, ...] = (
     Field("bus_w", "f8", "W", _A, _T, "sum of node bus flows (= main_w)"),
     Field("nodes_online", "f8", "", _A, _T, "nodes with fresh data"),
     Field("nodes_tripped", "f8", "", _A, _T, "nodes with a latched trip"),
+    Field("tree_state", "u1", "", _A, _S, "in a tree of controllers (docs/hierarchy.md): 0 = no parent, "
+          "1 = controlled from above, 2 = fallback (the parent stopped renewing: on its own main_limit_w)",
+          0, 2, command="SET_TREE_STATE"),
 )
 
 

@@ -37,8 +37,8 @@ __all__ = ["ScanEngine"]
 
 log = logging.getLogger(__name__)
 
-# The operator settings by the command that sets them (field table: operator_settable, command).
-_SETTERS = {getattr(Op, f.command): f for f in fields(operator_settable=True)}
+# The settings by the command that sets them (field table: command; an operator's or a process's).
+_SETTERS = {getattr(Op, f.command): f for f in fields() if f.command is not None}
 
 
 @njit(nogil=True, cache=True)

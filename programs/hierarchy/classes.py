@@ -1,0 +1,95 @@
+"""Energy across levels (docs/hierarchy.md "Energy across levels"): the per-class quantities a child
+offers its parent, their sum over a subtree, and the class rows (reserve, runtime, reachable) of the
+whole tree from that sum.
+
+The energy program (programs/energy) reduces its nodes to per-class sums before its class rules run:
+the demand now and for the reserve, the pooled usable energy, the first node to run out of its own
+energy (a minimum), the remaining target. Those sums are additive over nodes, so a parent adds its
+children's and runs the same runtime rule (`ride_through`) over the sum: for the same per-node
+contributions this is the flat controller's runtime over the union of the nodes. (Each node's
+contribution depends on its controller's class state, e.g. how long its class has ridden on the
+batteries; docs/hierarchy.md says when that differs from the flat controller's.)
+
+An offer is an array (K, N_COLS), row k = priority k (the tree's classes are the priorities 0..K-1):
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vbatt.programs.energy.rules import ST_N_CLS, ride_through
+
+__all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows"]
+
+COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched")
+N_COLS = len(COLS)
+(C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED) = range(N_COLS)
+_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0)  # a class without nodes in the subtree
+
+
+def empty(k: int) -> np.ndarray:
+    return np.tile(np.array(_NONE), (k, 1))
+
+
+def offer_of(v: dict, k: int) -> np.ndarray:
+    """From a published image (views with the energy program's published memory, `mem.energy.*`):
+    the offer of this controller's nodes; all classes absent without an energy program."""
+    out = empty(k)
+    if "mem.energy.state" not in v:
+        return out
+    g = lambda name: v["mem.energy." + name]  # noqa: E731
+    for c in range(int(g("state")[ST_N_CLS])):
+        p = int(g("priority")[c])
+        if not 0 <= p < k:
+            continue
+        out[p] = (g("demand_w")[c], g("demand_horizon_w")[c], g("energy_wh")[c], g("local_s")[c],
+                  max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]))
+    return out
+
+
+def total(offers: list[np.ndarray], k: int) -> np.ndarray:
+    """The subtree's offer: demands and energy summed, the first to run out its minimum, the remaining
+    target and the latch as the longest / any (equal where the children agree)."""
+    out = empty(k)
+    if not offers:
+        return out
+    a = np.stack(offers)
+    out[:, [C_DNOW, C_DHZ, C_E]] = a[:, :, [C_DNOW, C_DHZ, C_E]].sum(axis=0)
+    out[:, C_LOC] = a[:, :, C_LOC].min(axis=0)
+    present = ~np.isnan(a[:, :, C_TARGET])
+    for col in (C_LEFT, C_TARGET):
+        x = np.where(present, a[:, :, col], -math.inf).max(axis=0)
+        out[:, col] = np.where(present.any(axis=0), x, math.nan)
+    out[:, C_LATCHED] = a[:, :, C_LATCHED].max(axis=0)
+    return out
+
+
+def rows(offer: np.ndarray) -> list[dict]:
+    """The snapshot's "classes" rows of a subtree (programs/energy class_rows' keys) from its offer,
+    by the energy program's rules: reserve R_c = sum over k <= c, not shed, of D_k tau_k; the runtime
+    if the main supply failed now (`ride_through`), at most the first node's own energy."""
+    present = [p for p in range(offer.shape[0]) if not math.isnan(offer[p, C_TARGET])]
+    n = len(present)
+    if n == 0:
+        return []
+    o = offer[present]
+    dres = np.ascontiguousarray(o[:, C_DHZ])
+    loc = np.ascontiguousarray(o[:, C_LOC])
+    latched = (o[:, C_LATCHED] != 0).astype(np.uint8)
+    tau = np.minimum(o[:, C_LEFT], loc)
+    e = float(o[:, C_E].sum())
+    rt, s_tau, s_on = np.zeros(n), np.zeros(n), np.zeros(n, np.uint8)
+    ride_through(n, dres, tau, latched, e, rt, s_tau, s_on, loc)
+    out, pre = [], 0.0
+    for j, p in enumerate(present):
+        if not latched[j]:
+            pre += dres[j] * tau[j] / 3600.0
+        r = min(rt[j], loc[j]) if not latched[j] else 0.0
+        left = o[j, C_LEFT]
+        out.append({"priority": p, "demand_w": float(o[j, C_DNOW]), "demand_horizon_w": float(dres[j]),
+                    "reserve_wh": pre, "target_s": float(o[j, C_TARGET]),
+                    "runtime_s": float(r) if math.isfinite(r) else None,
+                    "reachable": bool(r >= left - 1e-6 * (1.0 + left)), "energy_wh": float(o[j, C_E])})
+    return out
