@@ -17,7 +17,8 @@ from vbatt.drivers.node.agent import AgentSet, AgentSpec
 from vbatt.drivers.node.backends.sim import SimBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.mqtt_replay import Replay, ddata_template, long_metric, stamp, varint  # noqa: E402
+from benchmarks.mqtt_replay import (Replay, ddata_template, long_metric, publish_packet, stamp,  # noqa: E402
+                                    varint)
 
 TWO = """
 nodes:
@@ -30,6 +31,13 @@ def test_varint_is_protobufs():
     p = sp.Payload(seq=300, timestamp=2**63 + 5)
     assert p.SerializeToString() == b"\x08" + varint(2**63 + 5) + b"\x18" + varint(300)
     assert varint(0) == b"\x00" and varint(127) == b"\x7f" and varint(128) == b"\x80\x01"
+
+
+def test_a_framed_publish_packet_has_mqtts_remaining_length():
+    topic, payload = b"spBv1.0/g/DDATA/e/d", bytes(range(200))
+    pk = publish_packet(topic, payload)
+    assert pk[:3] == b"\x30\xdd\x01" and len(pk) == 3 + 2 + len(topic) + len(payload)  # 2 + 19 + 200 = 221 = 0x5d + 1 * 128
+    assert _packets(pk + publish_packet(b"t", b"")) == [(topic, payload), (b"t", b"")]
 
 
 def test_appended_timestamp_and_seq_decode_as_the_new_values_the_last_occurrence_wins():
@@ -47,8 +55,28 @@ def test_appended_timestamp_and_seq_decode_as_the_new_values_the_last_occurrence
     assert (m.alias, m.long_value) == (4242, 2**40 + 7)
 
 
+def _packets(buf: bytes) -> list[tuple[bytes, bytes]]:
+    """MQTT 3.1.1 QoS 0 PUBLISH packets back to (topic, payload), as a broker reads them."""
+    out, k = [], 0
+    while k < len(buf):
+        assert buf[k] == 0x30, f"not a QoS 0 PUBLISH at byte {k}: {buf[k]:#x}"
+        k, n, shift = k + 1, 0, 0
+        while True:
+            b = buf[k]
+            k += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        tl = int.from_bytes(buf[k:k + 2], "big")
+        out.append((buf[k + 2:k + 2 + tl], buf[k + 2 + tl:k + n]))
+        k += n
+    return out
+
+
 class _Capture:
-    """Stands in for the broker session: keeps what the edge node publishes, in order."""
+    """Stands in for the broker session: keeps what the edge node publishes and what the replay queues
+    for paho's network thread (framed PUBLISH packets), in order."""
 
     connected = True
 
@@ -59,6 +87,10 @@ class _Capture:
     def publish(self, topic, payload, qos=0, retain=False):
         self.out.append((topic.encode() if isinstance(topic, str) else topic, payload))
         return True
+
+    def _packet_queue(self, command, packet, mid, qos, info=None):
+        assert (command, qos) == (0x30, 0)
+        self.out.extend(_packets(packet))
 
 
 def test_the_host_takes_replayed_births_data_and_acknowledgements():
