@@ -42,6 +42,21 @@ def _cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _threads_cpu_s() -> dict[str, float]:
+    """CPU seconds of each thread of this process by name (/proc/self/task): paho's network thread vs the loop."""
+    out: dict[str, float] = {}
+    for t in Path("/proc/self/task").iterdir():
+        try:
+            name = (t / "comm").read_text().strip()
+            parts = (t / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        key = "paho network thread" if name.startswith("paho") else "asyncio loop" if t.name == str(os.getpid()) \
+            else "other threads"
+        out[key] = out.get(key, 0.0) + (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _plant(n: int, port: int, ca: str | None, per_edge: int, tick_ms: float = 1000) -> str:
     sec = f"tls: {{ca: '{ca}'}}" if ca else "plaintext: true"
     return f"""
@@ -107,6 +122,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                 continue
             if m0 is None and time.monotonic() >= t0:
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                th0 = _threads_cpu_s()
                 m0, t0 = int(h.messages.sum()), time.monotonic()
                 ages.clear()
                 rtt_ok = h.rtt_ms.copy()
@@ -118,6 +134,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                     break
         t1 = time.monotonic()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        th1 = _threads_cpu_s()
         m1 = int(h.messages.sum())
         stop.set()
         await task
@@ -128,6 +145,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
         age = np.concatenate(ages) if ages else np.zeros(1)
         rtt = h.rtt_ms[h.rtt_ms != rtt_ok] if rtt_ok is not None else h.rtt_ms
         return {"nodes": n, "window_s": t1 - t0, "controller_cpu_cores": cpu / (t1 - t0),
+                "controller_threads_cpu_cores": {k: (v - th0.get(k, 0.0)) / (t1 - t0) for k, v in th1.items()},
                 "messages_per_s": (m1 - m0) / (t1 - t0), "online_after_s": online_at - t_start,
                 "age_at_latch_ms": {"p50": float(np.percentile(age, 50)), "p99": float(np.percentile(age, 99)),
                                     "count": int(age.size)},
