@@ -42,8 +42,25 @@ def _cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _sent(tmp: Path, k: int) -> dict:
+    """The replay publishers' counters, summed (their --stats files; t: the newest write)."""
+    tot = {"t": 0.0, "ddata": 0, "acks": 0, "skipped_ticks": 0}
+    for j in range(k):
+        try:
+            d = json.loads((tmp / f"replay-{j}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("ddata", "acks", "skipped_ticks"):
+            tot[key] += d[key]
+        tot["t"] = max(tot["t"], d["t"])
+    return tot
+
+
 def _threads_cpu_s() -> dict[str, float]:
     """CPU seconds of each thread of this process by name (/proc/self/task): paho's network thread vs the loop."""
+    import threading
+
+    paho = {th.native_id for th in threading.enumerate() if th.name.startswith("paho")}
     out: dict[str, float] = {}
     for t in Path("/proc/self/task").iterdir():
         try:
@@ -51,8 +68,8 @@ def _threads_cpu_s() -> dict[str, float]:
             parts = (t / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        key = "paho network thread" if name.startswith("paho") else "asyncio loop" if t.name == str(os.getpid()) \
-            else "other threads"
+        key = ("asyncio loop" if t.name == str(os.getpid()) else "paho network thread" if int(t.name) in paho
+               else "other threads")
         out[key] = out.get(key, 0.0) + (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
@@ -182,7 +199,8 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
     try:
         for k in range(len(edges)):
             # niced: the publishers stand for nodes on other machines; here they share two cores with the controller
-            cmd = (["-m", "benchmarks.mqtt_replay", str(cfg), "--edge", str(k), "--rate", str(rate_hz)] if replay
+            cmd = (["-m", "benchmarks.mqtt_replay", str(cfg), "--edge", str(k), "--rate", str(rate_hz),
+                    "--stats", str(tmp / f"replay-{k}.json")] if replay
                    else ["-m", "vbatt.cli", "fleet", str(cfg), "--edge", str(k)])
             procs.append(subprocess.Popen(["nice", "-n", "10", sys.executable, *cmd],
                                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -196,12 +214,20 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
             if pub0 is None and time.monotonic() - t0 > 10:  # publishers and broker: over the same stretch
                 pub0 = sum(_cpu_s(p.pid) for p in procs), time.monotonic()
                 bro0 = _cpu_s(broker.proc.pid)
+                sent0 = _sent(tmp, len(procs)) if replay else None
             if pub0 is not None:
                 pub1, bro1, t1 = sum(_cpu_s(p.pid) for p in procs), _cpu_s(broker.proc.pid), time.monotonic()
         res = json.loads(out.read_text())
         if pub0 is not None:
             res["publishers_cpu_cores"] = (pub1 - pub0[0]) / (t1 - pub0[1])
             res["broker_cpu_cores"] = (bro1 - bro0) / (t1 - pub0[1])
+            if sent0 is not None:  # what the publishers sent (offered), over about the same stretch
+                sent1 = _sent(tmp, len(procs))
+                dt = sent1["t"] - sent0["t"]
+                if dt > 0:
+                    res["offered"] = {"ddata_per_s": (sent1["ddata"] - sent0["ddata"]) / dt,
+                                      "acks_per_s": (sent1["acks"] - sent0["acks"]) / dt,
+                                      "skipped_ticks": sent1["skipped_ticks"] - sent0["skipped_ticks"]}
         res["publisher_processes"] = len(procs)
         res["publishers"] = "replay (benchmarks/mqtt_replay.py)" if replay else "vbatt fleet"
         res["rate_hz"] = rate_hz

@@ -122,7 +122,7 @@ class Replay:
         self.seq = 0
         self.want_birth = False
         self.session: Session | None = None
-        self.sent = self.acks = self.refused = 0
+        self.sent = self.acks = self.refused = self.skipped = 0
 
     def _next(self) -> int:
         s = self.seq
@@ -204,6 +204,7 @@ class Replay:
                 self.tick()
                 due += self.period_s
                 if loop.time() > due + self.period_s:
+                    self.skipped += 1
                     due = loop.time()  # behind by more than a tick: skip, as the real edge node does
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
@@ -223,6 +224,7 @@ def main() -> int:
     ap.add_argument("config")
     ap.add_argument("--edge", type=int, required=True)
     ap.add_argument("--rate", type=float, default=1.0, help="DDATA per device and second")
+    ap.add_argument("--stats", help="write what was sent to this JSON file every second")
     ap.add_argument("--paho-publish", action="store_true", help="paho's publish() per message, not framed packets")
     a = ap.parse_args()
     cfg, fleet = load_config(a.config)
@@ -234,7 +236,20 @@ def main() -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if a.stats:
+            asyncio.create_task(stats(stop))
         await r.run(stop)
+
+    async def stats(stop: asyncio.Event) -> None:
+        import json
+        import os
+
+        while not stop.is_set():
+            tmp = a.stats + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"t": time.monotonic(), "ddata": r.sent, "acks": r.acks, "skipped_ticks": r.skipped}, f)
+            os.replace(tmp, a.stats)
+            await asyncio.sleep(1.0)
 
     asyncio.run(serve())
     return 0
