@@ -110,6 +110,10 @@ def _measure(ports: list[int], agent_pids: list[int], poll_hz: float = POLL_HZ, 
 
         pub = asyncio.create_task(publisher())
         await asyncio.sleep(3.0)  # connect + discover
+        settle = time.monotonic() + (60.0 if n > 1000 else 0.0)  # thousands of connections take a while
+        while (p.comm_fault != 0).any() and time.monotonic() < settle:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0 if n > 1000 else 0.0)
         r0, e0, c0, t0 = int(p.requests.sum()), int(p.errors.sum()), time.process_time(), time.perf_counter()
         a0 = _cpu_s(agent_pids)
         ages.clear()
