@@ -42,14 +42,46 @@ def _cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _plant(n: int, port: int, ca: str | None, per_edge: int) -> str:
+def _sent(tmp: Path, k: int) -> dict:
+    """The replay publishers' counters, summed (their --stats files; t: the newest write)."""
+    tot = {"t": 0.0, "ddata": 0, "acks": 0, "skipped_ticks": 0}
+    for j in range(k):
+        try:
+            d = json.loads((tmp / f"replay-{j}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("ddata", "acks", "skipped_ticks"):
+            tot[key] += d[key]
+        tot["t"] = max(tot["t"], d["t"])
+    return tot
+
+
+def _threads_cpu_s() -> dict[str, float]:
+    """CPU seconds of each thread of this process by name (/proc/self/task): paho's network thread vs the loop."""
+    import threading
+
+    paho = {th.native_id for th in threading.enumerate() if th.name.startswith("paho")}
+    out: dict[str, float] = {}
+    for t in Path("/proc/self/task").iterdir():
+        try:
+            name = (t / "comm").read_text().strip()
+            parts = (t / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        key = ("asyncio loop" if t.name == str(os.getpid()) else "paho network thread" if int(t.name) in paho
+               else "other threads")
+        out[key] = out.get(key, 0.0) + (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _plant(n: int, port: int, ca: str | None, per_edge: int, tick_ms: float = 1000) -> str:
     sec = f"tls: {{ca: '{ca}'}}" if ca else "plaintext: true"
     return f"""
 plant: {{stale_ms: 3000}}
 drivers:
   mqtt: {{host: 127.0.0.1, port: {port}, {sec}, username: controller, password: {PW}, host_id: bench,
          group: bench, command_ms: 1000, silence_ms: 5000, publish_ms: 20,
-         fleet: {{edge_node: "fleet-{{e}}", nodes_per_edge: {per_edge}, password: {PW}, tick_ms: 1000,
+         fleet: {{edge_node: "fleet-{{e}}", nodes_per_edge: {per_edge}, password: {PW}, tick_ms: {tick_ms:g},
                  period_ms: 30000}}}}
 nodes:
   - template: {{count: {n}, id: "n-{{i:05d}}", driver: mqtt, demand_w: [200, 450], max_discharge_w: [400, 800],
@@ -107,6 +139,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                 continue
             if m0 is None and time.monotonic() >= t0:
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                th0 = _threads_cpu_s()
                 m0, t0 = int(h.messages.sum()), time.monotonic()
                 ages.clear()
                 rtt_ok = h.rtt_ms.copy()
@@ -118,6 +151,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                     break
         t1 = time.monotonic()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        th1 = _threads_cpu_s()
         m1 = int(h.messages.sum())
         stop.set()
         await task
@@ -128,6 +162,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
         age = np.concatenate(ages) if ages else np.zeros(1)
         rtt = h.rtt_ms[h.rtt_ms != rtt_ok] if rtt_ok is not None else h.rtt_ms
         return {"nodes": n, "window_s": t1 - t0, "controller_cpu_cores": cpu / (t1 - t0),
+                "controller_threads_cpu_cores": {k: (v - th0.get(k, 0.0)) / (t1 - t0) for k, v in th1.items()},
                 "messages_per_s": (m1 - m0) / (t1 - t0), "online_after_s": online_at - t_start,
                 "age_at_latch_ms": {"p50": float(np.percentile(age, 50)), "p99": float(np.percentile(age, 99)),
                                     "count": int(age.size)},
@@ -145,9 +180,12 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(asyncio.run(main())))
 
 
-def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = NODES_PER_EDGE) -> dict:
+def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = NODES_PER_EDGE, replay: bool = False,
+        rate_hz: float = 1.0) -> dict:
+    """One run; `replay`: the publishers are benchmarks/mqtt_replay.py (pre-encoded payloads), not `vbatt fleet`."""
     from vbatt.drivers.mqtt.broker import Broker, User, sparkplug_acl
 
+    load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="vbatt-bench-mqtt-"))
     edges = [f"fleet-{e}" for e in range(-(-n // per_edge))]
     broker = Broker(tmp / "broker", [User("controller", PW, sparkplug_acl("host")),
@@ -155,13 +193,16 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
                     plaintext=not tls, max_queued=1_000_000)
     broker.start()
     cfg = tmp / "plant.yaml"
-    cfg.write_text(_plant(n, broker.port if tls else broker.plain_port, str(broker.ca) if tls else None, per_edge))
+    cfg.write_text(_plant(n, broker.port if tls else broker.plain_port, str(broker.ca) if tls else None, per_edge,
+                          1000.0 / rate_hz))
     procs = []
     try:
         for k in range(len(edges)):
             # niced: the publishers stand for nodes on other machines; here they share two cores with the controller
-            procs.append(subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "vbatt.cli", "fleet", str(cfg),
-                                           "--edge", str(k)],
+            cmd = (["-m", "benchmarks.mqtt_replay", str(cfg), "--edge", str(k), "--rate", str(rate_hz),
+                    "--stats", str(tmp / f"replay-{k}.json")] if replay
+                   else ["-m", "vbatt.cli", "fleet", str(cfg), "--edge", str(k)])
+            procs.append(subprocess.Popen(["nice", "-n", "10", sys.executable, *cmd],
                                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         out = tmp / "controller.json"
         ctl = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_mqtt", "--controller", str(cfg),
@@ -173,13 +214,24 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
             if pub0 is None and time.monotonic() - t0 > 10:  # publishers and broker: over the same stretch
                 pub0 = sum(_cpu_s(p.pid) for p in procs), time.monotonic()
                 bro0 = _cpu_s(broker.proc.pid)
+                sent0 = _sent(tmp, len(procs)) if replay else None
             if pub0 is not None:
                 pub1, bro1, t1 = sum(_cpu_s(p.pid) for p in procs), _cpu_s(broker.proc.pid), time.monotonic()
         res = json.loads(out.read_text())
         if pub0 is not None:
             res["publishers_cpu_cores"] = (pub1 - pub0[0]) / (t1 - pub0[1])
             res["broker_cpu_cores"] = (bro1 - bro0) / (t1 - pub0[1])
+            if sent0 is not None:  # what the publishers sent (offered), over about the same stretch
+                sent1 = _sent(tmp, len(procs))
+                dt = sent1["t"] - sent0["t"]
+                if dt > 0:
+                    res["offered"] = {"ddata_per_s": (sent1["ddata"] - sent0["ddata"]) / dt,
+                                      "acks_per_s": (sent1["acks"] - sent0["acks"]) / dt,
+                                      "skipped_ticks": sent1["skipped_ticks"] - sent0["skipped_ticks"]}
         res["publisher_processes"] = len(procs)
+        res["publishers"] = "replay (benchmarks/mqtt_replay.py)" if replay else "vbatt fleet"
+        res["rate_hz"] = rate_hz
+        res["loadavg_1m_at_start"] = load0
         res["tls"] = tls
         res["loadavg_1m_at_end"] = os.getloadavg()[0]
         res["cores"] = os.cpu_count()
@@ -207,6 +259,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, nargs="+", default=[10_000])
     ap.add_argument("--tls", action="store_true")
+    ap.add_argument("--replay", action="store_true", help="publishers replay pre-encoded payloads (mqtt_replay.py)")
+    ap.add_argument("--rate", type=float, default=1.0, help="DDATA per node and second")
+    ap.add_argument("--per-edge", type=int, default=NODES_PER_EDGE)
     ap.add_argument("--window", type=float, default=WINDOW_S)
     ap.add_argument("--controller")
     ap.add_argument("--out")
@@ -217,10 +272,15 @@ def main() -> int:
         return 0
     results = []
     for n in a.nodes:
-        r = run(n, tls=a.tls, window_s=a.window)
+        r = run(n, tls=a.tls, window_s=a.window, per_edge=a.per_edge, replay=a.replay, rate_hz=a.rate)
+        r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
-    Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
+    # appended to the runs already recorded (end_to_end: `vbatt fleet` publishers; replay: mqtt_replay.py)
+    path = Path(a.json)
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.setdefault("replay" if a.replay else "end_to_end", []).extend(results)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 
