@@ -35,6 +35,27 @@ __all__ = ["ride_through_lp", "peak_shed_lp"]
 INF = highspy.kHighsInf
 
 
+class _Rows:
+    """The constraint rows lo <= A x <= hi, added one at a time (each stage of a lexicographic solve
+    adds the row that holds the stage's optimum)."""
+
+    def __init__(self, ncol: int):
+        self.ncol = ncol
+        self.lo, self.hi, self.data, self.ri, self.ci = [], [], [], [], []
+
+    def __call__(self, entries, lo_v: float, hi_v: float) -> None:
+        r = len(self.lo)
+        for col, v in entries:
+            self.ri.append(r)
+            self.ci.append(col)
+            self.data.append(v)
+        self.lo.append(lo_v)
+        self.hi.append(hi_v)
+
+    def matrix(self):
+        return sp.coo_matrix((self.data, (self.ri, self.ci)), shape=(len(self.lo), self.ncol))
+
+
 def _solve(cost, a, row_lo, row_hi, col_lo, col_hi, n_int: int = 0) -> tuple[np.ndarray, float]:
     """n_int: the first n_int columns are integer (0/1 by their bounds)."""
     h = highspy.Highs()
@@ -79,18 +100,7 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
     yi = lambda i, t: nz + i * s_n + t  # noqa: E731
     bi = lambda i, t: nz + (n + i) * s_n + t  # noqa: E731
     ncol = nz + 2 * n * s_n
-    lo, hi, data, ri, ci = [], [], [], [], []
-    r = 0
-
-    def row(entries, lo_v, hi_v):
-        nonlocal r
-        for col, v in entries:
-            ri.append(r)
-            ci.append(col)
-            data.append(v)
-        lo.append(lo_v)
-        hi.append(hi_v)
-        r += 1
+    row = _Rows(ncol)
 
     for t in range(s_n):
         for i in range(n):
@@ -120,16 +130,13 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
     col_hi = np.concatenate([np.ones(nz + n * s_n), np.repeat(np.asarray(max_discharge_w, float), s_n)])
     tstart = np.arange(s_n) * dt_s
 
-    def matrix():
-        return sp.coo_matrix((data, (ri, ci)), shape=(r, ncol))
-
     for c, p in enumerate(classes):
         w = np.clip((targets_s.get(int(p), 0.0) - tstart) / dt_s, 0.0, 1.0)
         if not w.any():
             continue
         cost = np.zeros(ncol)
         cost[c * s_n:(c + 1) * s_n] = w
-        _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
+        _, opt = _solve(cost, row.matrix(), row.lo, row.hi, col_lo, col_hi, nz if whole else 0)
         row([(zi(c, t), w[t]) for t in range(s_n) if w[t] > 0], opt - 1e-7 * (1.0 + opt), INF)
     if whole:
         # Beyond the targets, lazy in the power order: the time every class runs first (the least
@@ -137,7 +144,7 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
         for c in reversed(range(k_n)):
             cost = np.zeros(ncol)
             cost[c * s_n:(c + 1) * s_n] = 1.0
-            x, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz)
+            x, opt = _solve(cost, row.matrix(), row.lo, row.hi, col_lo, col_hi, nz)
             row([(zi(c, t), 1.0) for t in range(s_n)], opt - 1e-7 * (1.0 + opt), INF)
         z = np.round(x[:nz].reshape(k_n, s_n))
         return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}
@@ -148,7 +155,7 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
         cost[c * s_n:(c + 1) * s_n] = g * dem[c] * (1.0 + 1e-3 * (k_n - c))
     for i in range(n):
         cost[yi(i, 0):yi(i, 0) + s_n] = 1e-3 * g * d[i]
-    x, _ = _solve(cost, matrix(), lo, hi, col_lo, col_hi, nz if whole else 0)
+    x, _ = _solve(cost, row.matrix(), row.lo, row.hi, col_lo, col_hi, nz if whole else 0)
     z = x[:nz].reshape(k_n, s_n)
     return {int(p): float(z[c].sum() * dt_s) for c, p in enumerate(classes)}
 
@@ -192,18 +199,7 @@ def peak_shed_lp(priority, demand_w, usable_wh, room_wh, max_discharge_w, max_ch
     ei = lambda i, t: k_n * s_n + n * s_n + i * (s_n + 1) + t  # noqa: E731
     si = lambda t: k_n * s_n + n * s_n + n * (s_n + 1) + t  # noqa: E731
     ncol = si(s_n)
-    lo, hi, data, ri, ci = [], [], [], [], []
-    r = 0
-
-    def row(entries, lo_v, hi_v):
-        nonlocal r
-        for col, v in entries:
-            ri.append(r)
-            ci.append(col)
-            data.append(v)
-        lo.append(lo_v)
-        hi.append(hi_v)
-        r += 1
+    row = _Rows(ncol)
 
     for t in range(s_n):
         for i in range(n):
@@ -220,19 +216,16 @@ def peak_shed_lp(priority, demand_w, usable_wh, room_wh, max_discharge_w, max_ch
         col_hi[ei(i, 0):ei(i, 0) + s_n + 1] = float(room_wh[i])
         col_lo[ei(i, 0)] = col_hi[ei(i, 0)] = float(usable_wh[i])
 
-    def matrix():
-        return sp.coo_matrix((data, (ri, ci)), shape=(r, ncol))
-
     cost = np.zeros(ncol)
     cost[si(0):si(0) + s_n] = -1.0
-    _, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+    _, opt = _solve(cost, row.matrix(), row.lo, row.hi, col_lo, col_hi)
     row([(si(t), 1.0) for t in range(s_n)], -INF, -opt + 1e-7 * (1.0 - opt))
     breach = -opt
     x = None
     for c in range(k_n):
         cost = np.zeros(ncol)
         cost[xi(c, 0):xi(c, 0) + s_n] = dem[c]
-        x, opt = _solve(cost, matrix(), lo, hi, col_lo, col_hi)
+        x, opt = _solve(cost, row.matrix(), row.lo, row.hi, col_lo, col_hi)
         row([(xi(c, t), dem[c, t]) for t in range(s_n)], opt - 1e-7 * (1.0 + opt), INF)
     served = x[: k_n * s_n].reshape(k_n, s_n)
     shed = ((1.0 - served) * dem).sum(axis=1) * h

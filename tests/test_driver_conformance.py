@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mqtt_support import Loop  # an asyncio loop in a thread of its own, for devices served in this process
 from test_modbus_support import fleet_of, free_port, mbap, raw_server, registers_reply, request_range
 from vbatt.config.plant import load_config
 from vbatt.drivers.base import IoContext
@@ -100,23 +101,6 @@ class Run:
             self.img.close()
         assert not alive, "the driver did not return after stop"
         assert self.error is None, self.error
-
-
-class Loop:
-    """An asyncio loop in a thread of its own, for devices served in this process."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @contextlib.contextmanager
@@ -630,8 +614,6 @@ class TestMqtt(DriverConformance):
 
     @pytest.fixture(autouse=True)
     def _loop(self, tmp_path):
-        from mqtt_support import Loop
-
         self.loop = Loop()
         self.tmp = tmp_path
         self.n = 0

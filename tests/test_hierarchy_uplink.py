@@ -63,7 +63,8 @@ def _wait(cond, timeout_s, what):
     raise TimeoutError(what)
 
 
-def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
+def _start_leaf(tmp_path):
+    """A leaf controller (`vbatt run` of LEAF) with its uplink on a free port; its stderr in leaf.log."""
     port = free_ports(1)[0]
     status = tmp_path / "leaf.status.json"
     cfg = tmp_path / "leaf.yaml"
@@ -72,6 +73,11 @@ def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
     proc = subprocess.Popen([str(Path(sys.executable).with_name("vbatt")), "run", str(cfg), "-q", "--snapshot",
                              str(snap)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "leaf.log", "wb"),
                             start_new_session=True)
+    return port, status, snap, proc
+
+
+def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
+    port, status, snap, proc = _start_leaf(tmp_path)
     try:
         _wait(lambda: (s := _status(status)) is not None and s["cycle"] > 5, 60, "the leaf runs")
         c = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
@@ -124,13 +130,7 @@ def test_uplink_sunspec_walk_levels_lease_and_fallback(tmp_path):
 
 def test_levels_applied_by_the_tree_program_are_the_curve_answer(tmp_path):
     """While leased, the scan's outputs are apply_levels on the limits the allocation used."""
-    port = free_ports(1)[0]
-    status = tmp_path / "leaf.status.json"
-    cfg = tmp_path / "leaf.yaml"
-    cfg.write_text(LEAF.format(port=port, status=status))
-    snap = tmp_path / "leaf.snapshot.json"
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("vbatt")), "run", str(cfg), "-q", "--snapshot",
-                             str(snap)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    port, status, snap, proc = _start_leaf(tmp_path)
     lv = Levels({0: -np.inf, 2: 0.25}, 1.5e-6, True)
     t = TreeLayout(8, 1024)
     try:

@@ -47,7 +47,7 @@ from vbatt.drivers.node.backends import Backend
 from vbatt.drivers.modbus.config import TlsFiles
 from vbatt.drivers.mqtt.config import EdgeConfig
 
-__all__ = ["AgentSpec", "AgentSet", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
+__all__ = ["AgentSpec", "AgentSet", "register_blocks", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
            "serve_agents", "run_node", "LEASE_MAX_MS"]
 
 log = logging.getLogger("vbatt.node")
@@ -66,6 +66,21 @@ INSTR_FIRST, INSTR_END = CODEC.instr_first, CODEC.instr_end  # the controller wr
 # registers the agent refreshes every tick: 802 body .. vendor status, minus the points others may write
 _DYN = (M.body(802), INSTR_FIRST)
 _WRITABLE = {a for p in M.points.values() if p.point.writable for a in range(p.addr, p.addr + p.regs)}
+
+
+def register_blocks(row, end: int) -> list[SimData]:
+    """The node map's registers from M.base up to `end` as SimData blocks, each wholly writable (the
+    instruction) or read-only (the offer), so that a write outside the instruction is refused."""
+    blocks, a = [], M.base
+    while a < end:
+        w = a in _WRITABLE
+        b = a
+        while b < end and (b in _WRITABLE) == w:
+            b += 1
+        blocks.append(SimData(a, values=[int(x) for x in row[a - M.base:b - M.base]],
+                              datatype=DataType.REGISTERS, readonly=not w))
+        a = b
+    return blocks
 
 
 def _segments() -> list[tuple[int, int]]:
@@ -123,17 +138,7 @@ class AgentSet:
 
     # -- serving -------------------------------------------------------------------------------
     def _device(self, i: int) -> tuple[SimDevice, SimDevice]:
-        row = self.rows[i]
-        blocks, a = [], M.base
-        end = M.base + M.size
-        while a < end:
-            w = a in _WRITABLE
-            b = a
-            while b < end and (b in _WRITABLE) == w:
-                b += 1
-            blocks.append(SimData(a, values=[int(x) for x in row[a - M.base:b - M.base]],
-                                  datatype=DataType.REGISTERS, readonly=not w))
-            a = b
+        blocks = register_blocks(self.rows[i], M.base + M.size)
         own = SimDevice(id=self.specs[i].unit_id, simdata=blocks, action=partial(self._action, i))
         # any other unit id: a gateway's "target failed to respond", so the controller can say "wrong unit"
         other = SimDevice(id=0, simdata=[SimData(M.base, count=M.size, values=0, datatype=DataType.REGISTERS)],

@@ -38,7 +38,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from vbatt.drivers.modbus import sunspec as ss
-from vbatt.drivers.node.agent import AgentSet, AgentSpec, _wrong_unit
+from vbatt.drivers.node.agent import AgentSet, AgentSpec, _wrong_unit, register_blocks
 from vbatt.drivers.node.backends import Backend
 from vbatt.hierarchy.wire import TREE_ID, TreeLayout
 from vbatt.kernel.fields import Role, Scope, fields
@@ -105,18 +105,8 @@ class Uplink(AgentSet):
         super().__init__(backend, [spec], tick_ms=tick_ms)
 
     def _device(self, i: int):
-        row, t = self.rows[i], self.tree
-        blocks, a = [], M.base
-        end = M.base + M.size - 2  # the node map's end model gives way to the tree model
-        writable = {p.addr + k for p in M.points.values() if p.point.writable for k in range(p.regs)}
-        while a < end:
-            w = a in writable
-            b = a
-            while b < end and (b in writable) == w:
-                b += 1
-            blocks.append(SimData(a, values=[int(x) for x in row[a - M.base:b - M.base]],
-                                  datatype=DataType.REGISTERS, readonly=not w))
-            a = b
+        t = self.tree
+        blocks = register_blocks(self.rows[i], M.base + M.size - 2)  # the end model gives way to the tree model
         head = [TREE_ID, t.length] + [0] * (t.levels_at - t.body)
         blocks.append(SimData(t.addr, values=head, datatype=DataType.REGISTERS, readonly=True))
         blocks.append(SimData(t.levels_at, values=[0] * t.levels_len, datatype=DataType.REGISTERS, readonly=False))
