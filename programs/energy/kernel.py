@@ -100,7 +100,7 @@ def _reserve_wh(n_cls, dhz, target_s, clock_s, latched):
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, pace_s, v_cls, v_f, v_now, v_res,
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
                  v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
@@ -132,7 +132,7 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # goes to the pool only as far as the pool would run its class out first; the rest it can
         # export once its class no longer runs. (With the remaining target alone, a class beyond its
         # target was shed when such a node ran out, with energy left on the others: measured.)
-        lock_h = min(h_s, max(hz_s[c], rt_s[c])) / 3600.0
+        lock_h = min(h_s, rt_s[c] if use_rt else hz_s[c]) / 3600.0
         p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
         # A node of a class shed for energy serves no load of its own: it only exports, over its link.
         d_own = d if latched[c] == 0 else 0.0
@@ -271,7 +271,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 eff, h_s, hz_s, runtime_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
+                 eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
