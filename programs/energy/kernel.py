@@ -141,8 +141,8 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
         # t = how long within m its own load is served. A node with a local need exports only.
         v_g[i] = g if ok else 0.0
-        v_rate[i] = (min(g, lk) if has else lk) if ok else 0.0
-        v_d[i] = (0.0 if has else d_own) if ok else 0.0
+        v_rate[i] = lk if ok else 0.0
+        v_d[i] = d_own if ok else 0.0
         v_own[i] = own if ok else 0.0
         v_eraw[i] = e if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
@@ -190,8 +190,9 @@ def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
         t = 0.0
         for i in range(v_e.shape[0]):
             own_s = min(hz_s[v_cls[i]], m)
-            free = min(v_e[i], min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0)
-            loc = min(max(0.0, v_eraw[i] - v_own[i] * own_s / 3600.0), v_rate[i] * (m - own_s) / 3600.0)
+            dl = min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0
+            free = min(v_e[i], dl)
+            loc = max(0.0, min(v_eraw[i], dl) - v_own[i] * own_s / 3600.0)
             t += loc if v_own[i] > 0.0 else free
         ax[k] += t
 
@@ -268,6 +269,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 nx[c, j] = 0.0
             nx[c, NX_LOC] = math.inf
             hz_s[c] = max(0.0, target_s[c] - clock_s[c])
+            if not first:
+                hz_s[c] = min(hz_s[c], local_s[c])
             ax[c] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
