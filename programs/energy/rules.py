@@ -53,12 +53,15 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on, loc):
                     r_all += dres[c] * tau[c] / 3600.0
             pre = 0.0
             cut = -1
+            gone = False  # a more critical class is shed: beyond its target a class yields (the power order)
             for c in range(k_n):
                 thr = pre if tau[c] > 0.0 else r_all
-                if on[c] and dres[c] > 0.0 and (e <= thr + _EPS * (1.0 + e) or t >= loc[c] - _EPS * (1.0 + t)):
+                if on[c] and dres[c] > 0.0 and (e <= thr + _EPS * (1.0 + e) or t >= loc[c] - _EPS * (1.0 + t)
+                                                or (gone and tau[c] <= 0.0)):
                     cut = c
                 if on[c] and tau[c] > 0.0:
                     pre += dres[c] * tau[c] / 3600.0
+                gone |= not on[c] and dres[c] > 0.0
             if cut < 0:
                 break
             on[cut] = False
@@ -155,6 +158,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
     m_left = main_limit_w
     e_left = e_wh
     pre = 0.0
+    gone = False  # a more critical class is shed for energy in this shortage
     for c in range(k_n):
         d = dnow[c]
         m = min(max(m_left, 0.0), d)
@@ -194,6 +198,11 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 # cycle: the class is no longer served whole, so it is cut now, whole, and its energy
                 # extends the others (as the whole-step reference: a class once not whole stays shed).
                 a = 0.0
+            elif not shaved and tau[c] <= 0.0 and gone:
+                # Beyond its target a class runs only in the power order of §2: never while a more
+                # critical class is shed (it would spend energy and power on a less critical load
+                # while a more critical one is dark; the whole-step reference holds the same).
+                a = 0.0
             # Cut for energy while it rides on the batteries: this cycle's part, then shed until the
             # shortage is over (no flapping: a load restored for minutes and shed again is worth
             # little, and the energy extends the classes still served). A peak-shaved class is cut
@@ -203,6 +212,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 latched[c] = 1
             e_left -= max(a, 0.0) * need_wh  # a recharge is not energy this cycle
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
+        gone |= latched[c] != 0 and d > 0.0
         if latched[c] == 0:
             pre += dres[c] * tau[c] / 3600.0
             for k in range(k_n):
