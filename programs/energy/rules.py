@@ -29,7 +29,8 @@ __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS"
  ST_SURPRISE_WH, ST_N) = range(13)
 
 _EPS = 1e-9
-RISE_SURPRISES = 3.0  # a peak-shaved class stops this many of the reserve's late surprises above it
+RISE_SURPRISES = 3.0
+POWER_TOL = 0.01  # a class is latched for power when the export it lacks exceeds this share of its need  # a peak-shaved class stops this many of the reserve's late surprises above it
 
 
 @njit(nogil=True, cache=True)
@@ -222,10 +223,23 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
     # class, the allocator sheds least critical first; a class beyond its target must yield to one
     # inside it, so it gets only the power the classes inside their targets leave (a cap this cycle,
     # not a latch: power comes back when a class is shed).
+    # A class riding through whose share the batteries' export cannot carry after the more critical
+    # classes inside their targets is served in part by the allocator: no longer whole, so it is shed
+    # and latched as a class cut for energy is (served in part it would spend, for minutes of a partial
+    # load, energy and export the more critical classes need later; the whole-step reference holds the
+    # same). Beyond a tolerance only: the sums are up to two sweeps old.
     p_left = main_limit_w + state[ST_SLACK_W]
+    m_left = main_limit_w
     for c in range(k_n):
+        m = min(max(m_left, 0.0), dnow[c])
+        m_left -= m
         if tau[c] > 0.0 and latched[c] == 0:
-            p_left -= frac[c] * pneed[c]
+            ask = frac[c] * pneed[c]
+            if m <= 0.0 and ask > 0.0 and p_left < ask - POWER_TOL * (1.0 + ask):
+                frac[c] = 0.0
+                latched[c] = 1
+                continue
+            p_left -= ask
     for c in range(k_n):
         if not (tau[c] > 0.0 and latched[c] == 0) and pneed[c] > 0.0 and frac[c] > 0.0:
             f_p = min(frac[c], max(0.0, p_left) / pneed[c])
