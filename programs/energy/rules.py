@@ -142,7 +142,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c])
         if latched[c] == 0:
             r_all += dres[c] * tau[c] / 3600.0
-    # Power: energy is not enough, it must be deliverable in time. a_wh[k] = A(hz_k), the energy
+    # Power: energy is not enough, it must be deliverable in time. a_wh[c, k] = A_c(hz_k), the energy
     # the batteries can deliver within hz_k (~ tau_k) at their power limits, sum min(e_i, p_i hz_k).
     # A reserve (a demand profile falling at each tau_j) can be served iff for every horizon
     # m = tau_k: A(m) >= sum_j D_j min(tau_j, m) (for a falling demand the prefix [0, m] is the
@@ -187,7 +187,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             p_avail = math.inf
             for k in range(c if riding else k_n):
                 if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
-                    p_avail = min(p_avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
+                    p_avail = min(p_avail, (a_wh[c, k] - cum_wh[k]) if riding else (a_wh[k_n, k] - tot_wh[k])) - drawn
             # Below its threshold a peak-shaved class gives back part of what main serves it, so that
             # main's spare recharges the reserve (the reserve first; the energy rule only: a reserve
             # short of power, not of energy, is not mended by charging).
