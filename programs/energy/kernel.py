@@ -69,10 +69,20 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
     use_prior = hp[HP_SEED] == 2.0 or (hp[HP_SEED] == 1.0 and n_cls == 1)
     horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, use_prior, hp[HP_LEVEL], hp[HP_TREND],
                    hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU])
+    calm = True
+    for c in range(n_cls):
+        calm &= clock_s[c] <= 0.0
     for c in range(n_cls):
         h = hp[HP_H] if hp[HP_H] > 0.0 else max(0.0, target_s[c] - clock_s[c])
         f = horizon_mean(wall_s, c, h, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
-        dhz[c] = max(dres[c], f) if f == f else dres[c]
+        # The floor "now": with the main supply carrying every class, the class forecast's level (the
+        # demand now smoothed over demand_level_tau_s), not one sweep's sample: the loads' noise of one
+        # sweep does not last a target of hours, and the reserve took every upward sample for the whole
+        # target (peak.yaml: +-10 W of class 0 a sweep, +-40 Wh of its 4 h target, which the peak-shaving
+        # margin then had to cover). In a shortage (a battery clock runs) the demand now, as measured.
+        now = horizon_mean(wall_s, c, 0.0, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if calm else dres[c]
+        now = now if now == now else dres[c]
+        dhz[c] = max(now, f) if f == f else dres[c]
 
 
 @njit(nogil=True, cache=True)
