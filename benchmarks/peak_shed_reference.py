@@ -51,8 +51,10 @@ def _per_step(loaded, policy: str):
     return np.asarray(s["t_s"]), s
 
 
-def _reserve_demands(loaded, t, d_step, dt: float) -> dict:
+def _reserve_demands(loaded, d_step, dt: float) -> dict:
     """Per reserve (see the module's docstring), D_c at each step of the run, classes x steps."""
+    from energy_reference import reserve_demand_w
+
     from vbatt.programs.energy import EnergyParams
     from vbatt.programs.energy.horizon import horizon_replay
 
@@ -62,18 +64,8 @@ def _reserve_demands(loaded, t, d_step, dt: float) -> dict:
                            p.demand_season_s, p.demand_season_bins, p.demand_season_tau_s,
                            t0_s=loaded.scenario.start_unix_s)
     level = np.where(np.isnan(level), d_step, level)
-    cum = np.concatenate([np.zeros((1, d_step.shape[1])), np.cumsum(d_step, axis=0)])
-    came = np.empty_like(d_step)
-    n = d_step.shape[0]
-    for c in range(d_step.shape[1]):
-        h = int(round(targets.get(c, 0.0) / dt))
-        if h == 0:
-            came[:, c] = d_step[:, c]
-            continue
-        k = np.arange(n)
-        e = np.minimum(n, k + h)
-        came[:, c] = (cum[e, c] - cum[k, c]) / (e - k)  # truncated at the run's end, as reserve.py
-    return {"now": None, "program": np.maximum(level, came).T, "came": came.T}
+    return {"now": None, "program": reserve_demand_w(d_step, dt, targets, level),
+            "came": reserve_demand_w(d_step, dt, targets)}
 
 
 def _lp_days(loaded, s_runs: dict) -> None:
@@ -91,7 +83,7 @@ def _lp_days(loaded, s_runs: dict) -> None:
     soc_min, soc_max = 0.1, 1.0
     targets = loaded.cfg.plant.ride_through_s
     d_step = np.asarray(s["c"]["demand_w"])[:, classes]
-    reserves = _reserve_demands(loaded, t, d_step, dt)
+    reserves = _reserve_demands(loaded, d_step, dt)
     for day in range(int(np.ceil(t[-1] / DAY_S - 1e-9))):
         idx = np.where((t >= day * DAY_S) & (t < (day + 1) * DAY_S))[0]
         m = idx.size // per
