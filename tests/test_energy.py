@@ -224,7 +224,9 @@ def test_peak_shaving_never_breaches_the_reserve(plants):
           f"{m_today:.1f} Wh today; first shed {shed_energy}")
 
 
-PEAK_SEEDS = (1, 3, 5, 8, 15, 16)
+# Every seed of 0-23 where the reference sheds and can hold the reserve (benchmarks/energy_lp_gap.py --peak).
+# Seed 12 failed (1.06 steps, program margin -0.1 Wh) before the margin looked ahead over the reserve's rise.
+PEAK_SEEDS = (1, 3, 4, 5, 7, 8, 9, 10, 12, 13, 15, 16, 19, 20, 22)
 
 
 @pytest.mark.parametrize("seed", PEAK_SEEDS)
