@@ -23,10 +23,14 @@ from vbatt.programs.energy.rules import ST_N_CLS, ride_through
 
 __all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows"]
 
-COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched")
+COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
+        "power_need_w", "power_slack_w", "deliverable_wh")
 N_COLS = len(COLS)
-(C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED) = range(N_COLS)
-_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0)  # a class without nodes in the subtree
+(C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_PNEED, C_PSLACK, C_DELIV) = range(N_COLS)
+# a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
+# the subtree's other nodes deliver it, and the class rules check every class's horizon)
+_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0)
+_SUMMED = [C_DNOW, C_DHZ, C_E, C_PNEED, C_PSLACK, C_DELIV]
 
 
 def empty(k: int) -> np.ndarray:
@@ -40,12 +44,16 @@ def offer_of(v: dict, k: int) -> np.ndarray:
     if "mem.energy.state" not in v:
         return out
     g = lambda name: v["mem.energy." + name]  # noqa: E731
+    has = np.bincount(np.clip(v["node.priority"], 0, k), minlength=k + 1)[:k] > 0
     for c in range(int(g("state")[ST_N_CLS])):
         p = int(g("priority")[c])
         if not 0 <= p < k:
             continue
         out[p] = (g("demand_w")[c], g("demand_horizon_w")[c], g("energy_wh")[c], g("local_s")[c],
-                  max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]))
+                  max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
+                  g("power_need_w")[c], g("power_slack_w")[c], g("deliverable_wh")[c])
+        if not has[p]:  # a class of the tree it has no node of: only its deliverable energy counts
+            out[p, [C_LEFT, C_TARGET]] = math.nan
     return out
 
 
@@ -56,7 +64,7 @@ def total(offers: list[np.ndarray], k: int) -> np.ndarray:
     if not offers:
         return out
     a = np.stack(offers)
-    out[:, [C_DNOW, C_DHZ, C_E]] = a[:, :, [C_DNOW, C_DHZ, C_E]].sum(axis=0)
+    out[:, _SUMMED] = a[:, :, _SUMMED].sum(axis=0)
     out[:, C_LOC] = a[:, :, C_LOC].min(axis=0)
     present = ~np.isnan(a[:, :, C_TARGET])
     for col in (C_LEFT, C_TARGET):
