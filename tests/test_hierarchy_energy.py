@@ -1,6 +1,7 @@
 """Energy across levels, in process (docs/hierarchy.md "Energy across levels"): the leaves' energy
 offers, carried in the tree model and summed at each level, give the flat controller's demand, reserve
-and runtime per class where the leaves' class states are the flat's."""
+and runtime per class where the leaves' class states are the flat's; with the top's class decisions
+leased to the leaves, the tree's runtime, served load and battery power per class are the flat's."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from hierarchy_energy import demo_fleet, tree_vs_flat  # noqa: E402
 
 from vbatt.hierarchy.wire import TreeLayout
+from vbatt.programs.energy.tree import D_N
 from vbatt.programs.hierarchy import classes as hc
-from vbatt.programs.hierarchy.curves import Summary
+from vbatt.programs.hierarchy.curves import Levels, Summary
 
 
 def test_the_energy_offer_survives_the_wire_and_the_sum():
@@ -26,7 +28,8 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
         o = hc.empty(8)
         for p in (0, 1, 3):
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
-                    rng.uniform(0, 600), 600.0, 0.0)
+                    rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
+                    rng.uniform(0, 1e4))
         offers.append(o)
     got = []
     for o in offers:
@@ -36,6 +39,8 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
     s = Summary.total([Summary(energy=g) for g in got])
     assert s.energy[0, hc.C_DNOW] == pytest.approx(sum(o[0, hc.C_DNOW] for o in offers), rel=1e-15)
     assert s.energy[3, hc.C_LOC] == min(o[3, hc.C_LOC] for o in offers)
+    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV):
+        assert s.energy[1, col] == pytest.approx(sum(o[1, col] for o in offers), rel=1e-15)
     assert np.isnan(s.energy[2, hc.C_TARGET])  # a class no child has stays absent
     assert [r["priority"] for r in hc.rows(s.energy)] == [0, 1, 3]
 
@@ -45,7 +50,8 @@ def test_tree_class_rows_equal_the_flat_controllers_when_the_class_states_agree(
     """No leaf short of main supply (the flat's case with main to spare): the summed offers are the flat
     controller's class sums, so demand, reserve and runtime per class are its own to rounding."""
     f = demo_fleet(links=links)
-    tree, flat = tree_vs_flat(f, 1.2 * float(f.demand_w.sum()), leaf_main_w=1e9, cycles=3)
+    r = tree_vs_flat(f, 1.2 * float(f.demand_w.sum()), share=False, decide="own", cycles=3)
+    tree, flat = r.tree, r.flat
     assert [r["priority"] for r in tree] == [r["priority"] for r in flat] == [0, 1, 2, 3]
     for t, r in zip(tree, flat):
         assert t["demand_w"] == pytest.approx(r["demand_w"], abs=1e-6)
@@ -66,7 +72,51 @@ def test_leaves_on_their_share_of_the_feed_decide_classes_the_flat_controller_ke
     its nodes) counts as riding through, runs its class clocks and sheds classes for energy that the
     flat controller, with main supply to spare, keeps (docs/hierarchy.md: what does not compose)."""
     f = demo_fleet(links=False)
-    tree, flat = tree_vs_flat(f, 1.2 * float(f.demand_w.sum()), leaf_main_w=None, cycles=3)
-    t = {r["priority"]: r for r in tree}
-    assert all(r["runtime_s"] > 0 for r in flat if r["priority"] < 3)
-    assert any(t[p]["runtime_s"] == 0.0 for p in (1, 2)), tree
+    r = tree_vs_flat(f, 1.2 * float(f.demand_w.sum()), share=True, decide="own", cycles=3)
+    t = {x["priority"]: x for x in r.tree}
+    assert all(x["runtime_s"] > 0 for x in r.flat if x["priority"] < 3)
+    assert any(t[p]["runtime_s"] == 0.0 for p in (1, 2)), r.tree
+
+
+@pytest.mark.parametrize("links,main", [(False, 1.2), (True, 0.35)], ids=["links-unbounded", "demo-links-short"])
+def test_with_the_tops_decisions_runtime_served_and_battery_per_class_are_the_flat_controllers(links, main):
+    """The leaves on their share of the feed (rows 3-4 of the table in docs/hierarchy.md), but deciding by
+    the top's class rules on the tree's summed offer: every cycle the top's runtime per class is the flat
+    controller's, and from the first lease on (the first cycle decides on its own, before the top has
+    decided) the tree's served load and battery power per class and per node are the flat's. A leaf
+    takes the decisions one round late; the class shares here do not move after the first cycle (a
+    share that moves would differ for that one cycle). 400 s of 20 s cycles: in the short case the
+    clocks of classes 2 and 3 run (class 3 is capped in part)."""
+    f = demo_fleet(links=links)
+    r = tree_vs_flat(f, main * float(f.demand_w.sum()), share=True, decide="tree", cycles=20, dt_s=20.0)
+    assert [x["priority"] for x in r.tree] == [x["priority"] for x in r.flat] == [0, 1, 2, 3]
+    assert max(r.runtime_diff_s) < 1e-6, r.runtime_diff_s
+    for t, x in zip(r.tree, r.flat):
+        assert t["reserve_wh"] == pytest.approx(x["reserve_wh"], abs=1e-6)
+        assert t["reachable"] == x["reachable"]
+    # the rules did something here (not a case where any decision would do): the short case runs clocks
+    if main < 1:
+        assert r.tree[2]["clock_s"] == 400.0 and r.tree[3]["clock_s"] == 400.0 and r.tree[0]["clock_s"] == 0.0
+        assert any(x["runtime_s"] and 0 < x["runtime_s"] < 7200 for x in r.flat)
+    assert r.node_diff_w[0] > 1.0  # the first cycle, before any lease: the leaves' own decisions (today's tree)
+    for k in range(1, len(r.served)):
+        assert r.node_diff_w[k] < 1e-6, (k, r.node_diff_w)
+        np.testing.assert_allclose(r.served[k][0], r.served[k][1], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(r.battery[k][0], r.battery[k][1], atol=1e-6, rtol=0)
+
+
+def test_the_decisions_travel_with_the_levels_bit_for_bit():
+    """The parent writes the decisions block, then the levels with Decided = 1; a child decodes both from its
+    uplink's registers. Levels without decisions (a parent without energy offers) say Decided = 0."""
+    t = TreeLayout(8, 64)
+    dec = np.full((8, D_N), np.nan)
+    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0], [0.25, 1.0, 0.0, 0.0, 0.0], [0.6355, 0.0, 0.0, np.inf, 1.0]]
+    lv = Levels({0: -np.inf, 1: 0.5, 3: np.inf}, 1.5e-6, True, dec)
+    regs = np.zeros(t.levels_len + t.dec_len, int)
+    regs[:t.levels_len] = t.encode_levels(lv, 9, 1000)
+    regs[t.dec_at - t.levels_at:] = t.encode_decisions(dec)
+    seq, lease, got = t.decode_levels(regs.tolist())
+    assert (seq, lease, got.lam, got.dis, got.shed) == (9, 1000, lv.lam, True, lv.shed)
+    np.testing.assert_array_equal(got.energy, dec)  # NaN rows included
+    seq, _, bare = t.decode_levels(t.encode_levels(Levels(lv.shed, lv.lam, True), 10, 1000) + [0] * t.dec_len)
+    assert bare.energy is None

@@ -58,7 +58,7 @@ class TreeDecider:
             return None
         o = offer[ps]
         col = lambda c: np.ascontiguousarray(o[:, c])  # noqa: E731
-        target, dnow, dres, loc = col(hc.C_TARGET), col(hc.C_DNOW), col(hc.C_DHZ), col(hc.C_LOC)
+        target, dnow, dres, loc = col(hc.C_TARGET), col(hc.C_POOL), col(hc.C_DHZ), col(hc.C_LOC)
         a_wh, pneed = col(hc.C_DELIV), col(hc.C_PNEED)
         clock = np.ascontiguousarray(self.clock_s[ps])
         latched = np.ascontiguousarray(self.latched[ps])
@@ -83,10 +83,6 @@ class TreeDecider:
         out[ps, D_LEFT] = np.maximum(0.0, target - clock)
         out[ps, D_RUNTIME] = rt
         out[ps, D_REACHABLE] = reachable
-        self.rows = [{"priority": int(p), "demand_w": float(dnow[j]), "demand_horizon_w": float(dres[j]),
-                      "reserve_wh": float(reserve[j]), "target_s": float(target[j]),
-                      "runtime_s": float(rt[j]) if math.isfinite(rt[j]) else None,
-                      "reachable": bool(reachable[j]), "energy_wh": float(o[j, hc.C_E]),
-                      "clock_s": float(clock[j]), "latched": bool(latched[j]), "frac": float(frac[j])}
-                     for j, p in enumerate(ps)]
+        self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
+            "clock_s": float(clock[j]), "latched": bool(latched[j]), "frac": float(frac[j])} for j, p in enumerate(ps)]
         return out
