@@ -88,6 +88,7 @@ class Result:
     battery: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     node_diff_w: list[float] = field(default_factory=list)  # largest node difference of served or battery
     runtime_diff_s: list[float] = field(default_factory=list)  # largest class runtime difference (top vs flat)
+    fracs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per cycle: the top's, the flat's
 
 
 def _tree_allocation(leaves, main_w: float):
@@ -117,9 +118,10 @@ def _tree_allocation(leaves, main_w: float):
 
 
 def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycles: int = 5, dt_s: float = 1.0,
-                 racks: int = 9, rows: int = 3, targets=TARGETS) -> Result:
+                 racks: int = 9, rows: int = 3, targets=TARGETS, lag: int = 0,
+                 own_physics: bool = False) -> Result:
     """share: the leaves' main_limit_w is their share of the feed (else no leaf is short); decide: "own" or
-    "tree" (module doc)."""
+    "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next."""
     flat = EnergyPlant(fleet_yaml(f, main_limit_w=main_w, ride_through_s=targets, programs=PROGRAMS, period_s=dt_s))
     per = len(f) // racks
     idxs = [np.arange(r * per, (r + 1) * per) for r in range(racks)]
@@ -128,10 +130,12 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
     top = TreeDecider(K)
     prios = np.unique(f.priority)
     res = Result([], [])
+    sent = []
     try:
         for _ in range(cycles):
             for p, i in zip(leaves, idxs):
-                p.n["battery_w"][:] = flat.n["battery_w"][i]  # the same physics as the flat controller
+                if not own_physics:
+                    p.n["battery_w"][:] = flat.n["battery_w"][i]  # the same physics as the flat controller
                 if share:
                     p.main_limit_w = max(0.0, float(flat.n["bus_w"][i].sum()))  # its share of the feed
             flat.cycle()
@@ -141,7 +145,9 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             per_row = racks // rows
             offer = hc.total([hc.total(offers[r * per_row:(r + 1) * per_row], K) for r in range(rows)], K)
             if decide == "tree":
-                dec = top.step(offer, main_w, dt_s)
+                sent.append(top.step(offer, main_w, dt_s))
+                res.fracs.append((np.array([x["frac"] for x in top.rows]), flat.mem["energy.frac"][:len(top.rows)].copy()))
+                dec = sent[max(0, len(sent) - 1 - lag)]
                 for p in leaves:  # as the leaf's link: the values, then the lease
                     t = p.mem["energy.tree"]
                     t[T_AT:T_AT + dec.size] = dec.reshape(-1)
@@ -152,8 +158,10 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             res.flat = flat.class_rows()
             alloc = _tree_allocation(leaves, main_w)
             s_t, b_t = np.zeros(len(f)), np.zeros(len(f))
-            for (s, b), i in zip(alloc, idxs):
+            for (s, b), i, p in zip(alloc, idxs, leaves):
                 s_t[i], b_t[i] = s, b
+                if own_physics:  # the leaves' batteries move as the tree's levels say
+                    p.n["battery_w"][:] = b
             cls = lambda x: np.array([x[f.priority == p].sum() for p in prios])  # noqa: E731
             res.served.append((cls(s_t), cls(flat.n["served_w"])))
             res.battery.append((cls(b_t), cls(flat.n["battery_w"])))
