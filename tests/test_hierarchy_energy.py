@@ -30,7 +30,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
         for p in (0, 1, 3):
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
                     rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
-                    rng.uniform(0, 1e4), 1.0)
+                    rng.uniform(0, 1e4), 1.0, 1.0)
         offers.append(o)
     got = []
     for o in offers:
@@ -133,9 +133,9 @@ def test_a_child_coming_online_is_not_a_rise_of_the_reserve():
     one = hc.empty(8)
     for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
                                        (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
-        one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0)
+        one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0)
     one /= 3.0  # one of three equal rows
-    one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES]] *= 3.0
+    one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
     full = hc.total([one, one, one], 8)
     main_w = 0.35 * float(full[:4, hc.C_DNOW].sum())
     steady, late = TreeDecider(8), TreeDecider(8)

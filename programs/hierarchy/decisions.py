@@ -71,7 +71,12 @@ class TreeDecider:
         r_old = _reserve_wh(n, np.ascontiguousarray(self.dhz[ps]), target, clock, latched)
         same = np.array_equal(offer[:, hc.C_LEAVES], self.leaves)
         self.leaves = offer[:, hc.C_LEAVES].copy()
-        if self.started and same:
+        # sums some leaf took at its own class state (before its first lease, or in a fallback) are not the
+        # tree's: this round may cap, but latches nothing and is no rise of the reserve (one such round,
+        # a leaf's own latches taking its energy out of the pool, latched a class for the whole shortage)
+        mixed = bool((offer[ps, hc.C_ON_TREE] != offer[ps, hc.C_LEAVES]).any())
+        was = latched.copy()
+        if self.started and same and not mixed:
             _reserve_rise(_reserve_wh(n, dres, target, clock, latched) - r_old, max(dt_s, 1e-3), self.state)
         self.state[ST_SLACK_W] = float(offer[:, hc.C_PSLACK].sum())
         e_wh = float(offer[:, hc.C_E].sum())
@@ -80,6 +85,8 @@ class TreeDecider:
         reachable, s_on = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
         decide(n, dnow, dres, e_wh, float(main_limit_w), float(dt_s), self.hold_s, target, clock, latched,
                self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot)
+        if mixed:
+            latched[:] = was
         self.clock_s[ps], self.latched[ps], self.dhz[ps] = clock, latched, dres
         self.started = True
         out = np.full((self.k, D_N), math.nan)
