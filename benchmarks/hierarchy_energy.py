@@ -68,7 +68,7 @@ def subset(f: FleetSpec, idx) -> FleetSpec:
                      f.link_max_w[idx], f.max_charge_w[idx])
 
 
-def _leaf_yaml(f: FleetSpec, main_w: float, targets: dict, dt_s: float, tree: bool) -> str:
+def leaf_yaml(f: FleetSpec, main_w: float, targets: dict, dt_s: float, tree: bool) -> str:
     here = set(int(p) for p in f.priority)  # a config names present classes only
     text = fleet_yaml(f, main_limit_w=main_w, ride_through_s={p: t for p, t in targets.items() if p in here},
                       programs=PROGRAMS + (["tree"] if tree else []), period_s=dt_s)
@@ -126,7 +126,7 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
     per = len(f) // racks
     idxs = [np.arange(r * per, (r + 1) * per) for r in range(racks)]
     first = main_w / racks if share else 1e9
-    leaves = [EnergyPlant(_leaf_yaml(subset(f, i), first, targets, dt_s, decide == "tree")) for i in idxs]
+    leaves = [EnergyPlant(leaf_yaml(subset(f, i), first, targets, dt_s, decide == "tree")) for i in idxs]
     top = TreeDecider(K)
     prios = np.unique(f.priority)
     res = Result([], [])

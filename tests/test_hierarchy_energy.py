@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from hierarchy_energy import demo_fleet, tree_vs_flat  # noqa: E402
+from hierarchy_energy import EnergyPlant, leaf_yaml, demo_fleet, subset, tree_vs_flat  # noqa: E402
 
 from vbatt.hierarchy.wire import TreeLayout
 from vbatt.programs.energy.tree import D_FRAC, D_N
@@ -145,3 +145,24 @@ def test_a_child_coming_online_is_not_a_rise_of_the_reserve():
         got = late.step(full, main_w, 0.2)
     np.testing.assert_allclose(got[:4, D_FRAC], want[:4, D_FRAC], rtol=0, atol=1e-9)
     assert want[1, D_FRAC] == pytest.approx(1.0) and 0.0 < want[3, D_FRAC] < 1.0  # main, then the batteries
+
+
+def test_a_leaf_has_every_class_of_the_tree_also_after_a_parameter_reload():
+    """The top checks the deliverable energy within every class's remaining target: a leaf sums it for
+    the tree's classes it has no node of too (demand 0), and keeps them when its program is built
+    again without the configuration (a parameter reload binds it to the same memory)."""
+    from vbatt.programs.energy import Energy
+
+    f = demo_fleet(links=True)
+    sub = np.flatnonzero(f.priority != 3)[:12]  # a leaf without class 3
+    p = EnergyPlant(leaf_yaml(subset(f, sub), 1e4, {0: 7200.0, 1: 1800.0, 2: 600.0}, 1.0, True))
+    try:
+        p.cycle()
+        assert p.mem["energy.priority"][:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1]
+        e = next(x for x in p.eng.programs if x.id == "energy")
+        Energy(e.params, e.n).bind(p.img, p.eng.ctx)  # built again, not configured
+        assert p.mem["energy.priority"][:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1]
+        o = hc.offer_of(p.img.read_published()[0], 8)
+        assert np.isnan(o[3, hc.C_TARGET]) and o[3, hc.C_LEAVES] == 1.0  # no node of class 3 here
+    finally:
+        p.close()

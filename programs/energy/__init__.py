@@ -145,9 +145,10 @@ class Energy(Program):
             by_prio[p] = t
 
     def _settings(self, img) -> None:
-        """soc_min lives in memory: a program built again without the configuration (a parameter
-        reload) keeps it."""
+        """soc_min and the tree's classes live in memory: a program built again without the
+        configuration (a parameter reload) keeps them."""
         self.mem(img, "soc_min")[0] = self.soc_min
+        self.mem(img, "tree_classes")[0] = self.tree_classes
 
     def set_memory(self, img, name: str, index: int, value: float) -> str | None:
         if name == self.TREE:
@@ -180,7 +181,7 @@ class Energy(Program):
                 ArraySpec("hz", "f8", (k, HZ_N)), ArraySpec("hz_season_w", "f8", (k, self._bins())),
                 ArraySpec("hz_prior", "f8", (3,)), ArraySpec("hz_prior_season_w", "f8", (self._bins(),)),
                 ArraySpec("hz_params", "f8", (HP_N,)), ArraySpec("power_slack_w", "f8", (k,)),
-                ArraySpec(self.TREE, "f8", (tree_size(MAX_CLASSES),))]
+                ArraySpec(self.TREE, "f8", (tree_size(MAX_CLASSES),)), ArraySpec("tree_classes", "i8", (1,))]
 
     def _bins(self) -> int:
         return self.params.demand_season_bins if self.params.demand_season_s else 1
@@ -244,8 +245,10 @@ class Energy(Program):
         p: EnergyParams = self.params
         if self.configured:  # from the configuration; else (a reload of parameters) as in memory
             self._settings(img)
-        elif self.params.soc_min is not None:
-            self.mem(img, "soc_min")[0] = self.params.soc_min
+        else:
+            self.tree_classes = int(self.mem(img, "tree_classes")[0])
+            if self.params.soc_min is not None:
+                self.mem(img, "soc_min")[0] = self.params.soc_min
         self._classes(img)
         # the forecast is used when the pipeline has one (remembered in memory for a parameter reload)
         if self.configured:
