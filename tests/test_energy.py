@@ -372,7 +372,9 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 *(z() for _ in range(5)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
                 np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
                 # the class demand forecast off: the rule on the demand now
-                0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z())
+                0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
+                # not a leaf of a controller tree: no decisions leased from above
+                np.zeros(1), np.zeros(k, np.int64), z())
     return rt[:classes.size], reach[:classes.size]
 
 

@@ -31,6 +31,7 @@ from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
                                          ST_SURPRISE_WH, ST_TREND_WH, decide)
+from vbatt.programs.energy.tree import tree_classes
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -257,14 +258,17 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, pneed,
-                serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz):
+                serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
+                tree, prio_of, slack_w):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
     node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
     and the RIDE_THROUGH_SHORT alarm bit. Memory: the class arrays, `nx` (the sweep's class
     accumulators), `state`, hi_cap (per node), the class demand forecast (hp its parameters, hz its
     state, season its profiles, prior/prior_season the recorded aggregate's, dhz the demand the
-    reserve counts). v_* are scratch."""
+    reserve counts). v_* are scratch. In a tree of controllers, `tree` holds the tree's class decisions
+    (tree.py): while leased they stand in for decide()'s, before the sweep and after decide()."""
+    tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -301,6 +305,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         state[ST_SLACK_W] = 0.0
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
+            slack_w[c] = nx[c, NX_PSLK]
             a_wh[c] = ax[c]
         r_old = _reserve_wh(n_cls, dhz, target_s, clock_s, latched)
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
@@ -315,6 +320,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
                  local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
+    leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
+    bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
     _limits(narrowed, active, hi_cap, lo_w, hi_w)
