@@ -29,8 +29,8 @@ from numba import njit
 
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
-from vbatt.programs.energy.rules import (ST_POS, ST_RISE_WH, ST_SLACK_W, ST_STARTED, ST_SURPRISE_WH, ST_TREND_WH,
-                                         decide)
+from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
+                                         ST_SURPRISE_WH, ST_TREND_WH, decide)
 from vbatt.programs.energy.tree import tree_classes
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
@@ -70,24 +70,38 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
     use_prior = hp[HP_SEED] == 2.0 or (hp[HP_SEED] == 1.0 and n_cls == 1)
     horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, use_prior, hp[HP_LEVEL], hp[HP_TREND],
                    hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU])
+    calm = True
+    for c in range(n_cls):
+        calm &= clock_s[c] <= 0.0
     for c in range(n_cls):
         h = hp[HP_H] if hp[HP_H] > 0.0 else max(0.0, target_s[c] - clock_s[c])
         f = horizon_mean(wall_s, c, h, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
-        dhz[c] = max(dres[c], f) if f == f else dres[c]
+        # The floor "now": with the main supply carrying every class, the class forecast's level (the
+        # demand now smoothed over demand_level_tau_s), not one sweep's sample: the loads' noise of one
+        # sweep does not last a target of hours, and the reserve took every upward sample for the whole
+        # target (peak.yaml: +-10 W of class 0 a sweep, +-40 Wh of its 4 h target, which the peak-shaving
+        # margin then had to cover). In a shortage (a battery clock runs) the demand now, as measured.
+        now = horizon_mean(wall_s, c, 0.0, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if calm else dres[c]
+        now = now if now == now else dres[c]
+        dhz[c] = max(now, f) if f == f else dres[c]
 
 
 @njit(nogil=True, cache=True)
 def _reserve_rise(rise, pace_s, state):
     """After a sweep, from how far the whole reserve rose with the sweep's demand (not with clocks or
     sheds): the rise expected until the next sweep (state[ST_RISE_WH]: the smoothed trend, or the last
-    rise when smaller, as past a peak) and the envelope of the rises beyond that expectation
+    rise, or the last rise plus the smoothed change of the rise (state[ST_SLOPE_WH]), whichever is the
+    smallest, as past a peak) and the envelope of the rises beyond that expectation
     (state[ST_SURPRISE_WH]: the loads' noise; on peak.yaml the class forecast moves by ~10 W a
     sweep, ~40 Wh of class 0's 4 h target). A peak-shaved class draws only above the reserve plus
     both (decide), so that the reserve's next rise does not find the batteries drawn to the old one."""
     surprise = rise - state[ST_RISE_WH]
     state[ST_SURPRISE_WH] = max(surprise, state[ST_SURPRISE_WH] * math.exp(-pace_s / RISE_TAU_S))
-    state[ST_TREND_WH] += (1.0 - math.exp(-pace_s / RISE_TREND_S)) * (rise - state[ST_TREND_WH])
-    state[ST_RISE_WH] = min(state[ST_TREND_WH], rise)  # < 0 past a peak
+    a = 1.0 - math.exp(-pace_s / RISE_TREND_S)
+    state[ST_SLOPE_WH] += a * (rise - state[ST_LAST_RISE_WH] - state[ST_SLOPE_WH])
+    state[ST_LAST_RISE_WH] = rise
+    state[ST_TREND_WH] += a * (rise - state[ST_TREND_WH])
+    state[ST_RISE_WH] = min(state[ST_TREND_WH], rise, rise + state[ST_SLOPE_WH])  # < 0 past a peak
 
 
 @njit(nogil=True, cache=True)
