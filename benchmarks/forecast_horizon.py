@@ -119,7 +119,7 @@ TARGETS_S = (14400.0, 1800.0, 600.0, 0.0)  # docs/energy.md's example, classes i
 def reserve_day(path: Path, day: int = 1) -> None:
     """The whole reserve R_K = sum_k D_k tau_k over a day of a scenario's class demand, with D_k the
     demand now (before), the energy program's D_k (the forecast mean over the target, never below
-    now), and the demand that came (the realised mean over each target): hourly, and the error."""
+    the demand now as the class forecast's level smooths it), and the demand that came (the realised mean over each target): hourly, and the error."""
     y, dt, t0 = scenario_trace(path)
     k_n = min(y.shape[1], len(TARGETS_S))
     r_now = np.zeros(y.shape[0])
@@ -131,8 +131,10 @@ def reserve_day(path: Path, day: int = 1) -> None:
             continue
         yk = y[:, k:k + 1]
         f = horizon_replay(yk, dt, tau, t0_s=t0, **params())[:, 0]
+        # the program's floor while no battery clock runs: the class forecast's level (the demand now, smoothed)
+        level = horizon_replay(yk, dt, 0.0, t0_s=t0, **params())[:, 0]
         r_now += yk[:, 0] * tau / 3600.0
-        r_fc += np.maximum(f, yk[:, 0]) * tau / 3600.0
+        r_fc += np.maximum(f, np.where(np.isnan(level), yk[:, 0], level)) * tau / 3600.0
         r_true_k = window_means(yk, int(round(tau / dt)))[:, 0] * tau / 3600.0
         r_true += r_true_k  # NaN where a window runs past the trace
     lo, hi = int(day * DAY_S / dt), int((day + 1) * DAY_S / dt)

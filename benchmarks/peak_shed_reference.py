@@ -17,12 +17,19 @@ Prints both against what `vbatt` (with the energy layer) shed each day. docs/sim
     .venv/bin/python benchmarks/peak_shed_reference.py --lp [SCENARIO]
 
 The linear programme of tests/energy_reference.py (`peak_shed_lp`, HiGHS) per day on a 60 s grid:
-the least shed energy per class that holds the whole reserve at the demand of each minute (the run's
-own demand, minute means), knowing the whole day ahead, any share of any class in any step, against
-`vbatt` as configured (the reserve on the class forecast) and with `demand_forecast: false` (the
-reserve at the demand now, the reference's). The nodes of a class are pooled into one (their energy,
-room and power summed, no link limits: a relaxation, so its shed is a lower bound; peak.yaml's limits
-do not bind), starting from the run's usable energy per class at the day's first step.
+the least shed energy per class that holds the whole reserve, knowing the whole day ahead (the run's
+own demand, minute means), any share of any class in any step, against `vbatt` as configured and
+with `demand_forecast: false`. The nodes of a class are pooled into one (their energy, room and power
+summed, no link limits: a relaxation, so its shed is a lower bound; peak.yaml's limits do not bind),
+starting from the run's usable energy per class at the day's first step. Three reserves
+R(t) = sum_c D_c(t) T_c (docs/energy.md "Exactness of peak shaving"):
+
+- `now`: D_c the minute's demand (the reference of the tests);
+- `program`: the program's definition with a perfect forecast: D_c = max(the class demand now as the
+  program smooths it (its class forecast's level, horizon.py, replayed on the run's class demand),
+  the mean demand that came over the next T_c): the like-with-like reference;
+- `came`: the mean demand that came over the next T_c, no floor (runtime/scenario/reserve.py's
+  measure): the bound for a policy that knows the evening's fall and releases reserve on it.
 """
 
 from __future__ import annotations
@@ -44,6 +51,23 @@ def _per_step(loaded, policy: str):
     return np.asarray(s["t_s"]), s
 
 
+def _reserve_demands(loaded, d_step, dt: float) -> dict:
+    """Per reserve (see the module's docstring), D_c at each step of the run, classes x steps."""
+    from energy_reference import reserve_demand_w
+
+    from vbatt.programs.energy import EnergyParams
+    from vbatt.programs.energy.horizon import horizon_replay
+
+    p = next((e.params for e in loaded.cfg.programs if e.id == "energy"), EnergyParams())
+    targets = loaded.cfg.plant.ride_through_s
+    level = horizon_replay(d_step, dt, 0.0, p.demand_level_tau_s, p.demand_trend_tau_s, p.demand_damping_s,
+                           p.demand_season_s, p.demand_season_bins, p.demand_season_tau_s,
+                           t0_s=loaded.scenario.start_unix_s)
+    level = np.where(np.isnan(level), d_step, level)
+    return {"now": None, "program": reserve_demand_w(d_step, dt, targets, level),
+            "came": reserve_demand_w(d_step, dt, targets)}
+
+
 def _lp_days(loaded, s_runs: dict) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from energy_reference import peak_shed_lp
@@ -58,6 +82,8 @@ def _lp_days(loaded, s_runs: dict) -> None:
            for k in ("capacity_wh", "max_discharge_w", "max_charge_w")}
     soc_min, soc_max = 0.1, 1.0
     targets = loaded.cfg.plant.ride_through_s
+    d_step = np.asarray(s["c"]["demand_w"])[:, classes]
+    reserves = _reserve_demands(loaded, d_step, dt)
     for day in range(int(np.ceil(t[-1] / DAY_S - 1e-9))):
         idx = np.where((t >= day * DAY_S) & (t < (day + 1) * DAY_S))[0]
         m = idx.size // per
@@ -65,13 +91,18 @@ def _lp_days(loaded, s_runs: dict) -> None:
         d = s["c"]["demand_w"][idx][:, classes].reshape(m, per, classes.size).mean(axis=1).T
         main = s["f"]["main_limit_w"][idx].reshape(m, per).mean(axis=1)
         usable = s["c"]["usable_wh"][idx[0], classes]
-        ref = peak_shed_lp(classes, d, usable, agg["capacity_wh"] * (soc_max - soc_min), agg["max_discharge_w"],
-                           agg["max_charge_w"], np.full(classes.size, 1e9), main, targets, per * dt)
         shed = {name: r["c"]["shed_w"][idx].sum(axis=0) * dt / 3600.0 for name, r in s_runs.items()}
-        print(f"day {day}: reference (LP, {m} steps of {per * dt:.0f} s, least breach {ref['breach_wh']:.1f} Wh) shed "
-              + ", ".join(f"{c}: {ref['shed_wh'][int(c)]:,.0f}" for c in classes) + " Wh; "
-              + "; ".join(f"{name} " + ", ".join(f"{c}: {sh[c]:,.0f}" for c in classes) + " Wh"
-                          for name, sh in shed.items()))
+        refs = []
+        for name, rw in reserves.items():
+            if rw is not None:  # D_c at the end of each step: the step after it (the run's last step at the end)
+                rw = rw[:, np.minimum(idx[0] + per * np.arange(m + 1), len(t) - 1)]
+            ref = peak_shed_lp(classes, d, usable, agg["capacity_wh"] * (soc_max - soc_min), agg["max_discharge_w"],
+                               agg["max_charge_w"], np.full(classes.size, 1e9), main, targets, per * dt, reserve_w=rw)
+            refs.append(f"{name} " + ", ".join(f"{c}: {ref['shed_wh'][int(c)]:,.0f}" for c in classes)
+                        + f" (least breach {ref['breach_wh']:.1f} Wh)")
+        print(f"day {day}: reference (LP, {m} steps of {per * dt:.0f} s) shed, reserve " + "; ".join(refs) + " Wh")
+        print(f"       " + "; ".join(f"{name} " + ", ".join(f"{c}: {sh[c]:,.0f}" for c in classes) + " Wh"
+                               for name, sh in shed.items()))
 
 
 def main(argv: list[str]) -> int:

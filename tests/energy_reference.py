@@ -30,7 +30,7 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["ride_through_lp", "peak_shed_lp"]
+__all__ = ["ride_through_lp", "peak_shed_lp", "reserve_demand_w"]
 
 INF = highspy.kHighsInf
 
@@ -232,3 +232,21 @@ def peak_shed_lp(priority, demand_w, usable_wh, room_wh, max_discharge_w, max_ch
     energy = np.array([sum(x[ei(i, t)] for i in range(n)) for t in range(s_n + 1)])
     return {"shed_wh": {int(p): float(shed[c]) for c, p in enumerate(classes)}, "breach_wh": float(breach),
             "served": served, "energy_wh": energy, "reserve_wh": r_wh}
+
+
+def reserve_demand_w(demand_w, dt_s: float, targets_s: dict, level_w=None):
+    """D_c(t) of the reserve with a perfect forecast, classes x steps, from the class demand of every step
+    (steps x classes, class k = priority k): the mean demand that came over the next T_c (truncated at
+    the end, as runtime/scenario/reserve.py), at least `level_w` (steps x classes: the demand now as the
+    energy program smooths it; None: no floor, reserve.py's reserve). A class without target: its demand."""
+    d = np.asarray(demand_w, float)
+    n, k_n = d.shape
+    cum = np.concatenate([np.zeros((1, k_n)), np.cumsum(d, axis=0)])
+    came = d.copy()
+    k = np.arange(n)
+    for c in range(k_n):
+        h = int(round(targets_s.get(c, 0.0) / dt_s))
+        if h > 0:
+            e = np.minimum(n, k + h)
+            came[:, c] = (cum[e, c] - cum[k, c]) / (e - k)
+    return (came if level_w is None else np.maximum(came, level_w)).T

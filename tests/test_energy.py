@@ -21,7 +21,7 @@ from vbatt.programs.energy.rules import ST_E_WH, ST_N
 
 from conftest import read_json, run_vbatt
 from energy_plant import PEAK_TARGETS, EnergyPlant, FleetSpec, fleet_yaml, peak_instance, random_fleet
-from energy_reference import peak_shed_lp, ride_through_lp
+from energy_reference import peak_shed_lp, reserve_demand_w, ride_through_lp
 
 TARGETS = {0: 14400.0, 1: 1800.0, 2: 600.0, 3: 0.0}
 
@@ -224,7 +224,9 @@ def test_peak_shaving_never_breaches_the_reserve(plants):
           f"{m_today:.1f} Wh today; first shed {shed_energy}")
 
 
-PEAK_SEEDS = (1, 3, 5, 8, 15, 16)
+# Every seed of 0-23 where the reference sheds and can hold the reserve (benchmarks/energy_lp_gap.py --peak).
+# Seed 12 failed (1.06 steps, program margin -0.1 Wh) before the margin looked ahead over the reserve's rise.
+PEAK_SEEDS = (1, 3, 4, 5, 7, 8, 9, 10, 12, 13, 15, 16, 19, 20, 22)
 
 
 @pytest.mark.parametrize("seed", PEAK_SEEDS)
@@ -245,6 +247,61 @@ def test_peak_shaving_sheds_no_more_than_the_reference(seed):
     assert shed[0] == shed[1] == shed[2] == 0.0  # the least critical class only, as the reference
     print(f"\npeak seed {seed}: shed {shed[3]:.1f} Wh, reference {ref['shed_wh'][3]:.1f} Wh, "
           f"margin min {prog_margin:.1f} / {whole_margin:.1f} Wh")
+
+
+def test_peak_yaml_first_day_sheds_within_half_a_step_of_the_reference():
+    """examples/scenarios/peak.yaml's first day (the class forecast cold: no daily profile yet) with the
+    energy program as configured, against peak_shed_lp holding the program's own reserve with a perfect
+    forecast (D_c = max(the class demand now as the program smooths it, the mean demand that came over
+    T_c)) on a 60 s grid, the classes pooled (a lower bound): class 3 sheds at most half a grid step of
+    its peak demand more (measured: 7,280 Wh against 7,246 Wh; before the reserve's floor was the class
+    forecast's level, 7,341 Wh), nothing else is shed, and the reserve holds by the program's measure and
+    by the demand that came (runtime/scenario/reserve.py)."""
+    from pathlib import Path
+
+    from vbatt.programs.energy import EnergyParams
+    from vbatt.programs.energy.horizon import horizon_replay
+    from vbatt.scenario import load_scenario_text, simulate
+    from vbatt.scenario.metrics import series
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "scenarios" / "peak.yaml"
+    loaded = load_scenario_text(path.read_text(), str(path))
+    day_s, dt = 86400.0, loaded.step_s
+    steps = int(day_s / dt)
+    r = simulate(loaded, "vbatt", points=steps, duration_s=day_s)
+    assert r.margin[0] >= 0.0 and r.margin[1] >= 0.0, r.margin
+    s = series(r)
+    d_step = np.asarray(s["c"]["demand_w"])[:, :4]
+    p = EnergyParams()
+    level = horizon_replay(d_step, dt, 0.0, p.demand_level_tau_s, p.demand_trend_tau_s, p.demand_damping_s,
+                           p.demand_season_s, p.demand_season_bins, p.demand_season_tau_s,
+                           t0_s=loaded.scenario.start_unix_s)
+    targets = loaded.cfg.plant.ride_through_s
+    rw = reserve_demand_w(d_step, dt, targets, np.where(np.isnan(level), d_step, level))
+    # The reference over the afternoon only (14:00-21:00, from the run's usable energy at 14:00): the
+    # program sheds nothing outside it (asserted), and a shorter programme keeps the test short.
+    per = int(round(60.0 / dt))
+    k0, k1 = int(14 * 3600 / dt), int(21 * 3600 / dt)
+    m = (k1 - k0) // per
+    d = d_step[k0:k1].reshape(m, per, 4).mean(axis=1).T
+    v = loaded.fleet.values
+    prio = np.asarray(v["priority"])
+    agg = {k: np.array([np.asarray(v[k], float)[prio == c].sum() for c in range(4)])
+           for k in ("capacity_wh", "max_discharge_w", "max_charge_w")}
+    ref = peak_shed_lp(np.arange(4), d, np.asarray(s["c"]["usable_wh"])[k0, :4], agg["capacity_wh"] * 0.9,
+                       agg["max_discharge_w"], agg["max_charge_w"], np.full(4, 1e9), loaded.cfg.plant.main_limit_w,
+                       targets, 60.0, reserve_w=rw[:, k0 + per * np.arange(m + 1)])
+    shed_w = np.asarray(s["c"]["shed_w"])[:, :4]
+    assert shed_w[:k0].sum() == 0.0 and shed_w[k1:].sum() == 0.0
+    shed = shed_w.sum(axis=0) * dt / 3600
+    step_wh = d[3].max() * 60.0 / 3600
+    assert ref["breach_wh"] <= 1e-6 and ref["shed_wh"][3] > 0.0
+    # Half a step: what is left is mostly the allocation's restore hold (restore_hold_s: 300), which the
+    # reference does not have (docs/energy.md); with the reserve's floor at one sweep's demand: +95 Wh.
+    assert shed[3] <= ref["shed_wh"][3] + 0.5 * step_wh, (shed[3], ref["shed_wh"][3], step_wh)
+    assert shed[:3].sum() == 0.0
+    print(f"\npeak.yaml day 1: class 3 shed {shed[3]:,.0f} Wh, reference {ref['shed_wh'][3]:,.0f} Wh "
+          f"(a step: {step_wh:.0f} Wh); margins {r.margin[0]:.1f} / {r.margin[1]:.1f} Wh")
 
 
 # -- exactness: the LP and the closed form -----------------------------------------------------------
@@ -317,7 +374,9 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
                 np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
                 # the class demand forecast off: the rule on the demand now
-                0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z())
+                0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
+                # not a leaf of a controller tree: no decisions leased from above
+                np.zeros(1), np.zeros(k, np.int64), z())
     return rt[:classes.size], reach[:classes.size]
 
 

@@ -19,6 +19,7 @@ reachable; per node, the runtime of its class limited by its own battery. See do
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,6 +34,7 @@ from vbatt.kernel.seqblock import ArraySpec
 from vbatt.programs.energy.horizon import HZ_N
 from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step, horizon_params
 from vbatt.programs.energy.rules import ST_N, ST_N_CLS, ST_POS, ST_STARTED
+from vbatt.programs.energy.tree import T_USED, tree_size
 
 __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unreachable_texts"]
 
@@ -78,7 +80,7 @@ class EnergyParams(BaseModel):
 def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh, max_discharge_w, link_max_w,
                   lo_w, hi_w, serve_max_w, runtime_s, alarm, agg_main_limit_w, dt_s, wall_s,
                   efficiency, horizon_s, reset_hold_s, chunk, settings, classes, sweep, node_memory, scratch,
-                  forecast):
+                  forecast, tree_link):
     """The program's kernel, bound by name (docs/programs.md); its groups are unpacked here, in one
     place, for `energy_step`. lo_w/hi_w arrive narrowed by the programs before it."""
     soc_min, use_forecast, class_of, state, hp = settings
@@ -87,6 +89,7 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
     (hi_cap,) = node_memory
     (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps) = scratch
     hz, season, prior, prior_season, dhz = forecast
+    tree, prio_of, slack_w = tree_link
     energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,
                 max_discharge_w, link_max_w, lo_w, hi_w, True, agg_main_limit_w[0], dt_s[0],
                 soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, class_of, int(state[ST_N_CLS]),
@@ -94,7 +97,7 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
                 reserve_wh, frac, prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s,
                 sweep_deliv, deliv, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
                 v_pn, v_ps, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
-                prior_season, dhz)
+                prior_season, dhz, tree, prio_of, slack_w)
 
 
 class Energy(Program):
@@ -104,8 +107,10 @@ class Energy(Program):
     # the class results SCADA shows (class_rows) travel whole with every publish, and the class sums a
     # controller in a tree offers its parent (programs/hierarchy/classes.py)
     published = ("priority", "demand_w", "demand_horizon_w", "reserve_wh", "target_s", "runtime_s", "reachable",
-                 "state", "energy_wh", "local_s", "clock_s", "latched")
+                 "state", "energy_wh", "local_s", "clock_s", "latched", "pool_now_w", "power_need_w", "power_slack_w",
+                 "deliverable_wh", "tree")
     SETTING = "target_by_priority_s"  # the operator setting (Op.SET_MEMORY): a ride-through target per priority
+    TREE = "tree"  # the tree's class decisions, written by the hierarchy link of a leaf (tree.py)
 
     def __init__(self, params, n_nodes):
         super().__init__(params, n_nodes)
@@ -113,6 +118,7 @@ class Energy(Program):
         self.soc_min = params.soc_min if params.soc_min is not None else 0.1
         self.configured = False
         self.history_path: Path | None = None
+        self.tree_classes = 0  # a leaf of a controller tree: the tree's classes 0..K-1 are classes here too
 
     def configure(self, cfg) -> None:
         self.targets = dict(cfg.plant.ride_through_s)
@@ -122,6 +128,8 @@ class Energy(Program):
                     self.soc_min = e.params.soc_min
         self.use_forecast = any(e.id == "forecast" for e in cfg.programs)
         self.configured = True
+        h = getattr(cfg, "hierarchy", None)
+        self.tree_classes = h.classes if h is not None and h.role == "leaf" else 0
         o = cfg.opcua
         if o.enabled and o.history.enabled:
             from vbatt.programs.recorded import HISTORY_FILE
@@ -137,11 +145,18 @@ class Energy(Program):
             by_prio[p] = t
 
     def _settings(self, img) -> None:
-        """soc_min lives in memory: a program built again without the configuration (a parameter
-        reload) keeps it."""
+        """soc_min and the tree's classes live in memory: a program built again without the
+        configuration (a parameter reload) keeps them."""
         self.mem(img, "soc_min")[0] = self.soc_min
+        self.mem(img, "tree_classes")[0] = self.tree_classes
 
     def set_memory(self, img, name: str, index: int, value: float) -> str | None:
+        if name == self.TREE:
+            a = self.mem(img, self.TREE)
+            if not 0 <= index < a.shape[0] or index == T_USED or (index == 0 and math.isnan(value)):
+                return f"energy.tree[{index}] = {value!r}: index out of 0..{a.shape[0] - 1} or a NaN lease"
+            a[index] = value
+            return None
         if name != self.SETTING:
             return super().set_memory(img, name, index, value)
         if not 0 <= index < PRIO_N:
@@ -167,14 +182,17 @@ class Energy(Program):
                 ArraySpec("use_forecast", "u1", (1,)), ArraySpec("demand_horizon_w", "f8", (k,)),
                 ArraySpec("hz", "f8", (k, HZ_N)), ArraySpec("hz_season_w", "f8", (k, self._bins())),
                 ArraySpec("hz_prior", "f8", (3,)), ArraySpec("hz_prior_season_w", "f8", (self._bins(),)),
-                ArraySpec("hz_params", "f8", (HP_N,))]
+                ArraySpec("hz_params", "f8", (HP_N,)), ArraySpec("power_slack_w", "f8", (k,)),
+                ArraySpec(self.TREE, "f8", (tree_size(MAX_CLASSES),)), ArraySpec("tree_classes", "i8", (1,))]
 
     def _bins(self) -> int:
         return self.params.demand_season_bins if self.params.demand_season_s else 1
 
     def _classes(self, img) -> None:
-        """Classes = the distinct priorities present (sorted); beyond MAX_CLASSES they share the last."""
-        prios = np.unique(img.node["priority"])
+        """Classes = the distinct priorities present (sorted); beyond MAX_CLASSES they share the last. A leaf
+        of a controller tree also has the tree's classes it has no node of (demand 0): the top's class rules
+        need its deliverable energy within every class's remaining target (docs/hierarchy.md)."""
+        prios = np.union1d(img.node["priority"], np.arange(self.tree_classes))
         prios = prios[(prios >= 0) & (prios < PRIO_N)][:MAX_CLASSES]
         old = self.mem(img, "priority")
         if not np.array_equal(old[: prios.size], prios) or (prios.size < old.size and old[prios.size] != -1):
@@ -195,6 +213,8 @@ class Energy(Program):
         self.mem(img, "priority")[:] = -1
         self._classes(img)
         self.mem(img, "hz")[:] = 0.0
+        self.mem(img, self.TREE)[:] = np.nan
+        self.mem(img, self.TREE)[:T_USED + 1] = 0.0  # no lease
         self._seed(img)
 
     def _seed(self, img) -> None:
@@ -227,8 +247,10 @@ class Energy(Program):
         p: EnergyParams = self.params
         if self.configured:  # from the configuration; else (a reload of parameters) as in memory
             self._settings(img)
-        elif self.params.soc_min is not None:
-            self.mem(img, "soc_min")[0] = self.params.soc_min
+        else:
+            self.tree_classes = int(self.mem(img, "tree_classes")[0])
+            if self.params.soc_min is not None:
+                self.mem(img, "soc_min")[0] = self.params.soc_min
         self._classes(img)
         # the forecast is used when the pipeline has one (remembered in memory for a parameter reload)
         if self.configured:
@@ -253,6 +275,7 @@ class Energy(Program):
             scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(12))),
             forecast=(m("hz"), season, m("hz_prior"), m("hz_prior_season_w")[: season.shape[1]],
                       m("demand_horizon_w")),
+            tree_link=(m(self.TREE), m("priority"), m("power_slack_w")),
         )
         params = dict(efficiency=p.efficiency, horizon_s=p.horizon_s, reset_hold_s=p.reset_hold_s,
                       chunk=max(1, -(-self.n // cycles)))

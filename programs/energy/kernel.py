@@ -29,8 +29,9 @@ from numba import njit
 
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
-from vbatt.programs.energy.rules import (ST_POS, ST_RISE_WH, ST_SLACK_W, ST_STARTED, ST_SURPRISE_WH, ST_TREND_WH,
-                                         decide)
+from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
+                                         ST_SURPRISE_WH, ST_TREND_WH, decide)
+from vbatt.programs.energy.tree import tree_classes
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -69,24 +70,38 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
     use_prior = hp[HP_SEED] == 2.0 or (hp[HP_SEED] == 1.0 and n_cls == 1)
     horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, use_prior, hp[HP_LEVEL], hp[HP_TREND],
                    hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU])
+    calm = True
+    for c in range(n_cls):
+        calm &= clock_s[c] <= 0.0
     for c in range(n_cls):
         h = hp[HP_H] if hp[HP_H] > 0.0 else max(0.0, target_s[c] - clock_s[c])
         f = horizon_mean(wall_s, c, h, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if h > 0.0 else math.nan
-        dhz[c] = max(dres[c], f) if f == f else dres[c]
+        # The floor "now": with the main supply carrying every class, the class forecast's level (the
+        # demand now smoothed over demand_level_tau_s), not one sweep's sample: the loads' noise of one
+        # sweep does not last a target of hours, and the reserve took every upward sample for the whole
+        # target (peak.yaml: +-10 W of class 0 a sweep, +-40 Wh of its 4 h target, which the peak-shaving
+        # margin then had to cover). In a shortage (a battery clock runs) the demand now, as measured.
+        now = horizon_mean(wall_s, c, 0.0, hz, season, hp[HP_DAMP], hp[HP_SEASON]) if calm else dres[c]
+        now = now if now == now else dres[c]
+        dhz[c] = max(now, f) if f == f else dres[c]
 
 
 @njit(nogil=True, cache=True)
 def _reserve_rise(rise, pace_s, state):
     """After a sweep, from how far the whole reserve rose with the sweep's demand (not with clocks or
     sheds): the rise expected until the next sweep (state[ST_RISE_WH]: the smoothed trend, or the last
-    rise when smaller, as past a peak) and the envelope of the rises beyond that expectation
+    rise, or the last rise plus the smoothed change of the rise (state[ST_SLOPE_WH]), whichever is the
+    smallest, as past a peak) and the envelope of the rises beyond that expectation
     (state[ST_SURPRISE_WH]: the loads' noise; on peak.yaml the class forecast moves by ~10 W a
     sweep, ~40 Wh of class 0's 4 h target). A peak-shaved class draws only above the reserve plus
     both (decide), so that the reserve's next rise does not find the batteries drawn to the old one."""
     surprise = rise - state[ST_RISE_WH]
     state[ST_SURPRISE_WH] = max(surprise, state[ST_SURPRISE_WH] * math.exp(-pace_s / RISE_TAU_S))
-    state[ST_TREND_WH] += (1.0 - math.exp(-pace_s / RISE_TREND_S)) * (rise - state[ST_TREND_WH])
-    state[ST_RISE_WH] = min(state[ST_TREND_WH], rise)  # < 0 past a peak
+    a = 1.0 - math.exp(-pace_s / RISE_TREND_S)
+    state[ST_SLOPE_WH] += a * (rise - state[ST_LAST_RISE_WH] - state[ST_SLOPE_WH])
+    state[ST_LAST_RISE_WH] = rise
+    state[ST_TREND_WH] += a * (rise - state[ST_TREND_WH])
+    state[ST_RISE_WH] = min(state[ST_TREND_WH], rise, rise + state[ST_SLOPE_WH])  # < 0 past a peak
 
 
 @njit(nogil=True, cache=True)
@@ -250,14 +265,17 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, pneed,
-                serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz):
+                serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
+                tree, prio_of, slack_w):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
     node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
     and the RIDE_THROUGH_SHORT alarm bit. Memory: the class arrays, `nx` (the sweep's class
     accumulators), `state`, hi_cap (per node), the class demand forecast (hp its parameters, hz its
     state, season its profiles, prior/prior_season the recorded aggregate's, dhz the demand the
-    reserve counts). v_* are scratch."""
+    reserve counts). v_* are scratch. In a tree of controllers, `tree` holds the tree's class decisions
+    (tree.py): while leased they stand in for decide()'s, before the sweep and after decide()."""
+    tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -298,6 +316,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         state[ST_SLACK_W] = 0.0
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
+            slack_w[c] = nx[c, NX_PSLK]
         # a_wh[c, k]: deliverable within hz_s[k] with the classes before c served, the others shed
         for k in range(n_cls):
             run = ax[ax.shape[0] - 1, k]
@@ -318,6 +337,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
                  local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
+    leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
+    bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
     _limits(narrowed, active, hi_cap, lo_w, hi_w)

@@ -20,13 +20,19 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.rules import ST_N_CLS, ride_through
+from vbatt.programs.energy.tree import T_USED
 
-__all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows"]
+__all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows", "row"]
 
-COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched")
+COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
+        "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree")
 N_COLS = len(COLS)
-(C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED) = range(N_COLS)
-_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0)  # a class without nodes in the subtree
+(C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
+ C_ON_TREE) = range(N_COLS)
+# a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
+# the subtree's other nodes deliver it, and the class rules check every class's horizon)
+_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+_SUMMED = [C_DNOW, C_DHZ, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE]
 
 
 def empty(k: int) -> np.ndarray:
@@ -40,12 +46,24 @@ def offer_of(v: dict, k: int) -> np.ndarray:
     if "mem.energy.state" not in v:
         return out
     g = lambda name: v["mem.energy." + name]  # noqa: E731
-    for c in range(int(g("state")[ST_N_CLS])):
+    # how many leaves' sums are in a total (the sums jump when a child comes or goes), and how many of
+    # them were taken at the tree's decisions (not at a leaf's own, before its first lease or in a fallback)
+    out[:, C_LEAVES] = 1.0
+    out[:, C_ON_TREE] = float(g("tree")[T_USED] == 1.0)
+    has = np.bincount(np.clip(v["node.priority"], 0, k), minlength=k + 1)[:k] > 0
+    n_own = int(g("state")[ST_N_CLS])
+    # the deliverable energy per horizon with every class served (row n_own of the program's table)
+    deliv = g("deliverable_wh")[n_own]
+    for c in range(n_own):
         p = int(g("priority")[c])
         if not 0 <= p < k:
             continue
         out[p] = (g("demand_w")[c], g("demand_horizon_w")[c], g("energy_wh")[c], g("local_s")[c],
-                  max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]))
+                  max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
+                  g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
+                  float(g("tree")[T_USED] == 1.0))
+        if not has[p]:  # a class of the tree it has no node of: only its deliverable energy counts
+            out[p, [C_LEFT, C_TARGET]] = math.nan
     return out
 
 
@@ -56,7 +74,7 @@ def total(offers: list[np.ndarray], k: int) -> np.ndarray:
     if not offers:
         return out
     a = np.stack(offers)
-    out[:, [C_DNOW, C_DHZ, C_E]] = a[:, :, [C_DNOW, C_DHZ, C_E]].sum(axis=0)
+    out[:, _SUMMED] = a[:, :, _SUMMED].sum(axis=0)
     out[:, C_LOC] = a[:, :, C_LOC].min(axis=0)
     present = ~np.isnan(a[:, :, C_TARGET])
     for col in (C_LEFT, C_TARGET):
@@ -88,8 +106,13 @@ def rows(offer: np.ndarray) -> list[dict]:
             pre += dres[j] * tau[j] / 3600.0
         r = min(rt[j], loc[j]) if not latched[j] else 0.0
         left = o[j, C_LEFT]
-        out.append({"priority": p, "demand_w": float(o[j, C_DNOW]), "demand_horizon_w": float(dres[j]),
-                    "reserve_wh": pre, "target_s": float(o[j, C_TARGET]),
-                    "runtime_s": float(r) if math.isfinite(r) else None,
-                    "reachable": bool(r >= left - 1e-6 * (1.0 + left)), "energy_wh": float(o[j, C_E])})
+        out.append(row(p, o[j], pre, r, r >= left - 1e-6 * (1.0 + left)))
     return out
+
+
+def row(p: int, o: np.ndarray, reserve_wh: float, runtime_s: float, reachable: bool) -> dict:
+    """One class row (the snapshot's keys) from the class's offer and what the rules made of it."""
+    return {"priority": int(p), "demand_w": float(o[C_DNOW]), "demand_horizon_w": float(o[C_DHZ]),
+            "reserve_wh": float(reserve_wh), "target_s": float(o[C_TARGET]),
+            "runtime_s": float(runtime_s) if math.isfinite(runtime_s) else None,
+            "reachable": bool(reachable), "energy_wh": float(o[C_E])}

@@ -205,6 +205,8 @@ class Levels:
     shed: dict[int, float]  # class -> mu (FULL: served whole; FREE: free load only)
     lam: float  # battery level
     dis: bool  # weights: usable energy (discharge) or free room (charge)
+    # the energy decisions per priority class (decisions.py; programs/energy/tree.py DECISIONS), or None
+    energy: np.ndarray | None = field(default=None, compare=False)
 
     def mu(self, p: int) -> float:
         # a class the top did not see (a node that just came online) gets only its free load

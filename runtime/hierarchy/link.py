@@ -21,6 +21,7 @@ an operator's setting does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -44,7 +45,9 @@ from vbatt.hierarchy.wire import TREE_ID, TreeLayout
 from vbatt.kernel.fields import Role, Scope, fields
 from vbatt.kernel.image import Op, ProcessImage
 from vbatt.programs.codes import Alarm
+from vbatt.programs.energy.tree import T_AT
 from vbatt.programs.hierarchy import classes as hc
+from vbatt.programs.hierarchy.decisions import TreeDecider
 from vbatt.programs.hierarchy.curves import Levels, Summary, battery_summary, node_limits, solve_levels, summarize
 from vbatt.programs.hierarchy.program import L_DIS, L_LAM, L_LEASED, L_MU, LEVELS
 
@@ -109,7 +112,8 @@ class Uplink(AgentSet):
         blocks = register_blocks(self.rows[i], M.base + M.size - 2)  # the end model gives way to the tree model
         head = [TREE_ID, t.length] + [0] * (t.levels_at - t.body)
         blocks.append(SimData(t.addr, values=head, datatype=DataType.REGISTERS, readonly=True))
-        blocks.append(SimData(t.levels_at, values=[0] * t.levels_len, datatype=DataType.REGISTERS, readonly=False))
+        blocks.append(SimData(t.levels_at, values=[0] * (t.levels_len + t.dec_len), datatype=DataType.REGISTERS,
+                              readonly=False))
         blocks.append(SimData(t.end, values=[ss.END_ID, 0], datatype=DataType.REGISTERS, readonly=True))
         own = SimDevice(id=self.specs[i].unit_id, simdata=blocks, action=partial(self._action, i))
         other = SimDevice(id=0, simdata=[SimData(M.base, count=t.end + 2 - M.base, values=0,
@@ -124,7 +128,7 @@ class Uplink(AgentSet):
 
     def levels_words(self) -> list[int]:
         t = self.tree
-        return self.regs[0][t.levels_at - M.base:t.levels_at - M.base + t.levels_len]
+        return self.regs[0][t.levels_at - M.base:t.levels_at - M.base + t.levels_len + t.dec_len]
 
 
 @dataclass
@@ -151,6 +155,7 @@ class State:
     fallbacks: int = 0
     seq: int = 0
     applied: tuple = ()
+    applied_energy: tuple = ()
     levels_now: Levels | None = None
     children: dict = field(default_factory=dict)
 
@@ -178,6 +183,14 @@ class Link:
             self.children.append(Child(cid, e.host, e.port, e.unit_id))
         if self.role == "leaf":
             self.levels_index = img.spec.memory_index(f"tree.{LEVELS}")
+        # the tree's energy decisions: a leaf hands them to its energy program, a level with children makes
+        # them when it is the top of its subtree (with its own energy parameters, else the defaults)
+        names = img.spec.memory_names()
+        self.energy_index = names.index("energy.tree") if "energy.tree" in names else None
+        en = next((e.params for e in cfg.programs if e.id == "energy"), None)
+        self.decider = TreeDecider(self.h.classes, en.reset_hold_s if en is not None else 60.0) \
+            if self.role != "leaf" else None
+        self._decided_ns: int | None = None
 
     # -- children ------------------------------------------------------------------------------------
     async def _read(self, c: Child, fn: str, **kw):
@@ -209,9 +222,7 @@ class Link:
                                           count=min(120, need - a))
             c.summary = t.decode_summary(head, words, t.decode_energy(hdr[2 + t.head_len:]))
             if levels is not None:
-                self.st.seq += 1
-                await self._read(c, "write_registers", address=t.levels_at,
-                                 values=t.encode_levels(levels, self.st.seq, self.h.lease_ms))
+                await self._send_levels(c, levels)
             c.seen_ns = self.clock_ns()
             if not c.online:
                 log.warning("child %s (%s:%d): online", c.id, c.host, c.port)
@@ -306,7 +317,12 @@ class Link:
             if parent is None:
                 limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else self.own_limit_w
                 lv, _main = solve_levels(summary, limit)
+                lv = self._decide(summary, lv, limit, now)
                 await asyncio.gather(*(self._write_levels(c, lv) for c in self.children if c.online))
+            else:
+                self._decided_ns = None
+                if parent.energy is not None:  # forwarded; their clocks and latches kept for a fallback
+                    self.decider.adopt(parent.energy, summary.energy)
         self.st.levels_now, self.st.source = lv, ("parent" if parent is not None else
                                                   ("own" if lv is not None else "none"))
         self._main_limit(summary, parent is not None)
@@ -332,18 +348,39 @@ class Link:
                         shed=None if lv is None else {str(k): _json_float(m) for k, m in sorted(lv.shed.items())})
         self.summary = summary
         # per priority class over the whole subtree (the top: the whole tree), by the energy rules
-        self.classes = hc.rows(summary.energy) if summary.energy is not None else []
+        # (the top of its subtree: the rows of its own decisions, the flat controller's)
+        decided = lv is not None and lv.energy is not None and parent is None and self.decider is not None
+        self.classes = (self.decider.rows if decided else
+                        hc.rows(summary.energy) if summary.energy is not None else [])
         self.round_ms = (time.perf_counter() - t0) * 1e3
         self.rounds_ms.append(self.round_ms)
 
-    async def _write_levels(self, c: Child, lv: Levels) -> None:
+    async def _send_levels(self, c: Child, lv: Levels) -> None:
+        """The energy decisions first (they are taken with the levels' new LvSeq), then the levels."""
         t = self.tree
+        if lv.energy is not None:
+            words = t.encode_decisions(lv.energy)
+            for a in range(0, len(words), 120):
+                await self._read(c, "write_registers", address=t.dec_at + a, values=words[a:a + 120])
+        self.st.seq += 1
+        await self._read(c, "write_registers", address=t.levels_at,
+                         values=t.encode_levels(lv, self.st.seq, self.h.lease_ms))
+
+    async def _write_levels(self, c: Child, lv: Levels) -> None:
         try:
-            self.st.seq += 1
-            await self._read(c, "write_registers", address=t.levels_at,
-                             values=t.encode_levels(lv, self.st.seq, self.h.lease_ms))
+            await self._send_levels(c, lv)
         except Exception as exc:  # noqa: BLE001
             log.info("child %s: levels not written: %s", c.id, exc)
+
+    def _decide(self, summary: Summary, lv: Levels, limit_w: float, now_ns: int) -> Levels:
+        """The top of its subtree: the class rules on the subtree's energy offer with its own main supply
+        limit; the decisions travel with the levels."""
+        dt_s = self.h.poll_ms / 1e3 if self._decided_ns is None else (now_ns - self._decided_ns) * 1e-9
+        self._decided_ns = now_ns
+        if summary.energy is None:
+            return lv
+        dec = self.decider.step(summary.energy, limit_w, dt_s)
+        return lv if dec is None else dataclasses.replace(lv, energy=dec)
 
     def _apply_leaf(self, lv: Levels | None, now_ns: int) -> None:
         k = self.h.classes
@@ -357,6 +394,25 @@ class Link:
         deadline = time.time() + (self.st.deadline_ns - now_ns) * 1e-9 if lv is not None else 0.0
         self._push(Op.SET_MEMORY, L_LEASED, deadline, self.levels_index)
         self.st.applied = want
+        if self.energy_index is not None:
+            self._apply_energy(lv.energy if lv is not None else None, deadline)
+
+    def _apply_energy(self, dec: np.ndarray | None, deadline: float) -> None:
+        """The tree's energy decisions into the energy program's memory `tree` (programs/energy/tree.py):
+        the values that changed, then the lease (0: none, the leaf decides on its own)."""
+        if dec is None:
+            if self.st.applied_energy:
+                self._push(Op.SET_MEMORY, 0, 0.0, self.energy_index)
+                self.st.applied_energy = ()
+            return
+        want = tuple(float(x) for x in dec.reshape(-1))
+        old = self.st.applied_energy
+        for j, x in enumerate(want):
+            same = bool(old) and (old[j] == x or (math.isnan(old[j]) and math.isnan(x)))
+            if not same:
+                self._push(Op.SET_MEMORY, T_AT + j, x, self.energy_index)
+        self._push(Op.SET_MEMORY, 0, deadline, self.energy_index)
+        self.st.applied_energy = want
 
     def _main_limit(self, s: Summary, exact: bool) -> None:
         u = self.uplink

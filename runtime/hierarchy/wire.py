@@ -16,13 +16,17 @@ Body layout (offsets in registers), K classes, N knots:
    24  DisN       uint16   knots of the discharge battery curve
    25  ChgN       uint16   knots of the charge battery curve
    26  ClassN[K]  uint16   knots of the shed curve of class k
- 26+K  Energy     K x 7 float64: per priority class k, the energy offer (programs/hierarchy/classes.py):
-                  DemandW, DemandHorizonW, EnergyWh (pooled usable), LocalS (first node out of its own
-                  energy; +inf none), LeftS (remaining target), TargetS (NaN: no node of the class in the
-                  subtree), Latched (1: shed for energy)
- 26+29K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
- 26+29K+8N  the levels (written by the parent, one request):
-       LvSeq uint32, LvLeaseMs uint32, Dis uint16, Pad, Lam float64, Mu[K] float64
+ 26+K  Energy     K x C float64 (C = len(classes.COLS)): per priority class k, the energy offer
+                  (programs/hierarchy/classes.py): DemandW, DemandHorizonW, EnergyWh (pooled usable), LocalS
+                  (first node out of its own energy; +inf none), LeftS (remaining target), TargetS (NaN: no
+                  node of the class in the subtree), Latched (1: shed for energy), PowerNeedW, PowerSlackW,
+                  DeliverableWh (within the class's remaining target)
+ 26+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
+ then the levels (written by the parent, one request):
+       LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
+ then the energy decisions (written by the parent before the levels, when Decided = 1):
+       K x D float64 (D = len(programs/energy/tree.py DECISIONS)): Frac, Latched, LeftS, RuntimeS,
+       Reachable per priority class (NaN Frac: no decision for the class)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import struct
 import numpy as np
 
 from vbatt.drivers.modbus.sunspec import NODE_MAP
+from vbatt.programs.energy.tree import D_N
 from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 
@@ -50,7 +55,9 @@ class TreeLayout:
         self.knots_at = self.body + self.head_len + self.cls_len
         self.levels_at = self.knots_at + 8 * max_knots
         self.levels_len = 10 + 4 * classes
-        self.length = self.head_len + self.cls_len + 8 * max_knots + self.levels_len
+        self.dec_at = self.levels_at + self.levels_len
+        self.dec_len = 4 * D_N * classes
+        self.length = self.head_len + self.cls_len + 8 * max_knots + self.levels_len + self.dec_len
         self.end = self.body + self.length  # the end model (0xFFFF, 0)
         self._head = struct.Struct(f">HHIddddd{2 + classes}H")
         self._levels = struct.Struct(f">IIHHd{classes}d")
@@ -98,9 +105,20 @@ class TreeLayout:
     # -- the levels (parent side writes, child side reads) -------------------------------------------
     def encode_levels(self, lv: Levels, seq: int, lease_ms: int) -> list[int]:
         mu = [lv.mu(c) for c in range(self.k)]
-        raw = self._levels.pack(seq & 0xFFFFFFFF, lease_ms, 1 if lv.dis else 0, 0, lv.lam, *mu)
+        raw = self._levels.pack(seq & 0xFFFFFFFF, lease_ms, 1 if lv.dis else 0, 0 if lv.energy is None else 1,
+                                lv.lam, *mu)
         return list(struct.unpack(f">{self.levels_len}H", raw))
 
+    def encode_decisions(self, dec) -> list[int]:
+        """The energy decisions (K, D) as the dec_len registers at dec_at."""
+        return np.asarray(dec, ">f8").reshape(-1).view(">u2").astype(int).tolist()
+
     def decode_levels(self, words) -> tuple[int, int, Levels]:
-        seq, lease, dis, _pad, lam, *mu = self._levels.unpack(struct.pack(f">{self.levels_len}H", *words))
-        return seq, lease, Levels({c: m for c, m in enumerate(mu)}, lam, dis == 1)
+        """From the levels_len + dec_len registers at levels_at."""
+        seq, lease, dis, decided, lam, *mu = self._levels.unpack(
+            struct.pack(f">{self.levels_len}H", *words[:self.levels_len]))
+        dec = None
+        if decided == 1:
+            dec = np.asarray(words[self.levels_len:self.levels_len + self.dec_len], np.uint16).astype(">u2").view(
+                ">f8").astype(np.float64).reshape(self.k, D_N)
+        return seq, lease, Levels({c: m for c, m in enumerate(mu)}, lam, dis == 1, dec)

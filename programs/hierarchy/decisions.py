@@ -1,0 +1,104 @@
+"""The energy decisions of a tree of controllers, at its top (docs/hierarchy.md "Energy across levels").
+
+The class rules of the energy program (programs/energy/rules.py `decide`) run on per-class sums only.
+The leaves offer those sums (classes.py, summed at every level), so the top runs `decide` once on the
+whole tree's sum with its own main supply limit, exactly as a flat controller over the same nodes runs
+it on its own sweep, and keeps what `decide` keeps between cycles (the battery clocks, the shed latches,
+the hold timer and the reserve's rise). Per priority it sends down what `decide` wrote
+(programs/energy/tree.py `DECISIONS`), beside the levels and under their lease; each leaf's energy
+program uses it in place of its own. Every node then sees the flat controller's class state: its cap,
+its own-need lock and its runtime are the flat controller's (while the leaves' sums are taken at that
+state, they are the flat controller's sums, so the next decision is the flat one again).
+
+A middle level forwards its parent's decisions and keeps their clocks and latches (`adopt`), so that
+when its parent stops renewing them it decides for its subtree from where the tree was.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vbatt.programs.energy.kernel import _reserve_rise, _reserve_wh
+from vbatt.programs.energy.rules import ST_N, ST_SLACK_W, decide
+from vbatt.programs.energy.tree import D_FRAC, D_LATCHED, D_LEFT, D_N, D_REACHABLE, D_RUNTIME
+from vbatt.programs.hierarchy import classes as hc
+
+__all__ = ["TreeDecider"]
+
+
+class TreeDecider:
+    """`decide` over the tree's classes (priorities 0..K-1), with its state between rounds."""
+
+    def __init__(self, k: int, hold_s: float = 60.0):
+        self.k, self.hold_s = k, hold_s
+        self.clock_s = np.zeros(k)
+        self.latched = np.zeros(k, np.uint8)
+        self.dhz = np.zeros(k)  # the reserve's demand of the last round (for the reserve's rise)
+        self.state = np.zeros(ST_N)
+        self.started = False
+        self.leaves = np.zeros(k)  # the leaves in the last round's sums
+        self.rows: list[dict] = []
+
+    def adopt(self, dec: np.ndarray, offer: np.ndarray | None) -> None:
+        """The parent's decisions (K, D_N): their clocks and latches become this level's."""
+        have = ~np.isnan(dec[:, D_FRAC])
+        target = offer[:, hc.C_TARGET] if offer is not None else np.full(self.k, math.nan)
+        ok = have & ~np.isnan(target)
+        self.clock_s[ok] = target[ok] - dec[ok, D_LEFT]
+        self.latched[have] = dec[have, D_LATCHED] != 0.0
+
+    def step(self, offer: np.ndarray, main_limit_w: float, dt_s: float) -> np.ndarray | None:
+        """One cycle of the class rules on the tree's offer (K, N_COLS). Returns the decisions (K, D_N), NaN
+        for priorities without nodes; None when no class has any."""
+        ps = np.flatnonzero(~np.isnan(offer[:, hc.C_TARGET]))
+        n = ps.size
+        if n == 0:
+            self.rows = []
+            return None
+        o = offer[ps]
+        col = lambda c: np.ascontiguousarray(o[:, c])  # noqa: E731
+        target, dnow, dres, loc = col(hc.C_TARGET), col(hc.C_POOL), col(hc.C_DHZ), col(hc.C_LOC)
+        # The tree offers the deliverable energy with every class served, one value per horizon; `decide`
+        # takes one row per class (a flat controller's A_c: the classes before c served, its own nodes'
+        # load not counted for the more critical classes). Every row is that sum here: at the top of a
+        # tree the check is the looser one of before A_c (docs/energy.md "The rule").
+        a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED)
+        clock = np.ascontiguousarray(self.clock_s[ps])
+        latched = np.ascontiguousarray(self.latched[ps])
+        # as the energy program after a sweep: the horizons at the clocks before this cycle, then the
+        # reserve's rise with the new class demand (demand now: no class forecast across levels). Not
+        # when a leaf's sums came or went: that jump is not the demand's (counted as a surprise, it held
+        # the batteries back for an hour: measured in the demo while its children came online)
+        hz = np.maximum(0.0, target - clock)
+        r_old = _reserve_wh(n, np.ascontiguousarray(self.dhz[ps]), target, clock, latched)
+        same = np.array_equal(offer[:, hc.C_LEAVES], self.leaves)
+        self.leaves = offer[:, hc.C_LEAVES].copy()
+        # sums some leaf took at its own class state (before its first lease, or in a fallback) are not the
+        # tree's: this round may cap, but latches nothing and is no rise of the reserve (one such round,
+        # a leaf's own latches taking its energy out of the pool, latched a class for the whole shortage)
+        mixed = bool((offer[ps, hc.C_ON_TREE] != offer[ps, hc.C_LEAVES]).any())
+        was = latched.copy()
+        if self.started and same and not mixed:
+            _reserve_rise(_reserve_wh(n, dres, target, clock, latched) - r_old, max(dt_s, 1e-3), self.state)
+        self.state[ST_SLACK_W] = float(offer[:, hc.C_PSLACK].sum())
+        e_wh = float(offer[:, hc.C_E].sum())
+        z = lambda: np.zeros(n)  # noqa: E731
+        tau, reserve, frac, rt, s_tau, cum, tot = z(), z(), z(), z(), z(), z(), z()
+        reachable, s_on = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+        decide(n, dnow, dres, e_wh, float(main_limit_w), float(dt_s), self.hold_s, target, clock, latched,
+               self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot)
+        if mixed:
+            latched[:] = was
+        self.clock_s[ps], self.latched[ps], self.dhz[ps] = clock, latched, dres
+        self.started = True
+        out = np.full((self.k, D_N), math.nan)
+        out[ps, D_FRAC] = frac
+        out[ps, D_LATCHED] = latched
+        out[ps, D_LEFT] = np.maximum(0.0, target - clock)
+        out[ps, D_RUNTIME] = rt
+        out[ps, D_REACHABLE] = reachable
+        self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
+            "clock_s": float(clock[j]), "latched": bool(latched[j]), "frac": float(frac[j])} for j, p in enumerate(ps)]
+        return out
