@@ -11,11 +11,12 @@ to one step and the deviations (simulation minus LP). docs/energy.md has the fig
 (20 instances, 41 classes each, seed 42), classes within one step / mean |deviation| against the
 whole-step reference:
 
-    limits (x demand)      before    own-need surplus    + power, targets first   + a class's own energy
-    links 0.5-2            27, 112 s    32, 62 s            32, 62 s                 32, 59 s
-    discharge 1-3          35, 36 s     35, 36 s            36, 33 s                 36, 33 s
-    both                   20, 187 s    28, 90 s            30, 76 s (89 s on 3b4e2b7) 31, 74 s
-    discharge 2-4, links 1-3  39, 24 s  39, 24 s            39, 24 s                 39, 24 s
+    limits (x demand)      before    own-need surplus    + power, targets first   + a class's own energy   + power order, A_c, ...
+    links 0.5-2            27, 112 s    32, 62 s            32, 62 s                 32, 59 s                 40, 25 s
+    discharge 1-3          35, 36 s     35, 36 s            36, 33 s                 36, 33 s                 36, 32 s
+    both                   20, 187 s    28, 90 s            30, 76 s (89 s on 3b4e2b7) 31, 74 s               38, 36 s
+    discharge 2-4, links 1-3  39, 24 s  39, 24 s            39, 24 s                 39, 24 s                 39, 25 s
+    both 0.5-2 (0.5 2 0.5 2)                                                         21, 128 s                32, 55 s
 
 --peak (seeds 0-23): of the 15 instances where the reference sheds and can hold the reserve, the
 simulation sheds 0.09-0.79 steps of class 3's peak demand more (mean 0.44), 15 within one step, every

@@ -171,7 +171,9 @@ class Energy(Program):
         k = MAX_CLASSES
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
-              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "sweep_deliverable_wh", "deliverable_wh", "power_need_w")]
+              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w")]
+        # deliverable energy per horizon (columns) with the classes before the row's served (kernel _horizons)
+        f += [ArraySpec(name, "f8", (k + 1, k)) for name in ("sweep_deliverable_wh", "deliverable_wh")]
         return [*f, ArraySpec("prev_frac", "f8", (k,)), ArraySpec("latched", "u1", (k,)),
                 ArraySpec("reachable", "u1", (k,)), ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
                 ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),

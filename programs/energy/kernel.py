@@ -115,7 +115,7 @@ def _reserve_wh(n_cls, dhz, target_s, clock_s, latched):
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, pace_s, v_cls, v_f, v_now, v_res,
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
                  v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none). The callers pass
@@ -147,7 +147,7 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # goes to the pool only as far as the pool would run its class out first; the rest it can
         # export once its class no longer runs. (With the remaining target alone, a class beyond its
         # target was shed when such a node ran out, with energy left on the others: measured.)
-        lock_h = min(h_s, max(hz_s[c], rt_s[c])) / 3600.0
+        lock_h = min(h_s, rt_s[c] if use_rt else hz_s[c]) / 3600.0
         p_own = min(max(0.0, e - own * lock_h), min(g, lk) * inv_h)
         # A node of a class shed for energy serves no load of its own: it only exports, over its link.
         d_own = d if latched[c] == 0 else 0.0
@@ -156,8 +156,8 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # For the deliverable energy within a horizon m (see _horizons): min(v_e, g m, L m + d t),
         # t = how long within m its own load is served. A node with a local need exports only.
         v_g[i] = g if ok else 0.0
-        v_rate[i] = (min(g, lk) if has else lk) if ok else 0.0
-        v_d[i] = (0.0 if has else d_own) if ok else 0.0
+        v_rate[i] = lk if ok else 0.0
+        v_d[i] = d_own if ok else 0.0
         v_own[i] = own if ok else 0.0
         v_eraw[i] = e if ok else 0.0
         v_loc[i] = (e * 3600.0 / own if g >= own else 0.0) if ok & has else math.inf
@@ -193,22 +193,29 @@ def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, nx):
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
 def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
-    """ax[k] += the energy these nodes can deliver within m = hz_s[k] at their limits: at most its
-    discharge limit g_i m, and its link L_i m plus its own load while that is served (its class's
-    remaining target, within m): min(e_i, g_i m, L_i m + d_i min(tau_c, m)). A node with a local
-    need l_i delivers nothing to the pool while its class runs, then at most its link:
-    min(e_i - l_i t, min(g_i, L_i) (m - t)), t = min(tau_c, m)."""
+    """The energy these nodes can deliver to the pool within m = hz_s[k], at their limits, in two
+    forms: with its class served while it has target left (t = min(tau_c, m)): at most its discharge
+    limit g_i m and its link L_i m plus its own load d_i t, less its local need l_i t (that is its
+    own): min(e_i, g_i m, L_i m + d_i t) - l_i t; and with its class shed now: min(e_i, min(g_i, L_i) m).
+    ax[K_ROW, k] += the shed form; ax[c, k] += served - shed, per class c: so the deliverable energy
+    with the classes before c served and the others shed is ax[K_ROW, k] + sum_{j < c} ax[j, k]
+    (a class may draw only while the more critical classes' reserve stays deliverable without it: its
+    own load's energy from its own nodes does not serve them)."""
+    kr = ax.shape[0] - 1
     for k in range(n_cls):
         m = hz_s[k]
         if m <= 0.0:  # no target left: no horizon to check
             continue
         t = 0.0
         for i in range(v_e.shape[0]):
-            own_s = min(hz_s[v_cls[i]], m)
-            free = min(v_e[i], min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0)
-            loc = min(max(0.0, v_eraw[i] - v_own[i] * own_s / 3600.0), v_rate[i] * (m - own_s) / 3600.0)
-            t += loc if v_own[i] > 0.0 else free
-        ax[k] += t
+            c = v_cls[i]
+            own_s = min(hz_s[c], m)
+            dl = min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0
+            served = min(v_e[i], dl) if v_own[i] <= 0.0 else min(v_eraw[i], dl) - v_own[i] * own_s / 3600.0
+            shed = min(v_eraw[i], min(v_g[i], v_rate[i]) * m / 3600.0)
+            t += shed
+            ax[c, k] += max(0.0, served) - shed
+        ax[kr, k] += t
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -286,10 +293,14 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 nx[c, j] = 0.0
             nx[c, NX_LOC] = math.inf
             hz_s[c] = max(0.0, target_s[c] - clock_s[c])
-            ax[c] = 0.0
+            if not first:
+                hz_s[c] = min(hz_s[c], local_s[c])
+        for j in range(ax.shape[0]):
+            for k in range(n_cls):
+                ax[j, k] = 0.0
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 eff, h_s, hz_s, runtime_s, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
+                 eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
@@ -306,7 +317,13 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
             slack_w[c] = nx[c, NX_PSLK]
-            a_wh[c] = ax[c]
+        # a_wh[c, k]: deliverable within hz_s[k] with the classes before c served, the others shed
+        for k in range(n_cls):
+            run = ax[ax.shape[0] - 1, k]
+            for c in range(n_cls):
+                a_wh[c, k] = run
+                run += ax[c, k]
+            a_wh[n_cls, k] = run
         r_old = _reserve_wh(n_cls, dhz, target_s, clock_s, latched)
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
         if not first:

@@ -31,6 +31,7 @@ __all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS"
 _EPS = 1e-9
 LOOK_MAX = 120  # cycles the look-ahead of the reserve's rise covers at most
 RISE_SURPRISES = 3.0  # a peak-shaved class stops this many of the reserve's late surprises above it
+POWER_TOL = 0.01  # a class is latched for power when the export it lacks exceeds this share of its need
 
 
 @njit(nogil=True, cache=True)
@@ -54,12 +55,15 @@ def ride_through(k_n, dres, tau0, latched, e_wh, rt, tau, on, loc):
                     r_all += dres[c] * tau[c] / 3600.0
             pre = 0.0
             cut = -1
+            gone = False  # a more critical class is shed: beyond its target a class yields (the power order)
             for c in range(k_n):
                 thr = pre if tau[c] > 0.0 else r_all
-                if on[c] and dres[c] > 0.0 and (e <= thr + _EPS * (1.0 + e) or t >= loc[c] - _EPS * (1.0 + t)):
+                if on[c] and dres[c] > 0.0 and (e <= thr + _EPS * (1.0 + e) or t >= loc[c] - _EPS * (1.0 + t)
+                                                or (gone and tau[c] <= 0.0)):
                     cut = c
                 if on[c] and tau[c] > 0.0:
                     pre += dres[c] * tau[c] / 3600.0
+                gone |= not on[c] and dres[c] > 0.0
             if cut < 0:
                 break
             on[cut] = False
@@ -156,7 +160,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c])
         if latched[c] == 0:
             r_all += dres[c] * tau[c] / 3600.0
-    # Power: energy is not enough, it must be deliverable in time. a_wh[k] = A(hz_k), the energy
+    # Power: energy is not enough, it must be deliverable in time. a_wh[c, k] = A_c(hz_k), the energy
     # the batteries can deliver within hz_k (~ tau_k) at their power limits, sum min(e_i, p_i hz_k).
     # A reserve (a demand profile falling at each tau_j) can be served iff for every horizon
     # m = tau_k: A(m) >= sum_j D_j min(tau_j, m) (for a falling demand the prefix [0, m] is the
@@ -173,6 +177,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
     m_left = main_limit_w
     e_left = e_wh
     pre = 0.0
+    gone = False  # a more critical class is shed for energy in this shortage
     for c in range(k_n):
         d = dnow[c]
         spare_w = max(m_left, 0.0)  # main's spare if this class and every less critical one were cut
@@ -206,7 +211,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             p_avail = math.inf
             for k in range(c if riding else k_n):
                 if latched[k] == 0 and tau[k] > 0.0 and hz_s[k] > 0.0:
-                    p_avail = min(p_avail, a_wh[k] - drawn - (cum_wh[k] if riding else tot_wh[k]))
+                    p_avail = min(p_avail, (a_wh[c, k] - cum_wh[k]) if riding else (a_wh[k_n, k] - tot_wh[k])) - drawn
             # Below its threshold a peak-shaved class gives back part of what main serves it, so that
             # main's spare recharges the reserve (the reserve first; the energy rule only: a reserve
             # short of power, not of energy, is not mended by charging).
@@ -218,6 +223,11 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 # cycle: the class is no longer served whole, so it is cut now, whole, and its energy
                 # extends the others (as the whole-step reference: a class once not whole stays shed).
                 a = 0.0
+            elif not shaved and tau[c] <= 0.0 and gone:
+                # Beyond its target a class runs only in the power order of §2: never while a more
+                # critical class is shed (it would spend energy and power on a less critical load
+                # while a more critical one is dark; the whole-step reference holds the same).
+                a = 0.0
             # Cut for energy while it rides on the batteries: this cycle's part, then shed until the
             # shortage is over (no flapping: a load restored for minutes and shed again is worth
             # little, and the energy extends the classes still served). A peak-shaved class is cut
@@ -227,6 +237,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 latched[c] = 1
             e_left -= max(a, 0.0) * need_wh  # a recharge is not energy this cycle
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
+        gone |= latched[c] != 0 and d > 0.0
         if latched[c] == 0:
             pre += dres[c] * tau[c] / 3600.0
             for k in range(k_n):
@@ -236,10 +247,23 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
     # class, the allocator sheds least critical first; a class beyond its target must yield to one
     # inside it, so it gets only the power the classes inside their targets leave (a cap this cycle,
     # not a latch: power comes back when a class is shed).
+    # A class riding through whose share the batteries' export cannot carry after the more critical
+    # classes inside their targets is served in part by the allocator: no longer whole, so it is shed
+    # and latched as a class cut for energy is (served in part it would spend, for minutes of a partial
+    # load, energy and export the more critical classes need later; the whole-step reference holds the
+    # same). Beyond a tolerance only: the sums are up to two sweeps old.
     p_left = main_limit_w + state[ST_SLACK_W]
+    m_left = main_limit_w
     for c in range(k_n):
+        m = min(max(m_left, 0.0), dnow[c])
+        m_left -= m
         if tau[c] > 0.0 and latched[c] == 0:
-            p_left -= frac[c] * pneed[c]
+            ask = frac[c] * pneed[c]
+            if m <= 0.0 and ask > 0.0 and p_left < ask - POWER_TOL * (1.0 + ask):
+                frac[c] = 0.0
+                latched[c] = 1
+                continue
+            p_left -= ask
     for c in range(k_n):
         if not (tau[c] > 0.0 and latched[c] == 0) and pneed[c] > 0.0 and frac[c] > 0.0:
             f_p = min(frac[c], max(0.0, p_left) / pneed[c])

@@ -51,13 +51,16 @@ def offer_of(v: dict, k: int) -> np.ndarray:
     out[:, C_LEAVES] = 1.0
     out[:, C_ON_TREE] = float(g("tree")[T_USED] == 1.0)
     has = np.bincount(np.clip(v["node.priority"], 0, k), minlength=k + 1)[:k] > 0
-    for c in range(int(g("state")[ST_N_CLS])):
+    n_own = int(g("state")[ST_N_CLS])
+    # the deliverable energy per horizon with every class served (row n_own of the program's table)
+    deliv = g("deliverable_wh")[n_own]
+    for c in range(n_own):
         p = int(g("priority")[c])
         if not 0 <= p < k:
             continue
         out[p] = (g("demand_w")[c], g("demand_horizon_w")[c], g("energy_wh")[c], g("local_s")[c],
                   max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
-                  g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], g("deliverable_wh")[c], 1.0,
+                  g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
                   float(g("tree")[T_USED] == 1.0))
         if not has[p]:  # a class of the tree it has no node of: only its deliverable energy counts
             out[p, [C_LEFT, C_TARGET]] = math.nan

@@ -60,7 +60,11 @@ class TreeDecider:
         o = offer[ps]
         col = lambda c: np.ascontiguousarray(o[:, c])  # noqa: E731
         target, dnow, dres, loc = col(hc.C_TARGET), col(hc.C_POOL), col(hc.C_DHZ), col(hc.C_LOC)
-        a_wh, pneed = col(hc.C_DELIV), col(hc.C_PNEED)
+        # The tree offers the deliverable energy with every class served, one value per horizon; `decide`
+        # takes one row per class (a flat controller's A_c: the classes before c served, its own nodes'
+        # load not counted for the more critical classes). Every row is that sum here: at the top of a
+        # tree the check is the looser one of before A_c (docs/energy.md "The rule").
+        a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED)
         clock = np.ascontiguousarray(self.clock_s[ps])
         latched = np.ascontiguousarray(self.latched[ps])
         # as the energy program after a sweep: the horizons at the clocks before this cycle, then the
