@@ -3,7 +3,12 @@
 One broker session per I/O process (drivers/aio.py's `Links` with one link: connect, retried with
 backoff, faults), one paho network thread that decodes every message as it arrives (`on_message`,
 under a lock), and the asyncio loop that stages the newest values for the scan every `publish_ms`
-and sends each device its instruction as a DCMD every `command_ms`.
+and sends each device its instruction as a DCMD when it matters (`send_due`): when it moved by more
+than `deadband_w` since the last DCMD to that device (at once), when half the lease has passed since
+then (a renewal, so the lease never runs out on a healthy link), when the device births, and again
+after `command_ms` while the last one is unacknowledged; never twice within `command_min_ms`. Each
+DCMD carries the newest sequence number, so the edge node's ordering (never older, never twice) is
+unchanged; a scan cycle whose instruction is within the deadband sends nothing.
 
 Host duties: STATE birth (retained JSON, Sparkplug 3.0 `spBv1.0/STATE/<host_id>`) after subscribing,
 STATE death as the will and before a clean disconnect; subscribe `spBv1.0/<group>/#` of every group;
@@ -68,11 +73,15 @@ class Host(Links):
     def __init__(self, nodes: list[tuple[str, str, str]], link: Link, *, host_id: str, lease_ms: float,
                  command_ms: float, silence_ms: float, rebirth_min_ms: float = 2000.0,
                  backoff_s: tuple[float, float] = (0.25, 4.0), round_s: float = 0.05, clock_ns=time.monotonic_ns,
-                 trust_timestamps: bool = True):
+                 trust_timestamps: bool = True, deadband_w: float = 5.0, command_min_ms: float = 100.0):
         super().__init__(1, interval_s=round_s, backoff_s=backoff_s)
         n = self.nodes_n = len(nodes)
         self.nodes, self.link, self.host_id = nodes, link, host_id
         self.lease_ms, self.command_s, self.silence_ns = int(lease_ms), command_ms / 1e3, int(silence_ms * 1e6)
+        self.renew_s = lease_ms / 2e3
+        self.command_min_s = command_min_ms / 1e3
+        self.deadband_w = float(deadband_w)
+        self.round_s = round_s
         self.rebirth_min_s = rebirth_min_ms / 1e3
         self.clock_ns = clock_ns
         self.trust_timestamps = trust_timestamps
@@ -109,9 +118,14 @@ class Host(Links):
         self.groups = sorted({g for g, _e, _d in nodes})
         self._dcmd = [sp.topic(g, "DCMD", e, d) for g, e, d in nodes]
         self.have_instruction = False
-        self._instr: dict[str, np.ndarray] = {}
+        self._instr = np.zeros((n, len(OUTPUTS)))
         self._seq = 0
-        self.next_cmd = np.zeros(n)  # loop time of each device's next DCMD
+        self.born = np.zeros(n, bool)  # aliases[i] is not None: a DCMD can go to it
+        self.sent_w = np.full((n, len(OUTPUTS)), np.nan)  # the outputs of each device's last DCMD
+        self.sent_at = np.full(n, -np.inf)  # loop time of each device's last DCMD
+        self.force = np.zeros(n, bool)  # births: the newest instruction at once
+        self.dcmd = {"changed": 0, "renewed": 0, "retried": 0, "birth": 0}  # DCMDs sent, by why
+        self.suppressed = 0  # (device, scan instruction) pairs not sent: within the deadband
         self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
         self.gaps = 0
         self.rebirths = 0
@@ -192,7 +206,7 @@ class Host(Links):
             for i in ed.devices:
                 self.fault[i] = int(Fault.CONNECTION)
                 self.why[i] = f"edge node {key[1]} sent NDEATH (bdSeq {bd}): it lost its broker connection"
-                self.aliases[i] = None
+                self.aliases[i], self.born[i] = None, False
             return
         if not ed.born:
             self._rebirth(key, ed)
@@ -209,7 +223,7 @@ class Host(Links):
         if kind == "DDEATH":
             self.fault[i] = int(Fault.CONNECTION)
             self.why[i] = f"device {d} sent DDEATH"
-            self.aliases[i] = None
+            self.aliases[i], self.born[i] = None, False
             self._seq_ok(ed, (g, e), p)
             return
         if kind == "DBIRTH":
@@ -224,7 +238,7 @@ class Host(Links):
                 if j is None:
                     self._bad(i, Fault.GARBLED, f"DBIRTH carries metric {m.name!r}, which vbatt does not know "
                                                 f"(expected the metrics of docs/mqtt.md)")
-                    self.aliases[i] = None
+                    self.aliases[i], self.born[i] = None, False
                     return
                 names.add(m.name)
                 if m.HasField("alias"):
@@ -232,9 +246,11 @@ class Host(Links):
             missing = [f for f in FIELDS if f not in names]
             if missing:
                 self._bad(i, Fault.GARBLED, f"DBIRTH lacks the metrics {missing}")
-                self.aliases[i] = None
+                self.aliases[i], self.born[i] = None, False
                 return
             self.aliases[i] = amap
+            self.born[i] = True
+            self.force[i] = True  # a device that births may have restarted: its instruction at once
             self.suspect[i] = False
             self._store(i, p, None, now)
             return
@@ -322,6 +338,7 @@ class Host(Links):
             for ed in self.edges.values():
                 ed.born, ed.next_seq, ed.rebirth_at = False, -1, 0.0
             self.aliases = [None] * self.nodes_n
+            self.born[:] = False
             self.suspect[:] = False
             self.fault[:] = int(Fault.NO_DATA)
             self.why = ["waiting for a birth after connecting to the broker"] * self.nodes_n
@@ -349,28 +366,48 @@ class Host(Links):
             self.send_due(asyncio.get_running_loop().time())
 
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
-        self._instr = {k: np.nan_to_num(outputs[k]).copy() for k in OUTPUTS}
+        instr = np.column_stack([np.nan_to_num(outputs[k]) for k in OUTPUTS])
+        if self.have_instruction:
+            # each device's new scan instruction that send_due will not send: within the deadband of its last DCMD
+            self.suppressed += int((self.born & ~self._moved(instr)).sum())
+        self._instr = instr
         self._seq = int(seq)
-        if not self.have_instruction:
-            # spread over one command period: a steady trickle each round, not every device in one burst
-            now = asyncio.get_running_loop().time() if self._in_loop() else 0.0
-            self.next_cmd[:] = now + np.arange(self.nodes_n) / max(1, self.nodes_n) * min(self.command_s, 1.0)
         self.have_instruction = True
 
-    @staticmethod
-    def _in_loop() -> bool:
-        try:
-            asyncio.get_running_loop()
-            return True
-        except RuntimeError:
-            return False
+    def _moved(self, instr: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return ~(np.abs(instr - self.sent_w) <= self.deadband_w).all(axis=1)  # never sent (NaN): moved
 
     def send_due(self, now: float) -> int:
-        """A DCMD to every device whose turn it is (born, every command_ms); returns how many."""
-        s = self.session
-        due = np.flatnonzero((self.next_cmd <= now) & np.array([a is not None for a in self.aliases]))
+        """A DCMD to every born device whose instruction moved beyond the deadband, whose lease is half gone,
+        that birthed, or whose last DCMD is unacknowledged after command_ms; returns how many."""
+        with self.lock:  # births set `force` in paho's thread
+            force = self.force & self.born
+            self.force[force] = False
+            acked = (self.status["status/ack_seq"] == self.sent_seq) & (self.status["status/ack_epoch"] == self.epoch)
+        since = now - self.sent_at
+        spaced = since >= self.command_min_s
+        changed = self.born & spaced & self._moved(self._instr) & ~force
+        renew = self.born & (since >= self.renew_s) & ~changed & ~force
+        retry = self.born & ~acked & (since >= self.command_s) & ~renew & ~changed & ~force
+        # renewals due together (every device sent at once after a start) go out over a quarter of the lease,
+        # the oldest first, and stay spread afterwards: bursts of DCMDs and of acknowledgements delay the data
+        cap = int(np.ceil(2 * self.nodes_n * self.round_s / self.renew_s))
+        r = np.flatnonzero(renew)
+        if len(r) > cap:
+            r = r[np.argpartition(self.sent_at[r], cap)[:cap]]
+        due = np.concatenate([np.flatnonzero(force), np.flatnonzero(changed), r, np.flatnonzero(retry)])
         if not len(due):
             return 0
+        self.dcmd["birth"] += int(force.sum())
+        self.dcmd["changed"] += int(changed.sum())
+        self.dcmd["renewed"] += len(r)
+        self.dcmd["retried"] += int(retry.sum())
+        self._send(due, now)
+        return len(due)
+
+    def _send(self, due: np.ndarray, now: float) -> None:
+        s = self.session
         ts = time.time_ns() // 1_000_000
         t_ns = self.clock_ns()
         instr = self._instr
@@ -379,8 +416,9 @@ class Host(Links):
             p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
             p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
             p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
-            for k in OUTPUTS:
-                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(instr[k][i]))
+            row = instr[i]
+            for j, k in enumerate(OUTPUTS):
+                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(row[j]))
             s.publish(self._dcmd[i], p.SerializeToString(), 0)
             if self.sent_seq[i] != self._seq:
                 self.sent_seq[i] = self._seq
@@ -388,8 +426,8 @@ class Host(Links):
                 self.sent_hist_seq[i, k] = self._seq
                 self.sent_hist_ns[i, k] = t_ns
         self.requests[due] += 1
-        self.next_cmd[due] = now + self.command_s
-        return len(due)
+        self.sent_w[due] = instr[due]
+        self.sent_at[due] = now
 
     # -- for the scan --------------------------------------------------------------------------------
     def fill(self, staging: dict[str, np.ndarray]) -> None:
@@ -440,8 +478,9 @@ class Host(Links):
 
     async def flush(self, timeout_s: float) -> None:
         if self.have_instruction and self.session is not None and self.session.connected:
-            self.next_cmd[:] = 0.0
-            self.send_due(asyncio.get_running_loop().time())
+            due = np.flatnonzero(self.born)
+            if len(due):
+                self._send(due, asyncio.get_running_loop().time())
             await asyncio.sleep(min(timeout_s, 0.2))
 
 
@@ -461,7 +500,8 @@ class MqttDriver(AsyncDriver):
             bad = "no TLS configured and plaintext not allowed: set drivers.mqtt.tls or 'plaintext: true'"
         h = Host(nodes, link, host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
                  silence_ms=d.silence_ms, rebirth_min_ms=d.rebirth_min_ms,
-                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps)
+                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps,
+                 deadband_w=d.deadband_w, command_min_ms=d.command_min_ms)
         self._bad = bad
         if bad:
             h.mark(0, Fault.TLS, bad)
