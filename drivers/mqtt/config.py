@@ -90,12 +90,12 @@ class MqttDriverConfig(BrokerLink):
     host_id: SparkplugId = "vbatt"
     group: SparkplugId = "vbatt"  # the group of nodes that do not name one
     # a DCMD goes to a device when its instruction moved by more than deadband_w (any output) since the last
-    # one it was sent, when half its lease has passed since then (a renewal), when it births, and again after
-    # command_ms while the last one is not acknowledged; never twice within command_min_ms
-    command_ms: Ms = 1000.0
+    # one it was sent, when half its lease has passed since then (a renewal) and when it births; never twice
+    # within command_min_ms
+    command_ms: Ms = 1000.0  # the pace of instructions the lease is sized for: the default lease is 4 x command_ms
     command_min_ms: Ms = 100.0
     deadband_w: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 5.0
-    lease_ms: Ms | None = None  # default 4 x command_ms
+    lease_ms: Ms | None = None  # default 4 x command_ms; renewed at half of it
     silence_ms: Ms = 5000.0  # a device that sends nothing for this long is TIMEOUT
     publish_ms: Ms = 20.0
     reconnect_min_ms: Ms = 250.0

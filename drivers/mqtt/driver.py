@@ -5,10 +5,13 @@ backoff, faults), one paho network thread that decodes every message as it arriv
 under a lock), and the asyncio loop that stages the newest values for the scan every `publish_ms`
 and sends each device its instruction as a DCMD when it matters (`send_due`): when it moved by more
 than `deadband_w` since the last DCMD to that device (at once), when half the lease has passed since
-then (a renewal, so the lease never runs out on a healthy link), when the device births, and again
-after `command_ms` while the last one is unacknowledged; never twice within `command_min_ms`. Each
-DCMD carries the newest sequence number, so the edge node's ordering (never older, never twice) is
-unchanged; a scan cycle whose instruction is within the deadband sends nothing.
+then (a renewal, so the lease never runs out on a healthy link) and when the device births (it may
+have restarted); never twice within `command_min_ms`. Each DCMD carries the newest sequence number,
+so the edge node's ordering (never older, never twice) is unchanged; a scan cycle whose instruction
+is within the deadband sends nothing. No resend of an unacknowledged DCMD: QoS 0 loses messages
+only with a connection, and every reconnect ends in births (the instruction again); a DCMD lost
+otherwise is repaired by the next renewal. A resend on a late acknowledgement would feed an
+overloaded host more work exactly when its acknowledgements come late.
 
 Host duties: STATE birth (retained JSON, Sparkplug 3.0 `spBv1.0/STATE/<host_id>`) after subscribing,
 STATE death as the will and before a clean disconnect; subscribe `spBv1.0/<group>/#` of every group;
@@ -124,7 +127,7 @@ class Host(Links):
         self.sent_w = np.full((n, len(OUTPUTS)), np.nan)  # the outputs of each device's last DCMD
         self.sent_at = np.full(n, -np.inf)  # loop time of each device's last DCMD
         self.force = np.zeros(n, bool)  # births: the newest instruction at once
-        self.dcmd = {"changed": 0, "renewed": 0, "retried": 0, "birth": 0}  # DCMDs sent, by why
+        self.dcmd = {"changed": 0, "renewed": 0, "birth": 0}  # DCMDs sent, by why
         self.suppressed = 0  # (device, scan instruction) pairs not sent: within the deadband
         self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
         self.gaps = 0
@@ -231,7 +234,7 @@ class Host(Links):
                 self._rebirth((g, e), ed)
             else:
                 self._seq_ok(ed, (g, e), p)
-            amap: dict[int, tuple[int, int]] = {}
+            amap: dict[int, tuple] = {}
             names = set()
             for m in p.metrics:
                 j = KNOWN.get(m.name)
@@ -242,7 +245,7 @@ class Host(Links):
                     return
                 names.add(m.name)
                 if m.HasField("alias"):
-                    amap[m.alias] = (j, m.datatype)
+                    amap[m.alias] = self._slot(j, m.datatype)
             missing = [f for f in FIELDS if f not in names]
             if missing:
                 self._bad(i, Fault.GARBLED, f"DBIRTH lacks the metrics {missing}")
@@ -265,49 +268,65 @@ class Host(Links):
         if not self.suspect[i]:
             self._store(i, p, amap, now)
 
+    def _slot(self, j: int, dt: int) -> tuple:
+        """Where metric j of datatype dt goes, resolved once per birth: (array or None, value attribute or None,
+        sign bits, is status/ack_seq, j, dt)."""
+        d = DM[j]
+        attr = sp.VALUE_FIELD.get(dt)
+        if attr is not None and attr not in ("int_value", "long_value", "float_value", "double_value",
+                                             "boolean_value"):
+            attr = None  # a string is no number: garbled when it comes
+        arr = (self.values[d.field] if d.field is not None and not d.name.startswith("instruction/")
+               else self.status.get(d.name))
+        return arr, attr, sp.SIGNED_BITS.get(dt, 0), d.name == "status/ack_seq", j, dt
+
     def _store(self, i: int, p, amap, now: int) -> None:
-        vals, status = self.values, self.status
+        ack = False
         for m in p.metrics:
-            if amap is not None and not m.HasField("name"):
+            name = m.name
+            if amap is not None and not name:
                 hit = amap.get(m.alias)
                 if hit is None:
                     self._bad(i, Fault.GARBLED, f"metric alias {m.alias} is not in its birth")
                     return
-                j, dt = hit
             else:
-                j = KNOWN.get(m.name)
+                j = KNOWN.get(name)
                 if j is None:
-                    self._bad(i, Fault.GARBLED, f"metric {m.name!r} is not one vbatt knows")
+                    self._bad(i, Fault.GARBLED, f"metric {name!r} is not one vbatt knows")
                     return
-                dt = m.datatype or DM[j].datatype
-            d = DM[j]
+                hit = self._slot(j, m.datatype or DM[j].datatype)
+            arr, attr, bits, is_ack, j, dt = hit
+            if attr is None:
+                self._bad(i, Fault.GARBLED, f"metric {DM[j].name!r} has datatype {dt}")
+                return
+            if arr is None:
+                continue
             if m.is_null:
-                v = float("nan")
+                arr[i] = np.nan
             else:
-                try:
-                    v = sp.get_value(m, dt)
-                except ValueError:
-                    self._bad(i, Fault.GARBLED, f"metric {d.name!r} has datatype {dt}")
-                    return
-            if d.field is not None and not d.name.startswith("instruction/"):
-                vals[d.field][i] = v
-            elif d.name in status:
-                status[d.name][i] = v
+                v = getattr(m, attr)
+                if bits and v >= 1 << (bits - 1):
+                    v -= 1 << bits
+                arr[i] = v
+            if is_ack:
+                ack = True
         arrived = now
-        if p.HasField("timestamp"):
-            self.sampled_ms[i] = p.timestamp
+        ts = p.timestamp
+        if ts:
+            self.sampled_ms[i] = ts
             if self.trust_timestamps:
                 # the data is as old as the node says, not as old as its arrival: a backlog in the broker or
                 # in this process must age it toward stale, not pass it off as fresh
-                age_ms = time.time_ns() // 1_000_000 - p.timestamp
+                age_ms = time.time_ns() // 1_000_000 - ts
                 if age_ms > 0:
                     now = max(1, now - age_ms * 1_000_000)
-        ack = status["status/ack_seq"][i]
-        hit = np.flatnonzero((self.sent_hist_seq[i] == ack) & (self.sent_hist_ns[i] > 0))
-        if len(hit):
-            k = hit[0]
-            self.rtt_ms[i] = (arrived - self.sent_hist_ns[i, k]) / 1e6
-            self.sent_hist_ns[i, k] = 0  # once per instruction: later renewals' acks are no round trip of it
+        if ack:
+            hit = np.flatnonzero((self.sent_hist_seq[i] == self.status["status/ack_seq"][i])
+                                 & (self.sent_hist_ns[i] > 0))
+            if len(hit):
+                k = hit[0]
+                self.rtt_ms[i] = (arrived - self.sent_hist_ns[i, k]) / 1e6
+                self.sent_hist_ns[i, k] = 0  # once per instruction: later renewals' acks are no round trip of it
         self.got_ns[i] = now
         if self.fault[i] != 0:
             self.fault[i] = 0
@@ -380,29 +399,26 @@ class Host(Links):
 
     def send_due(self, now: float) -> int:
         """A DCMD to every born device whose instruction moved beyond the deadband, whose lease is half gone,
-        that birthed, or whose last DCMD is unacknowledged after command_ms; returns how many."""
+        or that birthed; returns how many."""
         with self.lock:  # births set `force` in paho's thread
             force = self.force & self.born
             self.force[force] = False
-            acked = (self.status["status/ack_seq"] == self.sent_seq) & (self.status["status/ack_epoch"] == self.epoch)
         since = now - self.sent_at
         spaced = since >= self.command_min_s
         changed = self.born & spaced & self._moved(self._instr) & ~force
         renew = self.born & (since >= self.renew_s) & ~changed & ~force
-        retry = self.born & ~acked & (since >= self.command_s) & ~renew & ~changed & ~force
         # renewals due together (every device sent at once after a start) go out over a quarter of the lease,
         # the oldest first, and stay spread afterwards: bursts of DCMDs and of acknowledgements delay the data
         cap = int(np.ceil(2 * self.nodes_n * self.round_s / self.renew_s))
         r = np.flatnonzero(renew)
         if len(r) > cap:
             r = r[np.argpartition(self.sent_at[r], cap)[:cap]]
-        due = np.concatenate([np.flatnonzero(force), np.flatnonzero(changed), r, np.flatnonzero(retry)])
+        due = np.concatenate([np.flatnonzero(force), np.flatnonzero(changed), r])
         if not len(due):
             return 0
         self.dcmd["birth"] += int(force.sum())
         self.dcmd["changed"] += int(changed.sum())
         self.dcmd["renewed"] += len(r)
-        self.dcmd["retried"] += int(retry.sum())
         self._send(due, now)
         return len(due)
 
