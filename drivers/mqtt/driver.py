@@ -125,11 +125,14 @@ class Host(Links):
         self._seq = 0
         self.born = np.zeros(n, bool)  # aliases[i] is not None: a DCMD can go to it
         self.sent_w = np.full((n, len(OUTPUTS)), np.nan)  # the outputs of each device's last DCMD
+        self._out_w = np.full((n, len(OUTPUTS)), np.nan)  # ... and their encoding, kept for the renewals
+        self._out_pb: list[bytes] = [b""] * n
         self.sent_at = np.full(n, -np.inf)  # loop time of each device's last DCMD
         self.force = np.zeros(n, bool)  # births: the newest instruction at once
         self.dcmd = {"changed": 0, "renewed": 0, "birth": 0}  # DCMDs sent, by why
         self.suppressed = 0  # (device, scan instruction) pairs not sent: within the deadband
         self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
+        self.reasons = ["no birth yet"] * n  # each node's fault in words, as the last fill saw it
         self.gaps = 0
         self.rebirths = 0
         self.foreign = 0  # messages for devices not configured here
@@ -424,18 +427,26 @@ class Host(Links):
 
     def _send(self, due: np.ndarray, now: float) -> None:
         s = self.session
-        ts = time.time_ns() // 1_000_000
         t_ns = self.clock_ns()
         instr = self._instr
-        for i in due:
-            p = sp.Payload(timestamp=ts)
-            p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
-            p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
-            p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
-            row = instr[i]
+        # a DCMD is two encoded Payloads one after the other, which protobuf reads as one (its metrics appended):
+        # what every DCMD of this round shares (timestamp, seq, lease, epoch), then the device's outputs, encoded
+        # again only when they changed
+        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
+        p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
+        p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
+        p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
+        head = p.SerializeToString()
+        stale = due[~(self._out_w[due] == instr[due]).all(axis=1)]
+        for i in stale.tolist():
+            p = sp.Payload()
             for j, k in enumerate(OUTPUTS):
-                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(row[j]))
-            s.publish(self._dcmd[i], p.SerializeToString(), 0)
+                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(instr[i, j]))
+            self._out_pb[i] = p.SerializeToString()
+        self._out_w[stale] = instr[stale]
+        out = self._out_pb
+        for i in due.tolist():
+            s.publish(self._dcmd[i], head + out[i], 0)
             if self.sent_seq[i] != self._seq:
                 self.sent_seq[i] = self._seq
                 k = int(self.requests[i]) % SENT_KEPT
@@ -453,22 +464,32 @@ class Host(Links):
             vals = {k: v.copy() for k, v in self.values.items()}
             got = self.got_ns.copy()
             why = self.why
+        # a reason is worded when its fault begins and kept while it lasts: a fleet gone silent together
+        # must not cost a sentence per node at every fill
+        prev = self.reasons
         if self.comm_fault[0]:
             fault[:] = self.comm_fault[0]
             reasons = [self.reason[0]] * self.nodes_n
         else:
             reasons = list(why)
             silent = (fault == 0) & (got > 0) & (now - got > self.silence_ns)
-            for i in np.flatnonzero(silent):
-                fault[i] = int(Fault.TIMEOUT)
+            fault[silent] = int(Fault.TIMEOUT)
+            held = silent & (self.logged == Fault.TIMEOUT)
+            for i in np.flatnonzero(held).tolist():
+                reasons[i] = prev[i]
+            for i in np.flatnonzero(silent & ~held):
                 reasons[i] = f"no data for {(now - got[i]) / 1e6:.0f} ms (silent without NDEATH)"
         for name in FIELDS:
             f = node_field(name)
             v = vals[name]
             with np.errstate(invalid="ignore"):
                 bad = ~np.isfinite(v) | (v < f.lo) | (v > f.hi)
-            for i in np.flatnonzero(bad & (fault == 0)):
-                fault[i] = int(Fault.BAD_VALUE)
+            new = bad & (fault == 0)
+            fault[new] = int(Fault.BAD_VALUE)
+            held = new & (self.logged == Fault.BAD_VALUE)
+            for i in np.flatnonzero(held).tolist():
+                reasons[i] = prev[i]
+            for i in np.flatnonzero(new & ~held):
                 reasons[i] = f"{name} = {float(v[i])!r} (expected a number in [{f.lo:g}, {f.hi:g}] {f.unit})"
             vals[name] = np.where(bad, 0.0, v)
         moved = np.flatnonzero(fault != self.logged)
