@@ -188,6 +188,7 @@ def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.
                 "dcmd_in_window_per_s": (int(h.requests.sum()) - req0) / (t1 - t0),
                 "dcmd_why_per_s": {k: (v - dcmd0[k]) / (t1 - t0) for k, v in h.dcmd.items()},
                 "suppressed_per_s": (h.suppressed - supp0) / (t1 - t0),
+                "dcmd_policy": "on change beyond deadband_w, at half the lease, on birth",
                 "instruction_changes_per_node_s": change, "deadband_w": d.deadband_w,
                 "lease_ms": d.lease, "longest_without_dcmd_ms": gap_max * 1e3,
                 "gaps": int(h.gaps),

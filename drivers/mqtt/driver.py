@@ -129,6 +129,7 @@ class Host(Links):
         self._out_pb: list[bytes] = [b""] * n
         self.sent_at = np.full(n, -np.inf)  # loop time of each device's last DCMD
         self.force = np.zeros(n, bool)  # births: the newest instruction at once
+        self._last_round = 0.0
         self.dcmd = {"changed": 0, "renewed": 0, "birth": 0}  # DCMDs sent, by why
         self.suppressed = 0  # (device, scan instruction) pairs not sent: within the deadband
         self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
@@ -411,11 +412,18 @@ class Host(Links):
         changed = self.born & spaced & self._moved(self._instr) & ~force
         renew = self.born & (since >= self.renew_s) & ~changed & ~force
         # renewals due together (every device sent at once after a start) go out over a quarter of the lease,
-        # the oldest first, and stay spread afterwards: bursts of DCMDs and of acknowledgements delay the data
-        cap = int(np.ceil(2 * self.nodes_n * self.round_s / self.renew_s))
+        # the oldest first, and stay spread afterwards: bursts of DCMDs and of acknowledgements delay the data.
+        # The allowance grows with the time since the last round (a late round sends more), and a renewal
+        # three quarters of a lease old goes whatever the allowance
+        elapsed = min(max(self.round_s, now - self._last_round), self.renew_s)
+        self._last_round = now
+        cap = int(np.ceil(2 * self.nodes_n * elapsed / self.renew_s))
         r = np.flatnonzero(renew)
         if len(r) > cap:
-            r = r[np.argpartition(self.sent_at[r], cap)[:cap]]
+            urgent = since[r] >= 1.5 * self.renew_s
+            rest = r[~urgent]
+            k = max(0, cap - int(urgent.sum()))
+            r = np.concatenate([r[urgent], rest[np.argpartition(self.sent_at[rest], k)[:k]] if k < len(rest) else rest])
         due = np.concatenate([np.flatnonzero(force), np.flatnonzero(changed), r])
         if not len(due):
             return 0
