@@ -62,11 +62,18 @@ class Observer:
         self.c.loop_stop()
 
 
+def _one_birth(h: HostRun, loop, broker, edge_id: str, **kw) -> RunningEdge:
+    """The edge node started once the host is connected (its rebirth request went to nobody): it births once,
+    on its own connect, so no later birth (which sends the instruction again, by rule) falls into the test."""
+    wait_until(lambda: h.host.rebirths == 1, "the host connected (and asked an absent edge for a birth)")
+    return RunningEdge(loop, edge_link(broker, edge_id), edge_id, **kw)
+
+
 def test_a_change_beyond_the_deadband_goes_at_once_one_within_it_not_at_all(broker, loop):
     obs = Observer(broker, "e1")
-    edge = RunningEdge(loop, edge_link(broker, "e1"), "e1", tick=False, period_ms=600_000)
     h = HostRun(loop, broker, [("g1", "e1", "A")], lease_ms=60_000, command_ms=15_000, deadband_w=5.0,
                 command_min_ms=50)
+    edge = _one_birth(h, loop, broker, "e1", tick=False, period_ms=600_000)
     try:
         h.wait(lambda d: d["fault"][0] == Fault.NONE, "born")
         st, a = h.host.status, edge.edge.agents
@@ -103,9 +110,9 @@ def test_a_change_beyond_the_deadband_goes_at_once_one_within_it_not_at_all(brok
 def test_an_unchanged_instruction_is_renewed_at_half_the_lease_which_never_runs_out(broker, loop):
     lease_ms = 1500.0
     obs = Observer(broker, "e2")
-    edge = RunningEdge(loop, edge_link(broker, "e2"), "e2", tick_ms=100)  # its lease is judged at every tick
     h = HostRun(loop, broker, [("g1", "e2", "A")], lease_ms=lease_ms, command_ms=375, deadband_w=5.0,
                 command_min_ms=50)
+    edge = _one_birth(h, loop, broker, "e2", tick_ms=100)  # its lease is judged at every tick
     try:
         h.wait(lambda d: d["fault"][0] == Fault.NONE, "born")
         a, st = edge.edge.agents, h.host.status
@@ -140,8 +147,8 @@ def test_an_unchanged_instruction_is_renewed_at_half_the_lease_which_never_runs_
 
 def test_a_device_that_births_again_gets_the_unchanged_instruction_at_once(broker, loop):
     obs = Observer(broker, "e3")
-    edge = RunningEdge(loop, edge_link(broker, "e3"), "e3", tick=False, period_ms=600_000)
     h = HostRun(loop, broker, [("g1", "e3", "A")], lease_ms=60_000, command_ms=15_000)
+    edge = _one_birth(h, loop, broker, "e3", tick=False, period_ms=600_000)
     try:
         h.wait(lambda d: d["fault"][0] == Fault.NONE, "born")
         h.instruct(7, battery_w=30.0)
