@@ -3,8 +3,11 @@
 Publishers: `vbatt fleet CONFIG --edge K` processes, one Sparkplug edge node each (NODES_PER_EDGE
 devices, tick 1 s: every device sends a DDATA per second, its state of charge changes every tick).
 Controller: the `mqtt` driver's host application (drivers/mqtt/driver.py `Host`) in a process of
-its own, staging for the scan every 20 ms and sending every device a DCMD (the instruction, a new
-sequence number every 100 ms as a scan would make) once a second. Measured over WINDOW_S after every
+its own, staging for the scan every 20 ms and taking a new instruction every 100 ms (a new sequence
+number, as a scan would make), which the host sends as DCMDs by its rules (drivers/mqtt/driver.py
+`send_due`: a move beyond the deadband at once, a renewal at half the lease); `--change F` moves the
+instruction of a share F of the devices per second beyond the deadband (default 0: renewals only),
+and the DCMDs are counted by why. Measured over WINDOW_S after every
 node is online: the controller's CPU (user + system of its process), the DDATA it decoded per second,
 the age of the data when staged for the scan (stage time − the payload's timestamp, both wall
 clocks of this machine; p50/p99 over every fresh value staged), the instruction round trip (DCMD
@@ -90,7 +93,7 @@ nodes:
 """
 
 
-def controller(cfg_path: str, window_s: float, out_path: str) -> None:
+def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.0) -> None:
     """The host application alone in this process; writes its figures to out_path."""
     from vbatt.config.plant import load_config
     from vbatt.drivers.faults import Fault
@@ -104,10 +107,12 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
     where = mqtt_nodes(cfg, fleet)
     nodes = [where[i] for i in range(len(fleet))]
     h = Host(nodes, Link.of(d), host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
-             silence_ms=d.silence_ms, backoff_s=(0.25, 2.0))
+             silence_ms=d.silence_ms, backoff_s=(0.25, 2.0), deadband_w=d.deadband_w,
+             command_min_ms=d.command_min_ms)
     n = len(nodes)
     staging = {f.name: np.zeros(n, f.dtype) for f in DRIVER_INPUTS}
     outputs = {k: np.full(n, 10.0) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
+    rng = np.random.default_rng(1)
 
     async def main() -> dict:
         stop = asyncio.Event()
@@ -118,12 +123,18 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
         ages: list[np.ndarray] = []
         last_got = np.zeros(n, np.int64)
         online_at = None
+        gap_max = 0.0
         t0 = ru0 = m0 = rtt_ok = None
         next_seq = loop.time()
         while True:
             await asyncio.sleep(0.02)
             if loop.time() >= next_seq:
                 seq += 1
+                if change > 0:
+                    # a share of the devices gets an instruction beyond the deadband (`change` of them per
+                    # second, a different share each time); the others' instruction stays
+                    k = rng.choice(n, int(round(change * n * 0.1)), replace=False)
+                    outputs["battery_w"][k] += rng.choice([-1.0, 1.0], len(k)) * 4 * (d.deadband_w + 1)
                 h.set_instruction(seq, outputs)
                 next_seq += 0.1
             h.fill(staging)
@@ -143,8 +154,12 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                 m0, t0 = int(h.messages.sum()), time.monotonic()
                 ages.clear()
                 rtt_ok = h.rtt_ms.copy()
+                dcmd0, supp0 = dict(h.dcmd), h.suppressed
+                req0 = int(h.requests.sum())
                 continue
             if m0 is not None:
+                if h.born.any():  # the longest any online device went without a DCMD (its lease must outlast it)
+                    gap_max = max(gap_max, float((loop.time() - h.sent_at[h.born]).max()))
                 ok = fresh & (h.sampled_ms > 0)
                 ages.append(now_ms - h.sampled_ms[ok])
                 if time.monotonic() - t0 >= window_s:
@@ -169,7 +184,14 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
                 "instruction_rtt_ms": {"p50": float(np.percentile(rtt, 50)) if rtt.size else None,
                                        "p99": float(np.percentile(rtt, 99)) if rtt.size else None,
                                        "nodes": int(rtt.size)},
-                "dcmd_per_s": float(h.requests.sum()) / (t1 - t_start), "gaps": int(h.gaps),
+                "dcmd_per_s": float(h.requests.sum()) / (t1 - t_start),
+                "dcmd_in_window_per_s": (int(h.requests.sum()) - req0) / (t1 - t0),
+                "dcmd_why_per_s": {k: (v - dcmd0[k]) / (t1 - t0) for k, v in h.dcmd.items()},
+                "suppressed_per_s": (h.suppressed - supp0) / (t1 - t0),
+                "dcmd_policy": "on change beyond deadband_w, at half the lease, on birth",
+                "instruction_changes_per_node_s": change, "deadband_w": d.deadband_w,
+                "lease_ms": d.lease, "longest_without_dcmd_ms": gap_max * 1e3,
+                "gaps": int(h.gaps),
                 "rebirths": int(h.rebirths), "faulty_at_end": int((staging["fault"] != 0).sum()),
                 "faults_at_end": {Fault(int(c)).name: int((staging["fault"] == c).sum())
                                   for c in np.unique(staging["fault"])},
@@ -181,7 +203,7 @@ def controller(cfg_path: str, window_s: float, out_path: str) -> None:
 
 
 def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = NODES_PER_EDGE, replay: bool = False,
-        rate_hz: float = 1.0) -> dict:
+        rate_hz: float = 1.0, change: float = 0.0) -> dict:
     """One run; `replay`: the publishers are benchmarks/mqtt_replay.py (pre-encoded payloads), not `vbatt fleet`."""
     from vbatt.drivers.mqtt.broker import Broker, User, sparkplug_acl
 
@@ -206,7 +228,7 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
                                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         out = tmp / "controller.json"
         ctl = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_mqtt", "--controller", str(cfg),
-                                "--window", str(window_s), "--out", str(out)], cwd=REPO)
+                                "--window", str(window_s), "--out", str(out), "--change", str(change)], cwd=REPO)
         pub0 = bro0 = None
         t0 = time.monotonic()
         while ctl.poll() is None:
@@ -263,16 +285,19 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1.0, help="DDATA per node and second")
     ap.add_argument("--per-edge", type=int, default=NODES_PER_EDGE)
     ap.add_argument("--window", type=float, default=WINDOW_S)
+    ap.add_argument("--change", type=float, default=0.0,
+                    help="share of the devices whose instruction moves beyond the deadband per second")
     ap.add_argument("--controller")
     ap.add_argument("--out")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "mqtt_results.json"))
     a = ap.parse_args()
     if a.controller:
-        controller(a.controller, a.window, a.out)
+        controller(a.controller, a.window, a.out, a.change)
         return 0
     results = []
     for n in a.nodes:
-        r = run(n, tls=a.tls, window_s=a.window, per_edge=a.per_edge, replay=a.replay, rate_hz=a.rate)
+        r = run(n, tls=a.tls, window_s=a.window, per_edge=a.per_edge, replay=a.replay, rate_hz=a.rate,
+                change=a.change)
         r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)

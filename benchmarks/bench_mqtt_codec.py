@@ -2,7 +2,7 @@
 
 Host (controller): decoding one DDATA of a 1,000-device edge node into the staged arrays
 (`Host.on_message`, aliases resolved from the births, under its lock), and encoding one DCMD
-(`Host.send_due`, the publish call replaced by a list append, so paho's own per-message cost is not
+(`Host._send`, the publish call replaced by a list append, so paho's own per-message cost is not
 in it). Edge: one tick's DDATA of every device (`EdgeNode.report`). The messages are the real ones
 an edge node of simulated batteries makes.
 
@@ -87,12 +87,12 @@ def test_mqtt_codec_host_encode_dcmd(benchmark):
              lease_ms=4000, command_ms=1000, silence_ms=5000)
     h.session = _Capture()
     h.aliases = [{}] * N  # every device born
+    h.born[:] = True
     outs = {k: np.linspace(-100, 100, N) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
     h.set_instruction(5, outs)
 
     def run():
-        h.next_cmd[:] = 0.0
-        h.send_due(1.0)
+        h._send(np.arange(N), 1.0)
 
     benchmark(run)
     per_us = benchmark.stats.stats.median / N * 1e6

@@ -159,7 +159,7 @@ class HostRun:
 
     def __init__(self, loop: Loop, broker: Broker, nodes: list[tuple[str, str, str]], *, host_id: str = "h1",
                  lease_ms: float = 800, command_ms: float = 100, silence_ms: float = 1000, port: int | None = None,
-                 rebirth_min_ms: float = 300, password: str = HOST_PW):
+                 rebirth_min_ms: float = 300, password: str = HOST_PW, **host_kw):
         import numpy as np
 
         from vbatt.drivers.mqtt.driver import Host
@@ -168,7 +168,7 @@ class HostRun:
         self.loop = loop
         link = Link("127.0.0.1", port or broker.port, tls_context(broker.ca), HOST_USER, password, keepalive_s=5)
         self.host = Host(nodes, link, host_id=host_id, lease_ms=lease_ms, command_ms=command_ms,
-                         silence_ms=silence_ms, rebirth_min_ms=rebirth_min_ms, backoff_s=(0.1, 0.4))
+                         silence_ms=silence_ms, rebirth_min_ms=rebirth_min_ms, backoff_s=(0.1, 0.4), **host_kw)
         self.staging = {f.name: np.zeros(len(nodes), f.dtype) for f in DRIVER_INPUTS}
 
         async def make():

@@ -89,8 +89,13 @@ class MqttDriverConfig(BrokerLink):
 
     host_id: SparkplugId = "vbatt"
     group: SparkplugId = "vbatt"  # the group of nodes that do not name one
-    command_ms: Ms = 1000.0  # each device gets the newest instruction this often (lease renewal)
-    lease_ms: Ms | None = None  # default 4 x command_ms
+    # a DCMD goes to a device when its instruction moved by more than deadband_w (any output) since the last
+    # one it was sent, when half its lease has passed since then (a renewal) and when it births; never twice
+    # within command_min_ms
+    command_ms: Ms = 1000.0  # the pace of instructions the lease is sized for: the default lease is 4 x command_ms
+    command_min_ms: Ms = 100.0
+    deadband_w: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 5.0
+    lease_ms: Ms | None = None  # default 4 x command_ms; renewed at half of it
     silence_ms: Ms = 5000.0  # a device that sends nothing for this long is TIMEOUT
     publish_ms: Ms = 20.0
     reconnect_min_ms: Ms = 250.0
@@ -108,6 +113,10 @@ class MqttDriverConfig(BrokerLink):
         if self.reconnect_max_ms < self.reconnect_min_ms:
             raise ValueError(f"reconnect_max_ms ({self.reconnect_max_ms}) must be >= reconnect_min_ms "
                              f"({self.reconnect_min_ms})")
+        if self.command_min_ms > self.lease / 4:
+            # renewals at half the lease, each at most command_min_ms late, must land well inside the lease
+            raise ValueError(f"command_min_ms ({self.command_min_ms:g}) must be at most a quarter of the lease "
+                             f"({self.lease:g} ms)")
         return self
 
     @property

@@ -3,7 +3,15 @@
 One broker session per I/O process (drivers/aio.py's `Links` with one link: connect, retried with
 backoff, faults), one paho network thread that decodes every message as it arrives (`on_message`,
 under a lock), and the asyncio loop that stages the newest values for the scan every `publish_ms`
-and sends each device its instruction as a DCMD every `command_ms`.
+and sends each device its instruction as a DCMD when it matters (`send_due`): when it moved by more
+than `deadband_w` since the last DCMD to that device (at once), when half the lease has passed since
+then (a renewal, so the lease never runs out on a healthy link) and when the device births (it may
+have restarted); never twice within `command_min_ms`. Each DCMD carries the newest sequence number,
+so the edge node's ordering (never older, never twice) is unchanged; a scan cycle whose instruction
+is within the deadband sends nothing. No resend of an unacknowledged DCMD: QoS 0 loses messages
+only with a connection, and every reconnect ends in births (the instruction again); a DCMD lost
+otherwise is repaired by the next renewal. A resend on a late acknowledgement would feed an
+overloaded host more work exactly when its acknowledgements come late.
 
 Host duties: STATE birth (retained JSON, Sparkplug 3.0 `spBv1.0/STATE/<host_id>`) after subscribing,
 STATE death as the will and before a clean disconnect; subscribe `spBv1.0/<group>/#` of every group;
@@ -68,11 +76,15 @@ class Host(Links):
     def __init__(self, nodes: list[tuple[str, str, str]], link: Link, *, host_id: str, lease_ms: float,
                  command_ms: float, silence_ms: float, rebirth_min_ms: float = 2000.0,
                  backoff_s: tuple[float, float] = (0.25, 4.0), round_s: float = 0.05, clock_ns=time.monotonic_ns,
-                 trust_timestamps: bool = True):
+                 trust_timestamps: bool = True, deadband_w: float = 5.0, command_min_ms: float = 100.0):
         super().__init__(1, interval_s=round_s, backoff_s=backoff_s)
         n = self.nodes_n = len(nodes)
         self.nodes, self.link, self.host_id = nodes, link, host_id
         self.lease_ms, self.command_s, self.silence_ns = int(lease_ms), command_ms / 1e3, int(silence_ms * 1e6)
+        self.renew_s = lease_ms / 2e3
+        self.command_min_s = command_min_ms / 1e3
+        self.deadband_w = float(deadband_w)
+        self.round_s = round_s
         self.rebirth_min_s = rebirth_min_ms / 1e3
         self.clock_ns = clock_ns
         self.trust_timestamps = trust_timestamps
@@ -109,10 +121,19 @@ class Host(Links):
         self.groups = sorted({g for g, _e, _d in nodes})
         self._dcmd = [sp.topic(g, "DCMD", e, d) for g, e, d in nodes]
         self.have_instruction = False
-        self._instr: dict[str, np.ndarray] = {}
+        self._instr = np.zeros((n, len(OUTPUTS)))
         self._seq = 0
-        self.next_cmd = np.zeros(n)  # loop time of each device's next DCMD
+        self.born = np.zeros(n, bool)  # aliases[i] is not None: a DCMD can go to it
+        self.sent_w = np.full((n, len(OUTPUTS)), np.nan)  # the outputs of each device's last DCMD
+        self._out_w = np.full((n, len(OUTPUTS)), np.nan)  # ... and their encoding, kept for the renewals
+        self._out_pb: list[bytes] = [b""] * n
+        self.sent_at = np.full(n, -np.inf)  # loop time of each device's last DCMD
+        self.force = np.zeros(n, bool)  # births: the newest instruction at once
+        self._last_round = 0.0
+        self.dcmd = {"changed": 0, "renewed": 0, "birth": 0}  # DCMDs sent, by why
+        self.suppressed = 0  # (device, scan instruction) pairs not sent: within the deadband
         self.logged = np.full(n, int(Fault.NO_DATA), np.uint32)  # the start (no birth yet) is no news
+        self.reasons = ["no birth yet"] * n  # each node's fault in words, as the last fill saw it
         self.gaps = 0
         self.rebirths = 0
         self.foreign = 0  # messages for devices not configured here
@@ -192,7 +213,7 @@ class Host(Links):
             for i in ed.devices:
                 self.fault[i] = int(Fault.CONNECTION)
                 self.why[i] = f"edge node {key[1]} sent NDEATH (bdSeq {bd}): it lost its broker connection"
-                self.aliases[i] = None
+                self.aliases[i], self.born[i] = None, False
             return
         if not ed.born:
             self._rebirth(key, ed)
@@ -209,7 +230,7 @@ class Host(Links):
         if kind == "DDEATH":
             self.fault[i] = int(Fault.CONNECTION)
             self.why[i] = f"device {d} sent DDEATH"
-            self.aliases[i] = None
+            self.aliases[i], self.born[i] = None, False
             self._seq_ok(ed, (g, e), p)
             return
         if kind == "DBIRTH":
@@ -217,24 +238,26 @@ class Host(Links):
                 self._rebirth((g, e), ed)
             else:
                 self._seq_ok(ed, (g, e), p)
-            amap: dict[int, tuple[int, int]] = {}
+            amap: dict[int, tuple] = {}
             names = set()
             for m in p.metrics:
                 j = KNOWN.get(m.name)
                 if j is None:
                     self._bad(i, Fault.GARBLED, f"DBIRTH carries metric {m.name!r}, which vbatt does not know "
                                                 f"(expected the metrics of docs/mqtt.md)")
-                    self.aliases[i] = None
+                    self.aliases[i], self.born[i] = None, False
                     return
                 names.add(m.name)
                 if m.HasField("alias"):
-                    amap[m.alias] = (j, m.datatype)
+                    amap[m.alias] = self._slot(j, m.datatype)
             missing = [f for f in FIELDS if f not in names]
             if missing:
                 self._bad(i, Fault.GARBLED, f"DBIRTH lacks the metrics {missing}")
-                self.aliases[i] = None
+                self.aliases[i], self.born[i] = None, False
                 return
             self.aliases[i] = amap
+            self.born[i] = True
+            self.force[i] = True  # a device that births may have restarted: its instruction at once
             self.suspect[i] = False
             self._store(i, p, None, now)
             return
@@ -249,49 +272,65 @@ class Host(Links):
         if not self.suspect[i]:
             self._store(i, p, amap, now)
 
+    def _slot(self, j: int, dt: int) -> tuple:
+        """Where metric j of datatype dt goes, resolved once per birth: (array or None, value attribute or None,
+        sign bits, is status/ack_seq, j, dt)."""
+        d = DM[j]
+        attr = sp.VALUE_FIELD.get(dt)
+        if attr is not None and attr not in ("int_value", "long_value", "float_value", "double_value",
+                                             "boolean_value"):
+            attr = None  # a string is no number: garbled when it comes
+        arr = (self.values[d.field] if d.field is not None and not d.name.startswith("instruction/")
+               else self.status.get(d.name))
+        return arr, attr, sp.SIGNED_BITS.get(dt, 0), d.name == "status/ack_seq", j, dt
+
     def _store(self, i: int, p, amap, now: int) -> None:
-        vals, status = self.values, self.status
+        ack = False
         for m in p.metrics:
-            if amap is not None and not m.HasField("name"):
+            name = m.name
+            if amap is not None and not name:
                 hit = amap.get(m.alias)
                 if hit is None:
                     self._bad(i, Fault.GARBLED, f"metric alias {m.alias} is not in its birth")
                     return
-                j, dt = hit
             else:
-                j = KNOWN.get(m.name)
+                j = KNOWN.get(name)
                 if j is None:
-                    self._bad(i, Fault.GARBLED, f"metric {m.name!r} is not one vbatt knows")
+                    self._bad(i, Fault.GARBLED, f"metric {name!r} is not one vbatt knows")
                     return
-                dt = m.datatype or DM[j].datatype
-            d = DM[j]
+                hit = self._slot(j, m.datatype or DM[j].datatype)
+            arr, attr, bits, is_ack, j, dt = hit
+            if attr is None:
+                self._bad(i, Fault.GARBLED, f"metric {DM[j].name!r} has datatype {dt}")
+                return
+            if arr is None:
+                continue
             if m.is_null:
-                v = float("nan")
+                arr[i] = np.nan
             else:
-                try:
-                    v = sp.get_value(m, dt)
-                except ValueError:
-                    self._bad(i, Fault.GARBLED, f"metric {d.name!r} has datatype {dt}")
-                    return
-            if d.field is not None and not d.name.startswith("instruction/"):
-                vals[d.field][i] = v
-            elif d.name in status:
-                status[d.name][i] = v
+                v = getattr(m, attr)
+                if bits and v >= 1 << (bits - 1):
+                    v -= 1 << bits
+                arr[i] = v
+            if is_ack:
+                ack = True
         arrived = now
-        if p.HasField("timestamp"):
-            self.sampled_ms[i] = p.timestamp
+        ts = p.timestamp
+        if ts:
+            self.sampled_ms[i] = ts
             if self.trust_timestamps:
                 # the data is as old as the node says, not as old as its arrival: a backlog in the broker or
                 # in this process must age it toward stale, not pass it off as fresh
-                age_ms = time.time_ns() // 1_000_000 - p.timestamp
+                age_ms = time.time_ns() // 1_000_000 - ts
                 if age_ms > 0:
                     now = max(1, now - age_ms * 1_000_000)
-        ack = status["status/ack_seq"][i]
-        hit = np.flatnonzero((self.sent_hist_seq[i] == ack) & (self.sent_hist_ns[i] > 0))
-        if len(hit):
-            k = hit[0]
-            self.rtt_ms[i] = (arrived - self.sent_hist_ns[i, k]) / 1e6
-            self.sent_hist_ns[i, k] = 0  # once per instruction: later renewals' acks are no round trip of it
+        if ack:
+            hit = np.flatnonzero((self.sent_hist_seq[i] == self.status["status/ack_seq"][i])
+                                 & (self.sent_hist_ns[i] > 0))
+            if len(hit):
+                k = hit[0]
+                self.rtt_ms[i] = (arrived - self.sent_hist_ns[i, k]) / 1e6
+                self.sent_hist_ns[i, k] = 0  # once per instruction: later renewals' acks are no round trip of it
         self.got_ns[i] = now
         if self.fault[i] != 0:
             self.fault[i] = 0
@@ -322,6 +361,7 @@ class Host(Links):
             for ed in self.edges.values():
                 ed.born, ed.next_seq, ed.rebirth_at = False, -1, 0.0
             self.aliases = [None] * self.nodes_n
+            self.born[:] = False
             self.suspect[:] = False
             self.fault[:] = int(Fault.NO_DATA)
             self.why = ["waiting for a birth after connecting to the broker"] * self.nodes_n
@@ -349,47 +389,80 @@ class Host(Links):
             self.send_due(asyncio.get_running_loop().time())
 
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
-        self._instr = {k: np.nan_to_num(outputs[k]).copy() for k in OUTPUTS}
+        instr = np.column_stack([np.nan_to_num(outputs[k]) for k in OUTPUTS])
+        if self.have_instruction:
+            # each device's new scan instruction that send_due will not send: within the deadband of its last DCMD
+            self.suppressed += int((self.born & ~self._moved(instr)).sum())
+        self._instr = instr
         self._seq = int(seq)
-        if not self.have_instruction:
-            # spread over one command period: a steady trickle each round, not every device in one burst
-            now = asyncio.get_running_loop().time() if self._in_loop() else 0.0
-            self.next_cmd[:] = now + np.arange(self.nodes_n) / max(1, self.nodes_n) * min(self.command_s, 1.0)
         self.have_instruction = True
 
-    @staticmethod
-    def _in_loop() -> bool:
-        try:
-            asyncio.get_running_loop()
-            return True
-        except RuntimeError:
-            return False
+    def _moved(self, instr: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return ~(np.abs(instr - self.sent_w) <= self.deadband_w).all(axis=1)  # never sent (NaN): moved
 
     def send_due(self, now: float) -> int:
-        """A DCMD to every device whose turn it is (born, every command_ms); returns how many."""
-        s = self.session
-        due = np.flatnonzero((self.next_cmd <= now) & np.array([a is not None for a in self.aliases]))
+        """A DCMD to every born device whose instruction moved beyond the deadband, whose lease is half gone,
+        or that birthed; returns how many."""
+        with self.lock:  # births set `force` in paho's thread
+            force = self.force & self.born
+            self.force[force] = False
+        since = now - self.sent_at
+        spaced = since >= self.command_min_s
+        changed = self.born & spaced & self._moved(self._instr) & ~force
+        renew = self.born & (since >= self.renew_s) & ~changed & ~force
+        # renewals due together (every device sent at once after a start) go out over a quarter of the lease,
+        # the oldest first, and stay spread afterwards: bursts of DCMDs and of acknowledgements delay the data.
+        # The allowance grows with the time since the last round (a late round sends more), and a renewal
+        # three quarters of a lease old goes whatever the allowance
+        elapsed = min(max(self.round_s, now - self._last_round), self.renew_s)
+        self._last_round = now
+        cap = int(np.ceil(2 * self.nodes_n * elapsed / self.renew_s))
+        r = np.flatnonzero(renew)
+        if len(r) > cap:
+            urgent = since[r] >= 1.5 * self.renew_s
+            rest = r[~urgent]
+            k = max(0, cap - int(urgent.sum()))
+            r = np.concatenate([r[urgent], rest[np.argpartition(self.sent_at[rest], k)[:k]] if k < len(rest) else rest])
+        due = np.concatenate([np.flatnonzero(force), np.flatnonzero(changed), r])
         if not len(due):
             return 0
-        ts = time.time_ns() // 1_000_000
+        self.dcmd["birth"] += int(force.sum())
+        self.dcmd["changed"] += int(changed.sum())
+        self.dcmd["renewed"] += len(r)
+        self._send(due, now)
+        return len(due)
+
+    def _send(self, due: np.ndarray, now: float) -> None:
+        s = self.session
         t_ns = self.clock_ns()
         instr = self._instr
-        for i in due:
-            p = sp.Payload(timestamp=ts)
-            p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
-            p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
-            p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
-            for k in OUTPUTS:
-                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(instr[k][i]))
-            s.publish(self._dcmd[i], p.SerializeToString(), 0)
+        # a DCMD is two encoded Payloads one after the other, which protobuf reads as one (its metrics appended):
+        # what every DCMD of this round shares (timestamp, seq, lease, epoch), then the device's outputs, encoded
+        # again only when they changed
+        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
+        p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
+        p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
+        p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
+        head = p.SerializeToString()
+        stale = due[~(self._out_w[due] == instr[due]).all(axis=1)]
+        for i in stale.tolist():
+            p = sp.Payload()
+            for j, k in enumerate(OUTPUTS):
+                p.metrics.add(name="instruction/" + k, datatype=sp.DataType.Double, double_value=float(instr[i, j]))
+            self._out_pb[i] = p.SerializeToString()
+        self._out_w[stale] = instr[stale]
+        out = self._out_pb
+        for i in due.tolist():
+            s.publish(self._dcmd[i], head + out[i], 0)
             if self.sent_seq[i] != self._seq:
                 self.sent_seq[i] = self._seq
                 k = int(self.requests[i]) % SENT_KEPT
                 self.sent_hist_seq[i, k] = self._seq
                 self.sent_hist_ns[i, k] = t_ns
         self.requests[due] += 1
-        self.next_cmd[due] = now + self.command_s
-        return len(due)
+        self.sent_w[due] = instr[due]
+        self.sent_at[due] = now
 
     # -- for the scan --------------------------------------------------------------------------------
     def fill(self, staging: dict[str, np.ndarray]) -> None:
@@ -399,22 +472,32 @@ class Host(Links):
             vals = {k: v.copy() for k, v in self.values.items()}
             got = self.got_ns.copy()
             why = self.why
+        # a reason is worded when its fault begins and kept while it lasts: a fleet gone silent together
+        # must not cost a sentence per node at every fill
+        prev = self.reasons
         if self.comm_fault[0]:
             fault[:] = self.comm_fault[0]
             reasons = [self.reason[0]] * self.nodes_n
         else:
             reasons = list(why)
             silent = (fault == 0) & (got > 0) & (now - got > self.silence_ns)
-            for i in np.flatnonzero(silent):
-                fault[i] = int(Fault.TIMEOUT)
+            fault[silent] = int(Fault.TIMEOUT)
+            held = silent & (self.logged == Fault.TIMEOUT)
+            for i in np.flatnonzero(held).tolist():
+                reasons[i] = prev[i]
+            for i in np.flatnonzero(silent & ~held):
                 reasons[i] = f"no data for {(now - got[i]) / 1e6:.0f} ms (silent without NDEATH)"
         for name in FIELDS:
             f = node_field(name)
             v = vals[name]
             with np.errstate(invalid="ignore"):
                 bad = ~np.isfinite(v) | (v < f.lo) | (v > f.hi)
-            for i in np.flatnonzero(bad & (fault == 0)):
-                fault[i] = int(Fault.BAD_VALUE)
+            new = bad & (fault == 0)
+            fault[new] = int(Fault.BAD_VALUE)
+            held = new & (self.logged == Fault.BAD_VALUE)
+            for i in np.flatnonzero(held).tolist():
+                reasons[i] = prev[i]
+            for i in np.flatnonzero(new & ~held):
                 reasons[i] = f"{name} = {float(v[i])!r} (expected a number in [{f.lo:g}, {f.hi:g}] {f.unit})"
             vals[name] = np.where(bad, 0.0, v)
         moved = np.flatnonzero(fault != self.logged)
@@ -440,8 +523,9 @@ class Host(Links):
 
     async def flush(self, timeout_s: float) -> None:
         if self.have_instruction and self.session is not None and self.session.connected:
-            self.next_cmd[:] = 0.0
-            self.send_due(asyncio.get_running_loop().time())
+            due = np.flatnonzero(self.born)
+            if len(due):
+                self._send(due, asyncio.get_running_loop().time())
             await asyncio.sleep(min(timeout_s, 0.2))
 
 
@@ -461,7 +545,8 @@ class MqttDriver(AsyncDriver):
             bad = "no TLS configured and plaintext not allowed: set drivers.mqtt.tls or 'plaintext: true'"
         h = Host(nodes, link, host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
                  silence_ms=d.silence_ms, rebirth_min_ms=d.rebirth_min_ms,
-                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps)
+                 backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps,
+                 deadband_w=d.deadband_w, command_min_ms=d.command_min_ms)
         self._bad = bad
         if bad:
             h.mark(0, Fault.TLS, bad)

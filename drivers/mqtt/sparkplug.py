@@ -32,7 +32,7 @@ from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, Field, names
 
 __all__ = ["NAMESPACE", "Payload", "DataType", "Metric", "DEVICE_METRICS", "COMMAND_METRICS", "NODE_METRICS",
            "ALIAS_STRIDE", "BDSEQ", "REBIRTH", "topic", "parse_topic", "state_payload", "VALUE_FIELD",
-           "set_value", "get_value", "MODE", "ALARM", "DEVICE_EXTRAS", "pb_descriptor"]
+           "set_value", "get_value", "SIGNED_BITS", "MODE", "ALARM", "DEVICE_EXTRAS", "pb_descriptor"]
 
 NAMESPACE = "spBv1.0"
 ALIAS_STRIDE = 64
@@ -172,7 +172,7 @@ VALUE_FIELD = {DataType.Int8: "int_value", DataType.Int16: "int_value", DataType
                DataType.Int64: "long_value", DataType.UInt64: "long_value", DataType.DateTime: "long_value",
                DataType.Float: "float_value", DataType.Double: "double_value", DataType.Boolean: "boolean_value",
                DataType.String: "string_value", DataType.Text: "string_value"}
-_SIGNED_BITS = {DataType.Int8: 32, DataType.Int16: 32, DataType.Int32: 32, DataType.Int64: 64}
+SIGNED_BITS = {DataType.Int8: 32, DataType.Int16: 32, DataType.Int32: 32, DataType.Int64: 64}
 
 
 def set_value(m, datatype: int, value) -> None:
@@ -180,7 +180,7 @@ def set_value(m, datatype: int, value) -> None:
     attr = VALUE_FIELD[datatype]
     if attr == "int_value" or attr == "long_value":
         v = int(value)
-        bits = _SIGNED_BITS.get(datatype)
+        bits = SIGNED_BITS.get(datatype)
         setattr(m, attr, v & ((1 << bits) - 1) if bits else v)
     elif attr == "boolean_value":
         m.boolean_value = bool(value)
@@ -193,7 +193,7 @@ def get_value(m, datatype: int):
     if attr is None:
         raise ValueError(f"datatype {datatype} is not a scalar vbatt reads")
     v = getattr(m, attr)
-    bits = _SIGNED_BITS.get(datatype)
+    bits = SIGNED_BITS.get(datatype)
     if bits and v >= 1 << (bits - 1):
         v -= 1 << bits
     return v
