@@ -13,16 +13,16 @@ from vbatt.hierarchy.demo import Layout, Tree, compare, write_configs
 def test_three_level_tree_equals_the_flat_controller(tmp_path, share):
     """In a shortage (a class cut, batteries at their limits) and with main supply to spare (batteries
     charging, split by free room: the battery level inside the curve)."""
-    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=share)
+    # A lease of several seconds: on a loaded machine a link round took up to 3.5 s, and a rack whose
+    # lease ran out just before the stop compared its own fallback allocation with the flat one.
+    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=share, lease_ms=4000)
     plan = write_configs(tmp_path, lay)
     tree = Tree(plan, tmp_path)
     try:
         tree.start_all(flat=True)
         levels = [n for n in plan if n.startswith(("rack", "row"))]
-        tree.wait(lambda: tree.controlled(levels), 120, "every rack and row controlled from above")
         # settled: two more rounds at every level (curves up, levels down), then once more for margin
-        first = {n: tree.status(n)["cycle"] for n in levels}
-        tree.wait(lambda: all(tree.status(n)["cycle"] > first[n] + 40 for n in levels), 60, "40 more cycles")
+        tree.settle(levels, 40, 300)  # a cap: a loaded machine is slow to start 9 controllers
     finally:
         tree.stop_all()
     res = compare(plan)
@@ -46,16 +46,14 @@ def test_with_the_energy_program_the_tree_keeps_the_flat_controllers_classes(tmp
     Before the decisions were carried, racks whose share was 0 W shed what the flat keeps (the demo:
     30.9 kW served of the flat's 52.1 kW; runtimes 10,810 / 0 / 0 / 0 s against 7,200 / 0 / 1,713 /
     1,713 s)."""
-    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=0.35, rest=False,
+    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=0.35, rest=False, lease_ms=4000,
                  ride_through_s={0: 7200, 1: 1800, 2: 600, 3: 0})
     plan = write_configs(tmp_path, lay)
     tree = Tree(plan, tmp_path)
     try:
         tree.start_all(flat=True)
         levels = [n for n in plan if n.startswith(("rack", "row"))]
-        tree.wait(lambda: tree.controlled(levels), 120, "every rack and row controlled from above")
-        first = {n: tree.status(n)["cycle"] for n in levels}
-        tree.wait(lambda: all(tree.status(n)["cycle"] > first[n] + 40 for n in levels), 60, "40 more cycles")
+        tree.settle(levels, 40, 300)  # a cap: a loaded machine is slow to start 9 controllers
     finally:
         tree.stop_all()
     res = compare(plan)

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from vbatt.config.base import NodeId, NodeSettings, Strict
+from vbatt.config.base import NodeId, NodeSettings, Strict, TlsFiles
 from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, names
 
 __all__ = ["rendezvous_path", "Register", "MAP_INPUTS", "MAP_OUTPUTS", "ModbusNodeConfig", "ModbusDriverConfig", "EmbeddedFleetConfig", "TlsFiles", "Endpoint",
@@ -26,14 +26,6 @@ __all__ = ["rendezvous_path", "Register", "MAP_INPUTS", "MAP_OUTPUTS", "ModbusNo
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Ms = Annotated[float, Field(gt=0, le=3_600_000, allow_inf_nan=False)]
-
-
-class TlsFiles(Strict):
-    """Modbus/TCP Security: this side's certificate and key, and the CA that signs the peer's (PEM files)."""
-
-    ca: str
-    cert: str
-    key: str
 
 
 REG_TYPES = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "float32": 2}

@@ -9,11 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from vbatt.kernel.fields import Field as TableField, Role, Scope, fields, node_field
 
-__all__ = ["Strict", "NonNeg", "Priority", "NodeId", "NodeSettings", "field_type", "field_default", "field_keys"]
+__all__ = ["Strict", "TlsFiles", "NonNeg", "Priority", "NodeId", "NodeSettings", "field_type", "field_default", "field_keys"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsFiles(Strict):
+    """Modbus/TCP Security: this side's certificate and key, and the CA that signs the peer's (PEM files)."""
+
+    ca: str
+    cert: str
+    key: str
 
 
 def _bound(x: float) -> float | int:

@@ -1,7 +1,8 @@
 """The `hierarchy:` section: a controller in a tree of controllers (docs/hierarchy.md).
 
     hierarchy:
-      uplink: {host: 127.0.0.1, port: 1602, unit_id: 1, plaintext: true, feeder_w: 50000}  # serve upward
+      uplink: {host: 0.0.0.0, port: 1602, unit_id: 1, feeder_w: 50000,  # serve upward
+               tls: {ca: pki/ca.pem, cert: pki/row-1.pem, key: pki/row-1.key}}  # or plaintext: true
       children: [rack-1, rack-2]   # node ids (driver: modbus) that are vbatt controllers with an uplink
       poll_ms: 100                 # how often the link reads its children's curves and writes the levels
       lease_ms: 1000               # lease of the levels it writes; and the default of the uplink's
@@ -20,7 +21,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from vbatt.config.base import NodeId, Strict
+from vbatt.config.base import NodeId, Strict, TlsFiles
 
 __all__ = ["UplinkConfig", "HierarchyConfig"]
 
@@ -29,16 +30,17 @@ class UplinkConfig(Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 502  # 0: any free port (written to ready_file)
     unit_id: Annotated[int, Field(ge=1, le=247)] = 1
-    plaintext: bool = False  # the only transport of the uplink so far: it must be said explicitly
+    plaintext: bool = False  # plain Modbus TCP: only when said explicitly
+    tls: TlsFiles | None = None  # Modbus/TCP Security (mutual TLS), as `vbatt node` serves it
     feeder_w: Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)] = 1e9  # offered as link_max_w
     tick_ms: Annotated[float, Field(gt=0, le=10_000)] = 100.0
     ready_file: str | None = None
 
     @model_validator(mode="after")
     def _secured(self) -> "UplinkConfig":
-        if not self.plaintext:
-            raise ValueError("the uplink serves plain Modbus TCP only so far: set 'plaintext: true' "
-                             "(TLS for the uplink is not built yet)")
+        if self.plaintext == (self.tls is not None):
+            raise ValueError("say how to secure the uplink: either 'tls: {ca, cert, key}' (Modbus/TCP Security) "
+                             f"or 'plaintext: true' (got {'both' if self.plaintext else 'neither'})")
         return self
 
 

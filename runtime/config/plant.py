@@ -411,6 +411,12 @@ def _check_hierarchy(cfg: Config, fleet: Fleet, located: Located) -> None:
             path = ("hierarchy", "children", k)
             problems.append(f"{located.where(path)}: {format_path(path)}: {cid!r} is not a node with "
                             f"'driver: modbus' in this config (a child controller is polled as a node)")
+    tls = h.uplink.tls if h.uplink is not None else None
+    for key in ("ca", "cert", "key") if tls is not None else ():
+        if not Path(getattr(tls, key)).is_file():
+            path = ("hierarchy", "uplink", "tls", key)
+            problems.append(f"{located.where(path)}: {format_path(path)}: no such file {getattr(tls, key)!r} "
+                            f"(a PEM file; `vbatt certs` makes them)")
     ids = [e.id for e in cfg.programs]
     if h.role == "leaf" and not ("allocation" in ids and "tree" in ids and ids.index("tree") > ids.index("allocation")):
         problems.append(f"{located.where(('programs',))}: programs: a leaf of a controller tree (hierarchy.uplink "

@@ -215,6 +215,27 @@ class Tree:
         return all((s := self.status(n)) is not None and s["levels_from"] == "parent" and s["cycle"] > 10
                    and all(c["online"] for c in s["children"].values()) for n in names)
 
+    def settle(self, names, cycles: int, timeout_s: float) -> None:
+        """Every one of `names` controlled from above, then `cycles` more cycles at each with no fallback
+        in between (a lease that ran out on a loaded machine starts the count again): the state a
+        comparison with the flat controller needs at the stop."""
+        self.wait(lambda: self.controlled(names), timeout_s, "every rack and row controlled from above")
+        end = time.monotonic() + timeout_s
+        start = {}
+        while time.monotonic() < end:
+            st = {n: self.status(n) for n in names}
+            if any(s is None for s in st.values()) or not self.controlled(names):
+                start = {}
+            elif start and any(st[n]["fallbacks"] != start[n]["fallbacks"] for n in names):
+                start = {}
+            elif not start:
+                start = st
+            elif all(st[n]["cycle"] > start[n]["cycle"] + cycles for n in names):
+                return
+            self.wait(lambda: True, 1, "")  # (only its check that every process still runs)
+            time.sleep(0.1)
+        raise TimeoutError(f"timed out after {timeout_s} s waiting for {cycles} cycles without a fallback")
+
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         p = self.procs.pop(name)
         os.killpg(p.pid, sig)  # the whole run: supervisor, scan, drivers, link (kill -9 leaves nothing)

@@ -60,6 +60,19 @@ _SAFE = int(Alarm.SAFE_ALLOCATION)
 _RANGED = {f.name: f for f in fields(Scope.NODE, Role.MEASUREMENT, ranged=True)}
 
 
+def _uplink_tls(u):
+    """The uplink's server side of Modbus/TCP Security (None: plaintext, said in the config). Files that
+    cannot be read stop the link before it serves anything, naming the key."""
+    if u.tls is None:
+        return None
+    from vbatt.drivers.certs import server_context
+
+    try:
+        return server_context(u.tls.ca, u.tls.cert, u.tls.key)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"hierarchy.uplink.tls: {exc}") from None
+
+
 def _json_float(x: float):
     return x if math.isfinite(x) else str(x)  # "inf", "-inf": JSON has no infinities
 
@@ -171,10 +184,11 @@ class Link:
         self.soc_max = alloc.soc_max if alloc is not None else 1.0
         self.st = State()
         self.rounds_ms: deque[float] = deque(maxlen=600)  # the link's round times, for the status
+        self._ring_full = False
         self.uplink: Uplink | None = None
         if self.h.uplink is not None:
             u = self.h.uplink
-            spec = AgentSpec(f"vbatt-{Path(cfg.source).stem}", u.host, u.port, u.unit_id,
+            spec = AgentSpec(f"vbatt-{Path(cfg.source).stem}", u.host, u.port, u.unit_id, _uplink_tls(u),
                              ident={"Md": "vbatt-controller", "Opt": self.role})
             self.uplink = Uplink(ControllerBackend(u.feeder_w), spec, self.tree, u.tick_ms)
         self.children: list[Child] = []
@@ -257,10 +271,15 @@ class Link:
     def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> bool:
         try:
             self.img.commands.push(PRODUCER, op, node, value, arg)
-            return True
         except BufferError:
-            log.warning("command ring of the hierarchy link is full: the scan is not running")
+            if not self._ring_full:  # once per episode (a scan still compiling would log it 20 times a second)
+                log.warning("command ring of the hierarchy link is full: the scan is not running")
+            self._ring_full = True
             return False
+        if self._ring_full:
+            log.warning("command ring of the hierarchy link: the scan takes commands again")
+        self._ring_full = False
+        return True
 
     def tree_state(self) -> int:
         """The aggregate tree_state: 0 no parent (the top, or a child before its parent's first levels),
