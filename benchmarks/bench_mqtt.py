@@ -181,7 +181,9 @@ def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.
         if m0 is None:
             return {"error": "no measurement window"}
         cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-        age = np.concatenate(ages) if ages else np.zeros(1)
+        age = np.concatenate(ages) if ages else np.zeros(0)
+        if not age.size:  # nothing fresh in the window (a dropped session): no age, not a crash
+            age = np.full(1, np.nan)
         np.save(out_path + ".age.npy", age)
         rtt = h.rtt_ms[h.rtt_ms != rtt_ok] if rtt_ok is not None else h.rtt_ms
         return {"nodes": n, "part": part, "nodes_range": [a, b], "window_s": t1 - t0, "controller_cpu_cores": cpu / (t1 - t0),
