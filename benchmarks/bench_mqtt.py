@@ -77,13 +77,13 @@ def _threads_cpu_s() -> dict[str, float]:
     return out
 
 
-def _plant(n: int, port: int, ca: str | None, per_edge: int, tick_ms: float = 1000) -> str:
+def _plant(n: int, port: int, ca: str | None, per_edge: int, tick_ms: float = 1000, processes: int = 1) -> str:
     sec = f"tls: {{ca: '{ca}'}}" if ca else "plaintext: true"
     return f"""
 plant: {{stale_ms: 3000}}
 drivers:
   mqtt: {{host: 127.0.0.1, port: {port}, {sec}, username: controller, password: {PW}, host_id: bench,
-         group: bench, command_ms: 1000, silence_ms: 5000, publish_ms: 20,
+         group: bench, command_ms: 1000, silence_ms: 5000, publish_ms: 20, processes: {processes},
          fleet: {{edge_node: "fleet-{{e}}", nodes_per_edge: {per_edge}, password: {PW}, tick_ms: {tick_ms:g},
                  period_ms: 30000}}}}
 nodes:
@@ -93,8 +93,11 @@ nodes:
 """
 
 
-def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.0) -> None:
-    """The host application alone in this process; writes its figures to out_path."""
+def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.0, part: int = 0) -> None:
+    """The host application of the config's MQTT I/O process `part` (drivers.mqtt.processes, split by
+    runtime/config/plan.py `partition` as `vbatt run` does, the first owning the STATE) alone in this
+    process; writes its figures to out_path and the ages it staged to out_path + ".age.npy"."""
+    from vbatt.config.plan import partition
     from vbatt.config.plant import load_config
     from vbatt.drivers.faults import Fault
     from vbatt.drivers.mqtt.config import mqtt_nodes
@@ -105,10 +108,14 @@ def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.
     cfg, fleet = load_config(cfg_path)
     d = cfg.drivers.mqtt
     where = mqtt_nodes(cfg, fleet)
-    nodes = [where[i] for i in range(len(fleet))]
+    parts = [(a, b) for a, b, kind in partition(cfg, fleet) if kind == "mqtt"]
+    a, b = parts[part]
+    nodes = [where[i] for i in range(a, b)]
+    ids = [str(x) for x, _y in parts]  # named as the mqtt driver names them: by their first node
     h = Host(nodes, Link.of(d), host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
              silence_ms=d.silence_ms, backoff_s=(0.25, 2.0), deadband_w=d.deadband_w,
-             command_min_ms=d.command_min_ms)
+             command_min_ms=d.command_min_ms, member=ids[part] if part else None,
+             members=tuple(ids[1:]) if not part else (), per_edge=len(parts) > 1)
     n = len(nodes)
     staging = {f.name: np.zeros(n, f.dtype) for f in DRIVER_INPUTS}
     outputs = {k: np.full(n, 10.0) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
@@ -174,9 +181,12 @@ def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.
         if m0 is None:
             return {"error": "no measurement window"}
         cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-        age = np.concatenate(ages) if ages else np.zeros(1)
+        age = np.concatenate(ages) if ages else np.zeros(0)
+        if not age.size:  # nothing fresh in the window (a dropped session): no age, not a crash
+            age = np.full(1, np.nan)
+        np.save(out_path + ".age.npy", age)
         rtt = h.rtt_ms[h.rtt_ms != rtt_ok] if rtt_ok is not None else h.rtt_ms
-        return {"nodes": n, "window_s": t1 - t0, "controller_cpu_cores": cpu / (t1 - t0),
+        return {"nodes": n, "part": part, "nodes_range": [a, b], "window_s": t1 - t0, "controller_cpu_cores": cpu / (t1 - t0),
                 "controller_threads_cpu_cores": {k: (v - th0.get(k, 0.0)) / (t1 - t0) for k, v in th1.items()},
                 "messages_per_s": (m1 - m0) / (t1 - t0), "online_after_s": online_at - t_start,
                 "age_at_latch_ms": {"p50": float(np.percentile(age, 50)), "p99": float(np.percentile(age, 99)),
@@ -203,7 +213,7 @@ def controller(cfg_path: str, window_s: float, out_path: str, change: float = 0.
 
 
 def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = NODES_PER_EDGE, replay: bool = False,
-        rate_hz: float = 1.0, change: float = 0.0) -> dict:
+        rate_hz: float = 1.0, change: float = 0.0, processes: int = 1) -> dict:
     """One run; `replay`: the publishers are benchmarks/mqtt_replay.py (pre-encoded payloads), not `vbatt fleet`."""
     from vbatt.drivers.mqtt.broker import Broker, User, sparkplug_acl
 
@@ -216,8 +226,9 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
     broker.start()
     cfg = tmp / "plant.yaml"
     cfg.write_text(_plant(n, broker.port if tls else broker.plain_port, str(broker.ca) if tls else None, per_edge,
-                          1000.0 / rate_hz))
-    procs = []
+                          1000.0 / rate_hz, processes))
+    procs: list[subprocess.Popen] = []
+    ctls: list[subprocess.Popen] = []
     try:
         for k in range(len(edges)):
             # niced: the publishers stand for nodes on other machines; here they share two cores with the controller
@@ -226,12 +237,13 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
                    else ["-m", "vbatt.cli", "fleet", str(cfg), "--edge", str(k)])
             procs.append(subprocess.Popen(["nice", "-n", "10", sys.executable, *cmd],
                                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        out = tmp / "controller.json"
-        ctl = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_mqtt", "--controller", str(cfg),
-                                "--window", str(window_s), "--out", str(out), "--change", str(change)], cwd=REPO)
+        outs = [tmp / f"controller-{k}.json" for k in range(processes)]
+        ctls = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_mqtt", "--controller", str(cfg),
+                                  "--window", str(window_s), "--out", str(out), "--change", str(change),
+                                  "--part", str(k)], cwd=REPO) for k, out in enumerate(outs)]
         pub0 = bro0 = None
         t0 = time.monotonic()
-        while ctl.poll() is None:
+        while any(c.poll() is None for c in ctls):
             time.sleep(0.5)
             if pub0 is None and time.monotonic() - t0 > 10:  # publishers and broker: over the same stretch
                 pub0 = sum(_cpu_s(p.pid) for p in procs), time.monotonic()
@@ -239,7 +251,7 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
                 sent0 = _sent(tmp, len(procs)) if replay else None
             if pub0 is not None:
                 pub1, bro1, t1 = sum(_cpu_s(p.pid) for p in procs), _cpu_s(broker.proc.pid), time.monotonic()
-        res = json.loads(out.read_text())
+        res = _combined([json.loads(out.read_text()) for out in outs], [str(out) + ".age.npy" for out in outs])
         if pub0 is not None:
             res["publishers_cpu_cores"] = (pub1 - pub0[0]) / (t1 - pub0[1])
             res["broker_cpu_cores"] = (bro1 - bro0) / (t1 - pub0[1])
@@ -259,9 +271,9 @@ def run(n: int, tls: bool = False, window_s: float = WINDOW_S, per_edge: int = N
         res["cores"] = os.cpu_count()
         return res
     finally:
-        for p in procs:
+        for p in procs + [c for c in ctls if c.poll() is None]:
             p.terminate()
-        for p in procs:
+        for p in procs + ctls:
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
@@ -277,6 +289,37 @@ def test_mqtt_1000_nodes_at_1hz(benchmark):
     assert "error" not in res, res
 
 
+def _combined(each: list[dict], age_files: list[str]) -> dict:
+    """The host processes' figures as one controller's: CPU and rates summed, ages over all, each kept."""
+    if len(each) == 1:
+        return each[0]
+    res = {"host_processes": len(each), "per_process": each}
+    if any("error" in r for r in each):
+        res["error"] = [r.get("error") for r in each]
+        return res
+    for k in ("nodes", "controller_cpu_cores", "messages_per_s", "dcmd_per_s", "dcmd_in_window_per_s",
+              "suppressed_per_s", "gaps", "rebirths", "faulty_at_end", "acked_last_dcmd", "controlled",
+              "refused_total"):
+        res[k] = sum(r[k] for r in each)
+    res["window_s"] = min(r["window_s"] for r in each)
+    res["online_after_s"] = max(r["online_after_s"] for r in each)
+    res["longest_without_dcmd_ms"] = max(r["longest_without_dcmd_ms"] for r in each)
+    age = np.concatenate([np.load(f) for f in age_files])
+    res["age_at_latch_ms"] = {"p50": float(np.percentile(age, 50)), "p99": float(np.percentile(age, 99)),
+                              "count": int(age.size)}
+    rtt_p = [r["instruction_rtt_ms"] for r in each]
+    res["instruction_rtt_ms"] = {"p50_max": max((x["p50"] or 0) for x in rtt_p),
+                                 "p99_max": max((x["p99"] or 0) for x in rtt_p), "nodes": sum(x["nodes"] for x in rtt_p)}
+    faults: dict[str, int] = {}
+    for r in each:
+        for f, c in r["faults_at_end"].items():
+            faults[f] = faults.get(f, 0) + c
+    res["faults_at_end"] = faults
+    for k in ("dcmd_policy", "instruction_changes_per_node_s", "deadband_w", "lease_ms"):
+        res[k] = each[0][k]
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, nargs="+", default=[10_000])
@@ -287,17 +330,19 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=WINDOW_S)
     ap.add_argument("--change", type=float, default=0.0,
                     help="share of the devices whose instruction moves beyond the deadband per second")
+    ap.add_argument("--processes", type=int, default=1, help="MQTT host processes (drivers.mqtt.processes)")
+    ap.add_argument("--part", type=int, default=0, help="(internal) which host process this controller is")
     ap.add_argument("--controller")
     ap.add_argument("--out")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "mqtt_results.json"))
     a = ap.parse_args()
     if a.controller:
-        controller(a.controller, a.window, a.out, a.change)
+        controller(a.controller, a.window, a.out, a.change, a.part)
         return 0
     results = []
     for n in a.nodes:
         r = run(n, tls=a.tls, window_s=a.window, per_edge=a.per_edge, replay=a.replay, rate_hz=a.rate,
-                change=a.change)
+                change=a.change, processes=a.processes)
         r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)

@@ -158,8 +158,9 @@ def sparkplug_acl(role: str, group: str = "+", host_id: str = "+") -> tuple[str,
     may publish only its own births, data and deaths and read only its own commands; only a host
     application may publish commands (NCMD/DCMD) and its STATE."""
     if role == "host":
+        # vbatt/host/<host_id>/#: its processes' liveness, when it runs as several (docs/mqtt.md)
         return (f"topic readwrite spBv1.0/{group}/#", f"topic readwrite spBv1.0/STATE/{host_id}",
-                "topic read spBv1.0/STATE/#")
+                "topic read spBv1.0/STATE/#", f"topic readwrite vbatt/host/{host_id}/#")
     if role == "edge":
         msgs = ("NBIRTH", "NDATA", "NDEATH", "DBIRTH", "DDATA", "DDEATH")
         return (*(f"pattern write spBv1.0/{group}/{m}/%u" for m in msgs),

@@ -15,7 +15,8 @@ from pydantic import Field, model_validator
 from vbatt.config.base import NodeId, NodeSettings, Strict
 
 __all__ = ["BrokerTls", "BrokerLink", "FleetEdgeConfig", "MqttDriverConfig", "MqttNodeConfig", "EdgeConfig",
-           "LOOPBACK", "mqtt_nodes", "SparkplugId"]
+           "LOOPBACK", "mqtt_nodes", "SparkplugId", "split_by_edge",
+           "member_topic"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 Ms = Annotated[float, Field(gt=0, le=3_600_000, allow_inf_nan=False)]
@@ -105,8 +106,9 @@ class MqttDriverConfig(BrokerLink):
     # stale; false: as old as its arrival here
     trust_timestamps: bool = True
     fleet: FleetEdgeConfig = FleetEdgeConfig()
-    # one I/O process (one broker session, one STATE) for all MQTT nodes: no `processes` key yet, as
-    # several host processes under one host_id would contradict each other's STATE
+    # split the MQTT nodes over this many I/O processes, a whole edge node in one, each with its own broker
+    # session subscribed to its own edge nodes; the first owns the STATE (docs/mqtt.md "Several host processes")
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
 
     @model_validator(mode="after")
     def _ranges(self) -> "MqttDriverConfig":
@@ -122,6 +124,10 @@ class MqttDriverConfig(BrokerLink):
     @property
     def lease(self) -> float:
         return self.lease_ms if self.lease_ms is not None else 4.0 * self.command_ms
+
+    def split(self, cfg, fleet, a: int, b: int) -> list[tuple[int, int]]:
+        """The I/O processes of MQTT nodes [a, b): cut only between edge nodes (runtime/config/plan.py)."""
+        return split_by_edge(cfg, fleet, a, b, self.processes)
 
 
 class MqttNodeConfig(NodeSettings):
@@ -164,3 +170,35 @@ def mqtt_nodes(cfg, fleet) -> dict[int, tuple[str, str, str]]:
             out[i] = (entry.group or d.group, entry.edge_node, entry.device or entry.id)
         i += 1
     return out
+
+
+def member_topic(host_id: str, member: str) -> str:
+    """Where host process `member` (not the STATE owner) says it is alive: retained, outside the Sparkplug
+    namespace, read only by the STATE owner."""
+    return f"vbatt/host/{host_id}/{member}"
+
+
+def split_by_edge(cfg, fleet, a: int, b: int, processes: int) -> list[tuple[int, int]]:
+    """Nodes [a, b) (all MQTT) cut into at most `processes` contiguous ranges of about equal size, cut only
+    where the edge node changes, so that each edge node lives in one process."""
+    where = mqtt_nodes(cfg, fleet)
+    if processes <= 1 or b - a <= 1:
+        return [(a, b)]
+    key = [where[i][:2] for i in range(a, b)]
+    starts = [0] + [j for j in range(1, b - a) if key[j] != key[j - 1]]
+    seen: dict = {}
+    for j in starts:
+        if key[j] in seen:
+            g, e = key[j]
+            raise ValueError(f"edge node {g}/{e}: its nodes are not listed together (node {fleet.ids[a + j]!r} "
+                             f"after node {fleet.ids[a + seen[key[j]]]!r} and others): list each edge node's "
+                             f"nodes one after the other, or set processes: 1")
+        seen[key[j]] = j
+    cuts = [0]
+    for k in range(1, processes):
+        want = round(k * (b - a) / processes)
+        best = min(starts, key=lambda j: abs(j - want))
+        if best > cuts[-1]:
+            cuts.append(best)
+    cuts.append(b - a)
+    return [(a + x, a + y) for x, y in zip(cuts, cuts[1:])]

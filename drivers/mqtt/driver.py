@@ -14,7 +14,9 @@ otherwise is repaired by the next renewal. A resend on a late acknowledgement wo
 overloaded host more work exactly when its acknowledgements come late.
 
 Host duties: STATE birth (retained JSON, Sparkplug 3.0 `spBv1.0/STATE/<host_id>`) after subscribing,
-STATE death as the will and before a clean disconnect; subscribe `spBv1.0/<group>/#` of every group;
+STATE death as the will and before a clean disconnect; subscribe to the births, data and deaths of
+every group (`spBv1.0/<group>/<type>/+[/+]`), or of its own edge nodes only when it is one of several
+host processes (then the first owns the STATE, docs/mqtt.md "Several host processes");
 NBIRTH/DBIRTH give each device's aliases and types; seq checked per edge node (a gap asks for a
 rebirth, at most every `rebirth_min_ms`); data without a birth asks for a rebirth; NDEATH (with the
 bdSeq of the current birth) and DDEATH mark devices CONNECTION; silence longer than `silence_ms`
@@ -26,6 +28,7 @@ device touches another.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -39,7 +42,7 @@ from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.mqtt import sparkplug as sp
 from vbatt.drivers.mqtt.client import Session, Will
-from vbatt.drivers.mqtt.config import mqtt_nodes
+from vbatt.drivers.mqtt.config import member_topic, mqtt_nodes
 from vbatt.drivers.mqtt.edge import Link
 
 __all__ = ["Host", "MqttDriver"]
@@ -76,8 +79,18 @@ class Host(Links):
     def __init__(self, nodes: list[tuple[str, str, str]], link: Link, *, host_id: str, lease_ms: float,
                  command_ms: float, silence_ms: float, rebirth_min_ms: float = 2000.0,
                  backoff_s: tuple[float, float] = (0.25, 4.0), round_s: float = 0.05, clock_ns=time.monotonic_ns,
-                 trust_timestamps: bool = True, deadband_w: float = 5.0, command_min_ms: float = 100.0):
+                 trust_timestamps: bool = True, deadband_w: float = 5.0, command_min_ms: float = 100.0,
+                 member: str | None = None, members: tuple[str, ...] = (), per_edge: bool = False):
+        """member: this process is host process `member` of several, not the STATE owner (publishes no STATE,
+        says it is alive on its member topic instead); members: the others' ids, when this one owns the STATE
+        (online only while every one of them is alive); per_edge: subscribe to its own edge nodes only."""
         super().__init__(1, interval_s=round_s, backoff_s=backoff_s)
+        self.member, self.members, self.per_edge = member, tuple(members), per_edge
+        self.alive: set[str] = set()  # the members whose topic says online (owner)
+        self.state_online = False  # what this owner last published on its STATE
+        self.state_ts = 0
+        self._member_topics = {member_topic(host_id, m).encode(): m for m in self.members}
+        self._state_topic = f"{sp.NAMESPACE}/STATE/{host_id}".encode()
         n = self.nodes_n = len(nodes)
         self.nodes, self.link, self.host_id = nodes, link, host_id
         self.lease_ms, self.command_s, self.silence_ns = int(lease_ms), command_ms / 1e3, int(silence_ms * 1e6)
@@ -150,7 +163,33 @@ class Host(Links):
             if hit is not None:
                 self._edge(hit[0], hit[1], hit[2], payload)
                 return
-            self.foreign += 1
+            m = self._member_topics.get(topic)
+            if m is not None:
+                self._member(m, payload)
+                return
+            if topic != self._state_topic:  # its own STATE comes back: no news
+                self.foreign += 1
+
+    def _member(self, m: str, payload: bytes) -> None:
+        """Owner: host process m came or went. The STATE is online only while every process is alive, so an
+        edge node never trusts a host of which a part is dead (docs/mqtt.md "Several host processes")."""
+        try:
+            online = bool(json.loads(payload)["online"])
+        except (ValueError, KeyError, TypeError):
+            online = False  # unreadable: not alive
+        (self.alive.add if online else self.alive.discard)(m)
+        log.info("host process %s of %s: %s", m, self.host_id, "online" if online else "offline")
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        want = self.member is None and len(self.alive) == len(self.members)
+        s = self.session
+        if s is None or want == self.state_online:
+            return
+        self.state_online = want
+        # one timestamp per session (that of its will): an edge node that keeps the newest STATE by timestamp
+        # must still take the will after an offline/online in between
+        s.publish(f"{sp.NAMESPACE}/STATE/{self.host_id}", sp.state_payload(want, self.state_ts), 1, True)
 
     def _parse(self, payload: bytes, i: int | None, what: str):
         try:
@@ -351,12 +390,17 @@ class Host(Links):
     async def connect(self, k: int) -> None:
         await self.disconnect(k)
         state = f"{sp.NAMESPACE}/STATE/{self.host_id}"
-        ts = time.time_ns() // 1_000_000
-        s = Session(f"vbatt-host-{self.host_id}-{id(self) & 0xFFFF:x}", host=self.link.host, port=self.link.port,
-                    username=self.link.username, password=self.link.password, tls=self.link.tls,
-                    on_message=self.on_message, keepalive_s=self.link.keepalive_s,
-                    will=Will(state, sp.state_payload(False, ts), 1, True))
-        self.session = s
+        ts = self.state_ts = time.time_ns() // 1_000_000
+        if self.member is None:
+            will = Will(state, sp.state_payload(False, ts), 1, True)
+        else:
+            will = Will(member_topic(self.host_id, self.member), sp.state_payload(False, ts), 1, True)
+        s = Session(f"vbatt-host-{self.host_id}-{self.member or 0}-{id(self) & 0xFFFF:x}", host=self.link.host,
+                    port=self.link.port, username=self.link.username, password=self.link.password,
+                    tls=self.link.tls, on_message=self.on_message, keepalive_s=self.link.keepalive_s, will=will)
+        with self.lock:
+            self.session, self.state_online = s, False
+            self.alive.clear()
         with self.lock:
             for ed in self.edges.values():
                 ed.born, ed.next_seq, ed.rebirth_at = False, -1, 0.0
@@ -366,18 +410,29 @@ class Host(Links):
             self.fault[:] = int(Fault.NO_DATA)
             self.why = ["waiting for a birth after connecting to the broker"] * self.nodes_n
         await s.connect()
-        await s.subscribe([(f"{sp.NAMESPACE}/{g}/#", 0) for g in self.groups] + [(state, 1)])
-        s.publish(state, sp.state_payload(True, ts), 1, True)
+        # what the edge nodes send, by message type: a `#` would bring back every NCMD and DCMD this host sends
+        # (MQTT 3.1.1 has no "no local"), a message in per DCMD out for nothing
+        at = [(g, e) for g, e in self.edges] if self.per_edge else [(g, "+") for g in self.groups]
+        subs = [(f"{sp.NAMESPACE}/{g}/{kind}/{e}{'/+' if kind[0] == 'D' else ''}", 0)
+                for g, e in at for kind in ("NBIRTH", "NDATA", "NDEATH", "DBIRTH", "DDATA", "DDEATH")]
+        if self.member is None:
+            subs += [(state, 1)] + [(member_topic(self.host_id, m), 1) for m in self.members]
+        await s.subscribe(subs)
         with self.lock:
+            if self.member is None:
+                self._publish_state()  # online now when alone; else once every member's topic says online
+            else:
+                s.publish(member_topic(self.host_id, self.member), sp.state_payload(True, ts), 1, True)
             for key, ed in self.edges.items():
                 self._rebirth(key, ed)
 
     async def disconnect(self, k: int) -> None:
         s, self.session = self.session, None
         if s is not None:
-            if s.connected:
-                s.publish(f"{sp.NAMESPACE}/STATE/{self.host_id}",
-                          sp.state_payload(False, time.time_ns() // 1_000_000), 1, True)
+            if s.connected and (self.member is not None or self.state_online):  # an offline STATE stays
+                topic = (f"{sp.NAMESPACE}/STATE/{self.host_id}" if self.member is None
+                         else member_topic(self.host_id, self.member))
+                s.publish(topic, sp.state_payload(False, self.state_ts), 1, True)
             await asyncio.to_thread(s.close, True)
 
     async def exchange(self, k: int) -> None:
@@ -543,10 +598,17 @@ class MqttDriver(AsyncDriver):
             link, bad = Link(d.host, d.port, None, d.username, None), f"cannot load the TLS files: {exc}"
         if not d.secured:
             bad = "no TLS configured and plaintext not allowed: set drivers.mqtt.tls or 'plaintext: true'"
+        # the host processes: the image's partitions of MQTT nodes, named by their first node; the first owns
+        # the STATE, the others are its members
+        parts = [str(a) for a, _b in io.img.spec.partitions if a in every]
+        me = str(self.start)
+        owner = parts[0] if parts else me
         h = Host(nodes, link, host_id=d.host_id, lease_ms=d.lease, command_ms=d.command_ms,
                  silence_ms=d.silence_ms, rebirth_min_ms=d.rebirth_min_ms,
                  backoff_s=(d.reconnect_min_ms / 1e3, d.reconnect_max_ms / 1e3), trust_timestamps=d.trust_timestamps,
-                 deadband_w=d.deadband_w, command_min_ms=d.command_min_ms)
+                 deadband_w=d.deadband_w, command_min_ms=d.command_min_ms,
+                 member=None if me == owner else me, members=tuple(p for p in parts if p != owner) if me == owner else (),
+                 per_edge=len(parts) > 1)
         self._bad = bad
         if bad:
             h.mark(0, Fault.TLS, bad)

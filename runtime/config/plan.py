@@ -35,7 +35,15 @@ def partition(cfg: Config, fleet: Fleet) -> list[tuple[int, int, str]]:
         raise ConfigError([f"{cfg.source}: unknown driver(s) {unknown} (expected one of {known_drivers()})"])
     out: list[tuple[int, int, str]] = []
     for a, b, kind in runs:
-        procs = getattr(getattr(cfg.drivers, kind, None), "processes", 1)
+        section = getattr(cfg.drivers, kind, None)
+        procs = getattr(section, "processes", 1)
+        split = getattr(section, "split", None)  # a driver that cuts its nodes where it must (mqtt: by edge node)
+        if split is not None:
+            try:
+                out += [(s, e, kind) for s, e in split(cfg, fleet, a, b)]
+            except ValueError as exc:
+                raise ConfigError([f"{cfg.source}: drivers.{kind}.processes: {exc}"]) from None
+            continue
         procs = max(1, min(procs, b - a))
         step = -(-(b - a) // procs)
         out += [(s, min(s + step, b), kind) for s in range(a, b, step)]
