@@ -136,19 +136,23 @@ def _measure(ports: list[int], agent_pids: list[int], poll_hz: float = POLL_HZ, 
     return asyncio.run(main())
 
 
+def _stop_fleets(procs) -> None:
+    for pr in procs:
+        pr.send_signal(signal.SIGTERM)
+    for pr in procs:
+        try:
+            pr.wait(15)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+
+
 @pytest.mark.parametrize("n", [100, 500, 1000])
 def test_modbus_poll_throughput_and_cpu(benchmark, tmp_path, n):
     procs, ports = _start_fleets(n, tmp_path)
     try:
         result = benchmark.pedantic(_measure, args=(ports, [pr.pid for pr in procs]), rounds=1, iterations=1)
     finally:
-        for pr in procs:
-            pr.send_signal(signal.SIGTERM)
-        for pr in procs:
-            try:
-                pr.wait(15)
-            except subprocess.TimeoutExpired:
-                pr.kill()
+        _stop_fleets(procs)
     # nodes at 2 Hz one controller core-half carries, from its measured CPU per request
     result["nodes_at_2hz_per_half_core"] = 0.5 / (result["cpu_us_per_request"] * 1e-6 * POLL_HZ)
     benchmark.extra_info.update(result)
@@ -176,13 +180,7 @@ def main() -> int:
         try:
             r = _measure(ports, [pr.pid for pr in procs], a.hz, a.window)
         finally:
-            for pr in procs:
-                pr.send_signal(signal.SIGTERM)
-            for pr in procs:
-                try:
-                    pr.wait(15)
-                except subprocess.TimeoutExpired:
-                    pr.kill()
+            _stop_fleets(procs)
         r.update(loadavg_1m_at_start=load0, loadavg_1m_at_end=os.getloadavg()[0], agent_processes=len(procs),
                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         print(json.dumps(r, indent=1), flush=True)

@@ -4,6 +4,10 @@ node serving simulated batteries in a thread's asyncio loop, and waiting helpers
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -195,3 +199,36 @@ class HostRun:
         self.loop.soon(self.stop_ev.set)
         self.task.result(15)
         self.loop.call(self.host.aclose())
+
+
+@contextlib.contextmanager
+def fleet_process(cfg: Path, *args: str, stderr=subprocess.DEVNULL):
+    """`vbatt fleet CFG ARGS` (the config's MQTT nodes as edge nodes) for the block's length; SIGTERM after,
+    killed if it does not end within 15 s."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", str(cfg), *args], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        finally:
+            proc.kill()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def run_all_online(cfg: Path, tmp_path: Path, n: int) -> dict:
+    """`vbatt run CFG` for 8 s with a snapshot: it ends cleanly and all `n` nodes were online, fault-free and
+    answering (an I/O latency measured) at its last cycle. Returns the snapshot."""
+    from conftest import read_json, run_vbatt
+
+    r = run_vbatt("run", str(cfg), "--duration", "8", "--snapshot", str(tmp_path / "snap.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    snap = read_json(tmp_path / "snap.json")
+    assert snap["aggregate"]["nodes_online"] == n
+    nodes = snap["nodes"]
+    assert len(nodes) == n and all(x["fault"] == 0 and x["io_latency_ms"] > 0 for x in nodes), nodes
+    return snap

@@ -18,8 +18,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import REPO, run_vbatt
-from mqtt_support import (EDGE_PW, HOST_PW, HostRun, RunningEdge, broker, edge_link, loop,
-                          make_broker, wait_until)
+from mqtt_support import (EDGE_PW, HOST_PW, HostRun, RunningEdge, broker, edge_link, fleet_process, loop,
+                          make_broker, run_all_online, wait_until)
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.mqtt import sparkplug as sp
 from vbatt.drivers.mqtt.config import BrokerLink, MqttDriverConfig
@@ -269,29 +269,22 @@ def test_vbatt_fleet_edges_and_the_driver_on_a_real_image(broker, tmp_path):
     cfg = tmp_path / "plant.yaml"
     cfg.write_text(FLEET.format(port=broker.port, ca=broker.ca, pw=HOST_PW, epw=EDGE_PW))
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", str(cfg), "--ready-file", str(ready)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     r = None
-    try:
-        wait_until(lambda: ready.exists(), "the fleet's edge nodes connected", timeout=30)
-        assert ready.read_text().split() == ["fleet-0", "fleet-1"]
-        r = Run(cfg, "mqtt")
-        inp = r.wait(lambda d: (d["fault"][:5] == 0).all(), "the 5 fleet nodes online")
-        assert inp["fault"][5] == Fault.NO_DATA
-        assert ((inp["soc"][:5] >= 0.5) & (inp["soc"][:5] <= 0.9)).all() and (inp["capacity_wh"][:5] == 900).all()
-        r.command(77, battery_w=15.0, bus_w=5.0, served_w=20.0, shed_w=0.0)
-        h = r.driver.links
-        wait_until(lambda: (h.status["status/ack_seq"][:5] == 77).all(), "every node acknowledged seq 77")
-        assert (h.status["status/applied_w"][:5] == 15.0).all() and (h.rtt_ms[:5] > 0).all()
-    finally:
-        if r is not None:
-            r.stop()
-        proc.send_signal(signal.SIGTERM)
+    with fleet_process(cfg, "--ready-file", str(ready), stderr=subprocess.PIPE):
         try:
-            proc.wait(15)
+            wait_until(lambda: ready.exists(), "the fleet's edge nodes connected", timeout=30)
+            assert ready.read_text().split() == ["fleet-0", "fleet-1"]
+            r = Run(cfg, "mqtt")
+            inp = r.wait(lambda d: (d["fault"][:5] == 0).all(), "the 5 fleet nodes online")
+            assert inp["fault"][5] == Fault.NO_DATA
+            assert ((inp["soc"][:5] >= 0.5) & (inp["soc"][:5] <= 0.9)).all() and (inp["capacity_wh"][:5] == 900).all()
+            r.command(77, battery_w=15.0, bus_w=5.0, served_w=20.0, shed_w=0.0)
+            h = r.driver.links
+            wait_until(lambda: (h.status["status/ack_seq"][:5] == 77).all(), "every node acknowledged seq 77")
+            assert (h.status["status/applied_w"][:5] == 15.0).all() and (h.rtt_ms[:5] > 0).all()
         finally:
-            proc.kill()
-            proc.stderr.close()
+            if r is not None:
+                r.stop()
 
 
 def test_data_as_old_as_its_timestamp_a_backlog_is_not_fresh(broker, loop):
@@ -323,26 +316,11 @@ def test_data_as_old_as_its_timestamp_a_backlog_is_not_fresh(broker, loop):
 def test_vbatt_run_allocates_over_mqtt(broker, tmp_path):
     """The whole stack: `vbatt fleet` publishes 5 nodes, `vbatt run` (supervisor, scan, the mqtt driver in
     its I/O process, the allocation) latches them all and their acknowledgements come back."""
-    from conftest import read_json
-
     cfg = tmp_path / "plant.yaml"
     cfg.write_text(FLEET.replace("  - {{id: solo, driver: mqtt, edge_node: e1, group: g9}}\n", "").format(
         port=broker.port, ca=broker.ca, pw=HOST_PW, epw=EDGE_PW)
         .replace("plant: {stale_ms: 2000}", "plant: {stale_ms: 2000, main_limit_w: 1000}")
         + "programs: [allocation]\n")
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        r = run_vbatt("run", str(cfg), "--duration", "8", "--snapshot", str(tmp_path / "snap.json"))
-        assert r.returncode == 0, r.stderr[-2000:]
-        snap = read_json(tmp_path / "snap.json")
-        assert snap["aggregate"]["nodes_online"] == 5
+    with fleet_process(cfg):
+        snap = run_all_online(cfg, tmp_path, 5)
         assert snap["aggregate"]["main_w"] == pytest.approx(1000.0, abs=1e-6)  # the limit binds: batteries help
-        nodes = snap["nodes"]
-        assert len(nodes) == 5 and all(n["fault"] == 0 and n["io_latency_ms"] > 0 for n in nodes), nodes
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        finally:
-            proc.kill()

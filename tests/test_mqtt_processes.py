@@ -5,17 +5,14 @@ every node online and commanded, one STATE owner whose STATE is online only whil
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import REPO, read_json, run_vbatt
-from mqtt_support import EDGE_PW, HOST_PW, HostRun, RunningEdge, broker, edge_link, loop, wait_until
+from mqtt_support import (EDGE_PW, HOST_PW, HostRun, RunningEdge, broker, edge_link, fleet_process, loop,
+                          run_all_online, wait_until)
 from vbatt.config.plan import partition
 from vbatt.config.plant import ConfigError, load_config
 from vbatt.drivers.faults import Fault
@@ -72,34 +69,23 @@ def test_a_fleet_split_over_two_host_processes_is_online_commanded_with_one_stat
     c, fleet = load_config(cfg)
     assert partition(c, fleet) == [(0, 2, "mqtt"), (2, 4, "mqtt")]  # fleet-0 | fleet-1
     w = Watcher(broker, host_id)
-    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        r = run_vbatt("run", str(cfg), "--duration", "8", "--snapshot", str(tmp_path / "snap.json"))
-        assert r.returncode == 0, r.stderr[-2000:]
-        snap = read_json(tmp_path / "snap.json")
-        assert snap["aggregate"]["nodes_online"] == 4
-        nodes = snap["nodes"]
-        assert len(nodes) == 4 and all(n["fault"] == 0 and n["io_latency_ms"] > 0 for n in nodes), nodes
-        wait_until(lambda: (w.on(f"spBv1.0/STATE/{host_id}") or [{}])[-1].get("online") is False,
-                   "the STATE offline after the run")
-        wait_until(lambda: (w.on(f"vbatt/host/{host_id}/2") or [{}])[-1].get("online") is False,
-                   "the member process offline after the run")
-        state = w.on(f"spBv1.0/STATE/{host_id}")
-        online = [p["online"] for p in state]
-        # one birth, then only its death (the clean goodbye, a member's departure, the will: the same death)
-        assert online[0] is True and online.count(True) == 1 and len(online) >= 2, state
-        assert len({p["timestamp"] for p in state}) == 1, state  # ... of one session: one owner
-        member = w.on(f"vbatt/host/{host_id}/2")  # the process of nodes [2, 4) is a member, not an owner
-        assert [p["online"] for p in member][:2] == [True, False], member
-        assert not w.on(f"vbatt/host/{host_id}/0")
-    finally:
-        w.close()
-        proc.send_signal(signal.SIGTERM)
+    with fleet_process(cfg):
         try:
-            proc.wait(15)
+            run_all_online(cfg, tmp_path, 4)
+            wait_until(lambda: (w.on(f"spBv1.0/STATE/{host_id}") or [{}])[-1].get("online") is False,
+                       "the STATE offline after the run")
+            wait_until(lambda: (w.on(f"vbatt/host/{host_id}/2") or [{}])[-1].get("online") is False,
+                       "the member process offline after the run")
+            state = w.on(f"spBv1.0/STATE/{host_id}")
+            online = [p["online"] for p in state]
+            # one birth, then only its death (the clean goodbye, a member's departure, the will: the same death)
+            assert online[0] is True and online.count(True) == 1 and len(online) >= 2, state
+            assert len({p["timestamp"] for p in state}) == 1, state  # ... of one session: one owner
+            member = w.on(f"vbatt/host/{host_id}/2")  # the process of nodes [2, 4) is a member, not an owner
+            assert [p["online"] for p in member][:2] == [True, False], member
+            assert not w.on(f"vbatt/host/{host_id}/0")
         finally:
-            proc.kill()
+            w.close()
 
 
 def test_the_state_goes_offline_while_a_member_process_is_dead(broker, loop):
