@@ -35,6 +35,7 @@ from vbatt.drivers.faults import Fault
 __all__ = ["LinkError", "Backoff", "Links", "AsyncDriver"]
 
 QUIET_START_S = 5.0  # a device that does not answer yet during start-up (its agent may be starting) is logged quietly
+LOG_NAMES = 3  # links named in a gathered log line
 
 
 class LinkError(Exception):
@@ -69,6 +70,10 @@ class Links:
     connect_timeout_s: float | None = None  # None: the transport's connect() bounds itself
     spread = True  # first rounds spread over the interval: no thundering herd
     drop_on_error = False  # True: every failure ends the session (it is made anew after the backoff)
+    noun = "links"  # what a gathered log line counts
+    # fault changes within this window are logged as one line per kind: a switch that fails takes thousands
+    # of devices at once, and a line per device would bury everything else in the log
+    log_gather_s = 0.5
 
     def __init__(self, n: int, *, interval_s: float, backoff_s: tuple[float, float]):
         self.n = n
@@ -78,6 +83,8 @@ class Links:
         self.reason = ["never heard from"] * n
         self._logged = [int(Fault.NO_DATA)] * n
         self.t0 = time.monotonic()
+        self._pending: dict[tuple[int, str], list[int]] = {}  # (level, message) -> links, until the next gather
+        self._gathering = False
 
     # -- hooks ------------------------------------------------------------------------------------------
     def connected(self, k: int) -> bool:
@@ -120,20 +127,44 @@ class Links:
             quiet = self._logged[k] == Fault.NO_DATA and time.monotonic() - self.t0 < QUIET_START_S \
                 and fault in (Fault.CONNECTION, Fault.NO_DATA)
             self._logged[k] = int(fault)
-            (self.log.info if quiet else self.log.warning)("%s: %s: %s", self.describe(k), Fault(fault).name, reason)
+            self._log(logging.INFO if quiet else logging.WARNING, f"{Fault(fault).name}: {reason}", k)
         self.changed(k)
 
     def clear(self, k: int) -> None:
         """Link k answers again."""
         if self._logged[k] not in (0, Fault.BAD_VALUE):  # bad values are judged (and logged) by the decoder
-            (self.log.info if self._logged[k] == Fault.NO_DATA else self.log.warning)(
-                "%s: data again (was %s)", self.describe(k), Fault(self._logged[k]).name)
+            self._log(logging.INFO if self._logged[k] == Fault.NO_DATA else logging.WARNING,
+                      f"data again (was {Fault(self._logged[k]).name})", k)
             self._logged[k] = 0
         was = self.comm_fault[k]
         self.comm_fault[k] = 0
         self.reason[k] = ""
         if was:
             self.changed(k)
+
+    def _log(self, level: int, message: str, k: int) -> None:
+        """Log `message` for link k: at once outside a loop, else gathered with the same message of other links."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.log.log(level, "%s: %s", self.describe(k), message)
+            return
+        self._pending.setdefault((level, message), []).append(k)
+        if not self._gathering:
+            self._gathering = True
+            loop.call_later(self.log_gather_s, self.flush_log)
+
+    def flush_log(self) -> None:
+        """Log what was gathered: one line per message, naming the first links and counting the rest."""
+        self._gathering = False
+        pending, self._pending = self._pending, {}
+        for (level, message), ks in pending.items():
+            if len(ks) == 1:
+                self.log.log(level, "%s: %s", self.describe(ks[0]), message)
+                continue
+            names = ", ".join(self.describe(k) for k in ks[:LOG_NAMES])
+            more = f" and {len(ks) - LOG_NAMES} more" if len(ks) > LOG_NAMES else ""
+            self.log.log(level, "%d %s: %s: %s%s", len(ks), self.noun, message, names, more)
 
     # -- the loop ---------------------------------------------------------------------------------------
     async def open(self, k: int) -> None:
@@ -149,6 +180,12 @@ class Links:
         await self.exchange(k)
 
     async def link_task(self, k: int, stop: asyncio.Event) -> None:
+        try:
+            await self._link_rounds(k, stop)
+        finally:
+            self.flush_log()  # nothing gathered is lost when the links stop
+
+    async def _link_rounds(self, k: int, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + (self.interval_s * (k / max(1, self.n)) if self.spread else 0.0)
         backoff = Backoff(*self.backoff)

@@ -141,6 +141,37 @@ def test_an_unreachable_link_is_marked_and_logged_once_per_fault(caplog):
     assert lines == [f"line 0: CONNECTION: {links.reason[0]}"], lines
 
 
+def test_links_failing_together_are_logged_as_one_line_that_counts_them(caplog):
+    """A switch that fails takes every device behind it at once: one line says how many and names a few."""
+    async def body():
+        srv, port, open_conns = await line_server(b"pong\n")
+        links = LineLinks([port] * 6)
+        links.log_gather_s = 60.0  # only the flush at the stop logs: the line cannot depend on timing
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(links.link_task(k, stop)) for k in range(6)]
+        await until(lambda: min(links.rounds) >= 1, "every link answered")
+        srv.close()
+        for w in list(open_conns):
+            w.close()
+        await until(lambda: all(f == Fault.CONNECTION for f in links.comm_fault), "every link lost")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "nothing logged before the flush"
+        stop.set()
+        await asyncio.gather(*tasks)
+        await links.aclose()
+
+    with caplog.at_level(logging.INFO, logger="vbatt.test.lines"):
+        asyncio.run(body())
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    infos = [m for lv, m in lines if lv == logging.INFO]
+    assert len(infos) == 1 and infos[0].startswith("6 links: data again (was NO_DATA): line "), lines
+    warnings = [m for lv, m in lines if lv == logging.WARNING]
+    assert len(warnings) == 1, lines
+    head, names = warnings[0].split(": closed by the peer: ")
+    assert head == "6 links: CONNECTION", warnings
+    named, more = names.split(" and ")
+    assert more == "3 more" and len(set(named.split(", "))) == 3 and all(n.startswith("line ") for n in named.split(", "))
+
+
 def test_backoff_doubles_to_its_maximum_and_resets():
     b = Backoff(0.1, 0.5)
     assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]

@@ -283,6 +283,7 @@ class Poller(Links):
     """The driver's work for a set of endpoints, independent of the process image (tests use it directly)."""
 
     log = log
+    noun = "nodes"
 
     def __init__(self, endpoints: list[Endpoint], *, poll_ms: float, timeout_ms: float, lease_ms: float,
                  reconnect_min_ms: float, reconnect_max_ms: float, contexts: list[ssl.SSLContext | None],
