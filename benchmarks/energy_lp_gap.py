@@ -1,13 +1,14 @@
 """How far the energy program's ride-through is from the reference LP when power and link limits bind.
 
-    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed]
+    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed] [--seed S]
     .venv/bin/python benchmarks/energy_lp_gap.py --peak [INSTANCES]
 
 Limits are multiples of each node's demand (e.g. `1 3 0.5 2`). Per random fleet (4-20 nodes, 1-4
 classes, targets 0-1,800 s), the real ScanEngine with node physics at 5 s cycles against the
 lexicographic reference of tests/energy_reference.py on 60 steps of 60 s (the mixed-integer one, whole
 steps only; --relaxed: the LP relaxation, which counts a partly served step in part); prints how many classes agree
-to one step and the deviations (simulation minus LP). docs/energy.md has the figures; measured
+to one step and the deviations (simulation minus LP). --seed: the fleets' random seed (42: the figures below;
+another seed draws other fleets, to check that a change did not fit these). docs/energy.md has the figures; measured
 (20 instances, 41 classes each, seed 42), classes within one step / mean |deviation| against the
 whole-step reference:
 
@@ -65,12 +66,20 @@ def main(argv: list[str]) -> int:
         return peak(int(argv[1]) if len(argv) > 1 else 24)
     whole = "--relaxed" not in argv
     argv = [a for a in argv if a != "--relaxed"]
+    seed = 42
+    if "--seed" in argv:
+        j = argv.index("--seed")
+        if j + 1 >= len(argv):
+            print("--seed: expected an integer after it", file=sys.stderr)
+            return 2
+        seed = int(argv[j + 1])
+        argv = argv[:j] + argv[j + 2:]
     if len(argv) not in (4, 5):
         print(__doc__, file=sys.stderr)
         return 2
     lim = tuple(float(x) for x in argv[:4])
     instances = int(argv[4]) if len(argv) == 5 else 20
-    rng = np.random.default_rng(42)
+    rng = np.random.default_rng(seed)
     devs = []
     for _ in range(instances):
         f = random_fleet(rng, int(rng.integers(4, 21)), int(rng.integers(1, 5)), limits=True, lim=lim)
@@ -87,7 +96,7 @@ def main(argv: list[str]) -> int:
             p.close()
         devs += [min(sim[c], 3600.0) - lp[c] for c in lp]
     d = np.array(devs)
-    print(f"limits {lim} ({'whole' if whole else 'relaxed'}): classes {d.size}, within one step {int((np.abs(d) <= 60).sum())}, "
+    print(f"seed {seed}, limits {lim} ({'whole' if whole else 'relaxed'}): classes {d.size}, within one step {int((np.abs(d) <= 60).sum())}, "
           f"mean |dev| {np.abs(d).mean():.0f} s, shorter by > 60 s {int((d < -60).sum())}, "
           f"longer by > 60 s {int((d > 60).sum())}, worst {d.min():.0f} / {d.max():.0f} s")
     return 0
