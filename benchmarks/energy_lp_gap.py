@@ -21,6 +21,9 @@ whole-step reference:
     discharge 2-4, links 1-3  39, 24 s  39, 24 s            39, 24 s                 39, 24 s                 39, 25 s
     both 0.5-2 (0.5 2 0.5 2)                                                         21, 128 s                32, 55 s
 
+then, this cycle's draws off a class beyond its target's margin once: both 39 of 41, 35 s; discharge 36, 33 s;
+--seed 7 / --seed 11 (both): 46 of 47 / 35 of 38, the same as before it.
+
 --peak (seeds 0-23): of the 15 instances where the reference sheds and can hold the reserve, the
 simulation sheds 0.09-0.79 steps of class 3's peak demand more (mean 0.44), 15 within one step, every
 least margin >= +1.4 Wh (before the look-ahead of the reserve's rise: 0.09-1.06, 14, seed 12 at -0.1 Wh).
