@@ -18,7 +18,7 @@ from vbatt.config.plan import build_programs, image_spec
 from vbatt.programs.energy import class_rows, unreachable_texts
 from vbatt.kernel.scan import ScanEngine
 
-__all__ = ["FleetSpec", "EnergyPlant", "random_fleet", "fleet_yaml"]
+__all__ = ["FleetSpec", "EnergyPlant", "random_fleet", "fleet_yaml", "lp_gap_fleets"]
 
 _INPUTS = ("voltage_v", "current_a", "temperature_c", "soc", "capacity_wh", "demand_w", "max_discharge_w",
            "max_charge_w", "link_max_w", "updated_ns", "fault")
@@ -62,6 +62,18 @@ def random_fleet(rng: np.random.Generator, n: int, classes: int = 4, *, limits: 
         dis = np.full(n, 1e6)
         link = np.full(n, 1e6)
     return FleetSpec(prio, demand, cap, soc, dis, link)
+
+
+def lp_gap_fleets(seed: int, lim: tuple, count: int) -> list[tuple[FleetSpec, dict]]:
+    """The fleets of benchmarks/energy_lp_gap.py, in its order: 4-20 nodes, 1-4 classes, limits `lim`
+    (multiples of the demand), a tenth of the random capacity, targets 0-1,800 s per class."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        f = random_fleet(rng, int(rng.integers(4, 21)), int(rng.integers(1, 5)), limits=True, lim=lim)
+        f.capacity_wh *= 0.1
+        out.append((f, {int(c): float(rng.choice([0, 300, 600, 1200, 1800])) for c in np.unique(f.priority)}))
+    return out
 
 
 def fleet_yaml(f: FleetSpec, *, main_limit_w: float, ride_through_s: dict | None, programs: list,

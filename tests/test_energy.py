@@ -20,7 +20,8 @@ from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step
 from vbatt.programs.energy.rules import ST_E_WH, ST_N
 
 from conftest import read_json, run_vbatt
-from energy_plant import PEAK_TARGETS, EnergyPlant, FleetSpec, fleet_yaml, peak_instance, random_fleet
+from energy_plant import (PEAK_TARGETS, EnergyPlant, FleetSpec, fleet_yaml, lp_gap_fleets, peak_instance,
+                          random_fleet)
 from energy_reference import peak_shed_lp, reserve_demand_w, ride_through_lp
 
 TARGETS = {0: 14400.0, 1: 1800.0, 2: 600.0, 3: 0.0}
@@ -333,6 +334,8 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # the class cannot reach; a class draws only while the more critical classes' reserve is deliverable
 # without its own nodes' load; beyond its target a class yields to a more critical one that is shed; a
 # class riding through that the batteries' export cannot carry whole is shed and latched.
+# Seeds 1, 7, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
+# 60 s miss is the grid's (docs/energy.md). Of seeds 24-39, 35, 37 and 39 disagree (the drain order).
 BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22)
 
 
@@ -350,6 +353,26 @@ def test_ride_through_with_binding_limits_agrees_with_the_whole_step_reference(p
     sim = p.first_shed_s()
     # Binding for real: some node's discharge or link limit is below what its share of the load asks.
     assert ((f.max_discharge_w < f.demand_w * 1.5) | (f.link_max_w < f.demand_w)).any()
+    for c in lp:
+        assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
+
+
+# The fleets of benchmarks/energy_lp_gap.py (seed 42, limits `1 3 0.5 2`, 60 steps of 60 s) that agree
+# on every class now and did not on 7bafe69. Fleet 0 (targets {0: 600, 1: 600, 2: 0, 3: 600} s): class 2,
+# beyond its target, was shed at 385 s against the reference's 420 s, and class 1 ran on that energy to
+# 790 s against 720 s: this cycle's draws came off its deliverable margin once per remaining target.
+LP_GAP_FLEETS = (0,)
+
+
+@pytest.mark.parametrize("index", LP_GAP_FLEETS)
+def test_ride_through_with_binding_limits_agrees_on_the_lp_gap_fleets(plants, index):
+    f, targets = lp_gap_fleets(42, (1.0, 3.0, 0.5, 2.0), index + 1)[index]
+    steps, dt = 60, 60.0
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, steps, dt, whole=True)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
+    p.run(steps * dt)
+    sim = p.first_shed_s()
     for c in lp:
         assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
 
