@@ -369,7 +369,7 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     hi = np.full(n, np.nan)
     energy_step(np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
                 f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
-                soc_min, 1.0, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
+                soc_min, 1.0, 3600.0, 60.0, n, 60.0, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
                 np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),

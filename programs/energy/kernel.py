@@ -260,7 +260,7 @@ def _limits(narrowed, active, hi_cap, lo_w, hi_w):
 @njit(nogil=True, cache=True)
 def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
                 link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
-                soc_min, eff, horizon_s, hold_s, chunk,
+                soc_min, eff, horizon_s, hold_s, chunk, restore_s,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
@@ -336,7 +336,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
+                 local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot,
+                 restore_s, pace_s, prev_frac)
     leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:

@@ -88,7 +88,8 @@ class TreeDecider:
         tau, reserve, frac, rt, s_tau, cum, tot = z(), z(), z(), z(), z(), z(), z()
         reachable, s_on = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
         decide(n, dnow, dres, e_wh, float(main_limit_w), float(dt_s), self.hold_s, target, clock, latched,
-               self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot)
+               self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot,
+               0.0, max(dt_s, 1e-3), np.ones(n))
         if mixed:
             latched[:] = was
         self.clock_s[ps], self.latched[ps], self.dhz[ps] = clock, latched, dres
