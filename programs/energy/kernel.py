@@ -284,6 +284,9 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         active |= target_s[c] > 0.0
     # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
     first = state[ST_STARTED] == 0.0
+    if first:  # no share decided yet: the scan opens the caps when it starts (a calm restore starts from there)
+        for c in range(n_cls):
+            prev_frac[c] = 1.0
     pace_s = max(dt_s * -(-n // max(chunk, 1)), 1e-3)  # one sweep
     a = 0 if first else int(state[ST_POS])
     b = n if first else min(n, a + chunk)
