@@ -202,7 +202,8 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         served_w[i] = cp
         slack += min(h, lk) if ok else 0.0
         need_all += cp - f0 if ok else 0.0
-        holding |= ok & (d - cp < min(held_w[i], d) - 1e-9 * (1.0 + d))
+        # a shed of its own held (a program's cap may cover it now, but not for the hold's timer)
+        holding |= ok & (d - min(d, h + lk) < min(held_w[i], d) - 1e-9 * (1.0 + d))
         up += min(cp - l, lk) if ok else 0.0
         low += max(cp - h, -lk) if ok else 0.0
         tot_r += cp if ok else 0.0
