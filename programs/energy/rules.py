@@ -202,7 +202,9 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             shaved = main_limit_w > 0.0 and not riding
             calm = shaved and restore_s > 0.0
             thr = pre if riding else r_all
-            thr_back = thr + max(0.0, state[ST_RISE_WH]) if shaved else thr
+            # (one surprise above the expected rise: a reserve that falls on average may still rise in the
+            # next cycle; a fifth of peak.yaml in 60 s steps: -3.2 Wh with the expected rise alone)
+            thr_back = thr + max(0.0, state[ST_RISE_WH] + state[ST_SURPRISE_WH]) if shaved else thr
             soft = thr
             fall_wh = 0.0
             if shaved:
