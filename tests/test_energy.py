@@ -250,14 +250,16 @@ def test_peak_shaving_sheds_no_more_than_the_reference(seed):
           f"margin min {prog_margin:.1f} / {whole_margin:.1f} Wh")
 
 
-def test_peak_yaml_first_day_sheds_within_half_a_step_of_the_reference():
+def test_peak_yaml_first_day_sheds_no_more_than_the_reference_and_calmly():
     """examples/scenarios/peak.yaml's first day (the class forecast cold: no daily profile yet) with the
     energy program as configured, against peak_shed_lp holding the program's own reserve with a perfect
     forecast (D_c = max(the class demand now as the program smooths it, the mean demand that came over
-    T_c)) on a 60 s grid, the classes pooled (a lower bound): class 3 sheds at most half a grid step of
-    its peak demand more (measured: 7,280 Wh against 7,246 Wh; before the reserve's floor was the class
-    forecast's level, 7,341 Wh), nothing else is shed, and the reserve holds by the program's measure and
-    by the demand that came (runtime/scenario/reserve.py)."""
+    T_c)) on a 60 s grid, the classes pooled: class 3 sheds no more than the reference (measured: 7,222 Wh
+    against 7,246 Wh; 7,280 Wh while the allocation's restore hold kept the program's lifted cuts, 7,341 Wh
+    before the reserve's floor was the class forecast's level), nothing else is shed, the reserve holds by
+    the program's measure and by the demand that came (runtime/scenario/reserve.py), and the cut is calm:
+    class 3's shed falls within one step by more than 5 % of its demand at most twice (measured: once; 34
+    times with the hold, 59 with the cut just in time and no hold)."""
     from pathlib import Path
 
     from vbatt.programs.energy import EnergyParams
@@ -297,12 +299,13 @@ def test_peak_yaml_first_day_sheds_within_half_a_step_of_the_reference():
     shed = shed_w.sum(axis=0) * dt / 3600
     step_wh = d[3].max() * 60.0 / 3600
     assert ref["breach_wh"] <= 1e-6 and ref["shed_wh"][3] > 0.0
-    # Half a step: what is left is mostly the allocation's restore hold (restore_hold_s: 300), which the
-    # reference does not have (docs/energy.md); with the reserve's floor at one sweep's demand: +95 Wh.
-    assert shed[3] <= ref["shed_wh"][3] + 0.5 * step_wh, (shed[3], ref["shed_wh"][3], step_wh)
+    assert shed[3] <= ref["shed_wh"][3], (shed[3], ref["shed_wh"][3], step_wh)
     assert shed[:3].sum() == 0.0
+    d3 = np.asarray(s["c"]["demand_w"])[:, 3]
+    bursts = int(np.sum(-np.diff(shed_w[:, 3]) > 0.05 * d3[1:]))
+    assert bursts <= 2, bursts
     print(f"\npeak.yaml day 1: class 3 shed {shed[3]:,.0f} Wh, reference {ref['shed_wh'][3]:,.0f} Wh "
-          f"(a step: {step_wh:.0f} Wh); margins {r.margin[0]:.1f} / {r.margin[1]:.1f} Wh")
+          f"(a step: {step_wh:.0f} Wh); margins {r.margin[0]:.1f} / {r.margin[1]:.1f} Wh; restores > 5 %: {bursts}")
 
 
 # -- exactness: the LP and the closed form -----------------------------------------------------------
@@ -392,7 +395,7 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     hi = np.full(n, np.nan)
     energy_step(np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
                 f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
-                soc_min, 1.0, 3600.0, 60.0, n, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
+                soc_min, 1.0, 3600.0, 60.0, n, 60.0, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
                 np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),

@@ -6,6 +6,8 @@ the simulated driver does (SimFleet.fill), and step cycles with an explicit time
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -147,6 +149,38 @@ def test_restore_hysteresis_holds_the_shed_for_the_hold_time(plant):
     p.img.agg["main_limit_w"][0] = 0.0  # shedding again is immediate
     p.cycle()
     assert p.n["shed_w"][1] == 50.0
+
+
+def test_the_hold_keeps_the_allocations_own_shed_and_a_programs_cap_ends_when_the_program_lifts_it(plant):
+    """The hold is for the allocator's own shed (for power): a program's cap (serve_max_w, e.g. the energy
+    program's peak-shaving cut) ends when the program lifts it; the program keeps its own cut calm. Held too,
+    a lifted cut stayed shed for the hold while the program counted on the load served (peak.yaml: 1 kW for
+    300 s past the evening's peak, +34 Wh a day over the reference)."""
+    p = plant(TWO.replace("max_discharge_w: 300, max_charge_w: 100, capacity_wh: 1000, soc: 0.8, link_max_w: 1000}\n  - {id: B",
+                          "max_discharge_w: 150, max_charge_w: 100, capacity_wh: 1000, soc: 0.8, link_max_w: 1000}\n  - {id: B")
+              .replace("demand_w: 100, max_discharge_w: 300", "demand_w: 100, max_discharge_w: 100")
+              + "programs: [{allocation: {restore_hold_s: 0.5, restore_margin: 0.05}}]")
+    p.img.agg["main_limit_w"][0] = 1000.0
+    p.cycle()
+    assert p.n["shed_w"].tolist() == [0.0, 0.0]
+    p.n["serve_max_w"][1] = 20.0  # a program cuts B
+    p.cycle()
+    assert p.n["shed_w"][1] == pytest.approx(80.0)
+    p.n["serve_max_w"][1] = math.inf  # ... and lifts its cut: served at once
+    p.cycle()
+    assert p.n["shed_w"].tolist() == [0.0, 0.0]
+    p.img.agg["main_limit_w"][0] = 0.0  # a shed for power (B: 50 W) ...
+    p.cycle()
+    assert p.n["shed_w"][1] == 50.0
+    p.img.agg["main_limit_w"][0] = 1000.0  # ... is held after the supply is back, under a program's cut too
+    p.n["serve_max_w"][1] = 20.0
+    p.cycle()
+    assert p.n["shed_w"][1] == pytest.approx(80.0)
+    p.n["serve_max_w"][1] = math.inf
+    p.cycle(48)
+    assert p.n["shed_w"][1] == 50.0  # the cut lifted, the allocator's own shed held for the hold time (50 cycles)
+    p.cycle()
+    assert p.n["shed_w"][1] == 0.0
 
 
 def test_trip_in_the_pipeline_and_operator_reset(plant):

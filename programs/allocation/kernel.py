@@ -23,7 +23,9 @@ Stages, each the exact optimum of its own problem given the earlier stages:
    expense: lexicographic maximum of served load per class).
    Restore hysteresis: a node's shed rises at once but falls only after it has
    been lower by the margin for hold_s, and never while a more critical class
-   is still holding.
+   is still holding. It holds the allocator's own shed (for power, and what the
+   limits force); the part a program's cap (serve_max_i) forces follows the cap
+   both ways: the program that cuts decides when the cut ends, and keeps it calm.
 3. Main supply first: main_w = min(main_limit_w, sum_i min(r_i - lo_i, L_i)),
    i.e. all the main supply the links can carry, the spare charging batteries.
 4. Balance: the batteries supply P = sum r_i - main_w, each
@@ -200,7 +202,8 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         served_w[i] = cp
         slack += min(h, lk) if ok else 0.0
         need_all += cp - f0 if ok else 0.0
-        holding |= ok & (d - cp < min(held_w[i], d) - 1e-9 * (1.0 + d))
+        # a shed of its own held (a program's cap may cover it now, but not for the hold's timer)
+        holding |= ok & (d - min(d, h + lk) < min(held_w[i], d) - 1e-9 * (1.0 + d))
         up += min(cp - l, lk) if ok else 0.0
         low += max(cp - h, -lk) if ok else 0.0
         tot_r += cp if ok else 0.0
@@ -298,23 +301,30 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
                 s_opt = x[i]
                 held = min(held_w[i], d)
                 eps = 1e-9 * (1.0 + d)
-                if s_opt >= held - eps:
-                    held = s_opt
+                # The hold keeps the allocator's own shed (for power, and what the limits force), not the
+                # part a program's cap forces: that program decides when its cut ends, and keeps it calm
+                # itself (the energy program restores a peak-shaved class at a ramp; an outage's cut is
+                # latched). Held here too, a cut the program had lifted stayed shed for the hold while the
+                # program counted on the load served (peak.yaml: 1 kW for 300 s past the evening's peak).
+                lim = min(d, hi_w[i] + _res(link_w[i], RES_W))
+                own = d - lim if (cap[i] < lim - eps) & (s_opt <= d - cap[i] + eps) else s_opt
+                if own >= held - eps:
+                    held = own
                     timer_s[i] = 0.0
                     s = s_opt
-                elif blocked or s_opt > held * (1.0 - restore_margin) - eps:
+                elif blocked or own > held * (1.0 - restore_margin) - eps:
                     timer_s[i] = 0.0
-                    s = held
-                    holds = True
+                    s = max(s_opt, held)
+                    holds |= held > s_opt + eps
                 else:
                     timer_s[i] += dt_s
                     if timer_s[i] >= hold_s - 1e-9:
-                        held = s_opt
+                        held = own
                         timer_s[i] = 0.0
                         s = s_opt
                     else:
-                        s = held
-                        holds = True
+                        s = max(s_opt, held)
+                        holds |= held > s_opt + eps
                 held_w[i] = held
                 r = d - s
                 served_w[i] = r
@@ -350,10 +360,11 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
             w[i] = 0.0
             continue
         r = served_w[i]
-        if fast:
-            held_w[i] = _res(demand_w[i], RES_W) - r
-            timer_s[i] = 0.0
         lk = _res(link_w[i], RES_W)
+        if fast:  # the limits' shed only: a program's cap is not held (see the class walk)
+            d = _res(demand_w[i], RES_W)
+            held_w[i] = d - min(d, hi_w[i] + lk)
+            timer_s[i] = 0.0
         bh = min(hi_w[i], r + lk)
         bl = min(max(lo_w[i], r - lk), bh)
         blo[i] = bl

@@ -260,7 +260,7 @@ def _limits(narrowed, active, hi_cap, lo_w, hi_w):
 @njit(nogil=True, cache=True)
 def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
                 link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
-                soc_min, eff, horizon_s, hold_s, chunk,
+                soc_min, eff, horizon_s, hold_s, chunk, restore_s,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
@@ -284,6 +284,9 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         active |= target_s[c] > 0.0
     # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
     first = state[ST_STARTED] == 0.0
+    if first:  # no share decided yet: the scan opens the caps when it starts (a calm restore starts from there)
+        for c in range(n_cls):
+            prev_frac[c] = 1.0
     pace_s = max(dt_s * -(-n // max(chunk, 1)), 1e-3)  # one sweep
     a = 0 if first else int(state[ST_POS])
     b = n if first else min(n, a + chunk)
@@ -336,7 +339,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot)
+                 local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot,
+                 restore_s, pace_s, prev_frac)
     leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:

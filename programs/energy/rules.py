@@ -126,12 +126,15 @@ def _lookahead(r1, slope, rho):
 
 @njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-           local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh):
+           local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh,
+           restore_s, pace_s, prev_frac):
     """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
     served (what the main supply gives it in priority order, plus the battery energy it may draw
     this cycle), reserve_wh, the runtimes (of the pool, and at most local_s: the first node of
     the class whose own battery runs out) and `reachable`. dnow/dres are the pooled demand (the
-    part the links can carry). Returns the number of classes whose target is unreachable."""
+    part the links can carry). Returns the number of classes whose target is unreachable.
+    restore_s > 0: a peak-shaved class's cut is calm (see below; prev_frac: the shares of the last
+    cycle, pace_s: one sweep, the time the reserve's rise in `state` is measured over); 0: off."""
     # Battery clocks: class c rides through on the batteries while the main supply can carry none
     # of it (it serves the most critical first); a class it carries in part is being peak-shaved,
     # and main may still fail: its target stays whole. All reset once main has covered everything
@@ -197,15 +200,26 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # same for every class beyond its target, whether main still carries part of it or not
             # (else a less critical class would draw deeper than a more critical one).
             shaved = main_limit_w > 0.0 and not riding
+            calm = shaved and restore_s > 0.0
             thr = pre if riding else r_all
-            thr_back = thr + max(0.0, state[ST_RISE_WH]) if shaved else thr
+            # (one surprise above the expected rise: a reserve that falls on average may still rise in the
+            # next cycle; a fifth of peak.yaml in 60 s steps: -3.2 Wh with the expected rise alone)
+            thr_back = thr + max(0.0, state[ST_RISE_WH] + state[ST_SURPRISE_WH]) if shaved else thr
+            soft = thr
+            fall_wh = 0.0
             if shaved:
-                thr += max(0.0, state[ST_RISE_WH] + RISE_SURPRISES * state[ST_SURPRISE_WH])
                 # ... and above what the reserve will still rise beyond what cutting the class whole can
                 # recharge (main's spare): a reserve rising faster than that must be met before it
                 # rises (on the small peak instances, seed 12: class 3 cut to 0 and E - R still falling
                 # for three cycles, -0.1 Wh). Only a slowing rise is extrapolated (slope <= 0).
-                thr += _lookahead(state[ST_RISE_WH], min(0.0, state[ST_SLOPE_WH]), spare_w * dt_s / 3600.0)
+                look = _lookahead(state[ST_RISE_WH], min(0.0, state[ST_SLOPE_WH]), spare_w * dt_s / 3600.0)
+                thr += max(0.0, state[ST_RISE_WH] + RISE_SURPRISES * state[ST_SURPRISE_WH]) + look
+                # Calm (below), the draw aims at `soft`: above this cycle's bound by the reserve's fall a
+                # cycle (the bound does not count on the fall: just in time, the cut drew each cycle what
+                # the reserve fell in the last) and by a surprise while the draw is spread over more than
+                # a cycle, so that the bound binds only where a sweep's noise exceeds a surprise.
+                fall_wh = max(0.0, -state[ST_TREND_WH] * dt_s / pace_s)
+                soft = thr + fall_wh + state[ST_SURPRISE_WH] * (1.0 - min(1.0, dt_s / max(restore_s, 1e-9)))
             avail = e_left - thr
             drawn = e_wh - e_left
             p_avail = math.inf
@@ -229,6 +243,17 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, min(avail, p_avail) / need_wh))
             if shaved and e_left < thr_back:
                 a = max(-m / (d - m), (e_left - thr_back) / need_wh)
+            elif calm:
+                # A peak-shaved class's cut does not flap (docs/design.md §2: no flapping; the allocator
+                # leaves a program's cut to the program). Just in time, the cut followed the reserve's
+                # noise of each sweep (peak.yaml: a share moving by more than 5 % of the class in 59 cycles
+                # a day, 375 reversals). So the class draws the reserve's smoothed fall plus what lies above
+                # `soft`, spread over restore_s (the draw moves with the energy, not with one sweep's
+                # noise; a watt-hour shed earlier in a deficit is one drawn later), and its share comes back
+                # at most by its demand over restore_s (no burst after a cut).
+                draw_wh = fall_wh + (e_left - soft) * min(1.0, dt_s / restore_s)
+                a = min(a, max(0.0, draw_wh / need_wh))
+                a = min(a, ((prev_frac[c] + dt_s / restore_s) * d - m) / (d - m))
             elif not shaved and local_s[c] <= dt_s:
                 # A node of the class runs out of its own energy (its load beyond its link) within this
                 # cycle: the class is no longer served whole, so it is cut now, whole, and its energy

@@ -31,8 +31,9 @@ __all__ = ["TreeDecider"]
 class TreeDecider:
     """`decide` over the tree's classes (priorities 0..K-1), with its state between rounds."""
 
-    def __init__(self, k: int, hold_s: float = 60.0):
-        self.k, self.hold_s = k, hold_s
+    def __init__(self, k: int, hold_s: float = 60.0, restore_s: float = 60.0):
+        self.k, self.hold_s, self.restore_s = k, hold_s, restore_s
+        self.frac = np.ones(k)  # the shares of the last round (a peak-shaved cut is restored at a ramp)
         self.clock_s = np.zeros(k)
         self.latched = np.zeros(k, np.uint8)
         self.dhz = np.zeros(k)  # the reserve's demand of the last round (for the reserve's rise)
@@ -48,6 +49,7 @@ class TreeDecider:
         ok = have & ~np.isnan(target)
         self.clock_s[ok] = target[ok] - dec[ok, D_LEFT]
         self.latched[have] = dec[have, D_LATCHED] != 0.0
+        self.frac[have] = dec[have, D_FRAC]
 
     def step(self, offer: np.ndarray, main_limit_w: float, dt_s: float) -> np.ndarray | None:
         """One cycle of the class rules on the tree's offer (K, N_COLS). Returns the decisions (K, D_N), NaN
@@ -88,10 +90,11 @@ class TreeDecider:
         tau, reserve, frac, rt, s_tau, cum, tot = z(), z(), z(), z(), z(), z(), z()
         reachable, s_on = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
         decide(n, dnow, dres, e_wh, float(main_limit_w), float(dt_s), self.hold_s, target, clock, latched,
-               self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot)
+               self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot,
+               self.restore_s, max(dt_s, 1e-3), np.ascontiguousarray(self.frac[ps]))
         if mixed:
             latched[:] = was
-        self.clock_s[ps], self.latched[ps], self.dhz[ps] = clock, latched, dres
+        self.clock_s[ps], self.latched[ps], self.dhz[ps], self.frac[ps] = clock, latched, dres, frac
         self.started = True
         out = np.full((self.k, D_N), math.nan)
         out[ps, D_FRAC] = frac

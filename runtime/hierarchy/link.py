@@ -202,7 +202,7 @@ class Link:
         names = img.spec.memory_names()
         self.energy_index = names.index("energy.tree") if "energy.tree" in names else None
         en = next((e.params for e in cfg.programs if e.id == "energy"), None)
-        self.decider = TreeDecider(self.h.classes, en.reset_hold_s if en is not None else 60.0) \
+        self.decider = TreeDecider(self.h.classes, *((en.reset_hold_s, en.restore_s) if en is not None else ())) \
             if self.role != "leaf" else None
         self._decided_ns: int | None = None
 
