@@ -30,7 +30,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
         for p in (0, 1, 3):
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
                     rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
-                    rng.uniform(0, 1e4), 1.0, 1.0)
+                    rng.uniform(0, 1e4), 1.0, 1.0, float(rng.integers(0, 3)))
         offers.append(o)
     got = []
     for o in offers:
@@ -41,6 +41,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
     assert s.energy[0, hc.C_DNOW] == pytest.approx(sum(o[0, hc.C_DNOW] for o in offers), rel=1e-15)
     assert s.energy[3, hc.C_LOC] == min(o[3, hc.C_LOC] for o in offers)
     assert s.energy[2, hc.C_LEAVES] == 0.0 and s.energy[1, hc.C_LEAVES] == 3.0
+    assert s.energy[1, hc.C_ABSENT] == sum(o[1, hc.C_ABSENT] for o in offers)  # missing children, every level
     for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV):
         assert s.energy[1, col] == pytest.approx(sum(o[1, col] for o in offers), rel=1e-15)
     assert np.isnan(s.energy[2, hc.C_TARGET])  # a class no child has stays absent
@@ -133,7 +134,7 @@ def test_a_child_coming_online_is_not_a_rise_of_the_reserve():
     one = hc.empty(8)
     for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
                                        (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
-        one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0)
+        one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0, 0.0)
     one /= 3.0  # one of three equal rows
     one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
     full = hc.total([one, one, one], 8)
