@@ -394,6 +394,9 @@ def main(argv=None) -> int:
         tree.wait(lambda: tree.controlled(leaves + [n for n in plan if n.startswith("row")]), 180,
                   "every rack and row controlled from above")
         print(f"every level controlled after {time.monotonic() - t0:.1f} s; settling {a.settle_s} s", flush=True)
+        if lay.ride_through_s:  # the top's class rules on the whole tree at its decisions, 20 rounds in a row
+            tree.wait(lambda: tree.decided() >= 20, 180, "the top's class rules on the whole tree")
+            print(f"the top decides on the whole tree after {time.monotonic() - t0:.1f} s", flush=True)
         time.sleep(a.settle_s)
         if a.step_at_s is not None:
             print("waiting for the demand step at n-00-00 and its new levels", flush=True)
