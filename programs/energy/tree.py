@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from numba import njit
 
-__all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_N", "T_USED", "T_SWEPT", "T_AT", "tree_size",
-           "tree_classes"]
+__all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_N", "T_USED", "T_SWEPT",
+           "T_AT", "tree_size", "tree_classes"]
 
 DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable")  # per priority, in this order
 D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE = range(len(DECISIONS))
