@@ -127,7 +127,7 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
     idxs = [np.arange(r * per, (r + 1) * per) for r in range(racks)]
     first = main_w / racks if share else 1e9
     leaves = [EnergyPlant(leaf_yaml(subset(f, i), first, targets, dt_s, decide == "tree")) for i in idxs]
-    top = TreeDecider(K)
+    top = TreeDecider(K, pace_s=dt_s)  # its rounds are the cycles here
     prios = np.unique(f.priority)
     res = Result([], [])
     sent = []

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from hierarchy_energy import EnergyPlant, leaf_yaml, demo_fleet, subset, tree_vs_flat  # noqa: E402
 
 from vbatt.hierarchy.wire import TreeLayout
-from vbatt.programs.energy.tree import D_FRAC, D_N
+from vbatt.programs.energy.tree import D_FRAC, D_LATCHED, D_LEFT, D_N
 from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.curves import Levels, Summary
 from vbatt.programs.hierarchy.decisions import TreeDecider
@@ -30,7 +30,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
         for p in (0, 1, 3):
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
                     rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
-                    rng.uniform(0, 1e4), 1.0, 1.0)
+                    rng.uniform(0, 1e4), 1.0, 1.0, float(rng.integers(0, 3)))
         offers.append(o)
     got = []
     for o in offers:
@@ -41,6 +41,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
     assert s.energy[0, hc.C_DNOW] == pytest.approx(sum(o[0, hc.C_DNOW] for o in offers), rel=1e-15)
     assert s.energy[3, hc.C_LOC] == min(o[3, hc.C_LOC] for o in offers)
     assert s.energy[2, hc.C_LEAVES] == 0.0 and s.energy[1, hc.C_LEAVES] == 3.0
+    assert s.energy[1, hc.C_ABSENT] == sum(o[1, hc.C_ABSENT] for o in offers)  # missing children, every level
     for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV):
         assert s.energy[1, col] == pytest.approx(sum(o[1, col] for o in offers), rel=1e-15)
     assert np.isnan(s.energy[2, hc.C_TARGET])  # a class no child has stays absent
@@ -125,19 +126,25 @@ def test_the_decisions_travel_with_the_levels_bit_for_bit():
     assert bare.energy is None
 
 
+def _one_of_three_rows() -> tuple[np.ndarray, np.ndarray, float]:
+    """The offer of one of three equal rows of the demo (one leaf each), the whole tree's, and the top's
+    main supply (0.35 x demand: class 1 peak-shaved, the clocks of classes 2 and 3 run)."""
+    one = hc.empty(8)
+    for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
+                                       (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
+        one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0, 0.0)
+    one /= 3.0
+    one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
+    full = hc.total([one, one, one], 8)
+    return one, full, 0.35 * float(full[:4, hc.C_DNOW].sum())
+
+
 def test_a_child_coming_online_is_not_a_rise_of_the_reserve():
     """The summed reserve jumps when a child's sums join the total; the energy program's margin for the
     reserve's rise (its surprises fade over an hour) must not take that for demand (the demo: while its
     rows came online one by one, the top held back a peak-shaved class and the classes beyond their
     targets: served 32 kW of the flat's 52 kW)."""
-    one = hc.empty(8)
-    for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
-                                       (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
-        one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0)
-    one /= 3.0  # one of three equal rows
-    one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
-    full = hc.total([one, one, one], 8)
-    main_w = 0.35 * float(full[:4, hc.C_DNOW].sum())
+    one, full, main_w = _one_of_three_rows()
     steady, late = TreeDecider(8), TreeDecider(8)
     late.step(one, main_w, 0.2)  # only the first row online yet
     for _ in range(5):
@@ -164,5 +171,83 @@ def test_a_leaf_has_every_class_of_the_tree_also_after_a_parameter_reload():
         assert p.mem["energy.priority"][:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1]
         o = hc.offer_of(p.img.read_published()[0], 8)
         assert np.isnan(o[3, hc.C_TARGET]) and o[3, hc.C_LEAVES] == 1.0  # no node of class 3 here
+    finally:
+        p.close()
+
+
+def test_the_top_decides_only_on_the_whole_tree_at_its_decisions():
+    """In real processes the top latched class 2, which the flat controller keeps, on the first round whose
+    leaves all said "on the tree's decisions" while one leaf's sums still came from a sweep at its own class
+    state (docs/hierarchy.md "Energy across levels"). Before the first whole round (every configured child
+    present, every leaf's sums the tree's) the top sends neutral decisions and starts no clock; its first
+    whole round is the flat controller's first cycle; after it, a round that is not whole holds the last
+    decisions and its time goes on the clocks at the next step; a late round runs the rules at the link's
+    pace."""
+    one, full, main_w = _one_of_three_rows()
+    part = hc.total([one, one], 8)
+    part[:, hc.C_ABSENT] = 1.0  # a row still joining (its parent counts it missing)
+    own = full.copy()
+    own[:, hc.C_ON_TREE] -= 1.0  # one leaf's sums swept at its own class state
+    top, flat = TreeDecider(8, pace_s=0.1), TreeDecider(8, pace_s=0.1)
+    for o in (part, own, part):
+        dec = top.round(o, main_w, 0.1)
+        assert top.mode == "waiting" and top.clean_rounds == 0
+        assert (dec[:4, D_FRAC] == 1.0).all() and not dec[:4, D_LATCHED].any() and np.isnan(dec[4:, D_FRAC]).all()
+        np.testing.assert_array_equal(dec[:4, D_LEFT], [7200.0, 1800.0, 600.0, 0.0])  # every target whole
+    assert not top.clock_s.any()
+    want = flat.step(full, main_w, 0.1)
+    got = top.round(full, main_w, 0.1)
+    assert top.mode == "deciding" and top.clean_rounds == 1
+    np.testing.assert_array_equal(got, want)
+    assert 0.0 < want[3, D_FRAC] < 1.0 and top.clock_s[2] == pytest.approx(0.1)  # the rules did something
+    held = top.round(own, main_w, 0.4)  # a leaf back from a fallback: its sums are its own for a sweep
+    assert top.mode == "held" and top.clean_rounds == 0
+    np.testing.assert_array_equal(held, got)
+    flat.step(full, main_w, 0.1)
+    got = top.round(full, main_w, 2.6)  # late on a loaded machine: 2.6 s since the last round
+    want = flat.step(full, main_w, 0.2)  # the rules at twice the link's pace at most ...
+    np.testing.assert_allclose(got[:4, D_FRAC], want[:4, D_FRAC], rtol=0, atol=1e-12)
+    assert top.clock_s[2] == pytest.approx(0.1 + 0.4 + 2.6)  # ... the clocks by all the time, held included
+    # a child gone for good: after wait_s the rules run on the rest
+    gone = TreeDecider(8, pace_s=0.1, wait_s=1.0)
+    gone.round(full, main_w, 0.1)
+    for _ in range(3):
+        gone.round(part, main_w, 0.4)
+    assert gone.mode == "partial"
+
+
+def test_a_leafs_sums_are_the_trees_only_when_swept_wholly_under_the_lease():
+    """A leaf sweeps its nodes over several cycles and a node's part of the sums depends on its class state
+    (the latch, the own-need lock): the sums of a sweep begun before the lease are the leaf's own, so
+    the program says "on the tree" (energy.tree[T_USED]) only after a whole sweep under the lease, and
+    no longer as soon as the lease lapses."""
+    import yaml
+
+    from vbatt.programs.energy.rules import ST_POS
+    from vbatt.programs.energy.tree import D_REACHABLE, D_RUNTIME, T_AT, T_USED
+
+    f = demo_fleet(links=True)
+    d = yaml.safe_load(leaf_yaml(subset(f, np.arange(12)), 1e4, {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}, 1.0, True))
+    d["programs"][0]["energy"]["sweep_s"] = 3.0  # a sweep of 3 cycles
+    p = EnergyPlant(yaml.safe_dump(d, sort_keys=False))
+    try:
+        t, pos = p.mem["energy.tree"], lambda: int(p.mem["energy.state"][ST_POS])
+        p.cycle()
+        while pos() != 4:  # one cycle into a sweep
+            p.cycle()
+        for prio, target in enumerate((7200.0, 1800.0, 600.0, 0.0)):  # neutral decisions, leased
+            j = T_AT + D_N * prio
+            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0)
+            assert D_RUNTIME == 3 and D_REACHABLE == 4
+        t[0] = np.inf
+        seen = []
+        for _ in range(7):
+            p.cycle()
+            seen.append((pos(), float(t[T_USED])))
+        # the sweep under way ends at the leaf's own sums; the next one, wholly under the lease, is the tree's
+        assert seen == [(8, 0.0), (0, 0.0), (4, 0.0), (8, 0.0), (0, 1.0), (4, 1.0), (8, 1.0)], seen
+        t[0] = 0.0  # the lease lapses
+        p.cycle()
+        assert t[T_USED] == 0.0
     finally:
         p.close()

@@ -34,7 +34,7 @@ from vbatt.kernel.seqblock import ArraySpec
 from vbatt.programs.energy.horizon import HZ_N
 from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step, horizon_params
 from vbatt.programs.energy.rules import ST_N, ST_N_CLS, ST_POS, ST_STARTED
-from vbatt.programs.energy.tree import T_USED, tree_size
+from vbatt.programs.energy.tree import T_AT, T_SWEPT, T_USED, tree_size
 
 __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unreachable_texts"]
 
@@ -156,7 +156,7 @@ class Energy(Program):
     def set_memory(self, img, name: str, index: int, value: float) -> str | None:
         if name == self.TREE:
             a = self.mem(img, self.TREE)
-            if not 0 <= index < a.shape[0] or index == T_USED or (index == 0 and math.isnan(value)):
+            if not 0 <= index < a.shape[0] or index in (T_USED, T_SWEPT) or (index == 0 and math.isnan(value)):
                 return f"energy.tree[{index}] = {value!r}: index out of 0..{a.shape[0] - 1} or a NaN lease"
             a[index] = value
             return None
@@ -217,7 +217,7 @@ class Energy(Program):
         self._classes(img)
         self.mem(img, "hz")[:] = 0.0
         self.mem(img, self.TREE)[:] = np.nan
-        self.mem(img, self.TREE)[:T_USED + 1] = 0.0  # no lease
+        self.mem(img, self.TREE)[:T_AT] = 0.0  # no lease
         self._seed(img)
 
     def _seed(self, img) -> None:

@@ -31,7 +31,7 @@ from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
                                          ST_SURPRISE_WH, ST_TREND_WH, decide)
-from vbatt.programs.energy.tree import tree_classes
+from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -275,7 +275,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     state, season its profiles, prior/prior_season the recorded aggregate's, dhz the demand the
     reserve counts). v_* are scratch. In a tree of controllers, `tree` holds the tree's class decisions
     (tree.py): while leased they stand in for decide()'s, before the sweep and after decide()."""
-    tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
+    on_tree = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s,
+                           reachable) >= 0
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -290,6 +291,10 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     pace_s = max(dt_s * -(-n // max(chunk, 1)), 1e-3)  # one sweep
     a = 0 if first else int(state[ST_POS])
     b = n if first else min(n, a + chunk)
+    # the sums offered upward are the tree's only when every cycle of their sweep had its decisions
+    tree[T_SWEPT] = (1.0 if on_tree else 0.0) if a == 0 else (tree[T_SWEPT] if on_tree else 0.0)
+    if not on_tree:
+        tree[T_USED] = 0.0
     if a == 0:
         for c in range(n_cls):
             for j in range(NX_N):
@@ -331,6 +336,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
         if not first:
             _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
+        tree[T_USED] = tree[T_SWEPT]
         b = 0
     state[ST_POS] = b
     state[ST_STARTED] = 1.0

@@ -9,10 +9,13 @@ sweep's horizons; its own decide() still runs (classes the tree does not carry k
 its state is warm for the fallback). When the lease runs out it decides on its own again, on its own
 main_limit_w, starting from the tree's clocks and latches.
 
-memory `tree` (f8): [lease deadline (wall s; 0: none), used (written by the program: 1 when this
-cycle's class state was the tree's, so that the sums it offers upward were taken at the tree's
-decisions), then per priority p (0 .. MAX_CLASSES-1) the D_N values D_FRAC, D_LATCHED, D_LEFT,
-D_RUNTIME, D_REACHABLE]; a NaN fraction: no decision for p.
+memory `tree` (f8): [lease deadline (wall s; 0: none), used (written by the program: 1 when the class
+sums it publishes were swept wholly at the tree's decisions, so that the sums it offers upward are the
+tree's), swept (written by the program: the lease held at every cycle of the sweep under way), then per
+priority p (0 .. MAX_CLASSES-1) the D_N values D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE]; a
+NaN fraction: no decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
+depends on its class state (its own-need lock, the latch): sums of a sweep begun before the first lease,
+or during a fallback, are the leaf's own even when this cycle's class state is the tree's.
 The remaining target is carried, not the clock: the leaf's clock is set so that its target minus its
 clock is the tree's (everything the program derives from the clock goes through that difference).
 """
@@ -21,14 +24,15 @@ from __future__ import annotations
 
 from numba import njit
 
-__all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_N", "T_USED", "T_AT", "tree_size",
-           "tree_classes"]
+__all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_N", "T_USED", "T_SWEPT",
+           "T_AT", "tree_size", "tree_classes"]
 
 DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable")  # per priority, in this order
 D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE = range(len(DECISIONS))
 D_N = len(DECISIONS)
 T_USED = 1  # [0] is the lease deadline
-T_AT = 2  # the first priority's values
+T_SWEPT = 2
+T_AT = 3  # the first priority's values
 
 
 def tree_size(classes: int) -> int:
@@ -41,9 +45,7 @@ def tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac,
     controller's own, class by class (class c is priority prio_of[c]). Returns -1 when not leased,
     else the number of classes whose target is unreachable."""
     if not wall_s < tree[0]:
-        tree[T_USED] = 0.0
         return -1
-    tree[T_USED] = 1.0
     bad = 0
     for c in range(n_cls):
         j = T_AT + D_N * prio_of[c]

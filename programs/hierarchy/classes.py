@@ -25,14 +25,14 @@ from vbatt.programs.energy.tree import T_USED
 __all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows", "row"]
 
 COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
-        "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree")
+        "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree", "absent")
 N_COLS = len(COLS)
 (C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
- C_ON_TREE) = range(N_COLS)
+ C_ON_TREE, C_ABSENT) = range(N_COLS)
 # a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
 # the subtree's other nodes deliver it, and the class rules check every class's horizon)
-_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-_SUMMED = [C_DNOW, C_DHZ, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE]
+_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+_SUMMED = [C_DNOW, C_DHZ, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT]
 
 
 def empty(k: int) -> np.ndarray:
@@ -46,8 +46,9 @@ def offer_of(v: dict, k: int) -> np.ndarray:
     if "mem.energy.state" not in v:
         return out
     g = lambda name: v["mem.energy." + name]  # noqa: E731
-    # how many leaves' sums are in a total (the sums jump when a child comes or goes), and how many of
-    # them were taken at the tree's decisions (not at a leaf's own, before its first lease or in a fallback)
+    # how many leaves' sums are in a total (the sums jump when a child comes or goes), how many of them
+    # were taken at the tree's decisions (not at a leaf's own, before its first lease or in a fallback),
+    # and how many configured children of the subtree's levels are missing from it (a level adds its own)
     out[:, C_LEAVES] = 1.0
     out[:, C_ON_TREE] = float(g("tree")[T_USED] == 1.0)
     has = np.bincount(np.clip(v["node.priority"], 0, k), minlength=k + 1)[:k] > 0
@@ -61,7 +62,7 @@ def offer_of(v: dict, k: int) -> np.ndarray:
         out[p] = (g("demand_w")[c], g("demand_horizon_w")[c], g("energy_wh")[c], g("local_s")[c],
                   max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
                   g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
-                  float(g("tree")[T_USED] == 1.0))
+                  float(g("tree")[T_USED] == 1.0), 0.0)
         if not has[p]:  # a class of the tree it has no node of: only its deliverable energy counts
             out[p, [C_LEFT, C_TARGET]] = math.nan
     return out

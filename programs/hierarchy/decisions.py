@@ -12,6 +12,18 @@ state, they are the flat controller's sums, so the next decision is the flat one
 
 A middle level forwards its parent's decisions and keeps their clocks and latches (`adopt`), so that
 when its parent stops renewing them it decides for its subtree from where the tree was.
+
+The rules run only on a round whose sums are the flat controller's (`round`): every configured child
+of every level present (`absent` 0) and every leaf's sums swept wholly at the tree's decisions. Until
+the first such round the top sends neutral decisions (nothing capped or latched, every target whole:
+the flat controller's state before its first cycle), so that the leaves' sums become the tree's; after
+it, a round that is not whole holds the last decisions (a leaf back from a fallback, a child joining)
+and the time it held is counted on the clocks at the next step. A latch, a clock that starts or a rise
+of the reserve decided on part of the tree, or on a leaf's own sums, would stay for the whole shortage
+(measured in real processes: the top latched a class the flat controller keeps, on the round in which
+a leaf's sums still came from a sweep at its own class state). Only when the tree stays incomplete
+longer than `wait_s` (a child gone for good) do the rules run on what is there, as before: capping,
+but latching nothing and counting no rise of the reserve on a leaf's own sums.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.kernel import _reserve_rise, _reserve_wh
-from vbatt.programs.energy.rules import ST_N, ST_SLACK_W, decide
+from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide
 from vbatt.programs.energy.tree import D_FRAC, D_LATCHED, D_LEFT, D_N, D_REACHABLE, D_RUNTIME
 from vbatt.programs.hierarchy import classes as hc
 
@@ -31,25 +43,81 @@ __all__ = ["TreeDecider"]
 class TreeDecider:
     """`decide` over the tree's classes (priorities 0..K-1), with its state between rounds."""
 
-    def __init__(self, k: int, hold_s: float = 60.0, restore_s: float = 60.0):
+    def __init__(self, k: int, hold_s: float = 60.0, restore_s: float = 60.0, *, pace_s: float = 0.1,
+                 wait_s: float = 30.0):
         self.k, self.hold_s, self.restore_s = k, hold_s, restore_s
         self.frac = np.ones(k)  # the shares of the last round (a peak-shaved cut is restored at a ramp)
+        self.pace_s, self.wait_s = pace_s, wait_s  # the link's round; the longest wait for a whole tree
         self.clock_s = np.zeros(k)
         self.latched = np.zeros(k, np.uint8)
         self.dhz = np.zeros(k)  # the reserve's demand of the last round (for the reserve's rise)
         self.state = np.zeros(ST_N)
         self.started = False
         self.leaves = np.zeros(k)  # the leaves in the last round's sums
+        self.absent = np.zeros(k)  # the children missing from them
         self.rows: list[dict] = []
+        self.last: np.ndarray | None = None  # the decisions in force (held while the tree is not whole)
+        self.mode = "waiting"  # waiting (neutral decisions) / deciding / held / partial (rules on part of it)
+        self.clean_rounds = 0  # rounds in a row the rules ran on the whole tree at its decisions
+        self.unclean_s = 0.0  # how long the sums have not been whole
+        self.held_s = 0.0  # time held since the last step, for the clocks
 
     def adopt(self, dec: np.ndarray, offer: np.ndarray | None) -> None:
-        """The parent's decisions (K, D_N): their clocks and latches become this level's."""
+        """The parent's decisions (K, D_N): their clocks and latches become this level's, and the
+        decisions this level holds when it becomes the top of its subtree on a round that is not whole."""
         have = ~np.isnan(dec[:, D_FRAC])
         target = offer[:, hc.C_TARGET] if offer is not None else np.full(self.k, math.nan)
         ok = have & ~np.isnan(target)
         self.clock_s[ok] = target[ok] - dec[ok, D_LEFT]
         self.latched[have] = dec[have, D_LATCHED] != 0.0
         self.frac[have] = dec[have, D_FRAC]
+        self.last = dec.copy()
+        self.held_s = 0.0
+
+    @staticmethod
+    def whole(offer: np.ndarray) -> bool:
+        """Every configured child present and every leaf's sums swept at the tree's decisions."""
+        ps = ~np.isnan(offer[:, hc.C_TARGET])
+        return bool(ps.any()) and not bool(offer[:, hc.C_ABSENT].any()) and \
+            bool((offer[ps, hc.C_ON_TREE] == offer[ps, hc.C_LEAVES]).all())
+
+    def round(self, offer: np.ndarray, main_limit_w: float, dt_s: float) -> np.ndarray | None:
+        """One round of the link at the top of a (sub)tree: the class rules on a whole tree's sums;
+        otherwise the neutral decisions (before the first whole round) or the last ones, held."""
+        if np.isnan(offer[:, hc.C_TARGET]).all():
+            self.rows = []
+            return self.last
+        whole = self.whole(offer)
+        self.unclean_s = 0.0 if whole else self.unclean_s + dt_s
+        if whole or self.unclean_s > self.wait_s:
+            dec = self.step(offer, main_limit_w, dt_s + self.held_s)
+            self.held_s = 0.0
+            self.mode = "deciding" if whole else "partial"
+            self.clean_rounds = self.clean_rounds + 1 if whole else 0
+            self.last = dec
+            return dec
+        self.clean_rounds = 0
+        if self.last is None:
+            self.mode = "waiting"
+            return self.neutral(offer)
+        self.mode = "held"
+        self.held_s += dt_s
+        return self.last
+
+    def neutral(self, offer: np.ndarray) -> np.ndarray:
+        """The class state of a flat controller before its first cycle: nothing capped or latched, every
+        target whole (the leaves' own-need locks over the whole target, as at a flat controller's first
+        sweep)."""
+        ps = np.flatnonzero(~np.isnan(offer[:, hc.C_TARGET]))
+        out = np.full((self.k, D_N), math.nan)
+        target = offer[ps, hc.C_TARGET]
+        out[ps, D_FRAC] = 1.0
+        out[ps, D_LATCHED] = 0.0
+        out[ps, D_LEFT] = target
+        out[ps, D_RUNTIME] = target
+        out[ps, D_REACHABLE] = 1.0
+        self.rows = [r | {"clock_s": 0.0, "latched": False, "frac": 1.0} for r in hc.rows(offer)]
+        return out
 
     def step(self, offer: np.ndarray, main_limit_w: float, dt_s: float) -> np.ndarray | None:
         """One cycle of the class rules on the tree's offer (K, N_COLS). Returns the decisions (K, D_N), NaN
@@ -75,8 +143,9 @@ class TreeDecider:
         # the batteries back for an hour: measured in the demo while its children came online)
         hz = np.maximum(0.0, target - clock)
         r_old = _reserve_wh(n, np.ascontiguousarray(self.dhz[ps]), target, clock, latched)
-        same = np.array_equal(offer[:, hc.C_LEAVES], self.leaves)
-        self.leaves = offer[:, hc.C_LEAVES].copy()
+        same = np.array_equal(offer[:, hc.C_LEAVES], self.leaves) and np.array_equal(offer[:, hc.C_ABSENT],
+                                                                                      self.absent)
+        self.leaves, self.absent = offer[:, hc.C_LEAVES].copy(), offer[:, hc.C_ABSENT].copy()
         # sums some leaf took at its own class state (before its first lease, or in a fallback) are not the
         # tree's: this round may cap, but latches nothing and is no rise of the reserve (one such round,
         # a leaf's own latches taking its energy out of the pool, latched a class for the whole shortage)
@@ -89,9 +158,19 @@ class TreeDecider:
         z = lambda: np.zeros(n)  # noqa: E731
         tau, reserve, frac, rt, s_tau, cum, tot = z(), z(), z(), z(), z(), z(), z()
         reachable, s_on = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
-        decide(n, dnow, dres, e_wh, float(main_limit_w), float(dt_s), self.hold_s, target, clock, latched,
+        # The rules' energy of this round at the link's pace: a round late on a loaded machine (seconds)
+        # would ask a class riding through for seconds of energy at once and latch it where the flat
+        # controller, cycle by cycle, does not; the rest of the time only moves the clocks that run.
+        dt_rule = min(float(dt_s), 2.0 * self.pace_s)
+        before = clock.copy()
+        decide(n, dnow, dres, e_wh, float(main_limit_w), dt_rule, self.hold_s, target, clock, latched,
                self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot,
-               self.restore_s, max(dt_s, 1e-3), np.ascontiguousarray(self.frac[ps]))
+               self.restore_s, max(dt_rule, 1e-3), np.ascontiguousarray(self.frac[ps]))
+        extra = float(dt_s) - dt_rule
+        if extra > 0.0:
+            clock[clock > before] += extra
+            if self.state[ST_SHORT] == 0.0:
+                self.state[ST_OK_S] += extra
         if mixed:
             latched[:] = was
         self.clock_s[ps], self.latched[ps], self.dhz[ps], self.frac[ps] = clock, latched, dres, frac

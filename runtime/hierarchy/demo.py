@@ -215,10 +215,17 @@ class Tree:
         return all((s := self.status(n)) is not None and s["levels_from"] == "parent" and s["cycle"] > 10
                    and all(c["online"] for c in s["children"].values()) for n in names)
 
-    def settle(self, names, cycles: int, timeout_s: float) -> None:
+    def decided(self) -> int:
+        """Rounds in a row the top ran the energy rules on the whole tree at its decisions (0: none yet)."""
+        d = (self.status("top") or {}).get("decisions") or {}
+        return int(d.get("clean_rounds", 0))
+
+    def settle(self, names, cycles: int, timeout_s: float, decided_rounds: int = 0) -> None:
         """Every one of `names` controlled from above, then `cycles` more cycles at each with no fallback
-        in between (a lease that ran out on a loaded machine starts the count again): the state a
-        comparison with the flat controller needs at the stop."""
+        in between (a lease that ran out on a loaded machine starts the count again), and with the energy
+        program the top's class rules run `decided_rounds` rounds in a row on the whole tree at its
+        decisions (every rack present and its sums swept at them; a fallback or a rack missing starts
+        that count again): the state a comparison with the flat controller needs at the stop."""
         self.wait(lambda: self.controlled(names), timeout_s, "every rack and row controlled from above")
         end = time.monotonic() + timeout_s
         start = {}
@@ -230,11 +237,13 @@ class Tree:
                 start = {}
             elif not start:
                 start = st
-            elif all(st[n]["cycle"] > start[n]["cycle"] + cycles for n in names):
+            elif all(st[n]["cycle"] > start[n]["cycle"] + cycles for n in names) and \
+                    self.decided() >= decided_rounds:
                 return
             self.wait(lambda: True, 1, "")  # (only its check that every process still runs)
             time.sleep(0.1)
-        raise TimeoutError(f"timed out after {timeout_s} s waiting for {cycles} cycles without a fallback")
+        raise TimeoutError(f"timed out after {timeout_s} s waiting for {cycles} cycles without a fallback"
+                           f" and {decided_rounds} rounds of the top's class rules on the whole tree")
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         p = self.procs.pop(name)
@@ -385,6 +394,9 @@ def main(argv=None) -> int:
         tree.wait(lambda: tree.controlled(leaves + [n for n in plan if n.startswith("row")]), 180,
                   "every rack and row controlled from above")
         print(f"every level controlled after {time.monotonic() - t0:.1f} s; settling {a.settle_s} s", flush=True)
+        if lay.ride_through_s:  # the top's class rules on the whole tree at its decisions, 20 rounds in a row
+            tree.wait(lambda: tree.decided() >= 20, 180, "the top's class rules on the whole tree")
+            print(f"the top decides on the whole tree after {time.monotonic() - t0:.1f} s", flush=True)
         time.sleep(a.settle_s)
         if a.step_at_s is not None:
             print("waiting for the demand step at n-00-00 and its new levels", flush=True)

@@ -202,8 +202,13 @@ class Link:
         names = img.spec.memory_names()
         self.energy_index = names.index("energy.tree") if "energy.tree" in names else None
         en = next((e.params for e in cfg.programs if e.id == "energy"), None)
-        self.decider = TreeDecider(self.h.classes, *((en.reset_hold_s, en.restore_s) if en is not None else ())) \
+        # it waits for a whole tree (every child present, every leaf on the tree's decisions) for ten leases
+        # at least: a child that does not come within that is gone, and the rules run on the rest
+        self.decider = TreeDecider(self.h.classes, en.reset_hold_s if en is not None else 60.0,
+                                   en.restore_s if en is not None else 60.0,
+                                   pace_s=self.h.poll_ms / 1e3, wait_s=max(30.0, 10 * self.h.lease_ms / 1e3)) \
             if self.role != "leaf" else None
+        self._out: list[tuple] = []  # this round's commands, pushed together or not at all
         self._decided_ns: int | None = None
 
     # -- children ------------------------------------------------------------------------------------
@@ -268,18 +273,30 @@ class Link:
         return s
 
     # -- one round -----------------------------------------------------------------------------------
-    def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> bool:
-        try:
-            self.img.commands.push(PRODUCER, op, node, value, arg)
-        except BufferError:
+    def _push(self, op: int, node: int = -1, value: float = 0.0, arg: int = 0) -> None:
+        self._out.append((op, node, value, arg))
+
+    def _flush(self) -> None:
+        """The round's commands into the ring, all or none. A command that did not fit must not count as
+        applied: the values the link remembers as sent (levels, decisions, main limit, tree_state) are
+        then forgotten and all of them go again next round (once, values the ring had no room for stayed
+        out while the lease around them was renewed: a leaf used decisions it never received)."""
+        out, self._out = self._out, []
+        if not out:
+            return
+        ring = self.img.commands
+        if ring.room(PRODUCER) < len(out):
             if not self._ring_full:  # once per episode (a scan still compiling would log it 20 times a second)
                 log.warning("command ring of the hierarchy link is full: the scan is not running")
             self._ring_full = True
-            return False
+            self.st.applied, self.st.applied_energy, self.st.main_limit_w = (), (), math.nan
+            self._state_sent = None
+            return
+        for cmd in out:
+            ring.push(PRODUCER, *cmd)
         if self._ring_full:
             log.warning("command ring of the hierarchy link: the scan takes commands again")
         self._ring_full = False
-        return True
 
     def tree_state(self) -> int:
         """The aggregate tree_state: 0 no parent (the top, or a child before its parent's first levels),
@@ -291,8 +308,8 @@ class Link:
     def _tree_state(self, v: dict) -> None:
         want = self.tree_state()
         if int(v["agg.tree_state"][0]) != want and want != getattr(self, "_state_sent", None):
-            if self._push(Op.SET_TREE_STATE, -1, float(want)):
-                self._state_sent = want
+            self._push(Op.SET_TREE_STATE, -1, float(want))
+            self._state_sent = want
         elif int(v["agg.tree_state"][0]) == want:
             self._state_sent = None  # the image has it; a later difference (a restart) is sent again
 
@@ -332,7 +349,10 @@ class Link:
             if parent is None:  # the top, or a level whose parent is gone: its own limit for its subtree
                 lv = None  # solved below from the fresh curves
             await asyncio.gather(*(self._poll(c, lv) for c in self.children))
-            summary = Summary.total([c.summary for c in self.children if c.online and c.summary is not None])
+            here = [c.summary for c in self.children if c.online and c.summary is not None]
+            summary = Summary.total(here)
+            if summary.energy is not None:  # the configured children missing from the sums, at every level
+                summary.energy[:, hc.C_ABSENT] += len(self.children) - len(here)
             if parent is None:
                 limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else self.own_limit_w
                 lv, _main = solve_levels(summary, limit)
@@ -346,6 +366,7 @@ class Link:
                                                   ("own" if lv is not None else "none"))
         self._main_limit(summary, parent is not None)
         self._tree_state(v)
+        self._flush()
         if self.uplink is not None:
             self.uplink.backend.refresh(v)
             self.uplink.tick(now)
@@ -398,7 +419,18 @@ class Link:
         self._decided_ns = now_ns
         if summary.energy is None:
             return lv
-        dec = self.decider.step(summary.energy, limit_w, dt_s)
+        dec = self.decider.round(summary.energy, limit_w, dt_s)
+        # the trace says what the class rules ran on whenever that or a latch changes
+        o, d = summary.energy, self.decider
+        key = (d.mode, tuple(bool(r["latched"]) for r in d.rows), tuple(o[:, hc.C_LEAVES]),
+               tuple(o[:, hc.C_ON_TREE]), tuple(o[:, hc.C_ABSENT]))
+        if key != getattr(self, "_last_decided", None):
+            self._last_decided = key
+            self._trace("decisions", mode=d.mode, dt_s=dt_s, leaves=float(o[:, hc.C_LEAVES].max()),
+                        on_tree=float(o[:, hc.C_ON_TREE].min()), absent=float(o[:, hc.C_ABSENT].max()),
+                        latched=[r["priority"] for r in d.rows if r["latched"]],
+                        clock_s={str(r["priority"]): r["clock_s"] for r in d.rows},
+                        frac={str(r["priority"]): r["frac"] for r in d.rows})
         return lv if dec is None else dataclasses.replace(lv, energy=dec)
 
     def _apply_leaf(self, lv: Levels | None, now_ns: int) -> None:
@@ -464,6 +496,12 @@ class Link:
             "subtree": None if s is None else {"own_w": s.own_w, "served_w": s.served_w, "bus_w": s.bus_w,
                                                "battery_w": s.battery_w},
             "classes": getattr(self, "classes", []),
+            # the energy decisions this level makes (the top of its subtree): waiting (neutral decisions
+            # until the whole tree is on them), deciding, held (the tree not whole: the last ones), partial
+            # (the rules on part of the tree after waiting); clean_rounds: rounds in a row on the whole tree
+            "decisions": None if self.decider is None or self.st.source != "own" else {
+                "mode": self.decider.mode, "clean_rounds": self.decider.clean_rounds},
+            "absent": None if s is None or s.energy is None else int(s.energy[:, hc.C_ABSENT].max()),
             "children": {c.id: {"online": c.online, "fault": c.fault,
                                 "bus_w": c.summary.bus_w if c.summary else None,
                                 "battery_w": c.summary.battery_w if c.summary else None} for c in self.children},

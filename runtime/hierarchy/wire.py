@@ -19,8 +19,10 @@ Body layout (offsets in registers), K classes, N knots:
  26+K  Energy     K x C float64 (C = len(classes.COLS)): per priority class k, the energy offer
                   (programs/hierarchy/classes.py): DemandW, DemandHorizonW, EnergyWh (pooled usable), LocalS
                   (first node out of its own energy; +inf none), LeftS (remaining target), TargetS (NaN: no
-                  node of the class in the subtree), Latched (1: shed for energy), PowerNeedW, PowerSlackW,
-                  DeliverableWh (within the class's remaining target)
+                  node of the class in the subtree), Latched (1: shed for energy), PoolNowW, PowerNeedW,
+                  PowerSlackW, DeliverableWh (within the class's remaining target), Leaves (leaves in the
+                  sums), LeavesOnTree (of those, swept wholly at the tree's decisions), Absent (configured
+                  children of the subtree's levels missing from the sums)
  26+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
  then the levels (written by the parent, one request):
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
@@ -80,7 +82,7 @@ class TreeLayout:
                 xy.view(">u2").astype(int).tolist())
 
     def decode_energy(self, words) -> np.ndarray:
-        """The energy offer (K, 7) from the cls_len registers after the header."""
+        """The energy offer (K, len(classes.COLS)) from the cls_len registers after the header."""
         return np.asarray(words, np.uint16).astype(">u2").view(">f8").astype(np.float64).reshape(self.k, hc.N_COLS)
 
     def decode_head(self, words) -> dict:

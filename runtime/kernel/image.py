@@ -203,6 +203,10 @@ class CommandRing:
         self.a["head"][producer] = head + 1  # publish last
         return head + 1
 
+    def room(self, producer: int) -> int:
+        """Free slots of one producer's ring (its producer alone fills them)."""
+        return self.slots - (int(self.a["head"][producer]) - int(self.a["tail"][producer]))
+
     def applied(self, producer: int) -> int:
         return int(self.a["tail"][producer])
 
