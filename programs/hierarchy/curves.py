@@ -113,6 +113,19 @@ class Curve:
         keep[1:-1] = np.abs(cross) > 1e-13 * (np.abs(dy0 * dx1) + np.abs(dy1 * dx0))
         return Curve(xs[keep], ys[keep])
 
+    def clip(self, a: float, b: float) -> "Curve":
+        """x -> min(max(f(x), a), b) for a nondecreasing f, a <= b: again piecewise linear, with a knot
+        where f crosses a bound (a feeder limit: programs/hierarchy/feeder.py)."""
+        xs, ys = self.xs, self.ys
+        if a <= ys[0] and ys[-1] <= b:
+            return self
+        new = [xs]
+        for t in (a, b):
+            j = np.flatnonzero((ys[:-1] < t) & (ys[1:] > t))  # segments crossing t (strictly)
+            new.append(xs[j] + (t - ys[j]) * (xs[j + 1] - xs[j]) / (ys[j + 1] - ys[j]))
+        nx = np.unique(np.concatenate(new))
+        return Curve(nx, np.clip(np.interp(nx, xs, ys), a, b)).compact()
+
     def solve(self, t: float) -> float:
         """The smallest x with f(x) = t; -inf (+inf) at or below (above) the curve's range, to rounding:
         every term then sits at its lower (upper) clamp whatever its weight has drifted to since the
