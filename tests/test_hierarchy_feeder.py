@@ -168,3 +168,68 @@ def test_clip_is_the_clipped_function():
         k = c.clip(lo, hi)
         for x in np.linspace(-300, 300, 1201):
             assert k(x) == pytest.approx(min(max(c(x), lo), hi), abs=1e-9)
+
+
+LEAF_WITH = ("hierarchy: {{uplink: {{port: 0, plaintext: true}}}}\nnodes: [{{id: a, demand_w: 1}}]\n"
+             "programs:\n  - allocation: {{{key}: {value}}}\n  - tree\n")
+
+
+@pytest.mark.parametrize("key, value", [("ramp_w_per_s", 500), ("restore_hold_s", 5), ("restore_margin", 0.05)])
+def test_a_leaf_with_a_ramp_or_a_restore_hold_is_refused_with_its_line(key, value):
+    """The tree's levels replace a leaf's allocation: its ramp or hold would be kept only in a fallback."""
+    from vbatt.config.plant import load_config_text
+    from vbatt.config.yamlsrc import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config_text(LEAF_WITH.format(key=key, value=value), "rack.yaml")
+    msg = str(e.value)
+    assert f"rack.yaml:4: programs[0].allocation.{key}: {float(value)!r} on a leaf" in msg, msg
+    load_config_text(LEAF_WITH.format(key=key, value=0), "rack.yaml")  # 0: accepted
+    middle = LEAF_WITH.format(key=key, value=value).replace("  - tree\n", "")  # no uplink: no tree, no levels
+    load_config_text(middle.replace("hierarchy: {uplink: {port: 0, plaintext: true}}\n", ""), "flat.yaml")
+
+
+def test_feeders_in_real_processes(tmp_path):
+    """2 rows x 2 racks x 3 nodes, each its own `vbatt run`, real Modbus on 127.0.0.1: rack-00's feeder and
+    row-1's at a fraction of their demand (the top's main supply 0.35 of the demand: a shortage). At rest
+    every feeder holds and the racks' nodes equal HiGHS on the flat problem with those limits, to 1e-6 W."""
+    import json
+
+    from vbatt.hierarchy.demo import Layout, Tree, _nodes, write_configs
+    from vbatt.programs.hierarchy.curves import node_limits
+
+    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=0.35, lease_ms=4000)
+    demand = {}
+    for n in _nodes(lay):
+        r, k = n["rack"]
+        demand[f"rack-{r}{k}"] = demand.get(f"rack-{r}{k}", 0.0) + n["demand_w"]
+        demand[f"row-{r}"] = demand.get(f"row-{r}", 0.0) + n["demand_w"]
+    lay.feeder_w = {"rack-00": round(0.15 * demand["rack-00"], 3), "row-1": round(0.3 * demand["row-1"], 3)}
+    plan = write_configs(tmp_path, lay)
+    tree = Tree(plan, tmp_path)
+    try:
+        tree.start_all(flat=False)
+        tree.settle([n for n in plan if n.startswith(("rack", "row"))], 40, 300)
+    finally:
+        tree.stop_all()
+    racks = sorted(n for n in plan if n.startswith("rack"))
+    snaps = {r: json.loads(open(plan[r]["snapshot"]).read())["nodes"] for r in racks}
+    nodes = [x for r in racks for x in snaps[r]]
+    col = lambda k: np.array([x[k] for x in nodes], float)  # noqa: E731
+    nl = node_limits(col("priority").astype(int), col("demand_w"), col("lo_w"), col("hi_w"), col("link_max_w"),
+                     col("soc"), col("capacity_wh"))
+    at, groups = 0, []
+    for r in racks:
+        groups.append((np.arange(at, at + len(snaps[r])), lay.feeder_w.get(r, math.inf)))
+        at += len(snaps[r])
+    for w in range(lay.rows):
+        idx = np.concatenate([g for (g, _f), r in zip(groups[:len(racks)], racks) if r.startswith(f"rack-{w}")])
+        groups.append((idx, lay.feeder_w.get(f"row-{w}", math.inf)))
+    main = json.loads(open(tmp_path / "plan.json").read())["main_limit_w"]
+    ref = reference(nl.d, nl.lo, nl.hi, nl.link, nl.cap, nl.free, nl.prio, nl.w_dis, nl.w_chg, groups, main)
+    tree_out = {k: col(k) for k in ("served_w", "battery_w", "bus_w")}
+    for idx, f in groups:
+        assert abs(tree_out["bus_w"][idx].sum()) <= f + 1e-6
+    assert abs(tree_out["bus_w"][groups[0][0]].sum()) == pytest.approx(lay.feeder_w["rack-00"], abs=1e-6)  # binds
+    print("real processes: largest node difference to HiGHS (W):", diff(tree_out, ref))
+    assert diff(tree_out, ref) < TOL_W
