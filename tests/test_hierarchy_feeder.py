@@ -108,7 +108,7 @@ def test_reference_without_feeders_is_the_flat_allocator(seed):
     assert diff(ref, flat(cols, main)) < TOL_W
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(12))
 def test_feeders_three_levels_equal_the_reference(seed):
     rng, cols, main, tree = instance(seed, shortage=seed % 3 != 2)
     f_rack, f_row = feeders(rng, cols, tree, (0.05, 0.6))
@@ -190,21 +190,21 @@ def test_a_leaf_with_a_ramp_or_a_restore_hold_is_refused_with_its_line(key, valu
 
 
 def test_feeders_in_real_processes(tmp_path):
-    """2 rows x 2 racks x 3 nodes, each its own `vbatt run`, real Modbus on 127.0.0.1: rack-00's feeder and
-    row-1's at a fraction of their demand (the top's main supply 0.35 of the demand: a shortage). At rest
+    """Three levels (top, a row, 2 racks x 3 nodes), each its own `vbatt run`, real Modbus on 127.0.0.1: rack-00's
+    feeder and the row's at a fraction of their demand (the top's main supply 0.35 of the demand: a shortage). At rest
     every feeder holds and the racks' nodes equal HiGHS on the flat problem with those limits, to 1e-6 W."""
     import json
 
     from vbatt.hierarchy.demo import Layout, Tree, _nodes, write_configs
     from vbatt.programs.hierarchy.curves import node_limits
 
-    lay = Layout(rows=2, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=0.35, lease_ms=4000)
+    lay = Layout(rows=1, racks=2, nodes=3, seed=3, cycle_ms=50, poll_ms=100, share=0.35, lease_ms=4000)
     demand = {}
     for n in _nodes(lay):
         r, k = n["rack"]
         demand[f"rack-{r}{k}"] = demand.get(f"rack-{r}{k}", 0.0) + n["demand_w"]
         demand[f"row-{r}"] = demand.get(f"row-{r}", 0.0) + n["demand_w"]
-    lay.feeder_w = {"rack-00": round(0.15 * demand["rack-00"], 3), "row-1": round(0.3 * demand["row-1"], 3)}
+    lay.feeder_w = {"rack-00": round(0.15 * demand["rack-00"], 3), "row-0": round(0.4 * demand["row-0"], 3)}
     plan = write_configs(tmp_path, lay)
     tree = Tree(plan, tmp_path)
     try:
@@ -231,5 +231,6 @@ def test_feeders_in_real_processes(tmp_path):
     for idx, f in groups:
         assert abs(tree_out["bus_w"][idx].sum()) <= f + 1e-6
     assert abs(tree_out["bus_w"][groups[0][0]].sum()) == pytest.approx(lay.feeder_w["rack-00"], abs=1e-6)  # binds
-    print("real processes: largest node difference to HiGHS (W):", diff(tree_out, ref))
+    print("real processes: largest node difference to HiGHS (W):", diff(tree_out, ref), "subtree bus / feeder (W):",
+          [(round(float(tree_out["bus_w"][idx].sum()), 6), f) for idx, f in groups])
     assert diff(tree_out, ref) < TOL_W
