@@ -22,8 +22,9 @@ The battery curves depend on the served load, which depends on the shed levels: 
 them at the served load of the last levels it applied, so after a change the tree settles in two
 round trips (levels, then curves at the new served load); at rest it is exact.
 
-Not covered here (the flat allocator has them; across levels they are left to the leaves): the
-ramp and the restore hold (both zero for exactness), link limits of the feeders between levels.
+Not covered here: the ramp and the restore hold (a leaf must have both at zero: the config refuses
+them), and the feeders between levels (each subtree narrows the curves and levels to its feeder:
+programs/hierarchy/feeder.py).
 """
 
 from __future__ import annotations
