@@ -67,18 +67,33 @@ def _highs(c, a, row_lo, row_hi, col_lo, col_hi, hess=None, maximise=False):
     return np.array(h.getSolution().col_value)
 
 
-def _slsqp(x0, c, hess, a, row_lo, row_hi, col_lo, col_hi):
+def _slsqp(x0, c, hess, a, row_lo, row_hi, col_lo, col_hi, band=None):
     """min c.x + 0.5 x' diag(hess) x from the LP's answer x0 (HiGHS's active-set QP stalls on this one:
     its Hessian leaves the batteries free)."""
     from scipy.optimize import Bounds, LinearConstraint, minimize
 
-    a = sp.csr_matrix(a)
-    ok = np.isfinite(row_lo) | np.isfinite(row_hi)
-    res = minimize(lambda x: c @ x + 0.5 * hess @ (x * x), x0, jac=lambda x: c + hess * x, method="SLSQP",
-                   bounds=Bounds(col_lo, col_hi, keep_feasible=False),
-                   constraints=[LinearConstraint(a[ok].toarray(), np.where(np.isfinite(row_lo[ok]), row_lo[ok], -np.inf),
-                                                 np.where(np.isfinite(row_hi[ok]), row_hi[ok], np.inf))],
-                   options={"ftol": 1e-14, "maxiter": 2000})
+    a = sp.csr_matrix(a).toarray()
+    eq = row_lo == row_hi
+    ineq = ~eq & (np.isfinite(row_lo) | np.isfinite(row_hi))
+    cons = [LinearConstraint(a[eq], row_lo[eq], row_hi[eq])] if eq.any() else []
+    cons += [LinearConstraint(a[ineq], row_lo[ineq], row_hi[ineq])] if ineq.any() else []
+    f = lambda x: c @ x + 0.5 * hess @ (x * x)  # noqa: E731
+    g = lambda x: c + hess * x  # noqa: E731
+    both = ~eq & ineq | eq
+    one = [LinearConstraint(a[both], row_lo[both], row_hi[both])]
+    tries = [("SLSQP", one), ("SLSQP", cons)]
+    if band is not None:  # the last row (the class's total) as a narrow band instead of a lower bound
+        hb = row_hi.copy()
+        hb[-1] = band
+        tries.insert(0, ("SLSQP", [LinearConstraint(a[both], row_lo[both], hb[both])]))
+    for method, cs in tries + [("trust-constr", cons)]:
+        # the first that converges: SLSQP's subproblem fails on some degenerate sets, either way of putting
+        # the rows; the interior-point method then (slow: seconds)
+        opt = {"ftol": 1e-14, "maxiter": 2000} if method == "SLSQP" else {"gtol": 1e-8, "xtol": 1e-12, "maxiter": 150}
+        res = minimize(f, x0, jac=g, method=method, bounds=Bounds(col_lo, col_hi), constraints=cs, options=opt,
+                       **({"hess": lambda x: np.diag(hess)} if method == "trust-constr" else {}))
+        if res.success:
+            break
     return np.clip(res.x, col_lo, col_hi)
 
 
@@ -175,11 +190,11 @@ def reference(d, lo, hi, link, cap, free, prio, w_dis, w_chg, groups, main_limit
             continue
         # the class's total held at its optimum; least sum (d - r)^2 / d
         a2 = sp.vstack([a, sp.csr_matrix(sel[None, :])]).tocsr()
-        lo2, hi2 = np.concatenate([row_lo, [t - 1e-6]]), np.concatenate([row_hi, [t + 1e-6]])
+        lo2, hi2 = np.concatenate([row_lo, [t - 1e-6]]), np.concatenate([row_hi, [INF]])  # less gains nothing
         dm = np.maximum(d, 1e-12)
         hess = np.concatenate([np.where(m, 2.0 / dm, 0.0), np.zeros(n)])
         lin = np.concatenate([np.where(m, -2.0, 0.0), np.zeros(n)])
-        xq = _slsqp(x, lin, hess, a2, lo2, hi2, col_lo, col_hi)
+        xq = _slsqp(x, lin, hess, a2, lo2, hi2, col_lo, col_hi, band=t + 1e-6)
         lo2[-1] = hi2[-1] = t
         xq, ok = _best(xq, lin, hess, a2, lo2, hi2, col_lo, col_hi, served_only=True)
         polished += ok
