@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from vbatt.programs.hierarchy.curves import FREE, FULL, Curve, Levels, Summary
+from vbatt.programs.hierarchy.curves import FULL, Curve, Levels, Summary
 
 __all__ = ["narrow_summary", "narrow_levels", "at"]
 
