@@ -310,7 +310,7 @@ class Link:
         if st.leased and not leased:
             st.fallbacks += 1
             log.warning("parent stopped renewing the levels (lease ran out): on this controller's own "
-                        "main_limit_w %.1f W", self.own_limit_w)
+                        "main_limit_w %.1f W", min(self.own_limit_w, self.feeder_w))
         elif leased and not st.leased:
             log.warning("levels from the parent: controlled from above")
         st.leased = leased
