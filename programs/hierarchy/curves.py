@@ -22,8 +22,9 @@ The battery curves depend on the served load, which depends on the shed levels: 
 them at the served load of the last levels it applied, so after a change the tree settles in two
 round trips (levels, then curves at the new served load); at rest it is exact.
 
-Not covered here (the flat allocator has them; across levels they are left to the leaves): the
-ramp and the restore hold (both zero for exactness), link limits of the feeders between levels.
+Not covered here: the ramp and the restore hold (a leaf must have both at zero: the config refuses
+them), and the feeders between levels (each subtree narrows the curves and levels to its feeder:
+programs/hierarchy/feeder.py).
 """
 
 from __future__ import annotations
@@ -112,6 +113,19 @@ class Curve:
         keep = np.ones(xs.size, bool)
         keep[1:-1] = np.abs(cross) > 1e-13 * (np.abs(dy0 * dx1) + np.abs(dy1 * dx0))
         return Curve(xs[keep], ys[keep])
+
+    def clip(self, a: float, b: float) -> "Curve":
+        """x -> min(max(f(x), a), b) for a nondecreasing f, a <= b: again piecewise linear, with a knot
+        where f crosses a bound (a feeder limit: programs/hierarchy/feeder.py)."""
+        xs, ys = self.xs, self.ys
+        if a <= ys[0] and ys[-1] <= b:
+            return self
+        new = [xs]
+        for t in (a, b):
+            j = np.flatnonzero((ys[:-1] < t) & (ys[1:] > t))  # segments crossing t (strictly)
+            new.append(xs[j] + (t - ys[j]) * (xs[j + 1] - xs[j]) / (ys[j + 1] - ys[j]))
+        nx = np.unique(np.concatenate(new))
+        return Curve(nx, np.clip(np.interp(nx, xs, ys), a, b)).compact()
 
     def solve(self, t: float) -> float:
         """The smallest x with f(x) = t; -inf (+inf) at or below (above) the curve's range, to rounding:

@@ -421,6 +421,17 @@ def _check_hierarchy(cfg: Config, fleet: Fleet, located: Located) -> None:
     if h.role == "leaf" and not ("allocation" in ids and "tree" in ids and ids.index("tree") > ids.index("allocation")):
         problems.append(f"{located.where(('programs',))}: programs: a leaf of a controller tree (hierarchy.uplink "
                         f"without children) applies the tree's levels: list 'tree' after 'allocation'")
+    if h.role == "leaf" and "allocation" in ids:
+        # Under the tree's levels the `tree` program replaces the allocation's outputs: a ramp or a restore
+        # hysteresis would be kept only in a fallback, not carried across levels (docs/hierarchy.md)
+        k = ids.index("allocation")
+        ap = cfg.programs[k].params
+        for key in ("ramp_w_per_s", "restore_hold_s", "restore_margin"):
+            if getattr(ap, key) != 0.0:
+                path = ("programs", k, "allocation", key)
+                problems.append(f"{located.where(path)}: {format_path(path)}: {getattr(ap, key)!r} on a leaf of a "
+                                f"controller tree: the tree's levels do not carry the allocation's ramp or restore "
+                                f"hold (they would hold only while the leaf is on its own); expected 0")
     if "tree" in ids and h.role != "leaf":
         problems.append(f"{located.where(('programs',))}: programs: 'tree' runs only on a leaf (hierarchy.uplink "
                         f"and no hierarchy.children)")

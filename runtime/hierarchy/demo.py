@@ -60,6 +60,9 @@ class Layout:
     # demand = the demand now: a forecast per controller would not add up), and compare() sets the
     # top's classes (from the whole tree) against the flat controller's
     ride_through_s: dict | None = None
+    # feeder limits of racks and rows ({name: W}, `hierarchy.uplink.feeder_w`); the flat controller has none,
+    # so compare() is then not the reference (tests/test_hierarchy_feeder.py compares with HiGHS)
+    feeder_w: dict | None = None
 
     def names(self) -> dict[str, list[str]]:
         racks = [f"rack-{r}{k}" for r in range(self.rows) for k in range(self.racks)]
@@ -107,6 +110,7 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
     plan: dict[str, dict] = {}
     lay.lease_ms = max(lay.lease_ms, int(4 * lay.poll_ms))  # a lease spans a few polls of the level above
     clean = lambda n: {k: v for k, v in n.items() if k != "rack"}  # noqa: E731
+    feeder = lambda name: {"feeder_w": lay.feeder_w[name]} if name in (lay.feeder_w or {}) else {}  # noqa: E731
     it = iter(ports)
     for r in range(lay.rows):
         for k in range(lay.racks):
@@ -127,7 +131,7 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
             mine_t = {"ride_through_s": {p: t for p, t in targets["ride_through_s"].items() if p in here}} \
                 if targets else {}
             cfg = {**base, **extra, "plant": {"main_limit_w": round(main_limit / lay.rows / lay.racks, 3), **mine_t},
-                   "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True},
+                   "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True, **feeder(name)},
                                  "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
                                  "status_file": str(out / f"{name}.status.json"),
                                  "trace_file": str(out / f"{name}.trace.jsonl")},
@@ -140,7 +144,8 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
         kids = [f"rack-{r}{k}" for k in range(lay.racks)]
         # its own limit (used when the top is gone): its rows' share of the top's
         cfg = {**base, "plant": {"main_limit_w": round(main_limit / lay.rows, 3)}, "drivers": modbus,
-               "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True}, "children": kids,
+               "hierarchy": {"uplink": {"port": plan[name]["port"], "plaintext": True, **feeder(name)},
+                             "children": kids,
                              "poll_ms": lay.poll_ms, "lease_ms": lay.lease_ms,
                              "status_file": str(out / f"{name}.status.json"),
                              "trace_file": str(out / f"{name}.trace.jsonl")},

@@ -49,6 +49,7 @@ from vbatt.programs.energy.tree import T_AT
 from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.decisions import TreeDecider
 from vbatt.programs.hierarchy.curves import Levels, Summary, battery_summary, node_limits, solve_levels, summarize
+from vbatt.programs.hierarchy.feeder import narrow_levels, narrow_summary
 from vbatt.programs.hierarchy.program import L_DIS, L_LAM, L_LEASED, L_MU, LEVELS
 
 __all__ = ["ControllerBackend", "Uplink", "Link", "link_main", "PRODUCER"]
@@ -179,6 +180,8 @@ class Link:
         self.role = self.h.role
         self.tree = TreeLayout(self.h.classes, self.h.max_knots)
         self.own_limit_w = float(cfg.plant.main_limit_w)
+        # its feeder to the parent's bus (docs/hierarchy.md "Feeder limits"): +inf at the top
+        self.feeder_w = float(self.h.uplink.feeder_w) if self.h.uplink is not None else math.inf
         alloc = next((e.params for e in cfg.programs if e.id == "allocation"), None)
         self.soc_min = alloc.soc_min if alloc is not None else 0.1
         self.soc_max = alloc.soc_max if alloc is not None else 1.0
@@ -324,7 +327,7 @@ class Link:
         if st.leased and not leased:
             st.fallbacks += 1
             log.warning("parent stopped renewing the levels (lease ran out): on this controller's own "
-                        "main_limit_w %.1f W", self.own_limit_w)
+                        "main_limit_w %.1f W", min(self.own_limit_w, self.feeder_w))
         elif leased and not st.leased:
             log.warning("levels from the parent: controlled from above")
         st.leased = leased
@@ -344,24 +347,25 @@ class Link:
         lv = parent
         if self.role == "leaf":
             summary = self.own_summary(v)
-            self._apply_leaf(parent, now)
+            lv = narrow_levels(summary, self.feeder_w, parent) if parent is not None else None  # what it applies
+            self._apply_leaf(lv, now)
         else:
-            if parent is None:  # the top, or a level whose parent is gone: its own limit for its subtree
-                lv = None  # solved below from the fresh curves
-            await asyncio.gather(*(self._poll(c, lv) for c in self.children))
+            await asyncio.gather(*(self._poll(c, None) for c in self.children))
             here = [c.summary for c in self.children if c.online and c.summary is not None]
             summary = Summary.total(here)
             if summary.energy is not None:  # the configured children missing from the sums, at every level
                 summary.energy[:, hc.C_ABSENT] += len(self.children) - len(here)
-            if parent is None:
-                limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else self.own_limit_w
+            if parent is None:  # the top, or a level whose parent is gone: its own limit for its subtree
+                limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else min(self.own_limit_w,
+                                                                                          self.feeder_w)
                 lv, _main = solve_levels(summary, limit)
                 lv = self._decide(summary, lv, limit, now)
-                await asyncio.gather(*(self._write_levels(c, lv) for c in self.children if c.online))
             else:
                 self._decided_ns = None
                 if parent.energy is not None:  # forwarded; their clocks and latches kept for a fallback
                     self.decider.adopt(parent.energy, summary.energy)
+                lv = narrow_levels(summary, self.feeder_w, parent)  # its own where its feeder binds
+            await asyncio.gather(*(self._write_levels(c, lv) for c in self.children if c.online))
         self.st.levels_now, self.st.source = lv, ("parent" if parent is not None else
                                                   ("own" if lv is not None else "none"))
         self._main_limit(summary, parent is not None)
@@ -370,8 +374,8 @@ class Link:
         if self.uplink is not None:
             self.uplink.backend.refresh(v)
             self.uplink.tick(now)
-            try:
-                self.uplink.put_summary(summary, self.st.seq)
+            try:  # its offer through its feeder, at the levels it received last
+                self.uplink.put_summary(narrow_summary(summary, self.feeder_w, parent), self.st.seq)
             except OverflowError as exc:
                 log.warning("%s", exc)
         key = (round(summary.served_w, 6), round(summary.own_w, 6),
@@ -472,9 +476,9 @@ class Link:
         if exact:
             want = max(0.0, s.bus_w)  # its share of the feed under the tree's levels
         elif u is not None and u.mode[0] == ss.Mode.CONTROLLED:
-            want = max(0.0, float(u.cmd["bus_w"][0]))  # the parent's instruction (no levels from it)
+            want = min(max(0.0, float(u.cmd["bus_w"][0])), self.feeder_w)  # the parent's instruction (no levels)
         else:
-            want = self.own_limit_w
+            want = min(self.own_limit_w, self.feeder_w)  # on its own: what its feeder carries at most
         if not (abs(want - self.st.main_limit_w) <= 1e-9 * (1.0 + abs(want))):
             self._push(Op.SET_MAIN_LIMIT, -1, want)
             self.st.main_limit_w = want
