@@ -23,6 +23,7 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
+from highs_support import highs
 from vbatt.programs.hierarchy.curves import WEIGHT_FLOOR_WH
 
 INF = highspy.kHighsInf
@@ -30,41 +31,7 @@ ACTIVE_W = 1e-4
 
 
 def _highs(c, a, row_lo, row_hi, col_lo, col_hi, hess=None, maximise=False):
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("qp_iteration_limit", 200_000)
-    if hess is None:
-        for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
-            h.setOptionValue(opt, 1e-9)
-    nc = len(c)
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = nc, a.shape[0]
-    lp.col_cost_ = np.asarray(c, float)
-    lp.col_lower_, lp.col_upper_ = np.asarray(col_lo, float), np.asarray(col_hi, float)
-    lp.row_lower_, lp.row_upper_ = np.asarray(row_lo, float), np.asarray(row_hi, float)
-    m = sp.csc_matrix(a)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = m.indptr, m.indices, m.data
-    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nc, a.shape[0]
-    if maximise:
-        lp.sense_ = highspy.ObjSense.kMaximize
-    model = highspy.HighsModel()
-    model.lp_ = lp
-    if hess is not None:
-        nz = np.flatnonzero(hess)
-        hs = highspy.HighsHessian()
-        hs.dim_ = nc
-        hs.format_ = highspy.HessianFormat.kTriangular
-        start = np.zeros(nc + 1, np.int32)
-        np.add.at(start, nz + 1, 1)
-        hs.start_ = np.cumsum(start).astype(np.int32)
-        hs.index_ = nz.astype(np.int32)
-        hs.value_ = np.asarray(hess, float)[nz]
-        model.hessian_ = hs
-    h.passModel(model)
-    h.run()
-    assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
-    return np.array(h.getSolution().col_value)
+    return highs(c, a, row_lo, row_hi, col_lo, col_hi, hess_diag=hess, maximise=maximise)
 
 
 def _slsqp(x0, c, hess, a, row_lo, row_hi, col_lo, col_hi, band=None):
