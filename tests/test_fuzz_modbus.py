@@ -777,9 +777,9 @@ def test_driver_against_a_hostile_device(devices, h):
                 break
         inp = run.inputs()
     finally:
+        run.stop()  # the driver logs what it gathered (drivers/aio.py) at the latest when it stops
         lg.removeHandler(records)
         lg.setLevel(old_level)
-        run.stop()
     assert faults, f"no fault within {WAIT_S} s for {h} (garbage replies sent: {devices.hostile.garbage})"
     got = {Fault(f) for f in faults}
     event(f"{h['kind']} -> {' '.join(sorted(x.name for x in got))}")
