@@ -42,7 +42,12 @@ def on(client, msg):
 
 
 c = psp.Client(username=user, password=password, transport_config=psp.TLSConfig(ca_certs=ca))
-c.subscribe(psp.Topic(group_id=group, message_type=psp.MULTI_LEVEL_WILDCARD), psp.QoS.AT_MOST_ONCE, on)
+# only this edge node's births and data: pysparkplug decodes whatever a subscription delivers in paho's
+# thread, and a command of another test's host (metrics without datatypes, as Sparkplug allows outside
+# births) stops that thread with NotImplementedError before `on` sees it
+for kind, dev in (("NBIRTH", None), ("DBIRTH", device), ("DDATA", device)):
+    c.subscribe(psp.Topic(group_id=group, message_type=psp.MessageType[kind], edge_node_id=edge, device_id=dev),
+                psp.QoS.AT_MOST_ONCE, on)
 c.connect("127.0.0.1", port=int(port), blocking=False)
 time.sleep(0.5)
 # ask for a birth the Sparkplug way: NCMD Node Control/Rebirth
