@@ -104,7 +104,7 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
     if lay.step_at_s is not None:  # the same step in the tree and in the flat controller
         nodes[0]["demand_profile"] = {"kind": "step", "at_s": lay.step_at_s, "to_w": lay.step_to_w}
     base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
-    energy = [{"energy": {"demand_forecast": False}}] if lay.ride_through_s else []
+    energy = ["energy"] if lay.ride_through_s else []  # its defaults: the class demand forecast on
     targets = {"ride_through_s": {int(k): float(v) for k, v in lay.ride_through_s.items()}} \
         if lay.ride_through_s else {}
     plan: dict[str, dict] = {}
