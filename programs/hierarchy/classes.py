@@ -3,7 +3,8 @@ offers its parent, their sum over a subtree, and the class rows (reserve, runtim
 whole tree from that sum.
 
 The energy program (programs/energy) reduces its nodes to per-class sums before its class rules run:
-the demand now and for the reserve, the pooled usable energy, the first node to run out of its own
+the demand now and for the reserve (now: a leaf's class demand forecast is not additive, so the top of
+the tree forecasts the sum itself, decisions.py), the pooled usable energy, the first node to run out of its own
 energy (a minimum), the remaining target. Those sums are additive over nodes, so a parent adds its
 children's and runs the same runtime rule (`ride_through`) over the sum: for the same per-node
 contributions this is the flat controller's runtime over the union of the nodes. (Each node's
