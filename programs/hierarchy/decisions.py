@@ -59,7 +59,6 @@ class TreeDecider:
         self.hz = np.zeros((k, HZ_N))
         self.season = np.zeros((k, bins))
         self.prior, self.prior_season = np.full(3, math.nan), np.zeros(bins)
-        self.dres = np.zeros(k)  # the tree's summed demand now for the reserve, of the last step
         self.frac = np.ones(k)  # the shares of the last round (a peak-shaved cut is restored at a ramp)
         self.pace_s, self.wait_s = pace_s, wait_s  # the link's round; the longest wait for a whole tree
         self.clock_s = np.zeros(k)
@@ -166,7 +165,6 @@ class TreeDecider:
             _class_demand(float(wall_s), n, target, clock, dnow_res, self.hp, fc, season, self.prior,
                           self.prior_season, dres)
             self.hz[ps], self.season[ps] = fc, season
-        self.dres[ps] = dnow_res
         same = np.array_equal(offer[:, hc.C_LEAVES], self.leaves) and np.array_equal(offer[:, hc.C_ABSENT],
                                                                                       self.absent)
         self.leaves, self.absent = offer[:, hc.C_LEAVES].copy(), offer[:, hc.C_ABSENT].copy()
