@@ -35,7 +35,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from energy_plant import EnergyPlant, FleetSpec, fleet_yaml  # noqa: E402
 
+from vbatt.kernel.program import Ctx  # noqa: E402
 from vbatt.programs.codes import Alarm  # noqa: E402
+from vbatt.programs.energy import EnergyParams  # noqa: E402
+from vbatt.programs.energy.kernel import horizon_params  # noqa: E402
 from vbatt.programs.energy.tree import T_AT  # noqa: E402
 from vbatt.programs.hierarchy import classes as hc  # noqa: E402
 from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summary, node_limits,  # noqa: E402
@@ -43,7 +46,8 @@ from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summ
 from vbatt.programs.hierarchy.decisions import TreeDecider  # noqa: E402
 
 TARGETS = {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}
-PROGRAMS = [{"energy": {"demand_forecast": False, "sweep_s": 0}}, "allocation"]
+ENERGY = {"demand_forecast": False, "sweep_s": 0}  # forecast=True: the class demand forecast on (its default)
+PROGRAMS = [{"energy": ENERGY}, "allocation"]
 K = 8  # hierarchy.classes
 _SAFE = int(Alarm.SAFE_ALLOCATION)
 
@@ -68,10 +72,11 @@ def subset(f: FleetSpec, idx) -> FleetSpec:
                      f.link_max_w[idx], f.max_charge_w[idx])
 
 
-def leaf_yaml(f: FleetSpec, main_w: float, targets: dict, dt_s: float, tree: bool) -> str:
+def leaf_yaml(f: FleetSpec, main_w: float, targets: dict, dt_s: float, tree: bool, programs: list = PROGRAMS,
+              profiles: list | None = None) -> str:
     here = set(int(p) for p in f.priority)  # a config names present classes only
     text = fleet_yaml(f, main_limit_w=main_w, ride_through_s={p: t for p, t in targets.items() if p in here},
-                      programs=PROGRAMS + (["tree"] if tree else []), period_s=dt_s)
+                      programs=programs + (["tree"] if tree else []), period_s=dt_s, profiles=profiles)
     if not tree:
         return text
     d = yaml.safe_load(text)  # a leaf of a tree (its link is not started here: the harness is the link)
@@ -89,6 +94,10 @@ class Result:
     node_diff_w: list[float] = field(default_factory=list)  # largest node difference of served or battery
     runtime_diff_s: list[float] = field(default_factory=list)  # largest class runtime difference (top vs flat)
     fracs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per cycle: the top's, the flat's
+    # at the last cycle, per class of the flat: its reserve's demand now (before the class forecast), and
+    # the leaves' own reserve demands (their forecasts) summed
+    flat_dres: list[float] = field(default_factory=list)
+    leaves_dhz: list[float] = field(default_factory=list)
 
 
 def _tree_allocation(leaves, main_w: float):
@@ -119,15 +128,23 @@ def _tree_allocation(leaves, main_w: float):
 
 def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycles: int = 5, dt_s: float = 1.0,
                  racks: int = 9, rows: int = 3, targets=TARGETS, lag: int = 0,
-                 own_physics: bool = False) -> Result:
+                 own_physics: bool = False, forecast: bool = False, profiles: list | None = None) -> Result:
     """share: the leaves' main_limit_w is their share of the feed (else no leaf is short); decide: "own" or
-    "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next."""
-    flat = EnergyPlant(fleet_yaml(f, main_limit_w=main_w, ride_through_s=targets, programs=PROGRAMS, period_s=dt_s))
+    "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next;
+    forecast: every energy program (flat, leaves, the top's) forecasts the class demand (its default);
+    profiles: per node, its demand profile (the same in the tree and the flat controller)."""
+    en = {**ENERGY, "demand_forecast": forecast}
+    progs = [{"energy": en}, "allocation"]
+    flat = EnergyPlant(fleet_yaml(f, main_limit_w=main_w, ride_through_s=targets, programs=progs, period_s=dt_s,
+                                  profiles=profiles))
     per = len(f) // racks
     idxs = [np.arange(r * per, (r + 1) * per) for r in range(racks)]
     first = main_w / racks if share else 1e9
-    leaves = [EnergyPlant(leaf_yaml(subset(f, i), first, targets, dt_s, decide == "tree")) for i in idxs]
-    top = TreeDecider(K, pace_s=dt_s)  # its rounds are the cycles here
+    leaves = [EnergyPlant(leaf_yaml(subset(f, i), first, targets, dt_s, decide == "tree", progs,
+                                    None if profiles is None else [profiles[j] for j in i])) for i in idxs]
+    ep = EnergyParams(**en)
+    # its rounds are the cycles here, at the flat controller's wall time (the class forecast's clock)
+    top = TreeDecider(K, pace_s=dt_s, hp=horizon_params(ep), bins=ep.demand_season_bins if ep.demand_season_s else 0)
     prios = np.unique(f.priority)
     res = Result([], [])
     sent = []
@@ -145,7 +162,7 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             per_row = racks // rows
             offer = hc.total([hc.total(offers[r * per_row:(r + 1) * per_row], K) for r in range(rows)], K)
             if decide == "tree":
-                sent.append(top.step(offer, main_w, dt_s))
+                sent.append(top.step(offer, main_w, dt_s, float(flat.eng.ctx[Ctx.WALL_S])))
                 res.fracs.append((np.array([x["frac"] for x in top.rows]), flat.mem["energy.frac"][:len(top.rows)].copy()))
                 dec = sent[max(0, len(sent) - 1 - lag)]
                 for p in leaves:  # as the leaf's link: the values, then the lease
@@ -156,6 +173,9 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             else:
                 res.tree = hc.rows(offer)
             res.flat = flat.class_rows()
+            res.flat_dres = [float(flat.mem["energy.reserve_demand_w"][c]) for c in range(len(res.flat))]
+            res.leaves_dhz = [sum(float(p.mem["energy.demand_horizon_w"][x["priority"]]) for p in leaves)
+                              for x in res.flat]  # a leaf has every class 0..K-1 of the tree: index = priority
             alloc = _tree_allocation(leaves, main_w)
             s_t, b_t = np.zeros(len(f)), np.zeros(len(f))
             for (s, b), i, p in zip(alloc, idxs, leaves):

@@ -111,7 +111,7 @@ class Energy(Program):
     # controller in a tree offers its parent (programs/hierarchy/classes.py)
     published = ("priority", "demand_w", "demand_horizon_w", "reserve_wh", "target_s", "runtime_s", "reachable",
                  "state", "energy_wh", "local_s", "clock_s", "latched", "pool_now_w", "power_need_w", "power_slack_w",
-                 "deliverable_wh", "tree")
+                 "deliverable_wh", "tree", "reserve_demand_w")
     SETTING = "target_by_priority_s"  # the operator setting (Op.SET_MEMORY): a ride-through target per priority
     TREE = "tree"  # the tree's class decisions, written by the hierarchy link of a leaf (tree.py)
 

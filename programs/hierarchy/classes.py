@@ -3,7 +3,8 @@ offers its parent, their sum over a subtree, and the class rows (reserve, runtim
 whole tree from that sum.
 
 The energy program (programs/energy) reduces its nodes to per-class sums before its class rules run:
-the demand now and for the reserve, the pooled usable energy, the first node to run out of its own
+the demand now and for the reserve (now: a leaf's class demand forecast is not additive, so the top of
+the tree forecasts the sum itself, decisions.py), the pooled usable energy, the first node to run out of its own
 energy (a minimum), the remaining target. Those sums are additive over nodes, so a parent adds its
 children's and runs the same runtime rule (`ride_through`) over the sum: for the same per-node
 contributions this is the flat controller's runtime over the union of the nodes. (Each node's
@@ -24,15 +25,15 @@ from vbatt.programs.energy.tree import T_USED
 
 __all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows", "row"]
 
-COLS = ("demand_w", "demand_horizon_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
+COLS = ("demand_w", "reserve_demand_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
         "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree", "absent")
 N_COLS = len(COLS)
-(C_DNOW, C_DHZ, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
+(C_DNOW, C_DRES, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
  C_ON_TREE, C_ABSENT) = range(N_COLS)
 # a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
 # the subtree's other nodes deliver it, and the class rules check every class's horizon)
 _NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-_SUMMED = [C_DNOW, C_DHZ, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT]
+_SUMMED = [C_DNOW, C_DRES, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT]
 
 
 def empty(k: int) -> np.ndarray:
@@ -59,7 +60,7 @@ def offer_of(v: dict, k: int) -> np.ndarray:
         p = int(g("priority")[c])
         if not 0 <= p < k:
             continue
-        out[p] = (g("demand_w")[c], g("demand_horizon_w")[c], g("energy_wh")[c], g("local_s")[c],
+        out[p] = (g("demand_w")[c], g("reserve_demand_w")[c], g("energy_wh")[c], g("local_s")[c],
                   max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
                   g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
                   float(g("tree")[T_USED] == 1.0), 0.0)
@@ -94,7 +95,7 @@ def rows(offer: np.ndarray) -> list[dict]:
     if n == 0:
         return []
     o = offer[present]
-    dres = np.ascontiguousarray(o[:, C_DHZ])
+    dres = np.ascontiguousarray(o[:, C_DRES])
     loc = np.ascontiguousarray(o[:, C_LOC])
     latched = (o[:, C_LATCHED] != 0).astype(np.uint8)
     tau = np.minimum(o[:, C_LEFT], loc)
@@ -113,7 +114,7 @@ def rows(offer: np.ndarray) -> list[dict]:
 
 def row(p: int, o: np.ndarray, reserve_wh: float, runtime_s: float, reachable: bool) -> dict:
     """One class row (the snapshot's keys) from the class's offer and what the rules made of it."""
-    return {"priority": int(p), "demand_w": float(o[C_DNOW]), "demand_horizon_w": float(o[C_DHZ]),
+    return {"priority": int(p), "demand_w": float(o[C_DNOW]), "demand_horizon_w": float(o[C_DRES]),
             "reserve_wh": float(reserve_wh), "target_s": float(o[C_TARGET]),
             "runtime_s": float(runtime_s) if math.isfinite(runtime_s) else None,
             "reachable": bool(reachable), "energy_wh": float(o[C_E])}

@@ -24,6 +24,12 @@ of the reserve decided on part of the tree, or on a leaf's own sums, would stay 
 a leaf's sums still came from a sweep at its own class state). Only when the tree stays incomplete
 longer than `wait_s` (a child gone for good) do the rules run on what is there, as before: capping,
 but latching nothing and counting no rise of the reserve on a leaf's own sums.
+
+The reserve's class demand is the flat controller's too: the leaves offer their pooled demand for the
+reserve *now* (a forecast per leaf does not add up to the forecast of the sum), and the top runs the
+energy program's class forecast (programs/energy/kernel.py `_class_demand`, with its own energy
+parameters `hp`) on the tree's sum at the wall time of the round: the mean over each class's remaining
+target, never below the demand now, as a flat controller over the same nodes.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import math
 
 import numpy as np
 
-from vbatt.programs.energy.kernel import _reserve_rise, _reserve_wh
+from vbatt.programs.energy.horizon import HZ_N
+from vbatt.programs.energy.kernel import HP_N, HP_ON, _class_demand, _reserve_rise, _reserve_wh
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide
 from vbatt.programs.energy.tree import D_FRAC, D_LATCHED, D_LEFT, D_N, D_REACHABLE, D_RUNTIME
 from vbatt.programs.hierarchy import classes as hc
@@ -44,8 +51,14 @@ class TreeDecider:
     """`decide` over the tree's classes (priorities 0..K-1), with its state between rounds."""
 
     def __init__(self, k: int, hold_s: float = 60.0, restore_s: float = 60.0, *, pace_s: float = 0.1,
-                 wait_s: float = 30.0):
+                 wait_s: float = 30.0, hp=None, bins: int = 0):
         self.k, self.hold_s, self.restore_s = k, hold_s, restore_s
+        # the class demand forecast (kernel.horizon_params of the top's energy parameters; None or off:
+        # the reserve counts the demand now), its state per priority, and no recorded profile to seed from
+        self.hp = np.zeros(HP_N) if hp is None else np.asarray(hp, np.float64)
+        self.hz = np.zeros((k, HZ_N))
+        self.season = np.zeros((k, bins))
+        self.prior, self.prior_season = np.full(3, math.nan), np.zeros(bins)
         self.frac = np.ones(k)  # the shares of the last round (a peak-shaved cut is restored at a ramp)
         self.pace_s, self.wait_s = pace_s, wait_s  # the link's round; the longest wait for a whole tree
         self.clock_s = np.zeros(k)
@@ -81,7 +94,8 @@ class TreeDecider:
         return bool(ps.any()) and not bool(offer[:, hc.C_ABSENT].any()) and \
             bool((offer[ps, hc.C_ON_TREE] == offer[ps, hc.C_LEAVES]).all())
 
-    def round(self, offer: np.ndarray, main_limit_w: float, dt_s: float) -> np.ndarray | None:
+    def round(self, offer: np.ndarray, main_limit_w: float, dt_s: float,
+              wall_s: float = math.nan) -> np.ndarray | None:
         """One round of the link at the top of a (sub)tree: the class rules on a whole tree's sums;
         otherwise the neutral decisions (before the first whole round) or the last ones, held."""
         if np.isnan(offer[:, hc.C_TARGET]).all():
@@ -90,7 +104,7 @@ class TreeDecider:
         whole = self.whole(offer)
         self.unclean_s = 0.0 if whole else self.unclean_s + dt_s
         if whole or self.unclean_s > self.wait_s:
-            dec = self.step(offer, main_limit_w, dt_s + self.held_s)
+            dec = self.step(offer, main_limit_w, dt_s + self.held_s, wall_s)
             self.held_s = 0.0
             self.mode = "deciding" if whole else "partial"
             self.clean_rounds = self.clean_rounds + 1 if whole else 0
@@ -119,9 +133,11 @@ class TreeDecider:
         self.rows = [r | {"clock_s": 0.0, "latched": False, "frac": 1.0} for r in hc.rows(offer)]
         return out
 
-    def step(self, offer: np.ndarray, main_limit_w: float, dt_s: float) -> np.ndarray | None:
-        """One cycle of the class rules on the tree's offer (K, N_COLS). Returns the decisions (K, D_N), NaN
-        for priorities without nodes; None when no class has any."""
+    def step(self, offer: np.ndarray, main_limit_w: float, dt_s: float,
+             wall_s: float = math.nan) -> np.ndarray | None:
+        """One cycle of the class rules on the tree's offer (K, N_COLS) at wall time wall_s (the class
+        forecast's clock: NaN runs none). Returns the decisions (K, D_N), NaN for priorities without nodes;
+        None when no class has any."""
         ps = np.flatnonzero(~np.isnan(offer[:, hc.C_TARGET]))
         n = ps.size
         if n == 0:
@@ -129,7 +145,7 @@ class TreeDecider:
             return None
         o = offer[ps]
         col = lambda c: np.ascontiguousarray(o[:, c])  # noqa: E731
-        target, dnow, dres, loc = col(hc.C_TARGET), col(hc.C_POOL), col(hc.C_DHZ), col(hc.C_LOC)
+        target, dnow, dnow_res, loc = col(hc.C_TARGET), col(hc.C_POOL), col(hc.C_DRES), col(hc.C_LOC)
         # The tree offers the deliverable energy with every class served, one value per horizon; `decide`
         # takes one row per class (a flat controller's A_c: the classes before c served, its own nodes'
         # load not counted for the more critical classes). Every row is that sum here: at the top of a
@@ -137,12 +153,18 @@ class TreeDecider:
         a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED)
         clock = np.ascontiguousarray(self.clock_s[ps])
         latched = np.ascontiguousarray(self.latched[ps])
-        # as the energy program after a sweep: the horizons at the clocks before this cycle, then the
-        # reserve's rise with the new class demand (demand now: no class forecast across levels). Not
+        # as the energy program after a sweep: the horizons at the clocks before this cycle, the class
+        # demand forecast of the tree's sum, then the reserve's rise with the new class demand. Not
         # when a leaf's sums came or went: that jump is not the demand's (counted as a surprise, it held
         # the batteries back for an hour: measured in the demo while its children came online)
         hz = np.maximum(0.0, target - clock)
         r_old = _reserve_wh(n, np.ascontiguousarray(self.dhz[ps]), target, clock, latched)
+        dres = dnow_res.copy()
+        if self.hp[HP_ON] != 0.0 and wall_s == wall_s:
+            fc, season = np.ascontiguousarray(self.hz[ps]), np.ascontiguousarray(self.season[ps])
+            _class_demand(float(wall_s), n, target, clock, dnow_res, self.hp, fc, season, self.prior,
+                          self.prior_season, dres)
+            self.hz[ps], self.season[ps] = fc, season
         same = np.array_equal(offer[:, hc.C_LEAVES], self.leaves) and np.array_equal(offer[:, hc.C_ABSENT],
                                                                                       self.absent)
         self.leaves, self.absent = offer[:, hc.C_LEAVES].copy(), offer[:, hc.C_ABSENT].copy()
@@ -182,5 +204,6 @@ class TreeDecider:
         out[ps, D_RUNTIME] = rt
         out[ps, D_REACHABLE] = reachable
         self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
-            "clock_s": float(clock[j]), "latched": bool(latched[j]), "frac": float(frac[j])} for j, p in enumerate(ps)]
+            "demand_horizon_w": float(dres[j]), "clock_s": float(clock[j]), "latched": bool(latched[j]),
+            "frac": float(frac[j])} for j, p in enumerate(ps)]
         return out

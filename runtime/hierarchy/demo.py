@@ -56,9 +56,9 @@ class Layout:
     retain: bool = False  # racks keep their state across restarts (warm rejoin)
     step_at_s: float | None = None  # a demand step at node n-00-00 this long after its rack starts
     step_to_w: float = 0.0
-    # ride-through targets per class: racks and the flat controller run the energy program (its class
-    # demand = the demand now: a forecast per controller would not add up), and compare() sets the
-    # top's classes (from the whole tree) against the flat controller's
+    # ride-through targets per class: racks and the flat controller run the energy program (its defaults:
+    # the top forecasts the tree's summed class demand as the flat controller its own), and compare()
+    # sets the top's classes (from the whole tree) against the flat controller's
     ride_through_s: dict | None = None
     # feeder limits of racks and rows ({name: W}, `hierarchy.uplink.feeder_w`); the flat controller has none,
     # so compare() is then not the reference (tests/test_hierarchy_feeder.py compares with HiGHS)
@@ -104,7 +104,7 @@ def write_configs(out: Path, lay: Layout, ports: list[int] | None = None) -> dic
     if lay.step_at_s is not None:  # the same step in the tree and in the flat controller
         nodes[0]["demand_profile"] = {"kind": "step", "at_s": lay.step_at_s, "to_w": lay.step_to_w}
     base = {"cycle": {"cycle_ms": lay.cycle_ms, "realtime": False}, "retain": {"enabled": False}}
-    energy = [{"energy": {"demand_forecast": False}}] if lay.ride_through_s else []
+    energy = ["energy"] if lay.ride_through_s else []  # its defaults: the class demand forecast on
     targets = {"ride_through_s": {int(k): float(v) for k, v in lay.ride_through_s.items()}} \
         if lay.ride_through_s else {}
     plan: dict[str, dict] = {}

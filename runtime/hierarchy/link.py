@@ -45,6 +45,8 @@ from vbatt.hierarchy.wire import TREE_ID, TreeLayout
 from vbatt.kernel.fields import Role, Scope, fields
 from vbatt.kernel.image import Op, ProcessImage
 from vbatt.programs.codes import Alarm
+from vbatt.programs.energy import EnergyParams
+from vbatt.programs.energy.kernel import horizon_params
 from vbatt.programs.energy.tree import T_AT
 from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.decisions import TreeDecider
@@ -207,10 +209,15 @@ class Link:
         en = next((e.params for e in cfg.programs if e.id == "energy"), None)
         # it waits for a whole tree (every child present, every leaf on the tree's decisions) for ten leases
         # at least: a child that does not come within that is gone, and the rules run on the rest
-        self.decider = TreeDecider(self.h.classes, en.reset_hold_s if en is not None else 60.0,
-                                   en.restore_s if en is not None else 60.0,
-                                   pace_s=self.h.poll_ms / 1e3, wait_s=max(30.0, 10 * self.h.lease_ms / 1e3)) \
+        # (its class demand forecast too: the top forecasts the tree's summed demand as a flat controller)
+        en = en if en is not None else EnergyParams()
+        self.decider = TreeDecider(self.h.classes, en.reset_hold_s, en.restore_s,
+                                   pace_s=self.h.poll_ms / 1e3, wait_s=max(30.0, 10 * self.h.lease_ms / 1e3),
+                                   hp=horizon_params(en), bins=en.demand_season_bins if en.demand_season_s else 0) \
             if self.role != "leaf" else None
+        # the wall time of a round for the class forecast's profile: the injected clock plus one offset, as
+        # the scan's wall_s (vbatt.kernel.scan)
+        self.wall_offset_s = time.time() - self.clock_ns() * 1e-9
         self._out: list[tuple] = []  # this round's commands, pushed together or not at all
         self._decided_ns: int | None = None
 
@@ -423,7 +430,7 @@ class Link:
         self._decided_ns = now_ns
         if summary.energy is None:
             return lv
-        dec = self.decider.round(summary.energy, limit_w, dt_s)
+        dec = self.decider.round(summary.energy, limit_w, dt_s, now_ns * 1e-9 + self.wall_offset_s)
         # the trace says what the class rules ran on whenever that or a latch changes
         o, d = summary.energy, self.decider
         key = (d.mode, tuple(bool(r["latched"]) for r in d.rows), tuple(o[:, hc.C_LEAVES]),

@@ -17,7 +17,7 @@ Body layout (offsets in registers), K classes, N knots:
    25  ChgN       uint16   knots of the charge battery curve
    26  ClassN[K]  uint16   knots of the shed curve of class k
  26+K  Energy     K x C float64 (C = len(classes.COLS)): per priority class k, the energy offer
-                  (programs/hierarchy/classes.py): DemandW, DemandHorizonW, EnergyWh (pooled usable), LocalS
+                  (programs/hierarchy/classes.py): DemandW, ReserveDemandW, EnergyWh (pooled usable), LocalS
                   (first node out of its own energy; +inf none), LeftS (remaining target), TargetS (NaN: no
                   node of the class in the subtree), Latched (1: shed for energy), PoolNowW, PowerNeedW,
                   PowerSlackW, DeliverableWh (within the class's remaining target), Leaves (leaves in the
