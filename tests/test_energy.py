@@ -348,14 +348,18 @@ def test_ride_through_with_binding_limits_agrees_with_the_whole_step_reference(p
     f = random_fleet(rng, int(rng.integers(4, 13)), int(rng.integers(1, 4)), limits=True, lim=(1.0, 3.0, 0.5, 2.0))
     f.capacity_wh *= 0.1
     targets = {int(c): float(rng.choice([0, 300, 600, 1200])) for c in np.unique(f.priority)}
-    steps, dt = 40, 60.0
+    # Binding for real: some node's discharge or link limit is below what its share of the load asks.
+    assert ((f.max_discharge_w < f.demand_w * 1.5) | (f.link_max_w < f.demand_w)).any()
+    _agrees_with_the_whole_step_lp(plants, f, targets, 40, 60.0)
+
+
+def _agrees_with_the_whole_step_lp(plants, f: FleetSpec, targets: dict, steps: int, dt: float) -> None:
+    """Every class's first shed in the simulation within one step of the whole-step reference LP."""
     lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
                          targets, steps, dt, whole=True)
     p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
     p.run(steps * dt)
     sim = p.first_shed_s()
-    # Binding for real: some node's discharge or link limit is below what its share of the load asks.
-    assert ((f.max_discharge_w < f.demand_w * 1.5) | (f.link_max_w < f.demand_w)).any()
     for c in lp:
         assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
 
@@ -370,14 +374,7 @@ LP_GAP_FLEETS = (0,)
 @pytest.mark.parametrize("index", LP_GAP_FLEETS)
 def test_ride_through_with_binding_limits_agrees_on_the_lp_gap_fleets(plants, index):
     f, targets = lp_gap_fleets(42, (1.0, 3.0, 0.5, 2.0), index + 1)[index]
-    steps, dt = 60, 60.0
-    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
-                         targets, steps, dt, whole=True)
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
-    p.run(steps * dt)
-    sim = p.first_shed_s()
-    for c in lp:
-        assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
+    _agrees_with_the_whole_step_lp(plants, f, targets, 60, 60.0)
 
 
 def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):

@@ -125,6 +125,13 @@ def _res(x, res):
     return 0.0 if abs(x) < res else x
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _limits_shed(d, hi, lk):
+    """The shed the node's own limits force: its demand beyond its battery and its link together. The
+    restore hold keeps this (and the shed for power), not what a program's cap forces."""
+    return d - min(d, hi + lk)
+
+
 @njit(nogil=True, cache=True)
 def _fine(x):
     return x >= 0.0 and x < math.inf  # NaN fails both
@@ -203,7 +210,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         slack += min(h, lk) if ok else 0.0
         need_all += cp - f0 if ok else 0.0
         # a shed of its own held (a program's cap may cover it now, but not for the hold's timer)
-        holding |= ok & (d - min(d, h + lk) < min(held_w[i], d) - 1e-9 * (1.0 + d))
+        holding |= ok & (_limits_shed(d, h, lk) < min(held_w[i], d) - 1e-9 * (1.0 + d))
         up += min(cp - l, lk) if ok else 0.0
         low += max(cp - h, -lk) if ok else 0.0
         tot_r += cp if ok else 0.0
@@ -306,8 +313,8 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
                 # itself (the energy program restores a peak-shaved class at a ramp; an outage's cut is
                 # latched). Held here too, a cut the program had lifted stayed shed for the hold while the
                 # program counted on the load served (peak.yaml: 1 kW for 300 s past the evening's peak).
-                lim = min(d, hi_w[i] + _res(link_w[i], RES_W))
-                own = d - lim if (cap[i] < lim - eps) & (s_opt <= d - cap[i] + eps) else s_opt
+                forced = _limits_shed(d, hi_w[i], _res(link_w[i], RES_W))
+                own = forced if (cap[i] < d - forced - eps) & (s_opt <= d - cap[i] + eps) else s_opt
                 if own >= held - eps:
                     held = own
                     timer_s[i] = 0.0
@@ -363,7 +370,7 @@ def allocate(online, trip, demand_w, max_dis_w, max_chg_w, link_w, soc, capacity
         lk = _res(link_w[i], RES_W)
         if fast:  # the limits' shed only: a program's cap is not held (see the class walk)
             d = _res(demand_w[i], RES_W)
-            held_w[i] = d - min(d, hi_w[i] + lk)
+            held_w[i] = _limits_shed(d, hi_w[i], lk)
             timer_s[i] = 0.0
         bh = min(hi_w[i], r + lk)
         bl = min(max(lo_w[i], r - lk), bh)
