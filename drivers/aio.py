@@ -63,6 +63,10 @@ class Backoff:
         return d
 
 
+def _joined(kind: str, detail: str) -> str:
+    return f"{kind}: {detail}" if detail else kind
+
+
 class Links:
     """Links retried with backoff, their fault codes and reasons. A transport fills the hooks below."""
 
@@ -127,14 +131,14 @@ class Links:
             quiet = self._logged[k] == Fault.NO_DATA and time.monotonic() - self.t0 < QUIET_START_S \
                 and fault in (Fault.CONNECTION, Fault.NO_DATA)
             self._logged[k] = int(fault)
-            self._log(logging.INFO if quiet else logging.WARNING, f"{Fault(fault).name}: {reason}", k)
+            self._log(logging.INFO if quiet else logging.WARNING, Fault(fault).name, reason, k)
         self.changed(k)
 
     def clear(self, k: int) -> None:
         """Link k answers again."""
         if self._logged[k] not in (0, Fault.BAD_VALUE):  # bad values are judged (and logged) by the decoder
             self._log(logging.INFO if self._logged[k] == Fault.NO_DATA else logging.WARNING,
-                      f"data again (was {Fault(self._logged[k]).name})", k)
+                      f"data again (was {Fault(self._logged[k]).name})", "", k)
             self._logged[k] = 0
         was = self.comm_fault[k]
         self.comm_fault[k] = 0
@@ -142,14 +146,15 @@ class Links:
         if was:
             self.changed(k)
 
-    def _log(self, level: int, message: str, k: int) -> None:
-        """Log `message` for link k: at once outside a loop, else gathered with the same message of other links."""
+    def _log(self, level: int, kind: str, detail: str, k: int) -> None:
+        """Log `kind: detail` for link k: at once outside a loop, else gathered with the same kind of other
+        links (their details differ when they name an address: each connection refused names its own)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.log.log(level, "%s: %s", self.describe(k), message)
+            self.log.log(level, "%s: %s", self.describe(k), _joined(kind, detail))
             return
-        self._pending.setdefault((level, message), []).append(k)
+        self._pending.setdefault((level, kind), []).append((k, detail))
         if not self._gathering:
             self._gathering = True
             loop.call_later(self.log_gather_s, self.flush_log)
@@ -158,13 +163,17 @@ class Links:
         """Log what was gathered: one line per message, naming the first links and counting the rest."""
         self._gathering = False
         pending, self._pending = self._pending, {}
-        for (level, message), ks in pending.items():
-            if len(ks) == 1:
-                self.log.log(level, "%s: %s", self.describe(ks[0]), message)
+        for (level, kind), got in pending.items():
+            k0, d0 = got[0]
+            if len(got) == 1:
+                self.log.log(level, "%s: %s", self.describe(k0), _joined(kind, d0))
                 continue
-            names = ", ".join(self.describe(k) for k in ks[:LOG_NAMES])
-            more = f" and {len(ks) - LOG_NAMES} more" if len(ks) > LOG_NAMES else ""
-            self.log.log(level, "%d %s: %s: %s%s", len(ks), self.noun, message, names, more)
+            names = ", ".join(self.describe(k) for k, _d in got[:LOG_NAMES])
+            more = f" and {len(got) - LOG_NAMES} more" if len(got) > LOG_NAMES else ""
+            if all(d == d0 for _k, d in got):
+                self.log.log(level, "%d %s: %s: %s%s", len(got), self.noun, _joined(kind, d0), names, more)
+            else:
+                self.log.log(level, "%d %s: %s: %s%s (the first: %s)", len(got), self.noun, kind, names, more, d0)
 
     # -- the loop ---------------------------------------------------------------------------------------
     async def open(self, k: int) -> None:

@@ -62,7 +62,6 @@ def server_main(image_name: str, spec, ocfg: OpcuaServerConfig, node_ids: tuple[
     from vbatt.opcua_models.server import VbattOpcuaServer
 
     set_parent_death_signal(signal.SIGTERM)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("asyncua", "asyncua.crypto.uacrypto"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -183,6 +183,50 @@ def test_links_failing_together_are_logged_as_one_line_that_counts_them(caplog):
     assert more == "3 more" and len(set(named.split(", "))) == 3 and all(n.startswith("line ") for n in named.split(", "))
 
 
+class AddressedLinks(LineLinks):
+    """A refused connection names its address, as a Modbus or OPC UA link's does."""
+
+    async def connect(self, k: int) -> None:
+        try:
+            await super().connect(k)
+        except LinkError:
+            raise LinkError(Fault.CONNECTION, f"cannot connect to 127.0.0.1:{self.ports[k]}") from None
+
+
+def test_links_refused_together_are_one_line_though_each_names_its_own_address(caplog):
+    """Every device behind a switch that fails is refused at its own address: still one line, with one
+    address given as the first of them."""
+    async def body():
+        ports = []
+        for _ in range(5):
+            srv, port, _ = await line_server(b"pong\n")
+            srv.close()
+            await srv.wait_closed()  # nobody listens there any more
+            ports.append(port)
+        links = AddressedLinks(ports)
+        links.t0 -= 60  # past the quiet start-up: every first fault is a warning
+        links.log_gather_s = 60.0  # only the flush at the stop logs: the line cannot depend on timing
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(links.link_task(k, stop)) for k in range(5)]
+        await until(lambda: all(f == Fault.CONNECTION for f in links.comm_fault), "every link refused")
+        stop.set()
+        await asyncio.gather(*tasks)
+        return ports
+
+    with caplog.at_level(logging.INFO, logger="vbatt.test.lines"):
+        ports = asyncio.run(body())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    head, rest = lines[0].split(": ", 1)
+    assert head == "5 links", lines
+    kind, rest = rest.split(": ", 1)
+    assert kind == "CONNECTION", lines
+    names, first = rest.split(" (the first: ")
+    named, more = names.split(" and ")
+    assert more == "2 more" and len(set(named.split(", "))) == 3, lines
+    assert first.rstrip(")") in {f"cannot connect to 127.0.0.1:{p}" for p in ports}, lines
+
+
 def test_backoff_doubles_to_its_maximum_and_resets():
     b = Backoff(0.1, 0.5)
     assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]

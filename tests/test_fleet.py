@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,3 +115,38 @@ programs: [allocation]
     # the sim node has no battery of its own: the Modbus nodes cover its 100 W over the bus
     assert nodes["local"]["bus_w"] == pytest.approx(100.0, abs=1.0)
     assert sum(n["bus_w"] for n in srv) == pytest.approx(-100.0, abs=1.0)
+
+
+def test_ctrl_c_stops_the_controller_before_its_embedded_fleet(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group at once; the supervisor orders the stop, so the
+    embedded fleet outlives the drivers: their last instructions reach its nodes, and no link is refused."""
+    plant = tmp_path / "plant.yaml"
+    plant.write_text("""
+cycle: {cycle_ms: 10, realtime: false}
+plant: {main_limit_w: 0, stale_ms: 500}
+drivers:
+  modbus: {poll_ms: 50, plaintext: true, embedded_fleet: {tick_ms: 50}}
+nodes:
+  - template: {count: 8, id: "srv-{i:02d}", driver: modbus, demand_w: 50, max_discharge_w: 200,
+               capacity_wh: 1000, soc: 0.9, link_max_w: 500}
+programs: [allocation]
+""")
+    err = tmp_path / "stderr.txt"
+    out = tmp_path / "stdout.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "run", str(plant), "-v", "--duration", "120"],
+                            cwd=REPO, stdout=open(out, "w"), stderr=open(err, "w"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "data again" not in err.read_text():  # the links have their nodes
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        before = len(err.read_text())
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+        assert proc.wait(60) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    after = err.read_text()[before:]
+    assert "stop requested" in out.read_text() + after, (out.read_text(), after)
+    assert "CONNECTION" not in after and "Traceback" not in after, after

@@ -32,6 +32,7 @@ from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.mqtt import sparkplug as sp
 from vbatt.drivers.mqtt.client import Session, Will, tls_context
 from vbatt.drivers.node.agent import AgentSet
+from vbatt.kernel.signals import stop_on_signals
 
 __all__ = ["EdgeNode", "Link"]
 
@@ -393,12 +394,8 @@ def check_edge_config(cfg, located) -> None:
 
 
 async def _serve(edges: list[EdgeNode], on_ready=None) -> None:
-    import signal
-
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     tasks = [asyncio.create_task(e.run(stop)) for e in edges]
     if on_ready:
         async def all_connected():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import signal
 import ssl
 import struct
 import time
@@ -40,6 +39,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from vbatt.config.base import NodeId, Strict, field_keys, field_type
 from vbatt.kernel.fields import Role, Scope, fields, node_field
+from vbatt.kernel.signals import stop_on_signals
 from vbatt.config.yamlsrc import ConfigError, format_path, load_yaml_file
 
 from vbatt.drivers.modbus import sunspec as ss
@@ -436,9 +436,7 @@ def build_agent(cfg: NodeAgentConfig) -> AgentSet:
 async def serve_until_signalled(agents: AgentSet, on_ready=None) -> None:
     """Serve until SIGINT or SIGTERM (the `vbatt node` and `vbatt fleet` processes)."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     await serve_agents(agents, stop, on_ready)
 
 

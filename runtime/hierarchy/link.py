@@ -44,6 +44,7 @@ from vbatt.drivers.node.backends import Backend
 from vbatt.hierarchy.wire import TREE_ID, TreeLayout
 from vbatt.kernel.fields import Role, Scope, fields
 from vbatt.kernel.image import Op, ProcessImage
+from vbatt.kernel.signals import stop_on_signals
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy import EnergyParams
 from vbatt.programs.energy.kernel import horizon_params
@@ -561,9 +562,7 @@ def link_main(cfg, fleet, image_name: str, spec, level: int = logging.WARNING) -
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop)
         await Link(cfg, fleet, img).run(stop)
 
     try:

@@ -15,16 +15,23 @@ from vbatt.kernel.clock import MonotonicClock
 from vbatt.config.plant import Config, Fleet
 from vbatt.kernel.image import Ctl, ImageSpec, Mode, ProcessImage, ScanState
 from vbatt.kernel.rt import set_parent_death_signal, setup_realtime
+from vbatt.kernel.signals import ignore_ctrl_c
 
-__all__ = ["scan_main", "io_main", "warm_up"]
+__all__ = ["scan_main", "io_main", "service_main", "warm_up"]
 
 log = logging.getLogger("vbatt.kernel.scan")
 
 
 def _child_setup(level: int) -> None:
     set_parent_death_signal(signal.SIGTERM)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_ctrl_c()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def service_main(target, args: tuple) -> None:
+    """A service (the OPC UA server, the embedded fleet, the tree's link) as the supervisor's child."""
+    ignore_ctrl_c()
+    target(*args)
 
 
 def warm_up(cfg: Config) -> None:

@@ -20,7 +20,7 @@ from vbatt.config.plant import Config, ConfigError, Fleet, setting_values
 from vbatt.kernel.fields import Scope
 from vbatt.kernel.image import Ctl, Mode, Op, ProcessImage, ScanState
 from vbatt.config.plan import build_programs, image_spec, partition
-from vbatt.supervise.processes import io_main, scan_main
+from vbatt.supervise.processes import io_main, scan_main, service_main
 from vbatt.retain.retainer import Retainer
 from vbatt.supervise.services import plan_services
 from vbatt.kernel.stats import phase_names
@@ -115,7 +115,7 @@ class Supervisor:
         return img
 
     def _start_service(self, svc) -> None:
-        child = _Child(svc.name, svc.target, svc.args)
+        child = _Child(svc.name, service_main, (svc.target, svc.args))
         child.start()
         self.services.append(child)
 
