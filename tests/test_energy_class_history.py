@@ -172,7 +172,8 @@ def test_each_class_from_its_own_record_partial_and_absent_ones_and_new_classes(
     day but no node has it now. The fleet: classes 0, 1, 2. At 05:30 class 0 starts from its record
     (its reserve over a 1 h target counts the step at 06:00), class 1 holds the bins it has (the rest
     are learnt online; until then the demand now), class 2 has no record (a cold start). Moved to
-    priority 5, class 2's nodes start from class 5's record. `never`: nothing is seeded."""
+    priority 5, class 2's nodes start from class 5's record, scaled to their demand now. `never`: nothing
+    is seeded."""
     from vbatt.kernel.image import Op
 
     now = time.time()
@@ -208,8 +209,10 @@ def test_each_class_from_its_own_record_partial_and_absent_ones_and_new_classes(
         _step(eng, wall + 2.0)
         _step(eng, wall + 3.0)
         assert list(hz[:3, HZ_SEEN]) == [96, 24, 96]
-        # class 5's record: 100 W at night, 400 W by day; it draws 80 W now: the level takes the difference
-        assert img.mem["energy.demand_horizon_w"][2] == pytest.approx(80.0 + 150.0, abs=3.0)
+        # class 5's record: 100 W at night, 400 W by day; it draws 80 W now: the record scaled to that
+        # (80 W, 320 W), over 05:30-06:30 a mean of 0.8 x 250 W
+        assert img.mem["energy.demand_horizon_w"][2] == pytest.approx(200.0, abs=2.0)
+        assert img.mem["energy.hz_season_w"][2, [0, 50]] == pytest.approx([80.0, 320.0])
     finally:
         img.close()
 

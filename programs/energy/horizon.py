@@ -10,8 +10,10 @@ over a window* [now, now + H], not one point a short time ahead as programs/fore
     F(H) = level + trend * m(H) + mean of the profile over [now, now + H]
     m(H) = damping_s * (1 - damping_s / H * (1 - exp(-H / damping_s)))   (the damped trend's mean)
 
-The profile enters once every bin has been seen (a whole season), or at once when it was seeded from
-the aggregate profile the OPC UA server recorded (read by the forecast's seed_from_history into the
+The profile enters once every bin has been seen (a whole season), or at once when it was seeded:
+from the class's own demand the OPC UA server recorded (seed.py; put in place before the class's
+first sample by `preseed`, scaled to that sample; a record shorter than a season gives the bins it
+has), or from the recorded aggregate's profile (read by the forecast's seed_from_history into the
 energy program's memory; a class takes it scaled by its share of the recorded demand at its first
 sample). Time constants, not per-sample factors: the update runs at the energy program's sweep rate
 and means the same at any rate. O(K * bins covered by H) per update, K classes.
@@ -120,11 +122,22 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, l
             base = prior[0] + (prior_season[j_now] if seeded else 0.0)
             agg = seeded and base > 0.0 and base < math.inf
             if own >= bins or (own > 0.0 and not agg):
-                # the class's own record, as recorded: the level takes up the difference of now
+                # the class's own record, scaled to its demand now at this time of day: a class that
+                # grew or shrank since (nodes moved between classes) keeps its shape. Unscaled, the level
+                # carried the difference while the profile relearnt it too, and the two undershot: a
+                # record at 1.3 x made the forecast 3.8 x persistence's error at 5 min, scaled 0.27 x
+                # (docs/energy.md, benchmarks/forecast_horizon.py --seeded)
                 hz[k, HZ_SEEN] = own
-                if season[k, j_now] != season[k, j_now]:
+                s_now = season[k, j_now]
+                if s_now != s_now:
                     season[k, j_now] = v
                     hz[k, HZ_SEEN] += 1.0
+                else:
+                    # the profile now (between the bins' centres when whole: a bin's mean is not now)
+                    base = _profile(season, k, wall_s, season_s) if own >= bins else s_now
+                    share = v / base if base > 0.0 else 1.0
+                    for j in range(bins):
+                        season[k, j] *= share
                 use = _usable(hz, k, bins)
                 hz[k, HZ_LEVEL] = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
                 continue
