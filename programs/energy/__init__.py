@@ -10,7 +10,8 @@ the batteries when the main supply limit cannot carry it (and every more critica
 
 The class demand of the reserve, D_k, is the class's forecast mean demand over its remaining target
 (horizon.py: smoothing plus a daily profile learnt online, seeded at a cold start from each
-class's own recorded demand, or from the recorded aggregate when the fleet is one class: seed.py), never less than the demand now; `demand_forecast: false` keeps the demand now.
+class's own recorded demand (seed.py), or from the recorded aggregate when the fleet is one class),
+never less than the demand now; `demand_forecast: false` keeps the demand now.
 
 Also computes, per class, the runtime if the main supply failed now and whether the target is
 reachable; per node, the runtime of its class limited by its own battery. See docs/energy.md.
