@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import time
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_the_server_records_each_class_demand_and_a_cold_start_seeds_each_class_
         img.close()
     path = pki.state / HISTORY_FILE
     assert {class_series(p, "demand_w") for p in (0, 1)} <= {
-        n for (n,) in __import__("sqlite3").connect(path).execute("SELECT DISTINCT name FROM samples")}
+        n for (n,) in sqlite3.connect(path).execute("SELECT DISTINCT name FROM samples")}
 
     with caplog.at_level(logging.INFO, logger="vbatt.energy"):
         img, eng, _, _ = _engine(text)  # a cold start on the same state dir
@@ -239,8 +240,6 @@ def _damage(path, kind):
     if kind == "not a database":
         path.write_bytes(b"this is not SQLite " * 500)
     elif kind == "no samples table":
-        import sqlite3
-
         con = sqlite3.connect(path)
         con.execute("CREATE TABLE other (x)")
         con.commit()
