@@ -109,10 +109,11 @@ def seeded_prior(y: np.ndarray, dt_s: float, t0_s: float) -> tuple[np.ndarray, n
     return prior, season
 
 
-def recorded_seeds(rec: np.ndarray, dt_s: float, t0_s: float) -> tuple[np.ndarray, np.ndarray, list]:
+def recorded_seeds(rec: np.ndarray, dt_s: float, t0_s: float,
+                   rec_t0_s: float | None = None) -> tuple[np.ndarray, np.ndarray, list]:
     """(aggregate prior, its profile, each class's own profile) a cold start at t0_s reads from a history
-    file in which the OPC UA server's writer recorded `rec` (time x classes) the day before: the
-    aggregate as `demand_w`, each class as `class.<k>.demand_w` (k: the column)."""
+    file in which the OPC UA server's writer recorded `rec` (time x classes) from rec_t0_s (default: the
+    day before): the aggregate as `demand_w`, each class as `class.<k>.demand_w` (k: the column)."""
     from vbatt.opcua_models.history import HISTORY_FILE, BatchHistory
     from vbatt.programs.energy.seed import class_profiles
     from vbatt.programs.forecast import ForecastParams, seed_from_history
@@ -124,7 +125,7 @@ def recorded_seeds(rec: np.ndarray, dt_s: float, t0_s: float) -> tuple[np.ndarra
         h = BatchHistory(path, {})
         h.open()
         for i, row_w in enumerate(rec):
-            t_ns = int((t0_s - DAY_S + i * dt_s) * 1e9)
+            t_ns = int(((t0_s - DAY_S if rec_t0_s is None else rec_t0_s) + i * dt_s) * 1e9)
             h.append("demand_w", t_ns, float(row_w.sum()))
             for k, v in enumerate(row_w):
                 h.append(class_series(k, "demand_w"), t_ns, float(v))
@@ -138,9 +139,10 @@ def recorded_seeds(rec: np.ndarray, dt_s: float, t0_s: float) -> tuple[np.ndarra
     return prior, season, [own.get(k) for k in range(rec.shape[1])]
 
 
-def seeded_row(name: str, y: np.ndarray, dt: float, t0: float, rec: np.ndarray) -> None:
+def seeded_row(name: str, y: np.ndarray, dt: float, t0: float, rec: np.ndarray,
+               rec_t0: float | None = None) -> None:
     """MAE of persistence, then of the forecast cold / aggregate-seeded / own-seeded, and the ratios."""
-    prior, season, own = recorded_seeds(rec, dt, t0)
+    prior, season, own = recorded_seeds(rec, dt, t0, rec_t0)
     cells = []
     for h in HORIZONS_S:
         runs = [mae(y, dt, h, t0), mae(y, dt, h, t0, prior=prior, prior_season=season),
@@ -181,6 +183,10 @@ def seeded_table(files: list[Path]) -> None:
         seeded_row("peak.yaml, days 2+, day 1 recorded 1 h later", y[d1:], dt, today,
                    np.roll(y[:d1], int(3600 / dt), axis=0))
         seeded_row("peak.yaml, days 2+, day 1 recorded at 1.3 x", y[d1:], dt, today, 1.3 * y[:d1])
+        # a restart 6 h into the first day: the record is those 6 h (a quarter of the bins)
+        q = int(round(6 * 3600 / dt))
+        seeded_row("peak.yaml, restarted at 06:00 of day 1, 00-06 h recorded", y[q:], dt, today + q * dt, y[:q],
+                   today)
 
 
 def row(name: str, y: np.ndarray, dt: float, t0: float, **kw) -> None:
