@@ -12,12 +12,18 @@ parameters, and prints the mean absolute error of the forecast mean demand over 
   repeats exactly, so what errs is the split of the recorded aggregate among the classes);
 * a scenario of two days or more also judged after day 1 (the profile learnt online), and on its
   days after day 1 from a cold start, alone and seeded from day 1 recorded;
+* with --seeded, one row per trace, each trace started cold three ways: learnt online only, seeded
+  from the recorded aggregate (`demand_seed: always`, every class its share), and seeded from each
+  class's own recorded demand (`class.<priority>.demand_w`, what `auto` now does): the record is the
+  trace's first day (a shorter trace: all of it) written the day before by the OPC UA server's writer
+  and read back by the program's readers (seed_from_history, seed.class_profiles); and, for
+  robustness, a record that is not the day judged (an hour later, or 1.3 times the demand);
 * the whole reserve R_K over peak.yaml's second day on the demand now, on the forecast and on the
   demand that came (targets of docs/energy.md's example).
 
 Errors are judged from one hour into each trace (the warm-up; a quarter of a shorter one), per
 class, then averaged over the classes with demand. A script, not a test: the figures go to docs/energy.md.
-    .venv/bin/python benchmarks/forecast_horizon.py [scenario.yaml ...]
+    .venv/bin/python benchmarks/forecast_horizon.py [--seeded] [scenario.yaml ...]
 """
 
 from __future__ import annotations
@@ -103,6 +109,86 @@ def seeded_prior(y: np.ndarray, dt_s: float, t0_s: float) -> tuple[np.ndarray, n
     return prior, season
 
 
+def recorded_seeds(rec: np.ndarray, dt_s: float, t0_s: float,
+                   rec_t0_s: float | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+    """(aggregate prior, its profile, each class's own profile) a cold start at t0_s reads from a history
+    file in which the OPC UA server's writer recorded `rec` (time x classes) from rec_t0_s (default: the
+    day before): the aggregate as `demand_w`, each class as `class.<k>.demand_w` (k: the column)."""
+    from vbatt.opcua_models.history import HISTORY_FILE, BatchHistory
+    from vbatt.programs.energy.seed import class_profiles
+    from vbatt.programs.forecast import ForecastParams, seed_from_history
+    from vbatt.programs.recorded import class_series
+
+    p = EnergyParams()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / HISTORY_FILE
+        h = BatchHistory(path, {})
+        h.open()
+        for i, row_w in enumerate(rec):
+            t_ns = int(((t0_s - DAY_S if rec_t0_s is None else rec_t0_s) + i * dt_s) * 1e9)
+            h.append("demand_w", t_ns, float(row_w.sum()))
+            for k, v in enumerate(row_w):
+                h.append(class_series(k, "demand_w"), t_ns, float(v))
+        h.flush()
+        h.close()
+        prior, season = np.full(3, np.nan), np.zeros(p.demand_season_bins)
+        line = seed_from_history(path, ForecastParams(season_s=p.demand_season_s, season_bins=p.demand_season_bins,
+                                                      trend_tau_s=p.demand_trend_tau_s), t0_s, prior, season)
+        own, lines = class_profiles(path, t0_s, p.demand_season_s, p.demand_season_bins, p.demand_season_tau_s)
+    print(f"    seed: aggregate: {line}; " + "; ".join(lines), file=sys.stderr)
+    return prior, season, [own.get(k) for k in range(rec.shape[1])]
+
+
+def seeded_row(name: str, y: np.ndarray, dt: float, t0: float, rec: np.ndarray,
+               rec_t0: float | None = None) -> None:
+    """MAE of persistence, then of the forecast cold / aggregate-seeded / own-seeded, and the ratios."""
+    prior, season, own = recorded_seeds(rec, dt, t0, rec_t0)
+    cells = []
+    for h in HORIZONS_S:
+        runs = [mae(y, dt, h, t0), mae(y, dt, h, t0, prior=prior, prior_season=season),
+                mae(y, dt, h, t0, own=own)]
+        if runs[0][2] == 0:
+            cells.append("too short | | | | ")
+            continue
+        pers = runs[0][1]
+        fc = " / ".join(f"{r[0]:.1f}" for r in runs)
+        ratio = " / ".join(f"{r[0] / pers:.2f}" if pers > 0 else "-" for r in runs)
+        cells.append(f"{pers:.1f} | {fc} | {ratio}")
+    print(f"| {name} | {y.shape[0]} x {dt:.0f} s | {y.shape[1]} | " + " | ".join(cells) + " |")
+
+
+def seeded_table(files: list[Path]) -> None:
+    print("MAE (W per class) of the mean class demand over the next H; forecast cold / aggregate-seeded "
+          "(always) / own-seeded (per class), and its ratio to persistence")
+    print("| trace | samples | classes | 5 min: persistence | forecast c / a / o | ratio c / a / o "
+          "| 1 h: persistence | forecast c / a / o | ratio c / a / o |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    today0 = np.floor(time.time() / DAY_S) * DAY_S
+    for f in files:
+        y, dt, t0 = scenario_trace(f)
+        today = today0 + (t0 % DAY_S)  # the history file keeps 30 days: the wall clock moved to today
+        d1 = min(y.shape[0], int(round(DAY_S / dt)))
+        seeded_row(f.name + (", day 1 recorded" if d1 < y.shape[0] else ", all recorded"), y, dt, today, y[:d1])
+        if y.shape[0] * dt >= 2 * DAY_S:
+            seeded_row(f.name + ", days 2+, day 1 recorded", y[d1:], dt, today, y[:d1])
+    y, dt = csv_trace()
+    seeded_row("office_trace.csv, all recorded", y, dt, today0, y)
+    # a record that is not the day judged: the same day an hour later, or at 1.3 times the demand
+    seeded_row("office_trace.csv, recorded 1 h later", y, dt, today0, np.roll(y, int(3600 / dt), axis=0))
+    seeded_row("office_trace.csv, recorded at 1.3 x", y, dt, today0, 1.3 * y)
+    if ROOT / "examples/scenarios/peak.yaml" in [f.resolve() for f in files]:
+        y, dt, t0 = scenario_trace(ROOT / "examples/scenarios/peak.yaml")
+        d1 = int(round(DAY_S / dt))
+        today = today0 + (t0 % DAY_S)
+        seeded_row("peak.yaml, days 2+, day 1 recorded 1 h later", y[d1:], dt, today,
+                   np.roll(y[:d1], int(3600 / dt), axis=0))
+        seeded_row("peak.yaml, days 2+, day 1 recorded at 1.3 x", y[d1:], dt, today, 1.3 * y[:d1])
+        # a restart 6 h into the first day: the record is those 6 h (a quarter of the bins)
+        q = int(round(6 * 3600 / dt))
+        seeded_row("peak.yaml, restarted at 06:00 of day 1, 00-06 h recorded", y[q:], dt, today + q * dt, y[:q],
+                   today)
+
+
 def row(name: str, y: np.ndarray, dt: float, t0: float, **kw) -> None:
     cells = []
     for h in HORIZONS_S:
@@ -154,7 +240,12 @@ def reserve_day(path: Path, day: int = 1) -> None:
 
 
 def main(argv: list[str]) -> int:
+    seeded = "--seeded" in argv
+    argv = [a for a in argv if a != "--seeded"]
     files = [Path(a) for a in argv] or sorted((ROOT / "examples/scenarios").glob("*.yaml"))
+    if seeded:
+        seeded_table(files)
+        return 0
     print("MAE (W per class) of the mean class demand over the next H: forecast | persistence | ratio")
     print("| trace | samples | classes | mean total W | 5 min: fc | pers | ratio | 1 h: fc | pers | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -20,6 +20,7 @@ from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 from vbatt.opcua_models.fastpath import data_value
 from vbatt.opcua_models.model import (METHODS, TYPE_IDS, VB_ID, VarDef, aggregate_vars, class_object_id, class_vars,
                                       decl_ids, node_vars, scan_vars)
+from vbatt.programs.recorded import class_series
 
 __all__ = ["Instances", "build_instances"]
 
@@ -217,7 +218,7 @@ def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[s
             b.link(obj, _HC, nd)
             inst.class_values[p][v.name] = nd.attributes[_A.Value]
             if v.historized:
-                inst.class_historized[nd.nodeid] = f"class.{p}.{v.name}"
+                inst.class_historized[nd.nodeid] = class_series(p, v.name)
     folder = b.obj(S(f"{VB_ID}.Nodes"), "Nodes", ua.NodeId(ua.ObjectIds.FolderType), "one object per node")
     b.link(vb, _HC, folder)
 

@@ -6,10 +6,16 @@ numeric NodeIds; this one keys rows by the vocabulary name (``soc``,
 `flush_s`. Reads see the buffer too, so a HistoryRead right after a change is
 complete. `load_series()` reads the same file without a server, e.g. for the
 forecast to start from the recorded demand after a restart.
+
+A file SQLite finds damaged (not a database, a malformed page) is moved aside
+(`history.sqlite.corrupt-<UTC time>`, kept for a post-mortem) with a log line and
+the record starts anew: the history serves the forecasts and SCADA, and must not
+stop the server. Other write errors (a full disk) drop the batch with a log line.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -21,10 +27,17 @@ from asyncua.server.history import HistoryStorageInterface
 from vbatt.programs.recorded import HISTORY_FILE, load_series  # noqa: F401  (re-exported)
 
 __all__ = ["BatchHistory", "load_series", "HISTORY_FILE"]
+log = logging.getLogger("vbatt.opcua.history")
+_DAMAGED = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (name TEXT NOT NULL, t_ns INTEGER NOT NULL, value REAL);
 CREATE INDEX IF NOT EXISTS samples_name_t ON samples (name, t_ns);
 """
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    return getattr(exc, "sqlite_errorname", "") in _DAMAGED or "not a database" in str(exc) \
+        or "malformed" in str(exc)
 
 
 def _ns(t: datetime) -> int:
@@ -57,10 +70,41 @@ class BatchHistory(HistoryStorageInterface):
     def open(self) -> None:
         if self.db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
+            try:
+                self.db = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                self._move_aside(exc)
+                self.db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, exc: sqlite3.DatabaseError) -> None:
+        """The damaged file (with its WAL and shared-memory files) out of the way, kept for a post-mortem."""
+        if self.db is not None:
+            try:
+                self.db.close()
+            except sqlite3.Error:
+                pass
+            self.db = None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = self.path.with_name(self.path.name + suffix)
+            if src.exists():
+                src.replace(aside.with_name(aside.name + suffix))
+        log.error("history file %s is damaged (%s: %s): moved to %s, the record starts anew",
+                  self.path, type(exc).__name__, exc, aside)
 
     # -- writing (the server's updater) -------------------------------------------------------
     def append(self, name: str, t_ns: int, value: float) -> None:
@@ -72,12 +116,24 @@ class BatchHistory(HistoryStorageInterface):
             return 0
         self.open()
         rows, self.pending = self.pending, []
+        try:
+            self._write(rows)
+        except sqlite3.DatabaseError as exc:
+            if not _damaged(exc):
+                log.error("history: %d samples not written to %s (%s: %s)", len(rows), self.path,
+                          type(exc).__name__, exc)
+                return 0
+            self._move_aside(exc)
+            self.open()
+            self._write(rows)
+        self.flushes += 1
+        return len(rows)
+
+    def _write(self, rows) -> None:
         with self.db:
             self.db.executemany("INSERT INTO samples (name, t_ns, value) VALUES (?, ?, ?)", rows)
             if self.flushes % 100 == 0:
                 self.db.execute("DELETE FROM samples WHERE t_ns < ?", (time.time_ns() - self.retention_ns,))
-        self.flushes += 1
-        return len(rows)
 
     # -- HistoryStorageInterface ------------------------------------------------------------------
     async def new_historized_node(self, node_id, period, count=0) -> None:

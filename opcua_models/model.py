@@ -156,7 +156,9 @@ CLASS_MEMORY = "energy"
 def class_vars() -> tuple[VarDef, ...]:
     return (
         VarDef("priority", *_I, "the priority of the class's nodes (0 = most critical)"),
-        VarDef("demand_w", *_D, "demand of the class (pooled; the forecast when a forecast runs)", "W"),
+        # historized: a cold start seeds the class's daily demand profile from its own record (docs/energy.md)
+        VarDef("demand_w", *_D, "demand of the class (pooled; the forecast when a forecast runs)", "W",
+               historized=True),
         VarDef("demand_horizon_w", *_D, "demand the reserve is held for: the class forecast's mean over its "
                "remaining target, never below now", "W"),
         VarDef("reserve_wh", *_D, "energy held for the remaining targets of this class and the more critical ones",

@@ -9,8 +9,9 @@ honours in its shedding stage. Nothing here is told that an outage happens: a cl
 the batteries when the main supply limit cannot carry it (and every more critical class).
 
 The class demand of the reserve, D_k, is the class's forecast mean demand over its remaining target
-(horizon.py: smoothing plus a daily profile learnt online, seeded from the recorded history when the
-fleet is one class), never less than the demand now; `demand_forecast: false` keeps the demand now.
+(horizon.py: smoothing plus a daily profile learnt online, seeded at a cold start from each
+class's own recorded demand (seed.py), or from the recorded aggregate when the fleet is one class),
+never less than the demand now; `demand_forecast: false` keeps the demand now.
 
 Also computes, per class, the runtime if the main supply failed now and whether the target is
 reachable; per node, the runtime of its class limited by its own battery. See docs/energy.md.
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vbatt.kernel.program import Ctx, Program, bind_kernel
 from vbatt.kernel.seqblock import ArraySpec
 
-from vbatt.programs.energy.horizon import HZ_N
+from vbatt.programs.energy.horizon import HZ_N, preseed
 from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step, horizon_params
 from vbatt.programs.energy.rules import ST_N, ST_N_CLS, ST_POS, ST_STARTED
 from vbatt.programs.energy.tree import T_AT, T_SWEPT, T_USED, tree_size
@@ -75,8 +76,9 @@ class EnergyParams(BaseModel):
     demand_season_bins: Annotated[int, Field(ge=2, le=1440)] = 96
     demand_season_tau_s: Annotated[Pos, Field(description="how fast the profile follows change")] = 86400.0
     demand_seed: Annotated[Literal["auto", "always", "never"],
-                           Field(description="start the class profiles from the recorded aggregate's (auto: "
-                                             "only when there is one class)")] = "auto"
+                           Field(description="start each class's profile from its own recorded demand, else "
+                                             "from the recorded aggregate's (auto: only when there is one "
+                                             "class; always: every class; never: none)")] = "auto"
 
 
 @njit(nogil=True, cache=True)
@@ -185,6 +187,8 @@ class Energy(Program):
                 ArraySpec("use_forecast", "u1", (1,)), ArraySpec("demand_horizon_w", "f8", (k,)),
                 ArraySpec("hz", "f8", (k, HZ_N)), ArraySpec("hz_season_w", "f8", (k, self._bins())),
                 ArraySpec("hz_prior", "f8", (3,)), ArraySpec("hz_prior_season_w", "f8", (self._bins(),)),
+                # the classes' own recorded profiles, by priority (-1: an empty row), read at a cold start
+                ArraySpec("hz_class_prior", "i8", (k,)), ArraySpec("hz_class_prior_w", "f8", (k, self._bins())),
                 ArraySpec("hz_params", "f8", (HP_N,)), ArraySpec("power_slack_w", "f8", (k,)),
                 ArraySpec(self.TREE, "f8", (tree_size(MAX_CLASSES),)), ArraySpec("tree_classes", "i8", (1,))]
 
@@ -198,7 +202,8 @@ class Energy(Program):
         prios = np.union1d(img.node["priority"], np.arange(self.tree_classes))
         prios = prios[(prios >= 0) & (prios < PRIO_N)][:MAX_CLASSES]
         old = self.mem(img, "priority")
-        if not np.array_equal(old[: prios.size], prios) or (prios.size < old.size and old[prios.size] != -1):
+        anew = not np.array_equal(old[: prios.size], prios) or (prios.size < old.size and old[prios.size] != -1)
+        if anew:
             self.mem(img, "hz")[:] = 0.0  # other classes: their demand forecasts start anew
         cls_of = self.mem(img, "class_of")
         cls_of[:] = np.searchsorted(prios, np.arange(PRIO_N), side="right") - 1
@@ -209,11 +214,14 @@ class Energy(Program):
         by_prio = self.mem(img, "target_by_priority_s")[prios]
         self.mem(img, "target_s")[: prios.size] = np.where(np.isnan(by_prio), 0.0, by_prio)
         self.mem(img, "state")[ST_N_CLS] = prios.size
+        if anew:
+            self._preseed(img)
 
     def init(self, img) -> None:
         self._targets(img)
         self._settings(img)
         self.mem(img, "priority")[:] = -1
+        self.mem(img, "hz_class_prior")[:] = -1  # nothing recorded until _seed has read it
         self._classes(img)
         self.mem(img, "hz")[:] = 0.0
         self.mem(img, self.TREE)[:] = np.nan
@@ -221,14 +229,20 @@ class Energy(Program):
         self._seed(img)
 
     def _seed(self, img) -> None:
-        """The class profiles start from the aggregate profile the OPC UA server recorded, through
-        the forecast's reader (programs/forecast.py seed_from_history), when the history is on."""
+        """The class profiles start from what the OPC UA server recorded, when the history is on: each
+        class's own demand (seed.py), else the aggregate's profile through the forecast's reader
+        (programs/forecast.py seed_from_history). A file that cannot be read is a log line, never a
+        stop: the forecast then learns online, as without a history."""
         prior, season = self.mem(img, "hz_prior"), self.mem(img, "hz_prior_season_w")
         prior[:] = np.nan
         season[:] = 0.0
+        rows, own = self.mem(img, "hz_class_prior"), self.mem(img, "hz_class_prior_w")
+        rows[:] = -1
+        own[:] = np.nan
         p: EnergyParams = self.params
         if self.history_path is None or not p.demand_season_s or not p.demand_forecast or p.demand_seed == "never":
             return
+        self._seed_classes(img)
         from vbatt.programs.forecast import ForecastParams, seed_from_history
 
         fp = ForecastParams(season_s=p.demand_season_s, season_bins=p.demand_season_bins,
@@ -239,6 +253,43 @@ class Energy(Program):
             prior[:] = np.nan
             line = f"recorded history unusable ({type(exc).__name__}: {exc})"
         log.info("energy: class demand profiles: %s", line)
+
+    def _seed_classes(self, img) -> None:
+        """Each class's own recorded profile into memory by priority (the classes present first, then
+        any other recorded one, up to MAX_CLASSES rows), then in place for the classes now."""
+        from vbatt.programs.energy.seed import class_profiles
+
+        p: EnergyParams = self.params
+        rows, own = self.mem(img, "hz_class_prior"), self.mem(img, "hz_class_prior_w")
+        try:
+            profiles, lines = class_profiles(self.history_path, time.time(), p.demand_season_s, self._bins(),
+                                             p.demand_season_tau_s)
+        except Exception as exc:  # a damaged history file must not stop the controller
+            log.warning("energy: recorded class demand in %s unusable (%s: %s): the classes start without it",
+                        self.history_path, type(exc).__name__, exc)
+            return
+        present = set(int(x) for x in self.mem(img, "priority") if x >= 0)
+        order = sorted(profiles, key=lambda q: (q not in present, q))[: rows.shape[0]]
+        for r, q in enumerate(order):
+            rows[r] = q
+            own[r] = profiles[q]
+        for line in lines:
+            log.info("energy: recorded demand: %s", line)
+        self._preseed(img)
+
+    def _preseed(self, img) -> None:
+        """The own recorded profile of every class that has not started, in place for its first sample
+        (horizon.preseed; the kernel decides there whether it is used: demand_seed)."""
+        if not self.params.demand_season_s:
+            return
+        rows, own = self.mem(img, "hz_class_prior"), self.mem(img, "hz_class_prior_w")
+        hz, season = self.mem(img, "hz"), self.mem(img, "hz_season_w")
+        at = {int(q): r for r, q in enumerate(rows) if q >= 0}
+        for k, q in enumerate(self.mem(img, "priority")):
+            if q < 0:
+                break
+            r = at.get(int(q))
+            preseed(hz, season, k, own[r] if r is not None else None)
 
     def on_command(self, img, op, node, value, arg) -> None:
         from vbatt.kernel.image import Op

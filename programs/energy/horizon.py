@@ -10,8 +10,10 @@ over a window* [now, now + H], not one point a short time ahead as programs/fore
     F(H) = level + trend * m(H) + mean of the profile over [now, now + H]
     m(H) = damping_s * (1 - damping_s / H * (1 - exp(-H / damping_s)))   (the damped trend's mean)
 
-The profile enters once every bin has been seen (a whole season), or at once when it was seeded from
-the aggregate profile the OPC UA server recorded (read by the forecast's seed_from_history into the
+The profile enters once every bin has been seen (a whole season), or at once when it was seeded:
+from the class's own demand the OPC UA server recorded (seed.py; put in place before the class's
+first sample by `preseed`, scaled to that sample; a record shorter than a season gives the bins it
+has), or from the recorded aggregate's profile (read by the forecast's seed_from_history into the
 energy program's memory; a class takes it scaled by its share of the recorded demand at its first
 sample). Time constants, not per-sample factors: the update runs at the energy program's sweep rate
 and means the same at any rate. O(K * bins covered by H) per update, K classes.
@@ -24,8 +26,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["HZ_LEVEL", "HZ_TREND", "HZ_READY", "HZ_T0", "HZ_LAST", "HZ_N", "horizon_update", "horizon_mean",
-           "horizon_replay", "horizon_mae"]
+__all__ = ["HZ_LEVEL", "HZ_TREND", "HZ_READY", "HZ_T0", "HZ_LAST", "HZ_SEEN", "HZ_N", "horizon_update",
+           "horizon_mean", "horizon_replay", "horizon_mae", "preseed"]
 
 # Columns of the per-class state hz[k, HZ_*]: the smoothed deviation of the demand from the profile
 # (W; from 0 while the profile is not whole), its damped trend (W/s), first sample seen, wall time
@@ -77,14 +79,30 @@ def _usable(hz, k, bins):
     return bins > 0 and hz[k, HZ_SEEN] >= bins
 
 
+def preseed(hz: np.ndarray, season: np.ndarray, k: int, profile: np.ndarray | None) -> None:
+    """Put class k's own recorded profile (W per bin, NaN: a bin the record has not seen) in place
+    before its first sample, which decides whether it is used (horizon_update); None: nothing
+    recorded. Only for a class that has not started (its state is left alone once it has)."""
+    if hz[k, HZ_READY] != 0.0 or season.shape[1] == 0:
+        return
+    hz[k, HZ_SEEN] = 0.0
+    if profile is None or profile.shape[0] != season.shape[1]:
+        return
+    ok = np.isfinite(profile) & (profile >= 0.0)
+    season[k] = np.where(ok, profile, np.nan)
+    hz[k, HZ_SEEN] = float(ok.sum())
+
+
 @njit(nogil=True, cache=True)
 def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, level_tau_s, trend_tau_s,
-                   damping_s, season_s, season_tau_s):
+                   damping_s, season_s, season_tau_s, use_own=True):
     """Learn from one sample per class: y[k] (W) at wall-clock time wall_s. hz[k, HZ_*] the state,
     season[k, bins] the profiles (W). prior[0] the recorded aggregate's mean level (NaN: none),
     prior[2] == 1 when prior_season (the same bins) holds its profile as deviations from that mean.
-    use_prior: whether a class takes it at its first sample. NaN, infinite or negative samples are
-    skipped."""
+    use_prior: whether a class takes it at its first sample. A class whose own recorded profile was
+    put in place before its first sample (preseed: hz[k, HZ_SEEN] bins of it) starts from that when
+    use_own: a whole one first, then the aggregate's (use_prior), then a partial one (the bins
+    the record missed are learnt online). NaN, infinite or negative samples are skipped."""
     bins = season.shape[1]
     seeded = use_prior and prior.shape[0] > 2 and prior[2] == 1.0 and prior_season.shape[0] == bins
     j_now = _bin(wall_s, season_s, bins) if bins > 0 else 0
@@ -95,15 +113,37 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, l
         if hz[k, HZ_READY] == 0.0:
             if v <= 0.0:  # no node of the class reporting yet (a start): nothing to start from
                 continue
+            own = hz[k, HZ_SEEN] if use_own and bins > 0 else 0.0
             hz[k, HZ_READY] = 1.0
             hz[k, HZ_T0] = wall_s
             hz[k, HZ_LAST] = wall_s
             hz[k, HZ_TREND] = 0.0
             hz[k, HZ_SEEN] = 0.0
+            base = prior[0] + (prior_season[j_now] if seeded else 0.0)
+            agg = seeded and base > 0.0 and base < math.inf
+            if own >= bins or (own > 0.0 and not agg):
+                # the class's own record, scaled to its demand now at this time of day: a class that
+                # grew or shrank since (nodes moved between classes) keeps its shape. Unscaled, the level
+                # carried the difference while the profile relearnt it too, and the two undershot: a
+                # record at 1.3 x made the forecast 3.8 x persistence's error at 5 min, scaled 0.27 x
+                # (docs/energy.md, benchmarks/forecast_horizon.py --seeded)
+                hz[k, HZ_SEEN] = own
+                s_now = season[k, j_now]
+                if s_now != s_now:
+                    season[k, j_now] = v
+                    hz[k, HZ_SEEN] += 1.0
+                else:
+                    # the profile now (between the bins' centres when whole: a bin's mean is not now)
+                    base = _profile(season, k, wall_s, season_s) if own >= bins else s_now
+                    share = v / base if base > 0.0 else 1.0
+                    for j in range(bins):
+                        season[k, j] *= share
+                use = _usable(hz, k, bins)
+                hz[k, HZ_LEVEL] = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
+                continue
             for j in range(bins):
                 season[k, j] = math.nan
-            base = prior[0] + (prior_season[j_now] if seeded else 0.0)
-            if seeded and base > 0.0 and base < math.inf:
+            if agg:
                 # this class's share of the recorded aggregate at this time of day
                 share = v / base
                 for j in range(bins):
@@ -167,14 +207,18 @@ def horizon_mean(wall_s, k, h_s, hz, season, damping_s, season_s):
 def horizon_replay(y: np.ndarray, dt_s: float, h_s: float, level_tau_s: float, trend_tau_s: float,
                    damping_s: float, season_s: float | None, bins: int, season_tau_s: float,
                    t0_s: float = 0.0, prior: np.ndarray | None = None,
-                   prior_season: np.ndarray | None = None, use_prior: bool = True) -> np.ndarray:
+                   prior_season: np.ndarray | None = None, use_prior: bool = True,
+                   own: list[np.ndarray | None] | None = None) -> np.ndarray:
     """Replay class demand samples y (time x classes, every dt_s from wall time t0_s) through the
     class forecast; returns the forecast mean over the next h_s made at each sample (NaN before the
-    first). The same functions as the energy program runs."""
+    first). own[k]: class k's own recorded profile (preseed). The same functions as the energy
+    program runs."""
     steps, k_n = y.shape
     nb = bins if season_s else 0
     hz = np.zeros((k_n, HZ_N))
     season = np.zeros((k_n, max(nb, 1)))[:, :nb]
+    for k, profile in enumerate(own or []):
+        preseed(hz, season, k, profile)
     pr = np.full(3, np.nan) if prior is None else prior
     ps = np.zeros(max(nb, 1))[:nb] if prior_season is None else prior_season
     out = np.full((steps, k_n), np.nan)

@@ -65,11 +65,12 @@ def _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior,
         for c in range(n_cls):
             dhz[c] = dres[c]
         return
-    # The record holds the aggregate only: its profile fits a class when the class is (nearly) all of
-    # it; split by share among classes of other shapes it did worse than a cold start (docs/energy.md)
+    # The aggregate's profile fits a class when the class is (nearly) all of it; split by share among
+    # classes of other shapes it did worse than a cold start (docs/energy.md). A class's own recorded
+    # profile (put in place before its first sample: Energy._preseed) fits it whatever the others do.
     use_prior = hp[HP_SEED] == 2.0 or (hp[HP_SEED] == 1.0 and n_cls == 1)
     horizon_update(wall_s, n_cls, dres, hz, season, prior, prior_season, use_prior, hp[HP_LEVEL], hp[HP_TREND],
-                   hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU])
+                   hp[HP_DAMP], hp[HP_SEASON], hp[HP_STAU], hp[HP_SEED] != 0.0)
     calm = True
     for c in range(n_cls):
         calm &= clock_s[c] <= 0.0
