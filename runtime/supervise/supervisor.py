@@ -53,10 +53,13 @@ class _Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, ask: bool = False) -> None:
+        """Wait for the child to end (asked with SIGTERM first when `ask`), then end it."""
         p = self.proc
         if p is None:
             return
+        if ask and p.is_alive():
+            p.terminate()
         p.join(timeout)
         if p.is_alive():
             p.terminate()
@@ -243,8 +246,12 @@ class Supervisor:
         # sends its last instruction when it sees IO_STOP, before it returns.
         time.sleep(STOP_GRACE_S)
         img.ctl[Ctl.IO_STOP] = 1
-        for child in self.drivers + self.services:
+        for child in self.drivers:
             child.stop(timeout=5.0)
+        # The drivers are done: every service stops in order on SIGTERM (the embedded fleet watches no
+        # image; waiting for it to end by itself only let its nodes' leases run out)
+        for child in self.services:
+            child.stop(timeout=5.0, ask=True)
 
     def close(self) -> None:
         if self.img is not None:
