@@ -412,7 +412,7 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 soc_min, 1.0, 3600.0, 60.0, n, 60.0, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
-                np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
+                np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
                 # the class demand forecast off: the rule on the demand now
                 0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
                 # not a leaf of a controller tree: no decisions leased from above
