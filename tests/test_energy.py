@@ -337,9 +337,11 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # the class cannot reach; a class draws only while the more critical classes' reserve is deliverable
 # without its own nodes' load; beyond its target a class yields to a more critical one that is shed; a
 # class riding through that the batteries' export cannot carry whole is shed and latched.
-# Seeds 1, 7, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
-# 60 s miss is the grid's (docs/energy.md). Of seeds 24-39, 35, 37 and 39 disagree (the drain order).
-BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22)
+# Seeds 1, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
+# 60 s miss is the grid's (docs/energy.md). Seeds 7, 35 and 39 agree since a class short of export power
+# draws on its own nodes' locked energy (kernel _release); on cb4929c class 0 ran 450 / 1,085 / 470 s against
+# the reference's 540 / 660 / 660 s. Of seeds 24-39, 37 disagrees.
+BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 35, 39)
 
 
 @pytest.mark.parametrize("seed", BINDING_SEEDS)
