@@ -253,7 +253,7 @@ def _caps(priority, class_of, demand_w, frac, serve_max_w):
 
 
 @njit(nogil=True, cache=True)
-def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, nx, pneed):
+def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, dnow, nx, pneed):
     """After a sweep: the part of a class's power need that neither the main supply nor the batteries'
     export can carry (the classes inside their targets served first, then the others, in class order, as
     decide's power pass) is a local need of the class, as a load beyond a node's link is the node's: it
@@ -262,20 +262,25 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
     pneed[c] no longer asks it of the bus. Energy a lock keeps for the class's later load is worth nothing
     to a class cut now (a class once cut stays shed); held, the class was served in part for want of
     power while its own node kept the energy (LP-gap fleet 13: class 0 at 96 % from 650 s, the reference
-    whole to 720 s on a 5 s grid). A class beyond its target does so only while no class inside its
-    target is served: its lock's energy goes to the pool when it is shed, and the energy rule (decide)
-    does not count it as drawn (`--seed 7` fleet 1: class 0, beyond its 600 s target, ran to 860 s on it
-    against the reference's 780 s, and class 1 missed its 1,200 s target by a cycle)."""
+    whole to 720 s on a 5 s grid). Only for a class on the batteries alone (the main supply carries none
+    of it, as its battery clock counts): with the main supply there a shortfall is a peak, shaved by the
+    energy rule, and the locks keep the outage's local need. A class beyond its target does so only while
+    no class inside its target is served: its lock's energy goes to the pool when it is shed, and the
+    energy rule (decide) does not count it as drawn (`--seed 7` fleet 1: class 0, beyond its 600 s
+    target, ran to 860 s on it against the reference's 780 s)."""
     p_left = main_limit_w + slack_w
     riding = False  # a class inside its target is served
     for inside in (True, False):
+        cum = 0.0
         for c in range(n_cls):
+            on_batt = main_limit_w <= cum + 1e-9 * (1.0 + cum)
+            cum += dnow[c]
             if (latched[c] == 0 and min(max(0.0, target_s[c] - clock_s[c]), local_s[c]) > 0.0) != inside:
                 continue
             riding |= inside and pneed[c] > 0.0
             q = 0.0
-            if latched[c] == 0 and pneed[c] > 0.0 and (inside or not riding):
-                rel = nx[c, NX_REL]
+            if latched[c] == 0 and pneed[c] > 0.0:
+                rel = nx[c, NX_REL] if on_batt and (inside or not riding) else 0.0
                 use = min(max(0.0, pneed[c] - max(0.0, p_left)), rel)
                 q = use / rel if rel > 0.0 else 0.0
                 pneed[c] -= use
@@ -374,7 +379,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
             slack_w[c] = nx[c, NX_PSLK]
-        _release(n_cls, main_limit_w, state[ST_SLACK_W], target_s, clock_s, local_s, latched, nx, pneed)
+        _release(n_cls, main_limit_w, state[ST_SLACK_W], target_s, clock_s, local_s, latched, dnow, nx, pneed)
         # a_wh[c, k]: deliverable within hz_s[k] with the classes before c served, the others shed
         for k in range(n_cls):
             run = ax[ax.shape[0] - 1, k]
