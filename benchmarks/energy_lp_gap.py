@@ -23,6 +23,18 @@ whole-step reference:
 
 then, this cycle's draws off a class beyond its target's margin once: both 39 of 41, 35 s; discharge 36, 33 s;
 --seed 7 / --seed 11 (both): 46 of 47 / 35 of 38, the same as before it.
+then (2026-11-29, against cb4929c on the same machine), a class's power shortfall is its own need (the own-need
+locks of its nodes give what the batteries' export cannot carry, programs/energy/kernel.py _release):
+
+    limits (x demand)           cb4929c     now
+    links 0.5-2                 40, 25 s    40, 26 s
+    discharge 1-3               36, 33 s    36, 33 s (identical)
+    both                        39, 35 s    39, 32 s (worst -190 / +225 s -> -115 / +190 s)
+    discharge 2-4, links 1-3    39, 25 s    39, 25 s (identical)
+    both 0.5-2                  32, 55 s    35, 48 s
+    both, --seed 7              46 of 47    47 of 47, 19 s
+    both, --seed 11             35 of 38    36 of 38, 29 s
+    --peak                      unchanged, instance by instance
 
 --peak (seeds 0-23): of the 15 instances where the reference sheds and can hold the reserve, the
 simulation sheds 0.09-0.79 steps of class 3's peak demand more (mean 0.44), 15 within one step, every

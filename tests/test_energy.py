@@ -337,9 +337,11 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # the class cannot reach; a class draws only while the more critical classes' reserve is deliverable
 # without its own nodes' load; beyond its target a class yields to a more critical one that is shed; a
 # class riding through that the batteries' export cannot carry whole is shed and latched.
-# Seeds 1, 7, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
-# 60 s miss is the grid's (docs/energy.md). Of seeds 24-39, 35, 37 and 39 disagree (the drain order).
-BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22)
+# Seeds 1, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
+# 60 s miss is the grid's (docs/energy.md). Seeds 7, 35 and 39 agree since a class short of export power
+# draws on its own nodes' locked energy (kernel _release); on cb4929c class 0 ran 450 / 1,085 / 470 s against
+# the reference's 540 / 660 / 660 s. Of seeds 24-39, 37 disagrees.
+BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 35, 39)
 
 
 @pytest.mark.parametrize("seed", BINDING_SEEDS)
@@ -377,6 +379,23 @@ def test_ride_through_with_binding_limits_agrees_on_the_lp_gap_fleets(plants, in
     _agrees_with_the_whole_step_lp(plants, f, targets, 60, 60.0)
 
 
+# A class's power shortfall is its own need (programs/energy/kernel.py _release): when the batteries' export
+# cannot carry a class's loads, the own-need locks of its nodes give what is missing, up to their limits. Both
+# fail on cb4929c. `--seed 11` fleet 0 (one class, target 1,200 s): cut for power at 395 s, when its fastest node
+# ran empty, while a node with a load beyond its link kept 239 Wh for that load; the reference 540 s, now 550 s.
+# `--seed 42` fleet 13 (targets {0: 600, 1: 0, 2: 0} s) on a 10 s grid (on 60 s the grid's own miss is larger
+# than the drain order's, docs/energy.md): after classes 1 and 2 are shed at 640 s the export of the nodes
+# left falls 53 W short of class 0's imports while its own node 6 keeps its energy for its own need: class 0
+# served at 96 % from 650 s; the reference 720 s, now 725 s.
+SHORTFALL_FLEETS = ((11, 0, 60, 60.0), (42, 13, 90, 10.0))
+
+
+@pytest.mark.parametrize("seed, index, steps, dt", SHORTFALL_FLEETS)
+def test_a_class_short_of_export_power_draws_on_its_own_locked_nodes(plants, seed, index, steps, dt):
+    f, targets = lp_gap_fleets(seed, (1.0, 3.0, 0.5, 2.0), index + 1)[index]
+    _agrees_with_the_whole_step_lp(plants, f, targets, steps, dt)
+
+
 def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     """One cycle of the real kernel on arrays, main supply 0: the runtime per class."""
     n = len(f)
@@ -395,7 +414,7 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
                 soc_min, 1.0, 3600.0, 60.0, n, 60.0, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
                 np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
                 z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
-                np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
+                np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
                 # the class demand forecast off: the rule on the demand now
                 0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
                 # not a leaf of a controller tree: no decisions leased from above
