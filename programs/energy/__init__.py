@@ -88,7 +88,8 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
     place, for `energy_step`. lo_w/hi_w arrive narrowed by the programs before it."""
     soc_min, use_forecast, class_of, state, hp = settings
     (target_s, clock_s, latched, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s, reserve_wh, frac,
-     prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed) = classes
+     prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed, probe_s,
+     probe_wh, power_s, power_cap) = classes
     (hi_cap,) = node_memory
     (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps) = scratch
     hz, season, prior, prior_season, dhz = forecast
@@ -98,7 +99,7 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
                 soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, restore_s, class_of, int(state[ST_N_CLS]),
                 target_s, clock_s, latched, state, sweep, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s,
                 reserve_wh, frac, prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s,
-                sweep_deliv, deliv, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
+                sweep_deliv, deliv, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
                 v_pn, v_ps, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
                 prior_season, dhz, tree, prio_of, slack_w)
 
@@ -174,9 +175,11 @@ class Energy(Program):
         k = MAX_CLASSES
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
-              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w")]
+              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w", "probe_s", "power_s", "power_cap_s")]
         # deliverable energy per horizon (columns) with the classes before the row's served (kernel _horizons)
         f += [ArraySpec(name, "f8", (k + 1, k)) for name in ("sweep_deliverable_wh", "deliverable_wh")]
+        # the power runtime's probe per class: deliverable energy and its slope at probe_s (kernel _power_probe)
+        f += [ArraySpec("sweep_probe", "f8", (2, k))]
         return [*f, ArraySpec("prev_frac", "f8", (k,)), ArraySpec("latched", "u1", (k,)),
                 ArraySpec("reachable", "u1", (k,)), ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
                 ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),
@@ -272,7 +275,8 @@ class Energy(Program):
             classes=(m("target_s"), m("clock_s"), m("latched"), m("demand_w"), m("pool_now_w"),
                      m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
                      m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),
-                     m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), m("power_need_w")),
+                     m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), m("power_need_w"),
+                     m("probe_s"), m("sweep_probe"), m("power_s"), m("power_cap_s")),
             sweep=m("sweep"),
             node_memory=(m("hi_cap_w"),),
             scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(12))),
