@@ -294,7 +294,7 @@ def _limits(narrowed, active, hi_cap, lo_w, hi_w):
 @njit(nogil=True, cache=True)
 def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
                 link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
-                soc_min, eff, horizon_s, hold_s, chunk, restore_s,
+                soc_min, eff, horizon_s, hold_s, chunk, restore_s, power_on,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
                 s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
@@ -341,7 +341,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 hz_s[c] = min(hz_s[c], local_s[c])
             # the power runtime's next estimate (power_runtime), at most the horizon and the local runtime;
             # a leaf of a tree has the tree's pool, not its own: no estimate (its table is the tree's)
-            probe_s[c] = 0.0 if on_tree or latched[c] != 0 else min(power_s[c], h_s, local_s[c] if not first else h_s)
+            probe_s[c] = (0.0 if on_tree or latched[c] != 0 or not power_on
+                          else min(power_s[c], h_s, local_s[c] if not first else h_s))
             probe_wh[0, c] = 0.0
             probe_wh[1, c] = 0.0
             if not on_tree:
