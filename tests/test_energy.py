@@ -406,7 +406,8 @@ def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dic
     per_class = [z() for _ in range(9)]  # dfull, dnow, dres, energy, local, tau, reserve, frac, prev_frac
     args = (np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
             f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
-            soc_min, 1.0, 3600.0, 60.0, n, 60.0, True, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
+            soc_min, 1.0, 3600.0, 60.0, n, 60.0, True, class_of, classes.size, tg, z(), np.zeros(k, np.uint8),
+            np.zeros(ST_N),
             np.zeros((k, NX_N)), *per_class, rt, reach, z(), np.zeros(k, np.uint8),
             z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), z(), np.zeros((2, k)), z(), z(),
             np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),

@@ -86,8 +86,8 @@ class EnergyParams(BaseModel):
 @njit(nogil=True, cache=True)
 def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh, max_discharge_w, link_max_w,
                   lo_w, hi_w, serve_max_w, runtime_s, alarm, agg_main_limit_w, dt_s, wall_s,
-                  efficiency, horizon_s, reset_hold_s, chunk, restore_s, power_runtime, settings, classes, sweep, node_memory, scratch,
-                  forecast, tree_link):
+                  efficiency, horizon_s, reset_hold_s, chunk, restore_s, power_runtime, settings, classes, sweep,
+                  node_memory, scratch, forecast, tree_link):
     """The program's kernel, bound by name (docs/programs.md); its groups are unpacked here, in one
     place, for `energy_step`. lo_w/hi_w arrive narrowed by the programs before it."""
     soc_min, use_forecast, class_of, state, hp = settings
@@ -100,10 +100,12 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
     tree, prio_of, slack_w = tree_link
     energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,
                 max_discharge_w, link_max_w, lo_w, hi_w, True, agg_main_limit_w[0], dt_s[0],
-                soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, restore_s, power_runtime != 0, class_of, int(state[ST_N_CLS]),
+                soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, restore_s, power_runtime != 0, class_of,
+                int(state[ST_N_CLS]),
                 target_s, clock_s, latched, state, sweep, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s,
                 reserve_wh, frac, prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s,
-                sweep_deliv, deliv, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
+                sweep_deliv, deliv, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc,
+                v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
                 v_pn, v_ps, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
                 prior_season, dhz, tree, prio_of, slack_w)
 
@@ -179,7 +181,8 @@ class Energy(Program):
         k = MAX_CLASSES
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
-              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w", "probe_s", "power_s", "power_cap_s")]
+              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w", "probe_s", "power_s",
+              "power_cap_s")]
         # deliverable energy per horizon (columns) with the classes before the row's served (kernel _horizons)
         f += [ArraySpec(name, "f8", (k + 1, k)) for name in ("sweep_deliverable_wh", "deliverable_wh")]
         # the power runtime's probe per class: deliverable energy and its slope at probe_s (kernel _power_probe)

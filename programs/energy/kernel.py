@@ -297,7 +297,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 soc_min, eff, horizon_s, hold_s, chunk, restore_s, power_on,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
-                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
+                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, probe_s, probe_wh, power_s, power_cap,
+                v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, pneed,
                 serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
                 tree, prio_of, slack_w):
@@ -380,7 +381,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             a_wh[n_cls, k] = run
         r_old = _reserve_wh(n_cls, dhz, target_s, clock_s, latched)
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
-        # the rules read the power runtime the table was made at (its horizons): a new estimate with the next
+        # the rules read the power runtime this table was made at (its horizons), the new estimate with the
+        # next sweep's table: the reserve's times and the table's must be the same
         for c in range(n_cls):
             power_cap[c] = math.inf if on_tree else power_s[c]
         power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
@@ -395,7 +397,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, power_cap, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot,
+                 local_s, power_cap, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum,
+                 s_tot,
                  restore_s, pace_s, prev_frac)
     leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     bad = bad if leased < 0 else leased

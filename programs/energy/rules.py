@@ -203,8 +203,10 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         # The reserve of a class counts its remaining target only as far as its nodes' own energy
         # lasts: the first node with a load beyond its link to run out sheds the class (local_s),
         # so energy held for it beyond that is stranded for one class and free for the others.
-        # So does its power (power_runtime): the batteries cannot carry it whole beyond power_s.
-        tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c], power_s[c])
+        # So does its power (power_runtime): the batteries cannot carry it whole beyond power_s. At least
+        # this cycle: a class inside its target stays riding through (the power pass below latches it when
+        # the export cannot carry it whole), not beyond its target by an estimate.
+        tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c], max(power_s[c], dt_s))
         if latched[c] == 0:
             r_all += dres[c] * tau[c] / 3600.0
     # Power: energy is not enough, it must be deliverable in time. a_wh[c, k] = A_c(hz_k), the energy
