@@ -22,7 +22,8 @@ whole-step reference:
     both 0.5-2 (0.5 2 0.5 2)                                                         21, 128 s                32, 55 s
 
 then, this cycle's draws off a class beyond its target's margin once: both 39 of 41, 35 s; discharge 36, 33 s;
---seed 7 / --seed 11 (both): 46 of 47 / 35 of 38, the same as before it.
+--seed 7 / --seed 11 (both): 46 of 47 / 35 of 38, the same as before it. Then the power runtime (docs/energy.md):
+both 39 of 41, 37 s; discharge 36 of 41, 33 s; --seed 7 / --seed 11: 47 of 47 / 37 of 38.
 
 --peak (seeds 0-23): of the 15 instances where the reference sheds and can hold the reserve, the
 simulation sheds 0.09-0.79 steps of class 3's peak demand more (mean 0.44), 15 within one step, every
