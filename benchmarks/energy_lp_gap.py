@@ -35,6 +35,10 @@ locks of its nodes give what the batteries' export cannot carry, programs/energy
     both, --seed 7              46 of 47    47 of 47, 19 s
     both, --seed 11             35 of 38    36 of 38, 29 s
     --peak                      unchanged, instance by instance
+then the power runtime alone (docs/energy.md): both 39 of 41, 37 s; discharge 36 of 41, 33 s; --seed 7 /
+--seed 11: 47 of 47 / 37 of 38. Both rules as merged: both 38 of 41, 37 s (fleet 1 class 0 beyond its
+target on a trickle; fleets 4 and 13 within one step of a 15 s / 10 s reference); discharge 36 of 41, 33 s;
+--seed 7 / --seed 11: 47 of 47, 19 s / 37 of 38, 27 s; --peak unchanged.
 
 --peak (seeds 0-23): of the 15 instances where the reference sheds and can hold the reserve, the
 simulation sheds 0.09-0.79 steps of class 3's peak demand more (mean 0.44), 15 within one step, every

@@ -46,7 +46,10 @@ from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summ
 from vbatt.programs.hierarchy.decisions import TreeDecider  # noqa: E402
 
 TARGETS = {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}
-ENERGY = {"demand_forecast": False, "sweep_s": 0}  # forecast=True: the class demand forecast on (its default)
+# forecast=True: the class demand forecast on (its default). The power runtime off: the top of a tree does not
+# compose it (it needs each leaf's deliverable energy at the top's estimate; docs/energy.md), so the flat
+# controller the tree is held to runs the rules the tree runs.
+ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": False}
 PROGRAMS = [{"energy": ENERGY}, "allocation"]
 K = 8  # hierarchy.classes
 _SAFE = int(Alarm.SAFE_ALLOCATION)

@@ -337,11 +337,16 @@ def test_ride_through_agrees_with_the_lp_to_one_grid_step(plants, seed):
 # the class cannot reach; a class draws only while the more critical classes' reserve is deliverable
 # without its own nodes' load; beyond its target a class yields to a more critical one that is shed; a
 # class riding through that the batteries' export cannot carry whole is shed and latched.
-# Seeds 1, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
-# 60 s miss is the grid's (docs/energy.md). Seeds 7, 35 and 39 agree since a class short of export power
-# draws on its own nodes' locked energy (kernel _release); on cb4929c class 0 ran 450 / 1,085 / 470 s against
-# the reference's 540 / 660 / 660 s. Of seeds 24-39, 37 disagrees.
-BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 35, 39)
+# Seeds 1, 7, 9 and 23 agree with the same reference on a 15 s grid (within 15 s on every class): their
+# 60 s miss is the grid's (docs/energy.md; seed 7: 15 s reference {0: 465, 1: 450} s, the simulation 470 /
+# 455 s). Seed 35 agrees since a class short of export power draws on its own nodes' locked energy (kernel
+# _release; on cb4929c class 0 ran 1,085 s against the reference's 660 s), seed 39 since the power runtime
+# as well (a class's runtime, reserve and own-need locks end where the batteries' power can no longer carry
+# it; on cb4929c class 0 470 s against 660 s: a node's own need locked for 570 s held the export class 0's
+# importers lacked). Seed 37 does not: class 0 beyond its target rides on a trickle that seconds of classes
+# 1 and 2 move by minutes (the simulation 1,195 / 365 / 360 s; the reference 1,260 / 360 / 300 s on 60 s,
+# 1,230 / 360 / 330 s on 30 s, 1,410 / 345 / 345 s on 15 s).
+BINDING_SEEDS = (0, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 35, 39)
 
 
 @pytest.mark.parametrize("seed", BINDING_SEEDS)
@@ -366,16 +371,19 @@ def _agrees_with_the_whole_step_lp(plants, f: FleetSpec, targets: dict, steps: i
         assert abs(min(sim[c], steps * dt) - lp[c]) <= dt, (c, sim, lp, targets)
 
 
-# The fleets of benchmarks/energy_lp_gap.py (seed 42, limits `1 3 0.5 2`, 60 steps of 60 s) that agree
-# on every class now and did not on 7bafe69. Fleet 0 (targets {0: 600, 1: 600, 2: 0, 3: 600} s): class 2,
-# beyond its target, was shed at 385 s against the reference's 420 s, and class 1 ran on that energy to
-# 790 s against 720 s: this cycle's draws came off its deliverable margin once per remaining target.
-LP_GAP_FLEETS = (0,)
+# The fleets of benchmarks/energy_lp_gap.py (limits `1 3 0.5 2`, 60 steps of 60 s), as (seed, index), that
+# agree on every class now and did not before. Seed 42 fleet 0 (targets {0: 600, 1: 600, 2: 0, 3: 600} s,
+# failed on 7bafe69): class 2, beyond its target, was shed at 385 s against the reference's 420 s, and class 1
+# ran on that energy to 790 s against 720 s: this cycle's draws came off its deliverable margin once per
+# remaining target. Seed 7 fleet 12 and seed 11 fleet 0 (failed on cb4929c: class 0 1,130 s of its 1,200 s
+# target against 1,200 s; one class cut for power at 395 s against 540 s): own-need locks held for a
+# runtime the batteries' power could not give, now the power runtime (docs/energy.md).
+LP_GAP_FLEETS = ((42, 0), (7, 12), (11, 0))
 
 
-@pytest.mark.parametrize("index", LP_GAP_FLEETS)
-def test_ride_through_with_binding_limits_agrees_on_the_lp_gap_fleets(plants, index):
-    f, targets = lp_gap_fleets(42, (1.0, 3.0, 0.5, 2.0), index + 1)[index]
+@pytest.mark.parametrize("seed, index", LP_GAP_FLEETS)
+def test_ride_through_with_binding_limits_agrees_on_the_lp_gap_fleets(plants, seed, index):
+    f, targets = lp_gap_fleets(seed, (1.0, 3.0, 0.5, 2.0), index + 1)[index]
     _agrees_with_the_whole_step_lp(plants, f, targets, 60, 60.0)
 
 
@@ -398,6 +406,13 @@ def test_a_class_short_of_export_power_draws_on_its_own_locked_nodes(plants, see
 
 def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     """One cycle of the real kernel on arrays, main supply 0: the runtime per class."""
+    out = _kernel_cycles(f, targets, 1, soc_min)
+    return out["runtime_s"], out["reachable"]
+
+
+def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dict:
+    """`cycles` cycles of 1 s of the real kernel on arrays (the whole fleet each sweep), main supply 0,
+    the batteries not drained (no physics): per class its runtime, reachable, reserve, remaining target."""
     n = len(f)
     classes = np.unique(f.priority)
     k = 64
@@ -409,17 +424,24 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     z = lambda: np.zeros(k)  # noqa: E731
     rt, reach = z(), np.zeros(k, np.uint8)
     hi = np.full(n, np.nan)
-    energy_step(np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
-                f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
-                soc_min, 1.0, 3600.0, 60.0, n, 60.0, class_of, classes.size, tg, z(), np.zeros(k, np.uint8), np.zeros(ST_N),
-                np.zeros((k, NX_N)), *(z() for _ in range(9)), rt, reach, z(), np.zeros(k, np.uint8),
-                z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
-                np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
-                # the class demand forecast off: the rule on the demand now
-                0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
-                # not a leaf of a controller tree: no decisions leased from above
-                np.zeros(1), np.zeros(k, np.int64), z())
-    return rt[:classes.size], reach[:classes.size]
+    per_class = [z() for _ in range(9)]  # dfull, dnow, dres, energy, local, tau, reserve, frac, prev_frac
+    args = (np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
+            f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
+            soc_min, 1.0, 3600.0, 60.0, n, 60.0, True, class_of, classes.size, tg, z(), np.zeros(k, np.uint8),
+            np.zeros(ST_N),
+            np.zeros((k, NX_N)), *per_class, rt, reach, z(), np.zeros(k, np.uint8),
+            z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), z(), np.zeros((2, k)), z(), z(),
+            np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
+            np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
+            # the class demand forecast off: the rule on the demand now
+            0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
+            # not a leaf of a controller tree: no decisions leased from above
+            np.zeros(1), np.zeros(k, np.int64), z())
+    for _ in range(cycles):
+        energy_step(*args)
+    kc = classes.size
+    return {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc].copy(),
+            "tau_s": per_class[5][:kc].copy()}
 
 
 def test_closed_form_on_hundreds_of_random_fleets():
@@ -438,6 +460,50 @@ def test_closed_form_on_hundreds_of_random_fleets():
         # No targets: the power order, every class together until the pool is empty.
         rt, reach = _kernel_runtimes(f, {})
         assert rt == pytest.approx(np.full(kc, e * 3600 / d), rel=1e-9) and reach.all()
+
+
+def _power_bound_s(e_wh, g_w, d_w) -> float:
+    """The longest time m a load d_w can be carried whole by batteries of energy e_wh and discharge limits
+    g_w (links unlimited): in [0, m] a battery gives at most min(e_i, g_i m), and at a uniform pace
+    (each at min(g_i, e_i / m)) exactly that, so m is the root of sum min(e_i, g_i m) = d m (concave)."""
+    lo, hi = 0.0, 2.0 * e_wh.sum() * 3600.0 / d_w
+    for _ in range(200):
+        m = 0.5 * (lo + hi)
+        if np.minimum(e_wh, g_w * m / 3600.0).sum() >= d_w * m / 3600.0:
+            lo = m
+        else:
+            hi = m
+    return lo
+
+
+def test_power_runtime_is_the_closed_form_bound_where_power_strands_energy():
+    """Batteries with energy their discharge limit cannot deliver in time (links unlimited): the class's
+    runtime is the power bound, not pooled energy over demand; the target beyond it is unreachable and its
+    reserve counts the target only as far as the power lasts (docs/energy.md "Stranded by power"). On main
+    before this change: the runtime was the energy bound and the reserve the whole target."""
+    rng = np.random.default_rng(12)
+    checked = 0
+    for _ in range(40):
+        n = int(rng.integers(2, 30))
+        d = rng.uniform(50, 500, n)
+        g = rng.uniform(1.0, 3.0, n) * d
+        f = FleetSpec(np.zeros(n, np.int64), d, rng.uniform(100, 2000, n), rng.uniform(0.3, 1.0, n), g,
+                      np.full(n, 1e6))
+        e = f.usable_wh()
+        bound = _power_bound_s(e, g, d.sum())
+        energy_s = e.sum() * 3600.0 / d.sum()
+        if bound > 0.98 * energy_s:
+            continue  # not stranded by power: the closed form of energy holds (test above)
+        checked += 1
+        target = bound + 600.0
+        out = _kernel_cycles(f, {0: target}, 60)
+        assert out["runtime_s"][0] == pytest.approx(bound, rel=1e-6), (bound, energy_s)
+        assert not out["reachable"][0]
+        assert out["reserve_wh"][0] == pytest.approx(d.sum() * bound / 3600.0, rel=1e-6)
+        # A target within the power bound: reachable, its reserve the whole remaining target.
+        out = _kernel_cycles(f, {0: 0.5 * bound + 60.0}, 60)
+        assert out["reachable"][0] and out["reserve_wh"][0] == pytest.approx(d.sum() * 0.5 * bound / 3600.0)
+    assert checked >= 10, checked
 
 
 def test_the_chunked_sweep_keeps_the_class_sums_within_one_sweep_of_the_truth(plants):

@@ -60,6 +60,10 @@ class EnergyParams(BaseModel):
     restore_s: Annotated[float, Field(ge=0, allow_inf_nan=False,
                                       description="a peak-shaved class's cut is calm: its share comes back by "
                                                   "at most its demand over this time (0: just in time)")] = 60.0
+    power_runtime: Annotated[bool, Field(description="a class's reserve, runtime and own-need locks end where "
+                                                     "the batteries' power and links can no longer carry it "
+                                                     "(docs/energy.md); a tree of controllers does not compose "
+                                                     "it yet")] = True
     sweep_s: Annotated[float, Field(ge=0, allow_inf_nan=False,
                                     description="the class sums cover every node within this time "
                                                 "(0: every cycle)")] = 0.1
@@ -84,23 +88,26 @@ class EnergyParams(BaseModel):
 @njit(nogil=True, cache=True)
 def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh, max_discharge_w, link_max_w,
                   lo_w, hi_w, serve_max_w, runtime_s, alarm, agg_main_limit_w, dt_s, wall_s,
-                  efficiency, horizon_s, reset_hold_s, chunk, restore_s, settings, classes, sweep, node_memory, scratch,
-                  forecast, tree_link):
+                  efficiency, horizon_s, reset_hold_s, chunk, restore_s, power_runtime, settings, classes, sweep,
+                  node_memory, scratch, forecast, tree_link):
     """The program's kernel, bound by name (docs/programs.md); its groups are unpacked here, in one
     place, for `energy_step`. lo_w/hi_w arrive narrowed by the programs before it."""
     soc_min, use_forecast, class_of, state, hp = settings
     (target_s, clock_s, latched, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s, reserve_wh, frac,
-     prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed) = classes
+     prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed, probe_s,
+     probe_wh, power_s, power_cap) = classes
     (hi_cap,) = node_memory
     (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel) = scratch
     hz, season, prior, prior_season, dhz = forecast
     tree, prio_of, slack_w = tree_link
     energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,
                 max_discharge_w, link_max_w, lo_w, hi_w, True, agg_main_limit_w[0], dt_s[0],
-                soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, restore_s, class_of, int(state[ST_N_CLS]),
+                soc_min[0], efficiency, horizon_s, reset_hold_s, chunk, restore_s, power_runtime != 0, class_of,
+                int(state[ST_N_CLS]),
                 target_s, clock_s, latched, state, sweep, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s,
                 reserve_wh, frac, prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s,
-                sweep_deliv, deliv, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
+                sweep_deliv, deliv, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc,
+                v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
                 v_pn, v_ps, v_rel, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
                 prior_season, dhz, tree, prio_of, slack_w)
 
@@ -176,9 +183,12 @@ class Energy(Program):
         k = MAX_CLASSES
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
-              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w")]
+              "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w", "probe_s", "power_s",
+              "power_cap_s")]
         # deliverable energy per horizon (columns) with the classes before the row's served (kernel _horizons)
         f += [ArraySpec(name, "f8", (k + 1, k)) for name in ("sweep_deliverable_wh", "deliverable_wh")]
+        # the power runtime's probe per class: deliverable energy and its slope at probe_s (kernel _power_probe)
+        f += [ArraySpec("sweep_probe", "f8", (2, k))]
         return [*f, ArraySpec("prev_frac", "f8", (k,)), ArraySpec("latched", "u1", (k,)),
                 ArraySpec("reachable", "u1", (k,)), ArraySpec("s_on", "u1", (k,)), ArraySpec("priority", "i8", (k,)),
                 ArraySpec("class_of", "i8", (PRIO_N,)), ArraySpec("state", "f8", (ST_N,)),
@@ -323,7 +333,8 @@ class Energy(Program):
             classes=(m("target_s"), m("clock_s"), m("latched"), m("demand_w"), m("pool_now_w"),
                      m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
                      m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),
-                     m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), m("power_need_w")),
+                     m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), m("power_need_w"),
+                     m("probe_s"), m("sweep_probe"), m("power_s"), m("power_cap_s")),
             sweep=m("sweep"),
             node_memory=(m("hi_cap_w"),),
             scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(13))),
@@ -332,7 +343,8 @@ class Energy(Program):
             tree_link=(m(self.TREE), m("priority"), m("power_slack_w")),
         )
         params = dict(efficiency=p.efficiency, horizon_s=p.horizon_s, reset_hold_s=p.reset_hold_s,
-                      restore_s=p.restore_s, chunk=max(1, -(-self.n // cycles)))
+                      restore_s=p.restore_s, power_runtime=1 if p.power_runtime else 0,
+                      chunk=max(1, -(-self.n // cycles)))
         args = bind_kernel(energy_kernel, where=f"program {self.id!r}", img=img, ctx=ctx, own=own, params=params,
                            writes=self.writes)
         state[ST_STARTED] = 0.0  # a (re)bind sweeps every node on its first cycle

@@ -30,7 +30,7 @@ from numba import njit
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
-                                         ST_SURPRISE_WH, ST_TREND_WH, decide)
+                                         ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime)
 from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
@@ -228,6 +228,40 @@ def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
         ax[kr, k] += t
 
 
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _power_probe(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, probe_s, n_cls, pv):
+    """For the power runtime (rules.power_runtime): per class c, the energy these nodes can deliver within
+    m = probe_s[c] (0: none) with the classes before c served while they have target left, c served
+    throughout (beyond its target too) and the others shed, as _horizons counts it (pv[0, c]), and its
+    slope in m (pv[1, c], W, from the left: at a kink the rate before it; Newton's step needs it)."""
+    for k in range(n_cls):
+        m = probe_s[k]
+        if m <= 0.0:
+            continue
+        t = 0.0
+        ts = 0.0
+        for i in range(v_e.shape[0]):
+            c = v_cls[i]
+            e_i = v_e[i] if v_own[i] <= 0.0 else v_eraw[i]
+            sr = min(v_g[i], v_rate[i])
+            shed = min(v_eraw[i], sr * m / 3600.0)
+            shed_w = sr if sr * m / 3600.0 <= v_eraw[i] else 0.0
+            hc = m if c == k else hz_s[c]
+            own_s = min(hc, m)
+            on = 1.0 if m <= hc else 0.0  # its own load is served up to m (the slope of own_s)
+            gm = v_g[i] * m
+            lm = v_rate[i] * m + v_d[i] * own_s
+            dl = min(gm, lm) / 3600.0
+            served = min(e_i, dl) - v_own[i] * own_s / 3600.0
+            dl_w = v_g[i] if gm <= lm else v_rate[i] + v_d[i] * on
+            served_w = (dl_w if dl <= e_i else 0.0) - v_own[i] * on
+            use = c <= k
+            t += max(0.0, served) if use else shed
+            ts += (served_w if served > 0.0 else 0.0) if use else shed_w
+        pv[0, k] += t
+        pv[1, k] += ts
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _node_outputs(priority, class_of, demand_w, soc, capacity_wh, link_w, soc_min, eff, runtime_s, reachable, frac,
                   node_runtime_s, alarm, serve_max_w):
@@ -313,10 +347,11 @@ def _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel):
 @njit(nogil=True, cache=True)
 def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc, capacity_wh, max_dis_w,
                 link_w, lo_w, hi_w, narrowed, main_limit_w, dt_s,
-                soc_min, eff, horizon_s, hold_s, chunk, restore_s,
+                soc_min, eff, horizon_s, hold_s, chunk, restore_s, power_on,
                 class_of, n_cls, target_s, clock_s, latched, state, nx,
                 dfull, dnow, dres, energy_wh, local_s, tau, reserve_wh, frac, prev_frac, runtime_s, reachable,
-                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
+                s_tau, s_on, s_cum, s_tot, hz_s, ax, a_wh, probe_s, probe_wh, power_s, power_cap,
+                v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, pneed,
                 serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
                 tree, prio_of, slack_w):
@@ -355,8 +390,18 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                     nx[c, j] = 0.0
             nx[c, NX_LOC] = math.inf
             hz_s[c] = max(0.0, target_s[c] - clock_s[c])
+            if first:
+                power_s[c] = math.inf
             if not first:
                 hz_s[c] = min(hz_s[c], local_s[c])
+            # the power runtime's next estimate (power_runtime), at most the horizon and the local runtime;
+            # a leaf of a tree has the tree's pool, not its own: no estimate (its table is the tree's)
+            probe_s[c] = (0.0 if on_tree or latched[c] != 0 or not power_on
+                          else min(power_s[c], h_s, local_s[c] if not first else h_s))
+            probe_wh[0, c] = 0.0
+            probe_wh[1, c] = 0.0
+            if not on_tree:
+                hz_s[c] = min(hz_s[c], power_s[c])
         for j in range(ax.shape[0]):
             for k in range(n_cls):
                 ax[j, k] = 0.0
@@ -367,6 +412,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                  v_rel[a:b], nx[:, NX_RQ])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
+    _power_probe(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, probe_s, n_cls,
+                 probe_wh)
     lo, hi = a, b
     if b >= n:
         for c in range(n_cls):
@@ -390,6 +437,11 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             a_wh[n_cls, k] = run
         r_old = _reserve_wh(n_cls, dhz, target_s, clock_s, latched)
         _class_demand(wall_s, n_cls, target_s, clock_s, dres, hp, hz, season, prior, prior_season, dhz)
+        # the rules read the power runtime this table was made at (its horizons), the new estimate with the
+        # next sweep's table: the reserve's times and the table's must be the same
+        for c in range(n_cls):
+            power_cap[c] = math.inf if on_tree else power_s[c]
+        power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
         if not first:
             _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         tree[T_USED] = tree[T_SWEPT]
@@ -401,7 +453,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         e_tot += energy_wh[c]
     # -- the class rules, every cycle -------------------------------------------------------------
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-                 local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum, s_tot,
+                 local_s, power_cap, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum,
+                 s_tot,
                  restore_s, pace_s, prev_frac)
     leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     bad = bad if leased < 0 else leased

@@ -20,7 +20,7 @@ import math
 
 from numba import njit
 
-__all__ = ["decide", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
+__all__ = ["decide", "power_runtime", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
            "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
            "ST_SURPRISE_WH", "ST_SLOPE_WH", "ST_LAST_RISE_WH", "ST_N"]
 
@@ -125,8 +125,51 @@ def _lookahead(r1, slope, rho):
 
 
 @njit(nogil=True, cache=True)
+def power_runtime(k_n, probe_s, pv, hz_s, dres, latched, local_s, h_s, power_s):
+    """After a sweep: per class c, the time power_s[c] (s from now, inf: at least the horizon h_s and its
+    local runtime) the batteries can carry classes 0..c whole at their power and link limits: the more
+    critical classes for their remaining targets (hz_s), c throughout, the less critical shed. The largest
+    m with A(m) >= sum_{j < c} D_j min(tau_j, m) + D_c m, the condition the class rules check at the
+    targets (a Hall condition on the prefix [0, m] of a falling demand profile, kernel._horizons) read as
+    a time: beyond it the class cannot be served whole, whatever the drain (the relaxed reference LP
+    cannot either), so its reserve, its runtime and its nodes' own-need locks count no further (energy
+    held for it beyond that is stranded for it by power; docs/energy.md).
+    pv[0, c] is A at probe_s[c] (the last estimate) and pv[1, c] its slope there (from the left): a Newton
+    step on g(m) = A(m) - demand(m). A is concave, so from above the root the step stays above it (the
+    reserve errs on the side of more), converging in a few sweeps; from below (the condition holds at the
+    estimate) it steps out, at most to the horizon, and comes back if that was too far."""
+    for c in range(k_n):
+        m = probe_s[c]
+        if latched[c] != 0 or m <= 0.0:
+            power_s[c] = math.inf
+            continue
+        lim = min(h_s, local_s[c])
+        dem = dres[c] * m / 3600.0
+        dem_w = dres[c]
+        for j in range(c):
+            if latched[j] == 0 and hz_s[j] > 0.0:
+                dem += dres[j] * min(hz_s[j], m) / 3600.0
+                dem_w += dres[j] if hz_s[j] >= m else 0.0
+        a = pv[0, c]
+        gap = a - dem  # Wh
+        slope = (pv[1, c] - dem_w) / 3600.0  # Wh/s
+        if gap >= -1e-9 * (1.0 + a):
+            nxt = m + gap / -slope if slope < 0.0 else math.inf
+            power_s[c] = math.inf if m >= lim * (1.0 - 1e-12) or nxt >= lim else nxt
+        else:
+            # Below a more critical class's horizon the demand rises faster than its slope here says (the
+            # demand is concave, not linear): the step stops there, and the next sweep goes on from it.
+            kink = 0.0
+            for j in range(c):
+                if latched[j] == 0 and hz_s[j] < m:
+                    kink = max(kink, hz_s[j])
+            nxt = m + gap / -slope if slope < 0.0 else 0.5 * m
+            power_s[c] = max(0.0, kink, nxt)
+
+
+@njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
-           local_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh,
+           local_s, power_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh,
            restore_s, pace_s, prev_frac):
     """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
     served (what the main supply gives it in priority order, plus the battery energy it may draw
@@ -160,7 +203,10 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         # The reserve of a class counts its remaining target only as far as its nodes' own energy
         # lasts: the first node with a load beyond its link to run out sheds the class (local_s),
         # so energy held for it beyond that is stranded for one class and free for the others.
-        tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c])
+        # So does its power (power_runtime): the batteries cannot carry it whole beyond power_s. At least
+        # this cycle: a class inside its target stays riding through (the power pass below latches it when
+        # the export cannot carry it whole), not beyond its target by an estimate.
+        tau[c] = min(max(0.0, target_s[c] - clock_s[c]), local_s[c], max(power_s[c], dt_s))
         if latched[c] == 0:
             r_all += dres[c] * tau[c] / 3600.0
     # Power: energy is not enough, it must be deliverable in time. a_wh[c, k] = A_c(hz_k), the energy
@@ -313,10 +359,14 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             frac[c] = f_p
     state[ST_E_WH] = e_wh
     state[ST_R_WH] = pre
-    ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on, local_s)
+    # The runtimes end where the class's own energy or the batteries' power ends (tot_wh is free here:
+    # the events' times per class).
+    for c in range(k_n):
+        tot_wh[c] = min(local_s[c], power_s[c])
+    ride_through(k_n, dres, tau, latched, e_wh, rt, s_tau, s_on, tot_wh)
     bad = 0
     for c in range(k_n):
-        rt[c] = min(rt[c], local_s[c]) if latched[c] == 0 else 0.0
+        rt[c] = min(rt[c], tot_wh[c]) if latched[c] == 0 else 0.0
         left = max(0.0, target_s[c] - clock_s[c])
         ok = rt[c] >= left - 1e-6 * (1.0 + left)
         reachable[c] = 1 if ok else 0

@@ -186,7 +186,8 @@ class TreeDecider:
         dt_rule = min(float(dt_s), 2.0 * self.pace_s)
         before = clock.copy()
         decide(n, dnow, dres, e_wh, float(main_limit_w), dt_rule, self.hold_s, target, clock, latched,
-               self.state, loc, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on, cum, tot,
+               self.state, loc, np.full(n, math.inf), a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on,
+               cum, tot,
                self.restore_s, max(dt_rule, 1e-3), np.ascontiguousarray(self.frac[ps]))
         extra = float(dt_s) - dt_rule
         if extra > 0.0:
