@@ -87,7 +87,8 @@ class Links:
         self.reason = ["never heard from"] * n
         self._logged = [int(Fault.NO_DATA)] * n
         self.t0 = time.monotonic()
-        self._pending: dict[tuple[int, str], list[int]] = {}  # (level, message) -> links, until the next gather
+        # (level, fault kind) -> [(link, detail)], until the next gather
+        self._pending: dict[tuple[int, str], list[tuple[int, str]]] = {}
         self._gathering = False
 
     # -- hooks ------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class Links:
             loop.call_later(self.log_gather_s, self.flush_log)
 
     def flush_log(self) -> None:
-        """Log what was gathered: one line per message, naming the first links and counting the rest."""
+        """Log what was gathered: one line per level and kind, naming the first links and counting the rest."""
         self._gathering = False
         pending, self._pending = self._pending, {}
         for (level, kind), got in pending.items():

@@ -182,9 +182,9 @@ class Link:
         self.cfg, self.h, self.img, self.clock_ns = cfg, cfg.hierarchy, img, clock_ns
         self.role = self.h.role
         self.tree = TreeLayout(self.h.classes, self.h.max_knots)
-        self.own_limit_w = float(cfg.plant.main_limit_w)
         # its feeder to the parent's bus (docs/hierarchy.md "Feeder limits"): +inf at the top
         self.feeder_w = float(self.h.uplink.feeder_w) if self.h.uplink is not None else math.inf
+        self.alone_limit_w = min(float(cfg.plant.main_limit_w), self.feeder_w)  # its main limit on its own
         alloc = next((e.params for e in cfg.programs if e.id == "allocation"), None)
         self.soc_min = alloc.soc_min if alloc is not None else 0.1
         self.soc_max = alloc.soc_max if alloc is not None else 1.0
@@ -220,6 +220,8 @@ class Link:
         # the scan's wall_s (vbatt.kernel.scan)
         self.wall_offset_s = time.time() - self.clock_ns() * 1e-9
         self._out: list[tuple] = []  # this round's commands, pushed together or not at all
+        self._state_sent: int | None = None  # the tree_state last sent, until the image has it
+        self._last_decided: tuple | None = None  # what the last "decisions" trace line said
         self._decided_ns: int | None = None
 
     # -- children ------------------------------------------------------------------------------------
@@ -318,7 +320,7 @@ class Link:
 
     def _tree_state(self, v: dict) -> None:
         want = self.tree_state()
-        if int(v["agg.tree_state"][0]) != want and want != getattr(self, "_state_sent", None):
+        if int(v["agg.tree_state"][0]) != want and want != self._state_sent:
             self._push(Op.SET_TREE_STATE, -1, float(want))
             self._state_sent = want
         elif int(v["agg.tree_state"][0]) == want:
@@ -335,7 +337,7 @@ class Link:
         if st.leased and not leased:
             st.fallbacks += 1
             log.warning("parent stopped renewing the levels (lease ran out): on this controller's own "
-                        "main_limit_w %.1f W", min(self.own_limit_w, self.feeder_w))
+                        "main_limit_w %.1f W", self.alone_limit_w)
         elif leased and not st.leased:
             log.warning("levels from the parent: controlled from above")
         st.leased = leased
@@ -364,8 +366,7 @@ class Link:
             if summary.energy is not None:  # the configured children missing from the sums, at every level
                 summary.energy[:, hc.C_ABSENT] += len(self.children) - len(here)
             if parent is None:  # the top, or a level whose parent is gone: its own limit for its subtree
-                limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else min(self.own_limit_w,
-                                                                                          self.feeder_w)
+                limit = float(v["agg.main_limit_w"][0]) if self.uplink is None else self.alone_limit_w
                 lv, _main = solve_levels(summary, limit)
                 lv = self._decide(summary, lv, limit, now)
             else:
@@ -436,7 +437,7 @@ class Link:
         o, d = summary.energy, self.decider
         key = (d.mode, tuple(bool(r["latched"]) for r in d.rows), tuple(o[:, hc.C_LEAVES]),
                tuple(o[:, hc.C_ON_TREE]), tuple(o[:, hc.C_ABSENT]))
-        if key != getattr(self, "_last_decided", None):
+        if key != self._last_decided:
             self._last_decided = key
             self._trace("decisions", mode=d.mode, dt_s=dt_s, leaves=float(o[:, hc.C_LEAVES].max()),
                         on_tree=float(o[:, hc.C_ON_TREE].min()), absent=float(o[:, hc.C_ABSENT].max()),
@@ -486,7 +487,7 @@ class Link:
         elif u is not None and u.mode[0] == ss.Mode.CONTROLLED:
             want = min(max(0.0, float(u.cmd["bus_w"][0])), self.feeder_w)  # the parent's instruction (no levels)
         else:
-            want = min(self.own_limit_w, self.feeder_w)  # on its own: what its feeder carries at most
+            want = self.alone_limit_w  # on its own: what its feeder carries at most
         if not (abs(want - self.st.main_limit_w) <= 1e-9 * (1.0 + abs(want))):
             self._push(Op.SET_MAIN_LIMIT, -1, want)
             self.st.main_limit_w = want

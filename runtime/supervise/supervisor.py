@@ -53,13 +53,16 @@ class _Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    def stop(self, timeout: float, ask: bool = False) -> None:
-        """Wait for the child to end (asked with SIGTERM first when `ask`), then end it."""
+    def ask_to_stop(self) -> None:
+        """SIGTERM: an orderly stop (every child turns it into one)."""
+        if self.alive():
+            self.proc.terminate()
+
+    def stop(self, timeout: float) -> None:
+        """Wait for the child to end, then end it."""
         p = self.proc
         if p is None:
             return
-        if ask and p.is_alive():
-            p.terminate()
         p.join(timeout)
         if p.is_alive():
             p.terminate()
@@ -248,10 +251,13 @@ class Supervisor:
         img.ctl[Ctl.IO_STOP] = 1
         for child in self.drivers:
             child.stop(timeout=5.0)
-        # The drivers are done: every service stops in order on SIGTERM (the embedded fleet watches no
-        # image; waiting for it to end by itself only let its nodes' leases run out)
+        # The drivers are done: the services are asked to stop (each stops in order on SIGTERM; the
+        # embedded fleet watches no image, and waiting for it to end by itself only let its nodes' leases
+        # run out), all at once, then awaited
         for child in self.services:
-            child.stop(timeout=5.0, ask=True)
+            child.ask_to_stop()
+        for child in self.services:
+            child.stop(timeout=5.0)
 
     def close(self) -> None:
         if self.img is not None:
