@@ -270,9 +270,13 @@ class VbattOpcuaServer:
             if first or (a[0] != b[0] and not (math.isnan(a[0]) and math.isnan(b[0]))):
                 written += await self._write([self.inst.agg_values[v.name]], [0], [float(a[0]) * v.scale],
                                              v.vtype, src, now, None)
-        rows, gone = await self._sync_classes(new)
+        rows, added, gone = self._sync_classes(new)
         if self.class_objects is not None:
             written += await self.class_objects.write(rows, gone, src, now, self._write)
+        if added:  # told once the new objects hold their first values
+            ev = model_change_event(self.inst, [self.inst.class_objects[p] for p in added],
+                                    ua.NodeId(TYPE_IDS["PriorityClassType"], self.ns))
+            await self.server.iserver.isession.subscription_service.trigger_event(ev)
         if self.history is not None:
             await self._historize(new, rows)
         if self.alarms is not None:
@@ -290,20 +294,16 @@ class VbattOpcuaServer:
         await fastpath.flush(pending)
         return len(idx)
 
-    async def _sync_classes(self, views) -> tuple[dict[int, dict[str, object]], list[int]]:
-        """The class rows published (priority -> {var: value}) and the classes gone since the last
-        update; a class that appeared gets its object, its history record and a model change event."""
+    def _sync_classes(self, views) -> tuple[dict[int, dict[str, object]], list[int], list[int]]:
+        """The class rows published (priority -> {var: value}), the classes that appeared (each gets
+        its object and its history record) and the classes gone since the last update."""
         if self.class_objects is None:
-            return {}, []
+            return {}, [], []
         rows = self.class_objects.rows(views)
         added = self.class_objects.add_new(rows)
-        if added:
-            if self.history is not None:
-                self.history.names.update(self.inst.class_historized)
-            ev = model_change_event(self.inst, [self.inst.class_objects[p] for p in added],
-                                    ua.NodeId(TYPE_IDS["PriorityClassType"], self.ns))
-            await self.server.iserver.isession.subscription_service.trigger_event(ev)
-        return rows, self.class_objects.vanished(rows)
+        if added and self.history is not None:
+            self.history.names.update(self.inst.class_historized)
+        return rows, added, self.class_objects.vanished(rows)
 
     async def _historize(self, views, rows) -> None:
         t = time.monotonic()
