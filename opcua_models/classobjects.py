@@ -103,7 +103,8 @@ class ClassObjects:
             for v in class_vars():
                 x = row[v.name]
                 last = self.last.get((p, v.name))
-                if last == x or (isinstance(x, float) and isinstance(last, float) and math.isnan(x) and math.isnan(last)):
+                if last == x or (isinstance(x, float) and isinstance(last, float) and math.isnan(x)
+                                 and math.isnan(last)):
                     continue
                 self.last[(p, v.name)] = x
                 n += await write([self.inst.class_values[p][v.name]], [0], [x], v.vtype, src, now, None)

@@ -89,16 +89,22 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
             ac = c.get_node(ua.ObjectIds.AlarmConditionType)
             await sub.subscribe_events(c.nodes.server, ac, evfilter=await get_filter_from_event_type([ac]))
             await c.get_node(ua.ObjectIds.ConditionType).call_method(  # the alarm raised before we subscribed
-                ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh), ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
-            short3 = lambda active: next((e for e in h.got if getattr(e, "ConditionName", None) == "RIDE_THROUGH_SHORT"  # noqa: E731
-                                          and e.SourceName == "Class_3" and getattr(e, "ActiveState/Id") is active), None)
+                ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
+                ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
+
+            def short3(active):
+                return next((e for e in h.got if getattr(e, "ConditionName", None) == "RIDE_THROUGH_SHORT"
+                             and e.SourceName == "Class_3" and getattr(e, "ActiveState/Id") is active), None)
+
+            def added(nodeid):
+                return next((e for e in h.got if any(ch.Affected == nodeid for ch in getattr(e, "Changes", None) or [])),
+                            None)
             assert await wait_for(lambda: short3(True), timeout=20), h.got
 
             r = await asyncio.to_thread(run_vbatt, "reload", str(moved), "--pid", str(run.pid))
             assert r.returncode == 0, (r.stdout, r.stderr)
             cls2 = nid(c, "VirtualBattery.Classes.Class_2")
-            ev = await wait_for(lambda: next((e for e in h.got if any(ch.Affected == cls2 for ch in
-                                                                      getattr(e, "Changes", None) or [])), None), timeout=20)
+            ev = await wait_for(lambda: added(cls2), timeout=20)
             assert ev is not None, (h.got, err.read_text()[-2000:])
             verbs = {(ch.Affected, ch.Verb) for ch in ev.Changes}
             assert (cls2, ua.ModelChangeStructureVerbMask.NodeAdded) in verbs
