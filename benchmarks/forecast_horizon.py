@@ -17,7 +17,8 @@ parameters, and prints the mean absolute error of the forecast mean demand over 
   class's own recorded demand (`class.<priority>.demand_w`, what `auto` now does): the record is the
   trace's first day (a shorter trace: all of it) written the day before by the OPC UA server's writer
   and read back by the program's readers (seed_from_history, seed.class_profiles); and, for
-  robustness, a record that is not the day judged (an hour later, or 1.3 times the demand);
+  robustness, a record that is not the day judged (an hour later or earlier, as a daylight-saving
+  change moves a load that follows local time on the UTC bins, or 1.3 times the demand);
 * the whole reserve R_K over peak.yaml's second day on the demand now, on the forecast and on the
   demand that came (targets of docs/energy.md's example).
 
@@ -175,6 +176,7 @@ def seeded_table(files: list[Path]) -> None:
     seeded_row("office_trace.csv, all recorded", y, dt, today0, y)
     # a record that is not the day judged: the same day an hour later, or at 1.3 times the demand
     seeded_row("office_trace.csv, recorded 1 h later", y, dt, today0, np.roll(y, int(3600 / dt), axis=0))
+    seeded_row("office_trace.csv, recorded 1 h earlier", y, dt, today0, np.roll(y, -int(3600 / dt), axis=0))
     seeded_row("office_trace.csv, recorded at 1.3 x", y, dt, today0, 1.3 * y)
     if ROOT / "examples/scenarios/peak.yaml" in [f.resolve() for f in files]:
         y, dt, t0 = scenario_trace(ROOT / "examples/scenarios/peak.yaml")
@@ -182,6 +184,8 @@ def seeded_table(files: list[Path]) -> None:
         today = today0 + (t0 % DAY_S)
         seeded_row("peak.yaml, days 2+, day 1 recorded 1 h later", y[d1:], dt, today,
                    np.roll(y[:d1], int(3600 / dt), axis=0))
+        seeded_row("peak.yaml, days 2+, day 1 recorded 1 h earlier", y[d1:], dt, today,
+                   np.roll(y[:d1], -int(3600 / dt), axis=0))
         seeded_row("peak.yaml, days 2+, day 1 recorded at 1.3 x", y[d1:], dt, today, 1.3 * y[:d1])
         # a restart 6 h into the first day: the record is those 6 h (a quarter of the bins)
         q = int(round(6 * 3600 / dt))

@@ -22,7 +22,7 @@ from vbatt.opcua_models.model import (METHODS, TYPE_IDS, VB_ID, VarDef, aggregat
                                       decl_ids, node_vars, scan_vars)
 from vbatt.programs.recorded import class_series
 
-__all__ = ["Instances", "build_instances"]
+__all__ = ["Instances", "build_instances", "add_class"]
 
 _A = ua.AttributeIds
 _HC = ua.NodeId(ua.ObjectIds.HasComponent)
@@ -208,17 +208,7 @@ def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[s
                     "one object per priority class (with the energy program)")
     b.link(vb, _HC, cfolder)
     for p in classes:
-        name = class_object_id(p)
-        obj = b.obj(S(name), name.rsplit(".", 1)[1], b.types["PriorityClassType"], f"priority class {p}")
-        b.link(cfolder, _ORG, obj)
-        inst.class_objects[p] = obj.nodeid
-        inst.class_values[p] = {}
-        for v in class_vars():
-            nd = b.var(S(f"{name}.{v.name}"), v, "PriorityClassType", _ZERO[v.vtype])
-            b.link(obj, _HC, nd)
-            inst.class_values[p][v.name] = nd.attributes[_A.Value]
-            if v.historized:
-                inst.class_historized[nd.nodeid] = class_series(p, v.name)
+        add_class(inst, p, b)
     folder = b.obj(S(f"{VB_ID}.Nodes"), "Nodes", ua.NodeId(ua.ObjectIds.FolderType), "one object per node")
     b.link(vb, _HC, folder)
 
@@ -237,3 +227,22 @@ def build_instances(aspace: AddressSpace, ns: int, node_ids: list[str] | tuple[s
             if v.writable:
                 inst.writable[nd.nodeid] = ("node", v.name, i)
     return inst
+
+
+def add_class(inst: Instances, p: int, b: _Builder | None = None) -> ua.NodeId:
+    """The PriorityClassType object of priority `p` under VirtualBattery/Classes (at the start, or later
+    while serving: a class that appears); returns its NodeId. Its values wait for initial data."""
+    b = b or _Builder(inst.aspace, inst.ns)
+    S = lambda s: ua.NodeId(s, inst.ns)  # noqa: E731
+    name = class_object_id(p)
+    obj = b.obj(S(name), name.rsplit(".", 1)[1], b.types["PriorityClassType"], f"priority class {p}")
+    b.link(inst.aspace[S(f"{VB_ID}.Classes")], _ORG, obj)
+    inst.class_objects[p] = obj.nodeid
+    inst.class_values[p] = {}
+    for v in class_vars():
+        nd = b.var(S(f"{name}.{v.name}"), v, "PriorityClassType", _ZERO[v.vtype])
+        b.link(obj, _HC, nd)
+        inst.class_values[p][v.name] = nd.attributes[_A.Value]
+        if v.historized:
+            inst.class_historized[nd.nodeid] = class_series(p, v.name)
+    return obj.nodeid

@@ -139,10 +139,16 @@ class Alarms:
         self.last_fallback = active
         return await self._set("tree", -1, self.fallback, active)
 
-    async def ride_through(self, rows: dict[int, dict], objects: dict[int, ua.NodeId]) -> int:
+    async def ride_through(self, rows: dict[int, dict], objects: dict[int, ua.NodeId], gone: list[int] = ()) -> int:
         """Per class (priority -> its published row): the condition is active while the target is not
-        reachable; each activation's message says how far it reaches."""
+        reachable; each activation's message says how far it reaches. A class gone (no node has its
+        priority) has nothing left to ride through: its condition is cleared."""
         sent = 0
+        for p in gone:
+            cond = self.conditions.get(("class", p, self.short.bit))
+            if cond is not None and cond.active:
+                cond.event.Message = ua.LocalizedText(f"class {p}: no node has this priority any more", "en")
+                sent += await self._set("class", p, self.short, False)
         for p, row in rows.items():
             active = not row["reachable"]
             cond = self.conditions.get(("class", p, self.short.bit))

@@ -29,9 +29,10 @@ from vbatt.kernel.stats import summarize
 from vbatt.opcua_models import fastpath, sessions
 from vbatt.opcua_models.addrspace import Instances, build_instances
 from vbatt.opcua_models.alarms import Alarms
+from vbatt.opcua_models.classobjects import ClassObjects, model_change_event
 from vbatt.opcua_models.config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
 from vbatt.opcua_models.history import HISTORY_FILE, BatchHistory
-from vbatt.opcua_models.model import CLASS_MEMORY, NS_URI, aggregate_vars, class_vars, node_vars, scan_vars
+from vbatt.opcua_models.model import CLASS_MEMORY, NS_URI, TYPE_IDS, aggregate_vars, class_vars, node_vars, scan_vars
 from vbatt.opcua_models.nodeset import nodeset_path
 from vbatt.opcua_models.security import RoleRuleset, TrustList, UserStore, VbattUserManager, cert_paths, ensure_server_certificate
 
@@ -79,8 +80,9 @@ class _OperatorWrites(AttributeService):
 class VbattOpcuaServer:
     def __init__(self, cfg: OpcuaServerConfig, img: ProcessImage, node_ids, *, cycle_ms: float = 0.0,
                  classes: tuple[int, ...] | None = None):
-        """classes: the priorities shown as class objects; default: those of the nodes at start when the
-        energy program publishes its class results (none without it)."""
+        """classes: the priorities shown as class objects at the start; default: those of the nodes when
+        the energy program publishes its class results (none without it). A class the program publishes
+        later gets its object then (classobjects.py)."""
         self.cfg = cfg
         self.img = img
         self.node_ids = list(node_ids)
@@ -106,12 +108,11 @@ class VbattOpcuaServer:
         self._next_gc = math.inf
         self._next_sample = 0.0
         self._next_flush = 0.0
-        self._cls = {v.name: f"mem.{CLASS_MEMORY}.{v.name}" for v in class_vars()}
-        has_classes = all(k in self._views[0] for k in self._cls.values())
+        self.has_classes = all(f"mem.{CLASS_MEMORY}.{v.name}" in self._views[0] for v in class_vars())
         if classes is None:
-            classes = tuple(int(p) for p in np.unique(img.node["priority"])) if has_classes else ()
-        self.classes = tuple(classes) if has_classes else ()
-        self._cls_last: dict[tuple[int, str], object] = {}
+            classes = tuple(int(p) for p in np.unique(img.node["priority"])) if self.has_classes else ()
+        self.classes = tuple(classes) if self.has_classes else ()
+        self.class_objects: ClassObjects | None = None
         self.updates = 0  # values written into the address space (statistics, benchmarks)
         self.ticks = 0
 
@@ -153,6 +154,7 @@ class VbattOpcuaServer:
             self.ns = await server.get_namespace_index(NS_URI)
             aspace = server.iserver.aspace
             self.inst = build_instances(aspace, self.ns, self.node_ids, self.classes)
+            self.class_objects = ClassObjects(self.inst) if self.has_classes else None
         finally:
             gc.enable()
         gc.collect()
@@ -268,15 +270,20 @@ class VbattOpcuaServer:
             if first or (a[0] != b[0] and not (math.isnan(a[0]) and math.isnan(b[0]))):
                 written += await self._write([self.inst.agg_values[v.name]], [0], [float(a[0]) * v.scale],
                                              v.vtype, src, now, None)
-        rows = self._class_rows(new)
-        written += await self._update_classes(rows, src, now)
+        rows, added, gone = self._sync_classes(new)
+        if self.class_objects is not None:
+            written += await self.class_objects.write(rows, gone, src, now, self._write)
+        if added:  # told once the new objects hold their first values
+            ev = model_change_event(self.inst, [self.inst.class_objects[p] for p in added],
+                                    ua.NodeId(TYPE_IDS["PriorityClassType"], self.ns))
+            await self.server.iserver.isession.subscription_service.trigger_event(ev)
         if self.history is not None:
             await self._historize(new, rows)
         if self.alarms is not None:
             await self.alarms.update(new["node.trip"], new["node.alarm"])
             await self.alarms.tree_fallback(int(new["agg.tree_state"][0]) == 2)
-            if self.classes:
-                await self.alarms.ride_through(rows, self.inst.class_objects)
+            if self.class_objects is not None:
+                await self.alarms.ride_through(rows, self.inst.class_objects, gone)
         self.updates += written
         return written
 
@@ -287,32 +294,16 @@ class VbattOpcuaServer:
         await fastpath.flush(pending)
         return len(idx)
 
-    def _class_rows(self, views) -> dict[int, dict[str, object]]:
-        """priority -> {var: value} of the classes shown, from the published block (one cycle, whole)."""
-        if not self.classes:
-            return {}
-        prio = views[self._cls["priority"]]
-        at = {int(p): c for c, p in enumerate(prio.tolist()) if p >= 0}
-        out = {}
-        for p in self.classes:
-            c = at.get(p)
-            if c is not None:
-                out[p] = {v.name: (bool(views[k][c]) if v.vtype == ua.VariantType.Boolean else
-                                   int(views[k][c]) if v.vtype == ua.VariantType.Int64 else float(views[k][c]))
-                          for v, k in zip(class_vars(), self._cls.values())}
-        return out
-
-    async def _update_classes(self, rows, src, now) -> int:
-        n = 0
-        for p, row in rows.items():
-            for v in class_vars():
-                x = row[v.name]
-                last = self._cls_last.get((p, v.name))
-                if last == x or (isinstance(x, float) and isinstance(last, float) and math.isnan(x) and math.isnan(last)):
-                    continue
-                self._cls_last[(p, v.name)] = x
-                n += await self._write([self.inst.class_values[p][v.name]], [0], [x], v.vtype, src, now, None)
-        return n
+    def _sync_classes(self, views) -> tuple[dict[int, dict[str, object]], list[int], list[int]]:
+        """The class rows published (priority -> {var: value}), the classes that appeared (each gets
+        its object and its history record) and the classes gone since the last update."""
+        if self.class_objects is None:
+            return {}, [], []
+        rows = self.class_objects.rows(views)
+        added = self.class_objects.add_new(rows)
+        if added and self.history is not None:
+            self.history.names.update(self.inst.class_historized)
+        return rows, added, self.class_objects.vanished(rows)
 
     async def _historize(self, views, rows) -> None:
         t = time.monotonic()

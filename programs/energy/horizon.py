@@ -31,8 +31,17 @@ __all__ = ["HZ_LEVEL", "HZ_TREND", "HZ_READY", "HZ_T0", "HZ_LAST", "HZ_SEEN", "H
 
 # Columns of the per-class state hz[k, HZ_*]: the smoothed deviation of the demand from the profile
 # (W; from 0 while the profile is not whole), its damped trend (W/s), first sample seen, wall time
-# of the first sample and of the last update, bins of the profile seen.
-HZ_LEVEL, HZ_TREND, HZ_READY, HZ_T0, HZ_LAST, HZ_SEEN, HZ_N = 0, 1, 2, 3, 4, 5, 6
+# of the first sample and of the last update, bins of the profile seen; then the check of a seed from
+# the class's own record against the hours after its first sample (`_shift_check`): the wall time the
+# check ends (0: none), the bin of the first sample, the shift taken (bins), and per bin of the window
+# the seed's value before the first sample in it, the sum and the count of the samples seen there.
+HZ_LEVEL, HZ_TREND, HZ_READY, HZ_T0, HZ_LAST, HZ_SEEN = 0, 1, 2, 3, 4, 5
+HZ_CHECK_END, HZ_CHECK_J0, HZ_SHIFT, HZ_RING = 6, 7, 8, 9
+SHIFT_S = 3600.0  # a daylight-saving change moves a load that follows local time by an hour on the UTC bins
+CHECK_S = 3.0 * 3600.0  # the hours after the first sample the record is judged on
+CHECK_RATIO = 0.5  # a shifted record is taken when it misses at most half of what the record as it is misses
+RING_N = 16  # bins of the check window at most (3 h of the default 15-minute bins: 12)
+HZ_N = HZ_RING + 3 * RING_N
 
 
 @njit(nogil=True, cache=True)
@@ -77,6 +86,84 @@ def _profile_mean(season, k, t_s, h_s, season_s):
 @njit(nogil=True, cache=True)
 def _usable(hz, k, bins):
     return bins > 0 and hz[k, HZ_SEEN] >= bins
+
+
+@njit(nogil=True, cache=True)
+def _check_bins(season_s, bins):
+    """(bins of SHIFT_S, bins of the check window); (0, 0) where no shift check applies: bins that do not
+    divide an hour, or a season too short for a window and a shift either side (the tests' short days)."""
+    w = season_s / bins
+    sb = SHIFT_S / w
+    nr = int(round(CHECK_S / w))
+    if sb < 1.0 or abs(sb - round(sb)) > 1e-9 or nr < 1 or nr > RING_N or nr + 2 * round(sb) >= bins:
+        return 0, 0
+    return int(round(sb)), nr
+
+
+@njit(nogil=True, cache=True)
+def _seed_at(hz, season, k, i, nr):
+    """The seed's value of bin i: saved at the first sample in it when the window saw it, else as it is."""
+    bins = season.shape[1]
+    r = (i - int(hz[k, HZ_CHECK_J0])) % bins
+    if r < nr and hz[k, HZ_RING + 3 * r + 2] > 0.0:
+        return hz[k, HZ_RING + 3 * r]
+    return season[k, i % bins]
+
+
+@njit(nogil=True, cache=True)
+def _reverse(season, k, a, b):
+    while a < b:
+        season[k, a], season[k, b] = season[k, b], season[k, a]
+        a += 1
+        b -= 1
+
+
+@njit(nogil=True, cache=True)
+def _shift_check(hz, season, k, season_s):
+    """At the end of the check window: the window's samples (bin means) against the seed as recorded,
+    an hour earlier and an hour later, each at its best scale (sum of samples over sum of seed); the
+    seed is moved by an hour when that misses at most CHECK_RATIO of what it misses as recorded (a
+    daylight-saving change between the record and now: the bins are UTC); else it is left as it is.
+    Moved: the seed scaled and rotated in place, the window's bins the means seen in them."""
+    bins = season.shape[1]
+    sb, nr = _check_bins(season_s, bins)
+    j0 = int(hz[k, HZ_CHECK_J0])
+    best_s, best_e, best_g, e0 = 0, math.inf, 1.0, math.inf
+    for s in (0, -sb, sb):
+        so, ss = 0.0, 0.0
+        for r in range(nr):
+            n = hz[k, HZ_RING + 3 * r + 2]
+            if n > 0.0:
+                so += hz[k, HZ_RING + 3 * r + 1] / n
+                ss += _seed_at(hz, season, k, j0 + r + s, nr)
+        if not (ss > 0.0) or not (so > 0.0):
+            return
+        g = so / ss
+        e = 0.0
+        for r in range(nr):
+            n = hz[k, HZ_RING + 3 * r + 2]
+            if n > 0.0:
+                e += abs(hz[k, HZ_RING + 3 * r + 1] / n - g * _seed_at(hz, season, k, j0 + r + s, nr))
+        if s == 0:
+            e0 = e
+        if e < best_e:
+            best_s, best_e, best_g = s, e, g
+    if best_s == 0 or not (best_e < CHECK_RATIO * e0):
+        return
+    for r in range(nr):  # the seed whole again, then scaled and rotated: new[j] = seed[j + s]
+        if hz[k, HZ_RING + 3 * r + 2] > 0.0:
+            season[k, (j0 + r) % bins] = hz[k, HZ_RING + 3 * r]
+    for j in range(bins):
+        season[k, j] *= best_g
+    m = best_s % bins
+    _reverse(season, k, 0, m - 1)
+    _reverse(season, k, m, bins - 1)
+    _reverse(season, k, 0, bins - 1)
+    for r in range(nr):
+        n = hz[k, HZ_RING + 3 * r + 2]
+        if n > 0.0:
+            season[k, (j0 + r) % bins] = hz[k, HZ_RING + 3 * r + 1] / n
+    hz[k, HZ_SHIFT] = best_s
 
 
 def preseed(hz: np.ndarray, season: np.ndarray, k: int, profile: np.ndarray | None) -> None:
@@ -128,6 +215,13 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, l
                 # record at 1.3 x made the forecast 3.8 x persistence's error at 5 min, scaled 0.27 x
                 # (docs/energy.md, benchmarks/forecast_horizon.py --seeded)
                 hz[k, HZ_SEEN] = own
+                hz[k, HZ_CHECK_END] = 0.0
+                hz[k, HZ_SHIFT] = 0.0
+                if own >= bins and _check_bins(season_s, bins)[1] > 0:
+                    hz[k, HZ_CHECK_END] = wall_s + CHECK_S
+                    hz[k, HZ_CHECK_J0] = j_now
+                    for c in range(HZ_RING, HZ_N):
+                        hz[k, c] = 0.0
                 s_now = season[k, j_now]
                 if s_now != s_now:
                     season[k, j_now] = v
@@ -160,6 +254,19 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, l
             continue
         hz[k, HZ_LAST] = wall_s
         was = _usable(hz, k, bins)
+        moved = False
+        if hz[k, HZ_CHECK_END] > 0.0:
+            if wall_s < hz[k, HZ_CHECK_END]:
+                r = (j_now - int(hz[k, HZ_CHECK_J0])) % bins
+                if r < _check_bins(season_s, bins)[1]:
+                    if hz[k, HZ_RING + 3 * r + 2] == 0.0:
+                        hz[k, HZ_RING + 3 * r] = season[k, j_now]
+                    hz[k, HZ_RING + 3 * r + 1] += v
+                    hz[k, HZ_RING + 3 * r + 2] += 1.0
+            else:
+                hz[k, HZ_CHECK_END] = 0.0
+                _shift_check(hz, season, k, season_s)
+                moved = hz[k, HZ_SHIFT] != 0.0
         if bins > 0:
             s = season[k, j_now]
             if s != s:
@@ -171,7 +278,7 @@ def horizon_update(wall_s, k_n, y, hz, season, prior, prior_season, use_prior, l
                 season[k, j_now] = s + g * (v - s)
         use = _usable(hz, k, bins)
         dev = v - (_profile(season, k, wall_s, season_s) if use else 0.0)
-        if use != was:  # the profile has just become whole: the deviation from it starts anew
+        if use != was or moved:  # the profile has just become whole (or moved): the deviation starts anew
             hz[k, HZ_LEVEL] = dev
             hz[k, HZ_TREND] = 0.0
             continue
