@@ -55,7 +55,7 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
     cfg.write_text(_plant(pki.state, port, [0, 1, 3], "0: 8, 3: 1000000"))
     moved.write_text(_plant(pki.state, port, [0, 1, 2], "0: 8"))  # n2 to class 2: class 2 appears, 3 is gone
     err = tmp_path / "err.txt"
-    run = subprocess.Popen([*VBATT, "run", str(cfg), "-q", "--duration", "120"], cwd=REPO,
+    run = subprocess.Popen([*VBATT, "run", str(cfg), "-q", "--duration", "600"], cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True)
     history = pki.state / HISTORY_FILE
 
@@ -67,7 +67,7 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
             self.got.append(ev)
 
     async def body():
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded machine: numba's cache load and the first cycles take long
         while True:  # the server listens once the scan runs
             assert run.poll() is None and time.monotonic() < deadline, err.read_text()
             try:
@@ -99,12 +99,12 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
             def added(nodeid):
                 return next((e for e in h.got if any(ch.Affected == nodeid for ch in getattr(e, "Changes", None) or [])),
                             None)
-            assert await wait_for(lambda: short3(True), timeout=20), h.got
+            assert await wait_for(lambda: short3(True), timeout=90), h.got
 
             r = await asyncio.to_thread(run_vbatt, "reload", str(moved), "--pid", str(run.pid))
             assert r.returncode == 0, (r.stdout, r.stderr)
             cls2 = nid(c, "VirtualBattery.Classes.Class_2")
-            ev = await wait_for(lambda: added(cls2), timeout=20)
+            ev = await wait_for(lambda: added(cls2), timeout=90)
             assert ev is not None, (h.got, err.read_text()[-2000:])
             verbs = {(ch.Affected, ch.Verb) for ch in ev.Changes}
             assert (cls2, ua.ModelChangeStructureVerbMask.NodeAdded) in verbs
@@ -128,11 +128,11 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
                 assert dv3.StatusCode.value == ua.StatusCodes.UncertainLastUsableValue, var
                 assert dv3.Value.Value == pytest.approx(last), var
             # and nothing left to ride through: its alarm is cleared, saying why
-            cleared = await wait_for(lambda: short3(False), timeout=20)
+            cleared = await wait_for(lambda: short3(False), timeout=90)
             assert cleared and cleared.Message.Text == "class 3: no node has this priority any more", h.got
 
             # class 2 recorded: every bin of its season (the history file, by wall time), and HistoryRead
-            t_end = time.monotonic() + 60
+            t_end = time.monotonic() + 120
             while True:
                 _, j, _, n = load_bins(history, class_series(2, "demand_w"), 0.0, SEASON_S, BINS)
                 if (np.bincount(j, weights=n, minlength=BINS)[:BINS] >= 3).all():  # samples per bin, all seasons
@@ -146,7 +146,7 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
             r = await asyncio.to_thread(run_vbatt, "reload", str(cfg), "--pid", str(run.pid))
             assert r.returncode == 0, (r.stdout, r.stderr)
             demand3 = c.get_node(nid(c, base3 + "demand_w"))
-            t_end = time.monotonic() + 20
+            t_end = time.monotonic() + 90
             while not (await demand3.read_attribute(ua.AttributeIds.Value, None, False)).StatusCode.is_good():
                 assert time.monotonic() < t_end, err.read_text()[-2000:]
                 await asyncio.sleep(0.1)
@@ -155,7 +155,7 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
             assert await _children(folder) == ["Class_0", "Class_1", "Class_2", "Class_3"]
 
     try:
-        asyncio.run(asyncio.wait_for(body(), 150))
+        asyncio.run(asyncio.wait_for(body(), 420))
     finally:
         run.send_signal(signal.SIGTERM)
         assert run.wait(30) == 0, err.read_text()[-3000:]
