@@ -378,7 +378,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
                 # target), whose time is next in the lexicographic order: shed and latched, as a class
                 # riding through is above and as a class beyond its target cut for energy is (with the main
                 # supply there it is peak-shaved: cut per cycle). The whole-step reference holds the same
-                # (docs/energy.md "A class beyond its target short of power").
+                # (docs/energy.md "No part after a class's first shed").
                 f_p = 0.0
                 latched[c] = 1
                 dark = min(dark, c)
