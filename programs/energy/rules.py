@@ -168,6 +168,15 @@ def power_runtime(k_n, probe_s, pv, hz_s, dres, latched, local_s, h_s, power_s):
 
 
 @njit(nogil=True, cache=True)
+def _others_served(k_n, c, latched, frac, dnow):
+    """Whether a class other than c is still served (not latched, a share and a demand)."""
+    for j in range(k_n):
+        if j != c and latched[j] == 0 and frac[j] > 0.0 and dnow[j] > 0.0:
+            return True
+    return False
+
+
+@njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
            local_s, power_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh,
            restore_s, pace_s, prev_frac):
@@ -317,6 +326,11 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # for power below.
             if a < 1.0 - 1e-9 and not shaved:
                 latched[c] = 1
+                # Its ride-through ends with this cycle, whole or in part: a part served now adds nothing
+                # to its time and is taken from the classes still served, whose time is still counted
+                # (a class beyond its target on a trickle: 0.8 Wh of one 5 s cycle in part was 130 s of
+                # class 0 on the discharge-only LP-gap fleet 1). So nothing, while another class is served.
+                a = 0.0 if _others_served(k_n, c, latched, frac, dnow) else a
             e_left -= max(a, 0.0) * need_wh  # a recharge is not energy this cycle
         frac[c] = (m + a * (d - m)) / d if d > 0.0 else 1.0
         gone |= latched[c] != 0 and d > 0.0
@@ -355,6 +369,19 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # `gone` above from the next cycle on: binding-test seed 39 served class 1, beyond its target,
             # at 62 % in the cycle class 0 was latched for power).
             f_p = 0.0 if tau[c] <= 0.0 and c > dark else f_p
+            ask = frac[c] * pneed[c]
+            if (latched[c] == 0 and main_limit_w <= 0.0 and f_p * pneed[c] < ask - POWER_TOL * (1.0 + ask)
+                    and _others_served(k_n, c, latched, frac, dnow)):
+                # Beyond its target with the main supply gone, short of power: its ride-through ended at
+                # this first partial cycle, and what it would draw in part spends the energy and export of
+                # the classes still served (more critical ones beyond their targets, or any inside its
+                # target), whose time is next in the lexicographic order: shed and latched, as a class
+                # riding through is above and as a class beyond its target cut for energy is (with the main
+                # supply there it is peak-shaved: cut per cycle). The whole-step reference holds the same
+                # (docs/energy.md "No part after a class's first shed").
+                f_p = 0.0
+                latched[c] = 1
+                dark = min(dark, c)
             p_left -= f_p * pneed[c]
             frac[c] = f_p
     state[ST_E_WH] = e_wh
