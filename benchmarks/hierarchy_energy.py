@@ -46,9 +46,8 @@ from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summ
 from vbatt.programs.hierarchy.decisions import TreeDecider  # noqa: E402
 
 TARGETS = {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}
-# forecast=True: the class demand forecast on (its default). The power runtime off: the top of a tree does not
-# compose it (it needs each leaf's deliverable energy at the top's estimate; docs/energy.md), so the flat
-# controller the tree is held to runs the rules the tree runs.
+# forecast=True: the class demand forecast on (its default); power=True: the power runtime on (its default; the
+# top asks the leaves' probe of A(m) at its estimate: programs/hierarchy/decisions.py).
 ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": False}
 PROGRAMS = [{"energy": ENERGY}, "allocation"]
 K = 8  # hierarchy.classes
@@ -131,12 +130,14 @@ def _tree_allocation(leaves, main_w: float):
 
 def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycles: int = 5, dt_s: float = 1.0,
                  racks: int = 9, rows: int = 3, targets=TARGETS, lag: int = 0,
-                 own_physics: bool = False, forecast: bool = False, profiles: list | None = None) -> Result:
+                 own_physics: bool = False, forecast: bool = False, profiles: list | None = None,
+                 power: bool = False) -> Result:
     """share: the leaves' main_limit_w is their share of the feed (else no leaf is short); decide: "own" or
     "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next;
     forecast: every energy program (flat, leaves, the top's) forecasts the class demand (its default);
-    profiles: per node, its demand profile (the same in the tree and the flat controller)."""
-    en = {**ENERGY, "demand_forecast": forecast}
+    profiles: per node, its demand profile (the same in the tree and the flat controller); power: every energy
+    program (and the top) runs the power runtime."""
+    en = {**ENERGY, "demand_forecast": forecast, "power_runtime": power}
     progs = [{"energy": en}, "allocation"]
     flat = EnergyPlant(fleet_yaml(f, main_limit_w=main_w, ride_through_s=targets, programs=progs, period_s=dt_s,
                                   profiles=profiles))
@@ -147,7 +148,8 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                                     None if profiles is None else [profiles[j] for j in i])) for i in idxs]
     ep = EnergyParams(**en)
     # its rounds are the cycles here, at the flat controller's wall time (the class forecast's clock)
-    top = TreeDecider(K, pace_s=dt_s, hp=horizon_params(ep), bins=ep.demand_season_bins if ep.demand_season_s else 0)
+    top = TreeDecider(K, pace_s=dt_s, hp=horizon_params(ep), bins=ep.demand_season_bins if ep.demand_season_s else 0,
+                      horizon_s=ep.horizon_s, power_on=ep.power_runtime)
     prios = np.unique(f.priority)
     res = Result([], [])
     sent = []
