@@ -51,6 +51,7 @@ TARGETS = {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}
 ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": False}
 PROGRAMS = [{"energy": ENERGY}, "allocation"]
 K = 8  # hierarchy.classes
+DEBUG = False
 _SAFE = int(Alarm.SAFE_ALLOCATION)
 
 
@@ -168,6 +169,11 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             offer = hc.total([hc.total(offers[r * per_row:(r + 1) * per_row], K) for r in range(rows)], K)
             if decide == "tree":
                 sent.append(top.step(offer, main_w, dt_s, float(flat.eng.ctx[Ctx.WALL_S])))
+                if DEBUG:
+                    n_ = len(top.rows)
+                    print("flat probe", flat.mem["energy.probe_s"][:n_], flat.mem["energy.sweep_probe"][:, :n_].round(3), "cap", flat.mem["energy.power_cap_s"][:n_], "new", flat.mem["energy.power_s"][:n_],
+                          "\n tree ask", offer[:n_, hc.C_PROBE_S], offer[:n_, hc.C_PROBE_WH].round(3), offer[:n_, hc.C_PROBE_W].round(3), "new", top.power_s[:n_], "next ask", top.ask[:n_],
+                          "\n latched", flat.mem["energy.latched"][:n_], top.latched[:n_], "hz", flat.mem["energy.hz_s"][:n_], top.hz_out[:n_], "loc", flat.mem["energy.local_s"][:n_], offer[:n_, hc.C_LOC])
                 res.fracs.append((np.array([x["frac"] for x in top.rows]), flat.mem["energy.frac"][:len(top.rows)].copy()))
                 dec = sent[max(0, len(sent) - 1 - lag)]
                 for p in leaves:  # as the leaf's link: the values, then the lease

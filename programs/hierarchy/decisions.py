@@ -242,6 +242,10 @@ class TreeDecider:
         """The power runtime before this round's rules (as a flat controller after its sweep): the estimate
         the sums were taken at, for `decide`, returned; the next estimate (a Newton step on the tree's A(m),
         rules.power_runtime) for the classes whose question the whole tree answered, kept for the others."""
+        if not self.started:  # asked nothing yet: a leaf's first sweep on its own probes where neutral() asks
+            first = np.isnan(self.ask[ps])
+            self.ask[ps[first]] = max(self.horizon_s, float(target.max())) if self.power_on else 0.0
+            self.hz_out[ps[first]] = np.maximum(0.0, target - clock)[first]
         cap = np.ascontiguousarray(self.power_s[ps])
         m = self.ask[ps]
         answered = (offer[ps, hc.C_PROBE_S] == m) & (m == m)
@@ -251,7 +255,7 @@ class TreeDecider:
         n = ps.size
         probe = np.ascontiguousarray(np.where(answered, m, 0.0))
         pv = np.ascontiguousarray(np.stack([offer[ps, hc.C_PROBE_WH], offer[ps, hc.C_PROBE_W]]))
-        hz = np.ascontiguousarray(np.where(np.isnan(self.hz_out[ps]), 0.0, self.hz_out[ps]))
+        hz = np.ascontiguousarray(np.where(np.isnan(self.hz_out[ps]), np.maximum(0.0, target - clock), self.hz_out[ps]))
         h_s = max(self.horizon_s, float((target - clock).max()))
         new = np.zeros(n)
         power_runtime(n, probe, pv, hz, dres, latched, np.ascontiguousarray(loc), h_s, new)
