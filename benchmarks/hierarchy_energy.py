@@ -48,10 +48,9 @@ from vbatt.programs.hierarchy.decisions import TreeDecider  # noqa: E402
 TARGETS = {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}
 # forecast=True: the class demand forecast on (its default); power=True: the power runtime on (its default; the
 # top asks the leaves' probe of A(m) at its estimate: programs/hierarchy/decisions.py).
-ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": False}
+ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": True}
 PROGRAMS = [{"energy": ENERGY}, "allocation"]
 K = 8  # hierarchy.classes
-DEBUG = False
 _SAFE = int(Alarm.SAFE_ALLOCATION)
 
 
@@ -68,6 +67,18 @@ def demo_fleet(seed: int = 1, n: int = 180, links: bool = True) -> FleetSpec:
         cols["soc"].append(float(rng.uniform(0.3, 0.95)))
         cols["link"].append(float(rng.choice([300.0, 800.0, 1500.0])) if links else 1e6)
     return FleetSpec(cols["prio"], cols["dem"], cols["cap"], cols["soc"], cols["dis"], cols["link"], cols["chg"])
+
+
+def power_bound_fleet(seed: int = 1) -> FleetSpec:
+    """The demo's nodes (demands, classes, states of charge; links unbounded) with the energy where the power
+    is not: every fifth node holds 3,000 Wh behind a 50 W discharge limit, the others 100 Wh behind 1,000 W.
+    The batteries can carry every class at first (155 kW of discharge for 58 kW of demand), but class 0
+    (target 7,200 s) only for ~1,745 s, long before its pooled energy runs out (~2,322 s with main at
+    0.3 x demand): the power runtime binds (rules.power_runtime), and class 1's reserve ends there too."""
+    f = demo_fleet(seed, links=False)
+    big = np.arange(len(f)) % 5 == 0
+    return FleetSpec(f.priority, f.demand_w, np.where(big, 3000.0, 100.0), f.soc, np.where(big, 50.0, 1000.0),
+                     f.link_max_w, f.max_charge_w)
 
 
 def subset(f: FleetSpec, idx) -> FleetSpec:
@@ -101,6 +112,9 @@ class Result:
     # the leaves' own reserve demands (their forecasts) summed
     flat_dres: list[float] = field(default_factory=list)
     leaves_dhz: list[float] = field(default_factory=list)
+    # at the last cycle, per class of the flat: its power runtime (s from now; inf: none binds), the top's
+    flat_power_s: list[float] = field(default_factory=list)
+    top_power_s: list[float] = field(default_factory=list)
 
 
 def _tree_allocation(leaves, main_w: float):
@@ -132,7 +146,7 @@ def _tree_allocation(leaves, main_w: float):
 def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycles: int = 5, dt_s: float = 1.0,
                  racks: int = 9, rows: int = 3, targets=TARGETS, lag: int = 0,
                  own_physics: bool = False, forecast: bool = False, profiles: list | None = None,
-                 power: bool = False) -> Result:
+                 power: bool = True) -> Result:
     """share: the leaves' main_limit_w is their share of the feed (else no leaf is short); decide: "own" or
     "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next;
     forecast: every energy program (flat, leaves, the top's) forecasts the class demand (its default);
@@ -169,11 +183,6 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             offer = hc.total([hc.total(offers[r * per_row:(r + 1) * per_row], K) for r in range(rows)], K)
             if decide == "tree":
                 sent.append(top.step(offer, main_w, dt_s, float(flat.eng.ctx[Ctx.WALL_S])))
-                if DEBUG:
-                    n_ = len(top.rows)
-                    print("flat probe", flat.mem["energy.probe_s"][:n_], flat.mem["energy.sweep_probe"][:, :n_].round(3), "cap", flat.mem["energy.power_cap_s"][:n_], "new", flat.mem["energy.power_s"][:n_],
-                          "\n tree ask", offer[:n_, hc.C_PROBE_S], offer[:n_, hc.C_PROBE_WH].round(3), offer[:n_, hc.C_PROBE_W].round(3), "new", top.power_s[:n_], "next ask", top.ask[:n_],
-                          "\n latched", flat.mem["energy.latched"][:n_], top.latched[:n_], "hz", flat.mem["energy.hz_s"][:n_], top.hz_out[:n_], "loc", flat.mem["energy.local_s"][:n_], offer[:n_, hc.C_LOC])
                 res.fracs.append((np.array([x["frac"] for x in top.rows]), flat.mem["energy.frac"][:len(top.rows)].copy()))
                 dec = sent[max(0, len(sent) - 1 - lag)]
                 for p in leaves:  # as the leaf's link: the values, then the lease
@@ -185,6 +194,8 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                 res.tree = hc.rows(offer)
             res.flat = flat.class_rows()
             res.flat_dres = [float(flat.mem["energy.reserve_demand_w"][c]) for c in range(len(res.flat))]
+            res.flat_power_s = [float(flat.mem["energy.power_s"][c]) for c in range(len(res.flat))]
+            res.top_power_s = [float(top.power_s[x["priority"]]) for x in res.flat]
             res.leaves_dhz = [sum(float(p.mem["energy.demand_horizon_w"][x["priority"]]) for p in leaves)
                               for x in res.flat]  # a leaf has every class 0..K-1 of the tree: index = priority
             alloc = _tree_allocation(leaves, main_w)
