@@ -69,6 +69,7 @@ class TreeDecider:
         self.ask = np.full(k, math.nan)
         self.hz_out = np.full(k, math.nan)
         self.answered = np.zeros(k, bool)  # this round brought the whole tree's answer to the question
+        self.answers = 0  # rounds that brought an answer to a question (some class's)
         # the class demand forecast (kernel.horizon_params of the top's energy parameters; None or off:
         # the reserve counts the demand now), its state per priority, and no recorded profile to seed from
         self.hp = np.zeros(HP_N) if hp is None else np.asarray(hp, np.float64)
@@ -252,6 +253,7 @@ class TreeDecider:
         self.answered[ps] = answered
         if not answered.any():
             return cap
+        self.answers += 1
         n = ps.size
         probe = np.ascontiguousarray(np.where(answered, m, 0.0))
         pv = np.ascontiguousarray(np.stack([offer[ps, hc.C_PROBE_WH], offer[ps, hc.C_PROBE_W]]))

@@ -512,7 +512,12 @@ class Link:
             # until the whole tree is on them), deciding, held (the tree not whole: the last ones), partial
             # (the rules on part of the tree after waiting); clean_rounds: rounds in a row on the whole tree
             "decisions": None if self.decider is None or self.st.source != "own" else {
-                "mode": self.decider.mode, "clean_rounds": self.decider.clean_rounds},
+                "mode": self.decider.mode, "clean_rounds": self.decider.clean_rounds,
+                # the power runtime per priority (s from now; "inf": none binds) and how many of its
+                # questions the whole tree answered (docs/hierarchy.md "Energy across levels")
+                "power_s": {str(r["priority"]): _json_float(float(self.decider.power_s[r["priority"]]))
+                            for r in self.decider.rows},
+                "answers": self.decider.answers},
             "absent": None if s is None or s.energy is None else int(s.energy[:, hc.C_ABSENT].max()),
             "children": {c.id: {"online": c.online, "fault": c.fault,
                                 "bus_w": c.summary.bus_w if c.summary else None,
