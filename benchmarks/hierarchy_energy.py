@@ -38,8 +38,8 @@ from energy_plant import EnergyPlant, FleetSpec, fleet_yaml  # noqa: E402
 from vbatt.kernel.program import Ctx  # noqa: E402
 from vbatt.programs.codes import Alarm  # noqa: E402
 from vbatt.programs.energy import EnergyParams  # noqa: E402
-from vbatt.programs.energy.kernel import horizon_params  # noqa: E402
-from vbatt.programs.energy.tree import T_AT  # noqa: E402
+from vbatt.programs.energy.kernel import NX_RQ, horizon_params  # noqa: E402
+from vbatt.programs.energy.tree import D_RELEASE, T_AT  # noqa: E402
 from vbatt.programs.hierarchy import classes as hc  # noqa: E402
 from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summary, node_limits,  # noqa: E402
                                              served, solve_levels, summarize)
@@ -115,6 +115,9 @@ class Result:
     # at the last cycle, per class of the flat: its power runtime (s from now; inf: none binds), the top's
     flat_power_s: list[float] = field(default_factory=list)
     top_power_s: list[float] = field(default_factory=list)
+    # per cycle, per class of the flat: the share of its own-need locks' power released (kernel._release),
+    # the flat's and the top's
+    release: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 def _tree_allocation(leaves, main_w: float):
@@ -146,12 +149,13 @@ def _tree_allocation(leaves, main_w: float):
 def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycles: int = 5, dt_s: float = 1.0,
                  racks: int = 9, rows: int = 3, targets=TARGETS, lag: int = 0,
                  own_physics: bool = False, forecast: bool = False, profiles: list | None = None,
-                 power: bool = True) -> Result:
+                 power: bool = True, release: bool = True) -> Result:
     """share: the leaves' main_limit_w is their share of the feed (else no leaf is short); decide: "own" or
     "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next;
     forecast: every energy program (flat, leaves, the top's) forecasts the class demand (its default);
     profiles: per node, its demand profile (the same in the tree and the flat controller); power: every energy
-    program (and the top) runs the power runtime."""
+    program (and the top) runs the power runtime; release: the leaves take the top's power shortfall (the share
+    of their own-need locks lifted per class) with its decisions (else each decides its own)."""
     en = {**ENERGY, "demand_forecast": forecast, "power_runtime": power}
     progs = [{"energy": en}, "allocation"]
     flat = EnergyPlant(fleet_yaml(f, main_limit_w=main_w, ride_through_s=targets, programs=progs, period_s=dt_s,
@@ -185,6 +189,9 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                 sent.append(top.step(offer, main_w, dt_s, float(flat.eng.ctx[Ctx.WALL_S])))
                 res.fracs.append((np.array([x["frac"] for x in top.rows]), flat.mem["energy.frac"][:len(top.rows)].copy()))
                 dec = sent[max(0, len(sent) - 1 - lag)]
+                if not release:  # each leaf lifts its own nodes' locks from its own sums (before the tree did)
+                    dec = dec.copy()
+                    dec[:, D_RELEASE] = np.nan
                 for p in leaves:  # as the leaf's link: the values, then the lease
                     t = p.mem["energy.tree"]
                     t[T_AT:T_AT + dec.size] = dec.reshape(-1)
@@ -196,6 +203,10 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
             res.flat_dres = [float(flat.mem["energy.reserve_demand_w"][c]) for c in range(len(res.flat))]
             res.flat_power_s = [float(flat.mem["energy.power_s"][c]) for c in range(len(res.flat))]
             res.top_power_s = [float(top.power_s[x["priority"]]) for x in res.flat]
+            if decide == "tree":
+                n_ = len(res.flat)
+                res.release.append((flat.mem["energy.sweep"][:n_, NX_RQ].copy(),
+                                    np.nan_to_num(sent[-1][[x["priority"] for x in res.flat], D_RELEASE])))
             res.leaves_dhz = [sum(float(p.mem["energy.demand_horizon_w"][x["priority"]]) for p in leaves)
                               for x in res.flat]  # a leaf has every class 0..K-1 of the tree: index = priority
             alloc = _tree_allocation(leaves, main_w)

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from hierarchy_energy import EnergyPlant, leaf_yaml, demo_fleet, power_bound_fleet, subset, tree_vs_flat  # noqa: E402
+from energy_plant import lp_gap_fleets  # noqa: E402
 
 from vbatt.hierarchy.wire import TreeLayout
 from vbatt.programs.energy.tree import D_FRAC, D_LATCHED, D_LEFT, D_N
@@ -31,7 +32,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
                     rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
                     rng.uniform(0, 1e4), 1.0, 1.0, float(rng.integers(0, 3)), 1200.0, rng.uniform(0, 1e4),
-                    rng.uniform(-5e3, 5e3))
+                    rng.uniform(-5e3, 5e3), rng.uniform(0, 2e3))
         offers.append(o)
     offers[2][3, hc.C_PROBE_S] = 900.0  # one leaf still on an older question for class 3
     got = []
@@ -44,7 +45,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
     assert s.energy[3, hc.C_LOC] == min(o[3, hc.C_LOC] for o in offers)
     assert s.energy[2, hc.C_LEAVES] == 0.0 and s.energy[1, hc.C_LEAVES] == 3.0
     assert s.energy[1, hc.C_ABSENT] == sum(o[1, hc.C_ABSENT] for o in offers)  # missing children, every level
-    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV, hc.C_PROBE_WH, hc.C_PROBE_W):
+    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV, hc.C_PROBE_WH, hc.C_PROBE_W, hc.C_REL):
         assert s.energy[1, col] == pytest.approx(sum(o[1, col] for o in offers), rel=1e-15)
     # the power probe: an answer where every leaf probed at the same m, none where one did not
     assert s.energy[1, hc.C_PROBE_S] == 1200.0 and np.isnan(s.energy[3, hc.C_PROBE_S])
@@ -67,7 +68,7 @@ def test_an_offer_of_another_format_or_with_a_probe_that_cannot_be_one_is_refuse
     t.check_length(TREE_ID, t.length)
     with pytest.raises(ValueError, match=r"tree model of \d+ registers, expected \d+ for 8 classes, 64 knots and "
                                          rf"format {FORMAT}"):
-        t.check_length(TREE_ID, t.length - 4 * 3 * 8)  # format 1: no probe columns
+        t.check_length(TREE_ID, t.length - 4 * 4 * 8 - 4 * 3 * 8 - 1)  # format 1: no probe, no Format
     with pytest.raises(ValueError, match="no tree model 64252"):
         t.check_length(1, t.length)
     old = list(head)
@@ -181,6 +182,27 @@ def test_the_power_runtime_composes_across_levels(lag):
             assert r.node_diff_w[k] < 1e-6, (k, r.node_diff_w)
 
 
+@pytest.mark.parametrize("seed,index,cycles,dt", [(11, 0, 20, 60.0), (42, 13, 90, 10.0)], ids=["seed11-0", "seed42-13"])
+def test_a_class_power_shortfall_composes_across_levels(seed, index, cycles, dt):
+    """A class on the batteries alone whose importers ask more of the bus than the exporters give lifts its
+    own nodes' own-need locks (docs/energy.md, kernel._release; the two fleets of test_energy's
+    SHORTFALL_FLEETS, main supply 0, split in two leaves). The top decides it on the tree's sums (the power
+    need before any lock is lifted and the power the locks could add, both offered) and sends the share
+    down: it is the flat controller's at every cycle (measured 2.2e-16), and so are the runtimes (3.4e-13 s).
+    Each leaf deciding its own from its own sums (before) is not: the runtimes part by 3.1 s and 21.4 s."""
+    f, targets = lp_gap_fleets(seed, (1.0, 3.0, 0.5, 2.0), index + 1)[index]
+    assert len(f) % 2 == 0
+    kw = dict(share=True, decide="tree", cycles=cycles, dt_s=dt, racks=2, rows=1, targets=targets)
+    r = tree_vs_flat(f, 0.0, **kw)
+    flat_q = np.array([a for a, _ in r.release])
+    top_q = np.array([b for _, b in r.release])
+    assert flat_q.max() > 0.05, flat_q.max(axis=0)  # the rule binds
+    np.testing.assert_allclose(top_q, flat_q, rtol=0, atol=1e-9)
+    assert max(r.runtime_diff_s) < 1e-6, r.runtime_diff_s
+    own = tree_vs_flat(f, 0.0, **kw, release=False)
+    assert max(own.runtime_diff_s) > 1.0, own.runtime_diff_s
+
+
 def test_without_the_power_runtime_at_the_top_the_tree_is_not_the_flat_controller():
     """The same plant with the power runtime off at the top and the leaves (the tree before it composed it)
     against the flat controller with it on: the tree counts class 0's energy, not its power."""
@@ -239,8 +261,8 @@ def test_the_decisions_travel_with_the_levels_bit_for_bit():
     uplink's registers. Levels without decisions (a parent without energy offers) say Decided = 0."""
     t = TreeLayout(8, 64)
     dec = np.full((8, D_N), np.nan)
-    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0, 7200.0, 3600.0], [0.25, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                      [0.6355, 0.0, 0.0, np.inf, 1.0, 0.0, 1234.5]]
+    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0, 7200.0, 3600.0, 0.0], [0.25, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      [0.6355, 0.0, 0.0, np.inf, 1.0, 0.0, 1234.5, 0.375]]
     lv = Levels({0: -np.inf, 1: 0.5, 3: np.inf}, 1.5e-6, True, dec)
     regs = np.zeros(t.levels_len + t.dec_len, int)
     regs[:t.levels_len] = t.encode_levels(lv, 9, 1000)
@@ -260,7 +282,7 @@ def _one_of_three_rows() -> tuple[np.ndarray, np.ndarray, float]:
     for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
                                        (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
         one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0, 0.0,
-                  np.nan, 0.0, 0.0)
+                  np.nan, 0.0, 0.0, 0.0)
     one /= 3.0
     one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
     full = hc.total([one, one, one], 8)
@@ -365,7 +387,7 @@ def test_a_leafs_sums_are_the_trees_only_when_swept_wholly_under_the_lease():
             p.cycle()
         for prio, target in enumerate((7200.0, 1800.0, 600.0, 0.0)):  # neutral decisions, leased
             j = T_AT + D_N * prio
-            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0, target, 0.0)
+            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0, target, 0.0, 0.0)
             assert D_RUNTIME == 3 and D_REACHABLE == 4
         t[0] = np.inf
         seen = []

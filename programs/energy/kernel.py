@@ -31,7 +31,7 @@ from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
                                          ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime)
-from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes, tree_probed, tree_sweep
+from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes, tree_probed, tree_release, tree_sweep
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -365,6 +365,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     (tree.py): while leased they stand in for decide()'s, before the sweep and after decide()."""
     on_tree = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s,
                            reachable) >= 0
+    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # the tree's power shortfall (tree.py)
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -444,7 +445,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             power_cap[c] = math.inf if on_tree else power_s[c]
         power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
-        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh)  # the probe's answer, for the offer upward
+        # the probe's answer and the power shortfall's inputs, for the offer upward
+        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED])
         if not first:
             _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         tree[T_USED] = tree[T_SWEPT]
@@ -463,6 +465,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
+    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # (after this sweep's own _release)
     _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel)
     # Caps: all at once when a class's share moved by more than 1 % of its demand or reached or
     # left 0 or 1 (a shed or a restore acts in this cycle); small moves (a share that follows the

@@ -35,16 +35,18 @@ from __future__ import annotations
 from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
-           "PROBE", "P_S", "P_WH", "P_W", "P_N", "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_classes",
-           "tree_sweep", "tree_probed"]
+           "D_RELEASE", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_N", "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_classes",
+           "tree_sweep", "tree_probed", "tree_release"]
 
-DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s")  # per priority
-D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE = range(len(DECISIONS))
+DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release")  # per priority
+D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE, D_RELEASE = range(len(DECISIONS))
 D_N = len(DECISIONS)
 # the power probe of the last whole sweep, per priority (written by the program): the m it was taken at
-# (NaN: none yet), the deliverable energy A(m) (Wh) and its slope (W)
-PROBE = ("probe_s", "probe_wh", "probe_w")
-P_S, P_WH, P_W = range(len(PROBE))
+# (NaN: none yet), the deliverable energy A(m) (Wh) and its slope (W); and the class's power shortfall's
+# inputs of that sweep (kernel._release): the power its nodes' own-need locks could add to the bus (W) and
+# the power its loads ask of the bus before any lock is lifted (W)
+PROBE = ("probe_s", "probe_wh", "probe_w", "release_w", "power_need_w")
+P_S, P_WH, P_W, P_REL, P_PNEED = range(len(PROBE))
 P_N = len(PROBE)
 T_USED = 1  # [0] is the lease deadline
 T_SWEPT = 2
@@ -98,9 +100,10 @@ def tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s):
 
 
 @njit(nogil=True, cache=True)
-def tree_probed(tree, prio_of, n_cls, probe_s, pv):
+def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w):
     """At a sweep's end: the m each class was probed at (0: none) and the deliverable energy and its slope
-    there (kernel._power_probe), per priority, for the offer upward."""
+    there (kernel._power_probe), and the sweep's releasable power and power need (kernel._release's inputs),
+    per priority, for the offer upward."""
     at = probe_at(tree.shape[0])
     for c in range(n_cls):
         j = at + P_N * prio_of[c]
@@ -108,3 +111,18 @@ def tree_probed(tree, prio_of, n_cls, probe_s, pv):
             tree[j + P_S] = probe_s[c]
             tree[j + P_WH] = pv[0, c]
             tree[j + P_W] = pv[1, c]
+            tree[j + P_REL] = release_w[c]
+            tree[j + P_PNEED] = need_w[c]
+
+
+@njit(nogil=True, cache=True)
+def tree_release(wall_s, tree, prio_of, n_cls, rq):
+    """While the tree's decisions are leased: the share of its own-need locks' power each class releases
+    (kernel._release, decided by the top on the tree's sums) in place of this controller's own."""
+    if not wall_s < tree[0]:
+        return
+    for c in range(n_cls):
+        j = T_AT + D_N * prio_of[c]
+        if prio_of[c] >= 0 and j + D_N <= probe_at(tree.shape[0]) and tree[j + D_FRAC] == tree[j + D_FRAC]:
+            q = tree[j + D_RELEASE]
+            rq[c] = min(1.0, max(0.0, q)) if q == q else rq[c]

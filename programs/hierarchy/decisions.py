@@ -48,9 +48,10 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import HP_N, HP_ON, _class_demand, _reserve_rise, _reserve_wh
+from vbatt.programs.energy.kernel import HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise, _reserve_wh
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime
-from vbatt.programs.energy.tree import D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RUNTIME
+from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
+                                        D_RUNTIME)
 from vbatt.programs.hierarchy import classes as hc
 
 __all__ = ["TreeDecider"]
@@ -149,6 +150,7 @@ class TreeDecider:
         out[ps, D_LEFT] = target
         out[ps, D_RUNTIME] = target
         out[ps, D_REACHABLE] = 1.0
+        out[ps, D_RELEASE] = 0.0  # no lock lifted
         # a flat controller's first sweep: the horizons the whole targets, the probe at the longest horizon
         h_s = max(self.horizon_s, float(target.max()))
         out[ps, D_HORIZON] = target
@@ -175,7 +177,7 @@ class TreeDecider:
         # takes one row per class (a flat controller's A_c: the classes before c served, its own nodes'
         # load not counted for the more critical classes). Every row is that sum here: at the top of a
         # tree the check is the looser one of before A_c (docs/energy.md "The rule").
-        a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED)
+        a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED).copy()
         clock = np.ascontiguousarray(self.clock_s[ps])
         latched = np.ascontiguousarray(self.latched[ps])
         # as the energy program after a sweep: the horizons at the clocks before this cycle, the class
@@ -214,6 +216,11 @@ class TreeDecider:
         dt_rule = min(float(dt_s), 2.0 * self.pace_s)
         before = clock.copy()
         power_cap = self.power_step(offer, ps, target, clock, latched, dres, loc)
+        # a class's power shortfall on the tree's sums (as a flat controller after its sweep): the share of
+        # its nodes' own-need locks lifted, sent down; its power need less what that gives, for `decide`
+        nx = np.zeros((n, NX_N))
+        nx[:, NX_REL] = offer[ps, hc.C_REL]
+        _release(n, float(main_limit_w), self.state[ST_SLACK_W], target, clock, loc, latched, dnow, nx, pneed)
         decide(n, dnow, dres, e_wh, float(main_limit_w), dt_rule, self.hold_s, target, clock, latched,
                self.state, loc, power_cap, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on,
                cum, tot,
@@ -233,6 +240,7 @@ class TreeDecider:
         out[ps, D_LEFT] = np.maximum(0.0, target - clock)
         out[ps, D_RUNTIME] = rt
         out[ps, D_REACHABLE] = reachable
+        out[ps, D_RELEASE] = nx[:, NX_RQ]
         self.question(out, ps, target, clock, latched, loc)
         self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
             "demand_horizon_w": float(dres[j]), "clock_s": float(clock[j]), "latched": bool(latched[j]),
