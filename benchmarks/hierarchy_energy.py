@@ -38,18 +38,17 @@ from energy_plant import EnergyPlant, FleetSpec, fleet_yaml  # noqa: E402
 from vbatt.kernel.program import Ctx  # noqa: E402
 from vbatt.programs.codes import Alarm  # noqa: E402
 from vbatt.programs.energy import EnergyParams  # noqa: E402
-from vbatt.programs.energy.kernel import horizon_params  # noqa: E402
-from vbatt.programs.energy.tree import T_AT  # noqa: E402
+from vbatt.programs.energy.kernel import NX_RQ, horizon_params  # noqa: E402
+from vbatt.programs.energy.tree import D_RELEASE, T_AT  # noqa: E402
 from vbatt.programs.hierarchy import classes as hc  # noqa: E402
 from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summary, node_limits,  # noqa: E402
                                              served, solve_levels, summarize)
 from vbatt.programs.hierarchy.decisions import TreeDecider  # noqa: E402
 
 TARGETS = {0: 7200.0, 1: 1800.0, 2: 600.0, 3: 0.0}
-# forecast=True: the class demand forecast on (its default). The power runtime off: the top of a tree does not
-# compose it (it needs each leaf's deliverable energy at the top's estimate; docs/energy.md), so the flat
-# controller the tree is held to runs the rules the tree runs.
-ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": False}
+# forecast=True: the class demand forecast on (its default); power=True: the power runtime on (its default; the
+# top asks the leaves' probe of A(m) at its estimate: programs/hierarchy/decisions.py).
+ENERGY = {"demand_forecast": False, "sweep_s": 0, "power_runtime": True}
 PROGRAMS = [{"energy": ENERGY}, "allocation"]
 K = 8  # hierarchy.classes
 _SAFE = int(Alarm.SAFE_ALLOCATION)
@@ -68,6 +67,18 @@ def demo_fleet(seed: int = 1, n: int = 180, links: bool = True) -> FleetSpec:
         cols["soc"].append(float(rng.uniform(0.3, 0.95)))
         cols["link"].append(float(rng.choice([300.0, 800.0, 1500.0])) if links else 1e6)
     return FleetSpec(cols["prio"], cols["dem"], cols["cap"], cols["soc"], cols["dis"], cols["link"], cols["chg"])
+
+
+def power_bound_fleet(seed: int = 1) -> FleetSpec:
+    """The demo's nodes (demands, classes, states of charge; links unbounded) with the energy where the power
+    is not: every fifth node holds 3,000 Wh behind a 50 W discharge limit, the others 100 Wh behind 1,000 W.
+    The batteries can carry every class at first (155 kW of discharge for 58 kW of demand), but class 0
+    (target 7,200 s) only for ~1,745 s, long before its pooled energy runs out (~2,322 s with main at
+    0.3 x demand): the power runtime binds (rules.power_runtime), and class 1's reserve ends there too."""
+    f = demo_fleet(seed, links=False)
+    big = np.arange(len(f)) % 5 == 0
+    return FleetSpec(f.priority, f.demand_w, np.where(big, 3000.0, 100.0), f.soc, np.where(big, 50.0, 1000.0),
+                     f.link_max_w, f.max_charge_w)
 
 
 def subset(f: FleetSpec, idx) -> FleetSpec:
@@ -101,6 +112,12 @@ class Result:
     # the leaves' own reserve demands (their forecasts) summed
     flat_dres: list[float] = field(default_factory=list)
     leaves_dhz: list[float] = field(default_factory=list)
+    # at the last cycle, per class of the flat: its power runtime (s from now; inf: none binds), the top's
+    flat_power_s: list[float] = field(default_factory=list)
+    top_power_s: list[float] = field(default_factory=list)
+    # per cycle, per class of the flat: the share of its own-need locks' power released (kernel._release),
+    # the flat's and the top's
+    release: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 def _tree_allocation(leaves, main_w: float):
@@ -131,12 +148,15 @@ def _tree_allocation(leaves, main_w: float):
 
 def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycles: int = 5, dt_s: float = 1.0,
                  racks: int = 9, rows: int = 3, targets=TARGETS, lag: int = 0,
-                 own_physics: bool = False, forecast: bool = False, profiles: list | None = None) -> Result:
+                 own_physics: bool = False, forecast: bool = False, profiles: list | None = None,
+                 power: bool = True, release: bool = True) -> Result:
     """share: the leaves' main_limit_w is their share of the feed (else no leaf is short); decide: "own" or
     "tree" (module doc); lag: the leaves take the top's decisions this many cycles later than the next;
     forecast: every energy program (flat, leaves, the top's) forecasts the class demand (its default);
-    profiles: per node, its demand profile (the same in the tree and the flat controller)."""
-    en = {**ENERGY, "demand_forecast": forecast}
+    profiles: per node, its demand profile (the same in the tree and the flat controller); power: every energy
+    program (and the top) runs the power runtime; release: the leaves take the top's power shortfall (the share
+    of their own-need locks lifted per class) with its decisions (else each decides its own)."""
+    en = {**ENERGY, "demand_forecast": forecast, "power_runtime": power}
     progs = [{"energy": en}, "allocation"]
     flat = EnergyPlant(fleet_yaml(f, main_limit_w=main_w, ride_through_s=targets, programs=progs, period_s=dt_s,
                                   profiles=profiles))
@@ -147,7 +167,8 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                                     None if profiles is None else [profiles[j] for j in i])) for i in idxs]
     ep = EnergyParams(**en)
     # its rounds are the cycles here, at the flat controller's wall time (the class forecast's clock)
-    top = TreeDecider(K, pace_s=dt_s, hp=horizon_params(ep), bins=ep.demand_season_bins if ep.demand_season_s else 0)
+    top = TreeDecider(K, pace_s=dt_s, hp=horizon_params(ep), bins=ep.demand_season_bins if ep.demand_season_s else 0,
+                      horizon_s=ep.horizon_s, power_on=ep.power_runtime)
     prios = np.unique(f.priority)
     res = Result([], [])
     sent = []
@@ -168,6 +189,9 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                 sent.append(top.step(offer, main_w, dt_s, float(flat.eng.ctx[Ctx.WALL_S])))
                 res.fracs.append((np.array([x["frac"] for x in top.rows]), flat.mem["energy.frac"][:len(top.rows)].copy()))
                 dec = sent[max(0, len(sent) - 1 - lag)]
+                if not release:  # each leaf lifts its own nodes' locks from its own sums (before the tree did)
+                    dec = dec.copy()
+                    dec[:, D_RELEASE] = np.nan
                 for p in leaves:  # as the leaf's link: the values, then the lease
                     t = p.mem["energy.tree"]
                     t[T_AT:T_AT + dec.size] = dec.reshape(-1)
@@ -177,6 +201,12 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                 res.tree = hc.rows(offer)
             res.flat = flat.class_rows()
             res.flat_dres = [float(flat.mem["energy.reserve_demand_w"][c]) for c in range(len(res.flat))]
+            res.flat_power_s = [float(flat.mem["energy.power_s"][c]) for c in range(len(res.flat))]
+            res.top_power_s = [float(top.power_s[x["priority"]]) for x in res.flat]
+            if decide == "tree":
+                n_ = len(res.flat)
+                res.release.append((flat.mem["energy.sweep"][:n_, NX_RQ].copy(),
+                                    np.nan_to_num(sent[-1][[x["priority"] for x in res.flat], D_RELEASE])))
             res.leaves_dhz = [sum(float(p.mem["energy.demand_horizon_w"][x["priority"]]) for p in leaves)
                               for x in res.flat]  # a leaf has every class 0..K-1 of the tree: index = priority
             alloc = _tree_allocation(leaves, main_w)

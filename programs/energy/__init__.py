@@ -35,7 +35,7 @@ from vbatt.kernel.seqblock import ArraySpec
 from vbatt.programs.energy.horizon import HZ_N, preseed
 from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step, horizon_params
 from vbatt.programs.energy.rules import ST_N, ST_N_CLS, ST_POS, ST_STARTED
-from vbatt.programs.energy.tree import T_AT, T_SWEPT, T_USED, tree_size
+from vbatt.programs.energy.tree import T_AT, T_SWEPT, T_USED, probe_at, tree_size
 
 __all__ = ["Energy", "EnergyParams", "MAX_CLASSES", "PRIO_N", "class_rows", "unreachable_texts"]
 
@@ -62,8 +62,7 @@ class EnergyParams(BaseModel):
                                                   "at most its demand over this time (0: just in time)")] = 60.0
     power_runtime: Annotated[bool, Field(description="a class's reserve, runtime and own-need locks end where "
                                                      "the batteries' power and links can no longer carry it "
-                                                     "(docs/energy.md); a tree of controllers does not compose "
-                                                     "it yet")] = True
+                                                     "(docs/energy.md; in a tree of controllers: the top's)")] = True
     sweep_s: Annotated[float, Field(ge=0, allow_inf_nan=False,
                                     description="the class sums cover every node within this time "
                                                 "(0: every cycle)")] = 0.1
@@ -165,8 +164,9 @@ class Energy(Program):
     def set_memory(self, img, name: str, index: int, value: float) -> str | None:
         if name == self.TREE:
             a = self.mem(img, self.TREE)
-            if not 0 <= index < a.shape[0] or index in (T_USED, T_SWEPT) or (index == 0 and math.isnan(value)):
-                return f"energy.tree[{index}] = {value!r}: index out of 0..{a.shape[0] - 1} or a NaN lease"
+            top = probe_at(a.shape[0])  # beyond: the power probe's answer, the program's own
+            if not 0 <= index < top or index in (T_USED, T_SWEPT) or (index == 0 and math.isnan(value)):
+                return f"energy.tree[{index}] = {value!r}: index out of 0..{top - 1} or a NaN lease"
             a[index] = value
             return None
         if name != self.SETTING:

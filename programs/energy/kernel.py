@@ -31,7 +31,7 @@ from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
                                          ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime)
-from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes
+from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes, tree_probed, tree_release, tree_sweep
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -365,6 +365,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     (tree.py): while leased they stand in for decide()'s, before the sweep and after decide()."""
     on_tree = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s,
                            reachable) >= 0
+    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # the tree's power shortfall (tree.py)
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -405,6 +406,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for j in range(ax.shape[0]):
             for k in range(n_cls):
                 ax[j, k] = 0.0
+        if on_tree:  # the tree's horizons and its question for the power runtime (tree.py)
+            tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s)
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
                  eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
@@ -442,6 +445,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             power_cap[c] = math.inf if on_tree else power_s[c]
         power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
+        # the probe's answer and the power shortfall's inputs, for the offer upward
+        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED])
         if not first:
             _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         tree[T_USED] = tree[T_SWEPT]
@@ -460,6 +465,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
+    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # (after this sweep's own _release)
     _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel)
     # Caps: all at once when a class's share moved by more than 1 % of its demand or reached or
     # left 0 or 1 (a shed or a restore acts in this cycle); small moves (a share that follows the

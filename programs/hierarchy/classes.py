@@ -11,7 +11,14 @@ contributions this is the flat controller's runtime over the union of the nodes.
 contribution depends on its controller's class state, e.g. how long its class has ridden on the
 batteries; docs/hierarchy.md says when that differs from the flat controller's.)
 
-An offer is an array (K, N_COLS), row k = priority k (the tree's classes are the priorities 0..K-1):
+The power probe's answer (programs/energy/tree.py PROBE: the m the last whole sweep probed class k at,
+the deliverable energy A(m) within it and its slope) is a sum over nodes too: a subtree's A at m is the sum
+of its children's when they all probed at the same m (else the subtree's m is NaN: no answer yet). So are
+the inputs of a class's power shortfall (programs/energy/kernel.py `_release`): the power its loads ask of
+the bus before any own-need lock is lifted (`power_need_w`: the top lifts them, on the tree's sums) and
+the power lifting those locks would add (`release_w`).
+
+An offer is an array (K, N_COLS), row k = priority k (the tree's classes are the priorities 0..K-1).
 """
 
 from __future__ import annotations
@@ -21,19 +28,22 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.rules import ST_N_CLS, ride_through
-from vbatt.programs.energy.tree import T_USED
+from vbatt.programs.energy.tree import P_N, P_PNEED, P_REL, P_S, P_W, P_WH, T_USED, probe_at
 
-__all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "rows", "row"]
+__all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "check", "rows", "row"]
 
 COLS = ("demand_w", "reserve_demand_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
-        "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree", "absent")
+        "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree", "absent",
+        "probe_s", "probe_wh", "probe_w", "release_w")
 N_COLS = len(COLS)
 (C_DNOW, C_DRES, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
- C_ON_TREE, C_ABSENT) = range(N_COLS)
+ C_ON_TREE, C_ABSENT, C_PROBE_S, C_PROBE_WH, C_PROBE_W, C_REL) = range(N_COLS)
 # a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
-# the subtree's other nodes deliver it, and the class rules check every class's horizon)
-_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-_SUMMED = [C_DNOW, C_DRES, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT]
+# the subtree's other nodes deliver it, and the class rules check every class's horizon); no probe answer
+_NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, math.nan, 0.0, 0.0,
+         0.0)
+_SUMMED = [C_DNOW, C_DRES, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT, C_PROBE_WH,
+           C_PROBE_W, C_REL]
 
 
 def empty(k: int) -> np.ndarray:
@@ -60,12 +70,20 @@ def offer_of(v: dict, k: int) -> np.ndarray:
         p = int(g("priority")[c])
         if not 0 <= p < k:
             continue
-        out[p] = (g("demand_w")[c], g("reserve_demand_w")[c], g("energy_wh")[c], g("local_s")[c],
-                  max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
-                  g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
-                  float(g("tree")[T_USED] == 1.0), 0.0)
+        out[p, :C_PROBE_S] = (g("demand_w")[c], g("reserve_demand_w")[c], g("energy_wh")[c], g("local_s")[c],
+                              max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
+                              g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
+                              float(g("tree")[T_USED] == 1.0), 0.0)
         if not has[p]:  # a class of the tree it has no node of: only its deliverable energy counts
             out[p, [C_LEFT, C_TARGET]] = math.nan
+        t = g("tree")
+        j = probe_at(t.shape[0]) + P_N * p
+        if j + P_N <= t.shape[0]:
+            out[p, [C_PROBE_S, C_PROBE_WH, C_PROBE_W]] = t[j + P_S], t[j + P_WH], t[j + P_W]
+            # the shortfall's inputs of the last whole sweep (none before the first: 0)
+            need, rel = t[j + P_PNEED], t[j + P_REL]
+            out[p, C_PNEED] = need if need == need else 0.0
+            out[p, C_REL] = rel if rel == rel else 0.0
     return out
 
 
@@ -83,7 +101,25 @@ def total(offers: list[np.ndarray], k: int) -> np.ndarray:
         x = np.where(present, a[:, :, col], -math.inf).max(axis=0)
         out[:, col] = np.where(present.any(axis=0), x, math.nan)
     out[:, C_LATCHED] = a[:, :, C_LATCHED].max(axis=0)
+    m = a[:, :, C_PROBE_S]
+    out[:, C_PROBE_S] = np.where((m == m[0]).all(axis=0), m[0], math.nan)  # one question answered by all
     return out
+
+
+def check(offer: np.ndarray, who: str = "offer") -> None:
+    """Raises ValueError naming the class and the column where an offer's power probe cannot be one: a
+    probe's m is NaN (none yet) or >= 0, its energy finite and >= 0 and its slope finite where there is one."""
+    m, wh, w = offer[:, C_PROBE_S], offer[:, C_PROBE_WH], offer[:, C_PROBE_W]
+    bad = (m < 0) | np.isinf(m) | ((m == m) & (~np.isfinite(wh) | (wh < 0) | ~np.isfinite(w)))
+    rel = offer[:, C_REL]
+    lost = ~np.isfinite(rel) | (rel < 0)
+    if lost.any():
+        p = int(np.flatnonzero(lost)[0])
+        raise ValueError(f"{who}: class {p}: release_w {rel[p]!r}: expected a finite power >= 0 W")
+    if bad.any():
+        p = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{who}: class {p}: probe_s {m[p]!r}, probe_wh {wh[p]!r}, probe_w {w[p]!r}: expected "
+                         f"probe_s NaN (none) or a finite m >= 0 s with a finite probe_wh >= 0 and probe_w")
 
 
 def rows(offer: np.ndarray) -> list[dict]:

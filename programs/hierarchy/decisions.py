@@ -30,6 +30,15 @@ reserve *now* (a forecast per leaf does not add up to the forecast of the sum), 
 energy program's class forecast (programs/energy/kernel.py `_class_demand`, with its own energy
 parameters `hp`) on the tree's sum at the wall time of the round: the mean over each class's remaining
 target, never below the demand now, as a flat controller over the same nodes.
+
+So is the power runtime (programs/energy/rules.py `power_runtime`: per class the largest m with
+A(m) >= the demand of the classes up to it within m). A(m) needs every node, so the top asks: with its
+decisions it sends per class the horizons a flat controller's sweep takes (D_HORIZON) and its estimate m
+(D_PROBE); every leaf's sweep probes its nodes there (programs/energy/tree.py) and offers A(m) and its
+slope; every level adds them; when the tree's answer to the question is back (every leaf probed at that
+m) the top takes the Newton step on the sum, as a flat controller does on its own sweep, and asks anew.
+Until then it keeps its estimate and asks the same question (a round trip takes a few link rounds).
+Its reserve, runtime and reachability then end where the tree's power does, as the flat controller's.
 """
 
 from __future__ import annotations
@@ -39,9 +48,10 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import HP_N, HP_ON, _class_demand, _reserve_rise, _reserve_wh
-from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide
-from vbatt.programs.energy.tree import D_FRAC, D_LATCHED, D_LEFT, D_N, D_REACHABLE, D_RUNTIME
+from vbatt.programs.energy.kernel import HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise, _reserve_wh
+from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime
+from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
+                                        D_RUNTIME)
 from vbatt.programs.hierarchy import classes as hc
 
 __all__ = ["TreeDecider"]
@@ -51,8 +61,16 @@ class TreeDecider:
     """`decide` over the tree's classes (priorities 0..K-1), with its state between rounds."""
 
     def __init__(self, k: int, hold_s: float = 60.0, restore_s: float = 60.0, *, pace_s: float = 0.1,
-                 wait_s: float = 30.0, hp=None, bins: int = 0):
+                 wait_s: float = 30.0, hp=None, bins: int = 0, horizon_s: float = 3600.0, power_on: bool = True):
         self.k, self.hold_s, self.restore_s = k, hold_s, restore_s
+        # the power runtime (the energy parameters' horizon_s and power_runtime): the estimate per priority
+        # (s from now; inf: none binds), the question out (the probe's m; NaN: none) and the horizons sent
+        self.horizon_s, self.power_on = horizon_s, power_on
+        self.power_s = np.full(k, math.inf)
+        self.ask = np.full(k, math.nan)
+        self.hz_out = np.full(k, math.nan)
+        self.answered = np.zeros(k, bool)  # this round brought the whole tree's answer to the question
+        self.answers = 0  # rounds that brought an answer to a question (some class's)
         # the class demand forecast (kernel.horizon_params of the top's energy parameters; None or off:
         # the reserve counts the demand now), its state per priority, and no recorded profile to seed from
         self.hp = np.zeros(HP_N) if hp is None else np.asarray(hp, np.float64)
@@ -84,6 +102,8 @@ class TreeDecider:
         self.clock_s[ok] = target[ok] - dec[ok, D_LEFT]
         self.latched[have] = dec[have, D_LATCHED] != 0.0
         self.frac[have] = dec[have, D_FRAC]
+        # its subtree answers the parent's question: on its own, its next step goes on from there
+        self.ask[have], self.hz_out[have] = dec[have, D_PROBE], dec[have, D_HORIZON]
         self.last = dec.copy()
         self.held_s = 0.0
 
@@ -130,6 +150,13 @@ class TreeDecider:
         out[ps, D_LEFT] = target
         out[ps, D_RUNTIME] = target
         out[ps, D_REACHABLE] = 1.0
+        out[ps, D_RELEASE] = 0.0  # no lock lifted
+        # a flat controller's first sweep: the horizons the whole targets, the probe at the longest horizon
+        h_s = max(self.horizon_s, float(target.max()))
+        out[ps, D_HORIZON] = target
+        out[ps, D_PROBE] = h_s if self.power_on else 0.0
+        self.ask[ps], self.hz_out[ps] = out[ps, D_PROBE], target
+        self.power_s[ps] = math.inf
         self.rows = [r | {"clock_s": 0.0, "latched": False, "frac": 1.0} for r in hc.rows(offer)]
         return out
 
@@ -150,14 +177,17 @@ class TreeDecider:
         # takes one row per class (a flat controller's A_c: the classes before c served, its own nodes'
         # load not counted for the more critical classes). Every row is that sum here: at the top of a
         # tree the check is the looser one of before A_c (docs/energy.md "The rule").
-        a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED)
+        a_wh, pneed = np.tile(col(hc.C_DELIV), (n + 1, 1)), col(hc.C_PNEED).copy()
         clock = np.ascontiguousarray(self.clock_s[ps])
         latched = np.ascontiguousarray(self.latched[ps])
         # as the energy program after a sweep: the horizons at the clocks before this cycle, the class
         # demand forecast of the tree's sum, then the reserve's rise with the new class demand. Not
         # when a leaf's sums came or went: that jump is not the demand's (counted as a surprise, it held
         # the batteries back for an hour: measured in the demo while its children came online)
+        # (the horizons are those the leaves' sweep took, the tree's (question), as a flat controller's)
         hz = np.maximum(0.0, target - clock)
+        sent = self.hz_out[ps]
+        hz = np.ascontiguousarray(np.where(np.isnan(sent), hz, sent))
         r_old = _reserve_wh(n, np.ascontiguousarray(self.dhz[ps]), target, clock, latched)
         dres = dnow_res.copy()
         if self.hp[HP_ON] != 0.0 and wall_s == wall_s:
@@ -185,8 +215,14 @@ class TreeDecider:
         # controller, cycle by cycle, does not; the rest of the time only moves the clocks that run.
         dt_rule = min(float(dt_s), 2.0 * self.pace_s)
         before = clock.copy()
+        power_cap = self.power_step(offer, ps, target, clock, latched, dres, loc)
+        # a class's power shortfall on the tree's sums (as a flat controller after its sweep): the share of
+        # its nodes' own-need locks lifted, sent down; its power need less what that gives, for `decide`
+        nx = np.zeros((n, NX_N))
+        nx[:, NX_REL] = offer[ps, hc.C_REL]
+        _release(n, float(main_limit_w), self.state[ST_SLACK_W], target, clock, loc, latched, dnow, nx, pneed)
         decide(n, dnow, dres, e_wh, float(main_limit_w), dt_rule, self.hold_s, target, clock, latched,
-               self.state, loc, np.full(n, math.inf), a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on,
+               self.state, loc, power_cap, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on,
                cum, tot,
                self.restore_s, max(dt_rule, 1e-3), np.ascontiguousarray(self.frac[ps]))
         extra = float(dt_s) - dt_rule
@@ -204,7 +240,49 @@ class TreeDecider:
         out[ps, D_LEFT] = np.maximum(0.0, target - clock)
         out[ps, D_RUNTIME] = rt
         out[ps, D_REACHABLE] = reachable
+        out[ps, D_RELEASE] = nx[:, NX_RQ]
+        self.question(out, ps, target, clock, latched, loc)
         self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
             "demand_horizon_w": float(dres[j]), "clock_s": float(clock[j]), "latched": bool(latched[j]),
             "frac": float(frac[j])} for j, p in enumerate(ps)]
         return out
+
+    def power_step(self, offer: np.ndarray, ps: np.ndarray, target, clock, latched, dres, loc) -> np.ndarray:
+        """The power runtime before this round's rules (as a flat controller after its sweep): the estimate
+        the sums were taken at, for `decide`, returned; the next estimate (a Newton step on the tree's A(m),
+        rules.power_runtime) for the classes whose question the whole tree answered, kept for the others."""
+        if not self.started:  # asked nothing yet: a leaf's first sweep on its own probes where neutral() asks
+            first = np.isnan(self.ask[ps])
+            self.ask[ps[first]] = max(self.horizon_s, float(target.max())) if self.power_on else 0.0
+            self.hz_out[ps[first]] = np.maximum(0.0, target - clock)[first]
+        cap = np.ascontiguousarray(self.power_s[ps])
+        m = self.ask[ps]
+        answered = (offer[ps, hc.C_PROBE_S] == m) & (m == m)
+        self.answered[ps] = answered
+        if not answered.any():
+            return cap
+        self.answers += 1
+        n = ps.size
+        probe = np.ascontiguousarray(np.where(answered, m, 0.0))
+        pv = np.ascontiguousarray(np.stack([offer[ps, hc.C_PROBE_WH], offer[ps, hc.C_PROBE_W]]))
+        hz = np.ascontiguousarray(np.where(np.isnan(self.hz_out[ps]), np.maximum(0.0, target - clock), self.hz_out[ps]))
+        h_s = max(self.horizon_s, float((target - clock).max()))
+        new = np.zeros(n)
+        power_runtime(n, probe, pv, hz, dres, latched, np.ascontiguousarray(loc), h_s, new)
+        self.power_s[ps] = np.where(answered, new, cap)
+        return cap
+
+    def question(self, out: np.ndarray, ps: np.ndarray, target, clock, latched, loc) -> None:
+        """The horizons and the probe's m for the leaves' next sweep (out's D_HORIZON, D_PROBE), as a flat
+        controller's next sweep takes them: min(remaining target, first node out, power runtime), and
+        min(power runtime, the longest horizon, first node out) (0: none, for a latched class). A question
+        not yet answered by the whole tree is asked again unchanged."""
+        power = self.power_s[ps]
+        hz = np.minimum(np.minimum(np.maximum(0.0, target - clock), loc), power)
+        h_s = max(self.horizon_s, float((target - clock).max()))
+        nxt = np.where((latched != 0) | (not self.power_on), 0.0, np.minimum(np.minimum(power, h_s), loc))
+        m = self.ask[ps]
+        self.ask[ps] = np.where(self.answered[ps] | (m != m) | (nxt == 0.0), nxt, m)
+        self.hz_out[ps] = hz
+        out[ps, D_HORIZON] = hz
+        out[ps, D_PROBE] = self.ask[ps]

@@ -63,6 +63,9 @@ class Layout:
     # feeder limits of racks and rows ({name: W}, `hierarchy.uplink.feeder_w`); the flat controller has none,
     # so compare() is then not the reference (tests/test_hierarchy_feeder.py compares with HiGHS)
     feeder_w: dict | None = None
+    # the energy where the power is not (links unbounded): every fifth node 3,000 Wh behind a 50 W discharge
+    # limit, the others 100 Wh behind 1,000 W, so that the power runtime binds (docs/energy.md)
+    power_bound: bool = False
 
     def names(self) -> dict[str, list[str]]:
         racks = [f"rack-{r}{k}" for r in range(self.rows) for k in range(self.racks)]
@@ -83,6 +86,10 @@ def _nodes(lay: Layout) -> list[dict]:
                             "capacity_wh": round(cap, 3), "soc": round(float(rng.uniform(0.3, 0.95)), 4),
                             "link_max_w": round(float(rng.choice([300.0, 800.0, 1500.0])), 3),
                             "rack": (r, k)})
+    if lay.power_bound:
+        for i, n in enumerate(out):
+            big = i % 5 == 0
+            n.update(capacity_wh=3000.0 if big else 100.0, max_discharge_w=50.0 if big else 1000.0, link_max_w=1e6)
     return out
 
 
@@ -225,12 +232,18 @@ class Tree:
         d = (self.status("top") or {}).get("decisions") or {}
         return int(d.get("clean_rounds", 0))
 
-    def settle(self, names, cycles: int, timeout_s: float, decided_rounds: int = 0) -> None:
+    def answers(self) -> int:
+        """Rounds in which the whole tree answered the top's question for the power runtime."""
+        d = (self.status("top") or {}).get("decisions") or {}
+        return int(d.get("answers", 0))
+
+    def settle(self, names, cycles: int, timeout_s: float, decided_rounds: int = 0, answers: int = 0) -> None:
         """Every one of `names` controlled from above, then `cycles` more cycles at each with no fallback
         in between (a lease that ran out on a loaded machine starts the count again), and with the energy
         program the top's class rules run `decided_rounds` rounds in a row on the whole tree at its
         decisions (every rack present and its sums swept at them; a fallback or a rack missing starts
-        that count again): the state a comparison with the flat controller needs at the stop."""
+        that count again) and the tree answered its power runtime's questions `answers` times (its Newton
+        steps): the state a comparison with the flat controller needs at the stop."""
         self.wait(lambda: self.controlled(names), timeout_s, "every rack and row controlled from above")
         end = time.monotonic() + timeout_s
         start = {}
@@ -243,12 +256,13 @@ class Tree:
             elif not start:
                 start = st
             elif all(st[n]["cycle"] > start[n]["cycle"] + cycles for n in names) and \
-                    self.decided() >= decided_rounds:
+                    self.decided() >= decided_rounds and self.answers() >= answers:
                 return
             self.wait(lambda: True, 1, "")  # (only its check that every process still runs)
             time.sleep(0.1)
         raise TimeoutError(f"timed out after {timeout_s} s waiting for {cycles} cycles without a fallback"
-                           f" and {decided_rounds} rounds of the top's class rules on the whole tree")
+                           f", {decided_rounds} rounds of the top's class rules on the whole tree and {answers}"
+                           f" answers to its power runtime's questions")
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         p = self.procs.pop(name)

@@ -214,7 +214,8 @@ class Link:
         en = en if en is not None else EnergyParams()
         self.decider = TreeDecider(self.h.classes, en.reset_hold_s, en.restore_s,
                                    pace_s=self.h.poll_ms / 1e3, wait_s=max(30.0, 10 * self.h.lease_ms / 1e3),
-                                   hp=horizon_params(en), bins=en.demand_season_bins if en.demand_season_s else 0) \
+                                   hp=horizon_params(en), bins=en.demand_season_bins if en.demand_season_s else 0,
+                                   horizon_s=en.horizon_s, power_on=en.power_runtime) \
             if self.role != "leaf" else None
         # the wall time of a round for the class forecast's profile: the injected clock plus one offset, as
         # the scan's wall_s (vbatt.kernel.scan)
@@ -243,9 +244,7 @@ class Link:
             for a in range(0, 2 + t.head_len + t.cls_len, 120):  # the header and the energy offer
                 hdr += await self._read(c, "read_holding_registers", address=t.addr + a,
                                         count=min(120, 2 + t.head_len + t.cls_len - a))
-                if hdr[0] != TREE_ID:
-                    raise OSError(f"no tree model {TREE_ID} at {t.addr} (got model {hdr[0]}): not a vbatt "
-                                  f"controller with an uplink")
+                t.check_length(hdr[0], hdr[1])
             head = t.decode_head(hdr[2:2 + t.head_len])
             need = 8 * sum(head["counts"])
             words: list[int] = []
@@ -513,7 +512,12 @@ class Link:
             # until the whole tree is on them), deciding, held (the tree not whole: the last ones), partial
             # (the rules on part of the tree after waiting); clean_rounds: rounds in a row on the whole tree
             "decisions": None if self.decider is None or self.st.source != "own" else {
-                "mode": self.decider.mode, "clean_rounds": self.decider.clean_rounds},
+                "mode": self.decider.mode, "clean_rounds": self.decider.clean_rounds,
+                # the power runtime per priority (s from now; "inf": none binds) and how many of its
+                # questions the whole tree answered (docs/hierarchy.md "Energy across levels")
+                "power_s": {str(r["priority"]): _json_float(float(self.decider.power_s[r["priority"]]))
+                            for r in self.decider.rows},
+                "answers": self.decider.answers},
             "absent": None if s is None or s.energy is None else int(s.energy[:, hc.C_ABSENT].max()),
             "children": {c.id: {"online": c.online, "fault": c.fault,
                                 "bus_w": c.summary.bus_w if c.summary else None,

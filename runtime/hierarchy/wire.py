@@ -7,28 +7,35 @@ Body layout (offsets in registers), K classes, N knots:
 
     0  Classes    uint16   K
     1  MaxKnots   uint16   N
-    2  SumSeq     uint32   counts summary refreshes (a reader sees a fresh one)
-    4  OwnW       float64  stage 2 budget the subtree's batteries bring: sum min(hi, link)
-    8  UpW        float64  sum min(served - lo, link): the most main supply its links take
-   12  ServedW    float64  sum served (at the levels it applied last)
-   16  BusW       float64  its net import from the feed now (its share of the feed)
-   20  BatW       float64  its battery power now (> 0 discharge)
-   24  DisN       uint16   knots of the discharge battery curve
-   25  ChgN       uint16   knots of the charge battery curve
-   26  ClassN[K]  uint16   knots of the shed curve of class k
- 26+K  Energy     K x C float64 (C = len(classes.COLS)): per priority class k, the energy offer
+    2  Format     uint16   FORMAT, the layout's version (a parent refuses another)
+    3  SumSeq     uint32   counts summary refreshes (a reader sees a fresh one)
+    5  OwnW       float64  stage 2 budget the subtree's batteries bring: sum min(hi, link)
+    9  UpW        float64  sum min(served - lo, link): the most main supply its links take
+   13  ServedW    float64  sum served (at the levels it applied last)
+   17  BusW       float64  its net import from the feed now (its share of the feed)
+   21  BatW       float64  its battery power now (> 0 discharge)
+   25  DisN       uint16   knots of the discharge battery curve
+   26  ChgN       uint16   knots of the charge battery curve
+   27  ClassN[K]  uint16   knots of the shed curve of class k
+ 27+K  Energy     K x C float64 (C = len(classes.COLS)): per priority class k, the energy offer
                   (programs/hierarchy/classes.py): DemandW, ReserveDemandW, EnergyWh (pooled usable), LocalS
                   (first node out of its own energy; +inf none), LeftS (remaining target), TargetS (NaN: no
                   node of the class in the subtree), Latched (1: shed for energy), PoolNowW, PowerNeedW,
                   PowerSlackW, DeliverableWh (within the class's remaining target), Leaves (leaves in the
                   sums), LeavesOnTree (of those, swept wholly at the tree's decisions), Absent (configured
-                  children of the subtree's levels missing from the sums)
- 26+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
+                  children of the subtree's levels missing from the sums), ProbeS, ProbeWh, ProbeW (the power
+                  probe's answer: the m the subtree's leaves all probed class k at, NaN: not one m; the
+                  deliverable energy A(m) and its slope: programs/energy/tree.py PROBE), ReleaseW (the
+                  power its own-need locks could add to the bus; PowerNeedW is the need before any is lifted)
+ 27+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
  then the levels (written by the parent, one request):
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
  then the energy decisions (written by the parent before the levels, when Decided = 1):
        K x D float64 (D = len(programs/energy/tree.py DECISIONS)): Frac, Latched, LeftS, RuntimeS,
-       Reachable per priority class (NaN Frac: no decision for the class)
+       Reachable, HorizonS, ProbeS, Release per priority class (NaN Frac: no decision for the class)
+
+A parent refuses a child whose model length, Format, K or N is not its own, and an energy offer whose
+probe is not one (classes.check), with the reason as the child's fault.
 """
 
 from __future__ import annotations
@@ -42,9 +49,10 @@ from vbatt.programs.energy.tree import D_N
 from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 
-__all__ = ["TREE_ID", "TreeLayout"]
+__all__ = ["TREE_ID", "FORMAT", "TreeLayout"]
 
 TREE_ID = 64252
+FORMAT = 2  # 1: before the power probe (no Format register); 2: the probe's question and answer
 
 
 class TreeLayout:
@@ -52,7 +60,7 @@ class TreeLayout:
         self.k, self.n = classes, max_knots
         self.addr = NODE_MAP.base + NODE_MAP.size - 2  # where the node map's end model was
         self.body = self.addr + 2
-        self.head_len = 26 + classes
+        self.head_len = 27 + classes
         self.cls_len = 4 * hc.N_COLS * classes  # the energy offer, right after the header
         self.knots_at = self.body + self.head_len + self.cls_len
         self.levels_at = self.knots_at + 8 * max_knots
@@ -61,7 +69,7 @@ class TreeLayout:
         self.dec_len = 4 * D_N * classes
         self.length = self.head_len + self.cls_len + 8 * max_knots + self.levels_len + self.dec_len
         self.end = self.body + self.length  # the end model (0xFFFF, 0)
-        self._head = struct.Struct(f">HHIddddd{2 + classes}H")
+        self._head = struct.Struct(f">HHHIddddd{2 + classes}H")
         self._levels = struct.Struct(f">IIHHd{classes}d")
 
     # -- the summary (child side writes, parent side reads) ------------------------------------------
@@ -73,7 +81,7 @@ class TreeLayout:
         if total > self.n:
             raise OverflowError(f"the curves need {total} knots, the tree model holds {self.n} "
                                 f"(hierarchy.max_knots)")
-        head = self._head.pack(self.k, self.n, seq & 0xFFFFFFFF, s.own_w, s.up_w, s.served_w,
+        head = self._head.pack(self.k, self.n, FORMAT, seq & 0xFFFFFFFF, s.own_w, s.up_w, s.served_w,
                                s.bus_w, s.battery_w,
                                *(c.xs.size for c in curves))
         xy = np.concatenate([np.column_stack([c.xs, c.ys]).reshape(-1) for c in curves]).astype(">f8")
@@ -82,12 +90,28 @@ class TreeLayout:
                 xy.view(">u2").astype(int).tolist())
 
     def decode_energy(self, words) -> np.ndarray:
-        """The energy offer (K, len(classes.COLS)) from the cls_len registers after the header."""
-        return np.asarray(words, np.uint16).astype(">u2").view(">f8").astype(np.float64).reshape(self.k, hc.N_COLS)
+        """The energy offer (K, len(classes.COLS)) from the cls_len registers after the header; raises
+        ValueError when its power probe cannot be one."""
+        out = np.asarray(words, np.uint16).astype(">u2").view(">f8").astype(np.float64).reshape(self.k, hc.N_COLS)
+        hc.check(out, "tree model energy offer")
+        return out
+
+    def check_length(self, model_id: int, length: int) -> None:
+        """The model header's id and length: a vbatt controller's tree model of this layout."""
+        if model_id != TREE_ID:
+            raise ValueError(f"no tree model {TREE_ID} at {self.addr} (got model {model_id}): not a vbatt "
+                             f"controller with an uplink")
+        if length != self.length:
+            raise ValueError(f"tree model of {length} registers, expected {self.length} for {self.k} classes, "
+                             f"{self.n} knots and format {FORMAT} (hierarchy.classes and max_knots, and the "
+                             f"vbatt version, must match across levels)")
 
     def decode_head(self, words) -> dict:
-        k, n, seq, own, up, served, bus, bat, dis_n, chg_n, *cls_n = self._head.unpack(
+        k, n, fmt, seq, own, up, served, bus, bat, dis_n, chg_n, *cls_n = self._head.unpack(
             struct.pack(f">{self.head_len}H", *words))
+        if fmt != FORMAT:
+            raise ValueError(f"tree model format {fmt}, expected {FORMAT} (every level must run the same vbatt "
+                             f"tree format)")
         if (k, n) != (self.k, self.n):
             raise ValueError(f"tree model with {k} classes and {n} knots, expected {self.k} and {self.n} "
                              f"(hierarchy.classes and max_knots must match across levels)")
