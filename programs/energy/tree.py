@@ -105,6 +105,8 @@ def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w):
     there (kernel._power_probe), and the sweep's releasable power and power need (kernel._release's inputs),
     per priority, for the offer upward."""
     at = probe_at(tree.shape[0])
+    if at < T_AT:  # a memory too small for any class (no tree): nothing to write, and no index below 0
+        return
     for c in range(n_cls):
         j = at + P_N * prio_of[c]
         if prio_of[c] >= 0 and j + P_N <= tree.shape[0]:
