@@ -29,8 +29,8 @@ from numba import njit
 
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
-from vbatt.programs.energy.rules import (PROBE_FLOOR_S, ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH,
-                                         ST_STARTED, ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime)
+from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
+                                         ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime)
 from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes, tree_probed, tree_release, tree_sweep
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
@@ -398,7 +398,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             # the power runtime's next estimate (power_runtime), at most the horizon and the local runtime;
             # a leaf of a tree has the tree's pool, not its own: no estimate (its table is the tree's)
             probe_s[c] = (0.0 if on_tree or latched[c] != 0 or not power_on
-                          else max(PROBE_FLOOR_S, min(power_s[c], h_s, local_s[c] if not first else h_s)))
+                          else min(power_s[c], h_s, local_s[c] if not first else h_s))
             probe_wh[0, c] = 0.0
             probe_wh[1, c] = 0.0
             if not on_tree:

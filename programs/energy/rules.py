@@ -32,10 +32,6 @@ _EPS = 1e-9
 LOOK_MAX = 120  # cycles the look-ahead of the reserve's rise covers at most
 RISE_SURPRISES = 3.0  # a peak-shaved class stops this many of the reserve's late surprises above it
 POWER_TOL = 0.01  # a class is latched for power when the export it lacks exceeds this share of its need
-# The power runtime's next probe is never nearer than this (s): a probe at m = 0 means "none", so an
-# estimate of 0 (a class power cannot carry even now) must be probed just above it, or the estimate
-# flips between 0 and "no bound" sweep after sweep (and the class's reserve with it).
-PROBE_FLOOR_S = 0.01
 
 
 @njit(nogil=True, cache=True)

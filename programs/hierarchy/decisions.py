@@ -49,7 +49,7 @@ import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
 from vbatt.programs.energy.kernel import HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise, _reserve_wh
-from vbatt.programs.energy.rules import PROBE_FLOOR_S, ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime
+from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
                                         D_RUNTIME)
 from vbatt.programs.hierarchy import classes as hc
@@ -280,8 +280,7 @@ class TreeDecider:
         power = self.power_s[ps]
         hz = np.minimum(np.minimum(np.maximum(0.0, target - clock), loc), power)
         h_s = max(self.horizon_s, float((target - clock).max()))
-        nxt = np.where((latched != 0) | (not self.power_on), 0.0,
-                       np.maximum(PROBE_FLOOR_S, np.minimum(np.minimum(power, h_s), loc)))
+        nxt = np.where((latched != 0) | (not self.power_on), 0.0, np.minimum(np.minimum(power, h_s), loc))
         m = self.ask[ps]
         self.ask[ps] = np.where(self.answered[ps] | (m != m) | (nxt == 0.0), nxt, m)
         self.hz_out[ps] = hz
