@@ -17,7 +17,6 @@ import sys
 from vbatt.plugins import ServiceSpec
 
 from vbatt.opcua_models.config import OpcuaServerConfig, state_dir
-from vbatt.opcua_models.security import TrustList, UserStore, ensure_server_certificate
 
 __all__ = ["opcua_services", "server_main", "first_start"]
 
@@ -27,6 +26,10 @@ FIRST_USER = "operator"
 
 def first_start(cfg: OpcuaServerConfig, out=None) -> str | None:
     """Certificate and first operator; returns the new password (already printed) or None."""
+    # here, not at the top: every `vbatt run` imports this module (SERVICE_FACTORIES) before its scan
+    # starts, and asyncua with cryptography is ~0.8 s of a start without an OPC UA server
+    from vbatt.opcua_models.security import TrustList, UserStore, ensure_server_certificate
+
     out = out or sys.stderr
     state = state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)

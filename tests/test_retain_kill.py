@@ -32,12 +32,13 @@ def state_for(tag: int) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, {"kind": "vbatt", "tag": tag, "node_ids": n}
 
 
-def _writer(directory: str, first_tag: int, started) -> None:
+def _writer(directory: str, first_tag: int, started, saved) -> None:
     store = RetainStore(directory)
     tag = first_tag
     started.set()
     while True:
         store.save(*state_for(tag))
+        saved.value = tag  # save() returned: this state is on disk
         tag += 1
 
 
@@ -50,13 +51,21 @@ def test_kill_9_at_random_instants_always_leaves_a_whole_written_state(tmp_path)
     rounds = 120
     for _ in range(rounds):
         started = ctx.Event()
-        p = ctx.Process(target=_writer, args=(str(tmp_path), last_tag + 1, started), daemon=True)
+        saved = ctx.Value("q", 0, lock=False)
+        p = ctx.Process(target=_writer, args=(str(tmp_path), last_tag + 1, started, saved), daemon=True)
         p.start()
         assert started.wait(10), "writer did not start"
+        # the random instant counts from the round's first completed save, not from the start: on a
+        # loaded machine a start-relative delay of 30 ms often ended the writer before it saved at all
+        deadline = time.monotonic() + 30
+        while saved.value <= last_tag and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert saved.value > last_tag, "the writer completed no save within 30 s"
         time.sleep(rng.uniform(0, 0.03))
         os.kill(p.pid, signal.SIGKILL)
         p.join(10)
         assert p.exitcode == -signal.SIGKILL
+        done = saved.value  # the last save that returned before the kill
 
         mid_write += (tmp_path / "state.bin.tmp").exists()
         loaded = RetainStore(tmp_path).load()
@@ -67,6 +76,7 @@ def test_kill_9_at_random_instants_always_leaves_a_whole_written_state(tmp_path)
         for k, v in want_arrays.items():
             assert np.array_equal(loaded.state.arrays[k], v), (k, tag)
         assert tag >= last_tag and loaded.state.seq >= last_seq  # never goes back past a completed save
+        assert tag >= done, (tag, done)  # nor past one the killed writer completed
         fallbacks += loaded.source == "previous"
         if loaded.source == "current" and (tmp_path / "state.bin.prev").exists():
             # the other copy, when present and whole, is an earlier state of the same stream
