@@ -225,7 +225,7 @@ def _arrays_in(args) -> int:
     return sum(1 if isinstance(a, np.ndarray) else _arrays_in(a) if isinstance(a, tuple) else 0 for a in args)
 
 
-def test_the_default_pipeline_allocates_nothing_per_cycle(monkeypatch):
+def test_the_default_pipeline_allocates_nothing_per_cycle(monkeypatch, tmp_path):
     """The full default pipeline (runtime/default.yaml: its fleet and programs) in the real ScanEngine on a
     FakeClock, inputs changing every cycle (loads beyond what the feed covers: shedding, hot and warming
     nodes: derating, low SoC, a stale node): numba's NRT counters move by exactly the call boundary,
@@ -233,6 +233,9 @@ def test_the_default_pipeline_allocates_nothing_per_cycle(monkeypatch):
     aggregates, the online check)."""
     from vbatt.config import load_config
 
+    # default.yaml's state dirs (./var/...) resolve in an empty directory, not in what a `make run` left in
+    # the repository
+    monkeypatch.chdir(tmp_path)
     cfg, fleet = load_config(str(Path(__file__).resolve().parents[1] / "runtime" / "default.yaml"))
     n = len(fleet)
     progs = build_programs(cfg, n)
