@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, VBATT, run_vbatt
 from test_energy_class_history import _engine, _step
-from test_opcua_support import VIEWER, connected, free_port, make_state, nid, wait_for
+from test_opcua_support import VIEWER, Events, connected, free_port, make_state, nid, wait_for
 from vbatt.opcua_models.history import HISTORY_FILE
 from vbatt.programs.energy.horizon import HZ_SEEN
 from vbatt.programs.recorded import class_series, load_bins
@@ -58,13 +58,6 @@ def test_a_reload_that_makes_a_class_adds_its_object_records_it_and_a_cold_start
     run = subprocess.Popen([*VBATT, "run", str(cfg), "-q", "--duration", "600"], cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True)
     history = pki.state / HISTORY_FILE
-
-    class Events:
-        def __init__(self):
-            self.got = []
-
-        def event_notification(self, ev):
-            self.got.append(ev)
 
     async def body():
         deadline = time.monotonic() + 180  # a loaded machine: numba's cache load and the first cycles take long

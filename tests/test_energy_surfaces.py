@@ -124,20 +124,13 @@ def test_opcua_class_objects_set_ride_through_alarm_and_history(scan_and_server)
     from asyncua import ua
     from asyncua.common.events import get_filter_from_event_type
     from asyncua.ua.uaerrors import UaStatusCodeError
-    from test_opcua_support import OPERATOR, VIEWER, connected, nid, wait_for
+    from test_opcua_support import OPERATOR, VIEWER, Events, connected, nid, wait_for
 
     from vbatt.programs.energy import class_rows, unreachable_texts
 
     img, cycle, start, pki = scan_and_server
     D = lambda x: ua.Variant(x, ua.VariantType.Double)  # noqa: E731
     I = lambda x: ua.Variant(x, ua.VariantType.Int64)  # noqa: E731
-
-    class Events:
-        def __init__(self):
-            self.got = []
-
-        def event_notification(self, ev):
-            self.got.append(ev)
 
     async def body():
         srv = await start()

@@ -20,7 +20,7 @@ from vbatt.opcua_models.history import HISTORY_FILE, load_series
 from vbatt.opcua_models.model import NS_URI, node_vars
 from vbatt.opcua_models.nodeset import nodeset_path, nodeset_xml
 
-from test_opcua_support import OPERATOR, VIEWER, connected, drain, fill, make_image, make_state, nid, \
+from test_opcua_support import OPERATOR, VIEWER, Events, connected, drain, fill, make_image, make_state, nid, \
     start_server, wait_for
 
 
@@ -298,14 +298,6 @@ def test_commands_reach_a_real_scan_between_cycles(tmp_path):
 
 
 # -- alarms --------------------------------------------------------------------------------------------
-class Events:
-    def __init__(self):
-        self.got = []
-
-    def event_notification(self, ev):
-        self.got.append(ev)
-
-
 async def _subscribe_alarms(c):
     h = Events()
     sub = await c.create_subscription(50, h)

@@ -26,6 +26,16 @@ POLICIES = {"Basic256Sha256": SecurityPolicyBasic256Sha256, "Aes128Sha256RsaOaep
             "Aes256Sha256RsaPss": SecurityPolicyAes256Sha256RsaPss}
 
 
+class Events:
+    """A subscription handler that keeps every event it is sent (alarms, model changes)."""
+
+    def __init__(self):
+        self.got = []
+
+    def event_notification(self, ev):
+        self.got.append(ev)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -64,6 +64,16 @@ def probe_at(size):
 
 
 @njit(nogil=True, cache=True)
+def _decided(tree, p):
+    """Where priority p's decisions begin in a `tree` memory; -1 where the tree decides none for it (no
+    priority, beyond the memory, or a NaN share: a class the top has not decided)."""
+    j = T_AT + D_N * p
+    if p >= 0 and j + D_N <= probe_at(tree.shape[0]) and tree[j + D_FRAC] == tree[j + D_FRAC]:
+        return j
+    return -1
+
+
+@njit(nogil=True, cache=True)
 def tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable):
     """While the tree's decisions are leased (wall_s before tree[0]), put them in place of this
     controller's own, class by class (class c is priority prio_of[c]). Returns -1 when not leased,
@@ -72,8 +82,8 @@ def tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac,
         return -1
     bad = 0
     for c in range(n_cls):
-        j = T_AT + D_N * prio_of[c]
-        if prio_of[c] >= 0 and j + D_N <= probe_at(tree.shape[0]) and tree[j + D_FRAC] == tree[j + D_FRAC]:
+        j = _decided(tree, prio_of[c])
+        if j >= 0:
             frac[c] = tree[j + D_FRAC]
             latched[c] = 1 if tree[j + D_LATCHED] != 0.0 else 0
             clock_s[c] = target_s[c] - tree[j + D_LEFT]
@@ -91,8 +101,8 @@ def tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s):
     if not wall_s < tree[0]:
         return
     for c in range(n_cls):
-        j = T_AT + D_N * prio_of[c]
-        if prio_of[c] >= 0 and j + D_N <= probe_at(tree.shape[0]) and tree[j + D_FRAC] == tree[j + D_FRAC]:
+        j = _decided(tree, prio_of[c])
+        if j >= 0:
             h = tree[j + D_HORIZON]
             hz_s[c] = max(0.0, h) if h == h else hz_s[c]
             m = tree[j + D_PROBE]
@@ -124,7 +134,7 @@ def tree_release(wall_s, tree, prio_of, n_cls, rq):
     if not wall_s < tree[0]:
         return
     for c in range(n_cls):
-        j = T_AT + D_N * prio_of[c]
-        if prio_of[c] >= 0 and j + D_N <= probe_at(tree.shape[0]) and tree[j + D_FRAC] == tree[j + D_FRAC]:
+        j = _decided(tree, prio_of[c])
+        if j >= 0:
             q = tree[j + D_RELEASE]
             rq[c] = min(1.0, max(0.0, q)) if q == q else rq[c]
