@@ -244,6 +244,14 @@ def reserve_day(path: Path, day: int = 1) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.rstrip().rsplit("\n", 1)[-1].strip())
+        return 0
+    unknown = [a for a in argv if a.startswith("-") and a != "--seeded"]
+    if unknown:
+        print(f"forecast_horizon.py: unknown option {unknown[0]} (expected --seeded and scenario files)",
+              file=sys.stderr)
+        return 2
     seeded = "--seeded" in argv
     argv = [a for a in argv if a != "--seeded"]
     files = [Path(a) for a in argv] or sorted((ROOT / "examples/scenarios").glob("*.yaml"))
