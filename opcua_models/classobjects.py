@@ -27,10 +27,15 @@ from asyncua.common.event_objects import GeneralModelChangeEvent
 from vbatt.opcua_models.addrspace import Instances, add_class
 from vbatt.opcua_models.model import CLASS_MEMORY, VB_ID, class_vars
 
-__all__ = ["ClassObjects", "model_change_event"]
+__all__ = ["ClassObjects", "class_keys", "model_change_event"]
 
 log = logging.getLogger("vbatt.opcua")
 _VERB = ua.ModelChangeStructureVerbMask
+
+
+def class_keys() -> dict[str, str]:
+    """Each class variable's key in the published block (the energy program's class memory)."""
+    return {v.name: f"mem.{CLASS_MEMORY}.{v.name}" for v in class_vars()}
 
 
 def model_change_event(inst: Instances, added: list[ua.NodeId], type_id: ua.NodeId) -> GeneralModelChangeEvent:
@@ -56,7 +61,7 @@ class ClassObjects:
 
     def __init__(self, inst: Instances):
         self.inst = inst
-        self.keys = {v.name: f"mem.{CLASS_MEMORY}.{v.name}" for v in class_vars()}
+        self.keys = class_keys()
         self.gone: set[int] = set()  # classes with an object and no node now
         self.last: dict[tuple[int, str], object] = {}
 

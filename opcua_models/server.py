@@ -29,12 +29,12 @@ from vbatt.kernel.stats import summarize
 from vbatt.opcua_models import fastpath, sessions
 from vbatt.opcua_models.addrspace import Instances, build_instances
 from vbatt.opcua_models.alarms import Alarms
-from vbatt.opcua_models.classobjects import ClassObjects, model_change_event
+from vbatt.opcua_models.classobjects import ClassObjects, class_keys, model_change_event
 from vbatt.opcua_models.config import SECURITY_POLICIES, OpcuaServerConfig, state_dir
 from vbatt.opcua_models.history import HISTORY_FILE, BatchHistory
-from vbatt.opcua_models.model import CLASS_MEMORY, NS_URI, TYPE_IDS, aggregate_vars, class_vars, node_vars, scan_vars
+from vbatt.opcua_models.model import NS_URI, TYPE_IDS, aggregate_vars, node_vars, scan_vars
 from vbatt.opcua_models.nodeset import nodeset_path
-from vbatt.opcua_models.security import RoleRuleset, TrustList, UserStore, VbattUserManager, cert_paths, ensure_server_certificate
+from vbatt.opcua_models.security import RoleRuleset, TrustList, UserStore, VbattUserManager, ensure_server_certificate
 
 __all__ = ["VbattOpcuaServer", "PRODUCER", "Bad"]
 
@@ -108,7 +108,7 @@ class VbattOpcuaServer:
         self._next_gc = math.inf
         self._next_sample = 0.0
         self._next_flush = 0.0
-        self.has_classes = all(f"mem.{CLASS_MEMORY}.{v.name}" in self._views[0] for v in class_vars())
+        self.has_classes = all(k in self._views[0] for k in class_keys().values())
         if classes is None:
             classes = tuple(int(p) for p in np.unique(img.node["priority"])) if self.has_classes else ()
         self.classes = tuple(classes) if self.has_classes else ()

@@ -431,6 +431,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             state[ST_SLACK_W] += nx[c, NX_PSLK]
             slack_w[c] = nx[c, NX_PSLK]
         _release(n_cls, main_limit_w, state[ST_SLACK_W], target_s, clock_s, local_s, latched, dnow, nx, pneed)
+        tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # while leased, the tree's share stands
         # a_wh[c, k]: deliverable within hz_s[k] with the classes before c served, the others shed
         for k in range(n_cls):
             run = ax[ax.shape[0] - 1, k]
@@ -465,7 +466,6 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
-    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # (after this sweep's own _release)
     _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel)
     # Caps: all at once when a class's share moved by more than 1 % of its demand or reached or
     # left 0 or 1 (a shed or a restore acts in this cycle); small moves (a share that follows the

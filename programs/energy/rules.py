@@ -168,6 +168,13 @@ def power_runtime(k_n, probe_s, pv, hz_s, dres, latched, local_s, h_s, power_s):
 
 
 @njit(nogil=True, cache=True)
+def _short_of_power(have_w, ask_w):
+    """The power a class gets lacks more than POWER_TOL of what it asks (beyond a tolerance only: the
+    class sums are up to two sweeps old)."""
+    return have_w < ask_w - POWER_TOL * (1.0 + ask_w)
+
+
+@njit(nogil=True, cache=True)
 def _others_served(k_n, c, latched, frac, dnow):
     """Whether a class other than c is still served (not latched, a share and a demand)."""
     for j in range(k_n):
@@ -356,7 +363,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
         m_left -= m
         if tau[c] > 0.0 and latched[c] == 0:
             ask = frac[c] * pneed[c]
-            if m <= 0.0 and ask > 0.0 and p_left < ask - POWER_TOL * (1.0 + ask):
+            if m <= 0.0 and ask > 0.0 and _short_of_power(p_left, ask):
                 frac[c] = 0.0
                 latched[c] = 1
                 dark = min(dark, c)
@@ -370,7 +377,7 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # at 62 % in the cycle class 0 was latched for power).
             f_p = 0.0 if tau[c] <= 0.0 and c > dark else f_p
             ask = frac[c] * pneed[c]
-            if (latched[c] == 0 and main_limit_w <= 0.0 and f_p * pneed[c] < ask - POWER_TOL * (1.0 + ask)
+            if (latched[c] == 0 and main_limit_w <= 0.0 and _short_of_power(f_p * pneed[c], ask)
                     and _others_served(k_n, c, latched, frac, dnow)):
                 # Beyond its target with the main supply gone, short of power: its ride-through ended at
                 # this first partial cycle, and what it would draw in part spends the energy and export of

@@ -13,7 +13,7 @@ memory `tree` (f8): [lease deadline (wall s; 0: none), used (written by the prog
 sums it publishes were swept wholly at the tree's decisions, so that the sums it offers upward are the
 tree's), swept (written by the program: the lease held at every cycle of the sweep under way), then per
 priority p (0 .. MAX_CLASSES-1) the D_N values D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON,
-D_PROBE, then per priority the P_N values of the power probe (written by the program)]; a NaN fraction: no
+D_PROBE, D_RELEASE, then per priority the P_N values of the power probe (written by the program)]; a NaN fraction: no
 decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
 depends on its class state (its own-need lock, the latch): sums of a sweep begun before the first lease,
 or during a fallback, are the leaf's own even when this cycle's class state is the tree's.
@@ -35,8 +35,8 @@ from __future__ import annotations
 from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
-           "D_RELEASE", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_N", "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_classes",
-           "tree_sweep", "tree_probed", "tree_release"]
+           "D_RELEASE", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_N", "T_USED", "T_SWEPT", "T_AT",
+           "tree_size", "probe_at", "tree_classes", "tree_sweep", "tree_probed", "tree_release"]
 
 DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release")  # per priority
 D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE, D_RELEASE = range(len(DECISIONS))

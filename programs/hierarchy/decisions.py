@@ -48,7 +48,8 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise, _reserve_wh
+from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise,
+                                          _reserve_wh)
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
                                         D_RUNTIME)
@@ -152,9 +153,8 @@ class TreeDecider:
         out[ps, D_REACHABLE] = 1.0
         out[ps, D_RELEASE] = 0.0  # no lock lifted
         # a flat controller's first sweep: the horizons the whole targets, the probe at the longest horizon
-        h_s = max(self.horizon_s, float(target.max()))
         out[ps, D_HORIZON] = target
-        out[ps, D_PROBE] = h_s if self.power_on else 0.0
+        out[ps, D_PROBE] = self._longest_s(target) if self.power_on else 0.0
         self.ask[ps], self.hz_out[ps] = out[ps, D_PROBE], target
         self.power_s[ps] = math.inf
         self.rows = [r | {"clock_s": 0.0, "latched": False, "frac": 1.0} for r in hc.rows(offer)]
@@ -215,7 +215,7 @@ class TreeDecider:
         # controller, cycle by cycle, does not; the rest of the time only moves the clocks that run.
         dt_rule = min(float(dt_s), 2.0 * self.pace_s)
         before = clock.copy()
-        power_cap = self.power_step(offer, ps, target, clock, latched, dres, loc)
+        power_cap = self.power_step(offer, ps, hz, target, clock, latched, dres, loc)
         # a class's power shortfall on the tree's sums (as a flat controller after its sweep): the share of
         # its nodes' own-need locks lifted, sent down; its power need less what that gives, for `decide`
         nx = np.zeros((n, NX_N))
@@ -247,14 +247,18 @@ class TreeDecider:
             "frac": float(frac[j])} for j, p in enumerate(ps)]
         return out
 
-    def power_step(self, offer: np.ndarray, ps: np.ndarray, target, clock, latched, dres, loc) -> np.ndarray:
+    def _longest_s(self, left_s: np.ndarray) -> float:
+        """The probe's longest horizon, as a flat controller's sweep: the horizon or the longest remaining target."""
+        return max(self.horizon_s, float(left_s.max()))
+
+    def power_step(self, offer: np.ndarray, ps: np.ndarray, hz, target, clock, latched, dres, loc) -> np.ndarray:
         """The power runtime before this round's rules (as a flat controller after its sweep): the estimate
         the sums were taken at, for `decide`, returned; the next estimate (a Newton step on the tree's A(m),
-        rules.power_runtime) for the classes whose question the whole tree answered, kept for the others."""
+        rules.power_runtime, at the horizons hz the leaves' sweep took) for the classes whose question the
+        whole tree answered, kept for the others."""
         if not self.started:  # asked nothing yet: a leaf's first sweep on its own probes where neutral() asks
             first = np.isnan(self.ask[ps])
-            self.ask[ps[first]] = max(self.horizon_s, float(target.max())) if self.power_on else 0.0
-            self.hz_out[ps[first]] = np.maximum(0.0, target - clock)[first]
+            self.ask[ps[first]] = self._longest_s(target) if self.power_on else 0.0
         cap = np.ascontiguousarray(self.power_s[ps])
         m = self.ask[ps]
         answered = (offer[ps, hc.C_PROBE_S] == m) & (m == m)
@@ -265,10 +269,8 @@ class TreeDecider:
         n = ps.size
         probe = np.ascontiguousarray(np.where(answered, m, 0.0))
         pv = np.ascontiguousarray(np.stack([offer[ps, hc.C_PROBE_WH], offer[ps, hc.C_PROBE_W]]))
-        hz = np.ascontiguousarray(np.where(np.isnan(self.hz_out[ps]), np.maximum(0.0, target - clock), self.hz_out[ps]))
-        h_s = max(self.horizon_s, float((target - clock).max()))
         new = np.zeros(n)
-        power_runtime(n, probe, pv, hz, dres, latched, np.ascontiguousarray(loc), h_s, new)
+        power_runtime(n, probe, pv, hz, dres, latched, np.ascontiguousarray(loc), self._longest_s(target - clock), new)
         self.power_s[ps] = np.where(answered, new, cap)
         return cap
 
@@ -279,8 +281,8 @@ class TreeDecider:
         not yet answered by the whole tree is asked again unchanged."""
         power = self.power_s[ps]
         hz = np.minimum(np.minimum(np.maximum(0.0, target - clock), loc), power)
-        h_s = max(self.horizon_s, float((target - clock).max()))
-        nxt = np.where((latched != 0) | (not self.power_on), 0.0, np.minimum(np.minimum(power, h_s), loc))
+        nxt = np.where((latched != 0) | (not self.power_on), 0.0,
+                       np.minimum(np.minimum(power, self._longest_s(target - clock)), loc))
         m = self.ask[ps]
         self.ask[ps] = np.where(self.answered[ps] | (m != m) | (nxt == 0.0), nxt, m)
         self.hz_out[ps] = hz
