@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -30,20 +29,15 @@ from vbatt.config.plant import load_config_text
 from vbatt.drivers.base import IoContext
 from vbatt.drivers.opcua.driver import OpcuaClientDriver
 from vbatt.kernel.image import ImageSpec, ProcessImage
+from vbatt.kernel.ports import free_port
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "opcua_demo_server.py"
 PUBLISH_MS = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Device:
     def __init__(self, racks: int):
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, str(DEMO), "--port", str(self.port), "--racks", str(racks)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)

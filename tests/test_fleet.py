@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from pymodbus.client import ModbusTcpClient
 
-from test_modbus_support import V, free_port, point
+from test_modbus_support import V, point
 from vbatt.config.plant import ConfigError, default_config_path, load_config, load_config_text
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.modbus.config import embedded_indices, modbus_endpoints
+from vbatt.kernel.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,11 +28,7 @@ def vbatt(*args, **kw):
 
 
 def test_vbatt_fleet_serves_n_agents_on_consecutive_ports(tmp_path):
-    base = free_port()
-    for _ in range(20):  # want 5 free consecutive ports
-        if all(_free(base + k) for k in range(5)):
-            break
-        base = free_port()
+    base = free_ports(5, consecutive=True)[0]
     ready = tmp_path / "ready"
     p = subprocess.Popen([sys.executable, "-m", "vbatt.cli", "fleet", "--nodes", "5", "--base-port", str(base),
                           "--ready-file", str(ready)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -55,17 +52,6 @@ def test_vbatt_fleet_serves_n_agents_on_consecutive_ports(tmp_path):
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=10)
     assert p.returncode == 0
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def test_fleet_usage_errors():

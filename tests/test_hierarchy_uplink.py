@@ -20,7 +20,7 @@ from test_sunspec import SPEC_1, SPEC_802
 from vbatt.config.plant import load_config_text
 from vbatt.config.yamlsrc import ConfigError
 from vbatt.drivers.modbus import sunspec as ss
-from vbatt.hierarchy.demo import free_ports
+from vbatt.kernel.ports import free_ports
 from vbatt.hierarchy.wire import TREE_ID, TreeLayout
 from vbatt.programs.hierarchy.curves import Levels, apply_levels, node_limits
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import struct
 
 import numpy as np
@@ -16,6 +15,7 @@ from vbatt.drivers.node.backends.sim import SimBackend
 from vbatt.drivers.modbus.driver import Poller
 from vbatt.drivers.modbus.config import Endpoint
 from vbatt.drivers.node.agent import AgentSet, AgentSpec
+from vbatt.kernel.ports import free_port  # noqa: F401 (the tests that import their ports from here)
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its per-frame debug dumps drown the failures
 
@@ -31,12 +31,6 @@ nodes:
 
 def fleet_of(text: str = TWO_NODES):
     return load_config_text(text)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeNs:

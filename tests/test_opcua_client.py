@@ -29,17 +29,12 @@ from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.opcua.driver import OpcuaClientDriver
 from vbatt.kernel.image import ImageSpec, ProcessImage
+from vbatt.kernel.ports import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
 DEMO = REPO / "examples" / "opcua_demo_server.py"
 WAIT_S = 10.0  # generous bound for anything that should take well under a second
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DemoServer:

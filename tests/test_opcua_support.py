@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from vbatt.opcua_models.config import OpcuaServerConfig
 from vbatt.opcua_models.model import NS_URI
 from vbatt.opcua_models.security import TrustList, UserStore, cert_paths, make_certificate
 from vbatt.kernel.stats import stats_specs
+from vbatt.kernel.ports import free_port
 
 OPERATOR = ("op", "operator-pass-1")
 VIEWER = ("view", "viewer-pass-1")
@@ -34,12 +34,6 @@ class Events:
 
     def event_notification(self, ev):
         self.got.append(ev)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

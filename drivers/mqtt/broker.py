@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vbatt.kernel.ports import free_port
+
 __all__ = ["MosquittoMissing", "find_mosquitto", "password_hash", "Broker", "User", "LOOPBACK"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -168,12 +170,6 @@ def sparkplug_acl(role: str, group: str = "+", host_id: str = "+") -> tuple[str,
                 f"pattern read spBv1.0/{group}/NCMD/%u", f"pattern read spBv1.0/{group}/DCMD/%u/+",
                 "topic read spBv1.0/STATE/#")
     raise ValueError(f"role {role!r}: expected host or edge")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Broker:

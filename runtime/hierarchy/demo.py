@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,19 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Layout", "write_configs", "Tree", "compare", "free_ports", "main"]
+from vbatt.kernel.ports import free_ports
 
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+__all__ = ["Layout", "write_configs", "Tree", "compare", "main"]
 
 
 @dataclass

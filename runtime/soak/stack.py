@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from vbatt.kernel.ports import free_port
+
 __all__ = ["Proc", "group_pids", "group_rss_kib", "tracebacks_in", "cli", "run_cli", "free_port"]
 
 
@@ -29,14 +31,6 @@ def run_cli(args: list[str], *, stdin: str | None = None, timeout_s: float = 60.
     if r.returncode != 0:
         raise RuntimeError(f"vbatt {' '.join(args)} exited {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
     return r.stdout
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
