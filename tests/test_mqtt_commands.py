@@ -118,6 +118,8 @@ def test_an_unchanged_instruction_is_renewed_at_half_the_lease_which_never_runs_
         a, st = edge.edge.agents, h.host.status
         h.instruct(100, battery_w=-50.0)
         wait_until(lambda: a.seq[0] == 100 and a.mode[0] == 1, "controlled")
+        # the observer's copy of that DCMD can come after the edge applied it (a loaded machine): counted first
+        wait_until(lambda: any(v.get("instruction/seq") == 100 for _d, _t, v in obs.since(0)), "the observer saw seq 100")
         k = obs.count()
         seq = 100
         t_end = time.monotonic() + 4.5 * lease_ms / 1e3  # more than four leases of the same instruction

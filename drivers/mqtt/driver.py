@@ -509,12 +509,14 @@ class Host(Links):
         self._out_w[stale] = instr[stale]
         out = self._out_pb
         for i in due.tolist():
-            s.publish(self._dcmd[i], head + out[i], 0)
+            # noted before the publish: paho's thread may take the device's acknowledgement before this
+            # thread runs again (seen on a loaded machine: a round trip that never counted)
             if self.sent_seq[i] != self._seq:
                 self.sent_seq[i] = self._seq
                 k = int(self.requests[i]) % SENT_KEPT
                 self.sent_hist_seq[i, k] = self._seq
                 self.sent_hist_ns[i, k] = t_ns
+            s.publish(self._dcmd[i], head + out[i], 0)
         self.requests[due] += 1
         self.sent_w[due] = instr[due]
         self.sent_at[due] = now
