@@ -67,7 +67,7 @@ def soak(tmp_path_factory):
     work = tmp_path_factory.mktemp("soak")
     rep = work / "report.json"
     r = run_vbatt("soak", "--duration", "45", "--nodes", "20", "--seed", str(SEED), "--workdir", str(work / "w"),
-                  "--report-json", str(rep), timeout=240)
+                  "--every-kind", "--report-json", str(rep), timeout=420)
     assert rep.exists(), r.stdout + r.stderr
     return r, read_json(rep), work / "w"
 

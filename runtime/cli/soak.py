@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import sys
 
 __all__ = ["add_command", "render"]
 
@@ -64,7 +62,7 @@ def cmd_soak(args) -> int:
         err.print("[bold red]usage error:[/] --duration must be > 0, --nodes and --group-size >= 1")
         return EXIT_USAGE
     opts = SoakOptions(duration_s=args.duration, nodes=args.nodes, seed=args.seed, workdir=args.workdir,
-                       keep=args.keep, group_size=args.group_size)
+                       keep=args.keep, group_size=args.group_size, every_kind=args.every_kind)
     out = Console(highlight=False, width=max(120, Console().width))
     logging.getLogger("vbatt.soak.harness").setLevel(logging.INFO if args.verbose else logging.WARNING)
     for noisy in ("asyncua", "pymodbus"):  # their reconnect chatter is expected while faults are injected
@@ -103,6 +101,8 @@ def add_command(sub) -> None:
     s.add_argument("--group-size", type=int, default=5, metavar="K", help="nodes per agent process")
     s.add_argument("--workdir", metavar="DIR", help="keep configs, logs, retain and OPC UA state here")
     s.add_argument("--keep", action="store_true", help="keep the temporary work dir")
+    s.add_argument("--every-kind", action="store_true",
+                   help="go on past --duration (up to twice it) until every fault kind was injected once")
     s.add_argument("--report-json", metavar="FILE", help="write the report as JSON")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_soak)

@@ -38,7 +38,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vbatt.drivers.modbus import sunspec as ss
@@ -86,6 +86,9 @@ class SoakOptions:
     detect_timeout_s: float = 10.0
     recover_timeout_s: float = 15.0
     start_timeout_s: float = 120.0
+    # Go on past duration_s (up to twice it) until every kind was injected at least once: a short run on a
+    # loaded machine (slow restarts) otherwise ends before the draw reaches every kind.
+    every_kind: bool = False
 
 
 @dataclass
@@ -159,6 +162,7 @@ class Soak:
         self.ua_port = 0
         self.login: UaLogin | None = None
         self.t_start = 0.0
+        self.injected_s = 0.0  # seconds of fault injection the run took
         self._bag: list[str] = []
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
@@ -598,6 +602,9 @@ programs:
             self.rng.shuffle(self._bag)
         return self._bag.pop()
 
+    def _every_kind_injected(self) -> bool:
+        return set(KINDS) <= {f.kind for f in self.faults}
+
     def _can_inject(self, kind: str) -> bool:
         if kind == "opcua_vanish":
             return True
@@ -628,7 +635,8 @@ programs:
             t_stop = self.t_start + o.duration_s
             next_kill = self.t_start + min(0.35 * o.duration_s, 60.0)
             next_fault = time.monotonic()
-            while time.monotonic() < t_stop:
+            while time.monotonic() < t_stop or (o.every_kind and time.monotonic() < t_stop + o.duration_s
+                                                and not self._every_kind_injected()):
                 now = time.monotonic()
                 if next_kill is not None and now >= next_kill:
                     if t_stop - now > 20.0 or not any(f.kind == "controller_kill9" for f in self.faults):
@@ -649,6 +657,7 @@ programs:
                     t.add_done_callback(self._faulting.discard)
                     next_fault = now + self.rng.uniform(*o.fault_gap_s)
                 await asyncio.sleep(0.05)
+            self.injected_s = time.monotonic() - self.t_start
             await self._quiesce(o.recover_timeout_s + 10.0)
             self.rss_end_kib = group_rss_kib(self.controller.pid)
         finally:
@@ -726,6 +735,7 @@ programs:
             "ok": ok,
             "seed": self.seed,
             "duration_s": self.o.duration_s,
+            "injected_s": round(self.injected_s, 1),  # longer than duration_s with every_kind
             "nodes": len(self.ids),
             "agent_processes": len(self.groups),
             "workdir": str(self.work),
@@ -768,7 +778,7 @@ def run_soak(opts: SoakOptions) -> dict:
     soak = Soak(opts)
 
     async def main() -> dict:
-        return await asyncio.wait_for(soak.run(), opts.duration_s + opts.start_timeout_s + 300.0)
+        return await asyncio.wait_for(soak.run(), opts.duration_s * (2 if opts.every_kind else 1) + opts.start_timeout_s + 300.0)
 
     try:
         return asyncio.run(main())
