@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(VENV)/bin/vbatt run $(ARGS)
 
+# The suite spends most of its time waiting on real processes, sockets and clocks, not computing: it runs
+# in TEST_WORKERS parallel workers (pytest-xdist; a test file stays in one worker, so module fixtures are
+# built once), each with ports of its own (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The hypothesis properties under the "fuzz" profile (tests/conftest.py): FUZZ_EXAMPLES per property
 # (slow network properties take a share of it), no example database, so every run explores afresh as a

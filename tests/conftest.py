@@ -13,6 +13,26 @@ from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _worker_ports() -> str | None:
+    """The port range of this pytest-xdist worker (`make test` runs several): gwN gets the N-th block of
+    PORT_BLOCK ports from PORT_BASE, all below the system's ephemeral range, so no bind to port 0 in any
+    process and no other worker takes them (runtime/kernel/ports.py)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or os.environ.get("VBATT_PORTS"):
+        return None
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    lo = PORT_BASE + PORT_BLOCK * int(worker[2:])
+    return f"{lo}-{lo + PORT_BLOCK - 1}" if lo + PORT_BLOCK <= ephemeral else None
+
+
+PORT_BASE, PORT_BLOCK = 20000, 500
+if _ports := _worker_ports():
+    os.environ["VBATT_PORTS"] = _ports  # this process and every process a test starts
+
 # Hypothesis profiles. The default run (`make test`) uses each test's own quick count; `make fuzz`
 # (HYPOTHESIS_PROFILE=fuzz) explores afresh with FUZZ_EXAMPLES per property (scaled down by a test for
 # its slow examples, see `examples`). No example database in the fuzz run: every run starts clean, as a

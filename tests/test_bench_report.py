@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,13 +119,19 @@ def test_baseline_ratio_and_cli_errors(tmp_path, capsys):
     assert "not a pytest-benchmark JSON file" in capsys.readouterr().err
 
 
+def _not_a_worker() -> dict:
+    """This environment without pytest-xdist's worker variables: pytest-benchmark reads them and, in a
+    pytest started from a parallel worker, would disable the benchmarks and write no JSON."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 @pytest.mark.slow
 def test_end_to_end_real_benchmark_run_then_report(tmp_path):
     """The real pipeline on the retain benchmarks: pytest-benchmark JSON, then `python -m benchmarks.report`."""
     res = tmp_path / "results.json"
     subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_retain.py", "-q", "-p", "no:cacheprovider",
                     "--benchmark-enable", f"--benchmark-json={res}", "--benchmark-max-time=0.2"],
-                   cwd=ROOT, check=True, timeout=300, capture_output=True)
+                   cwd=ROOT, check=True, timeout=300, capture_output=True, env=_not_a_worker())
     data = json.loads(res.read_text())
     assert data["machine_info"]["vbatt"]["versions"]["numpy"]  # conftest's machine facts were recorded
     assert {b["extra_info"]["n"] for b in data["benchmarks"]} == {1_000, 100_000}
