@@ -443,9 +443,10 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     return out["runtime_s"], out["reachable"]
 
 
-def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dict:
-    """`cycles` cycles of 1 s of the real kernel on arrays (the whole fleet each sweep), main supply 0,
-    the batteries not drained (no physics): per class its runtime, reachable, reserve, remaining target."""
+def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1, main_w=0.0, each=None) -> dict:
+    """`cycles` cycles of 1 s of the real kernel on arrays (the whole fleet each sweep), main supply main_w,
+    the batteries not drained (no physics): per class its runtime, reachable, reserve, remaining target.
+    each(i, out): after cycle i, with this dict of the live class arrays (it may change f's arrays)."""
     n = len(f)
     classes = np.unique(f.priority)
     k = 64
@@ -458,21 +459,25 @@ def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dic
     rt, reach = z(), np.zeros(k, np.uint8)
     hi = np.full(n, np.nan)
     per_class = [z() for _ in range(9)]  # dfull, dnow, dres, energy, local, tau, reserve, frac, prev_frac
+    power_s = z()
     args = (np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
-            f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
+            f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, float(main_w), 1.0,
             soc_min, 1.0, 3600.0, 60.0, n, 60.0, True, class_of, classes.size, tg, z(), np.zeros(k, np.uint8),
             np.zeros(ST_N),
             np.zeros((k, NX_N)), *per_class, rt, reach, z(), np.zeros(k, np.uint8),
-            z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), z(), np.zeros((2, k)), z(), z(),
+            z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), z(), np.zeros((2, k)), power_s, z(),
             np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
             np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
             # the class demand forecast off: the rule on the demand now
             0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
             # not a leaf of a controller tree: no decisions leased from above
             np.zeros(1), np.zeros(k, np.int64), z())
-    for _ in range(cycles):
-        energy_step(*args)
     kc = classes.size
+    live = {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc], "power_s": power_s[:kc]}
+    for i in range(cycles):
+        energy_step(*args)
+        if each is not None:
+            each(i, live)
     return {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc].copy(),
             "tau_s": per_class[5][:kc].copy()}
 
@@ -537,6 +542,45 @@ def test_power_runtime_is_the_closed_form_bound_where_power_strands_energy():
         out = _kernel_cycles(f, {0: 0.5 * bound + 60.0}, 60)
         assert out["reachable"][0] and out["reserve_wh"][0] == pytest.approx(d.sum() * 0.5 * bound / 3600.0)
     assert checked >= 10, checked
+
+
+def test_a_class_the_batteries_cannot_carry_at_all_keeps_a_runtime_of_0_until_they_can():
+    """Main to spare (nothing rides through: the runtimes are "if main failed now"), links unbounded, and
+    the batteries' discharge (1,500 W: the charged half; the other half sits at soc_min) below the demand of
+    classes 0-1 (2,000 W): from the start no schedule carries class 1 or 2 whole. Their power runtime is 0,
+    an answer, checked every sweep by a probe just above 0 (rules.PROBE_FLOOR_S): their runtime and reserve
+    stay put sweep after sweep. Before, the estimate of 0 read as "no probe" in the next sweep, went back to
+    the horizon and fell again: class 1's runtime flipped between 0 and 1,800 s and its reserve between
+    1,000.3 and 1,500 Wh every other sweep (class 2's between 600 s and 0). Once the empty half recharges (its soc raised, as main's spare would), its discharge carries
+    classes 0-2 and their runtimes rise, and settle again."""
+    n = 8
+    pr = np.repeat([0, 1, 2], [3, 3, 2])
+    d = np.array([1000.0 / 3] * 3 + [1000.0 / 3] * 3 + [500.0] * 2)
+    charged = np.arange(n) % 2 == 0
+    g = np.where(charged, 375.0, 500.0)  # 1,500 W charged, 2,000 W behind the empty half
+    f = FleetSpec(pr, d, np.full(n, 3000.0), np.where(charged, 0.9, 0.1), g, np.full(n, 1e6))
+    assert g[charged].sum() < d[pr <= 1].sum() < g.sum()
+    seen = []
+
+    def each(i, live):
+        seen.append((live["runtime_s"].copy(), live["power_s"].copy(), live["reserve_wh"].copy()))
+        if i == 39:
+            f.soc[~charged] = 0.6  # the empty half recharged
+
+    _kernel_cycles(f, {0: 3600.0, 1: 1800.0, 2: 600.0}, 80, main_w=1.2 * d.sum(), each=each)
+    rt = np.array([r for r, _, _ in seen])
+    pw = np.array([p for _, p, _ in seen])
+    res = np.array([x for _, _, x in seen])
+    assert (rt[:, 0] > 1000.0).all(), rt[:, 0]  # class 0 alone: the batteries carry it
+    # settled within 10 sweeps and then unchanged, sweep after sweep, while they cannot carry classes 1-2
+    for c in (1, 2):
+        assert (rt[10:40, c] == 0.0).all() and (pw[10:40, c] == 0.0).all(), (c, rt[:40, c], pw[:40, c])
+        assert (res[10:40, c] == res[10, c]).all(), res[:40, c]
+    # recharged: they can carry classes 1-2 now (for a while): their runtimes rise and settle again
+    for c in (1, 2):
+        assert rt[50, c] > 600.0, rt[40:, c]
+        np.testing.assert_allclose(rt[50:, c], rt[50, c], rtol=1e-9)
+        assert (pw[50:, c] > 600.0).all(), pw[40:, c]
 
 
 def test_the_chunked_sweep_keeps_the_class_sums_within_one_sweep_of_the_truth(plants):
