@@ -20,8 +20,8 @@ import math
 
 from numba import njit
 
-__all__ = ["decide", "power_runtime", "probe_next", "ride_through", "PROBE_FLOOR_S", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
-           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
+__all__ = ["decide", "power_runtime", "probe_next", "ride_through", "PROBE_FLOOR_S", "ST_OK_S", "ST_E_WH", "ST_R_WH",
+           "ST_N_CLS", "ST_SHORT", "ST_POS", "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
            "ST_SURPRISE_WH", "ST_SLOPE_WH", "ST_LAST_RISE_WH", "ST_N"]
 
 # Indices into the scalar state memory.

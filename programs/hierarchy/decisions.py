@@ -277,9 +277,9 @@ class TreeDecider:
     def question(self, out: np.ndarray, ps: np.ndarray, target, clock, latched, loc) -> None:
         """The horizons and the probe's m for the leaves' next sweep (out's D_HORIZON, D_PROBE), as a flat
         controller's next sweep takes them: min(remaining target, first node out, power runtime), and
-        min(power runtime, the longest horizon, first node out), never below the probe's floor (rules.probe_next:
-        an estimate of 0 is checked there) (0: none, for a latched class). A question
-        not yet answered by the whole tree is asked again unchanged."""
+        min(power runtime, the longest horizon, first node out) at least the probe's floor (rules.probe_next: an
+        estimate of 0 is checked there; 0: none, for a latched class). A question not yet answered by the whole
+        tree is asked again unchanged."""
         power = self.power_s[ps]
         hz = np.minimum(np.minimum(np.maximum(0.0, target - clock), loc), power)
         longest = self._longest_s(target - clock)
