@@ -549,8 +549,10 @@ def test_a_class_the_batteries_cannot_carry_at_all_keeps_a_runtime_of_0_until_th
     the batteries' discharge (1,500 W: the charged half; the other half sits at soc_min) below class 1's
     demand (2,000 W; class 0, 500 W, has no target): from the start no schedule carries class 1 whole. Its
     power runtime is 0, an answer, checked every sweep by a probe just above 0 (rules.PROBE_FLOOR_S): its
-    runtime and reserve stay put sweep after sweep. Before, the estimate of 0 read as "no probe" in the
-    next sweep, went back to the horizon and fell again: the runtime flipped every other sweep. Once the
+    runtime and reserve stay put sweep after sweep. Before, the estimate fell by ~1e-15 a sweep (4.5e-13 s,
+    2e-28 s, ...) until it reached 0 (sweep 22), which the next sweep read as "no probe": back to the
+    horizon and down again, class 1's runtime at 2,160 s and its reserve at 1,000 Wh (0.56 Wh otherwise)
+    once every 23 sweeps (on a fleet with a third class, every other sweep: docs/energy.md). Once the
     empty half recharges a little (90 Wh each, as main's spare would give them), the batteries carry
     class 1 until that energy is gone and the charged half's 1,500 W is left alone: its power runtime rises
     from 0 to that bound (sum min(e_i, g_i m) = 2,000 W m: 2,592 s) and settles there."""
@@ -572,7 +574,7 @@ def test_a_class_the_batteries_cannot_carry_at_all_keeps_a_runtime_of_0_until_th
     rt = np.array([r for r, _, _ in seen])
     pw = np.array([p for _, p, _ in seen])
     res = np.array([x for _, _, x in seen])
-    assert (rt[:, 0] > 3600.0).all(), rt[:, 0]  # class 0 alone: the batteries carry it
+    assert (pw[:, 0] == np.inf).all(), pw[:, 0]  # class 0 alone: the batteries carry it beyond the horizon
     # settled within 10 sweeps and then unchanged, sweep after sweep, while they cannot carry class 1
     assert (rt[10:40, 1] == 0.0).all() and (pw[10:40, 1] == 0.0).all(), (rt[:40, 1], pw[:40, 1])
     assert (res[10:40, 1] == res[10, 1]).all(), res[:40, 1]
