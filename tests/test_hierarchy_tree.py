@@ -8,6 +8,8 @@ import pytest
 
 from vbatt.hierarchy.demo import Layout, Tree, compare, write_configs
 
+pytestmark = pytest.mark.slow  # real process trees, a minute or more each on a loaded machine
+
 
 @pytest.mark.parametrize("share", [0.35, 1.3], ids=["shortage", "spare-main-supply"])
 def test_three_level_tree_equals_the_flat_controller(tmp_path, share):
