@@ -495,7 +495,10 @@ class Host(Links):
         # a DCMD is two encoded Payloads one after the other, which protobuf reads as one (its metrics appended):
         # what every DCMD of this round shares (timestamp, seq, lease, epoch), then the device's outputs, encoded
         # again only when they changed
-        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
+        # stamped at the instant the round decided (`now`, the loop's monotonic clock), not later: a DCMD
+        # held up in between (a loaded machine) would otherwise look sent closer to the last than it was
+        decided_ms = time.time_ns() // 1_000_000 - max(0, int((time.monotonic() - now) * 1e3))
+        p = sp.Payload(timestamp=decided_ms)
         p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
         p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
         p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
