@@ -469,7 +469,7 @@ def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dic
             # the class demand forecast off: the rule on the demand now
             0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
             # not a leaf of a controller tree: no decisions leased from above
-            np.zeros(1), np.zeros(k, np.int64), z())
+            np.zeros(1), np.zeros(k, np.int64), z(), np.zeros(n))
     for _ in range(cycles):
         energy_step(*args)
     kc = classes.size
