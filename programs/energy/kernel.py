@@ -234,7 +234,10 @@ def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
             c = v_cls[i]
             own_s = min(hz_s[c], m)
             dl = min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0
-            served = min(v_e[i], dl) if v_own[i] <= 0.0 else min(v_eraw[i], dl) - v_own[i] * own_s / 3600.0
+            # A node with a local need keeps what its own load needs after m while its class has target left:
+            # that energy is deliverable to no one within m (its class is shed when the node runs out).
+            keep = v_own[i] * max(0.0, hz_s[c] - m) / 3600.0
+            served = min(v_e[i], dl) if v_own[i] <= 0.0 else min(v_eraw[i] - keep, dl) - v_own[i] * own_s / 3600.0
             shed = min(v_eraw[i], min(v_g[i], v_rate[i]) * m / 3600.0)
             t += shed
             ax[c, k] += max(0.0, served) - shed
