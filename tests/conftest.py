@@ -33,6 +33,16 @@ PORT_BASE, PORT_BLOCK = 20000, 500
 if _ports := _worker_ports():
     os.environ["VBATT_PORTS"] = _ports  # this process and every process a test starts
 
+
+def pytest_collection_modifyitems(config, items):
+    """In a parallel run the files with `slow` tests start first, the most of them first (each file runs
+    in one worker, in the order collected): started last, one of them would be the whole run's tail."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow: dict = {}
+        for item in items:
+            slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+        items.sort(key=lambda item: -slow[item.path])  # stable: the same order in every worker
+
 # Hypothesis profiles. The default run (`make test`) uses each test's own quick count; `make fuzz`
 # (HYPOTHESIS_PROFILE=fuzz) explores afresh with FUZZ_EXAMPLES per property (scaled down by a test for
 # its slow examples, see `examples`). No example database in the fuzz run: every run starts clean, as a

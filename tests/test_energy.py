@@ -457,9 +457,10 @@ def _kernel_runtimes(f: FleetSpec, targets: dict, soc_min=0.1):
     return out["runtime_s"], out["reachable"]
 
 
-def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dict:
-    """`cycles` cycles of 1 s of the real kernel on arrays (the whole fleet each sweep), main supply 0,
-    the batteries not drained (no physics): per class its runtime, reachable, reserve, remaining target."""
+def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1, main_w=0.0, each=None) -> dict:
+    """`cycles` cycles of 1 s of the real kernel on arrays (the whole fleet each sweep), main supply main_w,
+    the batteries not drained (no physics): per class its runtime, reachable, reserve, remaining target.
+    each(i, out): after cycle i, with this dict of the live class arrays (it may change f's arrays)."""
     n = len(f)
     classes = np.unique(f.priority)
     k = 64
@@ -472,21 +473,25 @@ def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1) -> dic
     rt, reach = z(), np.zeros(k, np.uint8)
     hi = np.full(n, np.nan)
     per_class = [z() for _ in range(9)]  # dfull, dnow, dres, energy, local, tau, reserve, frac, prev_frac
+    power_s = z()
     args = (np.ones(n, np.uint8), np.zeros(n, np.uint32), f.priority, f.demand_w, f.demand_w, False, f.soc,
-            f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, 0.0, 1.0,
+            f.capacity_wh, f.max_discharge_w, f.link_max_w, np.zeros(n), hi, False, float(main_w), 1.0,
             soc_min, 1.0, 3600.0, 60.0, n, 60.0, True, class_of, classes.size, tg, z(), np.zeros(k, np.uint8),
             np.zeros(ST_N),
             np.zeros((k, NX_N)), *per_class, rt, reach, z(), np.zeros(k, np.uint8),
-            z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), z(), np.zeros((2, k)), z(), z(),
+            z(), z(), z(), np.zeros((k + 1, k)), np.zeros((k + 1, k)), z(), np.zeros((2, k)), power_s, z(),
             np.zeros(n, np.int64), *(np.zeros(n) for _ in range(11)), np.zeros(n),
             np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
             # the class demand forecast off: the rule on the demand now
             0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
             # not a leaf of a controller tree: no decisions leased from above
             np.zeros(1), np.zeros(k, np.int64), z(), np.zeros(n))
-    for _ in range(cycles):
-        energy_step(*args)
     kc = classes.size
+    live = {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc], "power_s": power_s[:kc]}
+    for i in range(cycles):
+        energy_step(*args)
+        if each is not None:
+            each(i, live)
     return {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc].copy(),
             "tau_s": per_class[5][:kc].copy()}
 
@@ -551,6 +556,47 @@ def test_power_runtime_is_the_closed_form_bound_where_power_strands_energy():
         out = _kernel_cycles(f, {0: 0.5 * bound + 60.0}, 60)
         assert out["reachable"][0] and out["reserve_wh"][0] == pytest.approx(d.sum() * 0.5 * bound / 3600.0)
     assert checked >= 10, checked
+
+
+def test_a_class_the_batteries_cannot_carry_at_all_keeps_a_runtime_of_0_until_they_can():
+    """Main to spare (nothing rides through: the runtimes are "if main failed now"), links unbounded, and
+    the batteries' discharge (1,500 W: the charged half; the other half sits at soc_min) below class 1's
+    demand (2,000 W; class 0, 500 W, has no target): from the start no schedule carries class 1 whole. Its
+    power runtime is 0, an answer, checked every sweep by a probe just above 0 (rules.PROBE_FLOOR_S): its
+    runtime and reserve stay put sweep after sweep. Before, the estimate fell by ~1e-15 a sweep (4.5e-13 s,
+    2e-28 s, ...) until it reached 0 (sweep 22), which the next sweep read as "no probe": back to the
+    horizon and down again, class 1's runtime at 2,160 s and its reserve at 1,000 Wh (0.56 Wh otherwise)
+    once every 23 sweeps (on a fleet with a third class, every other sweep: docs/energy.md). Once the
+    empty half recharges a little (90 Wh each, as main's spare would give them), the batteries carry
+    class 1 until that energy is gone and the charged half's 1,500 W is left alone: its power runtime rises
+    from 0 to that bound (sum min(e_i, g_i m) = 2,000 W m: 2,592 s) and settles there."""
+    n = 8
+    pr = np.array([0, 0, 1, 1, 1, 1, 1, 1])
+    d = np.where(pr == 0, 250.0, 2000.0 / 6)
+    charged = np.arange(n) % 2 == 0
+    g = np.where(charged, 375.0, 500.0)  # 1,500 W charged, 2,000 W behind the empty half
+    f = FleetSpec(pr, d, np.full(n, 3000.0), np.where(charged, 0.9, 0.1), g, np.full(n, 1e6))
+    assert g[charged].sum() < d[pr == 1].sum() < g.sum()
+    seen = []
+
+    def each(i, live):
+        seen.append((live["runtime_s"].copy(), live["power_s"].copy(), live["reserve_wh"].copy()))
+        if i == 39:
+            f.soc[~charged] = 0.13  # the empty half recharged a little: 90 Wh each
+
+    _kernel_cycles(f, {0: 0.0, 1: 1800.0}, 80, main_w=1.2 * d.sum(), each=each)
+    rt = np.array([r for r, _, _ in seen])
+    pw = np.array([p for _, p, _ in seen])
+    res = np.array([x for _, _, x in seen])
+    assert (pw[:, 0] == np.inf).all(), pw[:, 0]  # class 0 alone: the batteries carry it beyond the horizon
+    # settled within 10 sweeps and then unchanged, sweep after sweep, while they cannot carry class 1
+    assert (rt[10:40, 1] == 0.0).all() and (pw[10:40, 1] == 0.0).all(), (rt[:40, 1], pw[:40, 1])
+    assert (res[10:40, 1] == res[10, 1]).all(), res[:40, 1]
+    # recharged: from the probe at the floor the estimate rises to the closed-form bound and stays
+    bound = _power_bound_s(f.usable_wh(), g, d[pr == 1].sum())
+    assert bound == pytest.approx(2592.0, rel=1e-6)
+    np.testing.assert_allclose(pw[60:, 1], bound, rtol=1e-6)
+    np.testing.assert_allclose(rt[60:, 1], bound, rtol=1e-6)
 
 
 def test_the_chunked_sweep_keeps_the_class_sums_within_one_sweep_of_the_truth(plants):

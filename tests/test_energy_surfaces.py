@@ -250,6 +250,7 @@ def test_a_bad_target_command_is_refused_at_the_scan_and_changes_nothing(scan_an
 
 
 # -- retained across a kill -9 ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_reloaded_target_survives_kill_9_and_a_warm_restart(tmp_path):
     import os
 

@@ -772,6 +772,7 @@ def _every_kind(test):
     return test
 
 
+@pytest.mark.slow
 @NET
 @_every_kind
 @given(hostilities())

@@ -118,12 +118,10 @@ def test_leaves_on_their_share_of_the_feed_decide_classes_the_flat_controller_ke
 
 
 # With the links unbounded and main at 1.2 x demand the demo's batteries cannot carry classes 2-3 from the
-# start (their discharge, 31.5 kW, is below the 58.5 kW of demand): the flat controller's power runtime of
-# such a class falls to 0 and then reads "no estimate" (rules.power_runtime: m <= 0 is inf), re-probes
-# from the horizon and falls again, every few sweeps; where the tree's estimate lands at 1e-255 instead of
-# 0 (the sums' order) the two cycles part. So those cases compare with the power runtime off; where it
-# binds at a positive time it is compared below (test_the_power_runtime_composes_across_levels).
-_POWER = {"links-unbounded": False, "demo-links-short": True}
+# start (their discharge, 31.5 kW, is below the 58.5 kW of demand): their power runtime is 0, on the flat
+# controller and at the top alike, checked every sweep just above 0 (rules.PROBE_FLOOR_S). Before, a probe
+# at 0 read "none" and the flat estimate went back to the horizon every other sweep, where the tree's
+# landed at 1e-255 and stayed: the two parted, and these cases ran with the power runtime off.
 
 
 @pytest.mark.parametrize("links,main", [(False, 1.2), (True, 0.35)], ids=["links-unbounded", "demo-links-short"])
@@ -136,8 +134,7 @@ def test_with_the_tops_decisions_runtime_served_and_battery_per_class_are_the_fl
     share that moves would differ for that one cycle). 400 s of 20 s cycles: in the short case the
     clocks of classes 2 and 3 run (class 3 is capped in part)."""
     f = demo_fleet(links=links)
-    r = tree_vs_flat(f, main * float(f.demand_w.sum()), share=True, decide="tree", cycles=20, dt_s=20.0,
-                     power=_POWER["demo-links-short" if links else "links-unbounded"])
+    r = tree_vs_flat(f, main * float(f.demand_w.sum()), share=True, decide="tree", cycles=20, dt_s=20.0)
     assert [x["priority"] for x in r.tree] == [x["priority"] for x in r.flat] == [0, 1, 2, 3]
     assert max(r.runtime_diff_s) < 1e-6, r.runtime_diff_s
     for t, x in zip(r.tree, r.flat):
@@ -234,8 +231,7 @@ def test_with_the_class_forecast_the_tops_reserve_and_runtime_are_the_flat_contr
     additive (its floor, never below the demand now, taken per leaf)."""
     f = demo_fleet(links=links)
     r = tree_vs_flat(f, main * float(f.demand_w.sum()), share=True, decide="tree", cycles=20, dt_s=20.0,
-                     forecast=True, profiles=_moving_profiles(f),
-                     power=_POWER["demo-links-short" if links else "links-unbounded"])
+                     forecast=True, profiles=_moving_profiles(f))
     assert [x["priority"] for x in r.tree] == [x["priority"] for x in r.flat] == [0, 1, 2, 3]
     assert max(r.runtime_diff_s) < 1e-6, r.runtime_diff_s
     for t, x in zip(r.tree, r.flat):

@@ -7,10 +7,13 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from pymodbus.client import ModbusTcpClient
 
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.hierarchy.demo import Layout, Tree, write_configs
+
+pytestmark = pytest.mark.slow  # a tree of real processes, racks and the top killed
 
 MODE = ss.NODE_MAP.at(ss.VENDOR_ID, "Mode").addr
 

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import REPO, VBATT, read_json, run_vbatt
 
 PLANT = """\
@@ -17,6 +19,7 @@ nodes:
 """
 
 
+@pytest.mark.slow
 def test_reload_applies_priorities_and_limits_and_refuses_what_needs_a_restart(tmp_path):
     cfg = tmp_path / "plant.yaml"
     cfg.write_text(PLANT)

@@ -19,7 +19,7 @@ import pytest
 
 from vbatt.retain.store import RetainStore, decode
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork"), pytest.mark.slow]
 
 
 def state_for(tag: int) -> tuple[dict[str, np.ndarray], dict]:

@@ -10,6 +10,8 @@ from vbatt.config.plant import load_config_text
 from vbatt.kernel.image import Ctl, Mode, Op, ScanState
 from vbatt.supervise.supervisor import Supervisor
 
+pytestmark = pytest.mark.slow  # controllers started, killed and restarted
+
 PLANT = """\
 cycle: {cycle_ms: 10}
 plant: {main_limit_w: 100}

@@ -30,7 +30,7 @@ from numba import njit
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
-                                         ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime)
+                                         ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime, probe_next)
 from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes, tree_probed, tree_release, tree_sweep
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
@@ -435,10 +435,11 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 power_s[c] = math.inf
             if not first:
                 hz_s[c] = min(hz_s[c], local_s[c])
-            # the power runtime's next estimate (power_runtime), at most the horizon and the local runtime;
-            # a leaf of a tree has the tree's pool, not its own: no estimate (its table is the tree's)
+            # the power runtime's next estimate (power_runtime), at most the horizon and the local runtime, an
+            # estimate of 0 re-checked at the floor (probe_next); a leaf of a tree has the tree's pool, not its
+            # own: no estimate (its table is the tree's)
             probe_s[c] = (0.0 if on_tree or latched[c] != 0 or not power_on
-                          else min(power_s[c], h_s, local_s[c] if not first else h_s))
+                          else probe_next(power_s[c], h_s, local_s[c] if not first else h_s))
             probe_wh[0, c] = 0.0
             probe_wh[1, c] = 0.0
             if not on_tree:

@@ -20,8 +20,8 @@ import math
 
 from numba import njit
 
-__all__ = ["decide", "power_runtime", "ride_through", "ST_OK_S", "ST_E_WH", "ST_R_WH", "ST_N_CLS", "ST_SHORT", "ST_POS",
-           "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
+__all__ = ["decide", "power_runtime", "probe_next", "ride_through", "PROBE_FLOOR_S", "ST_OK_S", "ST_E_WH", "ST_R_WH",
+           "ST_N_CLS", "ST_SHORT", "ST_POS", "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
            "ST_SURPRISE_WH", "ST_SLOPE_WH", "ST_LAST_RISE_WH", "ST_N"]
 
 # Indices into the scalar state memory.
@@ -32,6 +32,12 @@ _EPS = 1e-9
 LOOK_MAX = 120  # cycles the look-ahead of the reserve's rise covers at most
 RISE_SURPRISES = 3.0  # a peak-shaved class stops this many of the reserve's late surprises above it
 POWER_TOL = 0.01  # a class is latched for power when the export it lacks exceeds this share of its need
+# The power runtime's probe is never nearer than this (s), and an estimate below it is 0: "the batteries
+# cannot carry the class even now", an answer, re-checked by a probe here every sweep. A probe at m = 0 means
+# "none" (the estimate went back to "no bound" and fell again, sweep after sweep: the class's runtime and
+# reserve flipped), and a root below it is no time a class can be served (the tree's sums gave 1e-255 s
+# where the flat controller's gave 0).
+PROBE_FLOOR_S = 0.01
 
 
 @njit(nogil=True, cache=True)
@@ -137,7 +143,9 @@ def power_runtime(k_n, probe_s, pv, hz_s, dres, latched, local_s, h_s, power_s):
     pv[0, c] is A at probe_s[c] (the last estimate) and pv[1, c] its slope there (from the left): a Newton
     step on g(m) = A(m) - demand(m). A is concave, so from above the root the step stays above it (the
     reserve errs on the side of more), converging in a few sweeps; from below (the condition holds at the
-    estimate) it steps out, at most to the horizon, and comes back if that was too far."""
+    estimate) it steps out, at most to the horizon, and comes back if that was too far. An estimate below
+    PROBE_FLOOR_S is 0 (the class cannot be carried even now), an answer that the next probe, at the floor
+    (probe_next), keeps or lifts; m = 0 is no probe (inf)."""
     for c in range(k_n):
         m = probe_s[c]
         if latched[c] != 0 or m <= 0.0:
@@ -163,8 +171,17 @@ def power_runtime(k_n, probe_s, pv, hz_s, dres, latched, local_s, h_s, power_s):
             for j in range(c):
                 if latched[j] == 0 and hz_s[j] < m:
                     kink = max(kink, hz_s[j])
-            nxt = m + gap / -slope if slope < 0.0 else 0.5 * m
-            power_s[c] = max(0.0, kink, nxt)
+            nxt = max(kink, m + gap / -slope if slope < 0.0 else 0.5 * m)
+            power_s[c] = nxt if nxt >= PROBE_FLOOR_S else 0.0
+
+
+@njit(nogil=True, cache=True)
+def probe_next(power_s, h_s, local_s):
+    """Where the next sweep probes a class's power runtime (rules.power_runtime; the caller asks none, 0,
+    for a class latched or with the rule off): the estimate, at most the horizon and the class's local
+    runtime, and never below PROBE_FLOOR_S: an estimate of 0 is checked there, so that it stays 0 while
+    the batteries cannot carry the class and rises once they can (the probe's A grows above the demand)."""
+    return max(PROBE_FLOOR_S, min(power_s, h_s, local_s))
 
 
 @njit(nogil=True, cache=True)

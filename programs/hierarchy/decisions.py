@@ -50,7 +50,7 @@ import numpy as np
 from vbatt.programs.energy.horizon import HZ_N
 from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise,
                                           _reserve_wh)
-from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime
+from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime, probe_next
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
                                         D_RUNTIME)
 from vbatt.programs.hierarchy import classes as hc
@@ -277,12 +277,15 @@ class TreeDecider:
     def question(self, out: np.ndarray, ps: np.ndarray, target, clock, latched, loc) -> None:
         """The horizons and the probe's m for the leaves' next sweep (out's D_HORIZON, D_PROBE), as a flat
         controller's next sweep takes them: min(remaining target, first node out, power runtime), and
-        min(power runtime, the longest horizon, first node out) (0: none, for a latched class). A question
-        not yet answered by the whole tree is asked again unchanged."""
+        min(power runtime, the longest horizon, first node out) at least the probe's floor (rules.probe_next: an
+        estimate of 0 is checked there; 0: none, for a latched class). A question not yet answered by the whole
+        tree is asked again unchanged."""
         power = self.power_s[ps]
         hz = np.minimum(np.minimum(np.maximum(0.0, target - clock), loc), power)
-        nxt = np.where((latched != 0) | (not self.power_on), 0.0,
-                       np.minimum(np.minimum(power, self._longest_s(target - clock)), loc))
+        longest = self._longest_s(target - clock)
+        nxt = np.array([0.0 if latched[j] != 0 or not self.power_on else probe_next(float(power[j]), longest,
+                                                                                     float(loc[j]))
+                        for j in range(ps.size)])
         m = self.ask[ps]
         self.ask[ps] = np.where(self.answered[ps] | (m != m) | (nxt == 0.0), nxt, m)
         self.hz_out[ps] = hz

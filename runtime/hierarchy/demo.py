@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -226,18 +227,30 @@ class Tree:
         d = (self.status("top") or {}).get("decisions") or {}
         return int(d.get("answers", 0))
 
-    def settle(self, names, cycles: int, timeout_s: float, decided_rounds: int = 0, answers: int = 0) -> None:
+    def shares(self) -> tuple:
+        """The class shares the top decided in its last round (empty: none yet)."""
+        return tuple(float(r.get("frac", math.nan)) for r in (self.status("top") or {}).get("classes") or [])
+
+    def settle(self, names, cycles: int, timeout_s: float, decided_rounds: int = 0, answers: int = 0,
+               still_rounds: int = 0) -> None:
         """Every one of `names` controlled from above, then `cycles` more cycles at each with no fallback
         in between (a lease that ran out on a loaded machine starts the count again), and with the energy
         program the top's class rules run `decided_rounds` rounds in a row on the whole tree at its
         decisions (every rack present and its sums swept at them; a fallback or a rack missing starts
-        that count again) and the tree answered its power runtime's questions `answers` times (its Newton
-        steps): the state a comparison with the flat controller needs at the stop."""
+        that count again), the tree answered its power runtime's questions `answers` times (its Newton
+        steps) and the top's class shares moved in none of its last `still_rounds` such rounds (a
+        peak-shaved class's share comes back at a calm ramp, restore_s, from when each controller began
+        to decide: mid-ramp the tree and the flat controller differ by when they started): the state a
+        comparison with the flat controller needs at the stop."""
         self.wait(lambda: self.controlled(names), timeout_s, "every rack and row controlled from above")
         end = time.monotonic() + timeout_s
         start = {}
+        moved = (None, 0)  # the top's shares and its clean round when they last moved
         while time.monotonic() < end:
             st = {n: self.status(n) for n in names}
+            rounds, shares = self.decided(), self.shares()
+            if shares != moved[0] or rounds < moved[1]:
+                moved = (shares, rounds)
             if any(s is None for s in st.values()) or not self.controlled(names):
                 start = {}
             elif start and any(st[n]["fallbacks"] != start[n]["fallbacks"] for n in names):
@@ -245,13 +258,14 @@ class Tree:
             elif not start:
                 start = st
             elif all(st[n]["cycle"] > start[n]["cycle"] + cycles for n in names) and \
-                    self.decided() >= decided_rounds and self.answers() >= answers:
+                    rounds >= decided_rounds and self.answers() >= answers and rounds - moved[1] >= still_rounds:
                 return
             self.wait(lambda: True, 1, "")  # (only its check that every process still runs)
             time.sleep(0.1)
         raise TimeoutError(f"timed out after {timeout_s} s waiting for {cycles} cycles without a fallback"
-                           f", {decided_rounds} rounds of the top's class rules on the whole tree and {answers}"
-                           f" answers to its power runtime's questions")
+                           f", {decided_rounds} rounds of the top's class rules on the whole tree, {answers}"
+                           f" answers to its power runtime's questions and its class shares still for"
+                           f" {still_rounds} rounds (last: {self.shares()})")
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         p = self.procs.pop(name)
