@@ -38,8 +38,10 @@ __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # Columns of the sweep's class accumulators: forecast demand, pooled demand now, pooled demand for
 # the reserve, pooled energy, local runtime (min), power need, export slack, the power the class's own-need
-# locks could add (_release); NX_RQ is not a sum: the share of it released at the last sweep's end.
-NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_N = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+# locks could add (_release), the power the locks held beyond their class's remaining target could add (a
+# class inside its target short of power takes it first: _release); NX_RQ and NX_YQ are not sums: the shares
+# of them released at the last sweep's end.
+NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_N = range(12)
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -118,11 +120,12 @@ def _reserve_wh(n_cls, dhz, target_s, clock_s, latched):
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
                  max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
-                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq):
+                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none); v_rel: the power
     lifting that limit would add to the bus (_release), rq: per class, the share of it released at the
-    last sweep's end. The callers pass
+    last sweep's end. v_yld: the power the node's lock would add with its lock held only for its class's
+    remaining target (not its runtime beyond it), yq per class the share of it released (_release). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
     inv_h = h_s / 3600.0
     np_ = class_of.shape[0]
@@ -183,15 +186,25 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         gu = g if (e > 0.0) & (cw > 0.0) else 0.0
         cu = min(d, gu + lk)
         v_rel[i] = max(0.0, min(gu, lk) - cu + min(cu, max(0.0, gu - lk)) - v_ps[i] + v_pn[i]) if ok & has else 0.0
+        # What the bus would gain with the lock held for its class's remaining target only: the part held for the
+        # class's runtime beyond it is the class's time beyond its target, which comes after another class's
+        # time inside its target (docs/design.md §2b rules 1 and 2; _release).
+        lock_t = min(h_s, hz_s[c]) / 3600.0
+        gt = min(g, own + max(0.0, e - own * lock_t) * 3600.0 / pace_s) if (e > 0.0) & (cw > 0.0) else 0.0
+        ct = min(d, gt + lk)
+        v_yld[i] = (max(0.0, min(gt, lk) - ct + min(ct, max(0.0, gt - lk)) - v_ps[i] + v_pn[i])
+                    if ok & has & (lock_t < lock_h) else 0.0)
         # Its local runtime: at its own need plus what it gives its class's power now (_release).
-        v_loc[i] = (e * 3600.0 / (own + rq[c] * v_rel[i]) if g >= own else 0.0) if ok & has else math.inf
+        v_loc[i] = ((e * 3600.0 / (own + rq[c] * v_rel[i] + yq[c] * v_yld[i]) if g >= own else 0.0)
+                    if ok & has else math.inf)
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, nx):
+def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, v_yld, nx):
     for i in range(v_cls.shape[0]):
         c = v_cls[i]
         nx[c, NX_REL] += v_rel[i]
+        nx[c, NX_YLD] += v_yld[i]
         nx[c, NX_PNEED] += v_pn[i]
         nx[c, NX_PSLK] += v_ps[i]
         nx[c, NX_DFULL] += v_f[i]
@@ -221,7 +234,10 @@ def _horizons(v_cls, v_e, v_rate, v_g, v_d, v_own, v_eraw, hz_s, n_cls, ax):
             c = v_cls[i]
             own_s = min(hz_s[c], m)
             dl = min(v_g[i] * m, v_rate[i] * m + v_d[i] * own_s) / 3600.0
-            served = min(v_e[i], dl) if v_own[i] <= 0.0 else min(v_eraw[i], dl) - v_own[i] * own_s / 3600.0
+            # A node with a local need keeps what its own load needs after m while its class has target left:
+            # that energy is deliverable to no one within m (its class is shed when the node runs out).
+            keep = v_own[i] * max(0.0, hz_s[c] - m) / 3600.0
+            served = min(v_e[i], dl) if v_own[i] <= 0.0 else min(v_eraw[i] - keep, dl) - v_own[i] * own_s / 3600.0
             shed = min(v_eraw[i], min(v_g[i], v_rate[i]) * m / 3600.0)
             t += shed
             ax[c, k] += max(0.0, served) - shed
@@ -302,8 +318,18 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
     energy rule, and the locks keep the outage's local need. A class beyond its target does so only while
     no class inside its target is served: its lock's energy goes to the pool when it is shed, and the
     energy rule (decide) does not count it as drawn (`--seed 7` fleet 1: class 0, beyond its 600 s
-    target, ran to 860 s on it against the reference's 780 s)."""
+    target, ran to 860 s on it against the reference's 780 s).
+    Before that, a class inside its target short of power takes what the other classes' own-need locks hold
+    beyond their own remaining targets (nx[k, NX_YLD], the share released nx[k, NX_YQ]): that energy is the
+    other class's time beyond its target, second to any class's time inside its target (docs/design.md §2b
+    rules 1 and 2; LP-gap `0.5 2 0.5 2` fleet 17: class 0, 30 s short of its 300 s target, kept a node's
+    energy for its own load to 490 s, and class 1 was shed at 270 s of its 600 s target for want of 150 W;
+    the reference met both targets). First, since its own locks' energy is its own later need. Returns the
+    power so given (W: the batteries' export slack grows by it)."""
     p_left = main_limit_w + slack_w
+    given = 0.0
+    for k in range(n_cls):
+        nx[k, NX_YQ] = 0.0
     riding = False  # a class inside its target is served
     for inside in (True, False):
         cum = 0.0
@@ -314,6 +340,16 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
                 continue
             riding |= inside and pneed[c] > 0.0
             q = 0.0
+            if inside and latched[c] == 0 and pneed[c] > 0.0 and on_batt:
+                for k in range(n_cls):
+                    short = pneed[c] - max(0.0, p_left)
+                    room = nx[k, NX_YLD] * (1.0 - nx[k, NX_YQ])
+                    if k == c or short <= 0.0 or room <= 0.0:
+                        continue
+                    y = min(short, room)
+                    nx[k, NX_YQ] += y / nx[k, NX_YLD]
+                    p_left += y
+                    given += y
             if latched[c] == 0 and pneed[c] > 0.0:
                 rel = nx[c, NX_REL] if on_batt and (inside or not riding) else 0.0
                 use = min(max(0.0, pneed[c] - max(0.0, p_left)), rel)
@@ -321,27 +357,31 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
                 pneed[c] -= use
                 p_left -= pneed[c]
             nx[c, NX_RQ] = q
+    return given
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel):
+def _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel, v_yld):
     """Every cycle (protection writes lo_w/hi_w afresh): the own-need limits of the last sweep, lifted by
-    what the class's power needs now (_release)."""
+    what the class's power needs now, or by what another class's target needs of them (_release)."""
     n = hi_w.shape[0]
     lift = False
     for c in range(n_cls):
-        lift |= nx[c, NX_RQ] > 0.0
+        lift |= (nx[c, NX_RQ] > 0.0) | (nx[c, NX_YQ] > 0.0)
     if narrowed:
         if active and lift:
             for i in range(n):
-                hi_w[i] = min(hi_w[i], hi_cap[i] + nx[v_cls[i], NX_RQ] * v_rel[i])
+                c = v_cls[i]
+                hi_w[i] = min(hi_w[i], hi_cap[i] + max(nx[c, NX_RQ] * v_rel[i], nx[c, NX_YQ] * v_yld[i]))
         elif active:
             for i in range(n):
                 hi_w[i] = min(hi_w[i], hi_cap[i])
     else:
         for i in range(n):
+            c = v_cls[i]
             lo_w[i] = -math.inf
-            hi_w[i] = (hi_cap[i] + (nx[v_cls[i], NX_RQ] * v_rel[i] if lift else 0.0)) if active else math.inf
+            hi_w[i] = ((hi_cap[i] + (max(nx[c, NX_RQ] * v_rel[i], nx[c, NX_YQ] * v_yld[i]) if lift else 0.0))
+                       if active else math.inf)
 
 
 @njit(nogil=True, cache=True)
@@ -354,7 +394,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, pneed,
                 serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
-                tree, prio_of, slack_w):
+                tree, prio_of, slack_w, v_yld):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
     node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
@@ -387,7 +427,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     if a == 0:
         for c in range(n_cls):
             for j in range(NX_N):
-                if j != NX_RQ:
+                if j != NX_RQ and j != NX_YQ:
                     nx[c, j] = 0.0
             nx[c, NX_LOC] = math.inf
             hz_s[c] = max(0.0, target_s[c] - clock_s[c])
@@ -413,8 +453,9 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
                  eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b],
-                 v_rel[a:b], nx[:, NX_RQ])
-    _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b], nx)
+                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], nx[:, NX_YQ])
+    _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b],
+             v_yld[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
     _power_probe(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, probe_s, n_cls,
                  probe_wh)
@@ -431,7 +472,13 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
             slack_w[c] = nx[c, NX_PSLK]
-        _release(n_cls, main_limit_w, state[ST_SLACK_W], target_s, clock_s, local_s, latched, dnow, nx, pneed)
+        given_w = _release(n_cls, main_limit_w, state[ST_SLACK_W], target_s, clock_s, local_s, latched, dnow, nx,
+                           pneed)
+        if on_tree:  # a leaf of a tree: the tree decides the power shortfall (tree_release)
+            for c in range(n_cls):
+                nx[c, NX_YQ] = 0.0
+        else:
+            state[ST_SLACK_W] += given_w
         tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # while leased, the tree's share stands
         # a_wh[c, k]: deliverable within hz_s[k] with the classes before c served, the others shed
         for k in range(n_cls):
@@ -467,7 +514,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:
     # they follow the demand); runtimes and alarms with the sweep ------------------------------------
-    _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel)
+    _limits(narrowed, active, hi_cap, lo_w, hi_w, n_cls, nx, v_cls, v_rel, v_yld)
     # Caps: all at once when a class's share moved by more than 1 % of its demand or reached or
     # left 0 or 1 (a shed or a restore acts in this cycle); small moves (a share that follows the
     # demand) with the sweep, at most one sweep late.
