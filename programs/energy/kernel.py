@@ -118,6 +118,21 @@ def _reserve_wh(n_cls, dhz, target_s, clock_s, latched):
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _lock_cap(own, e, lock_h, pace_s):
+    """A node's battery limit with its own need locked for lock_h hours: the need, plus its surplus above
+    the lock at most one sweep's worth (pace_s)."""
+    return own + max(0.0, e - own * lock_h) * 3600.0 / pace_s
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _bus_net(g, d, lk):
+    """What a node gives the bus (export minus import) with its battery limited to g, its load d served
+    (at most its battery and link lk)."""
+    c = min(d, g + lk)
+    return min(g, lk) - c + min(c, max(0.0, g - lk))
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
                  max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
                  v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq):
@@ -174,7 +189,7 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # than one sweep (pace_s: until the node's next look) can take: so the lock holds, and the
         # surplus is not paced over the horizon (that left it stranded while the nodes without a
         # local need emptied and took the fleet's power with them; measured).
-        hi_cap[i] = own + max(0.0, e - own * lock_h) * 3600.0 / pace_s if ok & has else math.inf
+        hi_cap[i] = _lock_cap(own, e, lock_h, pace_s) if ok & has else math.inf
         # Power, as the allocator's shedding stage counts it: serving the load (at most its battery
         # and link) asks cap - f0 of the bus, where f0 is what its battery covers beyond its export;
         # the batteries can give the bus min(hi, L) each.
@@ -184,16 +199,13 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         v_ps[i] = min(gc, lk) if ok else 0.0
         # What the bus would gain (less import, more export) with the lock lifted to its limits (_release).
         gu = g if (e > 0.0) & (cw > 0.0) else 0.0
-        cu = min(d, gu + lk)
-        v_rel[i] = max(0.0, min(gu, lk) - cu + min(cu, max(0.0, gu - lk)) - v_ps[i] + v_pn[i]) if ok & has else 0.0
+        v_rel[i] = max(0.0, _bus_net(gu, d, lk) - v_ps[i] + v_pn[i]) if ok & has else 0.0
         # What the bus would gain with the lock held for its class's remaining target only: the part held for the
         # class's runtime beyond it is the class's time beyond its target, which comes after another class's
         # time inside its target (docs/design.md §2b rules 1 and 2; _release).
         lock_t = min(h_s, hz_s[c]) / 3600.0
-        gt = min(g, own + max(0.0, e - own * lock_t) * 3600.0 / pace_s) if (e > 0.0) & (cw > 0.0) else 0.0
-        ct = min(d, gt + lk)
-        v_yld[i] = (max(0.0, min(gt, lk) - ct + min(ct, max(0.0, gt - lk)) - v_ps[i] + v_pn[i])
-                    if ok & has & (lock_t < lock_h) else 0.0)
+        gt = min(g, _lock_cap(own, e, lock_t, pace_s)) if (e > 0.0) & (cw > 0.0) else 0.0
+        v_yld[i] = max(0.0, _bus_net(gt, d, lk) - v_ps[i] + v_pn[i]) if ok & has & (lock_t < lock_h) else 0.0
         # Its local runtime: at its own need plus what it gives its class's power now (_release).
         v_loc[i] = ((e * 3600.0 / (own + rq[c] * v_rel[i] + yq[c] * v_yld[i]) if g >= own else 0.0)
                     if ok & has else math.inf)
