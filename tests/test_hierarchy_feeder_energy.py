@@ -58,7 +58,7 @@ def _run(f: FleetSpec, racks, feeders, flat_fleet: FleetSpec | None, cycles: int
                 p.cycle()
             # each leaf's offer through its feeder (as its link puts it on its uplink), at the decisions it had
             offers = [narrow_summary(Summary(energy=hc.offer_of(p.img.read_published()[0], K)), fw,
-                                     Levels({}, 0.0, True, dec), 3600.0).energy for p, fw in zip(leaves, feeders)]
+                                     Levels({}, 0.0, True, dec)).energy for p, fw in zip(leaves, feeders)]
             # as the link: neutral decisions until the leaves' sums are swept at the tree's, then the rules
             dec = top.round(hc.total(offers, K), 0.0, dt)
             for p in leaves:  # as the leaf's link: the values, then the lease
