@@ -86,7 +86,7 @@ def test_energy_behind_a_tight_feeder_counts_for_the_tree_only_as_far_as_the_fee
     plus what the feeder brings; A's own class 0 load takes A's energy without the feeder. Whatever the
     schedule, class 0 is served whole at most m* = 1,600 Wh / (2,000 - 300) W = 3,388.2 s (the cut at
     the feeder: A gives the rest of the tree at most 300 W). Before, the top summed A's energy as if the
-    tree could take all of it: runtime 26,775.9 s, its 7,200 s target reachable, reserve 4,991.7 Wh (the
+    tree could take all of it: runtime 26,779.3 s, its 7,200 s target reachable, reserve 4,992.4 Wh (the
     flat controller's, which has no feeder). Now its power runtime is m*: runtime m*, reserve D_0 m*,
     unreachable; the reference LP with the feeder as a group row (a MIP, 60 steps of 120 s) agrees to one
     step. With the feeder unbounded the tree is the flat controller."""
