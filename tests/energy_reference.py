@@ -85,11 +85,13 @@ def _solve(cost, a, row_lo, row_hi, col_lo, col_hi, n_int: int = 0) -> tuple[np.
 
 def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, targets_s: dict,
                     steps: int, dt_s: float, main_limit_w: float = 0.0, gamma: float = 0.97,
-                    whole: bool = False) -> dict[int, float]:
+                    whole: bool = False, groups=()) -> dict[int, float]:
     """Ride-through per class (s, at most steps * dt_s) of the lexicographic optimum. whole: the
     class indicators x are 0/1 (a mixed-integer programme): a step counts only if the class is served
     whole in it. Without it (the relaxation) a class served at 70 % counts 0.7 of a step, which is
-    more than the time until the first shed when power or links bind (see docs/energy.md)."""
+    more than the time until the first shed when power or links bind (see docs/energy.md).
+    groups: (node indices, feeder_w) pairs, a subtree's feeder in a tree of controllers
+    (docs/hierarchy.md "Feeder limits"): -feeder_w <= sum over its nodes of (d_i x - b_i) <= feeder_w."""
     prio = np.asarray(priority)
     classes = np.unique(prio)
     k_n, n, s_n = classes.size, prio.size, steps
@@ -107,6 +109,8 @@ def ride_through_lp(priority, demand_w, usable_wh, max_discharge_w, link_max_w, 
             row([(yi(i, t), d[i]), (bi(i, t), -1.0)], -link_max_w[i], link_max_w[i])
             row([(zi(cls[i], t), 1.0), (yi(i, t), -1.0)], -INF, 0.0)  # the class is whole only if every node is
         row([(yi(i, t), d[i]) for i in range(n)] + [(bi(i, t), -1.0) for i in range(n)], 0.0, main_limit_w)
+        for idx, f_w in groups:
+            row([(yi(i, t), d[i]) for i in idx] + [(bi(i, t), -1.0) for i in idx], -f_w, f_w)
     for i in range(n):
         row([(bi(i, t), dt_s / 3600.0) for t in range(s_n)], -INF, usable_wh[i])
     for c in range(k_n):

@@ -43,6 +43,7 @@ import dataclasses
 import math
 
 from vbatt.programs.hierarchy.curves import FULL, Curve, Levels, Summary
+from vbatt.programs.hierarchy.feeder_energy import narrow_energy
 
 __all__ = ["narrow_summary", "narrow_levels", "at"]
 
@@ -87,15 +88,18 @@ def _band(s: Summary, feeder_w: float) -> tuple[float, float]:
     return s.served_w - feeder_w, s.served_w + feeder_w
 
 
-def narrow_summary(s: Summary, feeder_w: float, lv: Levels | None) -> Summary:
+def narrow_summary(s: Summary, feeder_w: float, lv: Levels | None, horizon_s: float = 3600.0) -> Summary:
     """What a group offers its parent: `s` (the sum of its children's offers) seen through its feeder,
-    taken at the levels `lv` it received last."""
+    taken at the levels `lv` it received last; its energy offer too (feeder_energy.py: the energy beyond
+    what the feeder carries out within a horizon is stranded for the rest of the tree; horizon_s: the
+    energy program's)."""
     if not math.isfinite(feeder_w):
         return s
     cls = {p: c.clip(a, b) for p, c, a, b, _ in _walk(s, feeder_w, lv)}
     lo, hi = _band(s, feeder_w)
     return dataclasses.replace(s, own_w=min(feeder_w, s.own_w), classes=cls, up_w=min(feeder_w, s.up_w),
-                               dis=s.dis.clip(lo, hi), chg=s.chg.clip(lo, hi))
+                               dis=s.dis.clip(lo, hi), chg=s.chg.clip(lo, hi),
+                               energy=narrow_energy(s.energy, feeder_w, None if lv is None else lv.energy, horizon_s))
 
 
 def narrow_levels(s: Summary, feeder_w: float, lv: Levels) -> Levels:

@@ -212,6 +212,7 @@ class Link:
         # at least: a child that does not come within that is gone, and the rules run on the rest
         # (its class demand forecast too: the top forecasts the tree's summed demand as a flat controller)
         en = en if en is not None else EnergyParams()
+        self.horizon_s = en.horizon_s  # the pooled energy's least horizon, for its energy offer through its feeder
         self.decider = TreeDecider(self.h.classes, en.reset_hold_s, en.restore_s,
                                    pace_s=self.h.poll_ms / 1e3, wait_s=max(30.0, 10 * self.h.lease_ms / 1e3),
                                    hp=horizon_params(en), bins=en.demand_season_bins if en.demand_season_s else 0,
@@ -383,7 +384,7 @@ class Link:
             self.uplink.backend.refresh(v)
             self.uplink.tick(now)
             try:  # its offer through its feeder, at the levels it received last
-                self.uplink.put_summary(narrow_summary(summary, self.feeder_w, parent), self.st.seq)
+                self.uplink.put_summary(narrow_summary(summary, self.feeder_w, parent, self.horizon_s), self.st.seq)
             except OverflowError as exc:
                 log.warning("%s", exc)
         key = (round(summary.served_w, 6), round(summary.own_w, 6),
