@@ -257,8 +257,9 @@ def test_the_decisions_travel_with_the_levels_bit_for_bit():
     uplink's registers. Levels without decisions (a parent without energy offers) say Decided = 0."""
     t = TreeLayout(8, 64)
     dec = np.full((8, D_N), np.nan)
-    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0, 7200.0, 3600.0, 0.0], [0.25, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                      [0.6355, 0.0, 0.0, np.inf, 1.0, 0.0, 1234.5, 0.375]]
+    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0, 7200.0, 3600.0, 0.0, 7200.0],
+                      [0.25, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1800.0],
+                      [0.6355, 0.0, 0.0, np.inf, 1.0, 0.0, 1234.5, 0.375, 0.0]]
     lv = Levels({0: -np.inf, 1: 0.5, 3: np.inf}, 1.5e-6, True, dec)
     regs = np.zeros(t.levels_len + t.dec_len, int)
     regs[:t.levels_len] = t.encode_levels(lv, 9, 1000)
@@ -383,7 +384,7 @@ def test_a_leafs_sums_are_the_trees_only_when_swept_wholly_under_the_lease():
             p.cycle()
         for prio, target in enumerate((7200.0, 1800.0, 600.0, 0.0)):  # neutral decisions, leased
             j = T_AT + D_N * prio
-            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0, target, 0.0, 0.0)
+            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0, target, 0.0, 0.0, target)
             assert D_RUNTIME == 3 and D_REACHABLE == 4
         t[0] = np.inf
         seen = []
@@ -395,5 +396,39 @@ def test_a_leafs_sums_are_the_trees_only_when_swept_wholly_under_the_lease():
         t[0] = 0.0  # the lease lapses
         p.cycle()
         assert t[T_USED] == 0.0
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("tree_target_s", [7200.0, 0.0], ids=["tree-with-a-target", "tree-without-targets"])
+def test_a_leaf_without_targets_of_its_own_takes_the_trees_caps(tree_target_s):
+    """A leaf whose own classes all have target 0 (a rack of class 3 only) is under the tree's class rules
+    when the tree has a target somewhere (class 0's on another rack), as the flat controller over the same
+    nodes is: the top latched class 3 at share 0, so its nodes serve nothing. Before, the leaf counted only
+    its own targets, found none and served class 3 whole (in real processes a rack of class 3 served 50 W
+    a node while the top had class 3 latched). Where the tree has no target at all, its caps are not
+    applied, as a flat controller without targets (today's allocation)."""
+    from vbatt.programs.energy.tree import D_TARGET, T_AT
+
+    f = demo_fleet(links=True)
+    idx = np.flatnonzero(f.priority == 3)[:6]
+    p = EnergyPlant(leaf_yaml(subset(f, idx), 1e4, {3: 0.0}, 1.0, True))
+    try:
+        t = p.mem["energy.tree"]
+        p.cycle()
+        assert (p.n["served_w"] > 0.0).all()  # on its own: served whole
+        row = np.full(D_N, 0.0)
+        row[[D_FRAC, D_LATCHED]] = 1.0, 0.0
+        for prio, target in ((0, tree_target_s), (3, 0.0)):
+            row[D_LEFT] = row[D_TARGET] = target
+            t[T_AT + D_N * prio:T_AT + D_N * (prio + 1)] = row
+        t[T_AT + D_N * 3 + D_FRAC], t[T_AT + D_N * 3 + D_LATCHED] = 0.0, 1.0  # the top shed class 3
+        t[0] = np.inf
+        for _ in range(3):
+            p.cycle()
+        if tree_target_s > 0.0:
+            assert (p.n["served_w"] == 0.0).all(), p.n["served_w"]
+        else:
+            np.testing.assert_allclose(p.n["served_w"], p.n["demand_w"], rtol=1e-9)
     finally:
         p.close()

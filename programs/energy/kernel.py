@@ -31,7 +31,8 @@ from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
                                          ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime, probe_next)
-from vbatt.programs.energy.tree import T_SWEPT, T_USED, tree_classes, tree_probed, tree_release, tree_sweep
+from vbatt.programs.energy.tree import (T_SWEPT, T_USED, tree_active, tree_classes, tree_probed, tree_release,
+                                        tree_sweep)
 
 __all__ = ["energy_step", "ENERGY_ALARMS", "NX_N", "HP_N", "horizon_params"]
 
@@ -424,6 +425,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     for c in range(n_cls):
         h_s = max(h_s, target_s[c] - clock_s[c])
         active |= target_s[c] > 0.0
+    # a leaf of a tree: the tree's targets, not only its own (a leaf whose classes have none takes the caps)
+    active |= on_tree and tree_active(wall_s, tree)
     # -- the sweep: this cycle's chunk of nodes (all of them on the first cycle) --------------------
     first = state[ST_STARTED] == 0.0
     if first:  # no share decided yet: the scan opens the caps when it starts (a calm restore starts from there)

@@ -13,7 +13,7 @@ memory `tree` (f8): [lease deadline (wall s; 0: none), used (written by the prog
 sums it publishes were swept wholly at the tree's decisions, so that the sums it offers upward are the
 tree's), swept (written by the program: the lease held at every cycle of the sweep under way), then per
 priority p (0 .. MAX_CLASSES-1) the D_N values D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON,
-D_PROBE, D_RELEASE, then per priority the P_N values of the power probe (written by the program)]; a NaN fraction: no
+D_PROBE, D_RELEASE, D_TARGET, then per priority the P_N values of the power probe (written by the program)]; a NaN fraction: no
 decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
 depends on its class state (its own-need lock, the latch): sums of a sweep begun before the first lease,
 or during a fallback, are the leaf's own even when this cycle's class state is the tree's.
@@ -35,11 +35,13 @@ from __future__ import annotations
 from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
-           "D_RELEASE", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_N", "T_USED", "T_SWEPT", "T_AT",
-           "tree_size", "probe_at", "tree_classes", "tree_sweep", "tree_probed", "tree_release"]
+           "D_RELEASE", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_N", "T_USED", "T_SWEPT", "T_AT",
+           "tree_size", "probe_at", "tree_active", "tree_classes", "tree_sweep", "tree_probed", "tree_release"]
 
-DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release")  # per priority
-D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE, D_RELEASE = range(len(DECISIONS))
+# target_s: the tree's ride-through target of the priority (its class rules are on where the tree has any
+# target > 0, as a flat controller's: a leaf whose own classes all have none still takes the tree's caps)
+DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release", "target_s")
+D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE, D_RELEASE, D_TARGET = range(len(DECISIONS))
 D_N = len(DECISIONS)
 # the power probe of the last whole sweep, per priority (written by the program): the m it was taken at
 # (NaN: none yet), the deliverable energy A(m) (Wh) and its slope (W); and the class's power shortfall's
@@ -71,6 +73,19 @@ def _decided(tree, p):
     if p >= 0 and j + D_N <= probe_at(tree.shape[0]) and tree[j + D_FRAC] == tree[j + D_FRAC]:
         return j
     return -1
+
+
+@njit(nogil=True, cache=True)
+def tree_active(wall_s, tree):
+    """While the tree's decisions are leased: whether the tree has any ride-through target (its class rules
+    narrow what is served, as a flat controller's with a target; none: today's allocation)."""
+    if not wall_s < tree[0]:
+        return False
+    for p in range((probe_at(tree.shape[0]) - T_AT) // D_N):
+        j = _decided(tree, p)
+        if j >= 0 and tree[j + D_TARGET] > 0.0:
+            return True
+    return False
 
 
 @njit(nogil=True, cache=True)

@@ -52,7 +52,7 @@ from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _cla
                                           _reserve_wh)
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime, probe_next
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
-                                        D_RUNTIME)
+                                        D_RUNTIME, D_TARGET)
 from vbatt.programs.hierarchy import classes as hc
 
 __all__ = ["TreeDecider"]
@@ -152,6 +152,7 @@ class TreeDecider:
         out[ps, D_RUNTIME] = target
         out[ps, D_REACHABLE] = 1.0
         out[ps, D_RELEASE] = 0.0  # no lock lifted
+        out[ps, D_TARGET] = target
         # a flat controller's first sweep: the horizons the whole targets, the probe at the longest horizon
         out[ps, D_HORIZON] = target
         out[ps, D_PROBE] = self._longest_s(target) if self.power_on else 0.0
@@ -241,6 +242,7 @@ class TreeDecider:
         out[ps, D_RUNTIME] = rt
         out[ps, D_REACHABLE] = reachable
         out[ps, D_RELEASE] = nx[:, NX_RQ]
+        out[ps, D_TARGET] = target
         self.question(out, ps, target, clock, latched, loc)
         self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
             "demand_horizon_w": float(dres[j]), "clock_s": float(clock[j]), "latched": bool(latched[j]),

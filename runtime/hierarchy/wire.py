@@ -32,7 +32,8 @@ Body layout (offsets in registers), K classes, N knots:
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
  then the energy decisions (written by the parent before the levels, when Decided = 1):
        K x D float64 (D = len(programs/energy/tree.py DECISIONS)): Frac, Latched, LeftS, RuntimeS,
-       Reachable, HorizonS, ProbeS, Release per priority class (NaN Frac: no decision for the class)
+       Reachable, HorizonS, ProbeS, Release, TargetS per priority class (NaN Frac: no decision for the
+       class; TargetS: the tree's target, so that a leaf without one of its own applies the tree's caps)
 
 A parent refuses a child whose model length, Format, K or N is not its own, and an energy offer whose
 probe is not one (classes.check), with the reason as the child's fault.
@@ -52,7 +53,7 @@ from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 __all__ = ["TREE_ID", "FORMAT", "TreeLayout"]
 
 TREE_ID = 64252
-FORMAT = 2  # 1: before the power probe (no Format register); 2: the probe's question and answer
+FORMAT = 3  # 1: before the power probe (no Format register); 2: the probe's question and answer; 3: TargetS
 
 
 class TreeLayout:
