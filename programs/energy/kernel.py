@@ -207,10 +207,13 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         gt = min(g, _lock_cap(own, e, lock_t, pace_s)) if (e > 0.0) & (cw > 0.0) else 0.0
         v_yld[i] = max(0.0, _bus_net(gt, d, lk) - v_ps[i] + v_pn[i]) if ok & has & (lock_t < lock_h) else 0.0
         # Its local runtime: at its own need plus what it gives its class's power now (_release). What it yields to
-        # another class stops at its lock for its class's remaining target (gt): that time it keeps.
-        run_s = e * 3600.0 / (own + rq[c] * v_rel[i] + yq[c] * v_yld[i]) if has else math.inf
-        run_s = run_s if rq[c] * v_rel[i] > 0.0 else max(run_s, min(lock_t * 3600.0, e * 3600.0 / own if has else 0.0))
-        v_loc[i] = (run_s if g >= own else 0.0) if ok & has else math.inf
+        # another class stops at its lock for its class's remaining target (gt): that time it keeps (a yield is
+        # only there above that lock).
+        lift = rq[c] * v_rel[i]
+        yld = yq[c] * v_yld[i]
+        keep_s = lock_t * 3600.0 if (lift <= 0.0) & (yld > 0.0) else 0.0
+        v_loc[i] = ((max(e * 3600.0 / (own + lift + yld), keep_s) if g >= own else 0.0)
+                    if ok & has else math.inf)
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
