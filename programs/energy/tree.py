@@ -13,8 +13,8 @@ memory `tree` (f8): [lease deadline (wall s; 0: none), used (written by the prog
 sums it publishes were swept wholly at the tree's decisions, so that the sums it offers upward are the
 tree's), swept (written by the program: the lease held at every cycle of the sweep under way), then per
 priority p (0 .. MAX_CLASSES-1) the D_N values D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON,
-D_PROBE, D_RELEASE, D_YIELD, then per priority the P_N values of the power probe (written by the program)]; a NaN fraction: no
-decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
+D_PROBE, D_RELEASE, D_YIELD, then per priority the P_N values of the power probe (written by the program)]; a NaN
+fraction: no decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
 depends on its class state (its own-need lock, the latch): sums of a sweep begun before the first lease,
 or during a fallback, are the leaf's own even when this cycle's class state is the tree's.
 The remaining target is carried, not the clock: the leaf's clock is set so that its target minus its
@@ -36,8 +36,7 @@ from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
            "D_RELEASE", "D_YIELD", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_YLD", "P_N", "T_USED",
-           "T_SWEPT", "T_AT",
-           "tree_size", "probe_at", "tree_classes", "tree_sweep", "tree_probed", "tree_release"]
+           "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_classes", "tree_sweep", "tree_probed", "tree_release"]
 
 DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release",
              "yield")  # per priority
@@ -116,8 +115,7 @@ def tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s):
 def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w, yield_w):
     """At a sweep's end: the m each class was probed at (0: none) and the deliverable energy and its slope
     there (kernel._power_probe), and the sweep's releasable power, power need and the power its locks held beyond
-    their class's remaining target could add (kernel._release's inputs),
-    per priority, for the offer upward."""
+    their class's remaining target could add (kernel._release's inputs), per priority, for the offer upward."""
     at = probe_at(tree.shape[0])
     if at < T_AT:  # a memory too small for any class (no tree): nothing to write, and no index below 0
         return
