@@ -26,13 +26,14 @@ Body layout (offsets in registers), K classes, N knots:
                   children of the subtree's levels missing from the sums), ProbeS, ProbeWh, ProbeW (the power
                   probe's answer: the m the subtree's leaves all probed class k at, NaN: not one m; the
                   deliverable energy A(m) and its slope: programs/energy/tree.py PROBE), ReleaseW (the
-                  power its own-need locks could add to the bus; PowerNeedW is the need before any is lifted)
+                  power its own-need locks could add to the bus; PowerNeedW is the need before any is lifted),
+                  YieldW (what they could add held only for the class's remaining target)
  27+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
  then the levels (written by the parent, one request):
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
  then the energy decisions (written by the parent before the levels, when Decided = 1):
        K x D float64 (D = len(programs/energy/tree.py DECISIONS)): Frac, Latched, LeftS, RuntimeS,
-       Reachable, HorizonS, ProbeS, Release, TargetS per priority class (NaN Frac: no decision for the
+       Reachable, HorizonS, ProbeS, Release, Yield, TargetS per priority class (NaN Frac: no decision for the
        class; TargetS: the tree's target, so that a leaf without one of its own applies the tree's caps)
 
 A parent refuses a child whose model length, Format, K or N is not its own, and an energy offer whose
@@ -53,7 +54,7 @@ from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 __all__ = ["TREE_ID", "FORMAT", "TreeLayout"]
 
 TREE_ID = 64252
-FORMAT = 3  # 1: before the power probe (no Format register); 2: the probe's question and answer; 3: TargetS
+FORMAT = 3  # 1: before the power probe (no Format register); 2: the probe's question and answer; 3: Yield, TargetS
 
 
 class TreeLayout:
