@@ -56,6 +56,10 @@ short of power takes first what other classes' locks hold beyond their targets (
 _horizons, _release; docs/energy.md "A class inside its target while the reference carries it"), against main
 254ecc5: both 0.5-2 36 -> 38 of 41, 28 s (fleet 17 {0: 490, 1: 270, 2: 140} -> {0: 300, 1: 580, 2: 115} s, the
 reference {0: 300, 1: 600, 2: 120} s; no other fleet moved); both 38 of 41, 35 s; --seed 7 47 of 47, 20 s.
+then (2026-11-29) a class beyond its target short of power takes what the other classes' locks hold beyond their
+targets (programs/energy/kernel.py _release, _node_values), against main dab7cf0: both 0.5-2 38 -> 39 of 41, 28 s
+(fleet 13 {0: 785, 1: 595, 2: 235} -> {0: 610, 1: 545, 2: 265} s; the 5 s reference {0: 600, 1: 335, 2: 280} s);
+both 38 of 41, 35 s (line by line the same); --seed 7 47 of 47, 20 s (fleet 1 class 2 770 -> 775 s).
 Against a 5 s reference, seed-42 fleet 1 (both) and binding-test seed 37 are within 15 s on the classes shed
 first and 50-55 s on the last one (60 s: 280 and 65 s off): their 60 s
 misses are the grid's, amplified by the trickle the last class runs on (docs/energy.md "The trickle cases").

@@ -38,8 +38,8 @@ from energy_plant import EnergyPlant, FleetSpec, fleet_yaml  # noqa: E402
 from vbatt.kernel.program import Ctx  # noqa: E402
 from vbatt.programs.codes import Alarm  # noqa: E402
 from vbatt.programs.energy import EnergyParams  # noqa: E402
-from vbatt.programs.energy.kernel import NX_RQ, horizon_params  # noqa: E402
-from vbatt.programs.energy.tree import D_RELEASE, T_AT  # noqa: E402
+from vbatt.programs.energy.kernel import NX_RQ, NX_YQ, horizon_params  # noqa: E402
+from vbatt.programs.energy.tree import D_RELEASE, D_YIELD, T_AT  # noqa: E402
 from vbatt.programs.hierarchy import classes as hc  # noqa: E402
 from vbatt.programs.hierarchy.curves import (Summary, apply_levels, battery_summary, node_limits,  # noqa: E402
                                              served, solve_levels, summarize)
@@ -118,6 +118,7 @@ class Result:
     # per cycle, per class of the flat: the share of its own-need locks' power released (kernel._release),
     # the flat's and the top's
     release: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    yields: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # as release, the shares yielded
 
 
 def _tree_allocation(leaves, main_w: float):
@@ -191,7 +192,7 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                 dec = sent[max(0, len(sent) - 1 - lag)]
                 if not release:  # each leaf lifts its own nodes' locks from its own sums (before the tree did)
                     dec = dec.copy()
-                    dec[:, D_RELEASE] = np.nan
+                    dec[:, [D_RELEASE, D_YIELD]] = np.nan
                 for p in leaves:  # as the leaf's link: the values, then the lease
                     t = p.mem["energy.tree"]
                     t[T_AT:T_AT + dec.size] = dec.reshape(-1)
@@ -207,6 +208,8 @@ def tree_vs_flat(f: FleetSpec, main_w: float, *, share: bool, decide: str, cycle
                 n_ = len(res.flat)
                 res.release.append((flat.mem["energy.sweep"][:n_, NX_RQ].copy(),
                                     np.nan_to_num(sent[-1][[x["priority"] for x in res.flat], D_RELEASE])))
+                res.yields.append((flat.mem["energy.sweep"][:n_, NX_YQ].copy(),
+                                   np.nan_to_num(sent[-1][[x["priority"] for x in res.flat], D_YIELD])))
             res.leaves_dhz = [sum(float(p.mem["energy.demand_horizon_w"][x["priority"]]) for p in leaves)
                               for x in res.flat]  # a leaf has every class 0..K-1 of the tree: index = priority
             alloc = _tree_allocation(leaves, main_w)

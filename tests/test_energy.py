@@ -419,6 +419,30 @@ def test_a_class_inside_its_target_is_not_shed_for_another_beyond_its_own(plants
     _agrees_with_the_whole_step_lp(plants, f, targets, 60, 60.0)
 
 
+# A class beyond its target is not shed for power that other classes' own-need locks hold for their time beyond
+# their own targets (programs/energy/kernel.py _release; docs/energy.md "A class beyond its target while the
+# others' locks hold time beyond theirs"). `0.5 2 0.5 2` fleet 13 (targets {0: 600, 1: 0, 2: 0} s): at 235 s two
+# fast nodes ran empty and the batteries' export fell 676 W short of the three classes, while class 0's node 6
+# (96 W beyond its link) locked its energy for class 0's runtime (551 s; 365 s of target left) and class 1's node
+# 4 (42 W) for class 1's (target 0). Class 2 was shed there, and class 0 rode on to 785 s on what it kept (the
+# 60 s reference 660 s, every finer grid 600 s: class 2's time beyond its target comes first). Now class 2 takes
+# those locks' part beyond the targets: {0: 610, 1: 545, 2: 265} s. The 60 s grid, and the 20 s one on classes 0
+# and 2 ({0: 600, 1: 320, 2: 280} s; on main class 2 235 s, class 0 785 s). Class 1 is the grid's and the drain
+# order's: 600 s on 60 s, 480 s on 30 s and 15 s, 320 s on 20 s, 330 s on 10 s, 335 s on 5 s, each with class 2 at
+# 270-280 s (the reference rests two fast nodes to keep their power for class 2's last 15 s and pays with class
+# 1's node 4: class 1's time beyond its target comes after class 2's).
+def test_a_class_beyond_its_target_takes_what_locks_hold_beyond_the_other_targets(plants):
+    f, targets = lp_gap_fleets(42, (0.5, 2.0, 0.5, 2.0), 14)[13]
+    _agrees_with_the_whole_step_lp(plants, f, targets, 15, 60.0)
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, 36, 20.0, whole=True)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
+    p.run(720.0)
+    sim = p.first_shed_s()
+    for c in (0, 2):
+        assert abs(min(sim[c], 720.0) - lp[c]) <= 20.0, (c, sim, lp, targets)
+
+
 # A class beyond its target that the batteries' power cannot carry whole, the main supply gone, is shed and latched
 # (programs/energy/rules.py decide, the power pass): its ride-through ended at its first partial cycle, and served
 # in part it spent the energy the classes still served needed later. The discharge-only LP-gap fleet 0 (targets

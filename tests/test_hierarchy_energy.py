@@ -32,7 +32,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
                     rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
                     rng.uniform(0, 1e4), 1.0, 1.0, float(rng.integers(0, 3)), 1200.0, rng.uniform(0, 1e4),
-                    rng.uniform(-5e3, 5e3), rng.uniform(0, 2e3))
+                    rng.uniform(-5e3, 5e3), rng.uniform(0, 2e3), rng.uniform(0, 2e3))
         offers.append(o)
     offers[2][3, hc.C_PROBE_S] = 900.0  # one leaf still on an older question for class 3
     got = []
@@ -45,7 +45,7 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
     assert s.energy[3, hc.C_LOC] == min(o[3, hc.C_LOC] for o in offers)
     assert s.energy[2, hc.C_LEAVES] == 0.0 and s.energy[1, hc.C_LEAVES] == 3.0
     assert s.energy[1, hc.C_ABSENT] == sum(o[1, hc.C_ABSENT] for o in offers)  # missing children, every level
-    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV, hc.C_PROBE_WH, hc.C_PROBE_W, hc.C_REL):
+    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV, hc.C_PROBE_WH, hc.C_PROBE_W, hc.C_REL, hc.C_YLD):
         assert s.energy[1, col] == pytest.approx(sum(o[1, col] for o in offers), rel=1e-15)
     # the power probe: an answer where every leaf probed at the same m, none where one did not
     assert s.energy[1, hc.C_PROBE_S] == 1200.0 and np.isnan(s.energy[3, hc.C_PROBE_S])
@@ -195,6 +195,10 @@ def test_a_class_power_shortfall_composes_across_levels(seed, index, cycles, dt)
     top_q = np.array([b for _, b in r.release])
     assert flat_q.max() > 0.05, flat_q.max(axis=0)  # the rule binds
     np.testing.assert_allclose(top_q, flat_q, rtol=0, atol=1e-9)
+    # what the locks hold beyond their classes' targets, given to a class short of power: the flat's too
+    flat_y, top_y = np.array([a for a, _ in r.yields]), np.array([b for _, b in r.yields])
+    np.testing.assert_allclose(top_y, flat_y, rtol=0, atol=1e-9)
+    assert seed != 42 or flat_y.max() > 0.05, flat_y.max(axis=0)  # it binds there (640 s: classes 1 and 2 take it)
     assert max(r.runtime_diff_s) < 1e-6, r.runtime_diff_s
     own = tree_vs_flat(f, 0.0, **kw, release=False)
     assert max(own.runtime_diff_s) > 1.0, own.runtime_diff_s
@@ -257,9 +261,9 @@ def test_the_decisions_travel_with_the_levels_bit_for_bit():
     uplink's registers. Levels without decisions (a parent without energy offers) say Decided = 0."""
     t = TreeLayout(8, 64)
     dec = np.full((8, D_N), np.nan)
-    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0, 7200.0, 3600.0, 0.0, 7200.0],
-                      [0.25, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1800.0],
-                      [0.6355, 0.0, 0.0, np.inf, 1.0, 0.0, 1234.5, 0.375, 0.0]]
+    dec[[0, 1, 3]] = [[1.0, 0.0, 7200.0, 7200.0, 1.0, 7200.0, 3600.0, 0.0, 0.0, 7200.0],
+                      [0.25, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1800.0],
+                      [0.6355, 0.0, 0.0, np.inf, 1.0, 0.0, 1234.5, 0.375, 0.125, 0.0]]
     lv = Levels({0: -np.inf, 1: 0.5, 3: np.inf}, 1.5e-6, True, dec)
     regs = np.zeros(t.levels_len + t.dec_len, int)
     regs[:t.levels_len] = t.encode_levels(lv, 9, 1000)
@@ -279,7 +283,7 @@ def _one_of_three_rows() -> tuple[np.ndarray, np.ndarray, float]:
     for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
                                        (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
         one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0, 0.0,
-                  np.nan, 0.0, 0.0, 0.0)
+                  np.nan, 0.0, 0.0, 0.0, 0.0)
     one /= 3.0
     one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
     full = hc.total([one, one, one], 8)
@@ -384,7 +388,7 @@ def test_a_leafs_sums_are_the_trees_only_when_swept_wholly_under_the_lease():
             p.cycle()
         for prio, target in enumerate((7200.0, 1800.0, 600.0, 0.0)):  # neutral decisions, leased
             j = T_AT + D_N * prio
-            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0, target, 0.0, 0.0, target)
+            t[j:j + D_N] = (1.0, 0.0, target, target, 1.0, target, 0.0, 0.0, 0.0, target)
             assert D_RUNTIME == 3 and D_REACHABLE == 4
         t[0] = np.inf
         seen = []

@@ -221,8 +221,13 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         lock_t = min(h_s, hz_s[c]) / 3600.0
         gt = min(g, _lock_cap(own, e, lock_t, pace_s)) if (e > 0.0) & (cw > 0.0) else 0.0
         v_yld[i] = max(0.0, _bus_net(gt, d, lk) - v_ps[i] + v_pn[i]) if ok & has & (lock_t < lock_h) else 0.0
-        # Its local runtime: at its own need plus what it gives its class's power now (_release).
-        v_loc[i] = ((e * 3600.0 / (own + rq[c] * v_rel[i] + yq[c] * v_yld[i]) if g >= own else 0.0)
+        # Its local runtime: at its own need plus what it gives its class's power now (_release). What it yields to
+        # another class stops at its lock for its class's remaining target (gt): that time it keeps (a yield is
+        # only there above that lock).
+        lift = rq[c] * v_rel[i]
+        yld = yq[c] * v_yld[i]
+        keep_s = lock_t * 3600.0 if (lift <= 0.0) & (yld > 0.0) else 0.0
+        v_loc[i] = ((max(e * 3600.0 / (own + lift + yld), keep_s) if g >= own else 0.0)
                     if ok & has else math.inf)
 
 
@@ -352,8 +357,12 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
     other class's time beyond its target, second to any class's time inside its target (docs/design.md §2b
     rules 1 and 2; LP-gap `0.5 2 0.5 2` fleet 17: class 0, 30 s short of its 300 s target, kept a node's
     energy for its own load to 490 s, and class 1 was shed at 270 s of its 600 s target for want of 150 W;
-    the reference met both targets). First, since its own locks' energy is its own later need. Returns the
-    power so given (W: the batteries' export slack grows by it)."""
+    the reference met both targets). First, since its own locks' energy is its own later need. So does a class
+    beyond its target (rule 2: the energy above every reserve serves all loads in the power order; a lock's time
+    beyond its own class's target is not a reserve): LP-gap `0.5 2 0.5 2` fleet 13, class 2 (target 0) was shed at
+    235 s for 676 W while class 0's node 6 and class 1's node 4 held 774 W for their classes' runtimes beyond
+    their targets, and class 0 rode to 785 s on it; the reference sheds class 2 at 270-280 s and class 0 at its
+    600 s target. Returns the power so given (W: the batteries' export slack grows by it)."""
     p_left = main_limit_w + slack_w
     given = 0.0
     for k in range(n_cls):
@@ -368,7 +377,7 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
                 continue
             riding |= inside and pneed[c] > 0.0
             q = 0.0
-            if inside and latched[c] == 0 and pneed[c] > 0.0 and on_batt:
+            if latched[c] == 0 and pneed[c] > 0.0 and on_batt:
                 for k in range(n_cls):
                     short = pneed[c] - max(0.0, p_left)
                     room = nx[k, NX_YLD] * (1.0 - nx[k, NX_YQ])
@@ -433,7 +442,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     (tree.py): while leased they stand in for decide()'s, before the sweep and after decide()."""
     on_tree = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s,
                            reachable) >= 0
-    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # the tree's power shortfall (tree.py)
+    tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ], nx[:, NX_YQ])  # the tree's power shortfall (tree.py)
     n = online.shape[0]
     h_s = horizon_s
     active = False  # no targets: nothing is reserved, the allocation is today's (runtimes still computed)
@@ -510,7 +519,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 nx[c, NX_YQ] = 0.0
         else:
             state[ST_SLACK_W] += given_w
-        tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ])  # while leased, the tree's share stands
+        tree_release(wall_s, tree, prio_of, n_cls, nx[:, NX_RQ], nx[:, NX_YQ])  # while leased, the tree's shares stand
         # a_wh[c, k]: deliverable within hz_s[k] with the classes before c served, the others shed
         for k in range(n_cls):
             run = ax[ax.shape[0] - 1, k]
@@ -526,7 +535,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             power_cap[c] = math.inf if on_tree else power_s[c]
         power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
         # the probe's answer and the power shortfall's inputs, for the offer upward
-        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED])
+        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED], nx[:, NX_YLD])
         if not first:
             _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         tree[T_USED] = tree[T_SWEPT]

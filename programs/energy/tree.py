@@ -13,8 +13,8 @@ memory `tree` (f8): [lease deadline (wall s; 0: none), used (written by the prog
 sums it publishes were swept wholly at the tree's decisions, so that the sums it offers upward are the
 tree's), swept (written by the program: the lease held at every cycle of the sweep under way), then per
 priority p (0 .. MAX_CLASSES-1) the D_N values D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON,
-D_PROBE, D_RELEASE, D_TARGET, then per priority the P_N values of the power probe (written by the program)]; a NaN fraction: no
-decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
+D_PROBE, D_RELEASE, D_YIELD, D_TARGET, then per priority the P_N values of the power probe (written by the
+program)]; a NaN fraction: no decision for p. A sweep takes several cycles (kernel.py) and a node's part of the sums
 depends on its class state (its own-need lock, the latch): sums of a sweep begun before the first lease,
 or during a fallback, are the leaf's own even when this cycle's class state is the tree's.
 The remaining target is carried, not the clock: the leaf's clock is set so that its target minus its
@@ -35,20 +35,24 @@ from __future__ import annotations
 from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
-           "D_RELEASE", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_N", "T_USED", "T_SWEPT", "T_AT",
-           "tree_size", "probe_at", "tree_active", "tree_classes", "tree_sweep", "tree_probed", "tree_release"]
+           "D_RELEASE", "D_YIELD", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_YLD", "P_N",
+           "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_active", "tree_classes", "tree_sweep",
+           "tree_probed", "tree_release"]
 
 # target_s: the tree's ride-through target of the priority (its class rules are on where the tree has any
 # target > 0, as a flat controller's: a leaf whose own classes all have none still takes the tree's caps)
-DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release", "target_s")
-D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE, D_RELEASE, D_TARGET = range(len(DECISIONS))
+DECISIONS = ("frac", "latched", "left_s", "runtime_s", "reachable", "horizon_s", "probe_s", "release",
+             "yield", "target_s")  # per priority
+D_FRAC, D_LATCHED, D_LEFT, D_RUNTIME, D_REACHABLE, D_HORIZON, D_PROBE, D_RELEASE, D_YIELD, D_TARGET = range(
+    len(DECISIONS))
 D_N = len(DECISIONS)
 # the power probe of the last whole sweep, per priority (written by the program): the m it was taken at
 # (NaN: none yet), the deliverable energy A(m) (Wh) and its slope (W); and the class's power shortfall's
 # inputs of that sweep (kernel._release): the power its nodes' own-need locks could add to the bus (W) and
-# the power its loads ask of the bus before any lock is lifted (W)
-PROBE = ("probe_s", "probe_wh", "probe_w", "release_w", "power_need_w")
-P_S, P_WH, P_W, P_REL, P_PNEED = range(len(PROBE))
+# the power its loads ask of the bus before any lock is lifted (W), and the power its locks could add held only
+# for the class's remaining target (W: what another class short of power takes first, kernel._release)
+PROBE = ("probe_s", "probe_wh", "probe_w", "release_w", "power_need_w", "yield_w")
+P_S, P_WH, P_W, P_REL, P_PNEED, P_YLD = range(len(PROBE))
 P_N = len(PROBE)
 T_USED = 1  # [0] is the lease deadline
 T_SWEPT = 2
@@ -125,10 +129,10 @@ def tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s):
 
 
 @njit(nogil=True, cache=True)
-def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w):
+def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w, yield_w):
     """At a sweep's end: the m each class was probed at (0: none) and the deliverable energy and its slope
-    there (kernel._power_probe), and the sweep's releasable power and power need (kernel._release's inputs),
-    per priority, for the offer upward."""
+    there (kernel._power_probe), and the sweep's releasable power, power need and the power its locks held beyond
+    their class's remaining target could add (kernel._release's inputs), per priority, for the offer upward."""
     at = probe_at(tree.shape[0])
     if at < T_AT:  # a memory too small for any class (no tree): nothing to write, and no index below 0
         return
@@ -140,12 +144,14 @@ def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w):
             tree[j + P_W] = pv[1, c]
             tree[j + P_REL] = release_w[c]
             tree[j + P_PNEED] = need_w[c]
+            tree[j + P_YLD] = yield_w[c]
 
 
 @njit(nogil=True, cache=True)
-def tree_release(wall_s, tree, prio_of, n_cls, rq):
+def tree_release(wall_s, tree, prio_of, n_cls, rq, yq):
     """While the tree's decisions are leased: the share of its own-need locks' power each class releases
-    (kernel._release, decided by the top on the tree's sums) in place of this controller's own."""
+    (rq), and the share of what they hold beyond its remaining target each class yields to another (yq)
+    (kernel._release, decided by the top on the tree's sums), in place of this controller's own."""
     if not wall_s < tree[0]:
         return
     for c in range(n_cls):
@@ -153,3 +159,5 @@ def tree_release(wall_s, tree, prio_of, n_cls, rq):
         if j >= 0:
             q = tree[j + D_RELEASE]
             rq[c] = min(1.0, max(0.0, q)) if q == q else rq[c]
+            y = tree[j + D_YIELD]
+            yq[c] = min(1.0, max(0.0, y)) if y == y else yq[c]

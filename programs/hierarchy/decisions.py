@@ -48,11 +48,11 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, _class_demand, _release, _reserve_rise,
-                                          _reserve_wh)
+from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, NX_YLD, NX_YQ, _class_demand, _release,
+                                          _reserve_rise, _reserve_wh)
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime, probe_next
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
-                                        D_RUNTIME, D_TARGET)
+                                        D_RUNTIME, D_TARGET, D_YIELD)
 from vbatt.programs.hierarchy import classes as hc
 
 __all__ = ["TreeDecider"]
@@ -152,6 +152,7 @@ class TreeDecider:
         out[ps, D_RUNTIME] = target
         out[ps, D_REACHABLE] = 1.0
         out[ps, D_RELEASE] = 0.0  # no lock lifted
+        out[ps, D_YIELD] = 0.0
         out[ps, D_TARGET] = target
         # a flat controller's first sweep: the horizons the whole targets, the probe at the longest horizon
         out[ps, D_HORIZON] = target
@@ -221,7 +222,10 @@ class TreeDecider:
         # its nodes' own-need locks lifted, sent down; its power need less what that gives, for `decide`
         nx = np.zeros((n, NX_N))
         nx[:, NX_REL] = offer[ps, hc.C_REL]
-        _release(n, float(main_limit_w), self.state[ST_SLACK_W], target, clock, loc, latched, dnow, nx, pneed)
+        nx[:, NX_YLD] = offer[ps, hc.C_YLD]
+        # what the locks held beyond their classes' targets give another class adds to the batteries' slack
+        self.state[ST_SLACK_W] += _release(n, float(main_limit_w), self.state[ST_SLACK_W], target, clock, loc,
+                                           latched, dnow, nx, pneed)
         decide(n, dnow, dres, e_wh, float(main_limit_w), dt_rule, self.hold_s, target, clock, latched,
                self.state, loc, power_cap, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on,
                cum, tot,
@@ -242,6 +246,7 @@ class TreeDecider:
         out[ps, D_RUNTIME] = rt
         out[ps, D_REACHABLE] = reachable
         out[ps, D_RELEASE] = nx[:, NX_RQ]
+        out[ps, D_YIELD] = nx[:, NX_YQ]
         out[ps, D_TARGET] = target
         self.question(out, ps, target, clock, latched, loc)
         self.rows = [hc.row(p, o[j], reserve[j], rt[j], reachable[j] != 0) | {
