@@ -118,7 +118,7 @@ def check(offer: np.ndarray, who: str = "offer") -> None:
         lost = ~np.isfinite(x) | (x < 0)
         if lost.any():
             p = int(np.flatnonzero(lost)[0])
-            raise ValueError(f"{who}: class {p}: {COLS[col]} {x[p]!r}: expected a finite power >= 0 W")
+            raise ValueError(f"{who}: class {p}: {COLS[col]} {float(x[p])!r}: expected a finite power >= 0 W")
     if bad.any():
         p = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{who}: class {p}: probe_s {m[p]!r}, probe_wh {wh[p]!r}, probe_w {w[p]!r}: expected "
