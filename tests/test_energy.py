@@ -508,8 +508,8 @@ def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1, main_w
             np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
             # the class demand forecast off: the rule on the demand now
             0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
-            # not a leaf of a controller tree: no decisions leased from above
-            np.zeros(1), np.zeros(k, np.int64), z(), np.zeros(n))
+            # not a leaf of a controller tree: no decisions leased from above; then v_yld, v_str, stranded_w
+            np.zeros(1), np.zeros(k, np.int64), z(), np.zeros(n), np.zeros(n), z())
     kc = classes.size
     live = {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc], "power_s": power_s[:kc]}
     for i in range(cycles):
@@ -672,3 +672,15 @@ def test_a_program_built_again_without_the_configuration_keeps_the_targets(plant
     p.run(3)
     assert p.mem["energy.target_s"][:2].tolist() == [600.0, 60.0]
     assert p.mem["energy.soc_min"][0] == 0.1 and p.class_rows()[0]["runtime_s"] > 0
+
+
+# Stranded energy serves its own node (docs/energy.md "Stranded energy serves its own load"): class 0 (two fast
+# nodes, 280 Wh, target 7,200 s it cannot reach) rides on them and on the 50 W the other two export; class 2's
+# node (a 40 W load inside its 50 W link) and class 3's (a 100 W load beyond it) hold 2 kWh each, far more than
+# their links carry out within any horizon. Serving their own loads from it takes nothing from class 0: the
+# reference serves all three until class 0 ends at 3,360 s. Before, classes 2 and 3 were shed at 0 s: their
+# draw came off class 0's margin, which is 0 once its power runtime binds.
+def test_a_class_on_its_own_stranded_energy_is_not_shed_for_a_more_critical_one(plants):
+    f = FleetSpec([0, 0, 2, 3], [250.0, 150.0, 40.0, 100.0], [200.0, 150.0, 2500.0, 2500.0], [0.9] * 4,
+                  [2000.0, 2000.0, 1000.0, 1000.0], [2000.0, 2000.0, 50.0, 50.0])
+    _agrees_with_the_whole_step_lp(plants, f, {0: 7200.0, 2: 0.0, 3: 0.0}, 40, 120.0)

@@ -94,9 +94,9 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
     soc_min, use_forecast, class_of, state, hp = settings
     (target_s, clock_s, latched, dmd, pool_now, reserve_demand, energy_wh, local_s, tau_s, reserve_wh, frac,
      prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed, probe_s,
-     probe_wh, power_s, power_cap) = classes
+     probe_wh, power_s, power_cap, stranded_w) = classes
     (hi_cap,) = node_memory
-    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel, v_yld) = scratch
+    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel, v_yld, v_str) = scratch
     hz, season, prior, prior_season, dhz = forecast
     tree, prio_of, slack_w = tree_link
     energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,
@@ -108,7 +108,7 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
                 sweep_deliv, deliv, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc,
                 v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
                 v_pn, v_ps, v_rel, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
-                prior_season, dhz, tree, prio_of, slack_w, v_yld)
+                prior_season, dhz, tree, prio_of, slack_w, v_yld, v_str, stranded_w)
 
 
 class Energy(Program):
@@ -119,7 +119,7 @@ class Energy(Program):
     # controller in a tree offers its parent (programs/hierarchy/classes.py)
     published = ("priority", "demand_w", "demand_horizon_w", "reserve_wh", "target_s", "runtime_s", "reachable",
                  "state", "energy_wh", "local_s", "clock_s", "latched", "pool_now_w", "power_need_w", "power_slack_w",
-                 "deliverable_wh", "tree", "reserve_demand_w")
+                 "deliverable_wh", "tree", "reserve_demand_w", "stranded_w")
     SETTING = "target_by_priority_s"  # the operator setting (Op.SET_MEMORY): a ride-through target per priority
     TREE = "tree"  # the tree's class decisions, written by the hierarchy link of a leaf (tree.py)
 
@@ -184,7 +184,7 @@ class Energy(Program):
         f = [ArraySpec(name, "f8", (k,)) for name in
              ("target_s", "clock_s", "demand_w", "pool_now_w", "reserve_demand_w", "energy_wh", "local_s", "tau_s", "reserve_wh",
               "frac", "runtime_s", "s_tau", "s_cum", "s_tot", "hz_s", "power_need_w", "probe_s", "power_s",
-              "power_cap_s")]
+              "power_cap_s", "stranded_w")]
         # deliverable energy per horizon (columns) with the classes before the row's served (kernel _horizons)
         f += [ArraySpec(name, "f8", (k + 1, k)) for name in ("sweep_deliverable_wh", "deliverable_wh")]
         # the power runtime's probe per class: deliverable energy and its slope at probe_s (kernel _power_probe)
@@ -334,10 +334,10 @@ class Energy(Program):
                      m("reserve_demand_w"), m("energy_wh"), m("local_s"), m("tau_s"), m("reserve_wh"), m("frac"),
                      m("prev_frac"), m("runtime_s"), m("reachable"), m("s_tau"), m("s_on"), m("s_cum"), m("s_tot"),
                      m("hz_s"), m("sweep_deliverable_wh"), m("deliverable_wh"), m("power_need_w"),
-                     m("probe_s"), m("sweep_probe"), m("power_s"), m("power_cap_s")),
+                     m("probe_s"), m("sweep_probe"), m("power_s"), m("power_cap_s"), m("stranded_w")),
             sweep=m("sweep"),
             node_memory=(m("hi_cap_w"),),
-            scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(14))),
+            scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(15))),
             forecast=(m("hz"), season, m("hz_prior"), m("hz_prior_season_w")[: season.shape[1]],
                       m("demand_horizon_w")),
             tree_link=(m(self.TREE), m("priority"), m("power_slack_w")),

@@ -40,9 +40,10 @@ ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # Columns of the sweep's class accumulators: forecast demand, pooled demand now, pooled demand for
 # the reserve, pooled energy, local runtime (min), power need, export slack, the power the class's own-need
 # locks could add (_release), the power the locks held beyond their class's remaining target could add (a
-# class inside its target short of power takes it first: _release); NX_RQ and NX_YQ are not sums: the shares
-# of them released at the last sweep's end.
-NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_N = range(12)
+# class inside its target short of power takes it first: _release), the part of the pooled demand its nodes
+# serve where they are from energy no one else could get within the horizon (stranded: _node_values);
+# NX_RQ and NX_YQ are not sums: the shares of them released at the last sweep's end.
+NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_STR, NX_N = range(13)
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -136,12 +137,14 @@ def _bus_net(g, d, lk):
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
                  max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
-                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq):
+                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq, v_str):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none); v_rel: the power
     lifting that limit would add to the bus (_release), rq: per class, the share of it released at the
     last sweep's end. v_yld: the power the node's lock would add with its lock held only for its class's
-    remaining target (not its runtime beyond it), yq per class the share of it released (_release). The callers pass
+    remaining target (not its runtime beyond it), yq per class the share of it released (_release). v_str: the
+    part of its pooled demand it serves from stranded energy (its draw takes nothing another class could
+    get within the horizon). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
     inv_h = h_s / 3600.0
     np_ = class_of.shape[0]
@@ -186,6 +189,17 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         v_f[i] = f if ok else 0.0
         v_now[i] = d - own if ok else 0.0
         v_res[i] = min(f, lk) if ok else 0.0
+        # Stranded energy (docs/design.md §2b: counted only for its own node): beyond its own-need lock and
+        # what it can export within the longest horizon, a battery holds energy only its own load can use. If
+        # that covers the pooled part of its load (d - own) for the whole horizon, and its battery can give
+        # that part beside its export, its class's draw there takes nothing the other classes could get: the
+        # class rules do not count it against their reserve's deliverable energy (rules.decide). (Counted, a
+        # class beyond its target on a node with a large battery behind a small link was shed as soon as a
+        # more critical class's power runtime bound: the margin there is 0 by construction.)
+        ex = min(g, lk)
+        dl = d - own if latched[c] == 0 else 0.0
+        spare = (e - own * lock_h) - (ex + dl) * inv_h
+        v_str[i] = min(dl, max(0.0, g - own - ex)) if ok & (spare >= 0.0) & (dl > 0.0) else 0.0
         # Its surplus above that lock it may export as fast as its limits allow, but no more of it
         # than one sweep (pace_s: until the node's next look) can take: so the lock holds, and the
         # surplus is not paced over the horizon (that left it stranded while the nodes without a
@@ -218,9 +232,10 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, v_yld, nx):
+def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, v_yld, v_str, nx):
     for i in range(v_cls.shape[0]):
         c = v_cls[i]
+        nx[c, NX_STR] += v_str[i]
         nx[c, NX_REL] += v_rel[i]
         nx[c, NX_YLD] += v_yld[i]
         nx[c, NX_PNEED] += v_pn[i]
@@ -416,7 +431,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, pneed,
                 serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
-                tree, prio_of, slack_w, v_yld):
+                tree, prio_of, slack_w, v_yld, v_str, stranded_w):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
     node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
@@ -477,9 +492,9 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
                  eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b],
-                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], nx[:, NX_YQ])
+                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], nx[:, NX_YQ], v_str[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b],
-             v_yld[a:b], nx)
+             v_yld[a:b], v_str[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
     _power_probe(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, probe_s, n_cls,
                  probe_wh)
@@ -492,6 +507,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             energy_wh[c] = nx[c, NX_E]
             local_s[c] = nx[c, NX_LOC]
             pneed[c] = nx[c, NX_PNEED]
+            stranded_w[c] = nx[c, NX_STR]
         state[ST_SLACK_W] = 0.0
         for c in range(n_cls):
             state[ST_SLACK_W] += nx[c, NX_PSLK]
@@ -533,7 +549,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
     bad = decide(n_cls, dnow, dhz, e_tot, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
                  local_s, power_cap, a_wh, hz_s, pneed, tau, reserve_wh, frac, runtime_s, reachable, s_tau, s_on, s_cum,
                  s_tot,
-                 restore_s, pace_s, prev_frac)
+                 restore_s, pace_s, prev_frac, stranded_w)
     leased = tree_classes(wall_s, tree, prio_of, n_cls, target_s, clock_s, latched, frac, runtime_s, reachable)
     bad = bad if leased < 0 else leased
     # -- per node: limits every cycle; caps when a class's share changed (or while any is capped:

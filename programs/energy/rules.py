@@ -203,14 +203,17 @@ def _others_served(k_n, c, latched, frac, dnow):
 @njit(nogil=True, cache=True)
 def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s, latched, state,
            local_s, power_s, a_wh, hz_s, pneed, tau, reserve_wh, frac, rt, reachable, s_tau, s_on, cum_wh, tot_wh,
-           restore_s, pace_s, prev_frac):
+           restore_s, pace_s, prev_frac, stranded_w):
     """One cycle of the class rules. Writes frac[c]: the fraction of its demand class c may be
     served (what the main supply gives it in priority order, plus the battery energy it may draw
     this cycle), reserve_wh, the runtimes (of the pool, and at most local_s: the first node of
     the class whose own battery runs out) and `reachable`. dnow/dres are the pooled demand (the
     part the links can carry). Returns the number of classes whose target is unreachable.
     restore_s > 0: a peak-shaved class's cut is calm (see below; prev_frac: the shares of the last
-    cycle, pace_s: one sweep, the time the reserve's rise in `state` is measured over); 0: off."""
+    cycle, pace_s: one sweep, the time the reserve's rise in `state` is measured over); 0: off.
+    stranded_w: per class, the part of its pooled demand its nodes serve from stranded energy (kernel
+    _node_values): that draw takes nothing the other classes' reserve could get, so the power check
+    (the deliverable energy within each horizon) counts the rest of its draw only."""
     # Battery clocks: class c rides through on the batteries while the main supply can carry none
     # of it (it serves the most critical first); a class it carries in part is being peak-shaved,
     # and main may still fail: its target stays whole. All reset once main has covered everything
@@ -319,7 +322,10 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             # Below its threshold a peak-shaved class gives back part of what main serves it, so that
             # main's spare recharges the reserve (the reserve first; the energy rule only: a reserve
             # short of power, not of energy, is not mended by charging).
-            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, min(avail, p_avail) / need_wh))
+            # What its nodes serve from their stranded energy is no one else's: it comes off neither margin.
+            need_pw = max(0.0, need_wh - min(stranded_w[c], d - m) * dt_s / 3600.0)
+            share = math.inf if need_pw <= 0.0 else min(avail, p_avail) / need_pw
+            a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, share))
             if shaved and e_left < thr_back:
                 a = max(-m / (d - m), (e_left - thr_back) / need_wh)
             elif calm:

@@ -34,16 +34,16 @@ __all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "check", "rows", "row
 
 COLS = ("demand_w", "reserve_demand_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
         "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree", "absent",
-        "probe_s", "probe_wh", "probe_w", "release_w", "yield_w")
+        "probe_s", "probe_wh", "probe_w", "release_w", "yield_w", "stranded_w")
 N_COLS = len(COLS)
 (C_DNOW, C_DRES, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
- C_ON_TREE, C_ABSENT, C_PROBE_S, C_PROBE_WH, C_PROBE_W, C_REL, C_YLD) = range(N_COLS)
+ C_ON_TREE, C_ABSENT, C_PROBE_S, C_PROBE_WH, C_PROBE_W, C_REL, C_YLD, C_STR) = range(N_COLS)
 # a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
 # the subtree's other nodes deliver it, and the class rules check every class's horizon); no probe answer
 _NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, math.nan, 0.0, 0.0,
-         0.0, 0.0)
+         0.0, 0.0, 0.0)
 _SUMMED = [C_DNOW, C_DRES, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT, C_PROBE_WH,
-           C_PROBE_W, C_REL, C_YLD]
+           C_PROBE_W, C_REL, C_YLD, C_STR]
 
 
 def empty(k: int) -> np.ndarray:
@@ -74,6 +74,7 @@ def offer_of(v: dict, k: int) -> np.ndarray:
                               max(0.0, g("target_s")[c] - g("clock_s")[c]), g("target_s")[c], float(g("latched")[c]),
                               g("pool_now_w")[c], g("power_need_w")[c], g("power_slack_w")[c], deliv[c], 1.0,
                               float(g("tree")[T_USED] == 1.0), 0.0)
+        out[p, C_STR] = g("stranded_w")[c]
         if not has[p]:  # a class of the tree it has no node of: only its deliverable energy counts
             out[p, [C_LEFT, C_TARGET]] = math.nan
         t = g("tree")
@@ -112,12 +113,12 @@ def check(offer: np.ndarray, who: str = "offer") -> None:
     probe's m is NaN (none yet) or >= 0, its energy finite and >= 0 and its slope finite where there is one."""
     m, wh, w = offer[:, C_PROBE_S], offer[:, C_PROBE_WH], offer[:, C_PROBE_W]
     bad = (m < 0) | np.isinf(m) | ((m == m) & (~np.isfinite(wh) | (wh < 0) | ~np.isfinite(w)))
-    for col in (C_REL, C_YLD):
-        w_ = offer[:, col]
-        lost = ~np.isfinite(w_) | (w_ < 0)
+    for col in (C_REL, C_YLD, C_STR):
+        x = offer[:, col]
+        lost = ~np.isfinite(x) | (x < 0)
         if lost.any():
             p = int(np.flatnonzero(lost)[0])
-            raise ValueError(f"{who}: class {p}: {COLS[col]} {w_[p]!r}: expected a finite power >= 0 W")
+            raise ValueError(f"{who}: class {p}: {COLS[col]} {float(x[p])!r}: expected a finite power >= 0 W")
     if bad.any():
         p = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{who}: class {p}: probe_s {m[p]!r}, probe_wh {wh[p]!r}, probe_w {w[p]!r}: expected "

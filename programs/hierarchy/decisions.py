@@ -229,7 +229,7 @@ class TreeDecider:
         decide(n, dnow, dres, e_wh, float(main_limit_w), dt_rule, self.hold_s, target, clock, latched,
                self.state, loc, power_cap, a_wh, hz, pneed, tau, reserve, frac, rt, reachable, s_tau, s_on,
                cum, tot,
-               self.restore_s, max(dt_rule, 1e-3), np.ascontiguousarray(self.frac[ps]))
+               self.restore_s, max(dt_rule, 1e-3), np.ascontiguousarray(self.frac[ps]), col(hc.C_STR))
         extra = float(dt_s) - dt_rule
         if extra > 0.0:
             clock[clock > before] += extra

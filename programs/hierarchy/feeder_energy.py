@@ -27,7 +27,9 @@ node out; all in the units of the rules, D min(hz, m) in W s):
   top's Newton step keeps its property (from above the root it stays above it);
 - the pooled energy (C_E, within the horizon H = the tree's longest remaining target, at least horizon_s,
   as a node's is): at most (sum_j D_j + F) H over the classes not latched, each class's part scaled alike;
-- the batteries' export slack for the power pass (C_PSLACK): at most the group's own power need plus F.
+- the batteries' export slack for the power pass (C_PSLACK): at most the group's own power need plus F;
+- the stranded draw (C_STR): where the group's energy covers F and its own pooled loads over the horizon
+  H and its batteries give both, all of its classes' pooled demand (their draw is no one else's energy).
 
 Not narrowed: the import side (a group whose own loads need more than its batteries and F can bring,
 stranded demand rather than stranded energy: the allocation sheds it inside the group, the top's rules
@@ -101,6 +103,14 @@ def narrow_energy(offer: np.ndarray | None, feeder_w: float, dec: np.ndarray | N
     # the pooled energy within H, and the export slack
     h_s = max(float(horizon_s), _longest_s(o, dec))
     e = np.nan_to_num(o[:, hc.C_E], nan=0.0)
+    # Stranded behind the feeder (as a node's behind its link, kernel._node_values): where the group's energy
+    # covers its export F and its own pooled loads over the whole horizon, and its batteries give both, its
+    # classes' draw there takes nothing from the rest of the tree (rules.decide's stranded draw)
+    dnow = np.where(on, np.nan_to_num(o[:, hc.C_DNOW], nan=0.0), 0.0)
+    slack = float(np.nan_to_num(o[:, hc.C_PSLACK], nan=0.0).sum())
+    if e.sum() >= (float(dnow.sum()) + f) * h_s / 3600.0 and \
+            slack >= float(np.nan_to_num(o[:, hc.C_PNEED], nan=0.0).sum()) + f:
+        o[:, hc.C_STR] = np.maximum(o[:, hc.C_STR], dnow)
     cap = (float(dres.sum()) + f) * h_s / 3600.0
     if e.sum() > cap:
         o[:, hc.C_E] = e * (cap / e.sum())
