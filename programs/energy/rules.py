@@ -212,8 +212,8 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
     restore_s > 0: a peak-shaved class's cut is calm (see below; prev_frac: the shares of the last
     cycle, pace_s: one sweep, the time the reserve's rise in `state` is measured over); 0: off.
     stranded_w: per class, the part of its pooled demand its nodes serve from stranded energy (kernel
-    _node_values): that draw takes nothing the other classes' reserve could get, so the power check
-    (the deliverable energy within each horizon) counts the rest of its draw only."""
+    _node_values): that draw takes nothing the other classes' reserve could get, so the energy and the power
+    checks (the pooled energy, the deliverable energy within each horizon) count the rest of its draw only."""
     # Battery clocks: class c rides through on the batteries while the main supply can carry none
     # of it (it serves the most critical first); a class it carries in part is being peak-shaved,
     # and main may still fail: its target stays whole. All reset once main has covered everything
