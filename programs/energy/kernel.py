@@ -197,9 +197,8 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # class beyond its target on a node with a large battery behind a small link was shed as soon as a
         # more critical class's power runtime bound: the margin there is 0 by construction.)
         ex = min(g, lk)
-        dl = d - own if latched[c] == 0 else 0.0
-        spare = (e - own * lock_h) - (ex + dl) * inv_h
-        v_str[i] = min(dl, max(0.0, g - own - ex)) if ok & (spare >= 0.0) & (dl > 0.0) else 0.0
+        dl = d_own - own  # the pooled part of its own load (none for a class shed for energy)
+        v_str[i] = min(dl, max(0.0, g - own - ex)) if ok & (e - own * lock_h >= (ex + dl) * inv_h) else 0.0
         # Its surplus above that lock it may export as fast as its limits allow, but no more of it
         # than one sweep (pace_s: until the node's next look) can take: so the lock holds, and the
         # surplus is not paced over the horizon (that left it stranded while the nodes without a
@@ -377,8 +376,8 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
                 continue
             riding |= inside and pneed[c] > 0.0
             q = 0.0
-            if latched[c] == 0 and pneed[c] > 0.0 and on_batt:
-                for k in range(n_cls):
+            if latched[c] == 0 and pneed[c] > 0.0:
+                for k in range(n_cls if on_batt else 0):
                     short = pneed[c] - max(0.0, p_left)
                     room = nx[k, NX_YLD] * (1.0 - nx[k, NX_YQ])
                     if k == c or short <= 0.0 or room <= 0.0:
@@ -387,7 +386,6 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
                     nx[k, NX_YQ] += y / nx[k, NX_YLD]
                     p_left += y
                     given += y
-            if latched[c] == 0 and pneed[c] > 0.0:
                 rel = nx[c, NX_REL] if on_batt and (inside or not riding) else 0.0
                 use = min(max(0.0, pneed[c] - max(0.0, p_left)), rel)
                 q = use / rel if rel > 0.0 else 0.0

@@ -148,6 +148,12 @@ def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w, yield_w):
 
 
 @njit(nogil=True, cache=True)
+def _share(q, own):
+    """A share the tree sent (clamped to 0..1), or this controller's own where it sent none (NaN)."""
+    return min(1.0, max(0.0, q)) if q == q else own
+
+
+@njit(nogil=True, cache=True)
 def tree_release(wall_s, tree, prio_of, n_cls, rq, yq):
     """While the tree's decisions are leased: the share of its own-need locks' power each class releases
     (rq), and the share of what they hold beyond its remaining target each class yields to another (yq)
@@ -157,7 +163,5 @@ def tree_release(wall_s, tree, prio_of, n_cls, rq, yq):
     for c in range(n_cls):
         j = _decided(tree, prio_of[c])
         if j >= 0:
-            q = tree[j + D_RELEASE]
-            rq[c] = min(1.0, max(0.0, q)) if q == q else rq[c]
-            y = tree[j + D_YIELD]
-            yq[c] = min(1.0, max(0.0, y)) if y == y else yq[c]
+            rq[c] = _share(tree[j + D_RELEASE], rq[c])
+            yq[c] = _share(tree[j + D_YIELD], yq[c])

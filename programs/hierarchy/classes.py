@@ -82,10 +82,8 @@ def offer_of(v: dict, k: int) -> np.ndarray:
         if j + P_N <= t.shape[0]:
             out[p, [C_PROBE_S, C_PROBE_WH, C_PROBE_W]] = t[j + P_S], t[j + P_WH], t[j + P_W]
             # the shortfall's inputs of the last whole sweep (none before the first: 0)
-            need, rel, yld = t[j + P_PNEED], t[j + P_REL], t[j + P_YLD]
-            out[p, C_PNEED] = need if need == need else 0.0
-            out[p, C_REL] = rel if rel == rel else 0.0
-            out[p, C_YLD] = yld if yld == yld else 0.0
+            got = t[[j + P_PNEED, j + P_REL, j + P_YLD]]
+            out[p, [C_PNEED, C_REL, C_YLD]] = np.where(np.isnan(got), 0.0, got)
     return out
 
 

@@ -107,15 +107,13 @@ def narrow_energy(offer: np.ndarray | None, feeder_w: float, dec: np.ndarray | N
     # covers its export F and its own pooled loads over the whole horizon, and its batteries give both, its
     # classes' draw there takes nothing from the rest of the tree (rules.decide's stranded draw)
     dnow = np.where(on, np.nan_to_num(o[:, hc.C_DNOW], nan=0.0), 0.0)
-    slack = float(np.nan_to_num(o[:, hc.C_PSLACK], nan=0.0).sum())
-    if e.sum() >= (float(dnow.sum()) + f) * h_s / 3600.0 and \
-            slack >= float(np.nan_to_num(o[:, hc.C_PNEED], nan=0.0).sum()) + f:
+    s = np.nan_to_num(o[:, hc.C_PSLACK], nan=0.0)
+    own_w = float(np.nan_to_num(o[:, hc.C_PNEED], nan=0.0).sum())  # the group's own power need
+    if e.sum() >= (float(dnow.sum()) + f) * h_s / 3600.0 and s.sum() >= own_w + f:
         o[:, hc.C_STR] = np.maximum(o[:, hc.C_STR], dnow)
     cap = (float(dres.sum()) + f) * h_s / 3600.0
     if e.sum() > cap:
         o[:, hc.C_E] = e * (cap / e.sum())
-    s = np.nan_to_num(o[:, hc.C_PSLACK], nan=0.0)
-    cap = float(np.nan_to_num(o[:, hc.C_PNEED], nan=0.0).sum()) + f
-    if s.sum() > cap:
-        o[:, hc.C_PSLACK] = s * (cap / s.sum())
+    if s.sum() > own_w + f:
+        o[:, hc.C_PSLACK] = s * ((own_w + f) / s.sum())
     return o

@@ -217,19 +217,17 @@ class Tree:
         return all((s := self.status(n)) is not None and s["levels_from"] == "parent" and s["cycle"] > 10
                    and all(c["online"] for c in s["children"].values()) for n in names)
 
+    @staticmethod
+    def _decisions(top: dict | None) -> tuple[int, int, tuple]:
+        """From one status of the top: the rounds in a row it ran the energy rules on the whole tree at its
+        decisions (0: none yet), the rounds in which the whole tree answered its power runtime's question,
+        and the class shares of its last round (empty: none yet)."""
+        d = (top or {}).get("decisions") or {}
+        shares = tuple(float(r.get("frac", math.nan)) for r in (top or {}).get("classes") or [])
+        return int(d.get("clean_rounds", 0)), int(d.get("answers", 0)), shares
+
     def decided(self) -> int:
-        """Rounds in a row the top ran the energy rules on the whole tree at its decisions (0: none yet)."""
-        d = (self.status("top") or {}).get("decisions") or {}
-        return int(d.get("clean_rounds", 0))
-
-    def answers(self) -> int:
-        """Rounds in which the whole tree answered the top's question for the power runtime."""
-        d = (self.status("top") or {}).get("decisions") or {}
-        return int(d.get("answers", 0))
-
-    def shares(self) -> tuple:
-        """The class shares the top decided in its last round (empty: none yet)."""
-        return tuple(float(r.get("frac", math.nan)) for r in (self.status("top") or {}).get("classes") or [])
+        return self._decisions(self.status("top"))[0]
 
     def settle(self, names, cycles: int, timeout_s: float, decided_rounds: int = 0, answers: int = 0,
                still_rounds: int = 0) -> None:
@@ -248,7 +246,8 @@ class Tree:
         moved = (None, 0)  # the top's shares and its clean round when they last moved
         while time.monotonic() < end:
             st = {n: self.status(n) for n in names}
-            rounds, shares = self.decided(), self.shares()
+            # one read of the top's status: its rounds, answers and shares from the same round
+            rounds, answered, shares = self._decisions(self.status("top"))
             if shares != moved[0] or rounds < moved[1]:
                 moved = (shares, rounds)
             if any(s is None for s in st.values()) or not self.controlled(names):
@@ -258,14 +257,14 @@ class Tree:
             elif not start:
                 start = st
             elif all(st[n]["cycle"] > start[n]["cycle"] + cycles for n in names) and \
-                    rounds >= decided_rounds and self.answers() >= answers and rounds - moved[1] >= still_rounds:
+                    rounds >= decided_rounds and answered >= answers and rounds - moved[1] >= still_rounds:
                 return
             self.wait(lambda: True, 1, "")  # (only its check that every process still runs)
             time.sleep(0.1)
         raise TimeoutError(f"timed out after {timeout_s} s waiting for {cycles} cycles without a fallback"
                            f", {decided_rounds} rounds of the top's class rules on the whole tree, {answers}"
                            f" answers to its power runtime's questions and its class shares still for"
-                           f" {still_rounds} rounds (last: {self.shares()})")
+                           f" {still_rounds} rounds (last: {self._decisions(self.status('top'))[2]})")
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         p = self.procs.pop(name)
