@@ -1,6 +1,6 @@
 """How far the energy program's ride-through is from the reference LP when power and link limits bind.
 
-    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed] [--seed S] [--dt S] [-v]
+    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed] [--seed S] [--dt S] [--period S] [-v]
     .venv/bin/python benchmarks/energy_lp_gap.py --peak [INSTANCES]
 
 Limits are multiples of each node's demand (e.g. `1 3 0.5 2`). Per random fleet (4-20 nodes, 1-4
@@ -10,7 +10,8 @@ steps only; --relaxed: the LP relaxation, which counts a partly served step in p
 to one step and the deviations (simulation minus LP). --seed: the fleets' random seed (42: the figures below;
 another seed draws other fleets, to check that a change did not fit these). --dt: the reference's grid step
 (60 s: the figures below; a finer grid tells a miss from the grid's own: the whole-step reference hands
-the energy of a class's last, partial step to a later class, see docs/energy.md). docs/energy.md has the figures; measured
+the energy of a class's last, partial step to a later class, see docs/energy.md). --period: the simulation's cycle
+(5 s: the figures below; 1 s is the cycle of examples/scenarios). docs/energy.md has the figures; measured
 (20 instances, 41 classes each, seed 42), classes within one step / mean |deviation| against the
 whole-step reference:
 
@@ -60,6 +61,9 @@ then (2026-11-29) a class beyond its target short of power takes what the other 
 targets (programs/energy/kernel.py _release, _node_values), against main dab7cf0: both 0.5-2 38 -> 39 of 41, 28 s
 (fleet 13 {0: 785, 1: 595, 2: 235} -> {0: 610, 1: 545, 2: 265} s; the 5 s reference {0: 600, 1: 335, 2: 280} s);
 both 38 of 41, 35 s (line by line the same); --seed 7 47 of 47, 20 s (fleet 1 class 2 770 -> 775 s).
+then (2026-11-29) a class after the taker in the power order yields only its batteries' export (kernel.py _release,
+NX_YLS): at 5 s cycles unchanged (both 38 of 41, both 0.5-2 39 of 41); at 1 s cycles (--period 1) both 38 -> 39 of
+41 (fleet 11: class 1 813 -> 1,199 s of its 1,200 s target), both 0.5-2 38 of 41 (fleet 17 class 1 508 s of 600 s).
 Against a 5 s reference, seed-42 fleet 1 (both) and binding-test seed 37 are within 15 s on the classes shed
 first and 50-55 s on the last one (60 s: 280 and 65 s off): their 60 s
 misses are the grid's, amplified by the trickle the last class runs on (docs/energy.md "The trickle cases").
@@ -112,7 +116,7 @@ def main(argv: list[str]) -> int:
     whole = "--relaxed" not in argv
     verbose = "-v" in argv  # one line per fleet
     argv = [a for a in argv if a not in ("--relaxed", "-v")]
-    opt = {"--seed": 42.0, "--dt": 60.0}
+    opt = {"--seed": 42.0, "--dt": 60.0, "--period": 5.0}
     for name in opt:
         if name in argv:
             j = argv.index(name)
@@ -121,7 +125,7 @@ def main(argv: list[str]) -> int:
                 return 2
             opt[name] = float(argv[j + 1])
             argv = argv[:j] + argv[j + 2:]
-    seed, dt = int(opt["--seed"]), opt["--dt"]
+    seed, dt, period = int(opt["--seed"]), opt["--dt"], opt["--period"]
     if len(argv) not in (4, 5):
         print(__doc__, file=sys.stderr)
         return 2
@@ -132,7 +136,7 @@ def main(argv: list[str]) -> int:
         lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1),
                              f.link_max_w, tg, int(round(3600 / dt)), dt, whole=whole)
         p = EnergyPlant(fleet_yaml(f, main_limit_w=0, ride_through_s=tg, programs=["energy", "allocation"],
-                                   period_s=5.0))
+                                   period_s=period))
         try:
             p.run(3600)
             sim = p.first_shed_s()
