@@ -443,6 +443,31 @@ def test_a_class_beyond_its_target_takes_what_locks_hold_beyond_the_other_target
         assert abs(min(sim[c], 720.0) - lp[c]) <= 20.0, (c, sim, lp, targets)
 
 
+# What another class's locks hold beyond its target gives the bus, when that class is shed, only its batteries'
+# export (kernel._release, NX_YLS): its load asks nothing then, so the part of the lock that served it is no gain.
+# The LP-gap fleet 11 of `1 3 0.5 2` (13 nodes, targets {0: 600, 1: 1,200, 2: 600} s) at 1 s cycles: at 813 s
+# three nodes empty; class 0 (beyond its target) took class 2's lock counted with class 2's load served (159 W
+# where its battery's export gives 64 W), was served whole while class 2 was shed, and class 1, inside its
+# target, got 90 % for one cycle: shed at 813 s of its 1,200 s (main). Now class 0 is shed there and class 1 rides
+# its target, as the reference ({0: 840, 1: 1,200, 2: 780} s on 60 s steps), at 1 s cycles as at 5 s.
+def test_a_shed_class_yields_only_its_batteries_export(plants):
+    f, targets = lp_gap_fleets(42, (1.0, 3.0, 0.5, 2.0), 12)[11]
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, 24, 60.0, whole=True)
+    assert lp[1] == targets[1] == 1200.0
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=1.0))
+    p.run(1260.0)
+    sim = p.first_shed_s()
+    assert sim[1] >= targets[1] - 1.0, (sim, lp)
+    for c in (0, 2):
+        assert abs(sim[c] - lp[c]) <= 60.0, (c, sim, lp)
+    # §2b rule 1 in every cycle: a class inside its target is never served in part while one beyond its own is whole
+    fr, t = np.array(p.served_frac), np.array(p.times)
+    inside = t < targets[1] - 1.0
+    beyond_whole = (fr[:, 0] >= 1.0 - 1e-9) & (t >= targets[0])
+    assert not (inside & beyond_whole & (fr[:, 1] < 1.0 - 1e-9)).any()
+
+
 # A class beyond its target that the batteries' power cannot carry whole, the main supply gone, is shed and latched
 # (programs/energy/rules.py decide, the power pass): its ride-through ended at its first partial cycle, and served
 # in part it spent the energy the classes still served needed later. The discharge-only LP-gap fleet 0 (targets
@@ -508,8 +533,8 @@ def _kernel_cycles(f: FleetSpec, targets: dict, cycles: int, soc_min=0.1, main_w
             np.zeros(n), np.zeros(n), np.zeros(k), np.zeros(n), np.zeros(n), np.zeros(n, np.uint32),
             # the class demand forecast off: the rule on the demand now
             0.0, np.zeros(HP_N), np.zeros((k, HZ_N)), np.zeros((k, 0)), np.full(3, np.nan), np.zeros(0), z(),
-            # not a leaf of a controller tree: no decisions leased from above; then v_yld, v_str, stranded_w
-            np.zeros(1), np.zeros(k, np.int64), z(), np.zeros(n), np.zeros(n), z())
+            # not a leaf of a controller tree: no decisions leased from above; then v_yld, v_str, stranded_w, v_yls
+            np.zeros(1), np.zeros(k, np.int64), z(), np.zeros(n), np.zeros(n), z(), np.zeros(n))
     kc = classes.size
     live = {"runtime_s": rt[:kc], "reachable": reach[:kc], "reserve_wh": per_class[6][:kc], "power_s": power_s[:kc]}
     for i in range(cycles):

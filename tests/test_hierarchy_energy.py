@@ -32,7 +32,8 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
             o[p] = (rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 1e4), rng.choice([np.inf, 900.0]),
                     rng.uniform(0, 600), 600.0, 0.0, rng.uniform(0, 5e3), rng.uniform(0, 5e3), rng.uniform(0, 5e3),
                     rng.uniform(0, 1e4), 1.0, 1.0, float(rng.integers(0, 3)), 1200.0, rng.uniform(0, 1e4),
-                    rng.uniform(-5e3, 5e3), rng.uniform(0, 2e3), rng.uniform(0, 2e3), rng.uniform(0, 1e3))
+                    rng.uniform(-5e3, 5e3), rng.uniform(0, 2e3), rng.uniform(0, 2e3), rng.uniform(0, 1e3),
+                    rng.uniform(0, 2e3))
         offers.append(o)
     offers[2][3, hc.C_PROBE_S] = 900.0  # one leaf still on an older question for class 3
     got = []
@@ -45,7 +46,8 @@ def test_the_energy_offer_survives_the_wire_and_the_sum():
     assert s.energy[3, hc.C_LOC] == min(o[3, hc.C_LOC] for o in offers)
     assert s.energy[2, hc.C_LEAVES] == 0.0 and s.energy[1, hc.C_LEAVES] == 3.0
     assert s.energy[1, hc.C_ABSENT] == sum(o[1, hc.C_ABSENT] for o in offers)  # missing children, every level
-    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV, hc.C_PROBE_WH, hc.C_PROBE_W, hc.C_REL, hc.C_YLD, hc.C_STR):
+    for col in (hc.C_POOL, hc.C_PNEED, hc.C_PSLACK, hc.C_DELIV, hc.C_PROBE_WH, hc.C_PROBE_W, hc.C_REL, hc.C_YLD, hc.C_STR,
+                hc.C_YLS):
         assert s.energy[1, col] == pytest.approx(sum(o[1, col] for o in offers), rel=1e-15)
     # the power probe: an answer where every leaf probed at the same m, none where one did not
     assert s.energy[1, hc.C_PROBE_S] == 1200.0 and np.isnan(s.energy[3, hc.C_PROBE_S])
@@ -82,7 +84,7 @@ def test_an_offer_of_another_format_or_with_a_probe_that_cannot_be_one_is_refuse
         words, _ = t.encode_summary(Summary(energy=b), 8)
         with pytest.raises(ValueError, match="class 2: probe_s .* expected probe_s NaN \\(none\\) or a finite m"):
             t.decode_energy(words[t.head_len:])
-    for col in (hc.C_REL, hc.C_YLD, hc.C_STR):  # the powers the top sums for the class rules
+    for col in (hc.C_REL, hc.C_YLD, hc.C_STR, hc.C_YLS):  # the powers the top sums for the class rules
         b = o.copy()
         b[2, col] = -1.0
         words, _ = t.encode_summary(Summary(energy=b), 8)
@@ -289,7 +291,7 @@ def _one_of_three_rows() -> tuple[np.ndarray, np.ndarray, float]:
     for p, (d, e, t, pn) in enumerate([(14049.5, 8972.0, 7200.0, 14000.0), (15882.1, 11005.0, 1800.0, 15800.0),
                                        (10674.8, 6783.0, 600.0, 10600.0), (18033.6, 13390.0, 0.0, 18000.0)]):
         one[p] = (d, 0.96 * d, e, np.inf if p != 1 else 0.0, t, t, 0.0, 0.96 * d, pn, 7500.0, 5.0 * e, 1.0, 1.0, 0.0,
-                  np.nan, 0.0, 0.0, 0.0, 0.0, 0.0)
+                  np.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     one /= 3.0
     one[:, [hc.C_LOC, hc.C_LEFT, hc.C_TARGET, hc.C_LATCHED, hc.C_LEAVES, hc.C_ON_TREE]] *= 3.0
     full = hc.total([one, one, one], 8)

@@ -96,7 +96,7 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
      prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed, probe_s,
      probe_wh, power_s, power_cap, stranded_w) = classes
     (hi_cap,) = node_memory
-    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel, v_yld, v_str) = scratch
+    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel, v_yld, v_str, v_yls) = scratch
     hz, season, prior, prior_season, dhz = forecast
     tree, prio_of, slack_w = tree_link
     energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,
@@ -108,7 +108,7 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
                 sweep_deliv, deliv, probe_s, probe_wh, power_s, power_cap, v_cls, v_f, v_now, v_res, v_e, v_loc,
                 v_rate, v_g, v_d, v_own, v_eraw, hi_cap,
                 v_pn, v_ps, v_rel, pneed, serve_max_w, runtime_s, alarm, wall_s[0], hp, hz, season, prior,
-                prior_season, dhz, tree, prio_of, slack_w, v_yld, v_str, stranded_w)
+                prior_season, dhz, tree, prio_of, slack_w, v_yld, v_str, stranded_w, v_yls)
 
 
 class Energy(Program):
@@ -337,7 +337,7 @@ class Energy(Program):
                      m("probe_s"), m("sweep_probe"), m("power_s"), m("power_cap_s"), m("stranded_w")),
             sweep=m("sweep"),
             node_memory=(m("hi_cap_w"),),
-            scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(15))),
+            scratch=(np.zeros(self.n, np.int64), *(np.zeros(self.n) for _ in range(16))),
             forecast=(m("hz"), season, m("hz_prior"), m("hz_prior_season_w")[: season.shape[1]],
                       m("demand_horizon_w")),
             tree_link=(m(self.TREE), m("priority"), m("power_slack_w")),

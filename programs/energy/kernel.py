@@ -43,7 +43,7 @@ ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # class inside its target short of power takes it first: _release), the part of the pooled demand its nodes
 # serve where they are from energy no one else could get within the horizon (stranded: _node_values);
 # NX_RQ and NX_YQ are not sums: the shares of them released at the last sweep's end.
-NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_STR, NX_N = range(13)
+NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_STR, NX_YLS, NX_N = range(14)
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -137,7 +137,7 @@ def _bus_net(g, d, lk):
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
                  max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
-                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq, v_str):
+                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq, v_str, v_yls):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none); v_rel: the power
     lifting that limit would add to the bus (_release), rq: per class, the share of it released at the
@@ -220,6 +220,9 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         lock_t = min(h_s, hz_s[c]) / 3600.0
         gt = min(g, _lock_cap(own, e, lock_t, pace_s)) if (e > 0.0) & (cw > 0.0) else 0.0
         v_yld[i] = max(0.0, _bus_net(gt, d, lk) - v_ps[i] + v_pn[i]) if ok & has & (lock_t < lock_h) else 0.0
+        # ... and with its class shed: its battery's export alone (its load asks nothing then, so the part of the
+        # gain that was its load served from its own battery is no gain).
+        v_yls[i] = max(0.0, min(gt, lk) - v_ps[i]) if ok & has & (lock_t < lock_h) else 0.0
         # Its local runtime: at its own need plus what it gives its class's power now (_release). What it yields to
         # another class stops at its lock for its class's remaining target (gt): that time it keeps (a yield is
         # only there above that lock).
@@ -231,12 +234,13 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, v_yld, v_str, nx):
+def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, v_yld, v_str, v_yls, nx):
     for i in range(v_cls.shape[0]):
         c = v_cls[i]
         nx[c, NX_STR] += v_str[i]
         nx[c, NX_REL] += v_rel[i]
         nx[c, NX_YLD] += v_yld[i]
+        nx[c, NX_YLS] += v_yls[i]
         nx[c, NX_PNEED] += v_pn[i]
         nx[c, NX_PSLK] += v_ps[i]
         nx[c, NX_DFULL] += v_f[i]
@@ -379,11 +383,19 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
             if latched[c] == 0 and pneed[c] > 0.0:
                 for k in range(n_cls if on_batt else 0):
                     short = pneed[c] - max(0.0, p_left)
-                    room = nx[k, NX_YLD] * (1.0 - nx[k, NX_YQ])
+                    # A class after this one in the pass's order that asks power finds none left once this one
+                    # took what it lacks: it is shed, so its load asks nothing and its locks give only their
+                    # batteries' export (NX_YLS), not the part that served its own load (counted as given, the
+                    # power pass served a class beyond its target whole while one inside its target got 90 %
+                    # in the cycle three nodes emptied: LP-gap `1 3 0.5 2` fleet 11 at 1 s cycles).
+                    k_in = latched[k] == 0 and min(max(0.0, target_s[k] - clock_s[k]), local_s[k]) > 0.0
+                    later = (k > c if k_in == inside else inside) and pneed[k] > 0.0
+                    basis = nx[k, NX_YLS] if later else nx[k, NX_YLD]
+                    room = basis * (1.0 - nx[k, NX_YQ])
                     if k == c or short <= 0.0 or room <= 0.0:
                         continue
                     y = min(short, room)
-                    nx[k, NX_YQ] += y / nx[k, NX_YLD]
+                    nx[k, NX_YQ] += y / basis
                     p_left += y
                     given += y
                 rel = nx[c, NX_REL] if on_batt and (inside or not riding) else 0.0
@@ -429,7 +441,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d,
                 v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, pneed,
                 serve_max_w, node_runtime_s, alarm, wall_s, hp, hz, season, prior, prior_season, dhz,
-                tree, prio_of, slack_w, v_yld, v_str, stranded_w):
+                tree, prio_of, slack_w, v_yld, v_str, stranded_w, v_yls):
     """Returns the number of classes whose target is unreachable. Reads node inputs (lo_w/hi_w
     when protection narrowed them, forecast_w when a forecast runs); writes serve_max_w,
     node_runtime_s, hi_w (narrowed; lo_w/hi_w written whole when nothing narrowed them before)
@@ -490,9 +502,9 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
                  eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b],
-                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], nx[:, NX_YQ], v_str[a:b])
+                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], nx[:, NX_YQ], v_str[a:b], v_yls[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b],
-             v_yld[a:b], v_str[a:b], nx)
+             v_yld[a:b], v_str[a:b], v_yls[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
     _power_probe(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, probe_s, n_cls,
                  probe_wh)
@@ -533,7 +545,8 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
             power_cap[c] = math.inf if on_tree else power_s[c]
         power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
         # the probe's answer and the power shortfall's inputs, for the offer upward
-        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED], nx[:, NX_YLD])
+        tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED], nx[:, NX_YLD],
+                    nx[:, NX_YLS])
         if not first:
             _reserve_rise(_reserve_wh(n_cls, dhz, target_s, clock_s, latched) - r_old, pace_s, state)
         tree[T_USED] = tree[T_SWEPT]

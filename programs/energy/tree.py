@@ -35,7 +35,7 @@ from __future__ import annotations
 from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
-           "D_RELEASE", "D_YIELD", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_YLD", "P_N",
+           "D_RELEASE", "D_YIELD", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_YLD", "P_YLS", "P_N",
            "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_active", "tree_classes", "tree_sweep",
            "tree_probed", "tree_release"]
 
@@ -50,9 +50,10 @@ D_N = len(DECISIONS)
 # (NaN: none yet), the deliverable energy A(m) (Wh) and its slope (W); and the class's power shortfall's
 # inputs of that sweep (kernel._release): the power its nodes' own-need locks could add to the bus (W) and
 # the power its loads ask of the bus before any lock is lifted (W), and the power its locks could add held only
-# for the class's remaining target (W: what another class short of power takes first, kernel._release)
-PROBE = ("probe_s", "probe_wh", "probe_w", "release_w", "power_need_w", "yield_w")
-P_S, P_WH, P_W, P_REL, P_PNEED, P_YLD = range(len(PROBE))
+# for the class's remaining target (W: what another class short of power takes first, kernel._release), and that
+# with the class shed (W: its batteries' export alone, what a class taking it first leaves a later one that is shed)
+PROBE = ("probe_s", "probe_wh", "probe_w", "release_w", "power_need_w", "yield_w", "yield_shed_w")
+P_S, P_WH, P_W, P_REL, P_PNEED, P_YLD, P_YLS = range(len(PROBE))
 P_N = len(PROBE)
 T_USED = 1  # [0] is the lease deadline
 T_SWEPT = 2
@@ -129,7 +130,7 @@ def tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s):
 
 
 @njit(nogil=True, cache=True)
-def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w, yield_w):
+def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w, yield_w, yield_shed_w):
     """At a sweep's end: the m each class was probed at (0: none) and the deliverable energy and its slope
     there (kernel._power_probe), and the sweep's releasable power, power need and the power its locks held beyond
     their class's remaining target could add (kernel._release's inputs), per priority, for the offer upward."""
@@ -145,6 +146,7 @@ def tree_probed(tree, prio_of, n_cls, probe_s, pv, release_w, need_w, yield_w):
             tree[j + P_REL] = release_w[c]
             tree[j + P_PNEED] = need_w[c]
             tree[j + P_YLD] = yield_w[c]
+            tree[j + P_YLS] = yield_shed_w[c]
 
 
 @njit(nogil=True, cache=True)

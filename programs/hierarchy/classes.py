@@ -28,22 +28,22 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.rules import ST_N_CLS, ride_through
-from vbatt.programs.energy.tree import P_N, P_PNEED, P_REL, P_S, P_W, P_WH, P_YLD, T_USED, probe_at
+from vbatt.programs.energy.tree import P_N, P_PNEED, P_REL, P_S, P_W, P_WH, P_YLD, P_YLS, T_USED, probe_at
 
 __all__ = ["COLS", "N_COLS", "empty", "offer_of", "total", "check", "rows", "row"]
 
 COLS = ("demand_w", "reserve_demand_w", "energy_wh", "local_s", "left_s", "target_s", "latched",
         "pool_now_w", "power_need_w", "power_slack_w", "deliverable_wh", "leaves", "leaves_on_tree", "absent",
-        "probe_s", "probe_wh", "probe_w", "release_w", "yield_w", "stranded_w")
+        "probe_s", "probe_wh", "probe_w", "release_w", "yield_w", "stranded_w", "yield_shed_w")
 N_COLS = len(COLS)
 (C_DNOW, C_DRES, C_E, C_LOC, C_LEFT, C_TARGET, C_LATCHED, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES,
- C_ON_TREE, C_ABSENT, C_PROBE_S, C_PROBE_WH, C_PROBE_W, C_REL, C_YLD, C_STR) = range(N_COLS)
+ C_ON_TREE, C_ABSENT, C_PROBE_S, C_PROBE_WH, C_PROBE_W, C_REL, C_YLD, C_STR, C_YLS) = range(N_COLS)
 # a class without nodes in the subtree (its deliverable energy still counts: within its remaining target
 # the subtree's other nodes deliver it, and the class rules check every class's horizon); no probe answer
 _NONE = (0.0, 0.0, 0.0, math.inf, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, math.nan, 0.0, 0.0,
-         0.0, 0.0, 0.0)
+         0.0, 0.0, 0.0, 0.0)
 _SUMMED = [C_DNOW, C_DRES, C_E, C_POOL, C_PNEED, C_PSLACK, C_DELIV, C_LEAVES, C_ON_TREE, C_ABSENT, C_PROBE_WH,
-           C_PROBE_W, C_REL, C_YLD, C_STR]
+           C_PROBE_W, C_REL, C_YLD, C_STR, C_YLS]
 
 
 def empty(k: int) -> np.ndarray:
@@ -82,8 +82,8 @@ def offer_of(v: dict, k: int) -> np.ndarray:
         if j + P_N <= t.shape[0]:
             out[p, [C_PROBE_S, C_PROBE_WH, C_PROBE_W]] = t[j + P_S], t[j + P_WH], t[j + P_W]
             # the shortfall's inputs of the last whole sweep (none before the first: 0)
-            got = t[[j + P_PNEED, j + P_REL, j + P_YLD]]
-            out[p, [C_PNEED, C_REL, C_YLD]] = np.where(np.isnan(got), 0.0, got)
+            got = t[[j + P_PNEED, j + P_REL, j + P_YLD, j + P_YLS]]
+            out[p, [C_PNEED, C_REL, C_YLD, C_YLS]] = np.where(np.isnan(got), 0.0, got)
     return out
 
 
@@ -111,7 +111,7 @@ def check(offer: np.ndarray, who: str = "offer") -> None:
     probe's m is NaN (none yet) or >= 0, its energy finite and >= 0 and its slope finite where there is one."""
     m, wh, w = offer[:, C_PROBE_S], offer[:, C_PROBE_WH], offer[:, C_PROBE_W]
     bad = (m < 0) | np.isinf(m) | ((m == m) & (~np.isfinite(wh) | (wh < 0) | ~np.isfinite(w)))
-    for col in (C_REL, C_YLD, C_STR):
+    for col in (C_REL, C_YLD, C_STR, C_YLS):
         x = offer[:, col]
         lost = ~np.isfinite(x) | (x < 0)
         if lost.any():

@@ -48,7 +48,7 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, NX_YLD, NX_YQ, _class_demand, _release,
+from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, NX_YLD, NX_YLS, NX_YQ, _class_demand, _release,
                                           _reserve_rise, _reserve_wh)
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime, probe_next
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
@@ -223,6 +223,7 @@ class TreeDecider:
         nx = np.zeros((n, NX_N))
         nx[:, NX_REL] = offer[ps, hc.C_REL]
         nx[:, NX_YLD] = offer[ps, hc.C_YLD]
+        nx[:, NX_YLS] = offer[ps, hc.C_YLS]
         # what the locks held beyond their classes' targets give another class adds to the batteries' slack
         self.state[ST_SLACK_W] += _release(n, float(main_limit_w), self.state[ST_SLACK_W], target, clock, loc,
                                            latched, dnow, nx, pneed)

@@ -28,7 +28,8 @@ Body layout (offsets in registers), K classes, N knots:
                   deliverable energy A(m) and its slope: programs/energy/tree.py PROBE), ReleaseW (the
                   power its own-need locks could add to the bus; PowerNeedW is the need before any is lifted),
                   YieldW (what they could add held only for the class's remaining target),
-                  StrandedW (the part of its pooled demand its nodes serve from stranded energy)
+                  StrandedW (the part of its pooled demand its nodes serve from stranded energy), YieldShedW
+                  (YieldW with the class shed: its batteries' export alone)
  27+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
  then the levels (written by the parent, one request):
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
@@ -55,7 +56,8 @@ from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 __all__ = ["TREE_ID", "FORMAT", "TreeLayout"]
 
 TREE_ID = 64252
-FORMAT = 3  # 1: before the power probe (no Format register); 2: the probe's question and answer; 3: Yield, TargetS, StrandedW
+FORMAT = 4  # 1: before the power probe (no Format register); 2: the probe's question and answer; 3: Yield, TargetS,
+# StrandedW; 4: YieldShedW
 
 
 class TreeLayout:
