@@ -8,8 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from hypothesis import settings
+# One BLAS thread in every test process and every process a test starts, unless the caller chose: the
+# reference solvers (scipy, numpy.linalg) factorise small matrices, where OpenBLAS's extra threads only
+# spin against each other and against the rest of a loaded machine (a feeder reference, test_hierarchy_
+# feeder.py seed 10: 0.7 s with one thread, 5 s with two on a quiet 2-core machine, 65 s in a loaded run).
+# Set before numpy is first imported (pytest and its plugins do not import it; OpenBLAS reads it once).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402 (after the BLAS setting above)
+from hypothesis import settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

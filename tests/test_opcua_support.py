@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,30 @@ def _cert(name: str, uri: str, server: bool = False) -> tuple[bytes, bytes]:
     return _KEYS[name]
 
 
+_USERS: list[tuple[bytes, int]] = []
+
+
+def _users(path: Path) -> None:
+    """The operator and the viewer, added by UserStore once per test process (each scrypt hash takes a
+    tenth of a second on purpose); later state dirs get a copy of that users file with its mode, so the
+    tests of what UserStore wrote (hashes only, 0600) still see what it wrote."""
+    if _USERS:
+        data, mode = _USERS[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            fh.write(data)
+        os.chmod(path, mode)
+        return
+    users = UserStore(path)
+    users.add(*OPERATOR[:1], "operator", OPERATOR[1])
+    users.add(*VIEWER[:1], "viewer", VIEWER[1])
+    _USERS.append((path.read_bytes(), path.stat().st_mode & 0o7777))
+
+
 def make_state(root: Path) -> Pki:
     """A state dir with an operator, a viewer and one trusted client certificate (one untrusted too)."""
     state = root / "state"
-    users = UserStore(state / "users.json")
-    users.add(*OPERATOR[:1], "operator", OPERATOR[1])
-    users.add(*VIEWER[:1], "viewer", VIEWER[1])
+    _users(state / "users.json")
     sder, spem = _cert("test server", OpcuaServerConfig().application_uri, server=True)
     own_cert, own_key = cert_paths(state)
     own_cert.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,8 +30,27 @@ from vbatt.kernel.stats import phase_names
 __all__ = ["Supervisor", "RunResult"]
 
 log = logging.getLogger("vbatt.run")
-_CTX = mp.get_context("spawn")
+# A child is forked while this process runs no other thread: it inherits the imports, where a spawned
+# child imports vbatt, numba and its driver again (about a second of CPU each, most of a controller's
+# start-up). With another thread running (the retainer, a live view, a caller's) a lock that thread
+# holds would stay held in a forked child: spawn then, as a restart does.
+_FORK, _SPAWN = mp.get_context("fork"), mp.get_context("spawn")
 STOP_GRACE_S = 0.3
+
+
+def _as_if_spawned(target, args) -> None:
+    """A forked child starts as a spawned one would: default signal handling (the supervisor's own
+    handlers would swallow SIGTERM), the process's own stdio (a live view swaps sys.stderr for the
+    terminal) and unconfigured logging, then runs `target(*args)`."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    root = logging.getLogger()
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING)
+    target(*args)
 
 
 @dataclass
@@ -47,7 +68,11 @@ class _Child:
         self.next_start = 0.0
 
     def start(self) -> None:
-        self.proc = _CTX.Process(target=self.target, args=self.args, name=self.name, daemon=False)
+        if threading.active_count() == 1:
+            self.proc = _FORK.Process(target=_as_if_spawned, args=(self.target, self.args), name=self.name,
+                                      daemon=False)
+        else:
+            self.proc = _SPAWN.Process(target=self.target, args=self.args, name=self.name, daemon=False)
         self.proc.start()
 
     def alive(self) -> bool:
@@ -113,11 +138,11 @@ class Supervisor:
             self.drivers.append(child)
         self.scan = _Child("vbatt-scan", scan_main, (img.name, self.spec, self.cfg, self.max_cycles, self.level))
         self.scan.start()
-        if self.retainer:
-            self.retainer.start()
         for svc in services:
             if not svc.before_drivers:
                 self._start_service(svc)
+        if self.retainer:  # its thread last: every child above is forked without it
+            self.retainer.start()
         return img
 
     def _start_service(self, svc) -> None:
