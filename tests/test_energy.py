@@ -16,7 +16,7 @@ import pytest
 from vbatt.config.plant import ConfigError, load_config_text
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import HP_N, NX_N, energy_step
+from vbatt.programs.energy.kernel import HP_N, NX_N, NX_YQ, energy_step
 from vbatt.programs.energy.rules import ST_E_WH, ST_N
 
 from conftest import read_json, run_vbatt
@@ -441,6 +441,26 @@ def test_a_class_beyond_its_target_takes_what_locks_hold_beyond_the_other_target
     sim = p.first_shed_s()
     for c in (0, 2):
         assert abs(min(sim[c], 720.0) - lp[c]) <= 20.0, (c, sim, lp, targets)
+
+
+# A node's local runtime counts what its battery gives its own class's power now, not what it yields to another
+# class from above its lock for its class's remaining target (kernel._node_values): counted, the runtime shown fell
+# as a yield came and rose as it went, and the lock (held for the class runtime) and the next yield followed it.
+# LP-gap `0.5 2 0.5 2` fleet 13 from 245 s (two nodes empty, class 2 short of power takes the locks of classes 0
+# and 1 beyond their targets): class 1's runtime was 403, 111, 368, 343, 94, 308 s in six 5 s cycles.
+def test_the_runtime_shown_does_not_flicker_while_a_lock_yields(plants):
+    f, targets = lp_gap_fleets(42, (0.5, 2.0, 0.5, 2.0), 14)[13]
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=5.0))
+    k = len(np.unique(f.priority))
+    seen = []
+    p.hooks.append(lambda pl: seen.append((pl.t_s, [r["runtime_s"] for r in pl.class_rows()],
+                                           float(pl.mem["energy.sweep"][:k, NX_YQ].max()))))
+    p.run(400.0)
+    assert max(y for t, _, y in seen if 200.0 <= t <= 300.0) > 0.0  # a lock yields in the window
+    for c in (0, 1):  # both served throughout
+        rt = np.array([r[c] for t, r, _ in seen if 200.0 <= t <= 400.0])
+        assert np.isfinite(rt).all() and rt.min() > 0.0
+        assert np.diff(rt).max() <= 5.0, (c, rt)
 
 
 # What another class's locks hold beyond its target gives the bus, when that class is shed, only its batteries'

@@ -137,12 +137,12 @@ def _bus_net(g, d, lk):
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
                  max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
-                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, yq, v_str, v_yls):
+                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, v_str, v_yls):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none); v_rel: the power
     lifting that limit would add to the bus (_release), rq: per class, the share of it released at the
     last sweep's end. v_yld: the power the node's lock would add with its lock held only for its class's
-    remaining target (not its runtime beyond it), yq per class the share of it released (_release). v_str: the
+    remaining target (not its runtime beyond it). v_str: the
     part of its pooled demand it serves from stranded energy (its draw takes nothing another class could
     get within the horizon). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
@@ -223,14 +223,13 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # ... and with its class shed: its battery's export alone (its load asks nothing then, so the part of the
         # gain that was its load served from its own battery is no gain).
         v_yls[i] = max(0.0, min(gt, lk) - v_ps[i]) if ok & has & (lock_t < lock_h) else 0.0
-        # Its local runtime: at its own need plus what it gives its class's power now (_release). What it yields to
-        # another class stops at its lock for its class's remaining target (gt): that time it keeps (a yield is
-        # only there above that lock).
+        # Its local runtime: at its own need plus what it gives its class's power now (_release). Not what it yields
+        # to another class (_release, yq): that comes only from above its lock for its class's remaining target,
+        # and counted, the runtime fell as a yield came and rose as it went; the lock, which holds for the class
+        # runtime, followed, and with it the next cycle's shortfall and yield (LP-gap `0.5 2 0.5 2` fleet 13:
+        # class 1's runtime 403, 111, 368, 343, 94, 308 s in six 5 s cycles; now 403, 385, 368, 351, 333, 316 s).
         lift = rq[c] * v_rel[i]
-        yld = yq[c] * v_yld[i]
-        keep_s = lock_t * 3600.0 if (lift <= 0.0) & (yld > 0.0) else 0.0
-        v_loc[i] = ((max(e * 3600.0 / (own + lift + yld), keep_s) if g >= own else 0.0)
-                    if ok & has else math.inf)
+        v_loc[i] = (e * 3600.0 / (own + lift) if g >= own else 0.0) if ok & has else math.inf
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
@@ -502,7 +501,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
                  eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b],
-                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], nx[:, NX_YQ], v_str[a:b], v_yls[a:b])
+                 v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], v_str[a:b], v_yls[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b],
              v_yld[a:b], v_str[a:b], v_yls[a:b], nx)
     _horizons(v_cls[a:b], v_e[a:b], v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hz_s, n_cls, ax)
