@@ -252,17 +252,14 @@ class AgentSet:
 
     def _log_handed_back(self) -> None:
         """The nodes handed back since the last tick, in one line (a stopping controller hands back thousands);
-        a single agent says it as a warning, as its other changes of mode."""
+        at INFO, also for a single agent: an orderly stop is routine, no fault to warn of."""
         idx, self._handed_back = self._handed_back, []
-        if not idx:
-            return
-        level = logging.WARNING if self.n == 1 else logging.INFO
         if len(idx) == 1:
-            log.log(level, "node %s: handed back by the controller (after instruction %d): autonomous (own battery "
-                    "for own load, no export)", self.specs[idx[0]].id, self.seq[idx[0]])
-        else:
-            log.log(level, "%d nodes (%s, ...): handed back by the controller: autonomous (own battery for own "
-                    "load, no export)", len(idx), ", ".join(self.specs[i].id for i in idx[:3]))
+            log.info("node %s: handed back by the controller (after instruction %d): autonomous (own battery for own "
+                     "load, no export)", self.specs[idx[0]].id, self.seq[idx[0]])
+        elif idx:
+            log.info("%d nodes (%s, ...): handed back by the controller: autonomous (own battery for own load, no "
+                     "export)", len(idx), ", ".join(self.specs[i].id for i in idx[:3]))
 
     def _status_into(self, i: int, regs: list[int], start: int) -> None:
         """Write node i's status points into its live registers (ack visible at once)."""
