@@ -30,7 +30,6 @@ from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.agent import AgentSet, AgentSpec, serve_agents
 from vbatt.drivers.node.backends.sim import SimBackend
-from vbatt.kernel.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 VBATT = [sys.executable, "-m", "vbatt.cli"]
@@ -172,23 +171,28 @@ def test_an_orderly_stop_hands_every_node_back_and_a_frozen_controller_lets_them
     on (SIGCONT), it takes them back; stopped in order (SIGTERM), it hands every one of them back: Mode
     RELEASED, no expiry added, nothing in the log that looks like a fault."""
     n = 6
-    ports = free_ports(n, consecutive=True)
     ready = tmp_path / "ready"
-    nodes = "".join(f"  - {{id: node-{k:05d}, driver: modbus, host: 127.0.0.1, port: {port}}}\n"
-                    for k, port in enumerate(ports))
-    plant = tmp_path / "plant.yaml"
-    plant.write_text("cycle: {cycle_ms: 10, realtime: false}\n"
-                     "plant: {main_limit_w: 0, stale_ms: 1000}\n"
-                     # a lease long enough that no stall of a loaded machine lets it lapse while running
-                     "drivers: {modbus: {poll_ms: 100, timeout_ms: 500, lease_ms: 2500, plaintext: true}}\n"
-                     f"nodes:\n{nodes}programs: [allocation]\n")
+    agents_cfg = tmp_path / "nodes.yaml"  # the fleet listens on ports the system chooses, told in `ready`
+    agents_cfg.write_text("drivers: {modbus: {plaintext: true, embedded_fleet: {}}}\n"
+                          f"nodes:\n  - template: {{count: {n}, id: 'node-{{i:05d}}', driver: modbus, demand_w: 300, "
+                          "max_discharge_w: 600, capacity_wh: 800, soc: 0.7, link_max_w: 800}\n")
     fleet_err, run_err = tmp_path / "fleet.txt", tmp_path / "run.txt"
-    fleet = subprocess.Popen([*VBATT, "fleet", "--nodes", str(n), "--base-port", str(ports[0]), "--ready-file",
-                              str(ready), "-v"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(fleet_err, "w"))
+    fleet = subprocess.Popen([*VBATT, "fleet", str(agents_cfg), "--ready-file", str(ready), "-v"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=open(fleet_err, "w"))
     run = None
     try:
         wait_for(lambda: ready.exists() or fleet.poll() is not None, "the fleet's ports")
         assert fleet.poll() is None, fleet_err.read_text()
+        ports = [int(x) for x in ready.read_text().split()]
+        assert len(ports) == n, ports
+        nodes = "".join(f"  - {{id: node-{k:05d}, driver: modbus, host: 127.0.0.1, port: {port}}}\n"
+                        for k, port in enumerate(ports))
+        plant = tmp_path / "plant.yaml"
+        plant.write_text("cycle: {cycle_ms: 10, realtime: false}\n"
+                         "plant: {main_limit_w: 0, stale_ms: 1000}\n"
+                         # a lease long enough that no stall of a loaded machine lets it lapse while running
+                         "drivers: {modbus: {poll_ms: 100, timeout_ms: 500, lease_ms: 2500, plaintext: true}}\n"
+                         f"nodes:\n{nodes}programs: [allocation]\n")
         run = subprocess.Popen([*VBATT, "run", str(plant), "-q", "-v", "--duration", "300"], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=open(run_err, "w"), start_new_session=True)
 
