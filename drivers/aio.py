@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 
 import numpy as np
@@ -258,7 +259,11 @@ def freeze_startup_heap() -> None:
     """Move what the process built to start (numpy, numba, pymodbus or asyncua, the config: a million long-lived
     objects) to the permanent generation. Else every full collection rescans them all while the loop stands
     still: 0.2-2 s on a loaded 2-core machine, long enough for every request in flight to time out and for
-    every lease a fleet serves to run out at once. What a process makes later is collected as ever."""
+    every lease a fleet serves to run out at once. What a process makes later is collected as ever. Only in
+    the main thread, which owns its process: a driver run in a thread of another program (a test) leaves that
+    program's heap alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     gc.collect()
     gc.freeze()
 

@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,10 +27,14 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 
 from test_modbus_support import V, FakeNs, endpoint, fleet_of, instruction_words, point, poller, serving
+from vbatt.config.plant import load_config
+from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
+from vbatt.drivers.registry import driver_class
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.agent import AgentSet, AgentSpec, serve_agents
 from vbatt.drivers.node.backends.sim import SimBackend
+from vbatt.kernel.image import ImageSpec, ProcessImage
 
 REPO = Path(__file__).resolve().parents[1]
 VBATT = [sys.executable, "-m", "vbatt.cli"]
@@ -233,9 +238,8 @@ def test_an_orderly_stop_hands_every_node_back_and_a_frozen_controller_lets_them
 # -- no full collection of the startup heap in the processes that talk to the nodes ----------------------------
 def test_the_fleet_and_the_driver_freeze_their_startup_heap(tmp_path):
     """The objects built to start (numpy, numba, pymodbus, the config) go to the permanent generation once the
-    process serves or polls: a full collection then walks only what was made since."""
-    from test_driver_conformance import Run  # a driver on a real image, in a thread of this process
-
+    process serves or polls: a full collection then walks only what was made since. Both run here in the main
+    thread, as in their own processes."""
     fleet = fleet_of("nodes: [{id: A, demand_w: 10, max_discharge_w: 10, capacity_wh: 100, soc: 0.5}]")
     agents = AgentSet(SimBackend(fleet, 0, 1), [AgentSpec("A", "127.0.0.1", 0)])
     frozen: dict[str, int] = {}
@@ -253,12 +257,24 @@ def test_the_fleet_and_the_driver_freeze_their_startup_heap(tmp_path):
         plant = tmp_path / "plant.yaml"
         plant.write_text("drivers: {modbus: {plaintext: true}}\n"
                          "nodes: [{id: A, driver: modbus, host: 127.0.0.1, port: 9}]\n")
-        r = Run(plant, "modbus")
+        cfg, nodes = load_config(plant)
+        img = ProcessImage.create(ImageSpec(n_nodes=1, partitions=((0, 1),), node_ids=tuple(nodes.ids)))
+        io = IoContext(img, 0)
+
+        def stop_once_frozen():  # the driver runs in the main thread, as in its process; this one ends it
+            deadline = time.monotonic() + 30
+            while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            frozen["driver"] = gc.get_freeze_count()
+            io.request_stop()
+
+        watcher = threading.Thread(target=stop_once_frozen)
+        watcher.start()
         try:
-            r.wait(lambda d: True, "the first publish")
-            wait_for(lambda: gc.get_freeze_count() > 0, "the driver to freeze its startup heap", 30)
+            driver_class("modbus")(cfg, nodes, 0, 1).run(io)
         finally:
-            r.stop()
+            watcher.join()
+            img.close()
     finally:
         gc.unfreeze()
-    assert frozen["fleet"] > 1000, frozen
+    assert frozen["fleet"] > 1000 and frozen["driver"] > 1000, frozen
