@@ -227,6 +227,65 @@ def test_links_refused_together_are_one_line_though_each_names_its_own_address(c
     assert first.rstrip(")") in {f"cannot connect to 127.0.0.1:{p}" for p in ports}, lines
 
 
+class GatedLinks(Links):
+    """No network: a link's first round times out, its second waits at its gate, then answers."""
+
+    log = logging.getLogger("vbatt.test.gated")
+
+    def __init__(self, n: int):
+        super().__init__(n, interval_s=0.02, backoff_s=(0.05, 0.2))
+        self.rounds = [0] * n
+        self.waiting = [False] * n
+        self.gates: list[asyncio.Event] = []
+        self.said_goodbye: list[int] = []
+
+    def describe(self, k: int) -> str:
+        return f"gated {k}"
+
+    def connected(self, k: int) -> bool:
+        return True
+
+    async def exchange(self, k: int) -> None:
+        self.rounds[k] += 1
+        if self.rounds[k] == 1:
+            raise LinkError(Fault.TIMEOUT, "no reply within 10 ms")
+        self.waiting[k] = True
+        await self.gates[k].wait()
+        self.clear(k)
+
+    async def goodbye(self, k: int) -> None:
+        self.said_goodbye.append(k)
+
+    async def disconnect(self, k: int) -> None:
+        pass
+
+
+def test_links_that_end_one_by_one_at_a_stop_are_still_logged_together(caplog):
+    """At a stop each link ends after its round in flight, one after the other: what they gathered is said
+    once, when the last one ends (not a line per link), and each says its goodbye after its last round."""
+    async def body():
+        links = GatedLinks(4)
+        links.t0 -= 60  # past the quiet start-up: every first fault is a warning
+        links.log_gather_s = 60.0  # only the flush at the stop logs: the lines cannot depend on timing
+        links.gates = [asyncio.Event() for _ in range(4)]
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(links.link_task(k, stop)) for k in range(4)]
+        await until(lambda: all(links.waiting), "every link in its second round")
+        stop.set()
+        for k in range(4):  # the rounds in flight end one after the other
+            links.gates[k].set()
+            await until(lambda: tasks[k].done(), f"link {k} ended")
+        return links.said_goodbye
+
+    with caplog.at_level(logging.INFO, logger="vbatt.test.gated"):
+        goodbyes = asyncio.run(body())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("4 links: TIMEOUT: no reply within 10 ms: gated ") and lines[0].endswith("1 more"), lines
+    assert lines[1].startswith("4 links: data again (was TIMEOUT): gated "), lines
+    assert goodbyes == [0, 1, 2, 3]
+
+
 def test_backoff_doubles_to_its_maximum_and_resets():
     b = Backoff(0.1, 0.5)
     assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]

@@ -105,13 +105,16 @@ programs: [allocation]
 
 def test_ctrl_c_stops_the_controller_before_its_embedded_fleet(tmp_path):
     """Ctrl-C reaches every process of the terminal's group at once; the supervisor orders the stop, so the
-    embedded fleet outlives the drivers: their last instructions reach its nodes, and no link is refused."""
+    embedded fleet outlives the drivers: their last instructions reach its nodes, no link is refused, and each
+    node is handed back (no lease is left to run out behind the stop, docs/modbus.md)."""
     plant = tmp_path / "plant.yaml"
+    # a lease that no stall of a loaded machine lets lapse while running: a lapse logged after the Ctrl-C is the
+    # stop's (before the hand-back the fleet, stopped last, saw every lease of the last instructions run out)
     plant.write_text("""
 cycle: {cycle_ms: 10, realtime: false}
 plant: {main_limit_w: 0, stale_ms: 500}
 drivers:
-  modbus: {poll_ms: 50, plaintext: true, embedded_fleet: {tick_ms: 50}}
+  modbus: {poll_ms: 50, timeout_ms: 500, lease_ms: 3000, plaintext: true, embedded_fleet: {tick_ms: 50}}
 nodes:
   - template: {count: 8, id: "srv-{i:02d}", driver: modbus, demand_w: 50, max_discharge_w: 200,
                capacity_wh: 1000, soc: 0.9, link_max_w: 500}
@@ -136,3 +139,5 @@ programs: [allocation]
     after = err.read_text()[before:]
     assert "stop requested" in out.read_text() + after, (out.read_text(), after)
     assert "CONNECTION" not in after and "Traceback" not in after, after
+    assert "8 nodes handed back to their own control (Mode RELEASED)" in after, after
+    assert "ran out" not in after and "not handed back" not in after, after

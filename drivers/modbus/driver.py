@@ -13,6 +13,11 @@ and the publishing are drivers/aio.py's; this module is the Modbus part). Per de
      and reads 802 + vendor model in the same transaction (the agent acknowledges inside
      it); otherwise FC3 reads the same block.
 
+On an orderly stop every device that holds an instruction is handed back at once, right
+after its last poll: the instruction block once more with `Seq` 0 (the agent's RELEASE_SEQ);
+the agent runs on its own and shows Mode RELEASED in the same reply, so no lease runs out
+behind a controller that stopped in order (docs/modbus.md).
+
 Every `publish_ms` the newest replies are decoded for all nodes at once (vectorised),
 validated against the field ranges of runtime/kernel/fields.py, and published with
 `updated_ns` = arrival time of the reply, so the scan's staleness bound excludes
@@ -37,7 +42,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from vbatt.kernel.fields import node_field
 
 from vbatt.drivers.modbus import sunspec as ss
-from vbatt.drivers.aio import AsyncDriver, LinkError, Links
+from vbatt.drivers.aio import LOG_NAMES, AsyncDriver, LinkError, Links
 from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus.config import MAP_INPUTS, MAP_OUTPUTS, Endpoint, modbus_endpoints, rendezvous_path
@@ -52,6 +57,8 @@ BLOCK_START = M.models[802][0]  # 802 header
 BLOCK_END = M.models[V][0] + 2 + M.models[V][1]  # end of the vendor model
 BLOCK_802_END = M.models[802][0] + 2 + M.models[802][1]
 ACK_SEQ = M.at(V, "AckSeq")
+MODE = M.at(V, "Mode")
+RELEASE_SEQ = 0  # the Seq that hands a node back (drivers/node/agent.py); no instruction carries it
 CODEC = ss.CODEC
 W_FIRST, W_END = CODEC.instr_first, CODEC.instr_end  # the instruction block, written in one request
 FIELDS = CODEC.fields  # the values published per node: the device measurements of the field table
@@ -304,6 +311,9 @@ class Poller(Links):
         self.acked_seq = np.zeros(n, np.uint64)
         self.wbuf = np.zeros((n, M.size), np.uint16)  # the instruction to send, encoded
         self.have_instruction = False
+        self.hand_back_on_stop = False  # the driver process sets it: an orderly stop hands every device back
+        self.handed_back = np.zeros(n, bool)  # confirmed: the reply showed Mode RELEASED
+        self.not_handed_back: dict[int, str] = {}  # a node that held an instruction -> why it was not handed back
         self.fresh = np.zeros(n, bool)  # a reply arrived since the last decode (bad values count once each)
         # nodes with an explicit register map: their values, decoded per reply
         self.mapped = np.array([ep.registers is not None for ep in endpoints], bool)
@@ -312,8 +322,9 @@ class Poller(Links):
 
     # -- the instruction ------------------------------------------------------------------------------
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
-        CODEC.encode_instruction(self.wbuf, np.full(self.n, seq & 0xFFFFFFFF), np.full(self.n, self.lease_ms),
-                                 outputs)
+        # Seq is 32 bits: after 2**32 - 1 cycles (497 days at 10 ms) it wraps to 1, never to RELEASE_SEQ
+        wire_seq = (seq - 1) % 0xFFFFFFFF + 1
+        CODEC.encode_instruction(self.wbuf, np.full(self.n, wire_seq), np.full(self.n, self.lease_ms), outputs)
         self.have_instruction = True
         self._seq = seq
         self._outputs = {k: np.nan_to_num(v).copy() for k, v in outputs.items()}
@@ -372,9 +383,6 @@ class Poller(Links):
         self.fresh[i] = True
         self._ok(i)
 
-    async def poll_once(self, i: int) -> None:
-        await self.round(i)
-
     async def exchange(self, i: int) -> None:
         """One request (after discovery): FC23 with the instruction to a vendor-model device, FC3 otherwise."""
         link = self.links[i]
@@ -408,6 +416,58 @@ class Poller(Links):
 
     async def device_task(self, i: int, stop: asyncio.Event) -> None:
         await self.link_task(i, stop)
+
+    # -- the hand-back on an orderly stop ---------------------------------------------------------------------
+    async def goodbye(self, i: int) -> None:
+        """Hand node i back right after its last poll, before the lease of its last instruction runs out: the
+        instruction block once more with Seq = RELEASE_SEQ. Only a device that was sent an instruction holds
+        a lease; one that cannot be reached now keeps it until it runs out (said by `hand_back_report`)."""
+        link = self.links[i]
+        if not self.hand_back_on_stop or not self.sent_seq[i] or link.ep.registers is not None:
+            return
+        row = self.wbuf[i:i + 1].copy()
+        ss.put_int(row, CODEC.seq_point, M.base, [RELEASE_SEQ])
+        off = W_FIRST - M.base
+        try:
+            if not link.connected or link.layout is None:
+                # its last request failed (a timeout drops the connection): one more try, as a round would
+                await self.open(i)
+                if link.layout is None:
+                    await link.discover()
+            hdr, count, _vendor = link.layout
+            regs = await link.call("readwrite_registers", read_address=hdr, read_count=count,
+                                   write_address=W_FIRST + hdr - BLOCK_START,
+                                   values=row[0, off:off + W_END - W_FIRST].tolist())
+        except DeviceError as exc:
+            self.not_handed_back[i] = exc.reason
+            return
+        except Exception as exc:  # noqa: BLE001 (the last word must not end the stop of the other links)
+            self.not_handed_back[i] = f"{type(exc).__name__}: {exc}"
+            return
+        a = BLOCK_START - M.base
+        self.rows[i, a:a + count] = regs
+        mode = int(ss.get_int(self.rows[i:i + 1], MODE, M.base)[0])
+        if mode == ss.Mode.RELEASED:
+            self.handed_back[i] = True
+        else:  # an agent that does not know the hand-back took it as an instruction (or refused it)
+            name = ss.Mode(mode).name if mode in set(ss.Mode) else str(mode)
+            self.not_handed_back[i] = f"it answered Mode {name}, not RELEASED (an agent without the hand-back)"
+
+    def hand_back_report(self) -> None:
+        """One line for the nodes handed back, and one warning naming those that hold a lease still."""
+        n = int(self.handed_back.sum())
+        if n:
+            log.info("%d node%s handed back to their own control (Mode RELEASED): no lease is left to run out",
+                     n, "s" if n != 1 else "")
+        items = sorted(self.not_handed_back.items())
+        if len(items) == 1:
+            log.warning("%s: not handed back at the stop (%s): the lease of its last instruction (%d ms) runs out",
+                        self.describe(items[0][0]), items[0][1], self.lease_ms)
+        elif items:
+            names = ", ".join(self.describe(i) for i, _ in items[:LOG_NAMES])
+            more = f" and {len(items) - LOG_NAMES} more" if len(items) > LOG_NAMES else ""
+            log.warning("%d nodes not handed back at the stop: %s%s (the first: %s): the lease of their last "
+                        "instruction (%d ms) runs out", len(items), names, more, items[0][1], self.lease_ms)
 
     # -- decode every node at once ------------------------------------------------------------------------
     def decode(self) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
@@ -450,18 +510,6 @@ class Poller(Links):
         staging["io_requests"][:] = self.requests
         staging["io_errors"][:] = self.errors
         staging["io_latency_ms"][:] = self.latency_ms
-
-    async def flush(self, timeout_s: float) -> None:
-        """One more poll of every connected node (sends the newest instruction); gives up after timeout_s."""
-        async def one(i: int) -> None:
-            try:
-                await self.poll_once(i)
-            except DeviceError:
-                pass
-
-        live = [i for i, link in enumerate(self.links) if link.connected and link.layout is not None]
-        if live:
-            await asyncio.wait([asyncio.create_task(one(i)) for i in live], timeout=timeout_s)
 
     async def close(self) -> None:
         await self.aclose()
@@ -553,6 +601,7 @@ class ModbusDriver(AsyncDriver):
                    reconnect_min_ms=d.reconnect_min_ms, reconnect_max_ms=d.reconnect_max_ms, contexts=ctxs)
         for i, exc in self._bad.items():
             p.mark(i, exc.fault, exc.reason)
+        p.hand_back_on_stop = True
         self.period_s = d.publish_ms / 1e3
         self._rendezvous = rendezvous_path(io.img.name) if any(e.embedded >= 0 and e.port == 0 for e in eps) else None
         self._seen_mtime = 0
@@ -573,6 +622,7 @@ class ModbusDriver(AsyncDriver):
         return True
 
     async def flush(self, new: bool) -> None:
-        # the scan's last outputs are the safe state: hand them to every reachable node, briefly
-        if new:
-            await self.links.flush(timeout_s=min(1.0, 2 * self.cfg.drivers.modbus.timeout_ms / 1e3))
+        # The scan's last outputs (the safe state) went out with the polls of the stop's grace; each link then
+        # handed its node back (Poller.goodbye). Another poll now would take the nodes under control again,
+        # with a lease that nobody renews.
+        self.links.hand_back_report()

@@ -68,6 +68,7 @@ class Mode(enum.IntEnum):
     WAITING = 0  # no instruction yet: autonomous until the first one
     CONTROLLED = 1  # following a leased instruction
     AUTONOMOUS = 2  # the lease ran out: own battery for own load, no export
+    RELEASED = 3  # handed back by the controller (an orderly stop, Seq 0): as AUTONOMOUS, but no lease ran out
 
 
 class Alarm(enum.IntFlag):

@@ -9,7 +9,9 @@ the agent applies it inside that request and acknowledges `AckSeq`, so a
 read in the same FC23 transaction already sees the acknowledgement. When the
 lease runs out without renewal the node goes autonomous (own battery for own
 load, no export), shows `Mode = AUTONOMOUS`, raises `Alm.LEASE_EXPIRED`,
-counts `Expiries` and logs it. A new instruction takes it back.
+counts `Expiries` and logs it. A new instruction takes it back. A controller that stops in order hands the
+node back instead (an instruction with `Seq` 0, `RELEASE_SEQ`): the node runs on its own at once, shows
+`Mode = RELEASED`, and no lease runs out (nothing counted, no warning).
 
 `AgentSet` serves many nodes from one backend and one asyncio loop: one node
 for `vbatt node`, thousands for `vbatt fleet` and the embedded fleet.
@@ -42,19 +44,21 @@ from vbatt.kernel.fields import Role, Scope, fields, node_field
 from vbatt.kernel.signals import stop_on_signals
 from vbatt.config.yamlsrc import ConfigError, format_path, load_yaml_file
 
+from vbatt.drivers.aio import freeze_startup_heap
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.backends import Backend
 from vbatt.drivers.modbus.config import TlsFiles
 from vbatt.drivers.mqtt.config import EdgeConfig
 
 __all__ = ["AgentSpec", "AgentSet", "register_blocks", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
-           "serve_agents", "run_node", "LEASE_MAX_MS"]
+           "serve_agents", "run_node", "LEASE_MAX_MS", "RELEASE_SEQ"]
 
 log = logging.getLogger("vbatt.node")
 
 M = ss.NODE_MAP
 V = ss.VENDOR_ID
 LEASE_MAX_MS = 3_600_000
+RELEASE_SEQ = 0  # an instruction with this Seq hands the node back (no scan cycle is numbered 0)
 CODEC = ss.CODEC  # the offer out, the instruction in: the same codec as the controller's driver
 # the agent's own status points (no process-image fields)
 _P = {name: M.at(V, name) for name in ("Mode", "Alm", "AckSeq", "LeaseLeftMs", "AppliedW", "Expiries")}
@@ -129,6 +133,8 @@ class AgentSet:
         self.cmd = {k: np.zeros(n) for k in CODEC.outputs}
         self.applied_w = np.zeros(n)
         self.instructions = np.zeros(n, np.int64)  # instructions accepted (tests, logs)
+        self.releases = np.zeros(n, np.int64)  # hand-backs accepted (tests, logs)
+        self._handed_back: list[int] = []  # nodes handed back since the last tick: logged together
         self.regs: list[list[int]] = []
         self.servers: list[ModbusTcpServer] = []
         self.ports: list[int] = []
@@ -164,9 +170,21 @@ class AgentSet:
         self._push()
 
     async def stop(self) -> None:
+        self._log_handed_back()
+        if self.servers:
+            log.info("%s", self.summary())
         for srv in self.servers:
             await srv.shutdown()
         self.servers.clear()
+
+    def summary(self) -> str:
+        """Who decides each node's battery power as the agents stop, e.g. 'stopping 100 nodes: 100 handed back
+        by the controller, 0 autonomous after a lapsed lease, 0 still controlled, 0 never instructed'."""
+        m = self.mode
+        return (f"stopping {self.n} node{'s' if self.n != 1 else ''}: {int((m == ss.Mode.RELEASED).sum())} handed "
+                f"back by the controller, {int((m == ss.Mode.AUTONOMOUS).sum())} autonomous after a lapsed lease, "
+                f"{int((m == ss.Mode.CONTROLLED).sum())} still controlled, {int((m == ss.Mode.WAITING).sum())} "
+                f"never instructed")
 
     # -- the instruction, applied inside the write request --------------------------------------
     async def _action(self, i: int, fc: int, start: int, address: int, count: int, regs: list[int],
@@ -181,18 +199,16 @@ class AgentSet:
         # plain struct, not numpy: this runs inside every instruction request (thousands per second)
         off = INSTR_FIRST - address
         seq, lease, cmd = CODEC.decode_instruction(values[off:off + INSTR_END - INSTR_FIRST])
-        refused = self.accept(i, seq, lease, cmd)
+        refused = self.release(i, lease, cmd) if seq == RELEASE_SEQ else self.accept(i, seq, lease, cmd)
         self._status_into(i, regs, start)
         return ExcCodes.ILLEGAL_VALUE if refused else None
 
     def accept(self, i: int, seq: int, lease: int, cmd: dict[str, float]) -> str | None:
         """Node i takes instruction `seq` (its outputs `cmd`) with a lease of `lease` ms, whatever the transport;
         returns None, or why it was refused (NaN, or a lease out of range): then nothing changes but the alarm."""
-        if not all(math.isfinite(v) for v in cmd.values()) or not (0 < lease <= LEASE_MAX_MS):
-            self.alarm[i] |= ss.Alarm.BAD_INSTRUCTION
-            log.warning("node %s: refused instruction seq %d (lease %d ms, %s): NaN or lease out of (0, %d]",
-                        self.specs[i].id, seq, lease, cmd, LEASE_MAX_MS)
-            return f"NaN or lease {lease} ms out of (0, {LEASE_MAX_MS}]"
+        why = self._refused(i, seq, lease, cmd)
+        if why is not None:
+            return why
         now = self.clock_ns()
         for k, v in cmd.items():
             self.cmd[k][i] = v
@@ -200,12 +216,50 @@ class AgentSet:
             # one agent: a warning; a fleet says it per node at INFO (the expiry summary is the warning)
             (log.warning if len(self.specs) == 1 else log.info)(
                 "node %s: instruction seq %d received: controlled again", self.specs[i].id, seq)
+        elif self.mode[i] == ss.Mode.RELEASED:  # a controller back after an orderly stop: routine
+            log.info("node %s: instruction seq %d received: controlled again", self.specs[i].id, seq)
         self.seq[i], self.lease_ms[i] = seq, lease
         self.deadline_ns[i] = now + lease * 1_000_000
         self.mode[i] = ss.Mode.CONTROLLED
         self.alarm[i] &= ~int(ss.Alarm.BAD_INSTRUCTION | ss.Alarm.LEASE_EXPIRED)
         self.instructions[i] += 1
         return None
+
+    def _refused(self, i: int, seq: int, lease: int, cmd: dict[str, float]) -> str | None:
+        if not all(math.isfinite(v) for v in cmd.values()) or not (0 < lease <= LEASE_MAX_MS):
+            self.alarm[i] |= ss.Alarm.BAD_INSTRUCTION
+            log.warning("node %s: refused instruction seq %d (lease %d ms, %s): NaN or lease out of (0, %d]",
+                        self.specs[i].id, seq, lease, cmd, LEASE_MAX_MS)
+            return f"NaN or lease {lease} ms out of (0, {LEASE_MAX_MS}]"
+        return None
+
+    def release(self, i: int, lease: int, cmd: dict[str, float]) -> str | None:
+        """Node i is handed back by its controller (the instruction block with Seq = RELEASE_SEQ, written as the
+        controller stops in order): it runs on its own at once, as after a lease that ran out (own battery for
+        own load, no export), but shows Mode RELEASED and counts no expiry: an orderly stop is no fault. The
+        block is checked as any instruction (a NaN or a lease out of range refuses it and changes nothing);
+        `AckSeq` keeps the last instruction the node followed. A new instruction takes the node back."""
+        why = self._refused(i, RELEASE_SEQ, lease, cmd)
+        if why is not None:
+            return why
+        if self.mode[i] != ss.Mode.RELEASED:
+            self._handed_back.append(i)
+        self.mode[i] = ss.Mode.RELEASED
+        self.deadline_ns[i] = self.clock_ns()
+        self.alarm[i] &= ~int(ss.Alarm.BAD_INSTRUCTION | ss.Alarm.LEASE_EXPIRED)
+        self.releases[i] += 1
+        return None
+
+    def _log_handed_back(self) -> None:
+        """The nodes handed back since the last tick, in one line (a stopping controller hands back thousands);
+        at INFO, also for a single agent: an orderly stop is routine, no fault to warn of."""
+        idx, self._handed_back = self._handed_back, []
+        if len(idx) == 1:
+            log.info("node %s: handed back by the controller (after instruction %d): autonomous (own battery for own "
+                     "load, no export)", self.specs[idx[0]].id, self.seq[idx[0]])
+        elif idx:
+            log.info("%d nodes (%s, ...): handed back by the controller: autonomous (own battery for own load, no "
+                     "export)", len(idx), ", ".join(self.specs[i].id for i in idx[:3]))
 
     def _status_into(self, i: int, regs: list[int], start: int) -> None:
         """Write node i's status points into its live registers (ack visible at once)."""
@@ -219,6 +273,7 @@ class AgentSet:
     # -- the tick: lease, backend, registers ---------------------------------------------------------
     def decide(self, now_ns: int) -> np.ndarray:
         """The battery power every node applies now; moves expired leases to autonomous."""
+        self._log_handed_back()
         expired = (self.mode == ss.Mode.CONTROLLED) & (now_ns > self.deadline_ns)
         idx = np.flatnonzero(expired)
         for i in idx:
@@ -442,6 +497,7 @@ async def serve_until_signalled(agents: AgentSet, on_ready=None) -> None:
 
 async def serve_agents(agents: AgentSet, stop: asyncio.Event, on_ready=None) -> None:
     await agents.start()
+    freeze_startup_heap()  # no full collection of the startup heap stalls every node of a fleet at once
     if on_ready:
         on_ready(agents)
     try:

@@ -1,6 +1,7 @@
 """Real-time setup of the scan process: ask the OS for what it will grant, say what it did.
 
-Timer slack 1 ns (prctl), SCHED_FIFO, mlockall; each is optional and reported.
+Timer slack 1 ns (prctl), SCHED_FIFO, mlockall; each is optional and reported. After its last cycle the
+scan leaves them (`leave_realtime`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import ctypes
 import logging
 import os
 
-__all__ = ["RealtimeReport", "setup_realtime", "set_parent_death_signal"]
+__all__ = ["RealtimeReport", "setup_realtime", "leave_realtime", "set_parent_death_signal"]
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -47,6 +48,17 @@ def setup_realtime(fifo_priority: int | None, lock_memory: bool = True) -> Realt
     else:
         rep["mlockall"] = False
     return rep
+
+
+def leave_realtime() -> None:
+    """Back to the normal scheduler, memory unlocked: after its last cycle the scan only exits, and the teardown
+    of its interpreter (a few hundred ms of CPU) must not hold a core at real-time priority while the drivers
+    hand the nodes back."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass
+    _libc().munlockall()
 
 
 def set_parent_death_signal(sig: int) -> None:

@@ -14,7 +14,7 @@ import time
 from vbatt.kernel.clock import MonotonicClock
 from vbatt.config.plant import Config, Fleet
 from vbatt.kernel.image import Ctl, ImageSpec, Mode, ProcessImage, ScanState
-from vbatt.kernel.rt import set_parent_death_signal, setup_realtime
+from vbatt.kernel.rt import leave_realtime, set_parent_death_signal, setup_realtime
 from vbatt.kernel.signals import ignore_ctrl_c
 
 __all__ = ["scan_main", "io_main", "service_main", "warm_up"]
@@ -97,6 +97,7 @@ def scan_main(name: str, spec: ImageSpec, cfg: Config, max_cycles: int | None, l
                         missing, cfg.cycle.start_timeout_s)
         engine.run(max_cycles)
         engine.shutdown()
+        leave_realtime()
     except BaseException:
         img.ctl[Ctl.STATE] = ScanState.FAILED
         log.exception("scan failed")
