@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # One BLAS thread in every test process and every process a test starts, unless the caller chose: the
@@ -66,6 +67,19 @@ def examples(quick: int, fuzz_share: float = 1.0) -> int:
         return max(quick, int(settings.default.max_examples * fuzz_share))
     return quick
 VBATT = [sys.executable, "-m", "vbatt.cli"]
+
+
+def wait_until(fn, what: str, timeout: float = 20.0, every: float = 0.02):
+    """Poll `fn` until it returns something true and return that; fails naming `what` and the last value
+    after `timeout` s (a wait for a state, never for a time: generous timeouts cost nothing when it comes)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def run_vbatt(*args: str, timeout: float = 120, check: bool = False, **kw) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until  # noqa: F401 (the MQTT tests take it from here)
 from test_modbus_support import fleet_of
 from vbatt.drivers.mqtt.broker import Broker, User, sparkplug_acl
 from vbatt.drivers.mqtt.client import tls_context
@@ -32,17 +33,6 @@ def users() -> list[User]:
 
 def make_broker(directory: Path, plaintext: bool = True) -> Broker:
     return Broker(directory, users(), plaintext=plaintext)
-
-
-def wait_until(fn, what: str, timeout: float = 20.0, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 class Loop:

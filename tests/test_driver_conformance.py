@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import wait_until
 from mqtt_support import Loop  # an asyncio loop in a thread of its own, for devices served in this process
 from test_modbus_support import fleet_of, free_port, mbap, raw_server, registers_reply, request_range
 from vbatt.config.plant import load_config
@@ -38,15 +39,6 @@ INSTRUCTION = ("battery_w", "bus_w", "served_w", "shed_w", "sequence", "lease_ms
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 0.4  # reconnect_min_ms / reconnect_max_ms of every plant below
 
 
-def wait_until(fn, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 class Run:

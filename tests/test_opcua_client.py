@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_until
 
 from vbatt.config.plant import load_config
 from vbatt.drivers.base import IoContext
@@ -224,15 +224,6 @@ def harness(tmp_path):
             h.stop()
 
 
-def wait_until(fn, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 # -- inputs -------------------------------------------------------------------------

@@ -17,15 +17,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 
+from conftest import REPO, VBATT, wait_until
 from test_modbus_support import V, FakeNs, endpoint, fleet_of, instruction_words, point, poller, serving
 from vbatt.config.plant import load_config
 from vbatt.drivers.base import IoContext
@@ -36,23 +34,10 @@ from vbatt.drivers.node.agent import AgentSet, AgentSpec, serve_agents
 from vbatt.drivers.node.backends.sim import SimBackend
 from vbatt.kernel.image import ImageSpec, ProcessImage
 
-REPO = Path(__file__).resolve().parents[1]
-VBATT = [sys.executable, "-m", "vbatt.cli"]
 WAIT_S = 60.0  # generous: every wait below is for a state, never for a time
 OUTPUTS = ("battery_w", "bus_w", "served_w", "shed_w")
 RELEASED = 3  # the Mode register of a node handed back, as a SunSpec client reads it (docs/modbus.md)
 LAPSE_LINE = re.compile(r"(?:(\d+) nodes \([^)]*\)|node \S+): lease (?:of instruction \d+ \(\d+ ms\) )?ran out")
-
-
-def wait_for(fn, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def lapses_logged(text: str) -> int:
@@ -186,7 +171,7 @@ def test_an_orderly_stop_hands_every_node_back_and_a_frozen_controller_lets_them
                              stdout=subprocess.DEVNULL, stderr=open(fleet_err, "w"))
     run = None
     try:
-        wait_for(lambda: ready.exists() or fleet.poll() is not None, "the fleet's ports")
+        wait_until(lambda: ready.exists() or fleet.poll() is not None, "the fleet's ports", WAIT_S)
         assert fleet.poll() is None, fleet_err.read_text()
         ports = [int(x) for x in ready.read_text().split()]
         assert len(ports) == n, ports
@@ -205,14 +190,14 @@ def test_an_orderly_stop_hands_every_node_back_and_a_frozen_controller_lets_them
             assert run.poll() is None, run_err.read_text()
             return all(m == mode for m, _e in _modes(ports))
 
-        wait_for(lambda: all_in(ss.Mode.CONTROLLED), "every node under control")
+        wait_until(lambda: all_in(ss.Mode.CONTROLLED), "every node under control", WAIT_S)
 
         os.killpg(run.pid, signal.SIGSTOP)  # every process of the controller stands still
         try:
-            wait_for(lambda: all_in(ss.Mode.AUTONOMOUS), "every lease to run out")
+            wait_until(lambda: all_in(ss.Mode.AUTONOMOUS), "every lease to run out", WAIT_S)
         finally:
             os.killpg(run.pid, signal.SIGCONT)
-        wait_for(lambda: all_in(ss.Mode.CONTROLLED), "every node under control again")
+        wait_until(lambda: all_in(ss.Mode.CONTROLLED), "every node under control again", WAIT_S)
         before = _modes(ports)
         assert all(e >= 1 for _m, e in before), before
 
