@@ -46,7 +46,7 @@ from test_modbus_support import M, V, answer_requests, endpoint, fleet_of, polle
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus.driver import BLOCK_END, BLOCK_START, FIELDS, DeviceError, DeviceLink
-from vbatt.drivers.node.agent import INSTR_END, INSTR_FIRST, LEASE_MAX_MS, RELEASE_SEQ
+from vbatt.drivers.node.agent import INSTR_END, INSTR_FIRST, LEASE_MAX_MS
 from vbatt.kernel.fields import node_field
 
 N_EXAMPLES = int(os.environ.get("VBATT_FUZZ_EXAMPLES", examples(200, fuzz_share=0.2)))
@@ -437,7 +437,7 @@ async def instructed(agents):
 
 @FUZZ
 @given(writes())
-@example((16, INSTR_FIRST, _instr(RELEASE_SEQ, 1, (0.0, 0.0, 0.0, 0.0))))  # found by it: a hand-back (Seq 0)
+@example((16, INSTR_FIRST, _instr(ss.RELEASE_SEQ, 1, (0.0, 0.0, 0.0, 0.0))))  # found by it: a hand-back (Seq 0)
 def test_agent_applies_good_instructions_and_refuses_the_rest(req):
     fc, address, values = req
     want = _accepts(fc, address, values)
@@ -462,7 +462,7 @@ def test_agent_applies_good_instructions_and_refuses_the_rest(req):
                 # 802's own writable points (CtrlHb, AlmRst, SetOp, SetInvState) may take a write
                 assert r.isError() or not touches, f"FC{fc} at {address} with {values} was accepted"
                 assert after == before, f"FC{fc} at {address} with {values} changed the agent"
-            elif want[0] == RELEASE_SEQ:
+            elif want[0] == ss.RELEASE_SEQ:
                 # Seq 0 is the hand-back of a controller that stops in order (docs/modbus.md): the node runs on its
                 # own at once, keeps the instruction it followed last (AckSeq) and counts no expiry
                 assert not r.isError(), f"a valid hand-back refused: {r}"

@@ -14,7 +14,7 @@ and the publishing are drivers/aio.py's; this module is the Modbus part). Per de
      it); otherwise FC3 reads the same block.
 
 On an orderly stop every device that holds an instruction is handed back at once, right
-after its last poll: the instruction block once more with `Seq` 0 (the agent's RELEASE_SEQ);
+after its last poll: the instruction block once more with `Seq` 0 (sunspec.RELEASE_SEQ);
 the agent runs on its own and shows Mode RELEASED in the same reply, so no lease runs out
 behind a controller that stopped in order (docs/modbus.md).
 
@@ -58,7 +58,6 @@ BLOCK_END = M.models[V][0] + 2 + M.models[V][1]  # end of the vendor model
 BLOCK_802_END = M.models[802][0] + 2 + M.models[802][1]
 ACK_SEQ = M.at(V, "AckSeq")
 MODE = M.at(V, "Mode")
-RELEASE_SEQ = 0  # the Seq that hands a node back (drivers/node/agent.py); no instruction carries it
 CODEC = ss.CODEC
 W_FIRST, W_END = CODEC.instr_first, CODEC.instr_end  # the instruction block, written in one request
 FIELDS = CODEC.fields  # the values published per node: the device measurements of the field table
@@ -322,7 +321,7 @@ class Poller(Links):
 
     # -- the instruction ------------------------------------------------------------------------------
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
-        # Seq is 32 bits: after 2**32 - 1 cycles (497 days at 10 ms) it wraps to 1, never to RELEASE_SEQ
+        # Seq is 32 bits: after 2**32 - 1 cycles (497 days at 10 ms) it wraps to 1, never to ss.RELEASE_SEQ
         wire_seq = (seq - 1) % 0xFFFFFFFF + 1
         CODEC.encode_instruction(self.wbuf, np.full(self.n, wire_seq), np.full(self.n, self.lease_ms), outputs)
         self.have_instruction = True
@@ -420,13 +419,13 @@ class Poller(Links):
     # -- the hand-back on an orderly stop ---------------------------------------------------------------------
     async def goodbye(self, i: int) -> None:
         """Hand node i back right after its last poll, before the lease of its last instruction runs out: the
-        instruction block once more with Seq = RELEASE_SEQ. Only a device that was sent an instruction holds
+        instruction block once more with Seq = ss.RELEASE_SEQ. Only a device that was sent an instruction holds
         a lease; one that cannot be reached now keeps it until it runs out (said by `hand_back_report`)."""
         link = self.links[i]
         if not self.hand_back_on_stop or not self.sent_seq[i] or link.ep.registers is not None:
             return
         row = self.wbuf[i:i + 1].copy()
-        ss.put_int(row, CODEC.seq_point, M.base, [RELEASE_SEQ])
+        ss.put_int(row, CODEC.seq_point, M.base, [ss.RELEASE_SEQ])
         off = W_FIRST - M.base
         try:
             if not link.connected or link.layout is None:

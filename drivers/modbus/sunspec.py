@@ -40,7 +40,7 @@ from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, names, node_fie
 
 __all__ = [
     "SUNS_ADDR", "SUNS", "Point", "Model", "Placed", "RegisterMap", "MapError", "build_map",
-    "COMMON", "BATTERY", "VENDOR", "VENDOR_ID", "END_ID", "NODE_MAP", "Mode", "Alarm",
+    "COMMON", "BATTERY", "VENDOR", "VENDOR_ID", "END_ID", "NODE_MAP", "Mode", "RELEASE_SEQ", "Alarm",
     "encode_strings", "decode_string", "NOT_IMPL", "put", "get", "get_sf", "put_int", "get_int", "static_rows",
     "NodeCodec", "CODEC",
 ]
@@ -69,6 +69,9 @@ class Mode(enum.IntEnum):
     CONTROLLED = 1  # following a leased instruction
     AUTONOMOUS = 2  # the lease ran out: own battery for own load, no export
     RELEASED = 3  # handed back by the controller (an orderly stop, Seq 0): as AUTONOMOUS, but no lease ran out
+
+
+RELEASE_SEQ = 0  # the instruction Seq that hands a node back (no scan cycle is numbered 0 on the wire)
 
 
 class Alarm(enum.IntFlag):

@@ -10,7 +10,7 @@ read in the same FC23 transaction already sees the acknowledgement. When the
 lease runs out without renewal the node goes autonomous (own battery for own
 load, no export), shows `Mode = AUTONOMOUS`, raises `Alm.LEASE_EXPIRED`,
 counts `Expiries` and logs it. A new instruction takes it back. A controller that stops in order hands the
-node back instead (an instruction with `Seq` 0, `RELEASE_SEQ`): the node runs on its own at once, shows
+node back instead (an instruction with `Seq` 0, `sunspec.RELEASE_SEQ`): the node runs on its own at once, shows
 `Mode = RELEASED`, and no lease runs out (nothing counted, no warning).
 
 `AgentSet` serves many nodes from one backend and one asyncio loop: one node
@@ -51,14 +51,13 @@ from vbatt.drivers.modbus.config import TlsFiles
 from vbatt.drivers.mqtt.config import EdgeConfig
 
 __all__ = ["AgentSpec", "AgentSet", "register_blocks", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
-           "serve_agents", "run_node", "LEASE_MAX_MS", "RELEASE_SEQ"]
+           "serve_agents", "run_node", "LEASE_MAX_MS"]
 
 log = logging.getLogger("vbatt.node")
 
 M = ss.NODE_MAP
 V = ss.VENDOR_ID
 LEASE_MAX_MS = 3_600_000
-RELEASE_SEQ = 0  # an instruction with this Seq hands the node back (no scan cycle is numbered 0)
 CODEC = ss.CODEC  # the offer out, the instruction in: the same codec as the controller's driver
 # the agent's own status points (no process-image fields)
 _P = {name: M.at(V, name) for name in ("Mode", "Alm", "AckSeq", "LeaseLeftMs", "AppliedW", "Expiries")}
@@ -199,7 +198,7 @@ class AgentSet:
         # plain struct, not numpy: this runs inside every instruction request (thousands per second)
         off = INSTR_FIRST - address
         seq, lease, cmd = CODEC.decode_instruction(values[off:off + INSTR_END - INSTR_FIRST])
-        refused = self.release(i, lease, cmd) if seq == RELEASE_SEQ else self.accept(i, seq, lease, cmd)
+        refused = self.release(i, lease, cmd) if seq == ss.RELEASE_SEQ else self.accept(i, seq, lease, cmd)
         self._status_into(i, regs, start)
         return ExcCodes.ILLEGAL_VALUE if refused else None
 
@@ -212,12 +211,12 @@ class AgentSet:
         now = self.clock_ns()
         for k, v in cmd.items():
             self.cmd[k][i] = v
-        if self.mode[i] == ss.Mode.AUTONOMOUS:
-            # one agent: a warning; a fleet says it per node at INFO (the expiry summary is the warning)
-            (log.warning if len(self.specs) == 1 else log.info)(
+        if self.mode[i] in (ss.Mode.AUTONOMOUS, ss.Mode.RELEASED):
+            # after a lapse one agent warns, a fleet says it per node at INFO (its expiry summary is the warning);
+            # a controller back after an orderly hand-back is routine
+            loud = self.mode[i] == ss.Mode.AUTONOMOUS and len(self.specs) == 1
+            (log.warning if loud else log.info)(
                 "node %s: instruction seq %d received: controlled again", self.specs[i].id, seq)
-        elif self.mode[i] == ss.Mode.RELEASED:  # a controller back after an orderly stop: routine
-            log.info("node %s: instruction seq %d received: controlled again", self.specs[i].id, seq)
         self.seq[i], self.lease_ms[i] = seq, lease
         self.deadline_ns[i] = now + lease * 1_000_000
         self.mode[i] = ss.Mode.CONTROLLED
@@ -234,12 +233,12 @@ class AgentSet:
         return None
 
     def release(self, i: int, lease: int, cmd: dict[str, float]) -> str | None:
-        """Node i is handed back by its controller (the instruction block with Seq = RELEASE_SEQ, written as the
+        """Node i is handed back by its controller (the instruction block with Seq = ss.RELEASE_SEQ, written as the
         controller stops in order): it runs on its own at once, as after a lease that ran out (own battery for
         own load, no export), but shows Mode RELEASED and counts no expiry: an orderly stop is no fault. The
         block is checked as any instruction (a NaN or a lease out of range refuses it and changes nothing);
         `AckSeq` keeps the last instruction the node followed. A new instruction takes the node back."""
-        why = self._refused(i, RELEASE_SEQ, lease, cmd)
+        why = self._refused(i, ss.RELEASE_SEQ, lease, cmd)
         if why is not None:
             return why
         if self.mode[i] != ss.Mode.RELEASED:

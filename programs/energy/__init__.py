@@ -96,7 +96,8 @@ def energy_kernel(online, trip, priority, demand_w, forecast_w, soc, capacity_wh
      prev_frac, class_runtime_s, reachable, s_tau, s_on, s_cum, s_tot, hz_s, sweep_deliv, deliv, pneed, probe_s,
      probe_wh, power_s, power_cap, stranded_w) = classes
     (hi_cap,) = node_memory
-    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel, v_yld, v_str, v_yls) = scratch
+    (v_cls, v_f, v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, v_pn, v_ps, v_rel, v_yld, v_str,
+     v_yls) = scratch
     hz, season, prior, prior_season, dhz = forecast
     tree, prio_of, slack_w = tree_link
     energy_step(online, trip, priority, demand_w, forecast_w, use_forecast[0] != 0, soc, capacity_wh,

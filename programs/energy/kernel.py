@@ -41,9 +41,11 @@ ENERGY_ALARMS = int(Alarm.RIDE_THROUGH_SHORT)
 # the reserve, pooled energy, local runtime (min), power need, export slack, the power the class's own-need
 # locks could add (_release), the power the locks held beyond their class's remaining target could add (a
 # class inside its target short of power takes it first: _release), the part of the pooled demand its nodes
-# serve where they are from energy no one else could get within the horizon (stranded: _node_values);
-# NX_RQ and NX_YQ are not sums: the shares of them released at the last sweep's end.
-NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_STR, NX_YLS, NX_N = range(14)
+# serve where they are from energy no one else could get within the horizon (stranded: _node_values), that
+# yield with the class shed (its batteries' export alone: _release); NX_RQ and NX_YQ are not sums: the shares
+# of them released at the last sweep's end.
+(NX_DFULL, NX_DNOW, NX_DRES, NX_E, NX_LOC, NX_PNEED, NX_PSLK, NX_REL, NX_RQ, NX_YLD, NX_YQ, NX_STR, NX_YLS,
+ NX_N) = range(14)
 # The class demand forecast's parameters (memory hz_params): on, fixed window (0: the remaining
 # target), level, trend, damping, season and profile time constants (s), seed mode (SEED_MODES).
 HP_ON, HP_H, HP_LEVEL, HP_TREND, HP_DAMP, HP_SEASON, HP_STAU, HP_SEED, HP_N = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -219,10 +221,11 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         # time inside its target (docs/design.md §2b rules 1 and 2; _release).
         lock_t = min(h_s, hz_s[c]) / 3600.0
         gt = min(g, _lock_cap(own, e, lock_t, pace_s)) if (e > 0.0) & (cw > 0.0) else 0.0
-        v_yld[i] = max(0.0, _bus_net(gt, d, lk) - v_ps[i] + v_pn[i]) if ok & has & (lock_t < lock_h) else 0.0
+        yields = ok & has & (lock_t < lock_h)
+        v_yld[i] = max(0.0, _bus_net(gt, d, lk) - v_ps[i] + v_pn[i]) if yields else 0.0
         # ... and with its class shed: its battery's export alone (its load asks nothing then, so the part of the
         # gain that was its load served from its own battery is no gain).
-        v_yls[i] = max(0.0, min(gt, lk) - v_ps[i]) if ok & has & (lock_t < lock_h) else 0.0
+        v_yls[i] = max(0.0, min(gt, lk) - v_ps[i]) if yields else 0.0
         # Its local runtime: at its own need plus what it gives its class's power now (_release). Not what it yields
         # to another class (_release, yq): that comes only from above its lock for its class's remaining target,
         # and counted, the runtime fell as a yield came and rose as it went; the lock, which holds for the class
@@ -338,6 +341,12 @@ def _caps(priority, class_of, demand_w, frac, serve_max_w):
         serve_max_w[i] = math.inf if fc >= 1.0 else fc * demand_w[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _inside(c, target_s, clock_s, local_s, latched):
+    """Class c rides inside its target: not shed, with target left that its own nodes' energy reaches."""
+    return latched[c] == 0 and min(max(0.0, target_s[c] - clock_s[c]), local_s[c]) > 0.0
+
+
 @njit(nogil=True, cache=True)
 def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, dnow, nx, pneed):
     """After a sweep: the part of a class's power need that neither the main supply nor the batteries'
@@ -375,7 +384,7 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
         for c in range(n_cls):
             on_batt = main_limit_w <= cum + 1e-9 * (1.0 + cum)
             cum += dnow[c]
-            if (latched[c] == 0 and min(max(0.0, target_s[c] - clock_s[c]), local_s[c]) > 0.0) != inside:
+            if _inside(c, target_s, clock_s, local_s, latched) != inside:
                 continue
             riding |= inside and pneed[c] > 0.0
             q = 0.0
@@ -387,7 +396,7 @@ def _release(n_cls, main_limit_w, slack_w, target_s, clock_s, local_s, latched, 
                     # batteries' export (NX_YLS), not the part that served its own load (counted as given, the
                     # power pass served a class beyond its target whole while one inside its target got 90 %
                     # in the cycle three nodes emptied: LP-gap `1 3 0.5 2` fleet 11 at 1 s cycles).
-                    k_in = latched[k] == 0 and min(max(0.0, target_s[k] - clock_s[k]), local_s[k]) > 0.0
+                    k_in = _inside(k, target_s, clock_s, local_s, latched)
                     later = (k > c if k_in == inside else inside) and pneed[k] > 0.0
                     basis = nx[k, NX_YLS] if later else nx[k, NX_YLD]
                     room = basis * (1.0 - nx[k, NX_YQ])

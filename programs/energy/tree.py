@@ -35,8 +35,8 @@ from __future__ import annotations
 from numba import njit
 
 __all__ = ["DECISIONS", "D_FRAC", "D_LATCHED", "D_LEFT", "D_RUNTIME", "D_REACHABLE", "D_HORIZON", "D_PROBE", "D_N",
-           "D_RELEASE", "D_YIELD", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_YLD", "P_YLS", "P_N",
-           "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_active", "tree_classes", "tree_sweep",
+           "D_RELEASE", "D_YIELD", "D_TARGET", "PROBE", "P_S", "P_WH", "P_W", "P_REL", "P_PNEED", "P_YLD", "P_YLS",
+           "P_N", "T_USED", "T_SWEPT", "T_AT", "tree_size", "probe_at", "tree_active", "tree_classes", "tree_sweep",
            "tree_probed", "tree_release"]
 
 # target_s: the tree's ride-through target of the priority (its class rules are on where the tree has any

@@ -48,8 +48,8 @@ import math
 import numpy as np
 
 from vbatt.programs.energy.horizon import HZ_N
-from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, NX_YLD, NX_YLS, NX_YQ, _class_demand, _release,
-                                          _reserve_rise, _reserve_wh)
+from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, NX_YLD, NX_YLS, NX_YQ, _class_demand,
+                                          _release, _reserve_rise, _reserve_wh)
 from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime, probe_next
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
                                         D_RUNTIME, D_TARGET, D_YIELD)
