@@ -1,6 +1,7 @@
 """How far the energy program's ride-through is from the reference LP when power and link limits bind.
 
-    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed] [--seed S] [--dt S] [--period S] [-v]
+    .venv/bin/python benchmarks/energy_lp_gap.py DIS_LO DIS_HI LINK_LO LINK_HI [INSTANCES] [--relaxed] [--seed S] [--dt S]
+        [--period S] [-v]
     .venv/bin/python benchmarks/energy_lp_gap.py --peak [INSTANCES]
 
 Limits are multiples of each node's demand (e.g. `1 3 0.5 2`). Per random fleet (4-20 nodes, 1-4
@@ -63,7 +64,7 @@ targets (programs/energy/kernel.py _release, _node_values), against main dab7cf0
 both 38 of 41, 35 s (line by line the same); --seed 7 47 of 47, 20 s (fleet 1 class 2 770 -> 775 s).
 then (2026-11-29) a class after the taker in the power order yields only its batteries' export (kernel.py _release,
 NX_YLS): at 5 s cycles unchanged (both 38 of 41, both 0.5-2 39 of 41); at 1 s cycles (--period 1) both 38 -> 39 of
-41 (fleet 11: class 1 813 -> 1,199 s of its 1,200 s target), both 0.5-2 38 of 41 (fleet 17 class 1 508 s of 600 s).
+41 (fleet 11: class 1 813 -> 1,199 s of its 1,200 s target), both 0.5-2 38 of 41 (fleet 17 class 1 508 s of 600 s; 505 s with the runtime change that follows).
 Against a 5 s reference, seed-42 fleet 1 (both) and binding-test seed 37 are within 15 s on the classes shed
 first and 50-55 s on the last one (60 s: 280 and 65 s off): their 60 s
 misses are the grid's, amplified by the trickle the last class runs on (docs/energy.md "The trickle cases").
