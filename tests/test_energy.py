@@ -729,3 +729,40 @@ def test_a_class_on_its_own_stranded_energy_is_not_shed_for_a_more_critical_one(
     f = FleetSpec([0, 0, 2, 3], [250.0, 150.0, 40.0, 100.0], [200.0, 150.0, 2500.0, 2500.0], [0.9] * 4,
                   [2000.0, 2000.0, 1000.0, 1000.0], [2000.0, 2000.0, 50.0, 50.0])
     _agrees_with_the_whole_step_lp(plants, f, {0: 7200.0, 2: 0.0, 3: 0.0}, 40, 120.0)
+
+
+# A controller that starts in an outage decides on settled power runtimes (programs/energy/rules.py settle). At a
+# cold start the estimates begin at "no bound" and reach their roots in a few sweeps; a class's reserve counted its
+# whole remaining target meanwhile, and a class cut then stays shed. LP-gap `0.5 2 0.5 2 --seed 5` fleet 18
+# (10 nodes, targets {0: 1,800, 1: 600, 2: 600, 3: 1,800} s): the reference sheds class 2 at once (its power cannot
+# be carried) and serves class 3 720 s; before, class 3 was shed in the first cycle for class 2's reserve, and class
+# 0 rode 3,549 s on it. (A class the batteries' power cannot carry now is still shed at once: the power pass.)
+def test_a_start_in_an_outage_cuts_no_class_before_the_power_runtime_settles(plants):
+    f, targets = lp_gap_fleets(5, (0.5, 2.0, 0.5, 2.0), 19)[18]
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, 40, 60.0, whole=True)
+    assert lp[2] == 0.0 and lp[3] >= 660.0, lp
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=1.0))
+    p.run(2400.0)
+    sim = p.first_shed_s()
+    for c in lp:
+        assert abs(min(sim[c], 2400.0) - lp[c]) <= 60.0, (c, sim, lp)
+
+
+# A class's draw on energy its nodes could not export in time is no one else's (kernel.py _strand_horizons): it is
+# held against the horizons the class rules check it against (the more critical classes' while it rides through),
+# not against the longest of all (an hour at least). LP-gap `1 3 0.5 2 --seed 5` fleet 12 (6 nodes, targets {0:
+# 1,800, 1: 1,800, 2: 1,200} s, none of the first two reachable): class 2's two nodes hold 173 Wh behind 129 W of
+# links, its load is 184 W; the reference serves it its 1,200 s while class 0 rides 540 s and class 1 60 s. Before,
+# class 2 was shed at once, for a reserve of classes 0 and 1 its draw did not touch.
+def test_a_class_on_its_own_link_bound_energy_rides_its_target(plants):
+    f, targets = lp_gap_fleets(5, (1.0, 3.0, 0.5, 2.0), 13)[12]
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, 22, 60.0, whole=True)
+    assert lp[2] == targets[2] == 1200.0 and lp[0] < targets[0], lp
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=1.0))
+    p.run(1260.0)
+    sim = p.first_shed_s()
+    assert sim[2] >= targets[2] - 1.0, (sim, lp)
+    for c in (0, 1):
+        assert abs(sim[c] - lp[c]) <= 60.0, (c, sim, lp)

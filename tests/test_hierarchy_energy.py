@@ -176,15 +176,22 @@ def test_the_power_runtime_composes_across_levels(lag):
     # the power runtime binds: class 0 ends where its power does, far before its target and its energy
     assert 1500.0 < r.flat_power_s[0] < 2000.0 and r.flat[0]["runtime_s"] == pytest.approx(r.flat_power_s[0], abs=25)
     assert not r.flat[0]["reachable"] and r.flat[1]["runtime_s"] > 0.0
+    # The shortage is there from the start: the rules cut nothing until the power runtime settles (rules.settle,
+    # the same sweep on the flat controller and at the top), then the shares move once; the leaves take them
+    # 1 + lag rounds later, and only those rounds differ.
+    flat_frac = [fl for _, fl in r.fracs]
+    moved = [k for k in range(1, len(flat_frac)) if not np.array_equal(flat_frac[k], flat_frac[k - 1])]
+    assert len(moved) == 1 and 1 <= moved[0] <= 10, moved
+    late = set(range(moved[0], moved[0] + 1 + lag))
     tol = 1e-6 if lag == 0 else 1e-3 * r.flat[0]["runtime_s"]
-    assert max(r.runtime_diff_s) < tol, r.runtime_diff_s
+    assert max(d for k, d in enumerate(r.runtime_diff_s) if k not in late) < tol, r.runtime_diff_s
     for t, x in zip(r.tree, r.flat):
         assert t["reserve_wh"] == pytest.approx(x["reserve_wh"], abs=1e-6 if lag == 0 else 1e-3 * x["reserve_wh"])
         assert t["reachable"] == x["reachable"]
     if lag == 0:
         np.testing.assert_allclose(r.top_power_s, r.flat_power_s, rtol=1e-12, atol=1e-6)
         for k in range(1, len(r.served)):
-            assert r.node_diff_w[k] < 1e-6, (k, r.node_diff_w)
+            assert k in late or r.node_diff_w[k] < 1e-6, (k, r.node_diff_w)
 
 
 @pytest.mark.parametrize("seed,index,cycles,dt", [(11, 0, 20, 60.0), (42, 13, 90, 10.0)], ids=["seed11-0", "seed42-13"])

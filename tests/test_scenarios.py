@@ -69,8 +69,10 @@ def test_a_critical_target_beyond_the_energy_gets_the_pooled_bound_and_an_alarm(
     assert cr["class"] == 0 and cr["pooled_bound_s"] < 86400
     assert cr["fraction_of_bound"] >= 0.98, cr
     assert m["classes"]["0"]["target_met"] is False
-    for c in ("1", "2", "3"):  # each would shorten class 0: shed at once
-        assert m["classes"][c]["first_shed_s"] == 0.0
+    # each would shorten class 0: shed as soon as the power runtime has settled (programs/energy/rules.py settle:
+    # the outage comes with the controller's start here), one 10 s cycle
+    for c in ("1", "2", "3"):
+        assert m["classes"][c]["first_shed_s"] <= 10.0
     line = next(s for s in m["energy_alarms"] if s.startswith("class 0:"))
     assert re.fullmatch(r"class 0: [\d,]+ s of 86,400 s", line), line
     assert float(line.split()[2].replace(",", "")) == pytest.approx(cr["pooled_bound_s"], rel=0.02)

@@ -30,7 +30,7 @@ from numba import njit
 from vbatt.programs.codes import Alarm
 from vbatt.programs.energy.horizon import horizon_mean, horizon_update
 from vbatt.programs.energy.rules import (ST_LAST_RISE_WH, ST_POS, ST_RISE_WH, ST_SLACK_W, ST_SLOPE_WH, ST_STARTED,
-                                         ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime, probe_next)
+                                         ST_SURPRISE_WH, ST_TREND_WH, decide, power_runtime, probe_next, settle)
 from vbatt.programs.energy.tree import (T_SWEPT, T_USED, tree_active, tree_classes, tree_probed, tree_release,
                                         tree_sweep)
 
@@ -138,15 +138,16 @@ def _bus_net(g, d, lk):
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w, use_forecast, soc, capacity_wh,
-                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, rt_s, use_rt, pace_s, v_cls, v_f, v_now, v_res,
-                 v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, v_str, v_yls):
+                 max_dis_w, link_w, hi_w, narrowed, soc_min, eff, h_s, hz_s, hs_s, rt_s, use_rt, pace_s, v_cls, v_f,
+                 v_now, v_res, v_e, v_loc, v_rate, v_g, v_d, v_own, v_eraw, hi_cap, v_pn, v_ps, v_rel, rq, v_yld, v_str,
+                 v_yls):
     """Per node (of the slices given): what it adds to its class; branch-free (nodes that cannot take
     part add zeros). hi_cap: the node's own-need limit on its battery (inf: none); v_rel: the power
     lifting that limit would add to the bus (_release), rq: per class, the share of it released at the
     last sweep's end. v_yld: the power the node's lock would add with its lock held only for its class's
     remaining target (not its runtime beyond it). v_str: the
     part of its pooled demand it serves from stranded energy (its draw takes nothing another class could
-    get within the horizon). The callers pass
+    get within hs_s[c], the longest horizon its class's draw is held against: _strand_horizons). The callers pass
     slices: a loop over range(a, b) cannot vectorise (a signed index may wrap), ~5x slower here."""
     inv_h = h_s / 3600.0
     np_ = class_of.shape[0]
@@ -192,15 +193,17 @@ def _node_values(online, trip, priority, class_of, latched, demand_w, forecast_w
         v_now[i] = d - own if ok else 0.0
         v_res[i] = min(f, lk) if ok else 0.0
         # Stranded energy (docs/design.md §2b: counted only for its own node): beyond its own-need lock and
-        # what it can export within the longest horizon, a battery holds energy only its own load can use. If
-        # that covers the pooled part of its load (d - own) for the whole horizon, and its battery can give
-        # that part beside its export, its class's draw there takes nothing the other classes could get: the
-        # class rules do not count it against their reserve's deliverable energy (rules.decide). (Counted, a
-        # class beyond its target on a node with a large battery behind a small link was shed as soon as a
-        # more critical class's power runtime bound: the margin there is 0 by construction.)
+        # what it can export within the horizons its class's draw is held against (hs_s, _strand_horizons), a
+        # battery holds energy only its own load can use. If that covers the pooled part of its load (d - own)
+        # for that horizon, and its battery can give that part beside its export, its class's draw there takes
+        # nothing the other classes could get: the class rules do not count it against their reserve's
+        # deliverable energy (rules.decide). (Counted, a class beyond its target on a node with a large battery
+        # behind a small link was shed as soon as a more critical class's power runtime bound: the margin there
+        # is 0 by construction.)
         ex = min(g, lk)
         dl = d_own - own  # the pooled part of its own load (none for a class shed for energy)
-        v_str[i] = min(dl, max(0.0, g - own - ex)) if ok & (e - own * lock_h >= (ex + dl) * inv_h) else 0.0
+        strand = e - own * lock_h >= (ex + dl) * hs_s[c] / 3600.0
+        v_str[i] = min(dl, max(0.0, g - own - ex)) if ok & strand else 0.0
         # Its surplus above that lock it may export as fast as its limits allow, but no more of it
         # than one sweep (pace_s: until the node's next look) can take: so the lock holds, and the
         # surplus is not paced over the horizon (that left it stranded while the nodes without a
@@ -250,6 +253,25 @@ def _scatter(v_cls, v_f, v_now, v_res, v_e, v_loc, v_pn, v_ps, v_rel, v_yld, v_s
         nx[c, NX_DRES] += v_res[i]
         nx[c, NX_E] += v_e[i]
         nx[c, NX_LOC] = min(nx[c, NX_LOC], v_loc[i])
+
+
+@njit(nogil=True, cache=True)
+def _strand_horizons(n_cls, hz_s, target_s, clock_s, latched, hs_s):
+    """hs_s[c]: the longest horizon the class rules hold class c's draw against (rules.decide): riding on the
+    batteries inside its target (its battery clock runs), the more critical classes' horizons; else (beyond its
+    target, or not on the batteries) every other class's. A node's energy beyond what it can export within
+    that is no use to those classes in time: its own load's draw on it is stranded (_node_values v_str). Held
+    against the longest horizon of all (an hour at least, horizon_s), a class on link-bound batteries with
+    hours of energy was shed in the first minute for a more critical class's 9-minute reserve, which its draw
+    did not touch (LP-gap `1 3 0.5 2 --seed 5` fleet 12: class 2 shed in its first seconds, 1,200 s in the
+    reference)."""
+    for c in range(n_cls):
+        riding = latched[c] == 0 and target_s[c] - clock_s[c] > 0.0 and clock_s[c] > 0.0
+        h = 0.0
+        for k in range(c if riding else n_cls):
+            if k != c and latched[k] == 0 and hz_s[k] > 0.0:
+                h = max(h, hz_s[k])
+        hs_s[c] = h
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
@@ -506,9 +528,12 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
                 ax[j, k] = 0.0
         if on_tree:  # the tree's horizons and its question for the power runtime (tree.py)
             tree_sweep(wall_s, tree, prio_of, n_cls, hz_s, probe_s)
+    # s_tau is scratch until decide: the horizons the class rules hold each class's draw against
+    _strand_horizons(n_cls, hz_s, target_s, clock_s, latched, s_tau)
     _node_values(online[a:b], trip[a:b], priority[a:b], class_of, latched, demand_w[a:b], forecast_w[a:b],
                  use_forecast, soc[a:b], capacity_wh[a:b], max_dis_w[a:b], link_w[a:b], hi_w[a:b], narrowed, soc_min,
-                 eff, h_s, hz_s, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b],
+                 eff, h_s, hz_s, s_tau, runtime_s, not first, pace_s, v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b],
+                 v_e[a:b], v_loc[a:b],
                  v_rate[a:b], v_g[a:b], v_d[a:b], v_own[a:b], v_eraw[a:b], hi_cap[a:b], v_pn[a:b], v_ps[a:b],
                  v_rel[a:b], nx[:, NX_RQ], v_yld[a:b], v_str[a:b], v_yls[a:b])
     _scatter(v_cls[a:b], v_f[a:b], v_now[a:b], v_res[a:b], v_e[a:b], v_loc[a:b], v_pn[a:b], v_ps[a:b], v_rel[a:b],
@@ -552,6 +577,7 @@ def energy_step(online, trip, priority, demand_w, forecast_w, use_forecast, soc,
         for c in range(n_cls):
             power_cap[c] = math.inf if on_tree else power_s[c]
         power_runtime(n_cls, probe_s, probe_wh, hz_s, dhz, latched, local_s, h_s, power_s)
+        settle(n_cls, latched, power_cap, power_s, pace_s, state)
         # the probe's answer and the power shortfall's inputs, for the offer upward
         tree_probed(tree, prio_of, n_cls, probe_s, probe_wh, nx[:, NX_REL], nx[:, NX_PNEED], nx[:, NX_YLD],
                     nx[:, NX_YLS])

@@ -22,11 +22,11 @@ from numba import njit
 
 __all__ = ["decide", "power_runtime", "probe_next", "ride_through", "PROBE_FLOOR_S", "ST_OK_S", "ST_E_WH", "ST_R_WH",
            "ST_N_CLS", "ST_SHORT", "ST_POS", "ST_STARTED", "ST_CAPPED", "ST_SLACK_W", "ST_RISE_WH", "ST_TREND_WH",
-           "ST_SURPRISE_WH", "ST_SLOPE_WH", "ST_LAST_RISE_WH", "ST_N"]
+           "ST_SURPRISE_WH", "ST_SLOPE_WH", "ST_LAST_RISE_WH", "ST_SETTLE", "ST_N", "settle", "SETTLE_SWEEPS"]
 
 # Indices into the scalar state memory.
 (ST_OK_S, ST_E_WH, ST_R_WH, ST_N_CLS, ST_SHORT, ST_POS, ST_STARTED, ST_CAPPED, ST_SLACK_W, ST_RISE_WH, ST_TREND_WH,
- ST_SURPRISE_WH, ST_SLOPE_WH, ST_LAST_RISE_WH, ST_N) = range(15)
+ ST_SURPRISE_WH, ST_SLOPE_WH, ST_LAST_RISE_WH, ST_SETTLE, ST_N) = range(16)
 
 _EPS = 1e-9
 LOOK_MAX = 120  # cycles the look-ahead of the reserve's rise covers at most
@@ -38,6 +38,10 @@ POWER_TOL = 0.01  # a class is latched for power when the export it lacks exceed
 # reserve flipped), and a root below it is no time a class can be served (the tree's sums gave 1e-255 s
 # where the flat controller's gave 0).
 PROBE_FLOOR_S = 0.01
+# After a cold start the power runtime's estimates take a few sweeps to stand still (power_runtime: a Newton
+# step a sweep from "no bound"); until then, or at most this many sweeps, the energy rule cuts no class (settle).
+SETTLE_SWEEPS = 10
+SETTLE_TOL = 0.01
 
 
 @njit(nogil=True, cache=True)
@@ -173,6 +177,26 @@ def power_runtime(k_n, probe_s, pv, hz_s, dres, latched, local_s, h_s, power_s):
                     kink = max(kink, hz_s[j])
             nxt = max(kink, m + gap / -slope if slope < 0.0 else 0.5 * m)
             power_s[c] = nxt if nxt >= PROBE_FLOOR_S else 0.0
+
+
+@njit(nogil=True, cache=True)
+def settle(k_n, latched, before_s, after_s, pace_s, state):
+    """After a sweep's power runtime (before_s: the estimates the class rules used, after_s: the new ones, a
+    sweep of pace_s later): state[ST_SETTLE] counts the sweeps since a cold start until every class's estimate
+    stands still (a time from now, so it may fall by the sweep; a Newton step moves it by more than that and
+    SETTLE_TOL), then holds SETTLE_SWEEPS for good. Until then `decide` cuts no class for energy: with the
+    estimates still at "no bound" a class's reserve counted its whole remaining target, which its power could
+    not carry, and a class cut stays shed (a controller started in an outage: LP-gap `0.5 2 0.5 2 --seed 5`
+    fleet 18 shed class 3 in its first cycle for class 2's reserve, which the batteries could never deliver;
+    the reference serves class 3 720 s). With the main supply there at a start, it is long settled when an
+    outage comes."""
+    if state[ST_SETTLE] >= SETTLE_SWEEPS:
+        return
+    still = True  # "no bound" at a start and still none: settled at once
+    for c in range(k_n):
+        a, b = before_s[c], after_s[c]
+        still &= latched[c] != 0 or a == b or abs(b - a) <= pace_s + SETTLE_TOL * (1.0 + min(a, b))
+    state[ST_SETTLE] = SETTLE_SWEEPS if still else state[ST_SETTLE] + 1.0
 
 
 @njit(nogil=True, cache=True)
@@ -326,6 +350,8 @@ def decide(k_n, dnow, dres, e_wh, main_limit_w, dt_s, hold_s, target_s, clock_s,
             need_pw = max(0.0, need_wh - min(stranded_w[c], d - m) * dt_s / 3600.0)
             share = math.inf if need_pw <= 0.0 else min(avail, p_avail) / need_pw
             a = 0.0 if latched[c] != 0 else min(1.0, max(0.0, share))
+            # no cut for energy on estimates not yet settled (settle): the class is served whole meanwhile
+            a = 1.0 if latched[c] == 0 and not shaved and state[ST_SETTLE] < SETTLE_SWEEPS else a
             if shaved and e_left < thr_back:
                 a = max(-m / (d - m), (e_left - thr_back) / need_wh)
             elif calm:

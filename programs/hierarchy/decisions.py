@@ -50,7 +50,8 @@ import numpy as np
 from vbatt.programs.energy.horizon import HZ_N
 from vbatt.programs.energy.kernel import (HP_N, HP_ON, NX_N, NX_REL, NX_RQ, NX_YLD, NX_YLS, NX_YQ, _class_demand,
                                           _release, _reserve_rise, _reserve_wh)
-from vbatt.programs.energy.rules import ST_N, ST_OK_S, ST_SHORT, ST_SLACK_W, decide, power_runtime, probe_next
+from vbatt.programs.energy.rules import (SETTLE_SWEEPS, ST_N, ST_OK_S, ST_SETTLE, ST_SHORT, ST_SLACK_W, decide,
+                                         power_runtime, probe_next, settle)
 from vbatt.programs.energy.tree import (D_FRAC, D_HORIZON, D_LATCHED, D_LEFT, D_N, D_PROBE, D_REACHABLE, D_RELEASE,
                                         D_RUNTIME, D_TARGET, D_YIELD)
 from vbatt.programs.hierarchy import classes as hc
@@ -72,6 +73,7 @@ class TreeDecider:
         self.hz_out = np.full(k, math.nan)
         self.answered = np.zeros(k, bool)  # this round brought the whole tree's answer to the question
         self.answers = 0  # rounds that brought an answer to a question (some class's)
+        self.since_s = 0.0  # time since every class's question was last answered (rules.settle: a sweep's time)
         # the class demand forecast (kernel.horizon_params of the top's energy parameters; None or off:
         # the reserve counts the demand now), its state per priority, and no recorded profile to seed from
         self.hp = np.zeros(HP_N) if hp is None else np.asarray(hp, np.float64)
@@ -217,7 +219,7 @@ class TreeDecider:
         # controller, cycle by cycle, does not; the rest of the time only moves the clocks that run.
         dt_rule = min(float(dt_s), 2.0 * self.pace_s)
         before = clock.copy()
-        power_cap = self.power_step(offer, ps, hz, target, clock, latched, dres, loc)
+        power_cap = self.power_step(offer, ps, hz, target, clock, latched, dres, loc, float(dt_s))
         # a class's power shortfall on the tree's sums (as a flat controller after its sweep): the share of
         # its nodes' own-need locks lifted, sent down; its power need less what that gives, for `decide`
         nx = np.zeros((n, NX_N))
@@ -259,11 +261,13 @@ class TreeDecider:
         """The probe's longest horizon, as a flat controller's sweep: the horizon or the longest remaining target."""
         return max(self.horizon_s, float(left_s.max()))
 
-    def power_step(self, offer: np.ndarray, ps: np.ndarray, hz, target, clock, latched, dres, loc) -> np.ndarray:
+    def power_step(self, offer: np.ndarray, ps: np.ndarray, hz, target, clock, latched, dres, loc,
+                   dt_s: float) -> np.ndarray:
         """The power runtime before this round's rules (as a flat controller after its sweep): the estimate
         the sums were taken at, for `decide`, returned; the next estimate (a Newton step on the tree's A(m),
         rules.power_runtime, at the horizons hz the leaves' sweep took) for the classes whose question the
-        whole tree answered, kept for the others."""
+        whole tree answered, kept for the others; once every class's is answered, whether the estimates have
+        settled since a start (rules.settle; dt_s: the time since the last round)."""
         if not self.started:  # asked nothing yet: a leaf's first sweep on its own probes where neutral() asks
             first = np.isnan(self.ask[ps])
             self.ask[ps[first]] = self._longest_s(target) if self.power_on else 0.0
@@ -271,6 +275,10 @@ class TreeDecider:
         m = self.ask[ps]
         answered = (offer[ps, hc.C_PROBE_S] == m) & (m == m)
         self.answered[ps] = answered
+        self.since_s += dt_s
+        if not (answered | (latched != 0)).all():
+            # no whole sweep's answer this round: not settled yet (rules.settle), at most SETTLE_SWEEPS rounds
+            self.state[ST_SETTLE] = min(SETTLE_SWEEPS, self.state[ST_SETTLE] + 1.0)
         if not answered.any():
             return cap
         self.answers += 1
@@ -280,6 +288,9 @@ class TreeDecider:
         new = np.zeros(n)
         power_runtime(n, probe, pv, hz, dres, latched, np.ascontiguousarray(loc), self._longest_s(target - clock), new)
         self.power_s[ps] = np.where(answered, new, cap)
+        if (answered | (latched != 0)).all():  # a flat controller's sweep: every class's estimate anew
+            settle(n, latched, cap, new, self.since_s, self.state)
+            self.since_s = 0.0
         return cap
 
     def question(self, out: np.ndarray, ps: np.ndarray, target, clock, latched, loc) -> None:
