@@ -15,6 +15,9 @@ Modbus: a lease that runs out makes the node autonomous). An instruction older t
 last ((epoch, seq) lower) is refused and counted: a replay after a broker restart is never applied;
 the same (epoch, seq) renews the lease. The acknowledgement (`status/ack_seq`, mode, lease left) goes
 out in a DDATA at once.
+
+The agents keep their time while the broker is out of reach: a lease runs out on a node cut off from
+its controller as it does on one whose controller died.
 """
 
 from __future__ import annotations
@@ -328,6 +331,8 @@ class EdgeNode:
         period = self.agents.tick_ms / 1e3
         last_reason = ""
         while not stop.is_set():
+            # no broker: the leases still run, so that a node cut off from its controller goes on its own
+            offline = asyncio.create_task(self._tick_offline(period)) if tick else None
             try:
                 await self._connect()
             except LinkError as exc:
@@ -340,6 +345,9 @@ class EdgeNode:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            finally:
+                if offline is not None:
+                    offline.cancel()
             backoff.reset()
             last_reason = ""
             log.info("edge %s: connected to %s:%d (bdSeq %d)", self.edge, self.link.host, self.link.port, self.bdseq)
@@ -368,6 +376,11 @@ class EdgeNode:
                 log.warning("edge %s: %s; reconnecting", self.edge, self.session.lost_reason)
             self.connected.clear()
             self._drop(clean=stop.is_set())
+
+    async def _tick_offline(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self.agents.tick()
 
     def _drop(self, clean: bool = False) -> None:
         s, self.session = self.session, None
