@@ -22,11 +22,13 @@ from mqtt_support import (EDGE_PW, HOST_PW, HOST_USER, Cuttable, HostRun, Link, 
                           loop, wait_until)
 from vbatt.drivers.faults import Fault
 from vbatt.drivers.modbus import sunspec as ss
+from vbatt.drivers.mqtt import driver as mqtt_driver
 from vbatt.drivers.mqtt import sparkplug as sp
 
 __all__ = ["broker", "loop"]  # the fixtures
 pytestmark = pytest.mark.timeout(120)
 
+WAIT_S = 30.0  # how long the host may wait for the answers to its hand-back here: generous, it ends at the answers
 RELEASED = 3  # status/mode of a device handed back, as a Sparkplug host reads it (docs/mqtt.md)
 TWO = """
 nodes:
@@ -40,9 +42,10 @@ def _lapsed_past(edge: RunningEdge, deadline_ns: int) -> bool:
     return int(edge.edge.agents.last_ns) > deadline_ns
 
 
-def test_an_orderly_stop_hands_every_device_back_and_no_lease_runs_out(broker, loop, caplog):
+def test_an_orderly_stop_hands_every_device_back_and_no_lease_runs_out(broker, loop, caplog, monkeypatch):
     """Two edge nodes, three devices, all controlled; the host stops in order: all three RELEASED at once, the
     instruction they followed still acknowledged, and past the lease of that instruction none has lapsed."""
+    monkeypatch.setattr(mqtt_driver, "HAND_BACK_WAIT_S", WAIT_S)
     e1 = RunningEdge(loop, edge_link(broker, "e1"), "e1", plant=TWO)
     e2 = RunningEdge(loop, edge_link(broker, "e2"), "e2")
     h = HostRun(loop, broker, [("g1", "e1", "A"), ("g1", "e1", "B"), ("g1", "e2", "A")], host_id="h-back",
@@ -78,10 +81,11 @@ def test_an_orderly_stop_hands_every_device_back_and_no_lease_runs_out(broker, l
         e2.stop()
 
 
-def test_a_device_cut_off_at_the_stop_keeps_its_lease_and_it_runs_out(broker, loop, caplog):
+def test_a_device_cut_off_at_the_stop_keeps_its_lease_and_it_runs_out(broker, loop, caplog, monkeypatch):
     """e2 reaches the broker through a link the test cuts: its NDEATH comes (the broker's will), the host stops
     in order, hands back e1's device and names e2's as not handed back. e2 goes on without a broker: its lease
     runs out there as if the controller had died (counted, LEASE_EXPIRED), e1's device does not lapse."""
+    monkeypatch.setattr(mqtt_driver, "HAND_BACK_WAIT_S", WAIT_S)
     cut = Cuttable(loop, broker.plain_port)
     e1 = RunningEdge(loop, edge_link(broker, "e1"), "e1")
     e2 = RunningEdge(loop, Link("127.0.0.1", cut.port, None, "e2", EDGE_PW, keepalive_s=5), "e2")
