@@ -14,6 +14,7 @@ import logging
 import math
 import time
 
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -191,3 +192,16 @@ def test_what_the_edge_does_with_seq_0(broker, loop, caplog):
     finally:
         cmd.close()
         e.stop()
+
+
+def test_the_host_never_sends_seq_0_as_an_instruction():
+    """seq 0 is the hand-back's alone: an instruction numbered 0 (no scan cycle is) is refused by the host before
+    any DCMD could carry it; cycle 1 is an instruction."""
+    h = mqtt_driver.Host([("g1", "e1", "A")], Link("127.0.0.1", 1, None, HOST_USER, HOST_PW), host_id="h0",
+                         lease_ms=800, command_ms=100, silence_ms=1000)
+    out = {k: np.zeros(1) for k in ("battery_w", "bus_w", "served_w", "shed_w")}
+    with pytest.raises(ValueError, match=r"instruction seq 0 is the hand-back \(sunspec.RELEASE_SEQ\)"):
+        h.set_instruction(0, out)
+    assert not h.have_instruction
+    h.set_instruction(1, out)
+    assert h.have_instruction and h._seq == 1

@@ -452,6 +452,8 @@ class Host(Links):
             self.send_due(asyncio.get_running_loop().time())
 
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
+        if seq == ss.RELEASE_SEQ:  # every DCMD of it would hand the devices back instead of instructing them
+            raise ValueError(f"instruction seq {seq} is the hand-back (sunspec.RELEASE_SEQ): scan cycles count from 1")
         instr = np.column_stack([np.nan_to_num(outputs[k]) for k in OUTPUTS])
         if self.have_instruction:
             # each device's new scan instruction that send_due will not send: within the deadband of its last DCMD
