@@ -18,7 +18,7 @@ slow one only ever delays itself:
 once (every node NO_DATA until it answers), then every `period_s` the newest
 instruction is taken from the image and the staged inputs handed to the scan; on
 stop the link tasks end (each with its goodbye), the transport's flush hands on what
-is left (OPC UA, MQTT: the last instruction, the scan's safe state; Modbus: its
+is left (OPC UA: the last instruction, the scan's safe state; Modbus, MQTT: their
 nodes were handed back by their goodbyes, it only reports) and every link is closed.
 Once it serves, the process freezes its startup heap (`freeze_startup_heap`).
 """

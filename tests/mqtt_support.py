@@ -110,6 +110,49 @@ def loop():
     lp.close()
 
 
+class Cuttable:
+    """A TCP relay to the broker's plaintext port, run in `loop`, that the test can cut: every connection through
+    it is reset (the broker publishes the edge node's will) and new ones are refused, as a broken link would."""
+
+    def __init__(self, loop: Loop, port: int):
+        self.loop, self.upstream = loop, port
+        self.transports: list[asyncio.BaseTransport] = []
+
+        async def start():
+            return await asyncio.start_server(self._client, "127.0.0.1", 0)
+
+        self.server = loop.call(start())
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.transports += [writer.transport, up_w.transport]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    def cut(self) -> None:
+        async def go():
+            self.server.close()
+            for t in self.transports:
+                t.abort()
+
+        self.loop.call(go())
+
+
 class RawEdge:
     """A misbehaving edge node: a valid NBIRTH, then `device_payload` as the DBIRTH of `device`, again and
     again (every 0.2 s) until closed, so that a host connecting at any time sees it."""
@@ -210,15 +253,15 @@ def fleet_process(cfg: Path, *args: str, stderr=subprocess.DEVNULL):
                 proc.stderr.close()
 
 
-def run_all_online(cfg: Path, tmp_path: Path, n: int) -> dict:
-    """`vbatt run CFG` for 8 s with a snapshot: it ends cleanly and all `n` nodes were online, fault-free and
-    answering (an I/O latency measured) at its last cycle. Returns the snapshot."""
+def run_all_online(cfg: Path, tmp_path: Path, n: int, *args: str) -> tuple[dict, str]:
+    """`vbatt run CFG ARGS` for 8 s with a snapshot: it ends cleanly and all `n` nodes were online, fault-free and
+    answering (an I/O latency measured) at its last cycle. Returns the snapshot and the run's log."""
     from conftest import read_json, run_vbatt
 
-    r = run_vbatt("run", str(cfg), "--duration", "8", "--snapshot", str(tmp_path / "snap.json"))
+    r = run_vbatt("run", str(cfg), "--duration", "8", "--snapshot", str(tmp_path / "snap.json"), *args)
     assert r.returncode == 0, r.stderr[-2000:]
     snap = read_json(tmp_path / "snap.json")
     assert snap["aggregate"]["nodes_online"] == n
     nodes = snap["nodes"]
     assert len(nodes) == n and all(x["fault"] == 0 and x["io_latency_ms"] > 0 for x in nodes), nodes
-    return snap
+    return snap, r.stderr

@@ -313,14 +313,22 @@ def test_data_as_old_as_its_timestamp_a_backlog_is_not_fresh(broker, loop):
         edge.stop()
 
 
-def test_vbatt_run_allocates_over_mqtt(broker, tmp_path):
+def test_vbatt_run_allocates_over_mqtt_and_hands_every_node_back_as_it_stops(broker, tmp_path):
     """The whole stack: `vbatt fleet` publishes 5 nodes, `vbatt run` (supervisor, scan, the mqtt driver in
-    its I/O process, the allocation) latches them all and their acknowledgements come back."""
+    its I/O process, the allocation) latches them all and their acknowledgements come back. Its orderly stop
+    (`--duration`) hands every node back: the fleet, stopped after it, finds them all RELEASED, none lapsed."""
     cfg = tmp_path / "plant.yaml"
     cfg.write_text(FLEET.replace("  - {{id: solo, driver: mqtt, edge_node: e1, group: g9}}\n", "").format(
         port=broker.port, ca=broker.ca, pw=HOST_PW, epw=EDGE_PW)
         .replace("plant: {stale_ms: 2000}", "plant: {stale_ms: 2000, main_limit_w: 1000}")
         + "programs: [allocation]\n")
-    with fleet_process(cfg):
-        snap = run_all_online(cfg, tmp_path, 5)
+    fleet_log = tmp_path / "fleet.txt"
+    with open(fleet_log, "w") as err, fleet_process(cfg, "-v", stderr=err):
+        snap, log = run_all_online(cfg, tmp_path, 5, "-v")
         assert snap["aggregate"]["main_w"] == pytest.approx(1000.0, abs=1e-6)  # the limit binds: batteries help
+    assert "5 devices handed back to their own control (status/mode RELEASED)" in log, log
+    assert "not at the stop" not in log and "Traceback" not in log, log
+    agents = fleet_log.read_text()
+    assert "stopping 5 nodes: 5 handed back by the controller, 0 autonomous after a lapsed lease, 0 still " \
+           "controlled" in agents, agents
+    assert "ran out" not in agents, agents

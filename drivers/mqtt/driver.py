@@ -23,6 +23,10 @@ bdSeq of the current birth) and DDEATH mark devices CONNECTION; silence longer t
 marks TIMEOUT; a payload that does not parse, or a metric vbatt does not know, marks that device
 GARBLED with the reason; values outside the field table's range are BAD_VALUE. Nothing of one
 device touches another.
+
+On an orderly stop, after the link's last round, every device that holds a lease is handed back (its
+last DCMD once more with seq 0: `status/mode` RELEASED, no lease left to run out) and one line says
+how many were and which were not (`goodbye`, `hand_back_report`).
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ import numpy as np
 
 from vbatt.kernel.fields import node_field
 
-from vbatt.drivers.aio import AsyncDriver, LinkError, Links
+from vbatt.drivers.aio import LOG_NAMES, AsyncDriver, LinkError, Links
 from vbatt.drivers.base import IoContext
 from vbatt.drivers.faults import Fault
+from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.mqtt import sparkplug as sp
 from vbatt.drivers.mqtt.client import Session, Will
 from vbatt.drivers.mqtt.config import member_topic, mqtt_nodes
@@ -55,6 +60,7 @@ KNOWN = {m.name: j for j, m in enumerate(DM)}
 STATUS = {m.name: m for m in sp.STATUS_METRICS}
 OUTPUTS = tuple(m.field for m in sp.COMMAND_METRICS if m.field)
 SENT_KEPT = 8
+HAND_BACK_WAIT_S = 2.0  # at the stop, how long the host waits for its devices to answer the hand-back
 
 
 class _Edge:
@@ -150,6 +156,8 @@ class Host(Links):
         self.gaps = 0
         self.rebirths = 0
         self.foreign = 0  # messages for devices not configured here
+        self.handed_back = np.zeros(n, bool)  # at the stop: answered status/mode RELEASED to the hand-back
+        self.not_handed_back: dict[int, str] = {}  # at the stop: held a lease, not handed back (why)
 
     # -- messages (paho's thread) ----------------------------------------------------------------------
     def on_message(self, topic: bytes, payload: bytes) -> None:
@@ -444,6 +452,8 @@ class Host(Links):
             self.send_due(asyncio.get_running_loop().time())
 
     def set_instruction(self, seq: int, outputs: dict[str, np.ndarray]) -> None:
+        if seq == ss.RELEASE_SEQ:  # every DCMD of it would hand the devices back instead of instructing them
+            raise ValueError(f"instruction seq {seq} is the hand-back (sunspec.RELEASE_SEQ): scan cycles count from 1")
         instr = np.column_stack([np.nan_to_num(outputs[k]) for k in OUTPUTS])
         if self.have_instruction:
             # each device's new scan instruction that send_due will not send: within the deadband of its last DCMD
@@ -581,12 +591,77 @@ class Host(Links):
         staging["io_errors"][:] = self.errors
         staging["io_latency_ms"][:] = self.rtt_ms
 
-    async def flush(self, timeout_s: float) -> None:
-        if self.have_instruction and self.session is not None and self.session.connected:
-            due = np.flatnonzero(self.born)
-            if len(due):
-                self._send(due, asyncio.get_running_loop().time())
-            await asyncio.sleep(min(timeout_s, 0.2))
+    # -- the orderly stop ---------------------------------------------------------------------------------
+    async def goodbye(self, k: int) -> None:
+        """The link's last round is over (an orderly stop): every device that holds a lease of this host (a DCMD
+        went to it less than a lease ago) is handed back: its last DCMD once more, with seq 0
+        (sunspec.RELEASE_SEQ) and this host's epoch. Each answers `status/mode` RELEASED in a DDATA at once; the
+        host waits for those answers for at most HAND_BACK_WAIT_S (a device that does not answer may still have
+        taken it: its edge node says so as it stops). A device it cannot reach (no session, its edge node
+        dead or not born again) keeps the lease of its last instruction, which then runs out on the node."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        with self.lock:
+            leased = np.flatnonzero(self.sent_at > now - self.lease_ms / 1e3)
+            s = self.session
+            if s is None or s.lost.is_set() or not s.connected:
+                why = s.lost_reason if s is not None and s.lost_reason else "not connected"
+                for i in leased.tolist():
+                    self.not_handed_back[i] = f"the broker link is down ({why})"
+                return
+            for i in leased[~self.born[leased]].tolist():
+                self.not_handed_back[i] = self.why[i] or "not born"
+            due = leased[self.born[leased]]
+            heard = self.messages[due].copy()
+        if not len(due):
+            return
+        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
+        p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=ss.RELEASE_SEQ)
+        p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
+        p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
+        head = p.SerializeToString()
+        try:
+            queued = np.array([s.publish(self._dcmd[i], head + self._out_pb[i], 0)  # the outputs it was sent last
+                               for i in due.tolist()], bool)
+            self.requests[due] += 1
+            mode = self.status["status/mode"]
+            deadline = now + HAND_BACK_WAIT_S
+            while not (mode[due] == ss.Mode.RELEASED).all() and loop.time() < deadline and not s.lost.is_set():
+                await asyncio.sleep(self.round_s)
+        except Exception as exc:  # noqa: BLE001 (the last word must not end the stop)
+            for i in due.tolist():
+                self.not_handed_back[i] = f"{type(exc).__name__}: {exc}"
+            return
+        with self.lock:
+            for i, was, sent in zip(due.tolist(), heard.tolist(), queued.tolist()):
+                m = float(self.status["status/mode"][i])
+                if m == ss.Mode.RELEASED:
+                    self.handed_back[i] = True
+                elif not sent:
+                    self.not_handed_back[i] = f"its DCMD could not be sent ({s.lost_reason or 'the session refused it'})"
+                elif self.messages[i] == was:
+                    self.not_handed_back[i] = (f"the broker link dropped before it answered ({s.lost_reason})"
+                                               if s.lost.is_set() else f"no answer within {HAND_BACK_WAIT_S:g} s")
+                else:  # an edge node that does not know the hand-back refused it (an older (epoch, seq))
+                    name = sp.MODE[int(m)] if m in range(len(sp.MODE)) else str(m)
+                    self.not_handed_back[i] = (f"it answered status/mode {name}, not RELEASED (an edge node without "
+                                               f"the hand-back)")
+
+    def hand_back_report(self) -> None:
+        """One line: how many devices were handed back, how many not and why (the first few by name)."""
+        n = int(self.handed_back.sum())
+        items = sorted(self.not_handed_back.items())
+        s = "s" if n != 1 else ""
+        if not items:
+            if n:
+                log.info("%d device%s handed back to their own control (status/mode RELEASED): no lease is left to "
+                         "run out", n, s)
+            return
+        names = ", ".join(f"{'/'.join(self.nodes[i])} ({why})" for i, why in items[:LOG_NAMES])
+        more = f" and {len(items) - LOG_NAMES} more" if len(items) > LOG_NAMES else ""
+        log.warning("%d device%s handed back to their own control (status/mode RELEASED), %d not at the stop: %s%s: "
+                    "the lease of their last instruction (%d ms) runs out", n, s, len(items), names, more,
+                    self.lease_ms)
 
 
 class MqttDriver(AsyncDriver):
@@ -631,5 +706,6 @@ class MqttDriver(AsyncDriver):
         return True
 
     async def flush(self, new: bool) -> None:
-        if new:
-            await self.links.flush(0.5)
+        # The scan's last outputs went out with the rounds of the stop's grace; the link then handed every device
+        # back (Host.goodbye). Another DCMD now would take them under control again, with a lease nobody renews.
+        self.links.hand_back_report()

@@ -14,7 +14,11 @@ output field. It goes through the node agent's own `AgentSet.accept` (the same l
 Modbus: a lease that runs out makes the node autonomous). An instruction older than the one accepted
 last ((epoch, seq) lower) is refused and counted: a replay after a broker restart is never applied;
 the same (epoch, seq) renews the lease. The acknowledgement (`status/ack_seq`, mode, lease left) goes
-out in a DDATA at once.
+out in a DDATA at once. A DCMD with seq 0 is the hand-back of a host that stops in order: the agent's
+`AgentSet.release`, `status/mode` RELEASED at once, no expiry.
+
+The agents keep their time while the broker is out of reach: a lease runs out on a node cut off from
+its controller as it does on one whose controller died.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from vbatt.drivers.aio import Backoff, LinkError
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.mqtt import sparkplug as sp
 from vbatt.drivers.mqtt.client import Session, Will, tls_context
-from vbatt.drivers.node.agent import AgentSet
+from vbatt.drivers.node.agent import AgentSet, stop_summary
 from vbatt.kernel.signals import stop_on_signals
 
 __all__ = ["EdgeNode", "Link"]
@@ -284,9 +288,12 @@ class EdgeNode:
             return self._refuse(i, f"half an instruction: missing {missing}")
         key = (int(got.get("epoch", 0)), int(got["seq"]))
         last = (int(self.epoch[i]), int(self.agents.seq[i]))
+        cmd = {k: float(got[k]) for k in OUTPUTS}
+        if key[1] == ss.RELEASE_SEQ:
+            return self._hand_back(i, key[0], int(got["lease_ms"]), cmd)
         if self.agents.mode[i] != ss.Mode.WAITING and key < last:
             return self._refuse(i, f"instruction {key} is older than the one accepted last {last}")
-        why = self.agents.accept(i, key[1], int(got["lease_ms"]), {k: float(got[k]) for k in OUTPUTS})
+        why = self.agents.accept(i, key[1], int(got["lease_ms"]), cmd)
         if why is not None:
             return self._refuse(i, why)
         if key != last or not self.applied[i]:
@@ -295,6 +302,21 @@ class EdgeNode:
         self.epoch[i] = key[0]
         self.agents.applied_w[i] = self.agents.cmd["battery_w"][i]  # controlled now: applied now, not at the tick
         self.report([i])  # the acknowledgement, at once
+        return None
+
+    def _hand_back(self, i: int, epoch: int, lease: int, cmd: dict[str, float]) -> str | None:
+        """Device i is handed back by a host that stops in order (seq 0): the node agent's own `release`, as over
+        Modbus. It ends the instruction of its own epoch or a later one; one of an earlier epoch is a replay of an
+        earlier controller's stop (a broker restart), refused as an older instruction is. Its seq, 0, is no
+        instruction: `status/ack_seq` and `status/ack_epoch` keep the one the node followed, and the next
+        instruction (seq > 0) of that epoch or a later one takes the node back."""
+        if epoch < int(self.epoch[i]):
+            return self._refuse(i, f"hand-back of epoch {epoch} is older than the instruction accepted last "
+                                   f"(epoch {int(self.epoch[i])})")
+        why = self.agents.release(i, lease, cmd)
+        if why is not None:
+            return self._refuse(i, why)
+        self.report([i])  # RELEASED, at once
         return None
 
     def _refuse(self, i: int, why: str) -> str:
@@ -328,6 +350,8 @@ class EdgeNode:
         period = self.agents.tick_ms / 1e3
         last_reason = ""
         while not stop.is_set():
+            # no broker: the leases still run, so that a node cut off from its controller goes on its own
+            offline = asyncio.create_task(self._tick_offline(period)) if tick else None
             try:
                 await self._connect()
             except LinkError as exc:
@@ -340,6 +364,9 @@ class EdgeNode:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            finally:
+                if offline is not None:
+                    offline.cancel()
             backoff.reset()
             last_reason = ""
             log.info("edge %s: connected to %s:%d (bdSeq %d)", self.edge, self.link.host, self.link.port, self.bdseq)
@@ -368,6 +395,11 @@ class EdgeNode:
                 log.warning("edge %s: %s; reconnecting", self.edge, self.session.lost_reason)
             self.connected.clear()
             self._drop(clean=stop.is_set())
+
+    async def _tick_offline(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self.agents.tick()
 
     def _drop(self, clean: bool = False) -> None:
         s, self.session = self.session, None
@@ -410,6 +442,10 @@ async def _serve(edges: list[EdgeNode], on_ready=None) -> None:
         if not stop.is_set():
             on_ready()
     await asyncio.gather(*tasks)
+    # as the agents of a Modbus fleet do: who controls each node now (the controller's hand-back, or a lapse)
+    for e in edges:
+        e.agents.log_handed_back()
+    log.info("%s", stop_summary(np.concatenate([e.agents.mode for e in edges])))
 
 
 def run_edge_node(cfg, agents: AgentSet, ready_file: str | None = None) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from vbatt.drivers.modbus import sunspec as ss
 from vbatt.kernel.fields import NODE_MEASUREMENTS, NODE_OUTPUTS, Field, names
 
 __all__ = ["NAMESPACE", "Payload", "DataType", "Metric", "DEVICE_METRICS", "COMMAND_METRICS", "NODE_METRICS",
@@ -224,11 +225,17 @@ def _extras() -> tuple[str, ...]:
 
 
 DEVICE_EXTRAS = _extras()  # what a node backend offers beyond the image fields (its own forecast, its power)
-MODE = ("WAITING", "CONTROLLED", "AUTONOMOUS")  # status/mode, as the Modbus vendor model's Mode point
+# status/mode is the Modbus vendor model's Mode point, value for value (sunspec.Mode declares them); what a
+# host reads in each value that the name does not say
+MODE = tuple(m.name for m in ss.Mode)
+assert [m.value for m in ss.Mode] == list(range(len(MODE)))
+_MODE_NOTES = {"WAITING": "no instruction yet", "AUTONOMOUS": "a lease ran out",
+               "RELEASED": "handed back by the controller's orderly stop: on its own, no lease ran out"}
 ALARM = {"LEASE_EXPIRED": 1, "BACKEND": 2, "BAD_INSTRUCTION": 4}  # status/alarm bits, as its Alm point
 
 STATUS_METRICS: tuple[MetricDef, ...] = (
-    MetricDef("status/mode", DataType.UInt8, "", "0 WAITING (no instruction yet), 1 CONTROLLED, 2 AUTONOMOUS"),
+    MetricDef("status/mode", DataType.UInt8, "", ", ".join(
+        f"{k} {name}" + (f" ({_MODE_NOTES[name]})" if name in _MODE_NOTES else "") for k, name in enumerate(MODE))),
     MetricDef("status/alarm", DataType.UInt16, "", "bits: 1 LEASE_EXPIRED, 2 BACKEND, 4 BAD_INSTRUCTION"),
     MetricDef("status/ack_seq", DataType.UInt64, "", "sequence number of the instruction accepted last"),
     MetricDef("status/ack_epoch", DataType.UInt64, "ms", "epoch of the instruction accepted last"),

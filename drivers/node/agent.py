@@ -51,7 +51,7 @@ from vbatt.drivers.modbus.config import TlsFiles
 from vbatt.drivers.mqtt.config import EdgeConfig
 
 __all__ = ["AgentSpec", "AgentSet", "register_blocks", "NodeAgentConfig", "TlsFiles", "load_node_config", "build_agent",
-           "serve_agents", "run_node", "LEASE_MAX_MS"]
+           "serve_agents", "run_node", "LEASE_MAX_MS", "stop_summary"]
 
 log = logging.getLogger("vbatt.node")
 
@@ -109,6 +109,16 @@ class AgentSpec:
     unit_id: int = 1
     sslctx: ssl.SSLContext | None = None
     ident: dict[str, str] = field(default_factory=dict)
+
+
+def stop_summary(m: np.ndarray) -> str:
+    """Who decides each node's battery power as its agents stop (`m`: each node's Mode), e.g. 'stopping 100
+    nodes: 100 handed back by the controller, 0 autonomous after a lapsed lease, 0 still controlled, 0 never
+    instructed'."""
+    return (f"stopping {len(m)} node{'s' if len(m) != 1 else ''}: {int((m == ss.Mode.RELEASED).sum())} handed "
+            f"back by the controller, {int((m == ss.Mode.AUTONOMOUS).sum())} autonomous after a lapsed lease, "
+            f"{int((m == ss.Mode.CONTROLLED).sum())} still controlled, {int((m == ss.Mode.WAITING).sum())} "
+            f"never instructed")
 
 
 class AgentSet:
@@ -169,7 +179,7 @@ class AgentSet:
         self._push()
 
     async def stop(self) -> None:
-        self._log_handed_back()
+        self.log_handed_back()
         if self.servers:
             log.info("%s", self.summary())
         for srv in self.servers:
@@ -177,13 +187,7 @@ class AgentSet:
         self.servers.clear()
 
     def summary(self) -> str:
-        """Who decides each node's battery power as the agents stop, e.g. 'stopping 100 nodes: 100 handed back
-        by the controller, 0 autonomous after a lapsed lease, 0 still controlled, 0 never instructed'."""
-        m = self.mode
-        return (f"stopping {self.n} node{'s' if self.n != 1 else ''}: {int((m == ss.Mode.RELEASED).sum())} handed "
-                f"back by the controller, {int((m == ss.Mode.AUTONOMOUS).sum())} autonomous after a lapsed lease, "
-                f"{int((m == ss.Mode.CONTROLLED).sum())} still controlled, {int((m == ss.Mode.WAITING).sum())} "
-                f"never instructed")
+        return stop_summary(self.mode)
 
     # -- the instruction, applied inside the write request --------------------------------------
     async def _action(self, i: int, fc: int, start: int, address: int, count: int, regs: list[int],
@@ -249,7 +253,7 @@ class AgentSet:
         self.releases[i] += 1
         return None
 
-    def _log_handed_back(self) -> None:
+    def log_handed_back(self) -> None:
         """The nodes handed back since the last tick, in one line (a stopping controller hands back thousands);
         at INFO, also for a single agent: an orderly stop is routine, no fault to warn of."""
         idx, self._handed_back = self._handed_back, []
@@ -272,7 +276,7 @@ class AgentSet:
     # -- the tick: lease, backend, registers ---------------------------------------------------------
     def decide(self, now_ns: int) -> np.ndarray:
         """The battery power every node applies now; moves expired leases to autonomous."""
-        self._log_handed_back()
+        self.log_handed_back()
         expired = (self.mode == ss.Mode.CONTROLLED) & (now_ns > self.deadline_ns)
         idx = np.flatnonzero(expired)
         for i in idx:
