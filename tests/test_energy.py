@@ -463,6 +463,17 @@ def test_the_runtime_shown_does_not_flicker_while_a_lock_yields(plants):
         assert np.diff(rt).max() <= 5.0, (c, rt)
 
 
+def lp_gap_case(plants, seed: int, lim: tuple, index: int, steps: int, period_s: float = 1.0):
+    """Fleet `index` of the LP-gap benchmark's draw (energy_plant.lp_gap_fleets: the main supply gone from the
+    start), its whole-step reference on `steps` steps of 60 s, and a plant of it at `period_s` cycles."""
+    f, targets = lp_gap_fleets(seed, lim, index + 1)[index]
+    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
+                         targets, steps, 60.0, whole=True)
+    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"],
+                          period_s=period_s))
+    return targets, lp, p
+
+
 # What another class's locks hold beyond its target gives the bus, when that class is shed, only its batteries'
 # export (kernel._release, NX_YLS): its load asks nothing then, so the part of the lock that served it is no gain.
 # The LP-gap fleet 11 of `1 3 0.5 2` (13 nodes, targets {0: 600, 1: 1,200, 2: 600} s) at 1 s cycles: at 813 s
@@ -471,11 +482,8 @@ def test_the_runtime_shown_does_not_flicker_while_a_lock_yields(plants):
 # target, got 90 % for one cycle: shed at 813 s of its 1,200 s (main). Now class 0 is shed there and class 1 rides
 # its target, as the reference ({0: 840, 1: 1,200, 2: 780} s on 60 s steps), at 1 s cycles as at 5 s.
 def test_a_shed_class_yields_only_its_batteries_export(plants):
-    f, targets = lp_gap_fleets(42, (1.0, 3.0, 0.5, 2.0), 12)[11]
-    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
-                         targets, 24, 60.0, whole=True)
+    targets, lp, p = lp_gap_case(plants, 42, (1.0, 3.0, 0.5, 2.0), 11, 24)
     assert lp[1] == targets[1] == 1200.0
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=1.0))
     p.run(1260.0)
     sim = p.first_shed_s()
     assert sim[1] >= targets[1] - 1.0, (sim, lp)
@@ -738,11 +746,8 @@ def test_a_class_on_its_own_stranded_energy_is_not_shed_for_a_more_critical_one(
 # be carried) and serves class 3 720 s; before, class 3 was shed in the first cycle for class 2's reserve, and class
 # 0 rode 3,549 s on it. (A class the batteries' power cannot carry now is still shed at once: the power pass.)
 def test_a_start_in_an_outage_cuts_no_class_before_the_power_runtime_settles(plants):
-    f, targets = lp_gap_fleets(5, (0.5, 2.0, 0.5, 2.0), 19)[18]
-    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
-                         targets, 40, 60.0, whole=True)
+    targets, lp, p = lp_gap_case(plants, 5, (0.5, 2.0, 0.5, 2.0), 18, 40)
     assert lp[2] == 0.0 and lp[3] >= 660.0, lp
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=1.0))
     p.run(2400.0)
     sim = p.first_shed_s()
     for c in lp:
@@ -756,11 +761,8 @@ def test_a_start_in_an_outage_cuts_no_class_before_the_power_runtime_settles(pla
 # links, its load is 184 W; the reference serves it its 1,200 s while class 0 rides 540 s and class 1 60 s. Before,
 # class 2 was shed at once, for a reserve of classes 0 and 1 its draw did not touch.
 def test_a_class_on_its_own_link_bound_energy_rides_its_target(plants):
-    f, targets = lp_gap_fleets(5, (1.0, 3.0, 0.5, 2.0), 13)[12]
-    lp = ride_through_lp(f.priority, f.demand_w, f.usable_wh(), f.max_discharge_w * (f.soc > 0.1), f.link_max_w,
-                         targets, 22, 60.0, whole=True)
+    targets, lp, p = lp_gap_case(plants, 5, (1.0, 3.0, 0.5, 2.0), 12, 22)
     assert lp[2] == targets[2] == 1200.0 and lp[0] < targets[0], lp
-    p = plants(fleet_yaml(f, main_limit_w=0, ride_through_s=targets, programs=["energy", "allocation"], period_s=1.0))
     p.run(1260.0)
     sim = p.first_shed_s()
     assert sim[2] >= targets[2] - 1.0, (sim, lp)
