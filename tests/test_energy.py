@@ -768,3 +768,17 @@ def test_a_class_on_its_own_link_bound_energy_rides_its_target(plants):
     assert sim[2] >= targets[2] - 1.0, (sim, lp)
     for c in (0, 1):
         assert abs(sim[c] - lp[c]) <= 60.0, (c, sim, lp)
+
+
+# A horizon that ends within two sweeps is left to the power pass (rules.decide): the deliverable-energy table is
+# up to a sweep old, and the draws it takes off the margin per horizon outgrew the margin in the last seconds of a
+# more critical class's target. LP-gap `0.5 2 0.5 2 --seed 11` fleet 7 (14 nodes, targets {0: 600, 1: 1,200, 2:
+# 1,200} s; the reference {0: 600, 1: 1,200, 2: 900} s): class 2, inside its target, was latched at 598 s, 2 s
+# before class 0's target ended, and class 0 rode beyond its own to 815 s on the energy (§2b rule 1 broken).
+def test_a_class_inside_its_target_outlasts_the_end_of_a_more_critical_target(plants):
+    targets, lp, p = lp_gap_case(plants, 11, (0.5, 2.0, 0.5, 2.0), 7, 20)
+    assert lp[0] == targets[0] and lp[2] >= 840.0, lp
+    p.run(1200.0)
+    sim = p.first_shed_s()
+    for c in lp:
+        assert abs(min(sim[c], 1200.0) - lp[c]) <= 60.0, (c, sim, lp)
