@@ -10,6 +10,9 @@
 * **Levels**: taken from the parent while its lease runs; otherwise (the top, or a parent that stopped
   renewing) solved here from the subtree's curves and this controller's own main_limit_w. A leaf hands
   them to its `tree` program (Op.SET_MEMORY); a middle level forwards them.
+* **Hand-back**: an orderly stop writes every child that holds its levels the hand-back (wire.py: LvSeq 0,
+  LvLeaseMs 0); a child that reads one drops the levels at once and runs on its own, as after a lapse, but
+  counts no fallback (tree_state 3, not 2: no TREE_FALLBACK alarm).
 * **Main supply limit**: while controlled from above it is the controller's share of the feed (its net
   import under the tree's levels, or the parent's BusW when the parent sends no levels); when the
   parent's leases run out it goes back to the configured `plant.main_limit_w`, with a warning.
@@ -41,7 +44,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from vbatt.drivers.modbus import sunspec as ss
 from vbatt.drivers.node.agent import AgentSet, AgentSpec, _wrong_unit, register_blocks
 from vbatt.drivers.node.backends import Backend
-from vbatt.hierarchy.wire import TREE_ID, TreeLayout
+from vbatt.hierarchy.wire import HAND_BACK_SEQ, TREE_ID, TreeLayout
 from vbatt.kernel.fields import Role, Scope, fields
 from vbatt.kernel.image import Op, ProcessImage
 from vbatt.kernel.signals import stop_on_signals
@@ -159,6 +162,7 @@ class Child:
     seen_ns: int = 0
     fault: str = "no data yet"
     online: bool = False
+    levels_sent: bool = False  # it holds levels of this link: an orderly stop hands them back
 
 
 @dataclass
@@ -170,6 +174,8 @@ class State:
     source: str = "none"  # parent / own / none
     main_limit_w: float = math.nan  # last pushed
     fallbacks: int = 0
+    hand_backs: int = 0  # the parent handed the levels back (stopped in order): on its own, no fallback
+    handed_back: bool = False  # on its own since the last hand-back (until levels come again)
     seq: int = 0
     applied: tuple = ()
     applied_energy: tuple = ()
@@ -313,10 +319,13 @@ class Link:
 
     def tree_state(self) -> int:
         """The aggregate tree_state: 0 no parent (the top, or a child before its parent's first levels),
-        1 controlled from above, 2 fallback (the parent's lease ran out: on its own main_limit_w)."""
+        1 controlled from above, 2 fallback (the parent's lease ran out: on its own main_limit_w), 3 handed back
+        (the parent stopped in order: on its own, no fault)."""
         if self.uplink is None:
             return 0
-        return 1 if self.st.leased else (2 if self.st.fallbacks else 0)
+        if self.st.leased:
+            return 1
+        return 3 if self.st.handed_back else (2 if self.st.fallbacks else 0)
 
     def _tree_state(self, v: dict) -> None:
         want = self.tree_state()
@@ -330,7 +339,14 @@ class Link:
         st = self.st
         if self.uplink is not None:
             seq, lease, lv = self.tree.decode_levels(self.uplink.levels_words())
-            if seq != st.parent_seq and 0 < lease <= 3_600_000 and all(not math.isnan(m) for m in lv.shed.values()) \
+            if self.tree.is_hand_back(seq, lease) and st.parent_seq != HAND_BACK_SEQ:
+                # the parent stopped in order: its levels go now, not when their lease would have run out
+                st.parent_seq, st.deadline_ns, st.levels, st.handed_back = HAND_BACK_SEQ, 0, None, True
+                st.hand_backs += 1
+                st.leased = False  # (no lapse to count below)
+                log.info("parent handed the levels back (it stopped in order): on this controller's own "
+                         "main_limit_w %.1f W", self.alone_limit_w)
+            elif seq != st.parent_seq and 0 < lease <= 3_600_000 and all(not math.isnan(m) for m in lv.shed.values()) \
                     and not math.isnan(lv.lam):
                 st.parent_seq, st.deadline_ns, st.levels = seq, now + lease * 1_000_000, lv
         leased = self.uplink is not None and st.levels is not None and now <= st.deadline_ns
@@ -339,6 +355,7 @@ class Link:
             log.warning("parent stopped renewing the levels (lease ran out): on this controller's own "
                         "main_limit_w %.1f W", self.alone_limit_w)
         elif leased and not st.leased:
+            st.handed_back = False
             log.warning("levels from the parent: controlled from above")
         st.leased = leased
         return st.levels if leased else None
@@ -415,9 +432,33 @@ class Link:
             words = t.encode_decisions(lv.energy)
             for a in range(0, len(words), 120):
                 await self._read(c, "write_registers", address=t.dec_at + a, values=words[a:a + 120])
-        self.st.seq += 1
+        self.st.seq = t.next_seq(self.st.seq)
+        c.levels_sent = True  # (before the write: one that fails may still have reached the child)
         await self._read(c, "write_registers", address=t.levels_at,
                          values=t.encode_levels(lv, self.st.seq, self.h.lease_ms))
+
+    async def hand_back(self) -> None:
+        """The orderly stop: every child that was written levels gets the hand-back, so that none of them
+        waits out the lease and takes the stop for a dead parent. A child it cannot reach now keeps its
+        lease, which runs out (said in one warning)."""
+        async def one(c: Child) -> str | None:
+            try:
+                if c.client is None or not c.client.connected:
+                    return "not connected"
+                await self._read(c, "write_registers", address=self.tree.levels_at,
+                                 values=self.tree.encode_hand_back())
+                return None
+            except Exception as exc:  # noqa: BLE001 (one child's failure must not stop the others' hand-back)
+                return str(exc) or type(exc).__name__
+        kids = [c for c in self.children if c.levels_sent]
+        why = await asyncio.gather(*(one(c) for c in kids))
+        done = [c.id for c, w in zip(kids, why) if w is None]
+        if done:
+            log.info("levels handed back to %d child%s: %s", len(done), "ren" if len(done) != 1 else "",
+                     ", ".join(done))
+        for c, w in zip(kids, why):
+            if w is not None:
+                log.warning("child %s: levels not handed back (%s): their lease runs out", c.id, w)
 
     async def _write_levels(self, c: Child, lv: Levels) -> None:
         try:
@@ -501,6 +542,7 @@ class Link:
             "round_ms_max": max(self.rounds_ms) if self.rounds_ms else None, "cycle": getattr(self, "cycle", 0), "wall_s": time.time(), "levels_from": self.st.source, "leased_from_parent": self.st.leased,
             "tree_state": self.tree_state(),
             "fallbacks": self.st.fallbacks,
+            "hand_backs": self.st.hand_backs,
             "main_limit_w": self.st.main_limit_w if math.isfinite(self.st.main_limit_w) else None,
             "uplink_mode": (ss.Mode(int(self.uplink.mode[0])).name if self.uplink is not None else None),
             "uplink_port": (self.uplink.ports[0] if self.uplink is not None and self.uplink.ports else None),
@@ -551,6 +593,8 @@ class Link:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            if stop.is_set():  # an orderly stop (not an error in a round): the levels go back to the children
+                await self.hand_back()
             if self.uplink is not None:
                 await self.uplink.stop()
             for c in self.children:

@@ -33,6 +33,9 @@ Body layout (offsets in registers), K classes, N knots:
  27+(1+4C)K  Knots    N x (x float64, y float64): DisN, then ChgN, then each class's, in order
  then the levels (written by the parent, one request):
        LvSeq uint32, LvLeaseMs uint32, Dis uint16, Decided uint16, Lam float64, Mu[K] float64
+       (LvSeq 0 with LvLeaseMs 0, the rest NaN/0: the hand-back, the parent's last write as it stops in order;
+       the child drops the levels at once and runs on its own: no lease ran out. A child without it reads a
+       lease of 0, refuses the write as before, and its lease runs out)
  then the energy decisions (written by the parent before the levels, when Decided = 1):
        K x D float64 (D = len(programs/energy/tree.py DECISIONS)): Frac, Latched, LeftS, RuntimeS,
        Reachable, HorizonS, ProbeS, Release, Yield, TargetS per priority class (NaN Frac: no decision for the
@@ -53,11 +56,14 @@ from vbatt.programs.energy.tree import D_N
 from vbatt.programs.hierarchy import classes as hc
 from vbatt.programs.hierarchy.curves import Curve, Levels, Summary
 
-__all__ = ["TREE_ID", "FORMAT", "TreeLayout"]
+__all__ = ["TREE_ID", "FORMAT", "HAND_BACK_SEQ", "HAND_BACK_LEASE_MS", "TreeLayout"]
 
 TREE_ID = 64252
 FORMAT = 4  # 1: before the power probe (no Format register); 2: the probe's question and answer; 3: Yield, TargetS,
 # StrandedW; 4: YieldShedW
+# (the hand-back below is no new format: the layout is the same, and a child without it lets the lease run out)
+HAND_BACK_SEQ = 0  # LvSeq of the hand-back; an ordinary levels write never carries it
+HAND_BACK_LEASE_MS = 0  # LvLeaseMs of the hand-back (an ordinary write's lease is 1 .. 3,600,000 ms)
 
 
 class TreeLayout:
@@ -139,6 +145,21 @@ class TreeLayout:
         raw = self._levels.pack(seq & 0xFFFFFFFF, lease_ms, 1 if lv.dis else 0, 0 if lv.energy is None else 1,
                                 lv.lam, *mu)
         return list(struct.unpack(f">{self.levels_len}H", raw))
+
+    def encode_hand_back(self) -> list[int]:
+        """The levels block of the hand-back: LvSeq HAND_BACK_SEQ, LvLeaseMs 0, Decided 0, every level NaN (a
+        reader that took it for levels would refuse them)."""
+        raw = self._levels.pack(HAND_BACK_SEQ, HAND_BACK_LEASE_MS, 0, 0, float("nan"), *([float("nan")] * self.k))
+        return list(struct.unpack(f">{self.levels_len}H", raw))
+
+    @staticmethod
+    def is_hand_back(seq: int, lease_ms: int) -> bool:
+        return seq == HAND_BACK_SEQ and lease_ms == HAND_BACK_LEASE_MS
+
+    @staticmethod
+    def next_seq(seq: int) -> int:
+        """The LvSeq after `seq`: 1, 2, ... 2**32 - 1, then 1 again (HAND_BACK_SEQ is never a renewal)."""
+        return seq % 0xFFFFFFFF + 1
 
     def encode_decisions(self, dec) -> list[int]:
         """The energy decisions (K, D) as the dec_len registers at dec_at."""

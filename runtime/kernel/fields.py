@@ -180,8 +180,9 @@ TABLE: tuple[Field, ...] = (
     Field("nodes_online", "f8", "", _A, _T, "nodes with fresh data"),
     Field("nodes_tripped", "f8", "", _A, _T, "nodes with a latched trip"),
     Field("tree_state", "u1", "", _A, _S, "in a tree of controllers (docs/hierarchy.md): 0 = no parent, "
-          "1 = controlled from above, 2 = fallback (the parent stopped renewing: on its own main_limit_w)",
-          0, 2, command="SET_TREE_STATE"),
+          "1 = controlled from above, 2 = fallback (the parent stopped renewing: on its own main_limit_w), "
+          "3 = handed back (the parent stopped in order: on its own main_limit_w, no fault)",
+          0, 3, command="SET_TREE_STATE"),
 )
 
 

@@ -79,7 +79,7 @@ class Op:
     ACK_ALARM = 5  # node, arg: alarm bits
     RELOAD_PROGRAMS = 6  # arg: reload number (vbatt.supervise.reload); rebind programs with new parameters
     SET_MEMORY = 7  # arg: ImageSpec.memory_index of a program's setting, node: element, value (Program.set_memory)
-    SET_TREE_STATE = 8  # value: 0 no parent, 1 controlled from above, 2 fallback (the hierarchy link)
+    SET_TREE_STATE = 8  # value: agg tree_state (fields.py), from the hierarchy link
 
 
 @dataclass(frozen=True)
