@@ -12,13 +12,16 @@ recompiles once and never mixes two versions. Directories of other versions are 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["configure", "source_digest"]
+__all__ = ["configure", "source_digest", "compiling_once"]
 
 _PREFIX = "numba-"
 
@@ -75,3 +78,49 @@ def configure() -> str | None:
     if cfg is not None:  # numba imported already: it read its environment at import
         cfg.CACHE_DIR = str(target)
     return str(target)
+
+
+@contextlib.contextmanager
+def compiling_once():
+    """While held, this process compiles only when no other does. Yields a record of what it did:
+    `compiled` (functions numba compiled, not loaded from the cache) and `waited_s`.
+
+    numba takes no lock across processes: controllers started together on a cold cache (the levels of a
+    tree on one host, the first start after an update) each compiled the same kernels at once, N times the
+    CPU of one. Here the first function that misses the cache takes a lock file in the cache directory,
+    held to the end of the block: the first process compiles what the cache lacks, another waits for it
+    at its own first miss, compiles that one function (numba had already decided to) and loads the rest,
+    which its callees already are. A process whose functions are all in the cache never takes the lock, so
+    controllers started on a warm cache load in parallel. Without a cache directory: no lock."""
+    from numba.core import event
+
+    d = os.environ.get("NUMBA_CACHE_DIR")
+
+    class Record(event.Listener):
+        compiled = 0
+        waited_s = 0.0
+        held = None
+
+        def on_start(self, ev) -> None:
+            self.compiled += 1
+            if self.held is None and d:
+                try:
+                    Path(d).mkdir(parents=True, exist_ok=True)
+                    self.held = open(Path(d) / ".compile.lock", "ab")
+                except OSError:  # nowhere to write: nothing to share either
+                    self.held = False
+                    return
+                t = time.monotonic()
+                fcntl.flock(self.held, fcntl.LOCK_EX)
+                self.waited_s = time.monotonic() - t
+
+        def on_end(self, ev) -> None:
+            pass
+
+    rec = Record()
+    try:
+        with event.install_listener("numba:compile", rec):
+            yield rec
+    finally:
+        if rec.held:
+            rec.held.close()  # releases the lock (the kernel does too when a process dies holding it)
