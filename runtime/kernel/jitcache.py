@@ -80,6 +80,9 @@ def configure() -> str | None:
     return str(target)
 
 
+WAIT_S = 120.0  # the longest a start waits for another process's compile (a cold cache compiles in ~30-60 s)
+
+
 @contextlib.contextmanager
 def compiling_once():
     """While held, this process compiles only when no other does. Yields a record of what it did:
@@ -111,7 +114,16 @@ def compiling_once():
                     self.held = False
                     return
                 t = time.monotonic()
-                fcntl.flock(self.held, fcntl.LOCK_EX)
+                while True:  # a process frozen while it compiles must not hold every other start: at most WAIT_S
+                    try:
+                        fcntl.flock(self.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() - t > WAIT_S:
+                            self.held.close()
+                            self.held = False  # compile beside it, as without the lock
+                            break
+                        time.sleep(0.05)
                 self.waited_s = time.monotonic() - t
 
         def on_end(self, ev) -> None:
