@@ -25,7 +25,7 @@ run: $(STAMP)
 
 # TEST_WORKERS=4 runs the suite in 4 parallel workers (pytest-xdist; a test file stays in one worker, so
 # module fixtures are built once; each worker has ports of its own, tests/conftest.py): ~10 min instead
-# of ~13 on 2 cores. Not the default yet: the workers' own load peaks (~28 on 2 cores, process trees
+# of ~13-15 on 2 cores. Not the default yet: the workers' own load peaks (~28 on 2 cores, process trees
 # beside the soak) still fail a timing-bound test now and then (README "Tests"). 0: one process.
 TEST_WORKERS ?= 0
 test: $(STAMP)
