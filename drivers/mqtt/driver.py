@@ -498,6 +498,14 @@ class Host(Links):
         self._send(due, now)
         return len(due)
 
+    def _head(self, seq: int, timestamp_ms: int) -> bytes:
+        """The part every DCMD of a round shares, encoded: its timestamp, seq, lease and this host's epoch."""
+        p = sp.Payload(timestamp=timestamp_ms)
+        p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=seq)
+        p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
+        p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
+        return p.SerializeToString()
+
     def _send(self, due: np.ndarray, now: float) -> None:
         s = self.session
         t_ns = self.clock_ns()
@@ -508,11 +516,7 @@ class Host(Links):
         # stamped at the instant the round decided (`now`, the loop's monotonic clock), not later: a DCMD
         # held up in between (a loaded machine) would otherwise look sent closer to the last than it was
         decided_ms = time.time_ns() // 1_000_000 - max(0, int((time.monotonic() - now) * 1e3))
-        p = sp.Payload(timestamp=decided_ms)
-        p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=self._seq)
-        p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
-        p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
-        head = p.SerializeToString()
+        head = self._head(self._seq, decided_ms)
         stale = due[~(self._out_w[due] == instr[due]).all(axis=1)]
         for i in stale.tolist():
             p = sp.Payload()
@@ -615,11 +619,7 @@ class Host(Links):
             heard = self.messages[due].copy()
         if not len(due):
             return
-        p = sp.Payload(timestamp=time.time_ns() // 1_000_000)
-        p.metrics.add(name="instruction/seq", datatype=sp.DataType.UInt64, long_value=ss.RELEASE_SEQ)
-        p.metrics.add(name="instruction/lease_ms", datatype=sp.DataType.UInt32, int_value=self.lease_ms)
-        p.metrics.add(name="instruction/epoch", datatype=sp.DataType.UInt64, long_value=self.epoch)
-        head = p.SerializeToString()
+        head = self._head(ss.RELEASE_SEQ, time.time_ns() // 1_000_000)
         try:
             queued = np.array([s.publish(self._dcmd[i], head + self._out_pb[i], 0)  # the outputs it was sent last
                                for i in due.tolist()], bool)
